@@ -1,0 +1,345 @@
+"""Triton kernels for the split attention of block diffusion.
+
+Semantics are those of :mod:`fbcompile.kernels.reference`. Two entry points:
+
+* :func:`attention_lse` - the block-external part: a few block queries against a long cached KV.
+  It is memory bound, so the kernel reads every KV byte once and spreads that read over all SMs:
+  the key range is split across programs (flash-decoding) and each program packs all query heads of
+  one KV head and all block queries into the rows of one ``tl.dot`` (GQA packing). A second small
+  kernel combines the splits through their log-sum-exp.
+* :func:`attention_merge_lse` - the block-internal part (the block over its own few keys), fused with
+  the exact LSE merge against the cached external result, so a reuse step is one launch.
+
+Tile sizes and split counts are a function of the shapes (and the SM count) alone: no autotuning, no
+host syncs, no data-dependent allocation, so both entry points can be captured in CUDA graphs.
+Softmax runs in the log2 domain (``exp2``); stored LSEs are natural logs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+_MIN_TILES_PER_SPLIT = 4  # below ~256 keys per program the split overhead outweighs the parallelism
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation; ``UPCAST`` (CPU interpreter only, whose bf16 dot is broken)
+    does the same arithmetic on fp32 copies of the already-rounded operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _merge_partial(m, l, acc, lse2, o):
+    """Fold a normalised partial result (``lse2`` in log2 units, ``o`` fp32) into an online-softmax
+    state ``(m, l, acc)``; ``-inf`` on either side gets weight 0 and never produces NaN."""
+    m_new = tl.maximum(m, lse2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    w = tl.exp2(lse2 - m_safe)
+    return m_new, l * alpha + w, acc * alpha[:, None] + w[:, None] * o
+
+
+@triton.jit
+def _store_final(Out, Lse, row_off, row_ok, offs_dv, m, l, acc, DV: tl.constexpr):
+    """Normalise and write ``out`` (its dtype) and the natural-log ``lse``; empty rows get 0 / -inf."""
+    has = l > 0.0
+    l_safe = tl.where(has, l, 1.0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(has, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + row_off[:, None] * DV + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Lse + row_off, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_kernel(
+    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    seb, seh, sem, sed,
+    slb, slh, slm,
+    Hkv, GROUP, M, N, R, keys_per_split, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
+    key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
+    (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    h = (hkv * GROUP + rows // M).to(tl.int64)
+    m = (rows % M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_ptrs = K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd
+    if HAS_MASK:
+        mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
+
+    n_start = pid_s * keys_per_split
+    n_end = tl.minimum(n_start + keys_per_split, N)
+    k_ptrs += n_start.to(tl.int64) * skn
+    v_ptrs += n_start.to(tl.int64) * svn
+    if HAS_MASK:
+        mask_ptrs += n_start.to(tl.int64) * smn
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        key_ok = (n0 + offs_n) < n_end
+        k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        if HAS_MASK:
+            if MASK_BOOL:
+                attend = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0)
+                s = tl.where(attend != 0, s, float("-inf"))
+            else:
+                bias = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
+                s += bias.to(tl.float32) * 1.4426950408889634
+            mask_ptrs += BLOCK_N * smn
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+        k_ptrs += BLOCK_N * skn
+        v_ptrs += BLOCK_N * svn
+
+    if SPLIT:
+        # Normalised partial and its log2-LSE; an empty split (all masked) is (0, -inf).
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        part = (pid_bh * tl.num_programs(1) + pid_s) * R + rows
+        tl.store(OPart + part[:, None] * DV + offs_dv[None, :], acc / l_safe[:, None],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LPart + part, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
+    else:
+        if HAS_EXT:
+            o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
+                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+            lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
+            m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
+        _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+
+
+@triton.jit
+def _reduce_kernel(
+    OPart, LPart, OutExt, LseExt, Out, Lse,
+    seb, seh, sem, sed,
+    slb, slh, slm,
+    Hkv, GROUP, M, R, num_splits,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_EXT: tl.constexpr,
+):
+    """Combine the per-split partials of ``BLOCK_R`` packed rows (and optionally an external result)."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    for s in range(0, num_splits):
+        part = (pid_bh * num_splits + s) * R + rows
+        lse2 = tl.load(LPart + part, mask=row_ok, other=float("-inf"))
+        o = tl.load(OPart + part[:, None] * DV + offs_dv[None, :], mask=o_mask, other=0.0)
+        m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse2, o)
+    if HAS_EXT:
+        b = pid_bh // Hkv
+        h = ((pid_bh % Hkv) * GROUP + rows // M).to(tl.int64)
+        m = (rows % M).to(tl.int64)
+        o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
+                      mask=o_mask, other=0.0).to(tl.float32)
+        lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
+        m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
+    _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter (CPU tensors): small, so tests still exercise several splits
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def _config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split_keys: bool) -> dict:
+    """Tile sizes, warps and stages from the shapes alone.
+
+    Long keys (``split_keys``) pack as many rows as fit (each KV tile is then read by as few
+    programs as possible); short keys (the block-internal part) use small row tiles so that the few
+    rows still occupy many SMs.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
+    R = (Hq // Hkv) * M
+    block_d, block_dv = _pow2(D), _pow2(DV)
+    wide = max(block_d, block_dv)
+    small = q.element_size() <= 2
+    max_rows = 128 if (small and wide <= 128) else 64
+    block_r = min(_pow2(R), max_rows)
+    if not split_keys:
+        while block_r > 16 and B * Hkv * triton.cdiv(R, block_r) < _num_sms(q.device):
+            block_r //= 2
+    block_n = 128 if (small and wide <= 64) else 64 if (small and wide <= 128) else 32
+    block_n = min(block_n, _pow2(N))
+    return dict(
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        num_warps=8 if block_r >= 128 else 4,
+        num_stages=3 if (small and wide <= 128) else 2,
+    )
+
+
+def _num_splits(q: torch.Tensor, k: torch.Tensor, cfg: dict) -> tuple[int, int]:
+    """``(splits, keys_per_split)``: about two waves of programs over the SMs, at least
+    ``_MIN_TILES_PER_SPLIT`` key tiles each, and no empty split."""
+    B, Hq, M, _ = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    tiles = max(1, triton.cdiv(N, cfg["BLOCK_N"]))
+    base = B * Hkv * triton.cdiv((Hq // Hkv) * M, cfg["BLOCK_R"])
+    want = 2 * _num_sms(q.device) // base  # round down: a partial extra wave costs a whole one
+    splits = max(1, min(want, tiles // _MIN_TILES_PER_SPLIT))
+    tiles_per_split = triton.cdiv(tiles, splits)
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * cfg["BLOCK_N"]
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether the kernels handle these inputs (otherwise callers use the reference)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if not (q.device == k.device == v.device):
+        return False
+    B, Hq, M, D = q.shape
+    if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[-1] != D or k.shape[1] == 0:
+        return False
+    if Hq % k.shape[1] or D > _MAX_HEAD_DIM or v.shape[-1] > _MAX_HEAD_DIM:
+        return False
+    if mask is not None:
+        if mask.device != q.device or mask.dim() > 4:
+            return False
+        if mask.dtype != torch.bool and mask.dtype not in _DTYPES:
+            return False
+        try:
+            return torch.broadcast_shapes(mask.shape, (B, Hq, M, k.shape[2])) == (B, Hq, M, k.shape[2])
+        except RuntimeError:
+            return False
+    return True
+
+
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
+    """The mask as a strided ``[B, Hq, M, N]`` view (broadcast dims get stride 0, nothing is copied)."""
+    if mask is None:
+        return q, (0, 0, 0, 0), False
+    B, Hq, M, _ = q.shape
+    full = mask.expand(B, Hq, M, N)
+    if full.dtype == torch.bool:
+        full = full.view(torch.uint8)
+    return full, full.stride(), mask.dtype == torch.bool
+
+
+def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, **overrides):
+    """Shared launcher; ``overrides`` (``num_splits`` and any of the tile/warp settings) exist for the
+    tests and the benchmark's tuning sweep."""
+    B, Hq, M, D = q.shape
+    Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    R = group * M
+    out = torch.empty(B, Hq, M, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+
+    cfg = _config(q, k, v, split_keys)
+    num_splits = overrides.pop("num_splits", None)
+    cfg.update(overrides)
+    if num_splits is None:
+        num_splits, keys_per_split = _num_splits(q, k, cfg) if split_keys else (1, max(N, 1))
+    else:
+        keys_per_split = triton.cdiv(triton.cdiv(max(N, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+        num_splits = triton.cdiv(max(N, 1), keys_per_split)
+    launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+
+    mask_t, mstr, mask_bool = _mask_args(mask, q, N)
+    has_ext = out_ext is not None
+    if has_ext:
+        ext_o, ext_l, estr, lstr = out_ext, lse_ext, out_ext.stride(), lse_ext.stride()
+    else:
+        ext_o, ext_l, estr, lstr = out, lse, (0, 0, 0, 0), (0, 0, 0)
+    split = num_splits > 1
+    if split:
+        o_part = torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32)
+        l_part = torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32)
+    else:
+        o_part, l_part = out, lse
+
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
+    _attn_kernel[grid](
+        q, k, v, mask_t, ext_o, ext_l, out, lse, o_part, l_part,
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *estr, *lstr,
+        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E,
+        D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=has_ext, SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type != "cuda",
+        **cfg, **launch,
+    )
+    if split:
+        block_r = min(_pow2(R), 32)
+        _reduce_kernel[(triton.cdiv(R, block_r), B * Hkv)](
+            o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
+            Hkv, group, M, R, num_splits,
+            DV=DV, BLOCK_R=block_r, BLOCK_DV=cfg["BLOCK_DV"], HAS_EXT=has_ext, num_warps=4,
+        )
+    return out, lse
+
+
+def attention_lse(q, k, v, mask, scale, *, num_splits: int | None = None):
+    """``(out, lse)`` of ``q`` over a long ``(k, v)``: split-KV, GQA-packed; see the module docstring."""
+    overrides = {} if num_splits is None else {"num_splits": num_splits}
+    return _attention(q, k, v, mask, scale, **overrides)
+
+
+def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
+    """Block-internal attention fused with the merge against ``(out_ext, lse_ext)``.
+
+    The block's own keys are few, so one program covers all of them and merges in registers (one
+    launch); if they are many (> 16 tiles) the split path is used and the reduction does the merge.
+    """
+    cfg = _config(q, k, v, split_keys=False)
+    long_keys = k.shape[2] > 16 * cfg["BLOCK_N"]
+    return _attention(q, k, v, mask, scale, out_ext, lse_ext, split_keys=long_keys)

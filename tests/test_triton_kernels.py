@@ -1,0 +1,210 @@
+"""The Triton split-attention kernels against :mod:`fbcompile.kernels.reference`.
+
+On a GPU the kernels run natively. Without one they run in Triton's CPU interpreter, which must be
+switched on (``TRITON_INTERPRET=1``) before ``triton`` is first imported in the process: this module
+sets it if it is first, and otherwise (another test module already imported ``triton``) runs its
+own cases once in a subprocess with the variable set. Shapes are small to keep the interpreter
+within CI time; ``FBCOMPILE_SLOW=1`` adds larger ones.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+IN_PROCESS = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+
+triton = pytest.importorskip("triton")
+
+from fbcompile.kernels import reference  # noqa: E402
+from fbcompile.kernels import triton_attention as ta  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+SLOW = os.environ.get("FBCOMPILE_SLOW") == "1"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton already imported uncompiled; see subprocess test")
+
+
+def _mask(kind: str, B: int, Hq: int, M: int, N: int, gen: torch.Generator) -> torch.Tensor | None:
+    """Masks of each supported form; sizes are broadcastable to [B, Hq, M, N]."""
+    if kind == "none":
+        return None
+    if kind == "bool":
+        return torch.rand(B, Hq, M, N, generator=gen) > 0.3
+    if kind == "float":
+        return torch.randn(B, Hq, M, N, generator=gen)
+    if kind == "sliding":  # bool [M, N]: query i (at position N - M + i) sees the last 24 keys up to itself
+        pos = torch.arange(N - M, N)[:, None]
+        keys = torch.arange(N)[None, :]
+        return (keys <= pos) & (keys > pos - 24)
+    if kind == "empty_rows":  # bool [B, 1, M, N] with some rows attending to nothing
+        mask = torch.rand(B, 1, M, N, generator=gen) > 0.5
+        mask[:, :, ::3] = False
+        return mask
+    if kind == "float_inf_rows":  # float [B, Hq, M, N] with some rows all -inf
+        mask = torch.randn(B, Hq, M, N, generator=gen)
+        mask[:, 1, :2] = float("-inf")
+        return mask
+    if kind == "bcast_batch":  # bool [1, Hq, M, N] broadcast over batch
+        return torch.rand(1, Hq, M, N, generator=gen) > 0.2
+    if kind == "bcast_row":  # float [B, 1, 1, N]: a per-key bias shared by all heads and queries
+        return torch.randn(B, 1, 1, N, generator=gen)
+    raise ValueError(kind)
+
+
+def _inputs(dtype, B, Hq, Hkv, M, N, D, Dv, mask_kind, seed, layout="contiguous"):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q, k, v = rnd(B, Hq, M, D), rnd(B, Hkv, N, D), rnd(B, Hkv, N, Dv)
+    if layout == "bshd":  # HF-style [B, S, H, D] storage viewed as [B, H, S, D]: non-contiguous
+        q = rnd(B, M, Hq, D).transpose(1, 2)
+        k = rnd(B, N, Hkv, D).transpose(1, 2)
+        v = rnd(B, N, Hkv, Dv).transpose(1, 2)
+    mask = _mask(mask_kind, B, Hq, M, N, gen)
+    to = dict(device=DEVICE)
+    return q.to(**to), k.to(**to), v.to(**to), None if mask is None else mask.to(**to)
+
+
+def _check(out, lse, ref_out, ref_lse, dtype):
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "fully masked rows must have lse = -inf"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert (out[empty] == 0).all(), "fully masked rows must be 0"
+    tol = TOL[dtype]
+    o, r = out[~empty].float(), ref_out[~empty].float()
+    assert (o - r).norm() <= tol * r.norm() + 1e-30, f"out rel err {((o - r).norm() / r.norm()).item():.2e}"
+    lo, lr = lse[~empty], ref_lse[~empty]
+    assert (lo - lr).norm() <= tol * lr.norm() + 1e-6, f"lse rel err {((lo - lr).norm() / lr.norm()).item():.2e}"
+
+
+# (dtype, B, Hq, Hkv, M, N, D, Dv, mask, num_splits, layout)
+LSE_CASES = [
+    (torch.float32, 1, 4, 4, 4, 37, 64, 64, "none", None, "contiguous"),
+    (torch.float32, 2, 8, 2, 8, 300, 64, 64, "bool", None, "contiguous"),
+    (torch.float32, 1, 8, 1, 16, 130, 128, 128, "float", 3, "contiguous"),
+    (torch.float32, 1, 4, 1, 5, 77, 96, 48, "sliding", None, "contiguous"),
+    (torch.float32, 2, 4, 2, 6, 200, 64, 64, "empty_rows", 4, "contiguous"),
+    (torch.float32, 1, 4, 4, 8, 90, 32, 32, "float_inf_rows", 2, "bshd"),
+    (torch.float32, 2, 8, 1, 4, 65, 64, 64, "bcast_batch", None, "contiguous"),
+    (torch.float32, 1, 4, 4, 64, 40, 16, 16, "bcast_row", 1, "contiguous"),
+    (torch.float32, 1, 2, 1, 3, 20, 256, 256, "none", None, "contiguous"),
+    (torch.bfloat16, 1, 8, 2, 32, 260, 128, 128, "none", None, "contiguous"),
+    (torch.bfloat16, 1, 8, 1, 4, 300, 64, 64, "sliding", None, "bshd"),
+    (torch.bfloat16, 2, 4, 4, 16, 100, 64, 64, "empty_rows", 3, "contiguous"),
+    (torch.bfloat16, 1, 16, 2, 8, 129, 64, 64, "float", None, "contiguous"),
+    (torch.float16, 1, 8, 2, 12, 257, 128, 128, "bool", None, "contiguous"),
+    (torch.float16, 1, 4, 4, 32, 64, 64, 64, "bcast_row", None, "bshd"),
+    (torch.float16, 1, 8, 1, 8, 33, 64, 32, "float_inf_rows", None, "contiguous"),
+]
+if SLOW:
+    LSE_CASES += [
+        (torch.float32, 1, 32, 8, 64, 2100, 128, 128, "bool", None, "contiguous"),
+        (torch.bfloat16, 1, 32, 8, 32, 4100, 128, 128, "none", None, "bshd"),
+        (torch.float16, 2, 32, 4, 64, 1500, 64, 64, "sliding", None, "contiguous"),
+    ]
+
+
+@in_process
+@pytest.mark.parametrize("case", LSE_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_attention_lse(case):
+    dtype, B, Hq, Hkv, M, N, D, Dv, mask_kind, num_splits, layout = case
+    q, k, v, mask = _inputs(dtype, B, Hq, Hkv, M, N, D, Dv, mask_kind, seed=N, layout=layout)
+    assert ta.supports(q, k, v, mask)
+    scale = D**-0.5
+    out, lse = ta.attention_lse(q, k, v, mask, scale, num_splits=num_splits)
+    _check(out, lse, *reference.attention_lse(q, k, v, mask, scale), dtype)
+
+
+# (dtype, Hq, Hkv, M, D, mask, ext_kind): ext_kind "random" | "empty_ext" (lse_ext -inf on some rows)
+MERGE_CASES = [
+    (torch.float32, 4, 4, 4, 64, "none", "random"),
+    (torch.float32, 8, 2, 16, 128, "bool", "empty_ext"),
+    (torch.float32, 8, 1, 32, 64, "empty_rows", "empty_ext"),  # rows where both sides are empty
+    (torch.float32, 4, 2, 8, 80, "float", "random"),
+    (torch.bfloat16, 8, 2, 32, 128, "none", "random"),
+    (torch.bfloat16, 8, 1, 64, 64, "sliding", "empty_ext"),
+    (torch.float16, 4, 4, 8, 64, "bcast_batch", "random"),
+    (torch.float16, 8, 2, 16, 64, "float_inf_rows", "empty_ext"),
+]
+
+
+@in_process
+@pytest.mark.parametrize("case", MERGE_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+@pytest.mark.parametrize("n_keys", ["block", "long"])
+def test_attention_merge_lse(case, n_keys):
+    """Internal attention over the block's own keys fused with the merge; ``long`` internal keys
+    take the split path whose reduction does the merge."""
+    dtype, Hq, Hkv, M, D, mask_kind, ext_kind = case
+    N = M if n_keys == "block" else 1100 + M
+    if n_keys == "long" and dtype != torch.float32 and not SLOW:
+        pytest.skip("the split path is covered by fp32 here; FBCOMPILE_SLOW=1 runs all")
+    q, k, v, mask = _inputs(dtype, 2, Hq, Hkv, M, N, D, D, mask_kind, seed=M + N)
+    gen = torch.Generator().manual_seed(7)
+    out_ext = (torch.randn(2, Hq, M, D, generator=gen)).to(dtype).to(DEVICE)
+    lse_ext = (torch.randn(2, Hq, M, generator=gen) * 3).to(DEVICE)
+    if ext_kind == "empty_ext":
+        lse_ext[:, :, ::2] = float("-inf")
+        out_ext[:, :, ::2] = 0
+    scale = D**-0.5
+    out, lse = ta.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
+    ref = reference.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
+    _check(out, lse, *ref, dtype)
+
+
+@in_process
+def test_merge_of_split_equals_full():
+    """External part + fused internal merge reproduces attention over the concatenated keys."""
+    q, k, v, _ = _inputs(torch.float32, 1, 8, 2, 16, 200, 64, 64, "none", seed=3)
+    scale = 0.125
+    out_e, lse_e = ta.attention_lse(q, k[:, :, :184], v[:, :, :184], None, scale)
+    out, lse = ta.attention_merge_lse(q, k[:, :, 184:], v[:, :, 184:], None, scale, out_e, lse_e)
+    _check(out, lse, *reference.attention_lse(q, k, v, None, scale), torch.float32)
+
+
+@in_process
+def test_split_count_does_not_change_result():
+    q, k, v, mask = _inputs(torch.float32, 1, 4, 2, 8, 500, 64, 64, "bool", seed=5)
+    outs = [ta.attention_lse(q, k, v, mask, 0.1, num_splits=s) for s in (1, 2, 7)]
+    for out, lse in outs[1:]:
+        torch.testing.assert_close(out, outs[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, outs[0][1], rtol=1e-5, atol=1e-6)
+
+
+@in_process
+def test_empty_keys():
+    q, k, v, _ = _inputs(torch.float32, 1, 4, 2, 4, 0, 64, 64, "none", seed=1)
+    out, lse = ta.attention_lse(q, k, v, None, 0.1)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_supports_rejects_unsupported():
+    q, k, v = torch.randn(1, 4, 8, 64), torch.randn(1, 2, 16, 64), torch.randn(1, 2, 16, 64)
+    assert ta.supports(q, k, v, None)
+    assert ta.supports(q, k, v, torch.ones(8, 16, dtype=torch.bool))
+    assert not ta.supports(q, k, v, torch.ones(8, 17, dtype=torch.bool))  # not broadcastable
+    assert not ta.supports(q, k, v, torch.ones(8, 16, dtype=torch.int32))
+    assert not ta.supports(q, torch.randn(1, 3, 16, 64), torch.randn(1, 3, 16, 64), None)  # 4 % 3
+    assert not ta.supports(q.double(), k.double(), v.double(), None)
+    assert not ta.supports(torch.randn(1, 4, 8, 320), torch.randn(1, 2, 16, 320), v, None)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="kernels already tested in this process")
+def test_in_subprocess():
+    """``triton`` was imported before this module could switch on the interpreter: rerun here."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
