@@ -1,0 +1,112 @@
+"""Runtime state of fbcompile: compiled graphs, per-site counters and the external-attention cache.
+
+One :class:`Session` per optimized model (``fbcompile.optimize``) or one shared by plain
+``torch.compile(..., backend="fbcompile")`` calls. Passes and kernels hold no state; everything that
+changes while a model runs lives here, can be inspected (:meth:`Session.stats`, :meth:`Session.report`)
+and dropped (:meth:`Session.reset`).
+"""
+from __future__ import annotations
+
+import weakref
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from tabulate import tabulate
+
+from fbcompile.config import Config
+
+
+@dataclass
+class GraphRecord:
+    """One graph dynamo handed to the backend: what the pass found and did, and how often it ran."""
+
+    index: int
+    sites: list[dict]
+    code_before: str
+    code_refresh: str | None = None   # the split graph (computes the external part)
+    code_reuse: str | None = None     # the graph that takes the cached external part as input
+    refreshes: int = 0
+    reuses: int = 0
+    calls: int = 0
+
+    @property
+    def rewritten(self) -> int:
+        return sum(site["decision"] == "rewritten" for site in self.sites)
+
+
+@dataclass
+class CacheEntry:
+    """Cached ``(O_e, L_e)`` of every site of one graph, with what they were computed from."""
+
+    sources: list            # weakrefs to the tensors holding the external KV
+    versions: list[int]
+    shapes: list
+    block: list              # (shape, dtype, device) of the block's inputs
+    tensors: list            # O_e, L_e per site
+    steps: int = 0           # calls since the refresh
+
+
+@dataclass
+class Stats:
+    """Counts since the last reset: ``.compiles``, ``.refreshes``, ``.reuses``, ``.guard_failures``."""
+
+    compiles: int
+    refreshes: int
+    reuses: int
+    guard_failures: dict
+    sites: list[dict] = field(default_factory=list)
+
+    def __str__(self):
+        head = (f"fbcompile stats: {self.compiles} graph(s) compiled, {self.refreshes} refresh call(s), "
+                f"{self.reuses} reuse call(s)")
+        lines = [head]
+        if self.sites:
+            lines.append(tabulate(self.sites, headers="keys"))
+        if self.guard_failures:
+            lines.append("refresh reasons: " + ", ".join(f"{k}: {v}" for k, v in self.guard_failures.items()))
+        return "\n".join(lines)
+
+
+class Session:
+    """All runtime state of one fbcompile user (a model, or the shared backend)."""
+
+    def __init__(self, config: Config | None = None, module: torch.nn.Module | None = None):
+        self.config = config or Config()
+        self._module = weakref.ref(module) if module is not None else None
+        self.graphs: list[GraphRecord] = []
+        self.caches: dict[int, OrderedDict] = {}
+        self.refresh_reasons: Counter = Counter()
+
+    @property
+    def exact_only(self) -> bool:
+        """Training (module in train mode or grad enabled) never reuses."""
+        module = self._module() if self._module is not None else None
+        return torch.is_grad_enabled() or (module is not None and module.training)
+
+    def new_graph(self, sites: list[dict], code_before: str) -> GraphRecord:
+        record = GraphRecord(index=len(self.graphs), sites=sites, code_before=code_before)
+        self.graphs.append(record)
+        return record
+
+    def cache(self, record: GraphRecord) -> OrderedDict:
+        return self.caches.setdefault(record.index, OrderedDict())
+
+    def reset(self) -> None:
+        """Drop every cached external result and zero the counters (compiled graphs stay)."""
+        self.caches.clear()
+        self.refresh_reasons.clear()
+        for record in self.graphs:
+            record.refreshes = record.reuses = record.calls = 0
+
+    def stats(self) -> Stats:
+        sites = []
+        for record in self.graphs:
+            for site in record.sites:
+                if site["decision"] == "rewritten":
+                    sites.append({"graph": record.index, "node": site["node"], "calls": record.calls,
+                                  "refreshes": record.refreshes, "reuses": record.reuses})
+        split_graphs = [r for r in self.graphs if r.rewritten]
+        return Stats(compiles=len(self.graphs), refreshes=sum(r.refreshes for r in split_graphs),
+                     reuses=sum(r.reuses for r in split_graphs),
+                     guard_failures=dict(self.refresh_reasons), sites=sites)

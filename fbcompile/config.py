@@ -1,0 +1,46 @@
+"""The one configuration object of fbcompile (also accepted as ``torch.compile(options=...)``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+REFRESH_POLICIES = ("block", "always")
+COMPILERS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class Config:
+    """How fbcompile rewrites and runs a model.
+
+    refresh: when the block-external attention ``(O_e, L_e)`` is recomputed.
+        ``"block"`` (default, FlashBlock): whenever the cached keys/values change - once per block;
+        ``"always"``: at every call (exact mode; the optimized model equals the original);
+        an int ``N``: as ``"block"``, and also every ``N``-th call within a block.
+    compiler: ``"inductor"`` compiles the rewritten graphs (default); ``"eager"`` runs them as FX
+        graphs (fast to start, for debugging and tests).
+    max_cache_entries: how many distinct external KV sets one compiled graph keeps results for
+        (more than one when the same graph serves several layers).
+    """
+
+    refresh: str | int = "block"
+    compiler: str = "inductor"
+    max_cache_entries: int = 64
+
+    def __post_init__(self):
+        if isinstance(self.refresh, bool) or not (
+            self.refresh in REFRESH_POLICIES or (isinstance(self.refresh, int) and self.refresh >= 1)
+        ):
+            raise ValueError(f"Config.refresh must be one of {REFRESH_POLICIES} or an int >= 1, got {self.refresh!r}")
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
+        if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
+            raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "Config":
+        """Build a Config from ``torch.compile(..., options={...})``; unknown keys are an error."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"unknown fbcompile option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**options)

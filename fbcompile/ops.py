@@ -1,0 +1,87 @@
+"""The custom ops that rewritten graphs call: ``torch.ops.fbcompile.*``.
+
+They are opaque to dynamo/AOT/Inductor (registered with ``torch.library.custom_op`` and a fake
+implementation for shape propagation), so Inductor compiles the graph around them. Each op runs the
+Triton kernel where one applies (CUDA tensors, supported shapes) and the plain PyTorch reference
+otherwise; both follow the semantics in :mod:`fbcompile.kernels.reference`.
+"""
+from __future__ import annotations
+
+import torch
+
+from fbcompile.kernels import reference
+
+try:  # Triton kernels are optional: CPU-only installs run the reference.
+    from fbcompile.kernels import triton_attention
+except ImportError:  # pragma: no cover - depends on the installed triton
+    triton_attention = None
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    torch._check(k.shape[2] == v.shape[2], lambda: f"keys ({k.shape[2]}) and values ({v.shape[2]}) differ in length")
+    torch._check(k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0,
+                 lambda: f"{q.shape[1]} query heads cannot be grouped over {k.shape[1]} KV heads")
+    torch._check(q.shape[-1] == k.shape[-1], lambda: "query and key head dims differ")
+
+
+def _use_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    return triton_attention is not None and q.is_cuda and triton_attention.supports(q, k, v, mask)
+
+
+def _attention_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(out, lse)``; also where the shape contract is checked (at trace and at run time)."""
+    _check_shapes(q, k, v)
+    B, Hq, M, _ = q.shape
+    return q.new_empty(B, Hq, M, v.shape[-1]), q.new_empty(B, Hq, M, dtype=torch.float32)
+
+
+@torch.library.custom_op("fbcompile::attention_lse", mutates_args=())
+def attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q`` attending over ``(k, v)``: the external part of a split attention."""
+    _check_shapes(q, k, v)
+    if _use_triton(q, k, v, mask):
+        return triton_attention.attention_lse(q, k, v, mask, scale)
+    return reference.attention_lse(q, k, v, mask, scale)
+
+
+@attention_lse.register_fake
+def _(q, k, v, mask, scale):
+    return _attention_outputs(q, k, v)
+
+
+@torch.library.custom_op("fbcompile::attention_merge_lse", mutates_args=())
+def attention_merge_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    out_ext: torch.Tensor,
+    lse_ext: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Internal attention over ``(k, v)`` merged with the external ``(out_ext, lse_ext)``: the full result."""
+    _check_shapes(q, k, v)
+    if _use_triton(q, k, v, mask):
+        return triton_attention.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
+    return reference.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
+
+
+@attention_merge_lse.register_fake
+def _(q, k, v, mask, scale, out_ext, lse_ext):
+    return _attention_outputs(q, k, v)
+
+
+@torch.library.custom_op("fbcompile::merge_lse", mutates_args=())
+def merge_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two attention results over disjoint key sets (e.g. a cached prefix and suffix)."""
+    return reference.merge_lse(out_a, lse_a, out_b, lse_b)
+
+
+@merge_lse.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    return torch.empty_like(out_a), torch.empty_like(lse_a)

@@ -1,0 +1,271 @@
+"""Find attention over a KV cache in a dynamo FX graph and decide whether it can be split.
+
+Two forms are matched and normalised to one :class:`AttentionSite`:
+
+* SDPA::
+
+      F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s, enable_gqa=g)
+
+* the eager form (HF ``eager_attention_forward`` and hand-written variants)::
+
+      w = q @ k.transpose(-1, -2)          # or k.mT
+      w = w * s  |  w / s                  # any number of scalar factors, before or after the mask
+      w = w + mask  |  w.masked_fill(m, float("-inf"))
+      w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+      w = F.dropout(w, p=0.0, training=False)   # optional, must be a no-op
+      out = w @ v
+
+A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`) whose operands
+divide into *external* ones - depending on no graph input that the query depends on (module
+parameters aside) - and *internal* ones (the block). Everything else is left untouched with a reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fbcompile.passes.graph_utils import (DependencyGraph, arg, describe_shape, example, is_parameter,
+                                          op_name, same_size, shape)
+from fbcompile.passes.kv_layout import KVLayout, LayoutError, trace_kv
+
+_CASTS = {"to", "float", "half", "bfloat16", "type", "type_as", "contiguous"}
+_MATMULS = {"matmul", "__matmul__"}
+
+
+class NotSplittable(Exception):
+    """Raised with the reason an attention site must be left untouched."""
+
+
+@dataclass
+class AttentionSite:
+    """One attention node, normalised; ``reason`` is None when the split is proven safe."""
+
+    node: fx.Node                      # the node whose value the rewrite replaces
+    form: str                          # "sdpa" | "eager"
+    q: fx.Node
+    k: fx.Node                         # [B, H, N, D] as attention sees it
+    v: fx.Node
+    mask: fx.Node | None = None
+    mask_kind: str = "none"            # none | bool | additive | masked_fill
+    mask_scale: float = 1.0            # additive masks added before a scalar factor are scaled by it
+    scale: float | None = None
+    k_layout: KVLayout | None = None
+    v_layout: KVLayout | None = None
+    external: list[int] = field(default_factory=list)   # cat operand indices
+    internal: list[int] = field(default_factory=list)
+    external_inputs: list[fx.Node] = field(default_factory=list)  # placeholders the cached KV reads
+    reason: str | None = None
+
+    @property
+    def splittable(self) -> bool:
+        return self.reason is None
+
+    @property
+    def decision(self) -> str:
+        return "rewritten" if self.reason is None else f"skipped: {self.reason}"
+
+    def describe(self) -> dict:
+        """One row of the explain table."""
+        q_shape = shape(self.q)
+        heads = "?"
+        if q_shape is not None and self.k_layout is not None:
+            kv_heads = self.kv_heads()
+            heads = f"{q_shape[1]}/{kv_heads}" + (f" (GQA {q_shape[1] // kv_heads})" if q_shape[1] != kv_heads else "")
+        kv = describe_shape(self.k)
+        if self.k_layout is not None:
+            kinds = ["ext" if i in self.external else "int" for i in range(len(self.k_layout.pieces))]
+            kv += " = cat(" + ", ".join(f"{kind}:{describe_shape(p)}" for kind, p in
+                                        zip(kinds, self.k_layout.pieces)) + ")"
+        return {"node": self.node.name, "form": self.form, "q": describe_shape(self.q), "kv": kv,
+                "heads": heads, "mask": self.mask_kind, "decision": self.decision}
+
+    def kv_heads(self) -> int:
+        return math.prod(f.size for f in self.k_layout.order[1]) if self.k_layout.order[1] else 1
+
+
+def _match_sdpa(node: fx.Node) -> AttentionSite:
+    q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
+    site = AttentionSite(node=node, form="sdpa", q=q, k=k, v=v)
+    mask = arg(node, 3, "attn_mask")
+    dropout, causal, scale = arg(node, 4, "dropout_p", 0.0), arg(node, 5, "is_causal", False), arg(node, 6, "scale")
+    if mask is not None:
+        site.mask = mask
+        site.mask_kind = "bool" if example(mask) is not None and example(mask).dtype == torch.bool else "additive"
+    if not isinstance(dropout, (int, float)) or dropout != 0:
+        site.reason = f"dropout_p={dropout} is not a constant 0"
+    elif causal is not False:
+        site.reason = "is_causal=True (a causal mask over cache + block is not split)"
+    elif scale is not None and not isinstance(scale, (int, float)):
+        site.reason = "scale is not a constant"
+    site.scale = scale
+    return site
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_last_two_transpose(node: fx.Node) -> bool:
+    name, nd = op_name(node), len(shape(node) or ())
+    if name == "mT":
+        return True
+    if name == "transpose":
+        dims = {d % nd for d in (arg(node, 1, "dim0"), arg(node, 2, "dim1"))}
+        return dims == {nd - 1, nd - 2}
+    if name == "permute":
+        perm = [p % nd for p in (node.args[1:] if not isinstance(node.args[1], (list, tuple)) else node.args[1])]
+        return perm == list(range(nd - 2)) + [nd - 1, nd - 2]
+    return False
+
+
+def _walk_scores(node: fx.Node, factor: float, site_masks: list) -> tuple[fx.Node, float]:
+    """Walk from the softmax input down to ``q @ k^T``; returns (matmul, scale), collects masks."""
+    name = op_name(node)
+    if name in _MATMULS:
+        return node, factor
+    if _single_user(node) is None:
+        raise NotSplittable("attention scores are used outside the softmax")
+    if name in _CASTS:
+        return _walk_scores(node.args[0], factor, site_masks)
+    if name in ("mul", "div", "truediv") and len(node.args) == 2:
+        a, b = node.args
+        if name == "mul" and isinstance(a, (int, float)):
+            a, b = b, a
+        if isinstance(a, fx.Node) and isinstance(b, (int, float)) and b > 0:
+            c = b if name == "mul" else 1.0 / b
+            return _walk_scores(a, factor * c, site_masks)
+    if name in ("add", "iadd") and len(node.args) == 2 and all(isinstance(x, fx.Node) for x in node.args):
+        for scores, mask in (node.args, node.args[::-1]):
+            if op_name(scores) in _MATMULS or _single_user(scores) is node:
+                try:
+                    matmul, scale = _walk_scores(scores, factor, site_masks)
+                except NotSplittable:
+                    continue
+                site_masks.append(("additive", mask, factor))
+                return matmul, scale
+    if name == "masked_fill" and isinstance(arg(node, 1, "mask"), fx.Node):
+        value = arg(node, 2, "value")
+        if isinstance(value, (int, float)) and value == float("-inf"):
+            matmul, scale = _walk_scores(node.args[0], factor, site_masks)
+            site_masks.append(("masked_fill", arg(node, 1, "mask"), 1.0))
+            return matmul, scale
+        raise NotSplittable("masked_fill with a finite value (changes fully masked rows)")
+    raise NotSplittable(f"'{name}' on the attention scores")
+
+
+def _match_eager(softmax: fx.Node) -> AttentionSite | None:
+    """Match ``softmax(scores) @ v``; returns None if ``softmax`` is not an attention's."""
+    nd = len(shape(softmax) or ())
+    dim = arg(softmax, 1, "dim")
+    if nd != 4 or dim is None or dim % nd != nd - 1:
+        return None
+    probs = softmax
+    while (user := _single_user(probs)) is not None and (op_name(user) in _CASTS or op_name(user) == "dropout"):
+        if op_name(user) == "dropout" and arg(user, 2, "training", True) is not False and arg(user, 1, "p", 0.5) != 0:
+            return None
+        probs = user
+    out = _single_user(probs)
+    if out is None or op_name(out) not in _MATMULS or out.args[0] is not probs:
+        return None
+    masks: list = []
+    try:
+        matmul, scale = _walk_scores(softmax.args[0], 1.0, masks)
+    except NotSplittable as e:
+        return AttentionSite(node=out, form="eager", q=softmax, k=softmax, v=out.args[1], reason=str(e))
+    q, k_t = matmul.args[0], matmul.args[1]
+    site = AttentionSite(node=out, form="eager", q=q, k=k_t, v=out.args[1], scale=scale)
+    if not _is_last_two_transpose(k_t):
+        site.reason = "keys are not transposed in the graph (k^T not found)"
+        return site
+    site.k = k_t.args[0]
+    if len(masks) > 1:
+        site.reason = "more than one mask term"
+    elif masks:
+        site.mask_kind, site.mask, site.mask_scale = masks[0]
+    return site
+
+
+def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
+    """Split cat operands into external (cache) and internal (block) ones, or raise NotSplittable."""
+    query_inputs = _cache_inputs(deps, site.q)
+    k_layout, v_layout = site.k_layout, site.v_layout
+    if len(k_layout.pieces) != len(v_layout.pieces):
+        raise NotSplittable("keys and values are concatenated from different numbers of parts")
+    external_inputs: set[fx.Node] = set()
+    for i, (kp, vp) in enumerate(zip(k_layout.pieces, v_layout.pieces)):
+        k_len, v_len = k_layout.piece_length(i), v_layout.piece_length(i)
+        if isinstance(k_len, int) and isinstance(v_len, int) and k_len != v_len:
+            raise NotSplittable("keys and values are concatenated from parts of different lengths")
+        # symbolic lengths: the split ops check k/v lengths match at run time (see fbcompile.ops)
+        k_inputs, v_inputs = (_cache_inputs(deps, p) for p in (kp, vp))
+        k_ext, v_ext = not (k_inputs & query_inputs), not (v_inputs & query_inputs)
+        if k_ext != v_ext:
+            raise NotSplittable(f"part {i} is cached for keys but not for values")
+        if k_ext:
+            site.external.append(i)
+            external_inputs |= k_inputs | v_inputs
+        else:
+            site.internal.append(i)
+    if not site.external:
+        raise NotSplittable("every key depends on the current block (no cached part)")
+    if not site.internal:
+        raise NotSplittable("no key depends on the current block")
+    if site.internal != list(range(site.internal[0], site.internal[-1] + 1)):
+        raise NotSplittable("the block's keys are not contiguous")
+    placeholders = [n for n in site.node.graph.nodes if n.op == "placeholder"]
+    site.external_inputs = [n for n in placeholders if n in external_inputs]
+
+
+def _cache_inputs(deps: DependencyGraph, node: fx.Node) -> set[fx.Node]:
+    """Graph inputs ``node`` reads, module parameters aside (they do not change between steps)."""
+    return {n for n in deps.tensor_inputs(node) if not is_parameter(n)}
+
+
+def _check_mask(site: AttentionSite) -> None:
+    if site.mask is None:
+        return
+    mask_shape, key_len = shape(site.mask), shape(site.k)[-2]
+    if mask_shape is None:
+        raise NotSplittable("mask without a recorded shape")
+    if len(mask_shape) > 4:
+        raise NotSplittable("mask has more than 4 dims")
+    if not (same_size(mask_shape[-1], 1) or same_size(mask_shape[-1], key_len)):
+        raise NotSplittable("mask's last dim is not the key length")
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """All attention sites in ``gm`` with their split decision (``site.reason``)."""
+    deps: DependencyGraph | None = None
+    sites = []
+    for node in list(gm.graph.nodes):
+        name = op_name(node)
+        if name == "scaled_dot_product_attention":
+            site = _match_sdpa(node)
+        elif name == "softmax":
+            site = _match_eager(node)
+        else:
+            continue
+        if site is None:
+            continue
+        sites.append(site)
+        if site.reason is not None:
+            continue
+        try:
+            if len(shape(site.q) or ()) != 4:
+                raise NotSplittable("query is not 4-D [B, H, M, D]")
+            try:
+                site.k_layout, site.v_layout = trace_kv(site.k), trace_kv(site.v)
+            except LayoutError as e:
+                raise NotSplittable(str(e)) from None
+            _check_mask(site)
+            deps = deps or DependencyGraph(gm.graph)
+            _classify(site, deps)
+            if shape(site.q)[1] % site.kv_heads():
+                raise NotSplittable("query heads are not a multiple of the KV heads")
+        except NotSplittable as e:
+            site.reason = str(e)
+    return sites
+

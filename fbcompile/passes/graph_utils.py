@@ -1,0 +1,150 @@
+"""Small helpers over dynamo's torch-level FX graphs: op names, arguments, shapes, dependencies.
+
+Dynamo writes the same operation as ``torch.transpose(x, 1, 2)`` (call_function) or
+``x.transpose(1, 2)`` (call_method); :func:`op_name` maps both to ``"transpose"`` so that the
+matchers are written once.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+_FUNCTION_NAMESPACES = {"torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
+                        "_operator", "operator", "torch.functional", "torch._tensor", "torch._C"}
+
+
+def op_name(node: fx.Node) -> str | None:
+    """Canonical name of a call node (``"cat"``, ``"transpose"``, ``"add_"``...), None for others."""
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", None)
+        module = getattr(node.target, "__module__", None) or ""
+        if name and (module in _FUNCTION_NAMESPACES or module.startswith("torch") or node.target in vars(operator).values()):
+            return name
+    return None
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """Argument ``name`` of a call, given positionally (``index`` counts ``self`` for methods) or by keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    if index < len(node.args):
+        return node.args[index]
+    return default
+
+
+def example(node) -> torch.Tensor | None:
+    """The fake tensor dynamo recorded for ``node`` (None when it is not a tensor)."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def shape(node) -> tuple | None:
+    value = example(node)
+    return tuple(value.shape) if value is not None else None
+
+
+def same_size(a, b) -> bool:
+    """True when two (possibly symbolic) sizes are provably equal."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return bool(statically_known_true(a == b))
+
+
+def describe_shape(node) -> str:
+    s = shape(node)
+    return "?" if s is None else "x".join(str(d) if isinstance(d, int) else f"({d})" for d in s)
+
+
+def is_tensor_placeholder(node: fx.Node) -> bool:
+    return node.op == "placeholder" and example(node) is not None
+
+
+def is_parameter(node: fx.Node) -> bool:
+    """A placeholder dynamo lifted from a module parameter (constant across denoising steps)."""
+    grapharg = node.meta.get("grapharg")
+    if isinstance(getattr(grapharg, "example", None), torch.nn.Parameter):
+        return True
+    source = getattr(grapharg, "source", None)
+    name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
+    return "_parameters[" in name
+
+
+def mutated_tensor(node: fx.Node) -> fx.Node | None:
+    """The tensor a node writes in place (``x.add_(..)``, ``x[i] = y``, ``out=``), or None."""
+    name = op_name(node)
+    if name is None:
+        return None
+    if name == "setitem" or (name.endswith("_") and not name.startswith("_")):
+        target = node.args[0] if node.args else None
+        return target if isinstance(target, fx.Node) else None
+    out = node.kwargs.get("out")
+    return out if isinstance(out, fx.Node) else None
+
+
+METADATA_OPS = {"size", "dim", "numel", "stride", "sym_size", "sym_numel", "sym_stride", "storage_offset"}
+
+
+class DependencyGraph:
+    """Data dependencies of an FX graph, including writes made in place.
+
+    An in-place write ``x.copy_(y)`` makes every later reader of ``x`` depend on ``y``; plain FX
+    edges miss that, so the write's inputs are added as parents of the written tensor's base.
+    Reading a tensor's size is not a data dependency (positions derived from the cache length are
+    the usual case), so those edges are left out.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = nx.DiGraph()
+        self.mutations: dict[fx.Node, list[fx.Node]] = {}
+        for node in graph.nodes:
+            self.graph.add_node(node)
+            if op_name(node) in METADATA_OPS:
+                continue  # a tensor's size is not its data: cache length may steer positions
+            for parent in node.all_input_nodes:
+                self.graph.add_edge(parent, node)
+        for node in graph.nodes:
+            target = mutated_tensor(node)
+            if target is None:
+                continue
+            base = view_base(target)
+            self.mutations.setdefault(base, []).append(node)
+            for parent in node.all_input_nodes:
+                if parent is not target and parent is not base and not nx.has_path(self.graph, base, parent):
+                    self.graph.add_edge(parent, base)
+        self._inputs: dict[fx.Node, frozenset[fx.Node]] = {}
+
+    def tensor_inputs(self, node: fx.Node) -> frozenset[fx.Node]:
+        """The tensor placeholders ``node`` depends on."""
+        if node not in self._inputs:
+            nodes = nx.ancestors(self.graph, node) | {node}
+            self._inputs[node] = frozenset(n for n in nodes if is_tensor_placeholder(n))
+        return self._inputs[node]
+
+    def written_in_place(self, node: fx.Node) -> list[fx.Node]:
+        """In-place writes into any tensor that ``node`` reads (directly or through views)."""
+        nodes = nx.ancestors(self.graph, node) | {node}
+        return [w for base in nodes for w in self.mutations.get(base, ())]
+
+
+VIEW_OPS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "getitem",
+            "narrow", "select", "slice", "flatten", "unflatten", "mT", "contiguous", "detach", "view_as"}
+
+
+def view_base(node: fx.Node) -> fx.Node:
+    """Follow view-like ops back to the tensor whose storage they share (conservatively)."""
+    while op_name(node) in VIEW_OPS and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def users_outside(nodes: Iterable[fx.Node], allowed: set[fx.Node]) -> bool:
+    return any(user not in allowed for n in nodes for user in n.users)

@@ -1,0 +1,65 @@
+"""Specialise a split graph into a *refresh* graph and a *reuse* graph.
+
+In a split graph every site ends in::
+
+    O, _ = fbcompile.attention_merge_lse(q, K_i, V_i, mask_i, scale, O_e, L_e)
+
+* refresh graph: the split graph with every site's ``(O_e, L_e)`` appended to the outputs, so the
+  caller can keep them;
+* reuse graph: every ``(O_e, L_e)`` replaced by a new graph input (placed after the original
+  inputs, in site order) and dead code removed, so the external attention - and the read of the
+  cached keys/values, unless the graph also returns them - is gone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fbcompile.passes.split_attention import is_impure
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph)
+
+
+def external_results(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
+    """``(O_e, L_e)`` of every split site, in graph order."""
+    merge = torch.ops.fbcompile.attention_merge_lse.default
+    return [(n.args[5], n.args[6]) for n in graph.nodes if n.op == "call_function" and n.target is merge]
+
+
+def _output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def refresh_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` that also returns every ``(O_e, L_e)``; returns it and the original output count."""
+    gm = _copy(gm)
+    output = _output_node(gm.graph)
+    outputs = tuple(output.args[0])
+    extra = tuple(n for pair in external_results(gm.graph) for n in pair)
+    output.args = (outputs + extra,)
+    gm.recompile()
+    return gm, len(outputs)
+
+
+def reuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
+    """A copy of ``gm`` taking every ``(O_e, L_e)`` as inputs; returns it and their example values."""
+    gm = _copy(gm)
+    last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    examples = []
+    for site, pair in enumerate(external_results(gm.graph)):
+        for role, node in zip(("out", "lse"), pair):
+            with gm.graph.inserting_after(last_placeholder):
+                inp = gm.graph.placeholder(f"cached_external_{role}_{site}")
+            inp.meta.update(node.meta)
+            node.replace_all_uses_with(inp)
+            last_placeholder = inp
+            examples.append(node.meta.get("example_value"))
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, examples

@@ -1,0 +1,124 @@
+"""Rewrite each splittable attention site into external + internal attention and an exact merge.
+
+For a site whose keys are ``cat([K_e, K_i])`` (values likewise) the pass emits::
+
+    O_e, L_e = fbcompile.attention_lse(q, K_e, V_e, mask[..., :n_e], scale)       # role "external"
+    O, _     = fbcompile.attention_merge_lse(q, K_i, V_i, mask[..., n_e:], scale, O_e, L_e)
+
+with ``K_e``/``K_i`` rebuilt as ``[B, Hkv, n, D]`` without GQA replication (see :mod:`.kv_layout`).
+Several external parts (a dual cache: prefix and suffix) are combined with ``fbcompile.merge_lse``.
+New nodes carry ``meta["fbcompile"] = (site_index, role)`` so later passes (reuse) can find the
+external result of each site. The old attention and whatever only fed it are removed by DCE.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from fbcompile.passes.find_attention import AttentionSite
+from fbcompile.passes.graph_utils import example, mutated_tensor, same_size, shape
+
+EXTERNAL_OUT, EXTERNAL_LSE, MERGED = "external_out", "external_lse", "merged"
+
+
+def _call(graph: fx.Graph, target, args, tag=None) -> fx.Node:
+    node = graph.call_function(target, args)
+    if tag is not None:
+        node.meta["fbcompile"] = tag
+    return node
+
+
+def _external_outputs(graph: fx.Graph, node: fx.Node, index: int, like: torch.Tensor) -> tuple[fx.Node, fx.Node]:
+    """``(O_e, L_e)`` of a call, with fake example values shaped after the attention output ``like``."""
+    out = _call(graph, operator.getitem, (node, 0), (index, EXTERNAL_OUT))
+    lse = _call(graph, operator.getitem, (node, 1), (index, EXTERNAL_LSE))
+    out.meta["example_value"] = like.new_empty(like.shape)
+    lse.meta["example_value"] = like.new_empty(like.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+def _prepare_mask(graph: fx.Graph, site: AttentionSite) -> fx.Node | None:
+    """The site's mask in the ops' convention (bool = attend, float = added to scaled scores)."""
+    mask = site.mask
+    if mask is None:
+        return None
+    if site.mask_kind == "masked_fill":
+        return graph.call_function(torch.logical_not, (mask,))
+    if site.mask_kind == "additive" and site.mask_scale != 1.0:
+        return graph.call_function(operator.mul, (mask, site.mask_scale))
+    return mask
+
+
+def _key_slice(graph: fx.Graph, mask: fx.Node | None, start, length):
+    if mask is None or same_size(shape(mask)[-1], 1):
+        return mask
+    return graph.call_method("narrow", (mask, -1, start, length))
+
+
+def _rewrite_site(graph: fx.Graph, site: AttentionSite, index: int) -> None:
+    k_layout, v_layout = site.k_layout, site.v_layout
+    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(shape(site.q)[-1])
+    with graph.inserting_before(site.node):
+        mask = _prepare_mask(graph, site)
+        starts, lengths, offset = [], [], 0
+        for i, piece in enumerate(k_layout.pieces):
+            length = k_layout.piece_length(i)
+            if not isinstance(length, int):
+                length = graph.call_method("size", (piece, k_layout.cat_dim))
+            starts.append(offset)
+            lengths.append(length)
+            offset = length if offset == 0 else graph.call_function(operator.add, (offset, length))
+
+        def canonical(i):
+            return (k_layout.emit_canonical(graph, k_layout.pieces[i]),
+                    v_layout.emit_canonical(graph, v_layout.pieces[i]))
+
+        out_ext = lse_ext = None
+        original = example(site.node)
+        like = original.new_empty(original.shape, dtype=example(site.q).dtype)
+        for i in site.external:
+            k, v = canonical(i)
+            part = _call(graph, torch.ops.fbcompile.attention_lse.default,
+                         (site.q, k, v, _key_slice(graph, mask, starts[i], lengths[i]), scale))
+            o, lse = _external_outputs(graph, part, index, like)
+            if out_ext is not None:
+                merged = _call(graph, torch.ops.fbcompile.merge_lse.default, (out_ext, lse_ext, o, lse))
+                o, lse = _external_outputs(graph, merged, index, like)
+            out_ext, lse_ext = o, lse
+
+        parts = [canonical(i) for i in site.internal]
+        k_int = parts[0][0] if len(parts) == 1 else graph.call_function(torch.cat, ([p[0] for p in parts], 2))
+        v_int = parts[0][1] if len(parts) == 1 else graph.call_function(torch.cat, ([p[1] for p in parts], 2))
+        first = site.internal[0]
+        length = lengths[first]
+        for i in site.internal[1:]:
+            length = graph.call_function(operator.add, (length, lengths[i]))
+        result = _call(graph, torch.ops.fbcompile.attention_merge_lse.default,
+                       (site.q, k_int, v_int, _key_slice(graph, mask, starts[first], length), scale,
+                        out_ext, lse_ext))
+        out = _call(graph, operator.getitem, (result, 0), (index, MERGED))
+        dtype = example(site.node).dtype
+        if dtype != example(site.q).dtype:
+            out = graph.call_method("to", (out, dtype))
+    site.node.replace_all_uses_with(out)
+
+
+def is_impure(node: fx.Node) -> bool:
+    return node.is_impure() or mutated_tensor(node) is not None
+
+
+def split_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
+    """Rewrite every splittable site of ``gm`` in place; returns how many were rewritten."""
+    rewritten = 0
+    for index, site in enumerate(sites):
+        if site.splittable:
+            _rewrite_site(gm.graph, site, index)
+            rewritten += 1
+    if rewritten:
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten
