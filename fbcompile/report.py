@@ -1,6 +1,7 @@
 """``fbcompile.explain``'s report: every attention site found, the decision, and the graphs."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from tabulate import tabulate
@@ -35,10 +36,16 @@ class Report:
         for g in self.graphs:
             if not g.rewritten:
                 continue
-            lines.append(f"\n=== graph {g.index}: before ===\n{g.code_before.strip()}")
-            lines.append(f"\n=== graph {g.index}: after (refresh: computes the external part) ===\n"
-                         f"{g.code_refresh.strip()}")
+            lines.append(_diff(g.code_before, g.code_refresh, f"graph {g.index} before",
+                               f"graph {g.index} refresh (computes the external part)"))
             if g.code_reuse:
-                lines.append(f"\n=== graph {g.index}: reuse (takes the cached external part) ===\n"
-                             f"{g.code_reuse.strip()}")
+                lines.append(_diff(g.code_refresh, g.code_reuse, f"graph {g.index} refresh",
+                                   f"graph {g.index} reuse (takes the cached external part)"))
+        lines.append("(full code: report.graphs[i].code_before / code_refresh / code_reuse)")
         return "\n".join(lines)
+
+
+def _diff(a: str, b: str, name_a: str, name_b: str) -> str:
+    """The changed lines of two graphs' code; the rest of a model's graph is noise here."""
+    return "\n".join(difflib.unified_diff(a.strip().splitlines(), b.strip().splitlines(), name_a, name_b,
+                                          n=1, lineterm=""))

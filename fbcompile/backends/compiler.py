@@ -45,10 +45,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, config: Config):
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    compiled = compile_fx(gm, example_inputs)
-    if getattr(compiled, "_boxed_call", False):
-        return lambda *args: compiled(list(args))
-    return compiled
+    return compile_fx(gm, example_inputs)
 
 
 def _placeholder_indices(gm: fx.GraphModule, nodes) -> list[int]:

@@ -157,30 +157,44 @@ def _reduce_kernel(
     seb, seh, sem, sed,
     slb, slh, slm,
     Hkv, GROUP, M, R, num_splits,
-    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_EXT: tl.constexpr,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_EXT: tl.constexpr,
 ):
-    """Combine the per-split partials of ``BLOCK_R`` packed rows (and optionally an external result)."""
+    """Combine the per-split partials of ``BLOCK_R`` packed rows (and optionally an external result).
+
+    ``BLOCK_S`` splits are loaded as one [rows, splits, Dv] tile, so the reads are issued together
+    rather than one dependent round trip per split (which made this kernel latency bound)."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
+    offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    dv_ok = offs_dv < DV
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-    for s in range(0, num_splits):
-        part = (pid_bh * num_splits + s) * R + rows
-        lse2 = tl.load(LPart + part, mask=row_ok, other=float("-inf"))
-        o = tl.load(OPart + part[:, None] * DV + offs_dv[None, :], mask=o_mask, other=0.0)
-        m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse2, o)
+    for s0 in range(0, num_splits, BLOCK_S):
+        split_ok = (s0 + offs_s) < num_splits
+        part = (pid_bh * num_splits + s0 + offs_s[None, :]) * R + rows[:, None]  # [rows, splits]
+        ok = row_ok[:, None] & split_ok[None, :]
+        lse2 = tl.load(LPart + part, mask=ok, other=float("-inf"))
+        o = tl.load(OPart + part[:, :, None] * DV + offs_dv[None, None, :],
+                    mask=ok[:, :, None] & dv_ok[None, None, :], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(lse2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2(lse2 - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        m_i = m_new
     if HAS_EXT:
         b = pid_bh // Hkv
         h = ((pid_bh % Hkv) * GROUP + rows // M).to(tl.int64)
         m = (rows % M).to(tl.int64)
         o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
-                      mask=o_mask, other=0.0).to(tl.float32)
+                      mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
         m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
     _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
@@ -200,9 +214,9 @@ def _pow2(x: int, lo: int = 16) -> int:
 def _config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split_keys: bool) -> dict:
     """Tile sizes, warps and stages from the shapes alone.
 
-    Long keys (``split_keys``) pack as many rows as fit (each KV tile is then read by as few
-    programs as possible); short keys (the block-internal part) use small row tiles so that the few
-    rows still occupy many SMs.
+    Long keys (``split_keys``) pack up to 64 rows (a second row tile of the same KV head runs next to
+    the first and finds the KV tile in L2); short keys (the block-internal part) use smaller row
+    tiles so that the few rows still occupy many SMs.
     """
     B, Hq, M, D = q.shape
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -210,7 +224,7 @@ def _config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split_keys: bool)
     block_d, block_dv = _pow2(D), _pow2(DV)
     wide = max(block_d, block_dv)
     small = q.element_size() <= 2
-    max_rows = 128 if (small and wide <= 128) else 64
+    max_rows = 64  # H100 sweep: 64 rows / 4 warps (two programs per SM) beat 128 rows / 8 warps
     block_r = min(_pow2(R), max_rows)
     if not split_keys:
         while block_r > 16 and B * Hkv * triton.cdiv(R, block_r) < _num_sms(q.device):
@@ -219,7 +233,7 @@ def _config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split_keys: bool)
     block_n = min(block_n, _pow2(N))
     return dict(
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        num_warps=8 if block_r >= 128 else 4,
+        num_warps=8 if block_r * wide >= 128 * 128 else 4,
         num_stages=3 if (small and wide <= 128) else 2,
     )
 
@@ -319,11 +333,12 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         **cfg, **launch,
     )
     if split:
-        block_r = min(_pow2(R), 32)
-        _reduce_kernel[(triton.cdiv(R, block_r), B * Hkv)](
+        # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
+        block_s = min(_pow2(num_splits, 2), max(2, 4096 // cfg["BLOCK_DV"]))
+        _reduce_kernel[(triton.cdiv(R, 4), B * Hkv)](
             o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
             Hkv, group, M, R, num_splits,
-            DV=DV, BLOCK_R=block_r, BLOCK_DV=cfg["BLOCK_DV"], HAS_EXT=has_ext, num_warps=4,
+            DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=cfg["BLOCK_DV"], HAS_EXT=has_ext, num_warps=8,
         )
     return out, lse
 

@@ -46,14 +46,17 @@ def _prepare_mask(graph: fx.Graph, site: AttentionSite) -> fx.Node | None:
     if mask is None:
         return None
     if site.mask_kind == "masked_fill":
-        return graph.call_function(torch.logical_not, (mask,))
-    if site.mask_kind == "additive" and site.mask_scale != 1.0:
-        return graph.call_function(operator.mul, (mask, site.mask_scale))
-    return mask
+        prepared = graph.call_function(torch.logical_not, (mask,))
+    elif site.mask_kind == "additive" and site.mask_scale != 1.0:
+        prepared = graph.call_function(operator.mul, (mask, site.mask_scale))
+    else:
+        return mask
+    prepared.meta.update(mask.meta)  # same shape; _key_slice reads it
+    return prepared
 
 
 def _key_slice(graph: fx.Graph, mask: fx.Node | None, start, length):
-    if mask is None or same_size(shape(mask)[-1], 1):
+    if mask is None or same_size(shape(mask)[-1], 1):  # no mask, or one broadcast over the keys
         return mask
     return graph.call_method("narrow", (mask, -1, start, length))
 

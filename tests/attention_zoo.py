@@ -1,0 +1,156 @@
+"""Configurable attention-over-a-KV-cache modules, written the many ways models write them.
+
+Used by the exactness tests and the differential fuzzer: each :class:`ZooSpec` field is one way real
+block-diffusion code differs (GQA handling, layout, mask form, where the scale goes, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fbcompile
+from fbcompile.backends.compiler import make_backend
+from fbcompile.backends.session import Session
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    form: str = "sdpa"           # sdpa | eager
+    gqa: str = "repeat_kv"       # repeat_kv | expand | repeat_interleave | enable_gqa | repeat
+    layout: str = "bhsd"         # bhsd: cat on dim -2 | bshd: cat on dim 1, then transpose
+    mask: str = "none"           # none | bool | additive | window | masked_fill | padding | block_causal
+    scale: str = "after"         # after: (q k^T) * s | before: (q * s) k^T | div: (q k^T) / sqrt(D)
+    packed_qkv: bool = False
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 16
+    block: int = 8
+    cache: int = 20
+    batch: int = 2
+
+
+class ZooAttention(nn.Module):
+    """One attention layer over ``cat([past, block])`` written as ``spec`` says."""
+
+    def __init__(self, spec: ZooSpec):
+        super().__init__()
+        self.spec = spec
+        H, Hkv, D = spec.heads, spec.kv_heads, spec.head_dim
+        width = H * D
+        if spec.packed_qkv:
+            self.qkv = nn.Linear(width, (H + 2 * Hkv) * D)
+        else:
+            self.q, self.k, self.v = nn.Linear(width, H * D), nn.Linear(width, Hkv * D), nn.Linear(width, Hkv * D)
+        self.o = nn.Linear(H * D, width)
+
+    def _project(self, x):
+        s = self.spec
+        B, M, _ = x.shape
+        if s.packed_qkv:
+            q, k, v = self.qkv(x).split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], -1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, M, s.heads, s.head_dim).transpose(1, 2)
+        k = k.view(B, M, s.kv_heads, s.head_dim)
+        v = v.view(B, M, s.kv_heads, s.head_dim)
+        if s.layout == "bhsd":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        return q, k, v
+
+    def _replicate(self, t):
+        s = self.spec
+        R = s.heads // s.kv_heads
+        B, Hkv, N, D = t.shape
+        if s.gqa == "repeat_kv":
+            return t[:, :, None, :, :].expand(B, Hkv, R, N, D).reshape(B, Hkv * R, N, D)
+        if s.gqa == "expand":
+            return t.unsqueeze(2).expand(-1, -1, R, -1, -1).flatten(1, 2)
+        if s.gqa == "repeat_interleave":
+            return t.repeat_interleave(R, dim=1)
+        if s.gqa == "repeat":
+            return t.repeat(1, R, 1, 1)
+        return t  # enable_gqa
+
+    def forward(self, x, past_k, past_v, mask=None):
+        s = self.spec
+        q, k, v = self._project(x)
+        cat_dim = -2 if s.layout == "bhsd" else 1
+        k, v = torch.cat([past_k, k], dim=cat_dim), torch.cat([past_v, v], dim=cat_dim)
+        if s.layout == "bshd":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        k, v = self._replicate(k), self._replicate(v)
+        if s.form == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=s.gqa == "enable_gqa")
+        else:
+            if s.scale == "before":
+                w = (q * s.head_dim ** -0.5) @ k.transpose(-1, -2)
+            elif s.scale == "div":
+                w = torch.matmul(q, k.transpose(2, 3)) / (s.head_dim ** 0.5)
+            else:
+                w = q @ k.transpose(-1, -2) * s.head_dim ** -0.5
+            if mask is not None and mask.dtype == torch.bool:
+                w = w.masked_fill(~mask, float("-inf"))
+            elif mask is not None:
+                w = w + mask
+            w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = w @ v
+        B, _, M, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(B, M, -1))
+
+
+def make_mask(spec: ZooSpec, gen: torch.Generator, dtype=torch.float32):
+    """A mask of ``spec.mask`` kind over ``[past ; block]`` keys (None for "none")."""
+    B, H, M, L = spec.batch, spec.heads, spec.block, spec.cache
+    N = L + M
+    kind = spec.mask
+    if kind == "none":
+        return None
+    if kind in ("bool", "masked_fill"):
+        m = torch.rand(B, 1, M, N, generator=gen) > 0.3
+        m[..., L:] = True  # every query sees its block
+        return m
+    if kind == "additive":
+        return torch.randn(B, H, M, N, generator=gen, dtype=dtype)
+    if kind == "window":  # sliding window of 2*M keys ending at each query's position
+        pos_q = torch.arange(L, N)[:, None]
+        pos_k = torch.arange(N)[None, :]
+        allowed = (pos_k <= pos_q + M) & (pos_k > pos_q - 2 * M)
+        return allowed[None, None].expand(B, 1, M, N)
+    if kind == "padding":  # left padding: different prompt lengths per batch row
+        pad = torch.randint(0, max(1, L // 2), (B,), generator=gen)
+        allowed = torch.arange(N)[None, :] >= pad[:, None]
+        return torch.where(allowed, 0.0, float("-inf")).to(dtype)[:, None, None, :].expand(B, 1, M, N)
+    if kind == "block_causal":  # block bidirectional, past fully visible: all True
+        return torch.ones(1, 1, M, N, dtype=torch.bool)
+    raise ValueError(kind)
+
+
+def make_inputs(spec: ZooSpec, seed: int = 0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    s = spec
+    x = torch.randn(s.batch, s.block, s.heads * s.head_dim, generator=gen).to(dtype)
+    shape = (s.batch, s.kv_heads, s.cache, s.head_dim) if s.layout == "bhsd" else (s.batch, s.cache, s.kv_heads, s.head_dim)
+    past_k = torch.randn(shape, generator=gen).to(dtype)
+    past_v = torch.randn(shape, generator=gen).to(dtype)
+    mask = make_mask(s, gen, dtype)
+    if mask is not None and mask.dtype != torch.bool and spec.mask != "padding" and spec.form == "eager":
+        mask = mask.to(dtype)
+    return (x, past_k, past_v, mask)
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def compile_exact(fn, config=None):
+    """``fn`` compiled by fbcompile in exact mode, with its own session (returned too)."""
+    session = Session(config or fbcompile.Config(refresh="always", compiler="eager"))
+    return torch.compile(fn, backend=make_backend(session), dynamic=False), session
+
+
+def build(spec: ZooSpec, seed: int = 0, dtype=torch.float32) -> ZooAttention:
+    torch.manual_seed(seed)
+    return ZooAttention(spec).to(dtype).eval()

@@ -1,0 +1,124 @@
+"""Exact mode: every recognised attention form is rewritten and matches eager; near misses are skipped."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from attention_zoo import ZooSpec, build, compile_exact, make_inputs, rel_error
+
+CASES = [
+    ZooSpec(),
+    ZooSpec(form="eager"),
+    ZooSpec(gqa="expand", mask="bool"),
+    ZooSpec(gqa="repeat_interleave", mask="additive"),
+    ZooSpec(gqa="enable_gqa", mask="window"),
+    ZooSpec(heads=4, kv_heads=4, mask="padding"),                  # MHA
+    ZooSpec(heads=8, kv_heads=1, gqa="repeat"),                    # MQA: repeat is fine with one KV head
+    ZooSpec(layout="bshd", gqa="enable_gqa"),                      # video style: tokens first
+    ZooSpec(layout="bshd", form="eager", mask="masked_fill"),
+    ZooSpec(form="eager", scale="before", mask="additive"),
+    ZooSpec(form="eager", scale="div", mask="padding", gqa="expand"),
+    ZooSpec(packed_qkv=True, mask="block_causal"),
+    ZooSpec(head_dim=64, block=4, cache=37, batch=1),
+]
+
+
+@pytest.mark.parametrize("spec", CASES, ids=lambda s: "-".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items()
+                                                               if v != getattr(ZooSpec(), k)) or "default")
+def test_rewritten_and_exact_fp32(spec):
+    model = build(spec)
+    inputs = make_inputs(spec, seed=1)
+    with torch.no_grad():
+        expected = model(*inputs)
+        compiled, session = compile_exact(model)
+        got = compiled(*inputs)
+    sites = session.graphs[0].sites
+    assert [s["decision"] for s in sites] == ["rewritten"], sites
+    assert rel_error(got, expected) < 1e-5
+    assert "fbcompile.attention_lse" in session.graphs[0].code_refresh
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_low_precision(dtype):
+    spec = ZooSpec(mask="additive", gqa="repeat_kv", cache=33)
+    model = build(spec, dtype=dtype)
+    inputs = make_inputs(spec, seed=2, dtype=dtype)
+    with torch.no_grad():
+        expected = model.float()(*[t.float() if t is not None else None for t in inputs])
+        model = model.to(dtype)
+        compiled, session = compile_exact(model)
+        got = compiled(*inputs)
+    assert session.graphs[0].rewritten == 1
+    assert got.dtype == dtype
+    assert rel_error(got, expected) < 1e-2
+
+
+class _Skipped(torch.nn.Module):
+    """Near misses: each must be left untouched, with a reason."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, past_k, past_v):
+        F = torch.nn.functional
+        k_new, v_new = q * 0.5, q * 0.25  # the block's own keys/values derive from it
+        if self.kind == "dropout":
+            k, v = torch.cat([past_k, k_new], -2), torch.cat([past_v, v_new], -2)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        if self.kind == "causal":
+            k, v = torch.cat([past_k, k_new], -2), torch.cat([past_v, v_new], -2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.kind == "cat_heads":
+            k = torch.cat([past_k[:, :1, :4], k_new[:, 1:]], 1)
+            v = torch.cat([past_v[:, :1, :4], v_new[:, 1:]], 1)
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.kind == "cached_depends_on_block":
+            k = torch.cat([past_k + q.mean(), k_new], -2)
+            v = torch.cat([past_v + q.mean(), v_new], -2)
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.kind == "repeat_outer":
+            k, v = torch.cat([past_k, k_new], -2).repeat(1, 2, 1, 1), torch.cat([past_v, v_new], -2).repeat(1, 2, 1, 1)
+            return F.scaled_dot_product_attention(q.repeat(1, 2, 1, 1), k, v)
+        if self.kind == "finite_masked_fill":
+            k, v = torch.cat([past_k, k_new], -2), torch.cat([past_v, v_new], -2)
+            w = (q @ k.transpose(-1, -2)).masked_fill(past_k.new_ones(1, dtype=torch.bool), -1e4)
+            return torch.softmax(w, -1) @ v
+        raise ValueError(self.kind)
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("dropout", "dropout_p"),
+    ("causal", "is_causal"),
+    ("cat_heads", "not along the key-sequence dim"),
+    ("cached_depends_on_block", "every key depends on the current block"),
+    ("repeat_outer", "repeat"),
+    ("finite_masked_fill", "finite value"),
+])
+def test_near_misses_are_skipped_with_reason(kind, reason):
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 4, 8)
+    past_k, past_v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    module = _Skipped(kind)
+    compiled, session = compile_exact(module)
+    got = compiled(q, past_k, past_v)
+    sites = session.graphs[0].sites
+    assert len(sites) >= 1 and all(s["decision"].startswith("skipped") for s in sites), sites
+    assert any(reason in s["decision"] for s in sites), sites
+    if kind != "dropout":
+        assert torch.allclose(got, module(q, past_k, past_v), atol=1e-6)
+
+
+def test_inductor_compiles_the_split_graph():
+    spec = ZooSpec(mask="bool", gqa="repeat_kv")
+    model = build(spec)
+    inputs = make_inputs(spec, seed=3)
+    import fbcompile
+    with torch.no_grad():
+        expected = model(*inputs)
+        compiled, session = compile_exact(model, fbcompile.Config(refresh="always", compiler="inductor"))
+        got = compiled(*inputs)
+    assert session.graphs[0].rewritten == 1
+    assert rel_error(got, expected) < 1e-5
