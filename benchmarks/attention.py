@@ -68,7 +68,7 @@ def copy_bandwidth() -> float:
 def make_flex():
     try:
         from torch.nn.attention.flex_attention import flex_attention
-        return torch.compile(flex_attention, dynamic=False)
+        return torch.compile(flex_attention, dynamic=False, fullgraph=True)
     except Exception:  # noqa: BLE001
         return None
 
@@ -127,7 +127,10 @@ def run_shape(hq, hkv, d, n, m, flex, results, do_flex):
     row["flex_ms"] = None
     if do_flex and flex is not None:
         try:
+            t = time.time()
             flex(q, k_cat, v_cat, scale=scale, enable_gqa=gqa)
+            torch.cuda.synchronize()
+            row["flex_first_call_s"] = time.time() - t
             row["flex_ms"] = bench(lambda: flex(q, k_cat, v_cat, scale=scale, enable_gqa=gqa))
         except Exception as e:  # noqa: BLE001 - FlexAttention may not support the shape
             row["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -139,11 +142,11 @@ def run_shape(hq, hkv, d, n, m, flex, results, do_flex):
 def tune(q, k, v, sweep):
     """Time a few tile/split variants of the external kernel around the heuristic's choice."""
     scale = q.shape[-1] ** -0.5
-    cfg = ta._config(q, k, v, split_keys=True)
-    splits, _ = ta._num_splits(q, k, cfg)
+    B, Hq, M, D = q.shape
+    cfg, splits, _ = ta._plan(B, Hq, M, D, k.shape[1], k.shape[2], v.shape[-1], 2, q.device, True)
     variants = [{}, {"num_splits": max(1, splits // 2)}, {"num_splits": splits * 2},
-                {"num_stages": 2}, {"num_stages": 4}, {"BLOCK_N": 128, "num_stages": 2},
-                {"BLOCK_R": 64, "num_warps": 4}]
+                {"num_stages": 2}, {"num_stages": 4}, {"BLOCK_N": 32}, {"BLOCK_N": 128, "num_stages": 2},
+                {"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "num_warps": 8, "num_splits": 16}]
     for ov in variants:
         try:
             ms = bench(lambda: ta._attention(q, k, v, None, scale, **ov))

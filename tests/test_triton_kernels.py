@@ -173,9 +173,11 @@ def test_merge_of_split_equals_full():
 
 
 @in_process
-def test_split_count_does_not_change_result():
-    q, k, v, mask = _inputs(torch.float32, 1, 4, 2, 8, 500, 64, 64, "bool", seed=5)
-    outs = [ta.attention_lse(q, k, v, mask, 0.1, num_splits=s) for s in (1, 2, 7)]
+@pytest.mark.parametrize("D, N, splits", [(64, 500, (1, 2, 7)), (256, 1300, (1, 3, 41))])
+def test_split_count_does_not_change_result(D, N, splits):
+    """Includes more splits than the reduction loads at once (41 > 16 for Dv=256)."""
+    q, k, v, mask = _inputs(torch.float32, 1, 4, 2, 3, N, D, D, "bool", seed=5)
+    outs = [ta.attention_lse(q, k, v, mask, 0.1, num_splits=s) for s in splits]
     for out, lse in outs[1:]:
         torch.testing.assert_close(out, outs[0][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse, outs[0][1], rtol=1e-5, atol=1e-6)

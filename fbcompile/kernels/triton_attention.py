@@ -207,48 +207,57 @@ def _num_sms(device: torch.device) -> int:
     return 8  # interpreter (CPU tensors): small, so tests still exercise several splits
 
 
+# Plain-int helpers: triton.cdiv / next_power_of_2 cost ~3 us per call, too much on the launch path.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _pow2(x: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(x))
+    return max(lo, 1 << max(0, x - 1).bit_length())
 
 
-def _config(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, split_keys: bool) -> dict:
+def _config(B, Hq, M, D, Hkv, N, DV, itemsize, sms, split_keys) -> dict:
     """Tile sizes, warps and stages from the shapes alone.
 
     Long keys (``split_keys``) pack up to 64 rows (a second row tile of the same KV head runs next to
     the first and finds the KV tile in L2); short keys (the block-internal part) use smaller row
     tiles so that the few rows still occupy many SMs.
     """
-    B, Hq, M, D = q.shape
-    Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
     R = (Hq // Hkv) * M
     block_d, block_dv = _pow2(D), _pow2(DV)
     wide = max(block_d, block_dv)
-    small = q.element_size() <= 2
-    max_rows = 64  # H100 sweep: 64 rows / 4 warps (two programs per SM) beat 128 rows / 8 warps
-    block_r = min(_pow2(R), max_rows)
+    small = itemsize <= 2
+    block_r = min(_pow2(R), 64)  # H100 sweep: 64 rows / 4 warps (two programs per SM) beat 128 / 8
     if not split_keys:
-        while block_r > 16 and B * Hkv * triton.cdiv(R, block_r) < _num_sms(q.device):
+        while block_r > 16 and B * Hkv * _cdiv(R, block_r) < sms:
             block_r //= 2
     block_n = 128 if (small and wide <= 64) else 64 if (small and wide <= 128) else 32
-    block_n = min(block_n, _pow2(N))
     return dict(
-        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_R=block_r, BLOCK_N=min(block_n, _pow2(N)), BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=8 if block_r * wide >= 128 * 128 else 4,
         num_stages=3 if (small and wide <= 128) else 2,
     )
 
 
-def _num_splits(q: torch.Tensor, k: torch.Tensor, cfg: dict) -> tuple[int, int]:
-    """``(splits, keys_per_split)``: about two waves of programs over the SMs, at least
-    ``_MIN_TILES_PER_SPLIT`` key tiles each, and no empty split."""
-    B, Hq, M, _ = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    tiles = max(1, triton.cdiv(N, cfg["BLOCK_N"]))
-    base = B * Hkv * triton.cdiv((Hq // Hkv) * M, cfg["BLOCK_R"])
-    want = 2 * _num_sms(q.device) // base  # round down: a partial extra wave costs a whole one
-    splits = max(1, min(want, tiles // _MIN_TILES_PER_SPLIT))
-    tiles_per_split = triton.cdiv(tiles, splits)
-    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * cfg["BLOCK_N"]
+def _split_keys(B, Hkv, R, N, cfg, sms, num_splits=None) -> tuple[int, int]:
+    """``(splits, keys_per_split)``: by default about two programs per SM (one wave at two programs
+    per SM), at least ``_MIN_TILES_PER_SPLIT`` key tiles each; never an empty split."""
+    tiles = max(1, _cdiv(N, cfg["BLOCK_N"]))
+    if num_splits is None:
+        base = B * Hkv * _cdiv(R, cfg["BLOCK_R"])
+        num_splits = max(1, min(2 * sms // base, tiles // _MIN_TILES_PER_SPLIT))
+    tiles_per_split = _cdiv(tiles, max(1, num_splits))
+    return _cdiv(tiles, tiles_per_split), tiles_per_split * cfg["BLOCK_N"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(B, Hq, M, D, Hkv, N, DV, itemsize, device, split_keys):
+    """Cached ``(config, splits, keys_per_split)`` so that a launch costs a dictionary lookup."""
+    sms = _num_sms(device)
+    cfg = _config(B, Hq, M, D, Hkv, N, DV, itemsize, sms, split_keys)
+    if not split_keys:
+        return cfg, 1, max(N, 1)
+    return (cfg, *_split_keys(B, Hkv, (Hq // Hkv) * M, N, cfg, sms))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -299,14 +308,13 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
 
-    cfg = _config(q, k, v, split_keys)
-    num_splits = overrides.pop("num_splits", None)
-    cfg.update(overrides)
-    if num_splits is None:
-        num_splits, keys_per_split = _num_splits(q, k, cfg) if split_keys else (1, max(N, 1))
-    else:
-        keys_per_split = triton.cdiv(triton.cdiv(max(N, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-        num_splits = triton.cdiv(max(N, 1), keys_per_split)
+    cfg, num_splits, keys_per_split = _plan(B, Hq, M, D, Hkv, N, DV, q.element_size(), q.device, split_keys)
+    if overrides:
+        cfg = dict(cfg, **{k: v for k, v in overrides.items() if k != "num_splits"})
+        if split_keys or "num_splits" in overrides:
+            num_splits, keys_per_split = _split_keys(B, Hkv, R, N, cfg, _num_sms(q.device),
+                                                     overrides.get("num_splits"))
+    cfg = dict(cfg)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
 
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
@@ -322,7 +330,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     else:
         o_part, l_part = out, lse
 
-    grid = (triton.cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
+    grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     _attn_kernel[grid](
         q, k, v, mask_t, ext_o, ext_l, out, lse, o_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *estr, *lstr,
@@ -335,7 +343,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     if split:
         # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
         block_s = min(_pow2(num_splits, 2), max(2, 4096 // cfg["BLOCK_DV"]))
-        _reduce_kernel[(triton.cdiv(R, 4), B * Hkv)](
+        _reduce_kernel[(_cdiv(R, 4), B * Hkv)](
             o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
             Hkv, group, M, R, num_splits,
             DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=cfg["BLOCK_DV"], HAS_EXT=has_ext, num_warps=8,
@@ -355,6 +363,7 @@ def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
     The block's own keys are few, so one program covers all of them and merges in registers (one
     launch); if they are many (> 16 tiles) the split path is used and the reduction does the merge.
     """
-    cfg = _config(q, k, v, split_keys=False)
+    B, Hq, M, D = q.shape
+    cfg = _plan(B, Hq, M, D, k.shape[1], k.shape[2], v.shape[-1], q.element_size(), q.device, False)[0]
     long_keys = k.shape[2] > 16 * cfg["BLOCK_N"]
     return _attention(q, k, v, mask, scale, out_ext, lse_ext, split_keys=long_keys)
