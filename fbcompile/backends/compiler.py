@@ -66,19 +66,21 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
     record.code_refresh = gm.code
+    record.split_graph = gm
     if config.refresh == "always":
         return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
                                     len(_outputs(gm)), [], [])
     refresh_gm, num_outputs = refresh_graph(gm)
     reuse_gm, cached_examples = reuse_graph(gm)
     record.code_reuse = reuse_gm.code
+    record.reuse_graph = reuse_gm
     return SplitGraphDispatcher(
         session, record,
         refresh=_compile(refresh_gm, example_inputs, config),
         reuse=_compile(reuse_gm, list(example_inputs) + cached_examples, config),
         num_outputs=num_outputs,
         external_inputs=_placeholder_indices(gm, external),
-        block_inputs=_placeholder_indices(gm, block),
+        block_inputs=_placeholder_indices(gm, block + _int_inputs(gm)),
     )
 
 
@@ -97,6 +99,11 @@ def _block_inputs(site) -> list[fx.Node]:
         stack.extend(node.all_input_nodes)
     return [n for n in nodes if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)
             and not is_parameter(n)]
+
+
+def _int_inputs(gm: fx.GraphModule) -> list[fx.Node]:
+    """Symbolic-int inputs (sizes, offsets): a change of any of them forces a refresh."""
+    return [n for n in gm.graph.nodes if n.op == "placeholder" and not isinstance(n.meta.get("example_value"), torch.Tensor)]
 
 
 def make_backend(session: Session):

@@ -15,8 +15,9 @@ from fbcompile.backends.session import CacheEntry, GraphRecord, Session
 log = logging.getLogger("fbcompile")
 
 
-def _describe(t):
-    return (tuple(t.shape), t.dtype, t.device) if hasattr(t, "shape") else t
+def _describe(value):
+    """What a block input's reuse depends on: shape, dtype, device (or the value of an int input)."""
+    return (value.shape, value.dtype, value.device) if hasattr(value, "shape") else value
 
 
 class SplitGraphDispatcher:
@@ -32,7 +33,7 @@ class SplitGraphDispatcher:
     def _stale(self, entry: CacheEntry | None, sources: list) -> str | None:
         """Why the cached external results cannot serve this call (None: they can)."""
         if entry is None:
-            return "empty"
+            return "new kv"
         for ref, version, shape, src in zip(entry.sources, entry.versions, entry.shapes, sources):
             if ref() is not src:
                 return "kv replaced"
@@ -71,7 +72,8 @@ class SplitGraphDispatcher:
         cache[key] = CacheEntry(sources=[weakref.ref(s) for s in sources], versions=[s._version for s in sources],
                                 shapes=[s.shape for s in sources], block=block,
                                 tensors=list(outputs[self.num_outputs:]))
-        cache.move_to_end(key)
+        for old in [k for k, e in cache.items() if any(ref() is None for ref in e.sources)]:
+            del cache[old]  # its KV is gone: it can never be reused
         while len(cache) > session.config.max_cache_entries:
             cache.popitem(last=False)
         return outputs[: self.num_outputs]

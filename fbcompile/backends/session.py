@@ -12,6 +12,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 from tabulate import tabulate
 
 from fbcompile.config import Config
@@ -26,6 +27,8 @@ class GraphRecord:
     code_before: str
     code_refresh: str | None = None   # the split graph (computes the external part)
     code_reuse: str | None = None     # the graph that takes the cached external part as input
+    split_graph: fx.GraphModule | None = None
+    reuse_graph: fx.GraphModule | None = None
     refreshes: int = 0
     reuses: int = 0
     calls: int = 0

@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import (DependencyGraph, arg, describe_shape, example, is_parameter,
-                                          op_name, same_size, shape)
+                                          op_name, same_size, shape, view_base)
 from fbcompile.passes.kv_layout import KVLayout, LayoutError, trace_kv
 
 _CASTS = {"to", "float", "half", "bfloat16", "type", "type_as", "contiguous"}
@@ -215,6 +215,8 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
         raise NotSplittable("no key depends on the current block")
     if site.internal != list(range(site.internal[0], site.internal[-1] + 1)):
         raise NotSplittable("the block's keys are not contiguous")
+    if any(view_base(n) in deps.mutations for n in external_inputs):
+        raise NotSplittable("the graph writes the cached keys/values in place")
     placeholders = [n for n in site.node.graph.nodes if n.op == "placeholder"]
     site.external_inputs = [n for n in placeholders if n in external_inputs]
 

@@ -1,0 +1,218 @@
+"""Refresh/reuse of the block-external attention (FlashBlock) and the guards against stale results."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fbcompile
+from fbcompile.kernels import reference
+from attention_zoo import ZooSpec, build, make_inputs, rel_error
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.block_diffusion_lm import make_tiny_model  # noqa: E402
+
+EAGER_BLOCK = fbcompile.Config(refresh="block", compiler="eager")
+
+
+def _layer(spec=ZooSpec(mask="none"), config=EAGER_BLOCK, dtype=torch.float32):
+    """A zoo attention layer and an optimized copy with the same weights."""
+    plain = build(spec, dtype=dtype)
+    optimized = fbcompile.optimize(build(spec, dtype=dtype), config)
+    return plain, optimized
+
+
+@torch.no_grad()
+def test_reuse_step_is_flashblock_merge_computed_by_hand():
+    spec = ZooSpec(mask="none", gqa="repeat_kv")
+    plain, model = _layer(spec)
+    x1, past_k, past_v, _ = make_inputs(spec, seed=1)
+    x2 = torch.randn_like(x1)
+    first = model(x1, past_k, past_v)
+    second = model(x2, past_k, past_v)
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (1, 1)
+    assert rel_error(first, plain(x1, past_k, past_v)) < 1e-5  # refresh step = exact
+
+    def qkv(x):
+        return plain._project(x)
+    scale = spec.head_dim ** -0.5
+    q1, _, _ = qkv(x1)
+    q2, k2, v2 = qkv(x2)
+    o_e, l_e = reference.attention_lse(q1, past_k, past_v, None, scale)   # from the block's first step
+    o_i, l_i = reference.attention_lse(q2, k2, v2, None, scale)           # fresh
+    merged, _ = reference.merge_lse(o_e, l_e, o_i, l_i)
+    B, _, M, _ = merged.shape
+    by_hand = plain.o(merged.transpose(1, 2).reshape(B, M, -1))
+    assert rel_error(second, by_hand) < 1e-5
+    assert rel_error(second, plain(x2, past_k, past_v)) > 1e-4  # it is an approximation
+
+
+@torch.no_grad()
+def test_reuse_graph_has_no_read_of_external_kv():
+    model = fbcompile.optimize(make_tiny_model(), EAGER_BLOCK)
+    model.generate(torch.randint(0, 200, (1, 9)), num_blocks=3)
+    graphs = [g for g in fbcompile.stats(model) and fbcompile.explain(model).graphs if g.reuse_graph is not None]
+    assert graphs
+    for record in graphs:
+        placeholders = {n.name: n for n in record.reuse_graph.graph.nodes if n.op == "placeholder"}
+        past = [n for name, n in placeholders.items() if "past_key_values" in name]
+        assert past, placeholders.keys()
+        assert all(not n.users for n in past), [n.name for n in past if n.users]
+        targets = {n.target for n in record.reuse_graph.graph.nodes if n.op == "call_function"}
+        assert torch.ops.fbcompile.attention_lse.default not in targets
+        assert torch.ops.fbcompile.attention_merge_lse.default in targets
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attn_impl": "eager"}, {"gqa_style": "enable_gqa"}])
+@torch.no_grad()
+def test_example_model_refreshes_once_per_block(overrides):
+    steps, blocks = 4, 5
+    model = fbcompile.optimize(make_tiny_model(**overrides), EAGER_BLOCK)
+    exact = fbcompile.optimize(make_tiny_model(**overrides), fbcompile.Config(refresh="always", compiler="eager"))
+    prompt = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(3))
+    out = model.generate(prompt, num_blocks=blocks, steps=steps)
+    stats = fbcompile.stats(model)
+    # denoising graph: 1 refresh + (steps - 1) reuses per block; commit pass: 1 refresh per block
+    assert stats.refreshes == 2 * blocks and stats.reuses == blocks * (steps - 1), stats
+    assert stats.guard_failures == {"new kv": 2 * blocks}
+    assert out.shape == (2, 11 + blocks * 8)
+    assert torch.equal(exact.generate(prompt, num_blocks=blocks, steps=steps),
+                       make_tiny_model(**overrides).generate(prompt, num_blocks=blocks, steps=steps))
+
+
+@torch.no_grad()
+def test_refresh_steps_equal_exact_mode():
+    """Calls that refresh compute exactly what the exact model computes on the same inputs."""
+    model = fbcompile.optimize(make_tiny_model(), EAGER_BLOCK)
+    plain = make_tiny_model()
+    prompt = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(0))
+    _, cache = plain(prompt, use_cache=True)
+    x = torch.full((1, 8), plain.config.mask_token_id)
+    pos = torch.arange(10, 18)[None]
+    got = model(x, past_key_values=cache, position_ids=pos)[0]
+    assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < 1e-5
+    x2 = x.clone()
+    x2[0, :3] = torch.tensor([5, 6, 7])
+    model(x2, past_key_values=cache, position_ids=pos)  # reuse
+    cache = [(k.clone(), v.clone()) for k, v in cache]   # new tensors: a new block
+    got = model(x2, past_key_values=cache, position_ids=pos)[0]
+    assert rel_error(got, plain(x2, past_key_values=cache, position_ids=pos)[0]) < 1e-5
+    assert fbcompile.stats(model).guard_failures == {"new kv": 2}
+
+
+# --- stale-cache guards: each case must give the exact result, and fails if reuse were used ---
+
+@torch.no_grad()
+def _assert_exact_after(model, plain, x, past_k, past_v, reason):
+    got = model(x, past_k, past_v)
+    assert rel_error(got, plain(x, past_k, past_v)) < 1e-5
+    assert fbcompile.stats(model).guard_failures.get(reason, 0) >= 1, fbcompile.stats(model).guard_failures
+
+
+@torch.no_grad()
+def test_in_place_write_into_cache_forces_refresh():
+    plain, model = _layer()
+    x, past_k, past_v, _ = make_inputs(ZooSpec(mask="none"), seed=4)
+    model(x, past_k, past_v)
+    past_k.mul_(-1.0)  # same tensor object and shape, new content
+    _assert_exact_after(model, plain, x, past_k, past_v, "kv written in place")
+
+
+@torch.no_grad()
+def test_preallocated_cache_slice_assignment_forces_refresh():
+    plain, model = _layer()
+    x, past_k, past_v, _ = make_inputs(ZooSpec(mask="none"), seed=5)
+    model(x, past_k, past_v)
+    past_v[:, :, :4] = torch.randn_like(past_v[:, :, :4])  # a write through a view
+    _assert_exact_after(model, plain, x, past_k, past_v, "kv written in place")
+
+
+@torch.no_grad()
+def test_second_generate_with_new_prompt_of_same_length():
+    gen = torch.Generator().manual_seed(7)
+    p1, p2 = torch.randint(0, 200, (1, 12), generator=gen), torch.randint(0, 200, (1, 12), generator=gen)
+    fresh = fbcompile.optimize(make_tiny_model(), EAGER_BLOCK).generate(p2, num_blocks=2)
+    torch._dynamo.reset()  # two models' graphs would pass dynamo's per-function recompile limit
+    model = fbcompile.optimize(make_tiny_model(), EAGER_BLOCK)
+    first = model.generate(p1, num_blocks=2)
+    second = model.generate(p2, num_blocks=2)
+    assert torch.equal(second, fresh)
+    assert not torch.equal(first[:, 12:], second[:, 12:])
+
+
+@torch.no_grad()
+def test_batch_size_change_forces_refresh():
+    spec = ZooSpec(mask="none", batch=2)
+    plain, model = _layer(spec)
+    x, past_k, past_v, _ = make_inputs(spec, seed=6)
+    model(x, past_k, past_v)
+    got = model(x[:1], past_k[:1], past_v[:1])
+    assert rel_error(got, plain(x[:1], past_k[:1], past_v[:1])) < 1e-5
+
+
+@torch.no_grad()
+def test_dtype_change_forces_refresh():
+    spec = ZooSpec(mask="none")
+    plain, model = _layer(spec)
+    x, past_k, past_v, _ = make_inputs(spec, seed=8)
+    model(x, past_k, past_v)
+    model.double(), plain.double()
+    got = model(x.double(), past_k.double(), past_v.double())
+    assert got.dtype == torch.float64
+    assert rel_error(got, plain(x.double(), past_k.double(), past_v.double())) < 1e-5
+
+
+@torch.no_grad()
+def test_block_input_change_with_same_cache_and_new_length():
+    spec = ZooSpec(mask="none")
+    plain, model = _layer(spec)
+    x, past_k, past_v, _ = make_inputs(spec, seed=9)
+    model(x, past_k, past_v)
+    got = model(x[:, :5], past_k, past_v)  # a shorter block over the same cache
+    assert rel_error(got, plain(x[:, :5], past_k, past_v)) < 1e-5
+
+
+def test_train_mode_and_grad_never_reuse():
+    spec = ZooSpec(mask="none")
+    plain, model = _layer(spec)
+    x, past_k, past_v, _ = make_inputs(spec, seed=10)
+    with torch.no_grad():
+        model(x, past_k, past_v)
+    x2 = torch.randn_like(x)
+    model.train()
+    with torch.no_grad():
+        got = model(x2, past_k, past_v)
+    assert rel_error(got, plain(x2, past_k, past_v)) < 1e-5
+    model.eval()
+    got = model(x2, past_k, past_v)  # grad enabled
+    assert rel_error(got, plain(x2, past_k, past_v)) < 1e-5
+    assert fbcompile.stats(model).reuses == 0
+
+
+@torch.no_grad()
+def test_reset_drops_cached_results():
+    spec = ZooSpec(mask="none")
+    plain, model = _layer(spec)
+    x, past_k, past_v, _ = make_inputs(spec, seed=11)
+    model(x, past_k, past_v)
+    fbcompile.reset(model)
+    assert fbcompile.stats(model).refreshes == 0
+    x2 = torch.randn_like(x)
+    got = model(x2, past_k, past_v)
+    assert rel_error(got, plain(x2, past_k, past_v)) < 1e-5
+    assert fbcompile.stats(model).guard_failures == {"new kv": 1}
+
+
+@torch.no_grad()
+def test_every_n_policy():
+    spec = ZooSpec(mask="none")
+    _, model = _layer(spec, fbcompile.Config(refresh=3, compiler="eager"))
+    x, past_k, past_v, _ = make_inputs(spec, seed=12)
+    for _ in range(7):
+        model(x, past_k, past_v)
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (3, 4)  # calls 1, 4, 7 refresh
+    assert stats.guard_failures == {"new kv": 1, "policy": 2}
