@@ -17,13 +17,13 @@ class Config:
         an int ``N``: as ``"block"``, and also every ``N``-th call within a block.
     compiler: ``"inductor"`` compiles the rewritten graphs (default); ``"eager"`` runs them as FX
         graphs (fast to start, for debugging and tests).
-    max_cache_entries: how many distinct external KV sets one compiled graph keeps results for
-        (more than one when the same graph serves several layers).
+    max_cache_entries: how many attention sites' external results are kept at most (one per
+        attention layer is needed; entries whose KV tensors are freed are dropped at once).
     """
 
     refresh: str | int = "block"
     compiler: str = "inductor"
-    max_cache_entries: int = 64
+    max_cache_entries: int = 1024
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (

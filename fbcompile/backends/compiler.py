@@ -12,12 +12,12 @@ import torch
 import torch.fx as fx
 
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
-from fbcompile.backends.dispatcher import SplitGraphDispatcher
+from fbcompile.backends.dispatcher import SiteGuard, SplitGraphDispatcher
 from fbcompile.backends.session import Session
 from fbcompile.config import Config
 from fbcompile.passes.find_attention import find_attention_sites
-from fbcompile.passes.graph_utils import is_parameter
-from fbcompile.passes.reuse_external import refresh_graph, reuse_graph
+from fbcompile.passes.graph_utils import same_size
+from fbcompile.passes.reuse_external import external_results, refresh_graph, reuse_graph
 from fbcompile.passes.split_attention import split_attention
 
 log = logging.getLogger("fbcompile")
@@ -48,11 +48,6 @@ def _compile(gm: fx.GraphModule, example_inputs: list, config: Config):
     return compile_fx(gm, example_inputs)
 
 
-def _placeholder_indices(gm: fx.GraphModule, nodes) -> list[int]:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return [placeholders.index(n) for n in nodes]
-
-
 def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable."""
     config = session.config
@@ -60,27 +55,25 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     record = session.new_graph([s.describe() for s in sites], gm.code)
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
-    splittable = [s for s in sites if s.splittable]
-    external = list(dict.fromkeys(n for s in splittable for n in s.external_inputs))
-    block = list(dict.fromkeys(n for s in splittable for n in _block_inputs(s)))
+    external = [s.external_inputs for s in sites if s.splittable]
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
-    record.code_refresh = gm.code
-    record.split_graph = gm
+    record.code_refresh, record.split_graph = gm.code, gm
     if config.refresh == "always":
         return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
-                                    len(_outputs(gm)), [], [])
+                                    len(_outputs(gm)), [])
+    guards = _site_guards(gm, external)
     refresh_gm, num_outputs = refresh_graph(gm)
+    if guards is None:
+        log.info("graph %d: exact mode only (a query size is not an input size)", record.index)
+        return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None, num_outputs, [])
     reuse_gm, cached_examples = reuse_graph(gm)
-    record.code_reuse = reuse_gm.code
-    record.reuse_graph = reuse_gm
+    record.code_reuse, record.reuse_graph = reuse_gm.code, reuse_gm
     return SplitGraphDispatcher(
         session, record,
         refresh=_compile(refresh_gm, example_inputs, config),
         reuse=_compile(reuse_gm, list(example_inputs) + cached_examples, config),
-        num_outputs=num_outputs,
-        external_inputs=_placeholder_indices(gm, external),
-        block_inputs=_placeholder_indices(gm, block + _int_inputs(gm)),
+        num_outputs=num_outputs, sites=guards,
     )
 
 
@@ -88,22 +81,35 @@ def _outputs(gm: fx.GraphModule) -> tuple:
     return tuple(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
 
 
-def _block_inputs(site) -> list[fx.Node]:
-    """Non-parameter tensor inputs the query depends on (their shape/dtype/device guard reuse)."""
-    nodes, stack = set(), [site.q]
-    while stack:
-        node = stack.pop()
-        if node in nodes:
-            continue
-        nodes.add(node)
-        stack.extend(node.all_input_nodes)
-    return [n for n in nodes if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.Tensor)
-            and not is_parameter(n)]
+def _size_source(size, placeholders: list[fx.Node]):
+    """``size`` as an int, or the (argument index, dim) that holds it at run time (dim None: an int arg)."""
+    if isinstance(size, int):
+        return size
+    for index, node in enumerate(placeholders):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            for dim, s in enumerate(value.shape):
+                if same_size(s, size):
+                    return (index, dim)
+        elif isinstance(value, torch.SymInt) and same_size(value, size):
+            return (index, None)
+    return None
 
 
-def _int_inputs(gm: fx.GraphModule) -> list[fx.Node]:
-    """Symbolic-int inputs (sizes, offsets): a change of any of them forces a refresh."""
-    return [n for n in gm.graph.nodes if n.op == "placeholder" and not isinstance(n.meta.get("example_value"), torch.Tensor)]
+def _site_guards(gm: fx.GraphModule, external: list[list[fx.Node]]) -> list[SiteGuard] | None:
+    """One guard per split site (graph order); None if a query size cannot be read off the inputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    guards, seen = [], []
+    for (out, _), inputs in zip(external_results(gm.graph), external):
+        value = out.meta["example_value"]
+        shape = [_size_source(s, placeholders) for s in value.shape]
+        if any(s is None for s in shape):
+            return None
+        indices = [placeholders.index(n) for n in inputs]
+        guards.append(SiteGuard(external=indices, occurrence=seen.count(indices), out_shape=shape,
+                                dtype=value.dtype, device=value.device))
+        seen.append(indices)
+    return guards
 
 
 def make_backend(session: Session):

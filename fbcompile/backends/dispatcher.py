@@ -1,50 +1,70 @@
 """Per-call choice between a graph's refresh and reuse specialisations.
 
-The dispatcher runs on every model call, so it only compares a few Python attributes of the inputs
-that hold the external KV (identity, ``_version``, shape) and of the block's inputs (shape, dtype,
-device); it never reads tensor data and never syncs with the device.
+Cached external results are kept per *site*, keyed by the tensors holding that site's external KV
+(so graphs that dynamo compiled for different steps of one block - e.g. with and without
+self-conditioning - share them). A site's entry serves a call only if
+
+* its KV tensors are the same objects, not written in place since (``_version``), of the same shape;
+* the query block has the same batch, length, dtype and device (``O_e``'s expected shape, read
+  off the inputs' sizes, and its dtype/device);
+* the policy does not ask for a refresh.
+
+The dispatcher never reads tensor data and never syncs with the device.
 """
 from __future__ import annotations
 
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from fbcompile.backends.session import CacheEntry, GraphRecord, Session
 
 log = logging.getLogger("fbcompile")
 
 
-def _describe(value):
-    """What a block input's reuse depends on: shape, dtype, device (or the value of an int input)."""
-    return (value.shape, value.dtype, value.device) if hasattr(value, "shape") else value
+@dataclass
+class SiteGuard:
+    """How to find and check one site's cached ``(O_e, L_e)`` from a call's arguments."""
+
+    external: list[int]            # argument indices of the tensors holding the external KV
+    occurrence: int                # n-th site of this graph over the same external tensors
+    out_shape: list                # per dim of O_e: int, or (argument index, dim) it equals
+    dtype: torch.dtype
+    device: torch.device
+
+    def expected_shape(self, args) -> tuple:
+        return tuple(d if isinstance(d, int) else (args[d[0]] if d[1] is None else args[d[0]].shape[d[1]])
+                     for d in self.out_shape)
 
 
 class SplitGraphDispatcher:
     """Callable handed back to dynamo for a graph with split attention sites."""
 
     def __init__(self, session: Session, record: GraphRecord, refresh: Callable, reuse: Callable | None,
-                 num_outputs: int, external_inputs: list[int], block_inputs: list[int]):
+                 num_outputs: int, sites: list[SiteGuard]):
         self.session, self.record = session, record
         self.refresh, self.reuse = refresh, reuse
         self.num_outputs = num_outputs
-        self.external_inputs, self.block_inputs = external_inputs, block_inputs
+        self.sites = sites
 
-    def _stale(self, entry: CacheEntry | None, sources: list) -> str | None:
-        """Why the cached external results cannot serve this call (None: they can)."""
-        if entry is None:
-            return "new kv"
-        for ref, version, shape, src in zip(entry.sources, entry.versions, entry.shapes, sources):
-            if ref() is not src:
-                return "kv replaced"
-            if src._version != version:
-                return "kv written in place"
-            if src.shape != shape:
-                return "kv shape changed"
-        policy = self.session.config.refresh
-        if isinstance(policy, int) and entry.steps + 1 >= policy:
-            return "policy"
-        return None
+    def _lookup(self, args) -> tuple[list, str | None]:
+        """Keys of every site and the cached entries, or the reason a refresh is needed."""
+        cache, policy = self.session.cache, self.session.config.refresh
+        keys, entries = [], []
+        reason = None
+        for site in self.sites:
+            sources = [args[i] for i in site.external]
+            key = (tuple(map(id, sources)), site.occurrence)
+            keys.append(key)
+            if reason is not None:
+                continue
+            entry = cache.get(key)
+            reason = _stale(entry, sources, site, args, policy)
+            entries.append(entry)
+        return keys, (entries if reason is None else reason)
 
     def __call__(self, *args):
         session, record = self.session, self.record
@@ -53,27 +73,42 @@ class SplitGraphDispatcher:
             record.refreshes += 1
             session.refresh_reasons["exact mode" if self.reuse is None else "training or grad mode"] += 1
             return self.refresh(*args)[: self.num_outputs]
-        sources = [args[i] for i in self.external_inputs]
-        block = [_describe(args[i]) for i in self.block_inputs]
-        cache = session.cache(record)
-        key = tuple(map(id, sources))
-        entry = cache.get(key)
-        reason = self._stale(entry, sources)
-        if reason is None and entry.block != block:
-            reason = "block changed"
-        if reason is None:
-            entry.steps += 1
+        keys, found = self._lookup(args)
+        if not isinstance(found, str):
             record.reuses += 1
-            return self.reuse(*args, *entry.tensors)
+            cached = []
+            for entry in found:
+                entry.steps += 1
+                cached.extend(entry.tensors)
+            return self.reuse(*args, *cached)
         outputs = self.refresh(*args)
         record.refreshes += 1
-        session.refresh_reasons[reason] += 1
-        log.debug("graph %d: refresh (%s)", record.index, reason)
-        cache[key] = CacheEntry(sources=[weakref.ref(s) for s in sources], versions=[s._version for s in sources],
-                                shapes=[s.shape for s in sources], block=block,
-                                tensors=list(outputs[self.num_outputs:]))
-        for old in [k for k, e in cache.items() if any(ref() is None for ref in e.sources)]:
-            del cache[old]  # its KV is gone: it can never be reused
-        while len(cache) > session.config.max_cache_entries:
-            cache.popitem(last=False)
+        session.refresh_reasons[found] += 1
+        log.debug("graph %d: refresh (%s)", record.index, found)
+        extra = outputs[self.num_outputs:]
+        for i, (site, key) in enumerate(zip(self.sites, keys)):
+            sources = [args[j] for j in site.external]
+            session.store(key, CacheEntry(sources=[weakref.ref(s) for s in sources],
+                                          versions=[s._version for s in sources],
+                                          shapes=[s.shape for s in sources],
+                                          tensors=list(extra[2 * i:2 * i + 2])))
         return outputs[: self.num_outputs]
+
+
+def _stale(entry: CacheEntry | None, sources: list, site: SiteGuard, args, policy) -> str | None:
+    """Why ``entry`` cannot serve this call (None: it can)."""
+    if entry is None:
+        return "new kv"
+    for ref, version, shape, src in zip(entry.sources, entry.versions, entry.shapes, sources):
+        if ref() is not src:
+            return "kv replaced"
+        if src._version != version:
+            return "kv written in place"
+        if src.shape != shape:
+            return "kv shape changed"
+    out = entry.tensors[0]
+    if out.dtype != site.dtype or out.device != site.device or out.shape != site.expected_shape(args):
+        return "block changed"
+    if isinstance(policy, int) and entry.steps + 1 >= policy:
+        return "policy"
+    return None

@@ -40,14 +40,13 @@ class GraphRecord:
 
 @dataclass
 class CacheEntry:
-    """Cached ``(O_e, L_e)`` of every site of one graph, with what they were computed from."""
+    """Cached ``(O_e, L_e)`` of one site, with what they were computed from."""
 
     sources: list            # weakrefs to the tensors holding the external KV
     versions: list[int]
     shapes: list
-    block: list              # (shape, dtype, device) of the block's inputs
-    tensors: list            # O_e, L_e per site
-    steps: int = 0           # calls since the refresh
+    tensors: list            # [O_e, L_e]
+    steps: int = 0           # reuses since the refresh
 
 
 @dataclass
@@ -78,7 +77,7 @@ class Session:
         self.config = config or Config()
         self._module = weakref.ref(module) if module is not None else None
         self.graphs: list[GraphRecord] = []
-        self.caches: dict[int, OrderedDict] = {}
+        self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence) -> CacheEntry
         self.refresh_reasons: Counter = Counter()
 
     @property
@@ -92,12 +91,24 @@ class Session:
         self.graphs.append(record)
         return record
 
-    def cache(self, record: GraphRecord) -> OrderedDict:
-        return self.caches.setdefault(record.index, OrderedDict())
+    def store(self, key, entry: CacheEntry) -> None:
+        """Keep ``entry``; drop entries whose KV tensors are gone, then the oldest beyond the limit."""
+        cache = self.cache
+        cache[key] = entry
+        cache.move_to_end(key)
+        for old in [k for k, e in cache.items() if any(ref() is None for ref in e.sources)]:
+            del cache[old]
+        while len(cache) > self.config.max_cache_entries:
+            cache.popitem(last=False)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Memory held by cached external results (O_e and L_e of every live entry)."""
+        return sum(t.numel() * t.element_size() for e in self.cache.values() for t in e.tensors)
 
     def reset(self) -> None:
         """Drop every cached external result and zero the counters (compiled graphs stay)."""
-        self.caches.clear()
+        self.cache.clear()
         self.refresh_reasons.clear()
         for record in self.graphs:
             record.refreshes = record.reuses = record.calls = 0
