@@ -84,4 +84,5 @@ def merge_lse(
 
 @merge_lse.register_fake
 def _(out_a, lse_a, out_b, lse_b):
-    return torch.empty_like(out_a), torch.empty_like(lse_a)
+    shape = torch.broadcast_shapes(out_a.shape, out_b.shape)
+    return out_a.new_empty(shape), lse_a.new_empty(shape[:-1])
