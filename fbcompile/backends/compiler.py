@@ -55,7 +55,7 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     record = session.new_graph([s.describe() for s in sites], gm.code)
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
-    external = [s.external_inputs for s in sites if s.splittable]
+    external = [(s.external_inputs, s.cache_offsets()) for s in sites if s.splittable]
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
     record.code_refresh, record.split_graph = gm.code, gm
@@ -96,18 +96,19 @@ def _size_source(size, placeholders: list[fx.Node]):
     return None
 
 
-def _site_guards(gm: fx.GraphModule, external: list[list[fx.Node]]) -> list[SiteGuard] | None:
+def _site_guards(gm: fx.GraphModule, external: list[tuple]) -> list[SiteGuard] | None:
     """One guard per split site (graph order); None if a query size cannot be read off the inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     guards, seen = [], []
-    for (out, _), inputs in zip(external_results(gm.graph), external):
+    for (out, _), (inputs, offsets) in zip(external_results(gm.graph), external):
         value = out.meta["example_value"]
         shape = [_size_source(s, placeholders) for s in value.shape]
         if any(s is None for s in shape):
             return None
         indices = [placeholders.index(n) for n in inputs]
         guards.append(SiteGuard(external=indices, occurrence=seen.count(indices), out_shape=shape,
-                                dtype=value.dtype, device=value.device))
+                                dtype=value.dtype, device=value.device,
+                                offsets=[o if isinstance(o, int) else (placeholders.index(o), None) for o in offsets]))
         seen.append(indices)
     return guards
 

@@ -5,6 +5,9 @@ Cached external results are kept per *site*, keyed by the tensors holding that s
 self-conditioning - share them). A site's entry serves a call only if
 
 * its KV tensors are the same objects, not written in place since (``_version``), of the same shape;
+  versions are read *after* each call, so a static cache that the graph itself writes (the block's
+  own range, proven by the pass) stays valid, while any write from outside forces a refresh;
+* the cached range starts where it did (static caches: the block's offset);
 * the query block has the same batch, length, dtype and device (``O_e``'s expected shape, read
   off the inputs' sizes, and its dtype/device);
 * the policy does not ask for a refresh.
@@ -34,10 +37,21 @@ class SiteGuard:
     out_shape: list                # per dim of O_e: int, or (argument index, dim) it equals
     dtype: torch.dtype
     device: torch.device
+    offsets: list                  # static caches: where each external range ends (int or (argument index, None))
 
     def expected_shape(self, args) -> tuple:
-        return tuple(d if isinstance(d, int) else (args[d[0]] if d[1] is None else args[d[0]].shape[d[1]])
-                     for d in self.out_shape)
+        return tuple(_size(d, args) for d in self.out_shape)
+
+    def offset_values(self, args) -> list:
+        return [_size(o, args) for o in self.offsets]
+
+
+def _size(source, args):
+    """A size known at compile time (int) or read off the arguments: ``(index, dim)``, dim None for an int."""
+    if isinstance(source, int):
+        return source
+    index, dim = source
+    return args[index] if dim is None else args[index].shape[dim]
 
 
 class SplitGraphDispatcher:
@@ -76,11 +90,12 @@ class SplitGraphDispatcher:
         keys, found = self._lookup(args)
         if not isinstance(found, str):
             record.reuses += 1
-            cached = []
-            for entry in found:
+            cached = [t for entry in found for t in entry.tensors]
+            outputs = self.reuse(*args, *cached)
+            for site, entry in zip(self.sites, found):
                 entry.steps += 1
-                cached.extend(entry.tensors)
-            return self.reuse(*args, *cached)
+                entry.versions = [args[j]._version for j in site.external]
+            return outputs
         outputs = self.refresh(*args)
         record.refreshes += 1
         session.refresh_reasons[found] += 1
@@ -91,6 +106,7 @@ class SplitGraphDispatcher:
             session.store(key, CacheEntry(sources=[weakref.ref(s) for s in sources],
                                           versions=[s._version for s in sources],
                                           shapes=[s.shape for s in sources],
+                                          offsets=site.offset_values(args),
                                           tensors=list(extra[2 * i:2 * i + 2])))
         return outputs[: self.num_outputs]
 
@@ -106,6 +122,8 @@ def _stale(entry: CacheEntry | None, sources: list, site: SiteGuard, args, polic
             return "kv written in place"
         if src.shape != shape:
             return "kv shape changed"
+    if entry.offsets != site.offset_values(args):
+        return "kv range changed"
     out = entry.tensors[0]
     if out.dtype != site.dtype or out.device != site.device or out.shape != site.expected_shape(args):
         return "block changed"

@@ -45,6 +45,7 @@ class CacheEntry:
     sources: list            # weakrefs to the tensors holding the external KV
     versions: list[int]
     shapes: list
+    offsets: list            # where static-cache external ranges end
     tensors: list            # [O_e, L_e]
     steps: int = 0           # reuses since the refresh
 

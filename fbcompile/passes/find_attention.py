@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from fbcompile.passes.graph_utils import (DependencyGraph, arg, describe_shape, example, is_parameter,
                                           op_name, same_size, shape, view_base)
-from fbcompile.passes.kv_layout import KVLayout, LayoutError, trace_kv
+from fbcompile.passes.kv_layout import CachePrefix, KVLayout, LayoutError, trace_kv
 
 _CASTS = {"to", "float", "half", "bfloat16", "type", "type_as", "contiguous"}
 _MATMULS = {"matmul", "__matmul__"}
@@ -77,10 +77,15 @@ class AttentionSite:
         kv = describe_shape(self.k)
         if self.k_layout is not None:
             kinds = ["ext" if i in self.external else "int" for i in range(len(self.k_layout.pieces))]
-            kv += " = cat(" + ", ".join(f"{kind}:{describe_shape(p)}" for kind, p in
-                                        zip(kinds, self.k_layout.pieces)) + ")"
+            parts = [p.describe() if isinstance(p, CachePrefix) else describe_shape(p) for p in self.k_layout.pieces]
+            kv += " = cat(" + ", ".join(f"{kind}:{part}" for kind, part in zip(kinds, parts)) + ")"
         return {"node": self.node.name, "form": self.form, "q": describe_shape(self.q), "kv": kv,
                 "heads": heads, "mask": self.mask_kind, "decision": self.decision}
+
+    def cache_offsets(self) -> list:
+        """Where each static-cache external range ends (int or symbolic-int input node)."""
+        return [p.start for layout in (self.k_layout, self.v_layout) for p in layout.pieces
+                if isinstance(p, CachePrefix)]
 
     def kv_heads(self) -> int:
         return math.prod(f.size for f in self.k_layout.order[1]) if self.k_layout.order[1] else 1
@@ -215,14 +220,20 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
         raise NotSplittable("no key depends on the current block")
     if site.internal != list(range(site.internal[0], site.internal[-1] + 1)):
         raise NotSplittable("the block's keys are not contiguous")
-    if any(view_base(n) in deps.mutations for n in external_inputs):
+    own_writes = {p.write for layout in (k_layout, v_layout) for p in layout.pieces if isinstance(p, CachePrefix)}
+    if any(set(deps.mutations.get(view_base(n), ())) - own_writes for n in external_inputs):
         raise NotSplittable("the graph writes the cached keys/values in place")
     placeholders = [n for n in site.node.graph.nodes if n.op == "placeholder"]
     site.external_inputs = [n for n in placeholders if n in external_inputs]
 
 
-def _cache_inputs(deps: DependencyGraph, node: fx.Node) -> set[fx.Node]:
-    """Graph inputs ``node`` reads, module parameters aside (they do not change between steps)."""
+def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
+    """Graph inputs ``node`` reads, module parameters aside (they do not change between steps).
+
+    A static-cache prefix reads only its cache: the graph's write goes to the block's own range.
+    """
+    if isinstance(node, CachePrefix):
+        return {node.base}
     return {n for n in deps.tensor_inputs(node) if not is_parameter(n)}
 
 

@@ -10,6 +10,12 @@ or (video models, tokens first)::
 
     k = torch.cat([past_k, k], dim=1).transpose(1, 2)        # [B, S, H, D] -> [B, H, S, D]
 
+or a preallocated cache that the graph itself writes at every step and reads up to the block's end
+(Self-Forcing style), which is a concatenation in disguise::
+
+    cache_k[:, start:end] = k                                # the block's own range
+    k = cache_k[:, :end].transpose(1, 2)                     # = cat([cache_k[:, :start], k], 1)
+
 :func:`trace_kv` walks such a chain back to the ``cat`` and simulates it on *factors*: every dim of
 the cat's output is one factor (split when a reshape splits it); ``expand``/``repeat_interleave``/
 ``repeat`` add replication factors. The chain is accepted only if it ends as ``[batch, heads, S, D]``
@@ -21,6 +27,7 @@ split attention reads every cached byte once.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -45,12 +52,33 @@ class _Factor:
     size: object  # int or SymInt
 
 
+@dataclass(eq=False)
+class CachePrefix:
+    """``base[:, ..., :start]`` of a preallocated cache whose ``[start, end)`` the graph writes."""
+
+    base: fx.Node
+    dim: int
+    start: object       # int or the fx.Node of a symbolic-int input
+    write: fx.Node      # the in-place write of the block's own range
+
+    @property
+    def length(self):
+        return self.start.meta["example_value"] if isinstance(self.start, fx.Node) else self.start
+
+    def describe(self) -> str:
+        return f"{self.base.name}[{':, ' * self.dim}:{getattr(self.start, 'name', self.start)}]"
+
+    def emit(self, graph: fx.Graph) -> fx.Node:
+        index = (slice(None),) * self.dim + (slice(None, self.start),)
+        return graph.call_function(operator.getitem, (self.base, index))
+
+
 @dataclass
 class KVLayout:
     """How one attention operand (K or V) is laid out relative to its source ``cat``."""
 
     cat: fx.Node
-    pieces: list[fx.Node]
+    pieces: list  # fx.Node or CachePrefix
     cat_dim: int
     leaves: list[list[_Factor]]  # per cat-output dim, its factors outer -> inner
     order: list[list[_Factor]]   # final [batch, heads, seq, head_dim] groups, replication dropped
@@ -59,11 +87,13 @@ class KVLayout:
     chain: list[fx.Node] = field(default_factory=list)
 
     def piece_length(self, index: int):
-        return shape(self.pieces[index])[self.cat_dim]
+        piece = self.pieces[index]
+        return piece.length if isinstance(piece, CachePrefix) else shape(piece)[self.cat_dim]
 
-    def emit_canonical(self, graph: fx.Graph, piece: fx.Node) -> fx.Node:
+    def emit_canonical(self, graph: fx.Graph, piece) -> fx.Node:
         """Insert nodes that turn a cat operand into ``[B, Hkv, n, D]`` (no replication, final dtype)."""
-        node = piece
+        dtype = example(piece.base if isinstance(piece, CachePrefix) else piece).dtype
+        node = piece.emit(graph) if isinstance(piece, CachePrefix) else piece
         # 1. split every cat-output dim into its factors (last dim first so indices stay valid)
         position = [f for factors in self.leaves for f in factors]  # dims after the splits
         for dim in reversed(range(len(self.leaves))):
@@ -90,7 +120,7 @@ class KVLayout:
             elif width > 1:
                 node = graph.call_method("flatten", (node, start, start + width - 1))
             start += 1
-        if example(piece).dtype != self.dtype:
+        if dtype != self.dtype:
             node = graph.call_method("to", (node, self.dtype))
         return node
 
@@ -213,23 +243,75 @@ def _simulate(node: fx.Node, dims: list[list[_Factor]], leaves) -> list[list[_Fa
     raise LayoutError(f"unsupported op '{name}' between the cat and the attention")
 
 
+def _prefix_slice(index) -> tuple[int, object] | None:
+    """``(dim, end)`` if ``index`` is ``(:, ..., :, :end)`` (a prefix along one dim), else None."""
+    if not isinstance(index, tuple) or not index or not all(i == slice(None) for i in index[:-1]):
+        return None
+    last = index[-1]
+    if isinstance(last, slice) and last.start in (None, 0) and last.step is None and last.stop is not None:
+        return len(index) - 1, last.stop
+    return None
+
+
+def _same_value(a, b) -> bool:
+    if a is b:
+        return True
+    a = a.meta.get("example_value") if isinstance(a, fx.Node) else a
+    b = b.meta.get("example_value") if isinstance(b, fx.Node) else b
+    return a is not None and b is not None and same_size(a, b)
+
+
+def _static_cache_read(node: fx.Node):
+    """If ``node`` reads ``cache[:, :end]`` right after the graph wrote ``cache[:, start:end] = block``,
+    return ``(dim, [CachePrefix, block])``; None if it is no prefix read of an input; LayoutError
+    if it is one but the write pattern is not proven (see the module docstring)."""
+    if op_name(node) != "getitem" or node.args[0].op != "placeholder":
+        return None
+    read = _prefix_slice(node.args[1])
+    if read is None:
+        return None
+    base = node.args[0]
+    writes = [u for u in base.users if op_name(u) == "setitem" and u.args[0] is base]
+    others = [u for u in base.users if u not in writes and (op_name(u) or "").endswith("_")]
+    if len(writes) != 1 or others:
+        raise LayoutError("a cache read as a slice is written other than once, as the block's range")
+    write = writes[0]
+    index, value = write.args[1], write.args[2]
+    if not (isinstance(index, tuple) and len(index) == read[0] + 1
+            and all(i == slice(None) for i in index[:-1]) and isinstance(index[-1], slice)):
+        raise LayoutError("a cache read as a slice is written along another dim")
+    start, end = index[-1].start, index[-1].stop
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    if (index[-1].step is not None or start is None or not _same_value(end, read[1]) or order[write] > order[node]
+            or not isinstance(value, fx.Node) or (isinstance(start, fx.Node) and start.op != "placeholder")):
+        raise LayoutError("a cache slice is not read up to the end of the range the graph wrote")
+    value_shape, read_shape = shape(value), shape(node)
+    length = (end.meta["example_value"] if isinstance(end, fx.Node) else end) - (
+        start.meta["example_value"] if isinstance(start, fx.Node) else start)
+    if value_shape is None or len(value_shape) != len(read_shape) or not same_size(value_shape[read[0]], length):
+        raise LayoutError("a cache's written range is not the block's keys/values")
+    return read[0], [CachePrefix(base=base, dim=read[0], start=start, write=write), value]
+
+
 def trace_kv(node: fx.Node) -> KVLayout:
     """Find the cat feeding attention operand ``node`` and describe the layout; raise LayoutError."""
-    chain = []
-    cursor = node
-    while op_name(cursor) != "cat":
+    chain, cursor, static = [], node, None
+    while op_name(cursor) != "cat" and (static := _static_cache_read(cursor)) is None:
         if op_name(cursor) not in _CHAIN_OPS or not cursor.args or not isinstance(cursor.args[0], fx.Node):
             what = op_name(cursor) or cursor.op
             raise LayoutError(f"keys/values are not a concatenation (reached '{what}')")
         chain.append(cursor)
         cursor = cursor.args[0]
     cat = cursor
-    pieces = arg(cat, 0, "tensors")
     cat_shape = shape(cat)
-    if cat_shape is None or not isinstance(pieces, (list, tuple)) or len(pieces) < 2:
-        raise LayoutError("cat of fewer than two tensors")
-    cat_dim = _dim(arg(cat, 1, "dim", 0), len(cat_shape))
-    pieces = [p for p in pieces if not same_size(shape(p)[cat_dim], 0)]
+    if static is not None:
+        cat_dim, pieces = static
+    else:
+        pieces = arg(cat, 0, "tensors")
+        if cat_shape is None or not isinstance(pieces, (list, tuple)) or len(pieces) < 2:
+            raise LayoutError("cat of fewer than two tensors")
+        cat_dim = _dim(arg(cat, 1, "dim", 0), len(cat_shape))
+        pieces = [p for p in pieces if not same_size(shape(p)[cat_dim], 0)]
     leaves = [[_Factor(i, s)] for i, s in enumerate(cat_shape)]
     dims = [list(f) for f in leaves]
     for op in reversed(chain):

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from fbcompile.passes.find_attention import AttentionSite
+from fbcompile.passes.kv_layout import CachePrefix
 from fbcompile.passes.graph_utils import example, mutated_tensor, same_size, shape
 
 EXTERNAL_OUT, EXTERNAL_LSE, MERGED = "external_out", "external_lse", "merged"
@@ -69,7 +70,9 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, index: int) -> None:
         starts, lengths, offset = [], [], 0
         for i, piece in enumerate(k_layout.pieces):
             length = k_layout.piece_length(i)
-            if not isinstance(length, int):
+            if isinstance(piece, CachePrefix):
+                length = piece.start
+            elif not isinstance(length, int):
                 length = graph.call_method("size", (piece, k_layout.cat_dim))
             starts.append(offset)
             lengths.append(length)

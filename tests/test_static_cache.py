@@ -1,0 +1,87 @@
+"""A preallocated cache that the graph writes in place at every step (Self-Forcing style)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fbcompile
+from attention_zoo import rel_error
+
+H, D, M, CAP = 2, 8, 4, 32
+
+
+class StaticCacheAttention(torch.nn.Module):
+    """Writes the block's K/V into ``cache[:, start:start+M]`` and attends over ``cache[:, :start+M]``."""
+
+    def __init__(self, variant="ok"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(H * D, 3 * H * D)
+        self.variant = variant
+        self.eval()
+
+    def forward(self, x, cache_k, cache_v, start: int):
+        B = x.shape[0]
+        q, k, v = self.proj(x).view(B, M, 3, H, D).unbind(2)
+        end = start + M
+        cache_k[:, start:end] = k
+        cache_v[:, start:end] = v
+        if self.variant == "writes_outside_block":
+            cache_k[:, :1] = 0.0
+        read_end = end + 1 if self.variant == "reads_past_write" else end
+        k, v = cache_k[:, :read_end], cache_v[:, :read_end]
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, M, H * D, generator=gen), torch.randn(1, CAP, H, D, generator=gen),
+            torch.randn(1, CAP, H, D, generator=gen))
+
+
+def _exact(module, x, cache_k, cache_v, start):
+    return module(x, cache_k.clone(), cache_v.clone(), start)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("start", [0, 8, 13])
+def test_exact_mode_matches(start):
+    plain = StaticCacheAttention()
+    model = fbcompile.optimize(StaticCacheAttention(), fbcompile.Config(refresh="always", compiler="eager"))
+    x, ck, cv = _inputs(start)
+    expected = _exact(plain, x, ck, cv, start)
+    assert rel_error(model(x, ck, cv, start), expected) < 1e-5
+    assert [s["decision"] for s in fbcompile.explain(model).sites] == ["rewritten"]
+
+
+@torch.no_grad()
+def test_reuse_survives_the_graphs_own_writes_but_not_foreign_ones():
+    plain = StaticCacheAttention()
+    model = fbcompile.optimize(StaticCacheAttention(), fbcompile.Config(refresh="block", compiler="eager"))
+    x, ck, cv = _inputs(1)
+    start = 8
+    model(x, ck, cv, start)
+    model(torch.randn_like(x), ck, cv, start)  # the graph rewrote cache[:, 8:12] itself
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (1, 1), stats
+    ck[:, :start] += 1.0  # a write from outside into the external range
+    x3 = torch.randn_like(x)
+    assert rel_error(model(x3, ck, cv, start), _exact(plain, x3, ck, cv, start)) < 1e-5
+    assert fbcompile.stats(model).guard_failures.get("kv written in place") == 1
+    x4 = torch.randn_like(x)
+    assert rel_error(model(x4, ck, cv, start + M), _exact(plain, x4, ck, cv, start + M)) < 1e-5  # next block
+    assert fbcompile.stats(model).guard_failures.get("kv range changed") == 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant,reason", [("writes_outside_block", "written other than once"),
+                                            ("reads_past_write", "not read up to the end")])
+def test_unproven_static_writes_are_skipped(variant, reason):
+    plain = StaticCacheAttention(variant)
+    model = fbcompile.optimize(StaticCacheAttention(variant), fbcompile.Config(refresh="block", compiler="eager"))
+    x, ck, cv = _inputs(2)
+    expected = _exact(plain, x, ck, cv, 8)
+    assert rel_error(model(x, ck, cv, 8), expected) < 1e-6
+    sites = fbcompile.explain(model).sites
+    assert len(sites) == 1 and sites[0]["decision"].startswith("skipped") and reason in sites[0]["decision"]
