@@ -44,7 +44,7 @@ class AttentionSite:
     """One attention node, normalised; ``reason`` is None when the split is proven safe."""
 
     node: fx.Node                      # the node whose value the rewrite replaces
-    form: str                          # "sdpa" | "eager"
+    form: str                          # "sdpa" | "eager" | "flex" (reported, never split)
     q: fx.Node
     k: fx.Node                         # [B, H, N, D] as attention sees it
     v: fx.Node
@@ -259,6 +259,9 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _match_sdpa(node)
         elif name == "softmax":
             site = _match_eager(node)
+        elif name == "flex_attention":
+            site = AttentionSite(node=node, form="flex", q=node.args[0], k=node.args[1], v=node.args[2],
+                                 reason="flex_attention is left to FlexAttention (score_mod/block_mask are not split)")
         else:
             continue
         if site is None:
