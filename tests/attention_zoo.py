@@ -22,7 +22,11 @@ class ZooSpec:
     gqa: str = "repeat_kv"       # repeat_kv | expand | repeat_interleave | enable_gqa | repeat
     layout: str = "bhsd"         # bhsd: cat on dim -2 | bshd: cat on dim 1, then transpose
     mask: str = "none"           # none | bool | additive | window | masked_fill | padding | block_causal
+                                 # | padding_row (additive [B,1,1,N], may hide the whole cache)
+                                 # | bool_row (bool [B,1,1,N]) | additive_2d (additive [M, N])
     scale: str = "after"         # after: (q k^T) * s | before: (q * s) k^T | div: (q k^T) / sqrt(D)
+                                 # | explicit: a non-default scale (SDPA's scale= argument)
+                                 # | after_mask: (q k^T + mask) * s (eager only)
     packed_qkv: bool = False
     heads: int = 4
     kv_heads: int = 2
@@ -30,6 +34,10 @@ class ZooSpec:
     block: int = 8
     cache: int = 20
     batch: int = 2
+    # additions for the differential fuzzer (defaults keep the forms above unchanged)
+    suffix: int = 0              # dual cache: the last `suffix` cached tokens go after the block,
+                                 # keys = cat([past[:cache-suffix], block, past[cache-suffix:]])
+    window: int = 0              # mask "window": keys within `window` before each query (0: 2*block)
 
 
 class ZooAttention(nn.Module):
@@ -78,23 +86,36 @@ class ZooAttention(nn.Module):
         s = self.spec
         q, k, v = self._project(x)
         cat_dim = -2 if s.layout == "bhsd" else 1
-        k, v = torch.cat([past_k, k], dim=cat_dim), torch.cat([past_v, v], dim=cat_dim)
+        if s.suffix:  # dual cache (Fast-dLLM style): the block's slots sit inside the cache
+            P = s.cache - s.suffix
+            k = torch.cat([past_k.narrow(cat_dim, 0, P), k, past_k.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
+            v = torch.cat([past_v.narrow(cat_dim, 0, P), v, past_v.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
+        else:
+            k, v = torch.cat([past_k, k], dim=cat_dim), torch.cat([past_v, v], dim=cat_dim)
         if s.layout == "bshd":
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         k, v = self._replicate(k), self._replicate(v)
         if s.form == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=s.gqa == "enable_gqa")
+            scale = 0.75 * s.head_dim ** -0.5 if s.scale == "explicit" else None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=s.gqa == "enable_gqa",
+                                                 **({"scale": scale} if scale is not None else {}))
         else:
             if s.scale == "before":
                 w = (q * s.head_dim ** -0.5) @ k.transpose(-1, -2)
             elif s.scale == "div":
                 w = torch.matmul(q, k.transpose(2, 3)) / (s.head_dim ** 0.5)
+            elif s.scale == "explicit":
+                w = q @ k.transpose(-1, -2) * (0.75 * s.head_dim ** -0.5)
+            elif s.scale == "after_mask":
+                w = q @ k.transpose(-1, -2)
             else:
                 w = q @ k.transpose(-1, -2) * s.head_dim ** -0.5
             if mask is not None and mask.dtype == torch.bool:
                 w = w.masked_fill(~mask, float("-inf"))
             elif mask is not None:
                 w = w + mask
+            if s.scale == "after_mask":
+                w = w * s.head_dim ** -0.5
             w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
             out = w @ v
         B, _, M, _ = out.shape
@@ -105,19 +126,20 @@ def make_mask(spec: ZooSpec, gen: torch.Generator, dtype=torch.float32):
     """A mask of ``spec.mask`` kind over ``[past ; block]`` keys (None for "none")."""
     B, H, M, L = spec.batch, spec.heads, spec.block, spec.cache
     N = L + M
+    P = L - spec.suffix  # the block's first key position (L unless a dual cache)
     kind = spec.mask
     if kind == "none":
         return None
     if kind in ("bool", "masked_fill"):
         m = torch.rand(B, 1, M, N, generator=gen) > 0.3
-        m[..., L:] = True  # every query sees its block
+        m[..., P:P + M] = True  # every query sees its block
         return m
     if kind == "additive":
         return torch.randn(B, H, M, N, generator=gen, dtype=dtype)
-    if kind == "window":  # sliding window of 2*M keys ending at each query's position
-        pos_q = torch.arange(L, N)[:, None]
+    if kind == "window":  # sliding window of 2*M (or spec.window) keys ending at each query's position
+        pos_q = torch.arange(P, P + M)[:, None]
         pos_k = torch.arange(N)[None, :]
-        allowed = (pos_k <= pos_q + M) & (pos_k > pos_q - 2 * M)
+        allowed = (pos_k <= pos_q + M) & (pos_k > pos_q - (spec.window or 2 * M))
         return allowed[None, None].expand(B, 1, M, N)
     if kind == "padding":  # left padding: different prompt lengths per batch row
         pad = torch.randint(0, max(1, L // 2), (B,), generator=gen)
@@ -125,6 +147,15 @@ def make_mask(spec: ZooSpec, gen: torch.Generator, dtype=torch.float32):
         return torch.where(allowed, 0.0, float("-inf")).to(dtype)[:, None, None, :].expand(B, 1, M, N)
     if kind == "block_causal":  # block bidirectional, past fully visible: all True
         return torch.ones(1, 1, M, N, dtype=torch.bool)
+    if kind in ("padding_row", "bool_row"):  # key padding row [B,1,1,N], not expanded; may hide all the cache
+        pad = torch.randint(0, L + 1, (B,), generator=gen)
+        pos_k = torch.arange(N)[None, :]
+        allowed = (pos_k >= pad[:, None]) | ((pos_k >= P) & (pos_k < P + M))  # the block stays visible
+        if kind == "bool_row":
+            return allowed[:, None, None, :]
+        return torch.where(allowed, 0.0, float("-inf")).to(dtype)[:, None, None, :]
+    if kind == "additive_2d":  # one [M, N] bias broadcast over batch and heads
+        return torch.randn(M, N, generator=gen, dtype=dtype)
     raise ValueError(kind)
 
 

@@ -1,0 +1,238 @@
+"""Differential fuzzing (issue 6): random attention modules from the zoo, fbcompile exact mode vs eager.
+
+Every drawn :class:`ZooSpec` is a supported form, so its attention site must be reported
+``rewritten`` and the compiled output must equal eager (fp32: rel. error < 1e-5; bf16: < 1e-2 against
+the fp32 model on the same, upcast inputs). Near misses - random variants fbcompile must never
+split - must be reported ``skipped`` and still equal eager.
+
+Profiles (hypothesis settings profiles, picked with the env var ``FBCOMPILE_FUZZ``):
+
+* ``ci`` (default): 50 + 15 examples, derandomized (the same cases on every run), well under 60 s on
+  2 CPU cores;
+* ``long``: 500 + 200 examples, random (``FBCOMPILE_FUZZ=long python -m pytest tests/test_fuzz.py``),
+  results in ``benchmarks/results/fuzz_long_cpu.md``.
+
+Hypothesis runs every example inside one test function, so each example resets dynamo itself
+(conftest's reset is per test function; dynamo would hit its recompile limit of 8 otherwise).
+Edge cases are pinned as explicit ``@example``\\ s; the one library gap the fuzzer found so far (eager
+dropout in training mode is not reported by explain) is the strict xfail at the end.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, event, example, given, note, settings
+from hypothesis import strategies as st
+
+from attention_zoo import ZooAttention, ZooSpec, build, compile_exact, make_inputs, rel_error
+
+_COMMON = dict(deadline=None, print_blob=True,  # no "explain" phase: minutes of re-runs per failure
+               phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                      HealthCheck.data_too_large])
+settings.register_profile("fbcompile-ci", max_examples=50, derandomize=True, database=None, **_COMMON)
+settings.register_profile("fbcompile-long", max_examples=500, **_COMMON)
+PROFILE = "fbcompile-long" if os.environ.get("FBCOMPILE_FUZZ", "ci") == "long" else "fbcompile-ci"
+# near misses are fewer kinds: 15 / 200 examples
+NEAR_MISS_EXAMPLES = 200 if PROFILE == "fbcompile-long" else 15
+
+MASKS = ["none", "bool", "additive", "window", "masked_fill", "padding", "block_causal",
+         "padding_row", "bool_row", "additive_2d"]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@st.composite
+def zoo_specs(draw, near_miss_repeat: bool = False) -> ZooSpec:
+    """A random supported ZooSpec (simplest choices first, so failures shrink to readable specs)."""
+    form = draw(st.sampled_from(["sdpa", "eager"]))
+    kv_heads = draw(st.sampled_from([1, 2, 4]))
+    heads = kv_heads * draw(st.sampled_from([1, 2, 3, 4]))
+    if near_miss_repeat:  # 'repeat' with several KV heads: heads replicated outer-most, not like repeat_kv
+        kv_heads = max(kv_heads, 2)
+        heads = kv_heads * draw(st.sampled_from([2, 3]))
+        gqa = "repeat"
+    else:
+        gqas = ["repeat_kv", "expand", "repeat_interleave"]
+        if form == "sdpa":
+            gqas.append("enable_gqa")
+        if kv_heads == 1:
+            gqas.append("repeat")
+        gqa = draw(st.sampled_from(gqas))
+    block = draw(st.integers(1, 16))
+    cache = draw(st.integers(1, 64))
+    mask = draw(st.sampled_from(MASKS))
+    dual = draw(st.booleans())
+    return ZooSpec(
+        form=form, gqa=gqa,
+        layout=draw(st.sampled_from(["bhsd", "bshd"])),
+        mask=mask,
+        scale=draw(st.sampled_from(["after", "before", "div", "explicit", "after_mask"] if form == "eager"
+                                   else ["after", "explicit"])),
+        packed_qkv=draw(st.booleans()),
+        heads=heads, kv_heads=kv_heads,
+        head_dim=draw(st.sampled_from([8, 16, 32, 64])),
+        block=block, cache=cache,
+        batch=draw(st.integers(1, 3)),
+        suffix=draw(st.integers(1, cache)) if dual else 0,
+        window=draw(st.integers(0, cache + block)) if mask == "window" else 0,
+    )
+
+
+dtypes = st.sampled_from([torch.float32] * 4 + [torch.bfloat16])  # fp32 mostly, bf16 some
+seeds = st.integers(0, 2**31 - 1)
+
+
+def _decisions(session) -> list[str]:
+    return [site["decision"] for graph in session.graphs for site in graph.sites]
+
+
+def _upcast(inputs):
+    return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+
+
+def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
+    """The compiled zoo module is rewritten and equals eager."""
+    torch._dynamo.reset()
+    note(f"spec={spec!r} seed={seed} dtype={dtype}")
+    event(f"{spec.form}/{dtype}".replace("torch.", ""))
+    event(f"mask={spec.mask}{' dual' if spec.suffix else ''}")
+    event(f"scale={spec.scale}")
+    model = build(spec, seed=seed, dtype=dtype)
+    inputs = make_inputs(spec, seed=seed, dtype=dtype)
+    with torch.no_grad():
+        if dtype == torch.float32:
+            expected, eager_err = model(*inputs), 0.0
+        else:  # the fp32 model (same weights, upcast) on the same inputs, upcast
+            expected = copy.deepcopy(model).float()(*_upcast(inputs))
+            eager_err = rel_error(model(*inputs), expected)
+        compiled, session = compile_exact(model)
+        got = compiled(*inputs)
+    assert _decisions(session) == ["rewritten"], (spec, [g.sites for g in session.graphs])
+    assert len(session.graphs) == 1 and "fbcompile.attention_lse" in session.graphs[0].code_refresh
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    err = rel_error(got, expected)
+    assert err < TOL[dtype], f"rel error {err:.3g} (eager {dtype}: {eager_err:.3g}) for {spec} seed={seed}"
+
+
+# Edge cases pinned as explicit examples (a mismatch or skip the fuzzer finds goes here too, minimised).
+@settings(settings.get_profile(PROFILE))
+@given(spec=zoo_specs(), seed=seeds, dtype=dtypes)
+@example(spec=ZooSpec(suffix=20, mask="bool", cache=20), seed=0, dtype=torch.float32)       # dual cache, no prefix
+@example(spec=ZooSpec(mask="padding_row", cache=1, block=1, batch=3), seed=3, dtype=torch.float32)  # cache hidden
+@example(spec=ZooSpec(mask="window", window=1, cache=64, block=2), seed=0, dtype=torch.float32)  # cache > window
+@example(spec=ZooSpec(form="eager", mask="additive_2d", suffix=7), seed=5, dtype=torch.bfloat16)
+@example(spec=ZooSpec(form="eager", scale="after_mask", mask="additive", suffix=3), seed=6, dtype=torch.float32)
+def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
+    check_exact(spec, seed, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# near misses: must never be rewritten, and the output must still equal eager
+
+NEAR_MISSES = ["dropout_sdpa", "dropout_eager", "causal", "cat_heads", "cached_depends_on_block",
+               "repeat_outer", "finite_masked_fill", "scores_escape"]
+
+
+class NearMiss(ZooAttention):
+    """A zoo layer with one change that makes the split unsafe (or not provably safe)."""
+
+    def __init__(self, spec: ZooSpec, kind: str, p: float):
+        super().__init__(spec)
+        self.kind, self.p = kind, p
+
+    def forward(self, x, past_k, past_v, mask=None):
+        s, kind = self.spec, self.kind
+        if kind == "repeat_outer":  # the zoo's own gqa="repeat" with several KV heads
+            return super().forward(x, past_k, past_v, mask)
+        q, k, v = self._project(x)
+        seq = -2 if s.layout == "bhsd" else 1
+        if kind == "cached_depends_on_block":
+            past_k, past_v = past_k + x.mean(), past_v * torch.sigmoid(x.mean())
+        if kind == "cat_heads":  # first KV head from the cache's last `block` tokens, the others from the block
+            heads = 1 if s.layout == "bhsd" else 2
+            tail_k, tail_v = (p.narrow(seq, p.shape[seq] - s.block, s.block) for p in (past_k, past_v))
+            k = torch.cat([tail_k.narrow(heads, 0, 1), k.narrow(heads, 1, s.kv_heads - 1)], dim=heads)
+            v = torch.cat([tail_v.narrow(heads, 0, 1), v.narrow(heads, 1, s.kv_heads - 1)], dim=heads)
+        else:
+            k, v = torch.cat([past_k, k], dim=seq), torch.cat([past_v, v], dim=seq)
+        if s.layout == "bshd":
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        k, v = self._replicate(k), self._replicate(v)
+        if s.form == "sdpa":
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.p if kind == "dropout_sdpa" else 0.0,
+                is_causal=kind == "causal", enable_gqa=s.gqa == "enable_gqa")
+        w = q @ k.transpose(-1, -2) * s.head_dim ** -0.5
+        if kind == "finite_masked_fill":
+            w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
+        elif mask is not None and mask.dtype == torch.bool:
+            w = w.masked_fill(~mask, float("-inf"))
+        elif mask is not None:
+            w = w + mask
+        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        if kind == "dropout_eager":
+            probs = F.dropout(probs, p=self.p, training=self.training)
+        out = probs @ v
+        if kind == "scores_escape":  # the raw scores are used outside the softmax too
+            out = out + w.amax(-1, keepdim=True)
+        return out
+
+
+@st.composite
+def near_misses(draw):
+    kind = draw(st.sampled_from(NEAR_MISSES))
+    spec = draw(zoo_specs(near_miss_repeat=kind == "repeat_outer"))
+    changes: dict = {} if kind == "repeat_outer" else {"suffix": 0}  # only the zoo's forward has a dual cache
+    if kind in ("dropout_sdpa", "causal"):
+        changes.update(form="sdpa", mask="none")  # SDPA forbids is_causal with a mask
+    if kind in ("dropout_eager", "finite_masked_fill", "scores_escape"):
+        changes.update(form="eager", scale="after", gqa="repeat_kv" if spec.gqa == "enable_gqa" else spec.gqa)
+    if kind == "finite_masked_fill":
+        changes.update(mask="bool")
+    if kind == "cat_heads":  # needs >= 2 KV heads and a cache at least one block long
+        kv = max(spec.kv_heads, 2)
+        changes.update(kv_heads=kv, heads=kv * (spec.heads // spec.kv_heads), cache=max(spec.cache, spec.block),
+                       mask="none", gqa="repeat_kv" if spec.gqa == "repeat" else spec.gqa)
+    return kind, dataclasses.replace(spec, **changes), draw(st.floats(0.05, 0.9))
+
+
+@settings(settings.get_profile(PROFILE), max_examples=NEAR_MISS_EXAMPLES)
+@given(case=near_misses(), seed=seeds)
+def test_fuzz_near_misses_skipped_and_exact(case, seed):
+    kind, spec, p = case
+    torch._dynamo.reset()
+    note(f"kind={kind} spec={spec!r} p={p} seed={seed}")
+    event(f"near miss {kind}")
+    torch.manual_seed(seed)
+    model = NearMiss(spec, kind, p).train(kind.startswith("dropout"))  # dropout: train mode
+    inputs = make_inputs(spec, seed=seed)
+    compiled, session = compile_exact(model)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        expected = model(*inputs)
+        torch.manual_seed(seed)  # the same dropout draws: the untouched graph runs the same ops in order
+        got = compiled(*inputs)
+    decisions = _decisions(session)
+    assert "rewritten" not in decisions, (kind, spec, decisions)
+    if kind != "dropout_eager":  # see test_eager_dropout_in_training_is_reported below
+        assert decisions and all(d.startswith("skipped") for d in decisions), (kind, spec, decisions)
+    err = rel_error(got, expected)
+    assert err < 1e-6, f"{kind}: rel error {err:.3g} for {spec}"
+
+
+@pytest.mark.xfail(strict=True, reason="library gap found by the fuzzer: the eager form with dropout in training "
+                   "mode is not matched as an attention site at all, so explain does not list it as skipped")
+def test_eager_dropout_in_training_is_reported():
+    """Minimal repro (the fuzzer's shrunk case): ``softmax(q k^T s) -> F.dropout(p, training=True) -> @ v``."""
+    spec = ZooSpec(form="eager", heads=1, kv_heads=1, head_dim=8, block=1, cache=1, batch=1)
+    model = NearMiss(spec, "dropout_eager", 0.5).train()
+    compiled, session = compile_exact(model)
+    with torch.no_grad():
+        compiled(*make_inputs(spec, seed=0))
+    decisions = _decisions(session)
+    assert decisions and all(d.startswith("skipped") for d in decisions), decisions
