@@ -8,8 +8,9 @@ import os as _os
 
 from fbcompile.api import explain, optimize, reset, stats
 from fbcompile.config import Config
+from fbcompile.fidelity import fidelity
 
-__all__ = ["Config", "optimize", "explain", "stats", "reset"]
+__all__ = ["Config", "optimize", "explain", "stats", "reset", "fidelity"]
 
 _log = _logging.getLogger("fbcompile")
 _log.addHandler(_logging.NullHandler())

@@ -17,7 +17,7 @@ from fbcompile.backends.session import Session
 from fbcompile.config import Config
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import same_size
-from fbcompile.passes.reuse_external import external_results, refresh_graph, reuse_graph
+from fbcompile.passes.reuse_external import external_results, probe_graph, refresh_graph, reuse_graph
 from fbcompile.passes.split_attention import split_attention
 
 log = logging.getLogger("fbcompile")
@@ -63,6 +63,10 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
         return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
                                     len(_outputs(gm)), [])
     guards = _site_guards(gm, external)
+    if session.observer is not None and guards is not None:
+        probe_gm, num_outputs = probe_graph(gm)
+        return SplitGraphDispatcher(session, record, _compile(probe_gm, example_inputs, config), None,
+                                    num_outputs, guards, probe=True)
     refresh_gm, num_outputs = refresh_graph(gm)
     if guards is None:
         log.info("graph %d: exact mode only (a query size is not an input size)", record.index)

@@ -58,11 +58,12 @@ class SplitGraphDispatcher:
     """Callable handed back to dynamo for a graph with split attention sites."""
 
     def __init__(self, session: Session, record: GraphRecord, refresh: Callable, reuse: Callable | None,
-                 num_outputs: int, sites: list[SiteGuard]):
+                 num_outputs: int, sites: list[SiteGuard], probe: bool = False):
         self.session, self.record = session, record
         self.refresh, self.reuse = refresh, reuse
         self.num_outputs = num_outputs
         self.sites = sites
+        self.probe = probe  # refresh is a probe graph: run exactly, simulate the policy beside it
 
     def _lookup(self, args) -> tuple[list, str | None]:
         """Keys of every site and the cached entries, or the reason a refresh is needed."""
@@ -83,11 +84,13 @@ class SplitGraphDispatcher:
     def __call__(self, *args):
         session, record = self.session, self.record
         record.calls += 1
-        if self.reuse is None or session.exact_only:
+        if (self.reuse is None and not self.probe) or session.exact_only:
             record.refreshes += 1
             session.refresh_reasons["exact mode" if self.reuse is None else "training or grad mode"] += 1
             return self.refresh(*args)[: self.num_outputs]
         keys, found = self._lookup(args)
+        if self.probe:
+            return self._probe(args, keys, found)
         if not isinstance(found, str):
             record.reuses += 1
             cached = [t for entry in found for t in entry.tensors]
@@ -97,17 +100,38 @@ class SplitGraphDispatcher:
                 entry.versions = [args[j]._version for j in site.external]
             return outputs
         outputs = self.refresh(*args)
-        record.refreshes += 1
-        session.refresh_reasons[found] += 1
-        log.debug("graph %d: refresh (%s)", record.index, found)
-        extra = outputs[self.num_outputs:]
+        self._refreshed(args, keys, found, outputs[self.num_outputs:], per_site=2)
+        return outputs[: self.num_outputs]
+
+    def _refreshed(self, args, keys, reason: str, extra, per_site: int) -> None:
+        """Count a refresh and keep every site's fresh ``(O_e, L_e)``."""
+        session = self.session
+        self.record.refreshes += 1
+        session.refresh_reasons[reason] += 1
+        log.debug("graph %d: refresh (%s)", self.record.index, reason)
         for i, (site, key) in enumerate(zip(self.sites, keys)):
             sources = [args[j] for j in site.external]
             session.store(key, CacheEntry(sources=[weakref.ref(s) for s in sources],
                                           versions=[s._version for s in sources],
                                           shapes=[s.shape for s in sources],
                                           offsets=site.offset_values(args),
-                                          tensors=list(extra[2 * i:2 * i + 2])))
+                                          tensors=list(extra[per_site * i:per_site * i + 2])))
+
+    def _probe(self, args, keys, found):
+        """Exact outputs; the policy's refresh/reuse decision is simulated and shown to the observer."""
+        outputs = self.refresh(*args)
+        extra = outputs[self.num_outputs:]
+        observe = self.session.observer
+        if isinstance(found, str):
+            for i in range(len(self.sites)):
+                observe(self.record.index, i, 0, extra[4 * i:4 * i + 4], None)
+            self._refreshed(args, keys, found, extra, per_site=4)
+        else:
+            self.record.reuses += 1
+            for i, (site, entry) in enumerate(zip(self.sites, found)):
+                entry.steps += 1
+                entry.versions = [args[j]._version for j in site.external]
+                observe(self.record.index, i, entry.steps, extra[4 * i:4 * i + 4], entry.tensors)
         return outputs[: self.num_outputs]
 
 

@@ -80,6 +80,8 @@ class Session:
         self.graphs: list[GraphRecord] = []
         self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence) -> CacheEntry
         self.refresh_reasons: Counter = Counter()
+        # fidelity measurements: called per site and call with (graph, site, step, fresh, cached)
+        self.observer = None
 
     @property
     def exact_only(self) -> bool:

@@ -8,9 +8,13 @@ In a split graph every site ends in::
   caller can keep them;
 * reuse graph: every ``(O_e, L_e)`` replaced by a new graph input (placed after the original
   inputs, in site order) and dead code removed, so the external attention - and the read of the
-  cached keys/values, unless the graph also returns them - is gone.
+  cached keys/values, unless the graph also returns them - is gone;
+* probe graph (fidelity measurements): the split graph also returning, per site, ``(O_e, L_e)``
+  and the internal part alone ``(O_i, L_i)``, so reuse can be simulated beside the exact result.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -35,15 +39,32 @@ def _output_node(graph: fx.Graph) -> fx.Node:
     return next(n for n in reversed(graph.nodes) if n.op == "output")
 
 
+def _with_outputs(gm: fx.GraphModule, extra) -> tuple[fx.GraphModule, int]:
+    output = _output_node(gm.graph)
+    outputs = tuple(output.args[0])
+    output.args = (outputs + tuple(extra),)
+    gm.recompile()
+    return gm, len(outputs)
+
+
 def refresh_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` that also returns every ``(O_e, L_e)``; returns it and the original output count."""
     gm = _copy(gm)
-    output = _output_node(gm.graph)
-    outputs = tuple(output.args[0])
-    extra = tuple(n for pair in external_results(gm.graph) for n in pair)
-    output.args = (outputs + extra,)
-    gm.recompile()
-    return gm, len(outputs)
+    return _with_outputs(gm, [n for pair in external_results(gm.graph) for n in pair])
+
+
+def probe_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` that also returns ``(O_e, L_e, O_i, L_i)`` per site; and the original output count."""
+    gm = _copy(gm)
+    merge = torch.ops.fbcompile.attention_merge_lse.default
+    extra = []
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is merge]:
+        with gm.graph.inserting_after(node):
+            internal = gm.graph.call_function(torch.ops.fbcompile.attention_lse.default, node.args[:5])
+        with gm.graph.inserting_after(internal):
+            parts = [gm.graph.call_function(operator.getitem, (internal, i)) for i in range(2)]
+        extra += [node.args[5], node.args[6], *parts]
+    return _with_outputs(gm, extra)
 
 
 def reuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
