@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-REFRESH_POLICIES = ("block", "always")
+REFRESH_POLICIES = ("block", "always", "tokens")
 COMPILERS = ("inductor", "eager")
 
 
@@ -14,7 +14,11 @@ class Config:
     refresh: when the block-external attention ``(O_e, L_e)`` is recomputed.
         ``"block"`` (default, FlashBlock): whenever the cached keys/values change - once per block;
         ``"always"``: at every call (exact mode; the optimized model equals the original);
-        an int ``N``: as ``"block"``, and also every ``N``-th call within a block.
+        an int ``N``: as ``"block"``, and also every ``N``-th call within a block;
+        ``"tokens"``: as ``"block"``, and also once ``tokens`` positions of the block's input
+        (token ids, or embeddings) changed since the last refresh - FlashBlock's LLM rule (refresh
+        after tau committed tokens). It compares the input on the device: one host sync per call.
+    tokens: tau of the ``"tokens"`` policy.
     compiler: ``"inductor"`` compiles the rewritten graphs (default); ``"eager"`` runs them as FX
         graphs (fast to start, for debugging and tests).
     max_cache_entries: how many attention sites' external results are kept at most (one per
@@ -22,6 +26,7 @@ class Config:
     """
 
     refresh: str | int = "block"
+    tokens: int = 2
     compiler: str = "inductor"
     max_cache_entries: int = 1024
 
@@ -30,6 +35,8 @@ class Config:
             self.refresh in REFRESH_POLICIES or (isinstance(self.refresh, int) and self.refresh >= 1)
         ):
             raise ValueError(f"Config.refresh must be one of {REFRESH_POLICIES} or an int >= 1, got {self.refresh!r}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"Config.tokens must be an int >= 1, got {self.tokens!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:

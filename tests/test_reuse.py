@@ -217,3 +217,19 @@ def test_every_n_policy():
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (3, 4)  # calls 1, 4, 7 refresh
     assert stats.guard_failures == {"new kv": 1, "policy": 2}
+
+
+@torch.no_grad()
+def test_tokens_policy_refreshes_after_tau_changed_positions():
+    model = fbcompile.optimize(make_tiny_model(), fbcompile.Config(refresh="tokens", tokens=2, compiler="eager"))
+    prompt = torch.randint(0, 200, (1, 10), generator=torch.Generator().manual_seed(0))
+    _, cache = model(prompt, use_cache=True)
+    x = torch.full((1, 8), model.config.mask_token_id)
+    model(x, past_key_values=cache)            # refresh (new kv)
+    x[0, 0] = 5
+    model(x, past_key_values=cache)            # 1 position changed since the refresh: reuse
+    x[0, 1] = 6
+    model(x, past_key_values=cache)            # 2 changed: refresh (policy)
+    model(x, past_key_values=cache)            # 0 changed since that refresh: reuse
+    stats = fbcompile.stats(model)
+    assert stats.guard_failures.get("policy") == 1 and stats.reuses == 2, stats

@@ -16,7 +16,7 @@ from fbcompile.backends.dispatcher import SiteGuard, SplitGraphDispatcher
 from fbcompile.backends.session import Session
 from fbcompile.config import Config
 from fbcompile.passes.find_attention import find_attention_sites
-from fbcompile.passes.graph_utils import same_size
+from fbcompile.passes.graph_utils import is_parameter, same_size
 from fbcompile.passes.reuse_external import external_results, probe_graph, refresh_graph, reuse_graph
 from fbcompile.passes.split_attention import split_attention
 
@@ -55,7 +55,7 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     record = session.new_graph([s.describe() for s in sites], gm.code)
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
-    external = [(s.external_inputs, s.cache_offsets()) for s in sites if s.splittable]
+    external = [(s.external_inputs, s.cache_offsets(), _block_input(s)) for s in sites if s.splittable]
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
     record.code_refresh, record.split_graph = gm.code, gm
@@ -104,7 +104,7 @@ def _site_guards(gm: fx.GraphModule, external: list[tuple]) -> list[SiteGuard] |
     """One guard per split site (graph order); None if a query size cannot be read off the inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     guards, seen = [], []
-    for (out, _), (inputs, offsets) in zip(external_results(gm.graph), external):
+    for (out, _), (inputs, offsets, block) in zip(external_results(gm.graph), external):
         value = out.meta["example_value"]
         shape = [_size_source(s, placeholders) for s in value.shape]
         if any(s is None for s in shape):
@@ -112,9 +112,28 @@ def _site_guards(gm: fx.GraphModule, external: list[tuple]) -> list[SiteGuard] |
         indices = [placeholders.index(n) for n in inputs]
         guards.append(SiteGuard(external=indices, occurrence=seen.count(indices), out_shape=shape,
                                 dtype=value.dtype, device=value.device,
-                                offsets=[o if isinstance(o, int) else (placeholders.index(o), None) for o in offsets]))
+                                offsets=[o if isinstance(o, int) else (placeholders.index(o), None) for o in offsets],
+                                block_input=placeholders.index(block) if block is not None else None))
         seen.append(indices)
     return guards
+
+
+def _block_input(site) -> fx.Node | None:
+    """The block's input the query is computed from: token ids if there are, else the first tensor."""
+    seen, stack, found = set(), [site.q], []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and not is_parameter(node):
+                found.append(node)
+        stack.extend(node.all_input_nodes)
+    order = {n: i for i, n in enumerate(site.q.graph.nodes)}
+    found.sort(key=lambda n: (n.meta["example_value"].is_floating_point(), order[n]))
+    return found[0] if found else None
 
 
 def make_backend(session: Session):

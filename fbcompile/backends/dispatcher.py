@@ -38,6 +38,7 @@ class SiteGuard:
     dtype: torch.dtype
     device: torch.device
     offsets: list                  # static caches: where each external range ends (int or (argument index, None))
+    block_input: int | None = None  # argument index of the block's input ("tokens" policy)
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)
@@ -67,7 +68,7 @@ class SplitGraphDispatcher:
 
     def _lookup(self, args) -> tuple[list, str | None]:
         """Keys of every site and the cached entries, or the reason a refresh is needed."""
-        cache, policy = self.session.cache, self.session.config.refresh
+        cache, config = self.session.cache, self.session.config
         keys, entries = [], []
         reason = None
         for site in self.sites:
@@ -77,7 +78,10 @@ class SplitGraphDispatcher:
             if reason is not None:
                 continue
             entry = cache.get(key)
-            reason = _stale(entry, sources, site, args, policy)
+            reason = _stale(entry, sources, site, args, config.refresh)
+            if reason is None and config.refresh == "tokens" and _changed_positions(
+                    entry.block, None if site.block_input is None else args[site.block_input]) >= config.tokens:
+                reason = "policy"
             entries.append(entry)
         return keys, (entries if reason is None else reason)
 
@@ -109,12 +113,16 @@ class SplitGraphDispatcher:
         self.record.refreshes += 1
         session.refresh_reasons[reason] += 1
         log.debug("graph %d: refresh (%s)", self.record.index, reason)
+        block = {}
+        if session.config.refresh == "tokens":
+            block = {i: args[i].clone() for i in {s.block_input for s in self.sites} if i is not None}
         for i, (site, key) in enumerate(zip(self.sites, keys)):
             sources = [args[j] for j in site.external]
             session.store(key, CacheEntry(sources=[weakref.ref(s) for s in sources],
                                           versions=[s._version for s in sources],
                                           shapes=[s.shape for s in sources],
                                           offsets=site.offset_values(args),
+                                          block=block.get(site.block_input),
                                           tensors=list(extra[per_site * i:per_site * i + 2])))
 
     def _probe(self, args, keys, found):
@@ -133,6 +141,14 @@ class SplitGraphDispatcher:
                 entry.versions = [args[j]._version for j in site.external]
                 observe(self.record.index, i, entry.steps, extra[4 * i:4 * i + 4], entry.tensors)
         return outputs[: self.num_outputs]
+
+
+def _changed_positions(before: torch.Tensor | None, now: torch.Tensor | None) -> int:
+    """Positions (dim 1) of the block's input that differ, the most over the batch (syncs the device)."""
+    if before is None or now is None or before.shape != now.shape:
+        return 1 << 30
+    differs = (before != now).reshape(now.shape[0], now.shape[1], -1).any(-1)
+    return int(differs.sum(1).max())
 
 
 def _stale(entry: CacheEntry | None, sources: list, site: SiteGuard, args, policy) -> str | None:

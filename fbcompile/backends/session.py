@@ -46,6 +46,7 @@ class CacheEntry:
     versions: list[int]
     shapes: list
     offsets: list            # where static-cache external ranges end
+    block: torch.Tensor | None  # the block's input at the refresh ("tokens" policy)
     tensors: list            # [O_e, L_e]
     steps: int = 0           # reuses since the refresh
 
