@@ -14,8 +14,8 @@ Profiles (hypothesis settings profiles, picked with the env var ``FBCOMPILE_FUZZ
 
 Hypothesis runs every example inside one test function, so each example resets dynamo itself
 (conftest's reset is per test function; dynamo would hit its recompile limit of 8 otherwise).
-Edge cases are pinned as explicit ``@example``\\ s; the one library gap the fuzzer found so far (eager
-dropout in training mode is not reported by explain) is the strict xfail at the end.
+Edge cases are pinned as explicit ``@example``\\ s; the library gap the fuzzer found (eager dropout in
+training mode was not reported by explain) is the regression test at the end.
 """
 from __future__ import annotations
 
@@ -225,8 +225,6 @@ def test_fuzz_near_misses_skipped_and_exact(case, seed):
     assert err < 1e-6, f"{kind}: rel error {err:.3g} for {spec}"
 
 
-@pytest.mark.xfail(strict=True, reason="library gap found by the fuzzer: the eager form with dropout in training "
-                   "mode is not matched as an attention site at all, so explain does not list it as skipped")
 def test_eager_dropout_in_training_is_reported():
     """Minimal repro (the fuzzer's shrunk case): ``softmax(q k^T s) -> F.dropout(p, training=True) -> @ v``."""
     spec = ZooSpec(form="eager", heads=1, kv_heads=1, head_dim=8, block=1, cache=1, batch=1)

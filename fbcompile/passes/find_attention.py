@@ -167,16 +167,18 @@ def _match_eager(softmax: fx.Node) -> AttentionSite | None:
     dim = arg(softmax, 1, "dim")
     if nd != 4 or dim is None or dim % nd != nd - 1:
         return None
-    probs = softmax
+    probs, dropout = softmax, None
     while (user := _single_user(probs)) is not None and (op_name(user) in _CASTS or op_name(user) == "dropout"):
         if op_name(user) == "dropout" and arg(user, 2, "training", True) is not False and arg(user, 1, "p", 0.5) != 0:
-            return None
+            dropout = f"dropout (p={arg(user, 1, 'p', 0.5)}) on the attention probabilities"
         probs = user
     out = _single_user(probs)
     if out is None or op_name(out) not in _MATMULS or out.args[0] is not probs:
         return None
     masks: list = []
     try:
+        if dropout:
+            raise NotSplittable(dropout)
         matmul, scale = _walk_scores(softmax.args[0], 1.0, masks)
     except NotSplittable as e:
         return AttentionSite(node=out, form="eager", q=softmax, k=softmax, v=out.args[1], reason=str(e))
