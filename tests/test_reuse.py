@@ -233,3 +233,19 @@ def test_tokens_policy_refreshes_after_tau_changed_positions():
     model(x, past_key_values=cache)            # 0 changed since that refresh: reuse
     stats = fbcompile.stats(model)
     assert stats.guard_failures.get("policy") == 1 and stats.reuses == 2, stats
+
+
+@torch.no_grad()
+def test_recycled_tensor_ids_are_not_mistaken_for_the_same_cache():
+    """A new cache of the same shape may get a freed tensor's id(); identity is checked by weakref."""
+    spec = ZooSpec(mask="none")
+    plain, model = _layer(spec)
+    x, past_k, past_v, _ = make_inputs(spec, seed=13)
+    for step in range(3):
+        model(x, past_k, past_v)
+        model(x, past_k, past_v)  # reuse (fast path armed)
+        ids = id(past_k), id(past_v)
+        del past_k, past_v
+        past_k, past_v = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)  # may land on the same ids
+        got = model(x, past_k, past_v)
+        assert rel_error(got, plain(x, past_k, past_v)) < 1e-5, (step, ids == (id(past_k), id(past_v)))

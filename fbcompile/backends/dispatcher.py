@@ -65,6 +65,12 @@ class SplitGraphDispatcher:
         self.num_outputs = num_outputs
         self.sites = sites
         self.probe = probe  # refresh is a probe graph: run exactly, simulate the policy beside it
+        # fast path of the "block" policy: if nothing the guards read changed since the last call
+        # (same tensors, versions, shapes, ints) and the session cache did not change, reuse again
+        watched = {i for site in sites for i in site.external}
+        watched |= {src[0] for site in sites for src in site.out_shape + site.offsets if not isinstance(src, int)}
+        self._watched = sorted(watched)
+        self._last = None  # (session generation, signature after the call, cached tensors, entries, weakrefs)
 
     def _lookup(self, args) -> tuple[list, str | None]:
         """Keys of every site and the cached entries, or the reason a refresh is needed."""
@@ -92,6 +98,13 @@ class SplitGraphDispatcher:
             record.refreshes += 1
             session.refresh_reasons["exact mode" if self.reuse is None else "training or grad mode"] += 1
             return self.refresh(*args)[: self.num_outputs]
+        last = self._last
+        if (last is not None and last[0] == session.generation and last[1] == self._signature(args)
+                and all(ref() is args[i] for i, ref in last[4])):  # ids alone could be recycled
+            record.reuses += 1
+            outputs = self.reuse(*args, *last[2])
+            self._remember(args, last[2], last[3])
+            return outputs
         keys, found = self._lookup(args)
         if self.probe:
             return self._probe(args, keys, found)
@@ -99,13 +112,25 @@ class SplitGraphDispatcher:
             record.reuses += 1
             cached = [t for entry in found for t in entry.tensors]
             outputs = self.reuse(*args, *cached)
-            for site, entry in zip(self.sites, found):
-                entry.steps += 1
-                entry.versions = [args[j]._version for j in site.external]
+            self._remember(args, cached, found)
             return outputs
         outputs = self.refresh(*args)
         self._refreshed(args, keys, found, outputs[self.num_outputs:], per_site=2)
+        self._last = None
         return outputs[: self.num_outputs]
+
+    def _signature(self, args) -> tuple:
+        return tuple((id(a), a._version, a.shape) if isinstance(a, torch.Tensor) else a
+                     for a in map(args.__getitem__, self._watched))
+
+    def _remember(self, args, cached: list, entries: list) -> None:
+        """After a reuse: count the step, note versions the graph itself bumped, arm the fast path."""
+        for site, entry in zip(self.sites, entries):
+            entry.steps += 1
+            entry.versions = [args[j]._version for j in site.external]
+        if self.session.config.refresh == "block":
+            refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
+            self._last = (self.session.generation, self._signature(args), cached, entries, refs)
 
     def _refreshed(self, args, keys, reason: str, extra, per_site: int) -> None:
         """Count a refresh and keep every site's fresh ``(O_e, L_e)``."""
@@ -116,14 +141,16 @@ class SplitGraphDispatcher:
         block = {}
         if session.config.refresh == "tokens":
             block = {i: args[i].clone() for i in {s.block_input for s in self.sites} if i is not None}
+        entries = []
         for i, (site, key) in enumerate(zip(self.sites, keys)):
             sources = [args[j] for j in site.external]
-            session.store(key, CacheEntry(sources=[weakref.ref(s) for s in sources],
-                                          versions=[s._version for s in sources],
-                                          shapes=[s.shape for s in sources],
-                                          offsets=site.offset_values(args),
-                                          block=block.get(site.block_input),
-                                          tensors=list(extra[per_site * i:per_site * i + 2])))
+            entries.append((key, CacheEntry(sources=[weakref.ref(s) for s in sources],
+                                            versions=[s._version for s in sources],
+                                            shapes=[s.shape for s in sources],
+                                            offsets=site.offset_values(args),
+                                            block=block.get(site.block_input),
+                                            tensors=list(extra[per_site * i:per_site * i + 2]))))
+        session.store(entries)
 
     def _probe(self, args, keys, found):
         """Exact outputs; the policy's refresh/reuse decision is simulated and shown to the observer."""

@@ -83,6 +83,7 @@ class Session:
         self.refresh_reasons: Counter = Counter()
         # fidelity measurements: called per site and call with (graph, site, step, fresh, cached)
         self.observer = None
+        self.generation = 0  # bumped whenever the cache changes; dispatchers' fast paths check it
 
     @property
     def exact_only(self) -> bool:
@@ -95,15 +96,17 @@ class Session:
         self.graphs.append(record)
         return record
 
-    def store(self, key, entry: CacheEntry) -> None:
-        """Keep ``entry``; drop entries whose KV tensors are gone, then the oldest beyond the limit."""
+    def store(self, entries: list[tuple]) -> None:
+        """Keep ``(key, entry)`` pairs; drop entries whose KV tensors are gone, then the oldest beyond the limit."""
         cache = self.cache
-        cache[key] = entry
-        cache.move_to_end(key)
+        for key, entry in entries:
+            cache[key] = entry
+            cache.move_to_end(key)
         for old in [k for k, e in cache.items() if any(ref() is None for ref in e.sources)]:
             del cache[old]
         while len(cache) > self.config.max_cache_entries:
             cache.popitem(last=False)
+        self.generation += 1
 
     @property
     def cached_bytes(self) -> int:
@@ -113,6 +116,7 @@ class Session:
     def reset(self) -> None:
         """Drop every cached external result and zero the counters (compiled graphs stay)."""
         self.cache.clear()
+        self.generation += 1
         self.refresh_reasons.clear()
         for record in self.graphs:
             record.refreshes = record.reuses = record.calls = 0
