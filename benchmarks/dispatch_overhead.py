@@ -126,7 +126,7 @@ def measure(num_layers: int, n: int, n_real: int) -> dict:
     reuse_out = tuple(refresh_out[: disp.num_outputs])
 
     # Populate the session cache for these args with the real dispatcher (refresh path).
-    session.cache.clear()
+    session.reset()
     disp(*args)
     assert len(session.cache) >= n_sites
 

@@ -70,6 +70,7 @@ class SplitGraphDispatcher:
         watched = {i for site in sites for i in site.external}
         watched |= {src[0] for site in sites for src in site.out_shape + site.offsets if not isinstance(src, int)}
         self._watched = sorted(watched)
+        self._writes_external = any(site.offsets for site in sites)  # static caches the graph writes
         self._last = None  # (session generation, signature after the call, cached tensors, entries, weakrefs)
 
     def _lookup(self, args) -> tuple[list, str | None]:
@@ -99,12 +100,14 @@ class SplitGraphDispatcher:
             session.refresh_reasons["exact mode" if self.reuse is None else "training or grad mode"] += 1
             return self.refresh(*args)[: self.num_outputs]
         last = self._last
-        if (last is not None and last[0] == session.generation and last[1] == self._signature(args)
-                and all(ref() is args[i] for i, ref in last[4])):  # ids alone could be recycled
-            record.reuses += 1
-            outputs = self.reuse(*args, *last[2])
-            self._remember(args, last[2], last[3])
-            return outputs
+        if last is not None and last[0] == session.generation and session.config.refresh == "block":
+            signature = self._signature(args)
+            if last[1] == signature and all(ref() is args[i] for i, ref in last[4]):  # ids can be recycled
+                record.reuses += 1
+                outputs = self.reuse(*args, *last[2])
+                if self._writes_external:  # the graph bumped the versions of its own cache writes
+                    self._remember(args, last[2], last[3], last[4])
+                return outputs
         keys, found = self._lookup(args)
         if self.probe:
             return self._probe(args, keys, found)
@@ -123,13 +126,14 @@ class SplitGraphDispatcher:
         return tuple((id(a), a._version, a.shape) if isinstance(a, torch.Tensor) else a
                      for a in map(args.__getitem__, self._watched))
 
-    def _remember(self, args, cached: list, entries: list) -> None:
+    def _remember(self, args, cached: list, entries: list, refs: list | None = None) -> None:
         """After a reuse: count the step, note versions the graph itself bumped, arm the fast path."""
         for site, entry in zip(self.sites, entries):
             entry.steps += 1
             entry.versions = [args[j]._version for j in site.external]
         if self.session.config.refresh == "block":
-            refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
+            if refs is None:
+                refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
             self._last = (self.session.generation, self._signature(args), cached, entries, refs)
 
     def _refreshed(self, args, keys, reason: str, extra, per_site: int) -> None:
