@@ -7,7 +7,6 @@ matchers are written once.
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable
 
 import networkx as nx
 import torch
@@ -129,11 +128,6 @@ class DependencyGraph:
             self._inputs[node] = frozenset(n for n in nodes if is_tensor_placeholder(n))
         return self._inputs[node]
 
-    def written_in_place(self, node: fx.Node) -> list[fx.Node]:
-        """In-place writes into any tensor that ``node`` reads (directly or through views)."""
-        nodes = nx.ancestors(self.graph, node) | {node}
-        return [w for base in nodes for w in self.mutations.get(base, ())]
-
 
 VIEW_OPS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "getitem",
             "narrow", "select", "slice", "flatten", "unflatten", "mT", "contiguous", "detach", "view_as"}
@@ -144,7 +138,3 @@ def view_base(node: fx.Node) -> fx.Node:
     while op_name(node) in VIEW_OPS and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
-
-
-def users_outside(nodes: Iterable[fx.Node], allowed: set[fx.Node]) -> bool:
-    return any(user not in allowed for n in nodes for user in n.users)

@@ -7,8 +7,8 @@ For a site whose keys are ``cat([K_e, K_i])`` (values likewise) the pass emits::
 
 with ``K_e``/``K_i`` rebuilt as ``[B, Hkv, n, D]`` without GQA replication (see :mod:`.kv_layout`).
 Several external parts (a dual cache: prefix and suffix) are combined with ``fbcompile.merge_lse``.
-New nodes carry ``meta["fbcompile"] = (site_index, role)`` so later passes (reuse) can find the
-external result of each site. The old attention and whatever only fed it are removed by DCE.
+The external ``(O_e, L_e)`` nodes carry fake example values so that later passes (reuse) can turn
+them into graph inputs. The old attention and whatever only fed it are removed by DCE.
 """
 from __future__ import annotations
 
@@ -22,20 +22,10 @@ from fbcompile.passes.find_attention import AttentionSite
 from fbcompile.passes.kv_layout import CachePrefix
 from fbcompile.passes.graph_utils import example, mutated_tensor, same_size, shape
 
-EXTERNAL_OUT, EXTERNAL_LSE, MERGED = "external_out", "external_lse", "merged"
-
-
-def _call(graph: fx.Graph, target, args, tag=None) -> fx.Node:
-    node = graph.call_function(target, args)
-    if tag is not None:
-        node.meta["fbcompile"] = tag
-    return node
-
-
-def _external_outputs(graph: fx.Graph, node: fx.Node, index: int, like: torch.Tensor) -> tuple[fx.Node, fx.Node]:
+def _external_outputs(graph: fx.Graph, node: fx.Node, like: torch.Tensor) -> tuple[fx.Node, fx.Node]:
     """``(O_e, L_e)`` of a call, with fake example values shaped after the attention output ``like``."""
-    out = _call(graph, operator.getitem, (node, 0), (index, EXTERNAL_OUT))
-    lse = _call(graph, operator.getitem, (node, 1), (index, EXTERNAL_LSE))
+    out = graph.call_function(operator.getitem, (node, 0))
+    lse = graph.call_function(operator.getitem, (node, 1))
     out.meta["example_value"] = like.new_empty(like.shape)
     lse.meta["example_value"] = like.new_empty(like.shape[:-1], dtype=torch.float32)
     return out, lse
@@ -62,7 +52,7 @@ def _key_slice(graph: fx.Graph, mask: fx.Node | None, start, length):
     return graph.call_method("narrow", (mask, -1, start, length))
 
 
-def _rewrite_site(graph: fx.Graph, site: AttentionSite, index: int) -> None:
+def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
     k_layout, v_layout = site.k_layout, site.v_layout
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(shape(site.q)[-1])
     with graph.inserting_before(site.node):
@@ -87,12 +77,12 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, index: int) -> None:
         like = original.new_empty(original.shape, dtype=example(site.q).dtype)
         for i in site.external:
             k, v = canonical(i)
-            part = _call(graph, torch.ops.fbcompile.attention_lse.default,
-                         (site.q, k, v, _key_slice(graph, mask, starts[i], lengths[i]), scale))
-            o, lse = _external_outputs(graph, part, index, like)
+            part = graph.call_function(torch.ops.fbcompile.attention_lse.default,
+                                       (site.q, k, v, _key_slice(graph, mask, starts[i], lengths[i]), scale))
+            o, lse = _external_outputs(graph, part, like)
             if out_ext is not None:
-                merged = _call(graph, torch.ops.fbcompile.merge_lse.default, (out_ext, lse_ext, o, lse))
-                o, lse = _external_outputs(graph, merged, index, like)
+                merged = graph.call_function(torch.ops.fbcompile.merge_lse.default, (out_ext, lse_ext, o, lse))
+                o, lse = _external_outputs(graph, merged, like)
             out_ext, lse_ext = o, lse
 
         parts = [canonical(i) for i in site.internal]
@@ -102,10 +92,10 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite, index: int) -> None:
         length = lengths[first]
         for i in site.internal[1:]:
             length = graph.call_function(operator.add, (length, lengths[i]))
-        result = _call(graph, torch.ops.fbcompile.attention_merge_lse.default,
-                       (site.q, k_int, v_int, _key_slice(graph, mask, starts[first], length), scale,
-                        out_ext, lse_ext))
-        out = _call(graph, operator.getitem, (result, 0), (index, MERGED))
+        result = graph.call_function(torch.ops.fbcompile.attention_merge_lse.default,
+                                     (site.q, k_int, v_int, _key_slice(graph, mask, starts[first], length), scale,
+                                      out_ext, lse_ext))
+        out = graph.call_function(operator.getitem, (result, 0))
         dtype = example(site.node).dtype
         if dtype != example(site.q).dtype:
             out = graph.call_method("to", (out, dtype))
@@ -119,9 +109,9 @@ def is_impure(node: fx.Node) -> bool:
 def split_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
     """Rewrite every splittable site of ``gm`` in place; returns how many were rewritten."""
     rewritten = 0
-    for index, site in enumerate(sites):
+    for site in sites:
         if site.splittable:
-            _rewrite_site(gm.graph, site, index)
+            _rewrite_site(gm.graph, site)
             rewritten += 1
     if rewritten:
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
