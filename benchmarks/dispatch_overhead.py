@@ -44,6 +44,7 @@ import torch
 import fbcompile
 import fbcompile.backends.compiler as fb_compiler
 from fbcompile.backends.dispatcher import SplitGraphDispatcher
+from benchmarks.machine import cpu_name
 from examples.block_diffusion_lm import make_tiny_model
 
 
@@ -60,17 +61,6 @@ class _RecordingDispatcher(SplitGraphDispatcher):
     def __call__(self, *args):
         self.last_args = args
         return super().__call__(*args)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_calls(fn, args, n: int, warmup: int = 200) -> list[int]:

@@ -31,6 +31,7 @@ import time
 import torch
 
 import fbcompile
+from benchmarks.machine import cpu_name
 from examples.block_diffusion_lm import (
     default_position_ids,
     extend_cache,
@@ -44,17 +45,6 @@ def rss_bytes() -> int:
     """Resident set size of this process (Linux /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def kv_bytes(cache) -> int:

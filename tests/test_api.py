@@ -21,13 +21,6 @@ EAGER = fbcompile.Config(refresh="always", compiler="eager")
 SITE_KEYS = {"graph", "node", "form", "q", "kv", "heads", "mask", "decision"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: OpenMP threads only add contention (the suite shares a small machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fbcompile_ops_in(code: str) -> bool:

@@ -40,13 +40,6 @@ VIDEO_CHUNKS, VIDEO_STEPS = 3, 3
 ONE_LAYER = {"num_layers": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: threads only add overhead (and a lot of it on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def prompt():

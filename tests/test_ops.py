@@ -21,13 +21,6 @@ OPS = torch.ops.fbcompile
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP threads only add contention (the suite shares a small machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- the plain reference
