@@ -43,3 +43,19 @@ def test_changing_block_is_measured(tmp_path):
     assert all(-1 <= r["cos_external"] <= 1 + 1e-6 for r in report.records)
     assert {p.name for p in tmp_path.iterdir()} >= {"fidelity.md", "fidelity_records.csv", "fidelity.png"}
     assert "token agreement" in (tmp_path / "fidelity.md").read_text()
+
+
+def test_flashblock_observation_on_the_trained_model():
+    """On the committed trained checkpoint the external part stays, the internal part moves."""
+    from examples.tiny_trained import encode, load_tiny_trained
+
+    prompt = encode(b"import os\n\ndef read_config(path):\n    ")[None].long()
+    report = fbcompile.fidelity(load_tiny_trained(), lambda m: m.generate(prompt, num_blocks=3, steps=8),
+                                prompt_length=prompt.shape[1])
+    assert (report.refreshes, report.calls) == (3, 27)  # 1 refresh per block; 7 steps + commit reuse
+    external = [row["mean_cos_external"] for row in report.per_site]
+    internal = [row["mean_cos_internal"] for row in report.per_site]
+    # measured on CPU (torch 2.13): external 0.76-0.93 per layer, internal 0.25-0.45
+    assert sum(external) / len(external) > 0.8
+    assert all(e > i + 0.2 for e, i in zip(external, internal)), (external, internal)
+    assert all(row["max_reuse_rel_error"] < 1.5 for row in report.per_site)
