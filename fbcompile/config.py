@@ -19,6 +19,9 @@ class Config:
         (token ids, or embeddings) changed since the last refresh - FlashBlock's LLM rule (refresh
         after tau committed tokens). It compares the input on the device: one host sync per call.
     tokens: tau of the ``"tokens"`` policy.
+    exact_save_pass: a call whose graph returns the block's own keys/values (the pass that commits
+        the block into the cache) is computed exactly, as the official FlashBlock code does;
+        otherwise every later block would attend to keys/values computed with the approximation.
     compiler: ``"inductor"`` compiles the rewritten graphs (default); ``"eager"`` runs them as FX
         graphs (fast to start, for debugging and tests).
     max_cache_entries: how many attention sites' external results are kept at most (one per
@@ -27,6 +30,7 @@ class Config:
 
     refresh: str | int = "block"
     tokens: int = 2
+    exact_save_pass: bool = True
     compiler: str = "inductor"
     max_cache_entries: int = 1024
 

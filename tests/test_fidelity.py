@@ -52,7 +52,7 @@ def test_flashblock_observation_on_the_trained_model():
     prompt = encode(b"import os\n\ndef read_config(path):\n    ")[None].long()
     report = fbcompile.fidelity(load_tiny_trained(), lambda m: m.generate(prompt, num_blocks=3, steps=8),
                                 prompt_length=prompt.shape[1])
-    assert (report.refreshes, report.calls) == (3, 27)  # 1 refresh per block; 7 steps + commit reuse
+    assert (report.refreshes, report.calls) == (6, 27)  # per block: 1 refresh, 7 reuses, 1 exact save pass
     external = [row["mean_cos_external"] for row in report.per_site]
     internal = [row["mean_cos_internal"] for row in report.per_site]
     # measured on CPU (torch 2.13): external 0.76-0.93 per layer, internal 0.25-0.45

@@ -16,7 +16,7 @@ from fbcompile.backends.dispatcher import SiteGuard, SplitGraphDispatcher
 from fbcompile.backends.session import Session
 from fbcompile.config import Config
 from fbcompile.passes.find_attention import find_attention_sites
-from fbcompile.passes.graph_utils import is_parameter, same_size
+from fbcompile.passes.graph_utils import VIEW_OPS, is_parameter, op_name, same_size
 from fbcompile.passes.reuse_external import external_results, probe_graph, refresh_graph, reuse_graph
 from fbcompile.passes.split_attention import split_attention
 
@@ -56,12 +56,15 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
     external = [(s.external_inputs, s.cache_offsets(), _block_input(s)) for s in sites if s.splittable]
+    saves_block = config.exact_save_pass and _returns_block_kv(gm, sites)
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
     record.code_refresh, record.split_graph = gm.code, gm
-    if config.refresh == "always":
+    if config.refresh == "always" or saves_block:
+        if saves_block:
+            log.info("graph %d: returns the block's keys/values (a save pass): exact", record.index)
         return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
-                                    len(_outputs(gm)), [])
+                                    len(_outputs(gm)), [], exact_reason="save pass" if saves_block else "exact mode")
     guards = _site_guards(gm, external)
     if session.observer is not None and guards is not None:
         probe_gm, num_outputs = probe_graph(gm)
@@ -70,7 +73,8 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     refresh_gm, num_outputs = refresh_graph(gm)
     if guards is None:
         log.info("graph %d: exact mode only (a query size is not an input size)", record.index)
-        return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None, num_outputs, [])
+        return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None, num_outputs, [],
+                                    exact_reason="query size not guardable")
     reuse_gm, cached_examples = reuse_graph(gm)
     record.code_reuse, record.reuse_graph = reuse_gm.code, reuse_gm
     return SplitGraphDispatcher(
@@ -79,6 +83,18 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
         reuse=_compile(reuse_gm, list(example_inputs) + cached_examples, config),
         num_outputs=num_outputs, sites=guards,
     )
+
+
+def _returns_block_kv(gm: fx.GraphModule, sites) -> bool:
+    """Does the graph return (a view of) some split site's block keys/values, i.e. commit the block?"""
+    outputs = set()
+    for value in _outputs(gm):
+        node = value
+        while isinstance(node, fx.Node):
+            outputs.add(node)
+            node = node.args[0] if op_name(node) in VIEW_OPS and node.args else None
+    return any(isinstance(layout.pieces[i], fx.Node) and layout.pieces[i] in outputs
+               for site in sites if site.splittable for layout in (site.k_layout, site.v_layout) for i in site.internal)
 
 
 def _outputs(gm: fx.GraphModule) -> tuple:

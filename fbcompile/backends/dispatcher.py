@@ -59,12 +59,13 @@ class SplitGraphDispatcher:
     """Callable handed back to dynamo for a graph with split attention sites."""
 
     def __init__(self, session: Session, record: GraphRecord, refresh: Callable, reuse: Callable | None,
-                 num_outputs: int, sites: list[SiteGuard], probe: bool = False):
+                 num_outputs: int, sites: list[SiteGuard], probe: bool = False, exact_reason: str = "exact mode"):
         self.session, self.record = session, record
         self.refresh, self.reuse = refresh, reuse
         self.num_outputs = num_outputs
         self.sites = sites
         self.probe = probe  # refresh is a probe graph: run exactly, simulate the policy beside it
+        self.exact_reason = exact_reason  # why a graph without reuse is exact (stats)
         # fast path of the "block" policy: if nothing the guards read changed since the last call
         # (same tensors, versions, shapes, ints) and the session cache did not change, reuse again
         watched = {i for site in sites for i in site.external}
@@ -97,7 +98,7 @@ class SplitGraphDispatcher:
         record.calls += 1
         if (self.reuse is None and not self.probe) or session.exact_only:
             record.refreshes += 1
-            session.refresh_reasons["exact mode" if self.reuse is None else "training or grad mode"] += 1
+            session.refresh_reasons[self.exact_reason if self.reuse is None else "training or grad mode"] += 1
             return self.refresh(*args)[: self.num_outputs]
         last = self._last
         if last is not None and last[0] == session.generation and session.config.refresh == "block":
