@@ -64,7 +64,8 @@ def main():
             report = fbcompile.fidelity(factory(), generate, config, out=save, prompt_length=P)
             name = f"{refresh}" + (f" (tau={extra['tokens']})" if extra else "")
             rows.append(dict(decoder=decoder, policy=name, refresh_rate=round(report.refresh_rate, 4),
-                             token_agreement=round(report.token_agreement, 4), calls=report.calls,
+                             token_agreement=round(report.token_agreement, 4),
+                             first_divergence=report.first_divergence, calls=report.calls,
                              mean_cos_external=round(sum(r["mean_cos_external"] for r in report.per_site) / len(report.per_site), 4),
                              mean_cos_internal=round(sum(r["mean_cos_internal"] for r in report.per_site) / len(report.per_site), 4),
                              mean_reuse_rel_error=round(sum(r["mean_reuse_rel_error"] for r in report.per_site) / len(report.per_site), 4),

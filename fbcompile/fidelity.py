@@ -41,6 +41,7 @@ class FidelityReport:
     policy: object
     records: list[dict]             # site, step, cos_external, cos_internal, reuse_rel_error
     token_agreement: float          # fraction of generated positions equal to the exact run
+    first_divergence: int           # generated positions before the first one that differs (all: none)
     refreshes: int
     calls: int
     per_site: list[dict] = field(default_factory=list)
@@ -51,6 +52,7 @@ class FidelityReport:
 
     def __str__(self):
         head = (f"fbcompile fidelity (refresh={self.policy!r}): token agreement {self.token_agreement:.4f}, "
+                f"first divergence after {self.first_divergence} generated positions, "
                 f"refresh rate {self.refresh_rate:.3f} ({self.refreshes}/{self.calls} calls)")
         return head + "\n" + tabulate(self.per_site, headers="keys", floatfmt=".4f")
 
@@ -125,7 +127,9 @@ def fidelity(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch
     runner = Session(config)
     reuse_ids = _run(model, generate, runner)
     same_shape = exact_ids.shape == reuse_ids.shape
-    agreement = (exact_ids[..., prompt_length:] == reuse_ids[..., prompt_length:]).float().mean().item() if same_shape else 0.0
+    equal = (exact_ids[..., prompt_length:] == reuse_ids[..., prompt_length:]) if same_shape else None
+    agreement = equal.float().mean().item() if same_shape else 0.0
+    first_divergence = int(equal.reshape(-1, equal.shape[-1]).all(0).long().cumprod(0).sum()) if same_shape else 0
     stats = runner.stats()
     by_site = defaultdict(list)
     for r in records:
@@ -135,6 +139,7 @@ def fidelity(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch
                      mean_reuse_rel_error=_mean([r["reuse_rel_error"] for r in rs]),
                      max_reuse_rel_error=max(r["reuse_rel_error"] for r in rs)) for s, rs in by_site.items()]
     report = FidelityReport(policy=config.refresh, records=records, token_agreement=agreement,
+                            first_divergence=first_divergence,
                             refreshes=stats.refreshes, calls=stats.refreshes + stats.reuses, per_site=per_site)
     if out is not None:
         report.save(out)

@@ -33,7 +33,7 @@ def test_unchanged_block_means_perfect_reuse():
     assert report.records and report.refreshes == 1 and report.calls == 4
     assert all(abs(r["cos_external"] - 1) < 1e-6 and abs(r["cos_internal"] - 1) < 1e-6 for r in report.records)
     assert max(r["reuse_rel_error"] for r in report.records) < 1e-6
-    assert report.token_agreement == 1.0
+    assert report.token_agreement == 1.0 and report.first_divergence == 32
 
 
 def test_changing_block_is_measured(tmp_path):
