@@ -249,3 +249,19 @@ def test_recycled_tensor_ids_are_not_mistaken_for_the_same_cache():
         past_k, past_v = torch.randn(2, 2, 20, 16), torch.randn(2, 2, 20, 16)  # may land on the same ids
         got = model(x, past_k, past_v)
         assert rel_error(got, plain(x, past_k, past_v)) < 1e-5, (step, ids == (id(past_k), id(past_v)))
+
+
+@torch.no_grad()
+def test_inductor_compiles_refresh_and_reuse_graphs():
+    spec = ZooSpec(mask="bool")
+    x, past_k, past_v, mask = make_inputs(spec, seed=14)
+    x2 = torch.randn_like(x)
+    results = []
+    for compiler in ("eager", "inductor"):
+        torch._dynamo.reset()
+        model = fbcompile.optimize(build(spec), fbcompile.Config(refresh="block", compiler=compiler))
+        results.append((model(x, past_k, past_v, mask), model(x2, past_k, past_v, mask)))
+        stats = fbcompile.stats(model)
+        assert (stats.refreshes, stats.reuses) == (1, 1), stats
+    for eager_out, inductor_out in zip(*results):
+        assert rel_error(inductor_out, eager_out) < 1e-5
