@@ -60,21 +60,18 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
     record.code_refresh, record.split_graph = gm.code, gm
-    if config.refresh == "always" or saves_block:
-        if saves_block:
-            log.info("graph %d: returns the block's keys/values (a save pass): exact", record.index)
+    guards = None if config.refresh == "always" or saves_block else _site_guards(gm, external)
+    if guards is None:
+        reason = ("exact mode" if config.refresh == "always" else "save pass" if saves_block
+                  else "query size not guardable")
+        log.info("graph %d: no reuse (%s)", record.index, reason)
         return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
-                                    len(_outputs(gm)), [], exact_reason="save pass" if saves_block else "exact mode")
-    guards = _site_guards(gm, external)
-    if session.observer is not None and guards is not None:
+                                    len(_outputs(gm)), [], exact_reason=reason)
+    if session.observer is not None:
         probe_gm, num_outputs = probe_graph(gm)
         return SplitGraphDispatcher(session, record, _compile(probe_gm, example_inputs, config), None,
                                     num_outputs, guards, probe=True)
     refresh_gm, num_outputs = refresh_graph(gm)
-    if guards is None:
-        log.info("graph %d: exact mode only (a query size is not an input size)", record.index)
-        return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None, num_outputs, [],
-                                    exact_reason="query size not guardable")
     reuse_gm, cached_examples = reuse_graph(gm)
     record.code_reuse, record.reuse_graph = reuse_gm.code, reuse_gm
     return SplitGraphDispatcher(
