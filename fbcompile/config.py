@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-REFRESH_POLICIES = ("block", "always", "tokens")
+REFRESH_POLICIES = ("block", "always", "tokens", "adaptive")
 COMPILERS = ("inductor", "eager")
 
 
@@ -18,7 +18,10 @@ class Config:
         ``"tokens"``: as ``"block"``, and also once ``tokens`` positions of the block's input
         (token ids, or embeddings) changed since the last refresh - FlashBlock's LLM rule (refresh
         after tau committed tokens). It compares the input on the device: one host sync per call.
+        ``"adaptive"``: as ``"block"``, and also when a site's query moved by more than ``drift``
+        (relative L2) since the refresh - measured in the reuse graph, acted on at the next call.
     tokens: tau of the ``"tokens"`` policy.
+    drift: threshold of the ``"adaptive"`` policy.
     exact_save_pass: a call whose graph returns the block's own keys/values (the pass that commits
         the block into the cache) is computed exactly, as the official FlashBlock code does;
         otherwise every later block would attend to keys/values computed with the approximation.
@@ -30,6 +33,7 @@ class Config:
 
     refresh: str | int = "block"
     tokens: int = 2
+    drift: float = 0.3
     exact_save_pass: bool = True
     compiler: str = "inductor"
     max_cache_entries: int = 1024
@@ -41,6 +45,8 @@ class Config:
             raise ValueError(f"Config.refresh must be one of {REFRESH_POLICIES} or an int >= 1, got {self.refresh!r}")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             raise ValueError(f"Config.tokens must be an int >= 1, got {self.tokens!r}")
+        if isinstance(self.drift, bool) or not isinstance(self.drift, (int, float)) or not self.drift > 0:
+            raise ValueError(f"Config.drift must be a number > 0, got {self.drift!r}")
         if self.compiler not in COMPILERS:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:

@@ -265,3 +265,21 @@ def test_inductor_compiles_refresh_and_reuse_graphs():
         assert (stats.refreshes, stats.reuses) == (1, 1), stats
     for eager_out, inductor_out in zip(*results):
         assert rel_error(inductor_out, eager_out) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_adaptive_policy_refreshes_when_the_query_drifts(compiler):
+    spec = ZooSpec(mask="none")
+    plain, model = _layer(spec, fbcompile.Config(refresh="adaptive", drift=0.05, compiler=compiler))
+    x, past_k, past_v, _ = make_inputs(spec, seed=15)
+    model(x, past_k, past_v)                      # refresh (new kv)
+    model(x * 1.01, past_k, past_v)               # reuse; query drift ~1%
+    model(x * 1.01, past_k, past_v)               # drift below 5%: reuse
+    x3 = torch.randn_like(x)
+    model(x3, past_k, past_v)                     # reuse, but its query moved a lot...
+    got = model(x3, past_k, past_v)               # ...so this call refreshes: exact
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (2, 3), stats
+    assert stats.guard_failures == {"new kv": 1, "drift": 1}
+    assert rel_error(got, plain(x3, past_k, past_v)) < 1e-5

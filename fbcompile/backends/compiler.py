@@ -71,8 +71,9 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
         probe_gm, num_outputs = probe_graph(gm)
         return SplitGraphDispatcher(session, record, _compile(probe_gm, example_inputs, config), None,
                                     num_outputs, guards, probe=True)
-    refresh_gm, num_outputs = refresh_graph(gm)
-    reuse_gm, cached_examples = reuse_graph(gm)
+    adaptive = config.refresh == "adaptive"
+    refresh_gm, num_outputs = refresh_graph(gm, with_query=adaptive)
+    reuse_gm, cached_examples = reuse_graph(gm, with_query=adaptive)
     record.code_reuse, record.reuse_graph = reuse_gm.code, reuse_gm
     return SplitGraphDispatcher(
         session, record,

@@ -10,7 +10,9 @@ self-conditioning - share them). A site's entry serves a call only if
 * the cached range starts where it did (static caches: the block's offset);
 * the query block has the same batch, length, dtype and device (``O_e``'s expected shape, read
   off the inputs' sizes, and its dtype/device);
-* the policy does not ask for a refresh.
+* the policy does not ask for a refresh ("adaptive": the largest relative change of a site's
+  query since the refresh, computed on the device by the previous reuse call, is below
+  ``Config.drift``; reading it is the policy's one host sync, one step late).
 
 The dispatcher never reads tensor data and never syncs with the device.
 """
@@ -91,6 +93,9 @@ class SplitGraphDispatcher:
                     entry.block, None if site.block_input is None else args[site.block_input]) >= config.tokens:
                 reason = "policy"
             entries.append(entry)
+        drift = self.session.pending_drift
+        if reason is None and config.refresh == "adaptive" and drift is not None and float(drift) > config.drift:
+            reason = "drift"
         return keys, (entries if reason is None else reason)
 
     def __call__(self, *args):
@@ -116,10 +121,14 @@ class SplitGraphDispatcher:
             record.reuses += 1
             cached = [t for entry in found for t in entry.tensors]
             outputs = self.reuse(*args, *cached)
+            if session.config.refresh == "adaptive":  # the query drift, read at the next call
+                session.pending_drift = outputs[self.num_outputs]
             self._remember(args, cached, found)
-            return outputs
+            return outputs[: self.num_outputs]
         outputs = self.refresh(*args)
-        self._refreshed(args, keys, found, outputs[self.num_outputs:], per_site=2)
+        kept = 3 if session.config.refresh == "adaptive" else 2
+        extra = outputs[self.num_outputs:]
+        self._refreshed(args, keys, found, [extra[kept * i:kept * i + kept] for i in range(len(self.sites))])
         self._last = None
         return outputs[: self.num_outputs]
 
@@ -137,11 +146,12 @@ class SplitGraphDispatcher:
                 refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
             self._last = (self.session.generation, self._signature(args), cached, entries, refs)
 
-    def _refreshed(self, args, keys, reason: str, extra, per_site: int) -> None:
-        """Count a refresh and keep every site's fresh ``(O_e, L_e)``."""
+    def _refreshed(self, args, keys, reason: str, per_site: list) -> None:
+        """Count a refresh and keep every site's fresh ``(O_e, L_e[, q])``."""
         session = self.session
         self.record.refreshes += 1
         session.refresh_reasons[reason] += 1
+        session.pending_drift = None
         log.debug("graph %d: refresh (%s)", self.record.index, reason)
         block = {}
         if session.config.refresh == "tokens":
@@ -154,25 +164,32 @@ class SplitGraphDispatcher:
                                             shapes=[s.shape for s in sources],
                                             offsets=site.offset_values(args),
                                             block=block.get(site.block_input),
-                                            tensors=list(extra[per_site * i:per_site * i + 2]))))
+                                            tensors=list(per_site[i]))))
         session.store(entries)
 
     def _probe(self, args, keys, found):
         """Exact outputs; the policy's refresh/reuse decision is simulated and shown to the observer."""
         outputs = self.refresh(*args)
         extra = outputs[self.num_outputs:]
+        parts = [extra[5 * i:5 * i + 5] for i in range(len(self.sites))]  # O_e, L_e, O_i, L_i, q
         observe = self.session.observer
         if isinstance(found, str):
-            for i in range(len(self.sites)):
-                observe(self.record.index, i, 0, extra[4 * i:4 * i + 4], None)
-            self._refreshed(args, keys, found, extra, per_site=4)
+            for i, part in enumerate(parts):
+                observe(self.record.index, i, 0, part[:4], None)
+            self._refreshed(args, keys, found, [(p[0], p[1], p[4]) for p in parts])
         else:
             self.record.reuses += 1
             for i, (site, entry) in enumerate(zip(self.sites, found)):
                 entry.steps += 1
                 entry.versions = [args[j]._version for j in site.external]
-                observe(self.record.index, i, entry.steps, extra[4 * i:4 * i + 4], entry.tensors)
+                observe(self.record.index, i, entry.steps, parts[i][:4], entry.tensors)
+            if self.session.config.refresh == "adaptive":
+                self.session.pending_drift = max(_relative_change(p[4], e.tensors[2]) for p, e in zip(parts, found))
         return outputs[: self.num_outputs]
+
+
+def _relative_change(now: torch.Tensor, before: torch.Tensor) -> float:
+    return ((now.float() - before.float()).norm() / before.float().norm().clamp_min(1e-30)).item()
 
 
 def _changed_positions(before: torch.Tensor | None, now: torch.Tensor | None) -> int:

@@ -84,6 +84,7 @@ class Session:
         # fidelity measurements: called per site and call with (graph, site, step, fresh, cached)
         self.observer = None
         self.generation = 0  # bumped whenever the cache changes; dispatchers' fast paths check it
+        self.pending_drift = None  # "adaptive": query drift of the last reuse call (a 0-d tensor)
 
     @property
     def exact_only(self) -> bool:
@@ -117,6 +118,7 @@ class Session:
         """Drop every cached external result and zero the counters (compiled graphs stay)."""
         self.cache.clear()
         self.generation += 1
+        self.pending_drift = None
         self.refresh_reasons.clear()
         for record in self.graphs:
             record.refreshes = record.reuses = record.calls = 0

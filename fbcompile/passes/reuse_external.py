@@ -47,40 +47,68 @@ def _with_outputs(gm: fx.GraphModule, extra) -> tuple[fx.GraphModule, int]:
     return gm, len(outputs)
 
 
-def refresh_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` that also returns every ``(O_e, L_e)``; returns it and the original output count."""
+def _merges(graph: fx.Graph) -> list[fx.Node]:
+    merge = torch.ops.fbcompile.attention_merge_lse.default
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is merge]
+
+
+def refresh_graph(gm: fx.GraphModule, with_query: bool = False) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` that also returns every ``(O_e, L_e)`` (and the query, ``with_query``);
+    returns it and the original output count."""
     gm = _copy(gm)
-    return _with_outputs(gm, [n for pair in external_results(gm.graph) for n in pair])
+    extra = [n for m in _merges(gm.graph) for n in (m.args[5], m.args[6], m.args[0])[: 3 if with_query else 2]]
+    return _with_outputs(gm, extra)
 
 
 def probe_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` that also returns ``(O_e, L_e, O_i, L_i)`` per site; and the original output count."""
+    """A copy of ``gm`` that also returns ``(O_e, L_e, O_i, L_i, q)`` per site; and the original output count."""
     gm = _copy(gm)
-    merge = torch.ops.fbcompile.attention_merge_lse.default
     extra = []
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is merge]:
+    for node in _merges(gm.graph):
         with gm.graph.inserting_after(node):
             internal = gm.graph.call_function(torch.ops.fbcompile.attention_lse.default, node.args[:5])
         with gm.graph.inserting_after(internal):
             parts = [gm.graph.call_function(operator.getitem, (internal, i)) for i in range(2)]
-        extra += [node.args[5], node.args[6], *parts]
+        extra += [node.args[5], node.args[6], *parts, node.args[0]]
     return _with_outputs(gm, extra)
 
 
-def reuse_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, list]:
-    """A copy of ``gm`` taking every ``(O_e, L_e)`` as inputs; returns it and their example values."""
+def reuse_graph(gm: fx.GraphModule, with_query: bool = False) -> tuple[fx.GraphModule, list]:
+    """A copy of ``gm`` taking every ``(O_e, L_e)`` as inputs; returns it and their example values.
+
+    ``with_query``: each site also takes the query of its refresh step, and the graph returns one
+    more output, the largest relative change of a site's query since then (the "adaptive" policy's
+    drift signal, computed on the device).
+    """
     gm = _copy(gm)
-    last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-    examples = []
-    for site, pair in enumerate(external_results(gm.graph)):
-        for role, node in zip(("out", "lse"), pair):
-            with gm.graph.inserting_after(last_placeholder):
-                inp = gm.graph.placeholder(f"cached_external_{role}_{site}")
+    graph = gm.graph
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    examples, drifts = [], []
+    for site, merge in enumerate(_merges(graph)):
+        nodes = (merge.args[5], merge.args[6], merge.args[0])[: 3 if with_query else 2]
+        for role, node in zip(("out", "lse", "query"), nodes):
+            with graph.inserting_after(last_placeholder):
+                inp = graph.placeholder(f"cached_external_{role}_{site}")
             inp.meta.update(node.meta)
-            node.replace_all_uses_with(inp)
-            last_placeholder = inp
             examples.append(node.meta.get("example_value"))
-    gm.graph.eliminate_dead_code(is_impure_node=is_impure)
-    gm.graph.lint()
+            last_placeholder = inp
+            if role == "query":
+                drifts.append((node, inp))
+            else:
+                node.replace_all_uses_with(inp)
+    if drifts:
+        output = _output_node(graph)
+        with graph.inserting_before(output):
+            ratios = []
+            for query, reference in drifts:
+                change = graph.call_method("norm", (graph.call_method("float", (
+                    graph.call_function(operator.sub, (query, reference)),)),))
+                scale = graph.call_method("clamp_min", (graph.call_method("norm", (
+                    graph.call_method("float", (reference,)),)), 1e-30))
+                ratios.append(graph.call_function(operator.truediv, (change, scale)))
+            drift = graph.call_method("amax", (graph.call_function(torch.stack, (ratios,)),))
+        output.args = (tuple(output.args[0]) + (drift,),)
+    graph.eliminate_dead_code(is_impure_node=is_impure)
+    graph.lint()
     gm.recompile()
     return gm, examples
