@@ -27,7 +27,8 @@ from benchmarks.machine import cpu_name
 from examples.sdar_lm import SDARLM, SDARConfig
 from examples.tiny_trained import DEFAULT_CHECKPOINT, load_tiny_trained, stdlib_bytes
 
-POLICIES = [("block", {}), (4, {}), (2, {}), ("tokens", {"tokens": 4}), ("tokens", {"tokens": 2})]
+POLICIES = [("block", {}), (4, {}), (2, {}), ("tokens", {"tokens": 4}), ("tokens", {"tokens": 2}),
+            ("adaptive", {"drift": 0.5}), ("adaptive", {"drift": 0.3}), ("adaptive", {"drift": 0.15})]
 
 
 def sdar_from_trained(threshold: float) -> SDARLM:
@@ -62,7 +63,7 @@ def main():
             config = fbcompile.Config(refresh=refresh, compiler="eager", **extra)
             save = folder if (refresh == "block" and decoder.startswith("one")) else None
             report = fbcompile.fidelity(factory(), generate, config, out=save, prompt_length=P)
-            name = f"{refresh}" + (f" (tau={extra['tokens']})" if extra else "")
+            name = f"{refresh}" + "".join(f" ({k}={v})" for k, v in extra.items())
             rows.append(dict(decoder=decoder, policy=name, refresh_rate=round(report.refresh_rate, 4),
                              token_agreement=round(report.token_agreement, 4),
                              first_divergence=report.first_divergence, calls=report.calls,
