@@ -78,6 +78,9 @@ def main():
                checkpoint=os.path.relpath(DEFAULT_CHECKPOINT), blocks=args.blocks, prompt_bytes=P,
                command="PYTHONPATH=. python benchmarks/fidelity_policies.py --out benchmarks/results")
     os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(folder, "fidelity.md"), "a") as f:
+        f.write(f"\nProduced on CPU ({env['machine']}, torch {env['torch']}, Python {env['python']}) by "
+                f"`{env['command']}` (refresh=\"block\", one token per step, {args.blocks} blocks).\n")
     with open(os.path.join(args.out, "fidelity_policies.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
     from tabulate import tabulate
