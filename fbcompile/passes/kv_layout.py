@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -84,7 +84,6 @@ class KVLayout:
     order: list[list[_Factor]]   # final [batch, heads, seq, head_dim] groups, replication dropped
     replication: int
     dtype: torch.dtype
-    chain: list[fx.Node] = field(default_factory=list)
 
     def piece_length(self, index: int):
         piece = self.pieces[index]
@@ -332,4 +331,4 @@ def trace_kv(node: fx.Node) -> KVLayout:
     replication = math.prod(heads[i].size for i in reps) if reps else 1
     return KVLayout(cat=cat, pieces=list(pieces), cat_dim=cat_dim, leaves=leaves,
                     order=[batch, kv_heads, seq_real, head_dim], replication=replication,
-                    dtype=example(node).dtype, chain=chain)
+                    dtype=example(node).dtype)
