@@ -78,6 +78,11 @@ def main():
                checkpoint=os.path.relpath(DEFAULT_CHECKPOINT), blocks=args.blocks, prompt_bytes=P,
                command="PYTHONPATH=. python benchmarks/fidelity_policies.py --out benchmarks/results")
     os.makedirs(args.out, exist_ok=True)
+    records = os.path.join(folder, "fidelity_records.csv")
+    with open(records) as f:
+        rows_csv = f.read()
+    with open(records, "w") as f:  # the results files name their device (comment line for CSV readers)
+        f.write(f"# CPU ({env['machine']}), torch {env['torch']}: {env['command']}\n" + rows_csv)
     with open(os.path.join(folder, "fidelity.md"), "a") as f:
         f.write(f"\nProduced on CPU ({env['machine']}, torch {env['torch']}, Python {env['python']}) by "
                 f"`{env['command']}` (refresh=\"block\", one token per step, {args.blocks} blocks).\n")
@@ -104,7 +109,8 @@ def main():
            title=f"tiny_python_bd, {args.blocks} blocks")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "fidelity_policies.png"), dpi=120)
+    fig.savefig(os.path.join(args.out, "fidelity_policies.png"), dpi=120,
+                metadata={"Description": f"CPU ({env['machine']}), torch {env['torch']}: {env['command']}"})
     print(tabulate(rows, headers="keys"))
 
 
