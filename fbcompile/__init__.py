@@ -7,10 +7,10 @@ import logging as _logging
 import os as _os
 
 from fbcompile.api import explain, optimize, reset, stats
-from fbcompile.config import Config
-from fbcompile.fidelity import fidelity
+from fbcompile.config import Config, ReusePlan
+from fbcompile.fidelity import Calibration, calibrate, fidelity
 
-__all__ = ["Config", "optimize", "explain", "stats", "reset", "fidelity"]
+__all__ = ["Config", "ReusePlan", "optimize", "explain", "stats", "reset", "fidelity", "calibrate", "Calibration"]
 
 _log = _logging.getLogger("fbcompile")
 _log.addHandler(_logging.NullHandler())

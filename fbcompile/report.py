@@ -38,10 +38,15 @@ class Report:
                 continue
             lines.append(_diff(g.code_before, g.code_refresh, f"graph {g.index} before",
                                f"graph {g.index} refresh (computes the external part)"))
-            if g.code_reuse:
+            if g.plan_graphs:
+                for label, gm in g.plan_graphs.items():
+                    lines.append(_diff(g.code_refresh, gm.code, f"graph {g.index} refresh",
+                                       f"graph {g.index} {label} (the reuse plan's recomputed heads)"))
+            elif g.code_reuse:
                 lines.append(_diff(g.code_refresh, g.code_reuse, f"graph {g.index} refresh",
                                    f"graph {g.index} reuse (takes the cached external part)"))
-        lines.append("(full code: report.graphs[i].code_before / code_refresh / code_reuse)")
+        lines.append("(full code: report.graphs[i].code_before / code_refresh / code_reuse; "
+                     "a reuse plan's graphs: .plan_graphs)")
         return "\n".join(lines)
 
 

@@ -12,12 +12,13 @@ import torch
 import torch.fx as fx
 
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
-from fbcompile.backends.dispatcher import SiteGuard, SplitGraphDispatcher
+from fbcompile.backends.dispatcher import SiteGuard, SplitGraphDispatcher, StepGraph
 from fbcompile.backends.session import Session
-from fbcompile.config import Config
+from fbcompile.config import Config, ReusePlan
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import VIEW_OPS, is_parameter, op_name, same_size
-from fbcompile.passes.reuse_external import external_results, probe_graph, refresh_graph, reuse_graph
+from fbcompile.passes.reuse_external import (external_results, probe_graph, refresh_graph, reuse_graph,
+                                             site_heads)
 from fbcompile.passes.split_attention import split_attention
 
 log = logging.getLogger("fbcompile")
@@ -60,27 +61,75 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
     record.code_refresh, record.split_graph = gm.code, gm
+    heads = site_heads(gm.graph)
+    units = sum(h.kv for h in heads)  # KV heads the external parts read (what reuse saves)
     guards = None if config.refresh == "always" or saves_block else _site_guards(gm, external)
     if guards is None:
         reason = ("exact mode" if config.refresh == "always" else "save pass" if saves_block
                   else "query size not guardable")
         log.info("graph %d: no reuse (%s)", record.index, reason)
         return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
-                                    len(_outputs(gm)), [], exact_reason=reason)
+                                    len(_outputs(gm)), [], units=units, exact_reason=reason)
+    if config.reuse_plan is not None:
+        _check_plan(config.reuse_plan, heads)
     if session.observer is not None:
         probe_gm, num_outputs = probe_graph(gm)
         return SplitGraphDispatcher(session, record, _compile(probe_gm, example_inputs, config), None,
-                                    num_outputs, guards, probe=True)
+                                    num_outputs, guards, units=units, probe=True,
+                                    plan_steps=_plan_steps(config, gm, heads, None))
     adaptive = config.refresh == "adaptive"
     refresh_gm, num_outputs = refresh_graph(gm, with_query=adaptive)
-    reuse_gm, cached_examples = reuse_graph(gm, with_query=adaptive)
-    record.code_reuse, record.reuse_graph = reuse_gm.code, reuse_gm
+    reuse = plan_steps = None
+    if config.reuse_plan is None:
+        reuse_gm, cached_examples, _ = reuse_graph(gm, with_query=adaptive)
+        record.code_reuse, record.reuse_graph = reuse_gm.code, reuse_gm
+        reuse = _compile(reuse_gm, list(example_inputs) + cached_examples, config)
+    else:
+        plan_steps = _plan_steps(config, gm, heads, (record, example_inputs))
     return SplitGraphDispatcher(
         session, record,
-        refresh=_compile(refresh_gm, example_inputs, config),
-        reuse=_compile(reuse_gm, list(example_inputs) + cached_examples, config),
-        num_outputs=num_outputs, sites=guards,
+        refresh=_compile(refresh_gm, example_inputs, config), reuse=reuse,
+        num_outputs=num_outputs, sites=guards, units=units, plan_steps=plan_steps,
     )
+
+
+def _check_plan(plan: ReusePlan, heads: list) -> None:
+    if plan.sites != len(heads):
+        raise ValueError(f"Config.reuse_plan covers {plan.sites} attention site(s), but this graph has "
+                         f"{len(heads)}; calibrate on the same model and inputs")
+    for i, h in enumerate(heads):
+        if plan.heads(i) != h.query:
+            raise ValueError(f"Config.reuse_plan lists {plan.heads(i)} heads for site {i}, which has {h.query}")
+
+
+def _plan_steps(config: Config, gm: fx.GraphModule, heads: list, compile_for) -> list[StepGraph] | None:
+    """One :class:`StepGraph` per step of the reuse plan; steps that recompute the same KV heads
+    share a graph. ``compile_for``: ``(record, example inputs)``, or None to only list what each
+    step recomputes (probe mode simulates it)."""
+    plan = config.reuse_plan
+    if plan is None:
+        return None
+    steps_of: dict[tuple, list[int]] = {}  # KV-head ranges per site -> the steps that read them
+    for step in range(1, plan.steps + 1):
+        ranges = tuple(tuple(plan.recompute(i, step, h.kv)) for i, h in enumerate(heads))
+        steps_of.setdefault(ranges, []).append(step)
+    by_step = {}
+    for ranges, steps in steps_of.items():
+        run, updated = None, [i for i, r in enumerate(ranges) if r]
+        if compile_for is not None:
+            record, example_inputs = compile_for
+            step_gm, cached_examples, updated = reuse_graph(gm, with_query=config.refresh == "adaptive",
+                                                            recompute=[list(r) for r in ranges])
+            record.plan_graphs[f"reuse, steps {', '.join(map(str, steps))}"] = step_gm
+            if record.reuse_graph is None:
+                record.code_reuse, record.reuse_graph = step_gm.code, step_gm
+            run = _compile(step_gm, list(example_inputs) + cached_examples, config)
+        graph = StepGraph(run=run, updated=updated,
+                          recompute=[[(a * h.query // h.kv, b * h.query // h.kv) for a, b in r]
+                                     for r, h in zip(ranges, heads)],
+                          units=sum(b - a for r in ranges for a, b in r))
+        by_step.update(dict.fromkeys(steps, graph))
+    return [by_step[step] for step in range(1, plan.steps + 1)]
 
 
 def _returns_block_kv(gm: fx.GraphModule, sites) -> bool:

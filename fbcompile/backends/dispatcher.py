@@ -12,7 +12,11 @@ self-conditioning - share them). A site's entry serves a call only if
   off the inputs' sizes, and its dtype/device);
 * the policy does not ask for a refresh ("adaptive": the largest relative change of a site's
   query since the refresh, computed on the device by the previous reuse call, is below
-  ``Config.drift``; reading it is the policy's one host sync, one step late).
+  ``Config.drift``; reading it is the policy's one host sync, one step late), and the step is
+  within the reuse plan, if there is one.
+
+With a reuse plan, each step since the refresh runs its own reuse graph, which recomputes the
+plan's KV heads and returns their fresh ``(O_e, L_e)``; those overwrite the cached ones.
 
 The dispatcher never reads tensor data and never syncs with the device.
 """
@@ -49,6 +53,16 @@ class SiteGuard:
         return [_size(o, args) for o in self.offsets]
 
 
+@dataclass
+class StepGraph:
+    """The reuse graph of one step of a reuse plan, and what it recomputes."""
+
+    run: Callable | None        # None in probe mode (the probe graph's exact parts are mixed instead)
+    updated: list[int]          # sites whose updated (O_e, L_e) the graph returns, in order
+    recompute: list[list]       # per site, query-head ranges [start, end) computed afresh
+    units: int                  # KV heads read in all
+
+
 def _size(source, args):
     """A size known at compile time (int) or read off the arguments: ``(index, dim)``, dim None for an int."""
     if isinstance(source, int):
@@ -61,11 +75,14 @@ class SplitGraphDispatcher:
     """Callable handed back to dynamo for a graph with split attention sites."""
 
     def __init__(self, session: Session, record: GraphRecord, refresh: Callable, reuse: Callable | None,
-                 num_outputs: int, sites: list[SiteGuard], probe: bool = False, exact_reason: str = "exact mode"):
+                 num_outputs: int, sites: list[SiteGuard], units: int, probe: bool = False,
+                 exact_reason: str = "exact mode", plan_steps: list[StepGraph] | None = None):
         self.session, self.record = session, record
         self.refresh, self.reuse = refresh, reuse
         self.num_outputs = num_outputs
         self.sites = sites
+        self.units = units  # KV heads the external parts read at a refresh
+        self.plan_steps = plan_steps
         self.probe = probe  # refresh is a probe graph: run exactly, simulate the policy beside it
         self.exact_reason = exact_reason  # why a graph without reuse is exact (stats)
         # fast path of the "block" policy: if nothing the guards read changed since the last call
@@ -89,6 +106,8 @@ class SplitGraphDispatcher:
                 continue
             entry = cache.get(key)
             reason = _stale(entry, sources, site, args, config.refresh)
+            if reason is None and self.plan_steps is not None and entry.steps >= len(self.plan_steps):
+                reason = "past the reuse plan"
             if reason is None and config.refresh == "tokens" and _changed_positions(
                     entry.block, None if site.block_input is None else args[site.block_input]) >= config.tokens:
                 reason = "policy"
@@ -101,12 +120,14 @@ class SplitGraphDispatcher:
     def __call__(self, *args):
         session, record = self.session, self.record
         record.calls += 1
-        if (self.reuse is None and not self.probe) or session.exact_only:
+        session.external_units[1] += self.units
+        if not self.sites or session.exact_only:
             record.refreshes += 1
-            session.refresh_reasons[self.exact_reason if self.reuse is None else "training or grad mode"] += 1
+            session.external_units[0] += self.units
+            session.refresh_reasons[self.exact_reason if not self.sites else "training or grad mode"] += 1
             return self.refresh(*args)[: self.num_outputs]
         last = self._last
-        if last is not None and last[0] == session.generation and session.config.refresh == "block":
+        if last is not None and last[0] == session.generation:
             signature = self._signature(args)
             if last[1] == signature and all(ref() is args[i] for i, ref in last[4]):  # ids can be recycled
                 record.reuses += 1
@@ -120,11 +141,19 @@ class SplitGraphDispatcher:
         if not isinstance(found, str):
             record.reuses += 1
             cached = [t for entry in found for t in entry.tensors]
-            outputs = self.reuse(*args, *cached)
+            step = self.plan_steps[found[0].steps] if self.plan_steps is not None else None
+            outputs = (self.reuse if step is None else step.run)(*args, *cached)
+            extra = outputs[self.num_outputs:]
+            if step is not None:
+                session.external_units[0] += step.units
+                for i, site in enumerate(step.updated):
+                    found[site].tensors[:2] = extra[2 * i:2 * i + 2]
+                extra = extra[2 * len(step.updated):]
             if session.config.refresh == "adaptive":  # the query drift, read at the next call
-                session.pending_drift = outputs[self.num_outputs]
+                session.pending_drift = extra[0]
             self._remember(args, cached, found)
             return outputs[: self.num_outputs]
+        session.external_units[0] += self.units
         outputs = self.refresh(*args)
         kept = 3 if session.config.refresh == "adaptive" else 2
         extra = outputs[self.num_outputs:]
@@ -141,7 +170,7 @@ class SplitGraphDispatcher:
         for site, entry in zip(self.sites, entries):
             entry.steps += 1
             entry.versions = [args[j]._version for j in site.external]
-        if self.session.config.refresh == "block":
+        if self.session.config.refresh == "block" and self.plan_steps is None:
             if refs is None:
                 refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
             self._last = (self.session.generation, self._signature(args), cached, entries, refs)
@@ -174,12 +203,20 @@ class SplitGraphDispatcher:
         parts = [extra[5 * i:5 * i + 5] for i in range(len(self.sites))]  # O_e, L_e, O_i, L_i, q
         observe = self.session.observer
         if isinstance(found, str):
+            self.session.external_units[0] += self.units
             for i, part in enumerate(parts):
                 observe(self.record.index, i, 0, part[:4], None)
             self._refreshed(args, keys, found, [(p[0], p[1], p[4]) for p in parts])
         else:
             self.record.reuses += 1
+            step = self.plan_steps[found[0].steps] if self.plan_steps is not None else None
             for i, (site, entry) in enumerate(zip(self.sites, found)):
+                if step is not None and step.recompute[i]:  # as the step's reuse graph: fresh heads overwrite
+                    for k in range(2):
+                        mixed = entry.tensors[k].clone()
+                        for start, end in step.recompute[i]:
+                            mixed[:, start:end] = parts[i][k][:, start:end]
+                        entry.tensors[k] = mixed
                 entry.steps += 1
                 entry.versions = [args[j]._version for j in site.external]
                 observe(self.record.index, i, entry.steps, parts[i][:4], entry.tensors)

@@ -29,6 +29,7 @@ class GraphRecord:
     code_reuse: str | None = None     # the graph that takes the cached external part as input
     split_graph: fx.GraphModule | None = None
     reuse_graph: fx.GraphModule | None = None
+    plan_graphs: dict = field(default_factory=dict)  # reuse plan: "reuse, steps 1, 2" -> its graph
     refreshes: int = 0
     reuses: int = 0
     calls: int = 0
@@ -60,10 +61,12 @@ class Stats:
     reuses: int
     guard_failures: dict
     sites: list[dict] = field(default_factory=list)
+    external_fraction: float = 1.0  # KV heads the external parts read / what exact mode would read
 
     def __str__(self):
         head = (f"fbcompile stats: {self.compiles} graph(s) compiled, {self.refreshes} refresh call(s), "
-                f"{self.reuses} reuse call(s)")
+                f"{self.reuses} reuse call(s), external attention computed for "
+                f"{self.external_fraction:.1%} of the KV heads exact mode would read")
         lines = [head]
         if self.sites:
             lines.append(tabulate(self.sites, headers="keys"))
@@ -85,6 +88,7 @@ class Session:
         self.observer = None
         self.generation = 0  # bumped whenever the cache changes; dispatchers' fast paths check it
         self.pending_drift = None  # "adaptive": query drift of the last reuse call (a 0-d tensor)
+        self.external_units = [0, 0]  # KV heads the external parts read: [computed, exact mode's]
 
     @property
     def exact_only(self) -> bool:
@@ -120,6 +124,7 @@ class Session:
         self.generation += 1
         self.pending_drift = None
         self.refresh_reasons.clear()
+        self.external_units = [0, 0]
         for record in self.graphs:
             record.refreshes = record.reuses = record.calls = 0
 
@@ -133,4 +138,5 @@ class Session:
         split_graphs = [r for r in self.graphs if r.rewritten]
         return Stats(compiles=len(self.graphs), refreshes=sum(r.refreshes for r in split_graphs),
                      reuses=sum(r.reuses for r in split_graphs),
-                     guard_failures=dict(self.refresh_reasons), sites=sites)
+                     guard_failures=dict(self.refresh_reasons), sites=sites,
+                     external_fraction=self.external_units[0] / self.external_units[1] if self.external_units[1] else 1.0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -21,6 +22,18 @@ import torch.fx as fx
 from fbcompile.passes.find_attention import AttentionSite
 from fbcompile.passes.kv_layout import CachePrefix
 from fbcompile.passes.graph_utils import example, mutated_tensor, same_size, shape
+
+
+@dataclass(frozen=True)
+class SiteHeads:
+    """Head layout of a split site, kept in its merge node's ``meta["fbcompile_heads"]`` so that later
+    passes can compute the external part for some heads only: query head ``h`` reads KV head
+    ``h // (query // kv)``; ``mask_dim`` is the mask's heads dim (None: broadcast over heads)."""
+
+    query: int
+    kv: int
+    mask_dim: int | None
+
 
 def _external_outputs(graph: fx.Graph, node: fx.Node, like: torch.Tensor) -> tuple[fx.Node, fx.Node]:
     """``(O_e, L_e)`` of a call, with fake example values shaped after the attention output ``like``."""
@@ -50,6 +63,15 @@ def _key_slice(graph: fx.Graph, mask: fx.Node | None, start, length):
     if mask is None or same_size(shape(mask)[-1], 1):  # no mask, or one broadcast over the keys
         return mask
     return graph.call_method("narrow", (mask, -1, start, length))
+
+
+def _heads(site: AttentionSite) -> SiteHeads:
+    mask_dim = None
+    if site.mask is not None:
+        mask_shape = shape(site.mask)
+        if len(mask_shape) >= 3 and not same_size(mask_shape[-3], 1):
+            mask_dim = len(mask_shape) - 3
+    return SiteHeads(query=shape(site.q)[1], kv=site.kv_heads(), mask_dim=mask_dim)
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
@@ -95,6 +117,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
         result = graph.call_function(torch.ops.fbcompile.attention_merge_lse.default,
                                      (site.q, k_int, v_int, _key_slice(graph, mask, starts[first], length), scale,
                                       out_ext, lse_ext))
+        result.meta["fbcompile_heads"] = _heads(site)
         out = graph.call_function(operator.getitem, (result, 0))
         dtype = example(site.node).dtype
         if dtype != example(site.q).dtype:
