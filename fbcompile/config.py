@@ -1,6 +1,7 @@
 """The one configuration object of fbcompile (also accepted as ``torch.compile(options=...)``)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 
 from tabulate import tabulate
@@ -55,6 +56,16 @@ class ReusePlan:
                 else:
                     ranges.append((kv, kv + 1))
         return ranges
+
+    def save(self, path: str) -> None:
+        """Write the plan as JSON (``[site][step][head]`` booleans), for :meth:`load`."""
+        with open(path, "w") as f:
+            json.dump({"reuse": self.reuse}, f)
+
+    @classmethod
+    def load(cls, path: str) -> "ReusePlan":
+        with open(path) as f:
+            return cls(json.load(f)["reuse"])
 
     @property
     def reused_fraction(self) -> float:

@@ -181,3 +181,21 @@ def test_fidelity_simulates_the_plan():
     assert [r["reuse_rel_error"] for r in every.records] == [r["reuse_rel_error"] for r in block.records]
     assert every.external_fraction == block.external_fraction < 0.6
     assert "with a reuse plan" in str(every)
+
+
+def tiny_generate(model):
+    """``--generate`` of the command-line test: 2 blocks of 4 steps."""
+    return model.generate(torch.arange(9)[None], num_blocks=2, steps=4)
+
+
+def test_command_line_calibrates_and_evaluates_a_plan(tmp_path, capsys):
+    from fbcompile.__main__ import main
+
+    common = ["--model", "examples.block_diffusion_lm:make_tiny_model", "--generate", "test_reuse_plan:tiny_generate"]
+    assert main(["calibrate", *common, "--cos", "0.5", "--lse-drift", "100", "--out", str(tmp_path / "cal")]) == 0
+    plan = fbcompile.ReusePlan.load(str(tmp_path / "cal" / "plan.json"))
+    assert (plan.sites, plan.steps) == (make_tiny_model().config.num_layers, 3)
+    assert "min_head_cos" in (tmp_path / "cal" / "calibration.md").read_text()
+    assert main(["fidelity", *common, "--plan", str(tmp_path / "cal" / "plan.json"), "--out", str(tmp_path / "f")]) == 0
+    assert "with a reuse plan" in capsys.readouterr().out
+    assert (tmp_path / "f" / "fidelity.md").exists()
