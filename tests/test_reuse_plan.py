@@ -199,3 +199,12 @@ def test_command_line_calibrates_and_evaluates_a_plan(tmp_path, capsys):
     assert main(["fidelity", *common, "--plan", str(tmp_path / "cal" / "plan.json"), "--out", str(tmp_path / "f")]) == 0
     assert "with a reuse plan" in capsys.readouterr().out
     assert (tmp_path / "f" / "fidelity.md").exists()
+
+
+@torch.no_grad()
+def test_calibration_without_reuse_steps_is_a_clear_error():
+    prompt = torch.arange(9)[None]
+    with pytest.raises(ValueError, match="saw no reuse step"):
+        fbcompile.calibrate(make_tiny_model(), lambda m: m.generate(prompt, num_blocks=2, steps=1))
+    with pytest.raises(ValueError, match="without a reuse_plan"):
+        fbcompile.calibrate(make_tiny_model(), tiny_generate, fbcompile.Config(reuse_plan=PLAN))
