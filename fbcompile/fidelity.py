@@ -116,7 +116,7 @@ def fidelity(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch
     records = []
     first: dict = {}
 
-    def observe(graph, site, step, fresh, cached):
+    def observe(graph, site, step, fresh, cached, kv_heads):
         o_e, l_e, o_i, l_i = fresh
         name = f"site {site}"
         if cached is None:
@@ -157,82 +157,117 @@ def fidelity(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch
 
 @dataclass
 class Calibration:
-    """How far each head's fresh external part moved from the cached one, per site and step.
+    """How far each head's external part moves between the steps of a block.
 
-    ``cos[site][step - 1][head]``: cosine similarity of the fresh ``O_e`` to the cached one (the
-    block's refresh step); ``lse_drift``: mean ``|L_e - cached L_e|``; ``layer_cos`` and
-    ``layer_lse_drift`` (``[site][step - 1]``): the same over all heads of the site. Means over the
-    calibration calls; ``calls[site][step - 1]`` says how many.
+    ``pairs[(site, a, b)]`` (steps ``0 <= a < b``, 0 the refresh): ``calls``, per query head the mean
+    cosine similarity ``cos`` of ``O_e`` at step ``b`` to step ``a`` and the mean ``|L_e|`` change
+    ``lse_drift``, and the same over the whole site, ``layer_cos`` and ``layer_lse_drift``.
+    ``cos``, ``lse_drift``, ``layer_cos``, ``layer_lse_drift`` and ``calls`` give the ones against the
+    refresh as ``[site][step - 1]`` lists.
     """
 
-    cos: list
-    lse_drift: list
-    layer_cos: list
-    layer_lse_drift: list
-    calls: list
+    pairs: dict
+    kv_heads: list  # per site
+
+    @property
+    def steps(self) -> int:
+        return max(b for _, _, b in self.pairs)
+
+    def _from_refresh(self, key: str) -> list:
+        return [[self.pairs[(i, 0, s)][key] if (i, 0, s) in self.pairs else None for s in range(1, self.steps + 1)]
+                for i in range(len(self.kv_heads))]
+
+    cos = property(lambda self: self._from_refresh("cos"))
+    lse_drift = property(lambda self: self._from_refresh("lse_drift"))
+    layer_cos = property(lambda self: self._from_refresh("layer_cos"))
+    layer_lse_drift = property(lambda self: self._from_refresh("layer_lse_drift"))
+    calls = property(lambda self: self._from_refresh("calls"))
 
     def plan(self, cos: float = 0.85, lse_drift: float = 0.05, granularity: str = "head") -> ReusePlan:
-        """Reuse where ``cos >= cos`` and drift ``<= lse_drift``: per head, or per site (``"layer"``)."""
-        if granularity == "head":
-            reuse = [[[c >= cos and d <= lse_drift for c, d in zip(cs, ds)] for cs, ds in zip(site_c, site_d)]
-                     for site_c, site_d in zip(self.cos, self.lse_drift)]
-        elif granularity == "layer":
-            reuse = [[[c >= cos and d <= lse_drift] * len(heads) for c, d, heads in zip(lc, ld, site_c)]
-                     for lc, ld, site_c in zip(self.layer_cos, self.layer_lse_drift, self.cos)]
-        else:
+        """Reuse while ``cos >= cos`` and drift ``<= lse_drift`` hold against the last recompute.
+
+        Step by step, as the plan will run: a KV head's query heads (``"head"``; they are recomputed
+        together) or a whole site (``"layer"``) reuse if every one of them is within the thresholds
+        of the step at which its cached part was last computed (the refresh, or a step that
+        recomputed it, which overwrites the cache); otherwise they are recomputed at that step.
+        A step never measured against that one recomputes.
+        """
+        if granularity not in ("head", "layer"):
             raise ValueError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+        reuse = []
+        for site, kv in enumerate(self.kv_heads):
+            heads = len(self.pairs[(site, 0, 1)]["cos"])
+            group = heads // kv if granularity == "head" else heads
+            last = [0] * (heads // group)
+            steps = []
+            for step in range(1, self.steps + 1):
+                row = []
+                for unit in range(len(last)):
+                    pair = self.pairs.get((site, last[unit], step))
+                    if pair is None:
+                        ok = False
+                    elif granularity == "layer":
+                        ok = pair["layer_cos"] >= cos and pair["layer_lse_drift"] <= lse_drift
+                    else:
+                        span = range(unit * group, (unit + 1) * group)
+                        ok = all(pair["cos"][h] >= cos and pair["lse_drift"][h] <= lse_drift for h in span)
+                    if not ok:
+                        last[unit] = step
+                    row += [ok] * group
+                steps.append(row)
+            reuse.append(steps)
         return ReusePlan(reuse)
 
     def __str__(self):
         rows = [dict(site=f"site {i}", step=s + 1, calls=self.calls[i][s], layer_cos=self.layer_cos[i][s],
                      min_head_cos=min(self.cos[i][s]), layer_lse_drift=self.layer_lse_drift[i][s],
                      max_head_lse_drift=max(self.lse_drift[i][s]))
-                for i in range(len(self.cos)) for s in range(len(self.cos[i]))]
-        return "fbcompile calibration (fresh vs cached external part)\n" + tabulate(rows, headers="keys", floatfmt=".4f")
+                for i in range(len(self.kv_heads)) for s in range(self.steps) if self.calls[i][s] is not None]
+        return ("fbcompile calibration (external part at each step vs the refresh)\n"
+                + tabulate(rows, headers="keys", floatfmt=".4f"))
 
 
 def calibrate(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch.Tensor],
               config: Config | None = None) -> Calibration:
-    """Run ``generate`` on a probed copy of ``model`` (exact) and measure, at every reuse step of
-    ``config``'s policy (default ``"block"``), each head's fresh external part against the cached one."""
+    """Run ``generate`` on a probed copy of ``model`` (exact) and measure, for every pair of steps
+    of ``config``'s policy (default ``"block"``: the steps of a block), how far each head's
+    external part moved."""
     config = config or Config(refresh="block", compiler="eager")
     if config.refresh == "always" or config.reuse_plan is not None:
         raise ValueError("calibrate measures full reuse: use a reuse policy without a reuse_plan")
-    sums: dict = defaultdict(lambda: [0, 0.0, 0.0, None, None])  # (site, step) -> calls, layer cos/drift, head sums
+    sums: dict = {}
+    history: dict = {}  # site -> fresh (O_e, L_e) of each step since its refresh
+    kv_heads: dict = {}
 
-    def observe(graph, site, step, fresh, cached):
-        if cached is None:
-            return
+    def observe(graph, site, step, fresh, cached, kv):
         o_e, l_e = fresh[0].float(), fresh[1].float()
-        c_o, c_l = cached[0].float(), cached[1].float()
+        kv_heads[site] = kv
+        if cached is None:
+            history[site] = [(o_e, l_e)]
+            return
+        if len(history.get(site, ())) != step:  # not a step-by-step sequence of this site: no pairs
+            return
         heads = o_e.shape[1]
-        head_cos = torch.nn.functional.cosine_similarity(
-            o_e.transpose(0, 1).reshape(heads, -1), c_o.transpose(0, 1).reshape(heads, -1), dim=1)
-        head_drift = (l_e - c_l).abs().transpose(0, 1).reshape(heads, -1).mean(1)
-        entry = sums[(site, step)]
-        entry[0] += 1
-        entry[1] += _cos(o_e, c_o)
-        entry[2] += (l_e - c_l).abs().mean().item()
-        entry[3] = head_cos if entry[3] is None else entry[3] + head_cos
-        entry[4] = head_drift if entry[4] is None else entry[4] + head_drift
+        for a, (o_a, l_a) in enumerate(history[site]):
+            head_cos = torch.nn.functional.cosine_similarity(
+                o_e.transpose(0, 1).reshape(heads, -1), o_a.transpose(0, 1).reshape(heads, -1), dim=1)
+            change = (l_e - l_a).abs()
+            entry = sums.setdefault((site, a, step), [0, 0.0, 0.0, 0, 0])
+            entry[0] += 1
+            entry[1] += _cos(o_e, o_a)
+            entry[2] += change.mean().item()
+            entry[3] = entry[3] + head_cos
+            entry[4] = entry[4] + change.transpose(0, 1).reshape(heads, -1).mean(1)
+        history[site].append((o_e, l_e))
 
     session = Session(config)
     session.observer = observe
     _run(model, generate, session)
     if not sums:
         raise ValueError("calibration saw no reuse step: does generate call the model more than once per block?")
-    sites = 1 + max(site for site, _ in sums)
-    steps = max(step for _, step in sums)
-    missing = [(i, s) for i in range(sites) for s in range(1, steps + 1) if (i, s) not in sums]
-    if missing:
-        raise ValueError(f"calibration saw no call at (site, step) {missing[:4]}: every step up to {steps} "
-                         "must be observed for every site")
-    table = [[sums[(i, s)] for s in range(1, steps + 1)] for i in range(sites)]
-    return Calibration(cos=[[(e[3] / e[0]).tolist() for e in row] for row in table],
-                       lse_drift=[[(e[4] / e[0]).tolist() for e in row] for row in table],
-                       layer_cos=[[e[1] / e[0] for e in row] for row in table],
-                       layer_lse_drift=[[e[2] / e[0] for e in row] for row in table],
-                       calls=[[e[0] for e in row] for row in table])
+    pairs = {key: dict(calls=n, cos=(c / n).tolist(), lse_drift=(d / n).tolist(), layer_cos=lc / n,
+                       layer_lse_drift=ld / n) for key, (n, lc, ld, c, d) in sums.items()}
+    return Calibration(pairs=pairs, kv_heads=[kv_heads[i] for i in range(1 + max(kv_heads))])
 
 
 def _run(model, generate, session: Session) -> torch.Tensor:

@@ -116,6 +116,25 @@ def test_all_false_plan_is_exact_on_the_example_model():
     assert stats.reuses == 3 * 3 and stats.external_fraction == 1.0, stats
 
 
+def test_calibration_plans_step_by_step_against_the_last_recompute():
+    def pair(cos, drift=0.0):
+        return dict(calls=1, cos=[cos, 1.0], lse_drift=[drift, 0.0], layer_cos=cos, layer_lse_drift=drift)
+    # one site, 2 query heads over 1 KV head; head 0 drifts away from the refresh but not from step 2
+    calibration = fbcompile.Calibration(pairs={
+        (0, 0, 1): pair(0.99), (0, 0, 2): pair(0.5), (0, 1, 2): pair(0.5), (0, 0, 3): pair(0.5),
+        (0, 2, 3): pair(0.99), (0, 2, 4): pair(0.99, drift=0.2)}, kv_heads=[1])
+    for granularity in ("head", "layer"):
+        plan = calibration.plan(cos=0.9, lse_drift=0.1, granularity=granularity)
+        # step 2 recomputes (far from the refresh), step 3 reuses (close to step 2), step 4's drift
+        # from step 2 is too large
+        assert plan.reuse == (((True, True), (False, False), (True, True), (False, False)),), granularity
+    two_kv = fbcompile.Calibration(pairs={(0, 0, 1): pair(0.5)}, kv_heads=[2])
+    assert two_kv.plan(cos=0.9).reuse == (((False, True),),)  # KV heads decide apart
+    assert two_kv.plan(cos=0.9, granularity="layer").reuse == (((False, False),),)
+    missing = fbcompile.Calibration(pairs={(0, 0, 1): pair(0.99), (0, 0, 3): pair(0.99)}, kv_heads=[1])
+    assert missing.plan(cos=0.9).reuse == (((True, True), (False, False), (False, False)),)  # (0, 2) never seen
+
+
 def test_plan_is_validated():
     with pytest.raises(ValueError, match="same number of steps"):
         fbcompile.ReusePlan([[[True]], [[True], [True]]])
@@ -156,7 +175,8 @@ def test_calibration_measures_heads_and_makes_plans():
     middle = sorted(flat)[len(flat) // 2]
     per_head = calibration.plan(cos=middle, lse_drift=1e9)
     assert 0 < per_head.reused_fraction < 1
-    assert per_head.reuse[0][0][0] == (calibration.cos[0][0][0] >= middle)
+    group = heads // calibration.kv_heads[0]
+    assert per_head.reuse[0][0][0] == all(c >= middle for c in calibration.cos[0][0][:group])
     per_layer = calibration.plan(cos=middle, lse_drift=1e9, granularity="layer")
     assert all(len(set(step)) == 1 for site in per_layer.reuse for step in site)
     assert "site 0" in str(calibration) and "step 3" in str(per_head)

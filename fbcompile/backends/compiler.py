@@ -62,20 +62,20 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
         return _compile(gm, example_inputs, config)
     record.code_refresh, record.split_graph = gm.code, gm
     heads = site_heads(gm.graph)
-    units = sum(h.kv for h in heads)  # KV heads the external parts read (what reuse saves)
+    kv_heads = [h.kv for h in heads]
     guards = None if config.refresh == "always" or saves_block else _site_guards(gm, external)
     if guards is None:
         reason = ("exact mode" if config.refresh == "always" else "save pass" if saves_block
                   else "query size not guardable")
         log.info("graph %d: no reuse (%s)", record.index, reason)
         return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
-                                    len(_outputs(gm)), [], units=units, exact_reason=reason)
+                                    len(_outputs(gm)), [], kv_heads=kv_heads, exact_reason=reason)
     if config.reuse_plan is not None:
         _check_plan(config.reuse_plan, heads)
     if session.observer is not None:
         probe_gm, num_outputs = probe_graph(gm)
         return SplitGraphDispatcher(session, record, _compile(probe_gm, example_inputs, config), None,
-                                    num_outputs, guards, units=units, probe=True,
+                                    num_outputs, guards, kv_heads=kv_heads, probe=True,
                                     plan_steps=_plan_steps(config, gm, heads, None))
     adaptive = config.refresh == "adaptive"
     refresh_gm, num_outputs = refresh_graph(gm, with_query=adaptive)
@@ -89,7 +89,7 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     return SplitGraphDispatcher(
         session, record,
         refresh=_compile(refresh_gm, example_inputs, config), reuse=reuse,
-        num_outputs=num_outputs, sites=guards, units=units, plan_steps=plan_steps,
+        num_outputs=num_outputs, sites=guards, kv_heads=kv_heads, plan_steps=plan_steps,
     )
 
 

@@ -75,13 +75,14 @@ class SplitGraphDispatcher:
     """Callable handed back to dynamo for a graph with split attention sites."""
 
     def __init__(self, session: Session, record: GraphRecord, refresh: Callable, reuse: Callable | None,
-                 num_outputs: int, sites: list[SiteGuard], units: int, probe: bool = False,
+                 num_outputs: int, sites: list[SiteGuard], kv_heads: list[int], probe: bool = False,
                  exact_reason: str = "exact mode", plan_steps: list[StepGraph] | None = None):
         self.session, self.record = session, record
         self.refresh, self.reuse = refresh, reuse
         self.num_outputs = num_outputs
         self.sites = sites
-        self.units = units  # KV heads the external parts read at a refresh
+        self.kv_heads = kv_heads  # per split site
+        self.units = sum(kv_heads)  # KV heads the external parts read at a refresh
         self.plan_steps = plan_steps
         self.probe = probe  # refresh is a probe graph: run exactly, simulate the policy beside it
         self.exact_reason = exact_reason  # why a graph without reuse is exact (stats)
@@ -205,7 +206,7 @@ class SplitGraphDispatcher:
         if isinstance(found, str):
             self.session.external_units[0] += self.units
             for i, part in enumerate(parts):
-                observe(self.record.index, i, 0, part[:4], None)
+                observe(self.record.index, i, 0, part[:4], None, self.kv_heads[i])
             self._refreshed(args, keys, found, [(p[0], p[1], p[4]) for p in parts])
         else:
             self.record.reuses += 1
@@ -219,7 +220,7 @@ class SplitGraphDispatcher:
                         entry.tensors[k] = mixed
                 entry.steps += 1
                 entry.versions = [args[j]._version for j in site.external]
-                observe(self.record.index, i, entry.steps, parts[i][:4], entry.tensors)
+                observe(self.record.index, i, entry.steps, parts[i][:4], entry.tensors, self.kv_heads[i])
             if self.session.config.refresh == "adaptive":
                 self.session.pending_drift = max(_relative_change(p[4], e.tensors[2]) for p, e in zip(parts, found))
         return outputs[: self.num_outputs]

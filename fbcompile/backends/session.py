@@ -84,7 +84,7 @@ class Session:
         self.graphs: list[GraphRecord] = []
         self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence) -> CacheEntry
         self.refresh_reasons: Counter = Counter()
-        # fidelity measurements: called per site and call with (graph, site, step, fresh, cached)
+        # fidelity measurements: called per site and call with (graph, site, step, fresh, cached, kv heads)
         self.observer = None
         self.generation = 0  # bumped whenever the cache changes; dispatchers' fast paths check it
         self.pending_drift = None  # "adaptive": query drift of the last reuse call (a 0-d tensor)
