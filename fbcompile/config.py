@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from tabulate import tabulate
 
 REFRESH_POLICIES = ("block", "always", "tokens", "adaptive")
+COMPILERS = ("inductor", "eager")
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,6 @@ class ReusePlan:
         rows = [[f"site {i}"] + [f"{sum(step)}/{len(step)}" for step in site] for i, site in enumerate(self.reuse)]
         return ("ReusePlan (heads reusing / heads, per step since the refresh)\n"
                 + tabulate(rows, headers=["site"] + [f"step {s + 1}" for s in range(self.steps)]))
-
-COMPILERS = ("inductor", "eager")
 
 
 @dataclass(frozen=True)

@@ -170,9 +170,7 @@ def _recompute_heads(graph: fx.Graph, external_out: fx.Node, heads, start: int, 
                 raise ValueError(f"unexpected node {node.format_node()} in an external attention")
         return emitted[node]
 
-    out_lse = external_out.args[0]  # the getitem's source: the external attention (or merge) call
-    part = emit(out_lse)
-    out = graph.call_function(operator.getitem, (part, 0))
-    lse = graph.call_function(operator.getitem, (part, 1))
-    return (graph.call_function(torch.slice_scatter, (cached[0], out), {"dim": 1, "start": q_start, "end": q_start + q_len}),
-            graph.call_function(torch.slice_scatter, (cached[1], lse), {"dim": 1, "start": q_start, "end": q_start + q_len}))
+    part = emit(external_out.args[0])  # the getitem's source: the external attention (or merge) call
+    span = {"dim": 1, "start": q_start, "end": q_start + q_len}
+    return tuple(graph.call_function(torch.slice_scatter, (old, graph.call_function(operator.getitem, (part, i))), span)
+                 for i, old in enumerate(cached))
