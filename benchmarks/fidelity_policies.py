@@ -169,6 +169,11 @@ def _write(args, env, rows, calibrations, block_report, folder, names):
         rows_csv = f.read()
     with open(records, "w") as f:  # the results files name their device (comment line for CSV readers)
         f.write(f"# CPU ({env['machine']}), torch {env['torch']}: {env['command']}\n" + rows_csv)
+    from PIL import Image, PngImagePlugin
+    image = os.path.join(folder, "fidelity.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Description", f"CPU ({env['machine']}), torch {env['torch']}: {env['command']}")
+    Image.open(image).save(image, pnginfo=info)
     with open(os.path.join(folder, "fidelity.md"), "a") as f:
         f.write(f"\nProduced on CPU ({env['machine']}, torch {env['torch']}, Python {env['python']}) by "
                 f"`{env['command']}` (refresh=\"block\", one token per step, {args.blocks} blocks).\n")
