@@ -1,0 +1,183 @@
+"""flex_attention with a BlockMask and flash-attn's forward op: split exactly, reused, near misses skipped.
+
+flash-attn runs on the GPU only; :mod:`flash_attn_standin` registers an op of the same schema on the CPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+import fbcompile
+import flash_attn_standin
+from attention_zoo import rel_error
+
+flash_attn_standin.register()
+EAGER = fbcompile.Config(refresh="always", compiler="eager")
+BLOCK = fbcompile.Config(refresh="block", compiler="eager")
+FRAME = 8  # tokens per video frame
+
+
+class _Attention(nn.Module):
+    """Projects a block of tokens, appends its keys/values to the cache, attends."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2, head_dim=16):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.k = nn.Linear(dim, kv_heads * head_dim)
+        self.v = nn.Linear(dim, kv_heads * head_dim)
+        self.o = nn.Linear(heads * head_dim, dim)
+
+    def _project(self, x):
+        B, M, _ = x.shape
+        return (self.q(x).view(B, M, self.heads, self.head_dim), self.k(x).view(B, M, self.kv_heads, self.head_dim),
+                self.v(x).view(B, M, self.kv_heads, self.head_dim))
+
+
+class FlexVideoAttention(_Attention):
+    """Video style, heads first: ``flex_attention`` over ``cat(cache, block)`` with a block-causal BlockMask."""
+
+    def __init__(self, score_mod=None, return_lse=False, **kw):
+        super().__init__(**kw)
+        self.score_mod, self.return_lse = score_mod, return_lse
+
+    def forward(self, x, cache_k, cache_v, block_mask):
+        q, k, v = (t.transpose(1, 2) for t in self._project(x))
+        k, v = torch.cat([cache_k, k], dim=2), torch.cat([cache_v, v], dim=2)
+        out = flex_attention(q, k, v, score_mod=self.score_mod, block_mask=block_mask, enable_gqa=True,
+                             return_lse=self.return_lse)
+        out, lse = out if self.return_lse else (out, None)
+        out = self.o(out.transpose(1, 2).flatten(2))
+        return out if lse is None else (out, lse)
+
+
+class FlashAttention(_Attention):
+    """HF remote-code style, tokens first: ``flash_attn_func`` over ``cat(past, block)`` along dim 1."""
+
+    def __init__(self, causal=False, return_lse=False, **kw):
+        super().__init__(**kw)
+        self.causal, self.return_lse = causal, return_lse
+
+    def forward(self, x, past_k, past_v):
+        q, k, v = self._project(x)
+        k, v = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        out = flash_attn_standin.flash_attn_func(q, k, v, causal=self.causal, return_lse=self.return_lse)
+        out, lse = out if self.return_lse else (out, None)
+        out = self.o(out.flatten(2))
+        return out if lse is None else (out, lse)
+
+
+def _frame_causal(cache_len):
+    """Queries (the block, after ``cache_len`` keys) see every key of their own or an earlier frame."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx + cache_len) // FRAME >= kv_idx // FRAME
+    return mask_mod
+
+
+def _video_inputs(cache_frames, block_frames=2, batch=2, seed=0, mask_mod=None, block_size=FRAME):
+    gen = torch.Generator().manual_seed(seed)
+    C, M = cache_frames * FRAME, block_frames * FRAME
+    x = torch.randn(batch, M, 32, generator=gen)
+    cache_k, cache_v = (torch.randn(batch, 2, C, 16, generator=gen) for _ in range(2))
+    mask = create_block_mask(mask_mod or _frame_causal(C), B=None, H=None, Q_LEN=M, KV_LEN=C + M, device="cpu",
+                             BLOCK_SIZE=block_size)
+    return x, cache_k, cache_v, mask
+
+
+def _decisions(model):
+    return [s["decision"] for s in fbcompile.explain(model).sites]
+
+
+def _pair(cls, config=EAGER, **kw):
+    torch.manual_seed(0)
+    plain = cls(**kw).eval()
+    optimized = cls(**kw).eval()
+    optimized.load_state_dict(plain.state_dict())
+    return plain, fbcompile.optimize(optimized, config)
+
+
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("cache_frames,block_size", [(3, FRAME), (5, 2 * FRAME), (4, 128)])
+@torch.no_grad()
+def test_flex_block_causal_video_exact(cache_frames, block_size):
+    plain, model = _pair(FlexVideoAttention, return_lse=True)
+    inputs = _video_inputs(cache_frames, seed=cache_frames, block_size=block_size)
+    for got, expected in zip(_outputs(model(*inputs)), _outputs(plain(*inputs))):
+        assert rel_error(got, expected) < 1e-5
+    assert _decisions(model) == ["rewritten"]
+
+
+@torch.no_grad()
+def test_flex_mask_hiding_part_of_the_cache_is_exact():
+    """A sliding window over frames hides early cache frames from some queries: still exact, by construction."""
+    cache_len = 4 * FRAME
+
+    def window(b, h, q_idx, kv_idx):
+        frame, key_frame = (q_idx + cache_len) // FRAME, kv_idx // FRAME
+        return (key_frame <= frame) & (key_frame > frame - 3)
+
+    plain, model = _pair(FlexVideoAttention)
+    inputs = _video_inputs(4, mask_mod=window)
+    assert rel_error(model(*inputs), plain(*inputs)) < 1e-5
+    assert _decisions(model) == ["rewritten"]
+
+
+@torch.no_grad()
+def test_flex_block_mode_reuses_within_a_block():
+    plain, model = _pair(FlexVideoAttention, config=BLOCK)
+    x, cache_k, cache_v, mask = _video_inputs(3)
+    for step in range(4):
+        out = model(torch.randn_like(x), cache_k, cache_v, mask)
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (1, 3)
+    x = torch.randn_like(x)
+    assert rel_error(model(x, cache_k.clone(), cache_v, mask), plain(x, cache_k, cache_v, mask)) < 1e-5  # new cache
+
+
+@torch.no_grad()
+def test_flex_unknown_score_mod_is_skipped():
+    def bias(score, b, h, q_idx, kv_idx):
+        return score + (q_idx - kv_idx) * 0.01
+
+    plain, model = _pair(FlexVideoAttention, score_mod=bias)
+    inputs = _video_inputs(3)
+    assert rel_error(model(*inputs), plain(*inputs)) < 1e-5
+    assert _decisions(model) == ["skipped: score_mod is not the identity (the split kernels do not evaluate it)"]
+
+
+@pytest.mark.parametrize("causal,return_lse", [(False, False), (True, True)])
+@pytest.mark.parametrize("past", [5, 24])
+@torch.no_grad()
+def test_flash_forward_exact(causal, return_lse, past):
+    plain, model = _pair(FlashAttention, causal=causal, return_lse=return_lse)
+    gen = torch.Generator().manual_seed(past)
+    x = torch.randn(2, 8, 32, generator=gen)
+    past_k, past_v = (torch.randn(2, past, 2, 16, generator=gen) for _ in range(2))
+    for got, expected in zip(_outputs(model(x, past_k, past_v)), _outputs(plain(x, past_k, past_v))):
+        assert rel_error(got, expected) < 1e-5
+    assert _decisions(model) == ["rewritten"]
+
+
+@torch.no_grad()
+def test_flash_block_mode_reuses_within_a_block():
+    plain, model = _pair(FlashAttention, config=BLOCK)
+    past_k, past_v = torch.randn(2, 24, 2, 16), torch.randn(2, 24, 2, 16)
+    x = torch.randn(2, 8, 32)
+    for step in range(3):
+        model(torch.randn_like(x), past_k, past_v)
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (1, 2)
+
+
+def test_flash_near_misses_are_skipped():
+    def window(q, k, v):
+        return torch.ops.flash_attn._flash_attn_forward(q, k, v, 0.0, 0.25, causal=False, window_size_left=4,
+                                                        window_size_right=0, softcap=0.0, alibi_slopes=None,
+                                                        return_softmax=False)[0]
+    # the stand-in refuses windows at run time; the decision is made before
+    sites = fbcompile.explain  # noqa: F841
