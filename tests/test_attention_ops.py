@@ -11,7 +11,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 import fbcompile
 import flash_attn_standin
-from attention_zoo import rel_error
+from attention_zoo import compile_exact, rel_error
 
 flash_attn_standin.register()
 EAGER = fbcompile.Config(refresh="always", compiler="eager")
@@ -174,10 +174,32 @@ def test_flash_block_mode_reuses_within_a_block():
     assert (stats.refreshes, stats.reuses) == (1, 2)
 
 
-def test_flash_near_misses_are_skipped():
-    def window(q, k, v):
-        return torch.ops.flash_attn._flash_attn_forward(q, k, v, 0.0, 0.25, causal=False, window_size_left=4,
-                                                        window_size_right=0, softcap=0.0, alibi_slopes=None,
-                                                        return_softmax=False)[0]
-    # the stand-in refuses windows at run time; the decision is made before
-    sites = fbcompile.explain  # noqa: F841
+def _flash(q, k, v, outputs=(0,), dropout_p=0.0, **options):
+    """The op as flash-attn's wrappers call it, with some options changed; returns the chosen outputs."""
+    kwargs = dict(causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                  return_softmax=False)
+    kwargs.update(options)
+    result = torch.ops.flash_attn._flash_attn_forward(q, k, v, dropout_p, 0.25, **kwargs)
+    return tuple(result[i] for i in outputs)
+
+
+@pytest.mark.parametrize("options,reason", [
+    (dict(window_size_left=4), "window_size_left=4 (only -1 is split)"),
+    (dict(softcap=30.0), "softcap=30.0 (only 0.0 is split)"),
+    (dict(dropout_p=0.1), "dropout_p=0.1 (only 0.0 is split)"),
+    (dict(outputs=(0, 2)), "flash-attn's S_dmask/rng_state outputs are used"),
+])
+@torch.no_grad()
+def test_flash_near_misses_are_skipped(options, reason):
+    x_k, past = torch.randn(1, 8, 2, 16), torch.randn(1, 24, 2, 16)
+
+    def attend(q, k_block, past_k):
+        k = torch.cat([past_k, k_block], dim=1)
+        return _flash(q, k, k, **options)
+
+    compiled, session = compile_exact(attend)
+    try:
+        compiled(torch.randn(1, 8, 4, 16), x_k, past)
+    except NotImplementedError:  # the stand-in computes only the options that are split; the decision came first
+        pass
+    assert [s["decision"] for s in session.graphs[0].sites] == [f"skipped: {reason}"]
