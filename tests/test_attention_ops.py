@@ -203,3 +203,24 @@ def test_flash_near_misses_are_skipped(options, reason):
     except NotImplementedError:  # the stand-in computes only the options that are split; the decision came first
         pass
     assert [s["decision"] for s in session.graphs[0].sites] == [f"skipped: {reason}"]
+
+
+class ZeroPaddedAttention(_Attention):
+    """Keys zero-padded to a length (diffusers' flex processor pads to a multiple of 128)."""
+
+    def forward(self, x, padded_length: int):
+        q, k, v = (t.transpose(1, 2) for t in self._project(x))
+        pad = torch.zeros(k.shape[0], k.shape[1], padded_length - k.shape[2], k.shape[3], dtype=k.dtype)
+        k, v = torch.cat([k, pad], dim=2), torch.cat([v, pad], dim=2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+@torch.no_grad()
+def test_zero_padding_is_not_a_cache():
+    """A part reading no input has no tensor to guard a reused result: padding to 16 and to 24 keys differ."""
+    plain, model = _pair(ZeroPaddedAttention, config=BLOCK)
+    x = torch.randn(2, 8, 32)
+    for padded_length in (16, 24):
+        assert rel_error(model(x, padded_length), plain(x, padded_length)) < 1e-5
+    assert set(_decisions(model)) == {"skipped: every key depends on the current block (no cached part)"}

@@ -227,7 +227,10 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
             raise NotSplittable("keys and values are concatenated from parts of different lengths")
         # symbolic lengths: the split ops check k/v lengths match at run time (see fbcompile.ops)
         k_inputs, v_inputs = (_cache_inputs(deps, p) for p in (kp, vp))
-        k_ext, v_ext = not (k_inputs & query_inputs), not (v_inputs & query_inputs)
+        # a part reading no input (zero padding, a constant) is computed with the block: there is no
+        # cached tensor whose identity could guard a reused result (its length may change with the block's)
+        k_ext = bool(k_inputs) and not (k_inputs & query_inputs)
+        v_ext = bool(v_inputs) and not (v_inputs & query_inputs)
         if k_ext != v_ext:
             raise NotSplittable(f"part {i} is cached for keys but not for values")
         if k_ext:

@@ -142,8 +142,14 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
     site.node.replace_all_uses_with(out)
 
 
+_VMAP_NESTING = {"_vmap_increment_nesting", "_vmap_decrement_nesting"}
+
+
 def is_impure(node: fx.Node) -> bool:
-    return node.is_impure() or mutated_tensor(node) is not None
+    """Kept by DCE: side effects, in-place writes, and the brackets of a vmap region that dynamo inlined
+    (flex_attention without a BlockMask builds one; its in-place writes keep the region alive)."""
+    return (node.is_impure() or mutated_tensor(node) is not None
+            or (node.op == "call_function" and getattr(node.target, "__name__", None) in _VMAP_NESTING))
 
 
 def split_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> int:
