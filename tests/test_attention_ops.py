@@ -128,6 +128,15 @@ def test_flex_mask_hiding_part_of_the_cache_is_exact():
 
 
 @torch.no_grad()
+def test_flex_without_block_mask_is_exact():
+    """No BlockMask: flex builds a full one in the graph (an inlined vmap, which the rewrite must keep intact)."""
+    plain, model = _pair(FlexVideoAttention)
+    x, cache_k, cache_v, _ = _video_inputs(3)
+    assert rel_error(model(x, cache_k, cache_v, None), plain(x, cache_k, cache_v, None)) < 1e-5
+    assert _decisions(model) == ["rewritten"]
+
+
+@torch.no_grad()
 def test_flex_block_mode_reuses_within_a_block():
     plain, model = _pair(FlexVideoAttention, config=BLOCK)
     x, cache_k, cache_v, mask = _video_inputs(3)
