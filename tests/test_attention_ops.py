@@ -149,14 +149,31 @@ def test_flex_block_mode_reuses_within_a_block():
 
 
 @torch.no_grad()
-def test_flex_unknown_score_mod_is_skipped():
-    def bias(score, b, h, q_idx, kv_idx):
-        return score + (q_idx - kv_idx) * 0.01
+def test_flex_additive_score_mod_is_exact():
+    """A per-head relative-position bias read from a captured tensor (ALiBi-like): split as an additive mask."""
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    cache_len = 3 * FRAME
 
-    plain, model = _pair(FlexVideoAttention, score_mod=bias)
+    def alibi(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx + cache_len - kv_idx).abs()
+
+    plain, model = _pair(FlexVideoAttention, score_mod=alibi, return_lse=True)
+    inputs = _video_inputs(3, block_size=2 * FRAME)
+    for got, expected in zip(_outputs(model(*inputs)), _outputs(plain(*inputs))):
+        assert rel_error(got, expected) < 1e-5
+    assert _decisions(model) == ["rewritten"]
+
+
+@torch.no_grad()
+def test_flex_unknown_score_mod_is_skipped():
+    def softcap(score, b, h, q_idx, kv_idx):
+        return 20 * torch.tanh(score / 20)
+
+    plain, model = _pair(FlexVideoAttention, score_mod=softcap)
     inputs = _video_inputs(3)
     assert rel_error(model(*inputs), plain(*inputs)) < 1e-5
-    assert _decisions(model) == ["skipped: score_mod is not the identity (the split kernels do not evaluate it)"]
+    assert _decisions(model) == ["skipped: score_mod is neither the identity nor score + a bias "
+                                 "(the split kernels do not evaluate it)"]
 
 
 @pytest.mark.parametrize("causal,return_lse", [(False, False), (True, True)])
