@@ -19,8 +19,8 @@ and, through their own matchers, ``flex_attention`` (:mod:`.match_flex`) and fla
 (:mod:`.match_flash`).
 
 A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`) whose operands
-divide into *external* ones - depending on no graph input that the query depends on (module
-parameters aside) - and *internal* ones (the block). Everything else is left untouched with a reason.
+divide into *external* ones - reading graph inputs (module parameters aside), none that the query
+depends on - and *internal* ones (the block, and constants such as zero padding). Everything else is left untouched with a reason.
 """
 from __future__ import annotations
 
@@ -47,8 +47,9 @@ class KeyMask:
 
     per_head = False  # the emitted mask has the query heads in dim 1 (else it broadcasts over heads)
 
-    def emit(self, graph: fx.Graph, start, length) -> fx.Node:
-        """Nodes computing the bool mask (True = attend) of all queries over keys ``[start, start + length)``."""
+    def emit(self, graph: fx.Graph, start, length) -> fx.Node | None:
+        """Nodes computing the mask (ops' convention: bool = attend, float = added to the scaled scores) of all
+        queries over keys ``[start, start + length)``; None when every query sees every one of them."""
         raise NotImplementedError
 
 
