@@ -82,9 +82,10 @@ class _Skipped(torch.nn.Module):
         if self.kind == "repeat_outer":
             k, v = torch.cat([past_k, k_new], -2).repeat(1, 2, 1, 1), torch.cat([past_v, v_new], -2).repeat(1, 2, 1, 1)
             return F.scaled_dot_product_attention(q.repeat(1, 2, 1, 1), k, v)
-        if self.kind == "flex":
+        if self.kind == "flex_score_mod":
             from torch.nn.attention.flex_attention import flex_attention
-            return flex_attention(q, torch.cat([past_k, k_new], -2), torch.cat([past_v, v_new], -2))
+            return flex_attention(q, torch.cat([past_k, k_new], -2), torch.cat([past_v, v_new], -2),
+                                  score_mod=lambda score, b, h, q_idx, kv_idx: 30 * torch.tanh(score / 30))
         if self.kind == "finite_masked_fill":
             k, v = torch.cat([past_k, k_new], -2), torch.cat([past_v, v_new], -2)
             w = (q @ k.transpose(-1, -2)).masked_fill(past_k.new_ones(1, dtype=torch.bool), -1e4)
@@ -99,7 +100,7 @@ class _Skipped(torch.nn.Module):
     ("cached_depends_on_block", "every key depends on the current block"),
     ("repeat_outer", "repeat"),
     ("finite_masked_fill", "finite value"),
-    ("flex", "flex_attention is left to FlexAttention"),
+    ("flex_score_mod", "score_mod is neither the identity nor score + a bias"),
 ])
 def test_near_misses_are_skipped_with_reason(kind, reason):
     torch.manual_seed(0)

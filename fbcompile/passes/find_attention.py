@@ -15,9 +15,12 @@ Two forms are matched and normalised to one :class:`AttentionSite`:
       w = F.dropout(w, p=0.0, training=False)   # optional, must be a no-op
       out = w @ v
 
+and, through their own matchers, ``flex_attention`` (:mod:`.match_flex`) and flash-attn's forward op
+(:mod:`.match_flash`).
+
 A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`) whose operands
-divide into *external* ones - depending on no graph input that the query depends on (module
-parameters aside) - and *internal* ones (the block). Everything else is left untouched with a reason.
+divide into *external* ones - reading graph inputs (module parameters aside), none that the query
+depends on - and *internal* ones (the block, and constants such as zero padding). Everything else is left untouched with a reason.
 """
 from __future__ import annotations
 
@@ -39,15 +42,30 @@ class NotSplittable(Exception):
     """Raised with the reason an attention site must be left untouched."""
 
 
+class KeyMask:
+    """A mask the split builds per key range instead of slicing one tensor (flex masks, flash's causal)."""
+
+    per_head = False  # the emitted mask has the query heads in dim 1 (else it broadcasts over heads)
+
+    def emit(self, graph: fx.Graph, start, length) -> fx.Node | None:
+        """Nodes computing the mask (ops' convention: bool = attend, float = added to the scaled scores) of all
+        queries over keys ``[start, start + length)``; None when every query sees every one of them."""
+        raise NotImplementedError
+
+
 @dataclass
 class AttentionSite:
     """One attention node, normalised; ``reason`` is None when the split is proven safe."""
 
     node: fx.Node                      # the node whose value the rewrite replaces
-    form: str                          # "sdpa" | "eager" | "flex" (reported, never split)
+    form: str                          # "sdpa" | "eager" | "flex" | "flash"
     q: fx.Node
-    k: fx.Node                         # [B, H, N, D] as attention sees it
+    k: fx.Node                         # [B, H, N, D] as attention sees it ([B, N, H, D] if tokens_first)
     v: fx.Node
+    tokens_first: bool = False         # q, k, v and the output are [B, S, H, D] (flash-attn)
+    lse: fx.Node | None = None         # a used log-sum-exp output [B, H, M], replaced too
+    lse_factor: float = 1.0            # that output is the natural-log LSE times this factor
+    key_mask: KeyMask | None = None    # replaces ``mask``: built per key range
     mask: fx.Node | None = None
     mask_kind: str = "none"            # none | bool | additive | masked_fill
     mask_scale: float = 1.0            # additive masks added before a scalar factor are scaled by it
@@ -69,11 +87,10 @@ class AttentionSite:
 
     def describe(self) -> dict:
         """One row of the explain table."""
-        q_shape = shape(self.q)
         heads = "?"
-        if q_shape is not None and self.k_layout is not None:
-            kv_heads = self.kv_heads()
-            heads = f"{q_shape[1]}/{kv_heads}" + (f" (GQA {q_shape[1] // kv_heads})" if q_shape[1] != kv_heads else "")
+        if shape(self.q) is not None and self.k_layout is not None:
+            query_heads, kv_heads = self.query_heads(), self.kv_heads()
+            heads = f"{query_heads}/{kv_heads}" + (f" (GQA {query_heads // kv_heads})" if query_heads != kv_heads else "")
         kv = describe_shape(self.k)
         if self.k_layout is not None:
             kinds = ["ext" if i in self.external else "int" for i in range(len(self.k_layout.pieces))]
@@ -86,6 +103,9 @@ class AttentionSite:
         """Where each static-cache external range ends (int or symbolic-int input node)."""
         return [p.start for layout in (self.k_layout, self.v_layout) for p in layout.pieces
                 if isinstance(p, CachePrefix)]
+
+    def query_heads(self) -> int:
+        return shape(self.q)[2 if self.tokens_first else 1]
 
     def kv_heads(self) -> int:
         return math.prod(f.size for f in self.k_layout.order[1]) if self.k_layout.order[1] else 1
@@ -208,7 +228,10 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
             raise NotSplittable("keys and values are concatenated from parts of different lengths")
         # symbolic lengths: the split ops check k/v lengths match at run time (see fbcompile.ops)
         k_inputs, v_inputs = (_cache_inputs(deps, p) for p in (kp, vp))
-        k_ext, v_ext = not (k_inputs & query_inputs), not (v_inputs & query_inputs)
+        # a part reading no input (zero padding, a constant) is computed with the block: there is no
+        # cached tensor whose identity could guard a reused result (its length may change with the block's)
+        k_ext = bool(k_inputs) and not (k_inputs & query_inputs)
+        v_ext = bool(v_inputs) and not (v_inputs & query_inputs)
         if k_ext != v_ext:
             raise NotSplittable(f"part {i} is cached for keys but not for values")
         if k_ext:
@@ -253,6 +276,9 @@ def _check_mask(site: AttentionSite) -> None:
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     """All attention sites in ``gm`` with their split decision (``site.reason``)."""
+    from fbcompile.passes.match_flash import is_flash_forward, match_flash  # they build AttentionSites
+    from fbcompile.passes.match_flex import is_flex_attention, match_flex
+
     deps: DependencyGraph | None = None
     sites = []
     for node in list(gm.graph.nodes):
@@ -261,9 +287,10 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _match_sdpa(node)
         elif name == "softmax":
             site = _match_eager(node)
-        elif name == "flex_attention":
-            site = AttentionSite(node=node, form="flex", q=node.args[0], k=node.args[1], v=node.args[2],
-                                 reason="flex_attention is left to FlexAttention (score_mod/block_mask are not split)")
+        elif is_flex_attention(node):
+            site = match_flex(gm, node)
+        elif is_flash_forward(node):
+            site = match_flash(node)
         else:
             continue
         if site is None:
@@ -275,13 +302,14 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             if len(shape(site.q) or ()) != 4:
                 raise NotSplittable("query is not 4-D [B, H, M, D]")
             try:
-                site.k_layout, site.v_layout = trace_kv(site.k), trace_kv(site.v)
+                site.k_layout = trace_kv(site.k, tokens_first=site.tokens_first)
+                site.v_layout = trace_kv(site.v, tokens_first=site.tokens_first)
             except LayoutError as e:
                 raise NotSplittable(str(e)) from None
             _check_mask(site)
             deps = deps or DependencyGraph(gm.graph)
             _classify(site, deps)
-            if shape(site.q)[1] % site.kv_heads():
+            if site.query_heads() % site.kv_heads():
                 raise NotSplittable("query heads are not a multiple of the KV heads")
         except NotSplittable as e:
             site.reason = str(e)

@@ -292,8 +292,11 @@ def _static_cache_read(node: fx.Node):
     return read[0], [CachePrefix(base=base, dim=read[0], start=start, write=write), value]
 
 
-def trace_kv(node: fx.Node) -> KVLayout:
-    """Find the cat feeding attention operand ``node`` and describe the layout; raise LayoutError."""
+def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
+    """Find the cat feeding attention operand ``node`` and describe the layout; raise LayoutError.
+
+    ``tokens_first``: the attention reads ``node`` as ``[B, S, H, D]`` (flash-attn), not ``[B, H, S, D]``.
+    """
     chain, cursor, static = [], node, None
     while op_name(cursor) != "cat" and (static := _static_cache_read(cursor)) is None:
         if op_name(cursor) not in _CHAIN_OPS or not cursor.args or not isinstance(cursor.args[0], fx.Node):
@@ -317,6 +320,8 @@ def trace_kv(node: fx.Node) -> KVLayout:
         dims = _simulate(op, dims, leaves)
     if len(dims) != 4:
         raise LayoutError(f"attention operand is {len(dims)}-D, not [B, H, S, D]")
+    if tokens_first:
+        dims[1], dims[2] = dims[2], dims[1]
     batch, heads, seq, head_dim = dims
     seq_real = [f for f in seq if not (isinstance(f.size, int) and f.size == 1)]
     if len(seq_real) != 1 or seq_real[0].atom != cat_dim or len(leaves[cat_dim]) != 1:

@@ -7,6 +7,9 @@ For a site whose keys are ``cat([K_e, K_i])`` (values likewise) the pass emits::
 
 with ``K_e``/``K_i`` rebuilt as ``[B, Hkv, n, D]`` without GQA replication (see :mod:`.kv_layout`).
 Several external parts (a dual cache: prefix and suffix) are combined with ``fbcompile.merge_lse``.
+A site whose mask is built per key range (``site.key_mask``: flex masks, flash's causal) gets each part's
+mask from it instead of a slice; a tokens-first site (flash-attn) has its query and output transposed; a
+used log-sum-exp output is replaced by the merged one.
 The external ``(O_e, L_e)`` nodes carry fake example values so that later passes (reuse) can turn
 them into graph inputs. The old attention and whatever only fed it are removed by DCE.
 """
@@ -59,7 +62,9 @@ def _prepare_mask(graph: fx.Graph, site: AttentionSite) -> fx.Node | None:
     return prepared
 
 
-def _key_slice(graph: fx.Graph, mask: fx.Node | None, start, length):
+def _key_slice(graph: fx.Graph, site: AttentionSite, mask: fx.Node | None, start, length):
+    if site.key_mask is not None:
+        return site.key_mask.emit(graph, start, length)
     if mask is None or same_size(shape(mask)[-1], 1):  # no mask, or one broadcast over the keys
         return mask
     return graph.call_method("narrow", (mask, -1, start, length))
@@ -67,17 +72,20 @@ def _key_slice(graph: fx.Graph, mask: fx.Node | None, start, length):
 
 def _heads(site: AttentionSite) -> SiteHeads:
     mask_dim = None
-    if site.mask is not None:
+    if site.key_mask is not None:
+        mask_dim = 1 if site.key_mask.per_head else None
+    elif site.mask is not None:
         mask_shape = shape(site.mask)
         if len(mask_shape) >= 3 and not same_size(mask_shape[-3], 1):
             mask_dim = len(mask_shape) - 3
-    return SiteHeads(query=shape(site.q)[1], kv=site.kv_heads(), mask_dim=mask_dim)
+    return SiteHeads(query=site.query_heads(), kv=site.kv_heads(), mask_dim=mask_dim)
 
 
 def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
     k_layout, v_layout = site.k_layout, site.v_layout
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(shape(site.q)[-1])
     with graph.inserting_before(site.node):
+        query = graph.call_method("transpose", (site.q, 1, 2)) if site.tokens_first else site.q
         mask = _prepare_mask(graph, site)
         starts, lengths, offset = [], [], 0
         for i, piece in enumerate(k_layout.pieces):
@@ -96,11 +104,13 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
 
         out_ext = lse_ext = None
         original = example(site.node)
+        if site.tokens_first:
+            original = original.transpose(1, 2)
         like = original.new_empty(original.shape, dtype=example(site.q).dtype)
         for i in site.external:
             k, v = canonical(i)
             part = graph.call_function(torch.ops.fbcompile.attention_lse.default,
-                                       (site.q, k, v, _key_slice(graph, mask, starts[i], lengths[i]), scale))
+                                       (query, k, v, _key_slice(graph, site, mask, starts[i], lengths[i]), scale))
             o, lse = _external_outputs(graph, part, like)
             if out_ext is not None:
                 merged = graph.call_function(torch.ops.fbcompile.merge_lse.default, (out_ext, lse_ext, o, lse))
@@ -115,18 +125,31 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
         for i in site.internal[1:]:
             length = graph.call_function(operator.add, (length, lengths[i]))
         result = graph.call_function(torch.ops.fbcompile.attention_merge_lse.default,
-                                     (site.q, k_int, v_int, _key_slice(graph, mask, starts[first], length), scale,
-                                      out_ext, lse_ext))
+                                     (query, k_int, v_int, _key_slice(graph, site, mask, starts[first], length),
+                                      scale, out_ext, lse_ext))
         result.meta["fbcompile_heads"] = _heads(site)
         out = graph.call_function(operator.getitem, (result, 0))
+        if site.tokens_first:
+            out = graph.call_method("transpose", (out, 1, 2))
         dtype = example(site.node).dtype
         if dtype != example(site.q).dtype:
             out = graph.call_method("to", (out, dtype))
+        if site.lse is not None:
+            lse = graph.call_function(operator.getitem, (result, 1))
+            if site.lse_factor != 1.0:
+                lse = graph.call_function(operator.mul, (lse, site.lse_factor))
+            site.lse.replace_all_uses_with(lse)
     site.node.replace_all_uses_with(out)
 
 
+_VMAP_NESTING = {"_vmap_increment_nesting", "_vmap_decrement_nesting"}
+
+
 def is_impure(node: fx.Node) -> bool:
-    return node.is_impure() or mutated_tensor(node) is not None
+    """Kept by DCE: side effects, in-place writes, and the brackets of a vmap region that dynamo inlined
+    (flex_attention without a BlockMask builds one; its in-place writes keep the region alive)."""
+    return (node.is_impure() or mutated_tensor(node) is not None
+            or (node.op == "call_function" and getattr(node.target, "__name__", None) in _VMAP_NESTING))
 
 
 def split_attention(gm: fx.GraphModule, sites: list[AttentionSite]) -> int:

@@ -1,0 +1,91 @@
+"""Match flash-attn's forward op, tokens first, as an :class:`AttentionSite`.
+
+flash-attn >= 2.6 registers its forward as a torch custom op, which dynamo records as one node; the user
+wrote (HF remote code, video models)::
+
+    k = torch.cat([past_k, k], dim=1)                                  # [B, N, Hkv, D]
+    out = flash_attn_func(q, k, v, softmax_scale=s, causal=c)           # q, out: [B, M, H, D]
+
+and the graph holds::
+
+    r = torch.ops.flash_attn._flash_attn_forward(q, k, v, 0.0, s, causal=c, window_size_left=-1,
+                                                 window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                                                 return_softmax=False)
+    out, softmax_lse = r[0], r[1]                                      # lse: [B, H, M], natural log
+
+GQA groups query heads like ``repeat_kv``. ``causal`` is aligned to the bottom right (query ``i`` sees keys
+``j <= i + N - M``); it is split exactly by giving every key range its part of that mask (none for a range
+every query sees entirely). Dropout, sliding windows, softcapping, ALiBi and ``return_softmax`` are left
+untouched, as is any use of the outputs other than ``out`` and ``softmax_lse``.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from fbcompile.passes.find_attention import AttentionSite, KeyMask
+from fbcompile.passes.graph_utils import arg, shape
+
+# flash-attn 2.6-2.8 use "flash_attn", later versions "flashattn"
+FLASH_FORWARD_OPS = {"flash_attn::_flash_attn_forward", "flashattn::_flash_attn_forward"}
+_EXPECTED = {"dropout_p": (3, 0.0), "window_size_left": (6, -1), "window_size_right": (7, -1), "softcap": (8, 0.0),
+             "alibi_slopes": (9, None), "return_softmax": (10, False)}
+
+
+def _qualified_name(target) -> str | None:
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    return None
+
+
+def is_flash_forward(node: fx.Node) -> bool:
+    return node.op == "call_function" and _qualified_name(node.target) in FLASH_FORWARD_OPS
+
+
+def bottom_right_causal_mask(q: torch.Tensor, k: torch.Tensor, start, length) -> torch.Tensor:
+    """``[M, length]`` bool for tokens-first ``q``/``k``: query ``i`` sees key ``j`` of
+    ``[start, start + length)`` iff ``j <= i + N - M``."""
+    rows = torch.arange(q.shape[1], device=q.device).unsqueeze(-1)
+    keys = torch.arange(length, device=q.device) + start
+    return keys <= rows + (k.shape[1] - q.shape[1])
+
+
+class _CausalKeys(KeyMask):
+    def __init__(self, q: fx.Node, k: fx.Node):
+        self.q, self.k = q, k
+
+    def emit(self, graph: fx.Graph, start, length) -> fx.Node | None:
+        q_len, k_len = shape(self.q)[1], shape(self.k)[1]
+        end = start + length if isinstance(start, int) and isinstance(length, int) else None
+        if end is not None and statically_known_true(end - 1 <= k_len - q_len):
+            return None  # every query sees the whole range
+        return graph.call_function(bottom_right_causal_mask, (self.q, self.k, start, length))
+
+
+def match_flash(node: fx.Node) -> AttentionSite | None:
+    """The site of a flash forward node (``node`` replaced: its ``out`` output), None if ``out`` is unused."""
+    outputs = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+    if 0 not in outputs:
+        return None
+    q, k, v = node.args[:3]
+    site = AttentionSite(node=outputs[0], form="flash", q=q, k=k, v=v, tokens_first=True, lse=outputs.get(1),
+                         scale=arg(node, 4, "softmax_scale"))
+    for name, (index, expected) in _EXPECTED.items():
+        value = arg(node, index, name, expected)
+        if value != expected:
+            site.reason = f"{name}={value} (only {expected!r} is split)"
+            return site
+    if set(outputs) - {0, 1} or len(outputs) != len(node.users):
+        site.reason = "flash-attn's S_dmask/rng_state outputs are used"
+    elif not isinstance(site.scale, (int, float)):
+        site.reason = "softmax_scale is not a constant"
+    elif arg(node, 5, "causal", False) not in (False, True):
+        site.reason = "causal is not a constant"
+    elif arg(node, 5, "causal", False):
+        site.key_mask = _CausalKeys(q, k)
+    return site
