@@ -72,10 +72,10 @@ def _optimized(model, refresh):
     return fbcompile.optimize(model, fbcompile.Config(refresh=refresh, compiler="eager"))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("dtype,shape", [(torch.float32, (1, 5, 4, 3)), (torch.float32, (2, 7, 6, 2)),
-                                         (torch.bfloat16, (2, 6, 4, 2))])
+@pytest.mark.parametrize("attn,dtype,shape", [("sdpa", torch.float32, (1, 5, 4, 3)), ("eager", torch.float32, (2, 7, 6, 2)),
+                                              ("sdpa", torch.bfloat16, (2, 6, 4, 2))])
 def test_qwen2_static_cache_exact(attn, dtype, shape):
+    """(batch, prompt, block, steps), 2 blocks."""
     batch, prompt_len, block, steps = shape
     prompt = torch.randint(0, MASK_ID, (batch, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     expected = qwen2_static_cache_denoise(_qwen2(attn, dtype), prompt, 2, block, steps)
@@ -133,9 +133,9 @@ def test_qwen2_static_cache_stale_reuse_refreshes():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("dtype,batch,prompt_len,block", [(torch.float32, 1, 7, 8), (torch.float32, 2, 5, 4),
-                                                          (torch.bfloat16, 2, 6, 4)])
+@pytest.mark.parametrize("attn_impl,dtype,batch,prompt_len,block", [("sdpa", torch.float32, 1, 7, 8),
+                                                                    ("eager", torch.float32, 2, 5, 4),
+                                                                    ("eager", torch.bfloat16, 2, 6, 4)])
 def test_llada_dual_buffer_exact(attn_impl, dtype, batch, prompt_len, block):
     prompt = torch.randint(0, 200, (batch, prompt_len), generator=torch.Generator().manual_seed(block))
     kwargs = dict(attn_impl=attn_impl, dtype=dtype)
