@@ -287,3 +287,13 @@ def test_duplicate_and_negative_indices_exact():
 def test_unproven_buffer_writes_are_skipped(variant, reason):
     err, sites = _run_both(("setitem", variant), _buffer_inputs([5, 6, 7, 8]), refresh="block")
     assert err < 1e-6 and len(sites) == 1 and reason in sites[0]["decision"], sites
+
+
+@torch.no_grad()
+def test_buffer_length_changes_exact():
+    """A second buffer length makes dynamo's sizes symbolic (K and V lengths get separate symbols)."""
+    plain, model = BufferWrite("index_copy_"), _optimized(BufferWrite("index_copy_"), "always")
+    for length in (12, 17, 9):
+        x, bk, bv, idx, _ = _buffer_inputs([5, 6, 7, 8], length=length, seed=length)
+        assert rel_error(model(x, bk.clone(), bv.clone(), idx), plain(x, bk.clone(), bv.clone(), idx)) < 1e-5
+    assert [s["decision"] for s in fbcompile.explain(model).sites] == ["rewritten"] * 2

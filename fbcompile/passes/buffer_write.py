@@ -82,16 +82,22 @@ class BufferWrite:
         """Are the positions provably distinct (no dedup mask needed)?"""
         return isinstance(self.index, slice) or _is_offset_arange(self.index)
 
+    def emit_length(self, graph: fx.Graph):
+        """The buffer length as an int, or an emitted ``size`` node when it is symbolic."""
+        length = self.length
+        return length if isinstance(length, int) else graph.call_method("size", (self.base, self.dim))
+
     def positions(self, graph: fx.Graph) -> fx.Node:
         """The written positions as a 1-D int64 tensor in ``[0, length)`` (negative indices wrapped),
         emitted once."""
         if self.emitted is None:
             if isinstance(self.index, slice):
-                everything = graph.call_function(torch.arange, (self.length,), {"device": example(self.base).device})
+                device = example(self.base).device
+                everything = graph.call_function(torch.arange, (self.emit_length(graph),), {"device": device})
                 self.emitted = graph.call_function(operator.getitem, (everything, self.index))
             else:
                 index = graph.call_method("long", (self.index,))
-                self.emitted = graph.call_function(torch.remainder, (index, self.length))
+                self.emitted = graph.call_function(torch.remainder, (index, self.emit_length(graph)))
         return self.emitted
 
 
@@ -128,8 +134,10 @@ class BufferBlock:
 
     @property
     def length(self):
-        index = self.write.index
-        return shape(index)[0] if isinstance(index, fx.Node) else shape(self.write.value)[self.write.dim]
+        index, value = self.write.index, shape(self.write.value)
+        if isinstance(index, fx.Node):
+            return shape(index)[0]
+        return value[self.write.dim] if len(value) == len(shape(self.base)) else None  # else broadcast
 
     def describe(self) -> str:
         return f"{self.base.name}[{getattr(self.write.index, 'name', self.write.index)}]"
@@ -257,7 +265,8 @@ def check_pair(k_write: BufferWrite, v_write: BufferWrite) -> None:
         isinstance(k_write.index, slice) and k_write.index == v_write.index)
     if not same_index:
         raise BufferWriteError("keys and values are written at different positions")
-    if not same_size(k_write.length, v_write.length):
+    lengths = (k_write.length, v_write.length)  # symbolic ones: attention itself needs them equal
+    if all(isinstance(n, int) for n in lengths) and lengths[0] != lengths[1]:
         raise BufferWriteError("the key and value buffers differ in length")
 
 
@@ -267,7 +276,7 @@ def split_masks(graph: fx.Graph, write: BufferWrite, mask: fx.Node | None) -> tu
     positions (and hides repeats of a position, unless positions are provably distinct)."""
     positions = write.positions(graph)
     device = example(write.base).device
-    keep = graph.call_function(torch.ones, (write.length,), {"dtype": torch.bool, "device": device})
+    keep = graph.call_function(torch.ones, (write.emit_length(graph),), {"dtype": torch.bool, "device": device})
     keep = graph.call_method("index_fill", (keep, 0, positions, False))
     is_bool = mask is not None and example(mask).dtype == torch.bool
     internal = mask

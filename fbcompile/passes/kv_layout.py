@@ -16,6 +16,14 @@ or a preallocated cache that the graph itself writes at every step and reads up 
     cache_k[:, start:end] = k                                # the block's own range
     k = cache_k[:, :end].transpose(1, 2)                     # = cat([cache_k[:, :start], k], 1)
 
+or a full-length buffer that the graph writes at the block's positions and reads wholly (HF
+``StaticCache``, Fast-dLLM's dual cache; see :mod:`.buffer_write`), split by positions rather than
+ranges: the chain then ends at the buffer, whose stand-in pieces are "the buffer without the written
+positions" and "the buffer's rows at them"::
+
+    cache_k.index_copy_(2, positions, k)
+    k = repeat_kv(cache_k)
+
 :func:`trace_kv` walks such a chain back to the ``cat`` and simulates it on *factors*: every dim of
 the cat's output is one factor (split when a reshape splits it); ``expand``/``repeat_interleave``/
 ``repeat`` add replication factors. The chain is accepted only if it ends as ``[batch, heads, S, D]``
