@@ -270,7 +270,7 @@ def _stale(entry: CacheEntry | None, sources: list, site: SiteGuard, args, polic
             return "kv shape changed"
     if entry.offsets != site.offset_values(args):
         return "kv range changed"
-    if not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(entry.positions, _positions(site, args))):
+    if not all(a.shape == args[i].shape and torch.equal(a, args[i]) for a, i in zip(entry.positions, site.positions)):
         return "kv positions changed"
     out = entry.tensors[0]
     if out.dtype != site.dtype or out.device != site.device or out.shape != site.expected_shape(args):

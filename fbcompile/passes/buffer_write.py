@@ -71,6 +71,7 @@ class BufferWrite:
     index: fx.Node | slice            # 1-D integer tensor, or a slice (bounds: ints or symbolic-int nodes)
     value: fx.Node                    # the block's keys/values
     emitted: fx.Node | None = None    # the positions, once the rewrite emitted them
+    same_as: BufferWrite | None = None  # another write proven at the same positions (values' -> keys')
 
     @property
     def length(self):
@@ -90,6 +91,8 @@ class BufferWrite:
     def positions(self, graph: fx.Graph) -> fx.Node:
         """The written positions as a 1-D int64 tensor in ``[0, length)`` (negative indices wrapped),
         emitted once."""
+        if self.same_as is not None:
+            return self.same_as.positions(graph)
         if self.emitted is None:
             if isinstance(self.index, slice):
                 device = example(self.base).device
@@ -260,7 +263,8 @@ def read_buffer(node: fx.Node):
 
 
 def check_pair(k_write: BufferWrite, v_write: BufferWrite) -> None:
-    """Keys and values must be written at the same positions, into buffers of one length."""
+    """Keys and values must be written at the same positions, into buffers of one length; the values'
+    positions are then the keys' (emitted once)."""
     same_index = k_write.index is v_write.index or (
         isinstance(k_write.index, slice) and k_write.index == v_write.index)
     if not same_index:
@@ -268,6 +272,7 @@ def check_pair(k_write: BufferWrite, v_write: BufferWrite) -> None:
     lengths = (k_write.length, v_write.length)  # symbolic ones: attention itself needs them equal
     if all(isinstance(n, int) for n in lengths) and lengths[0] != lengths[1]:
         raise BufferWriteError("the key and value buffers differ in length")
+    v_write.same_as = k_write
 
 
 def split_masks(graph: fx.Graph, write: BufferWrite, mask: fx.Node | None) -> tuple[fx.Node, fx.Node | None]:
