@@ -181,7 +181,8 @@ def make_inputs(spec: ZooSpec, seed: int = 0, dtype=torch.float32):
     s = spec
     x = torch.randn(s.batch, s.block, s.heads * s.head_dim, generator=gen).to(dtype)
     length = s.cache + (s.block if s.buffer != "none" else 0)
-    shape = (s.batch, s.kv_heads, length, s.head_dim) if s.layout == "bhsd" else (s.batch, length, s.kv_heads, s.head_dim)
+    shape = (s.batch, s.kv_heads, length, s.head_dim) if s.layout == "bhsd" else \
+        (s.batch, length, s.kv_heads, s.head_dim)
     past_k = torch.randn(shape, generator=gen).to(dtype)
     past_v = torch.randn(shape, generator=gen).to(dtype)
     mask = make_mask(s, gen, dtype)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fbcompile
 from attention_zoo import rel_error
-from examples.block_diffusion_lm import greedy_confidence, unmask_topk
+from examples.block_diffusion_lm import unmask_topk
 from examples.llada_dual_buffer import make_tiny_model as make_dual_buffer_llada
 
 transformers = pytest.importorskip("transformers")
@@ -72,7 +72,8 @@ def _optimized(model, refresh):
     return fbcompile.optimize(model, fbcompile.Config(refresh=refresh, compiler="eager"))
 
 
-@pytest.mark.parametrize("attn,dtype,shape", [("sdpa", torch.float32, (1, 5, 4, 3)), ("eager", torch.float32, (2, 7, 6, 2)),
+@pytest.mark.parametrize("attn,dtype,shape", [("sdpa", torch.float32, (1, 5, 4, 3)),
+                                              ("eager", torch.float32, (2, 7, 6, 2)),
                                               ("sdpa", torch.bfloat16, (2, 6, 4, 2))])
 def test_qwen2_static_cache_exact(attn, dtype, shape):
     """(batch, prompt, block, steps), 2 blocks."""

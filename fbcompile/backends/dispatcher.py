@@ -51,7 +51,8 @@ class SiteGuard:
     device: torch.device
     offsets: list                  # static caches: where each external range ends (int or (argument index, None))
     block_input: int | None = None  # argument index of the block's input ("tokens" policy)
-    positions: list[int] = field(default_factory=list)  # argument indices of tensors a written buffer's positions come from
+    positions: list[int] = field(default_factory=list)  # argument indices of the tensors a written
+    #                                                     buffer's positions are computed from
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)

@@ -112,9 +112,8 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
         like = original.new_empty(original.shape, dtype=example(site.q).dtype)
         for i in site.external:
             k, v = canonical(i)
-            part = graph.call_function(torch.ops.fbcompile.attention_lse.default,
-                                       (site.q, k, v, masks[0] if writes else _key_slice(graph, mask, starts[i], lengths[i]),
-                                        scale))
+            mask_ext = masks[0] if writes else _key_slice(graph, mask, starts[i], lengths[i])
+            part = graph.call_function(torch.ops.fbcompile.attention_lse.default, (site.q, k, v, mask_ext, scale))
             o, lse = _external_outputs(graph, part, like)
             if out_ext is not None:
                 merged = graph.call_function(torch.ops.fbcompile.merge_lse.default, (out_ext, lse_ext, o, lse))
