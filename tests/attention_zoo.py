@@ -38,6 +38,10 @@ class ZooSpec:
     suffix: int = 0              # dual cache: the last `suffix` cached tokens go after the block,
                                  # keys = cat([past[:cache-suffix], block, past[cache-suffix:]])
     window: int = 0              # mask "window": keys within `window` before each query (0: 2*block)
+    buffer: str = "none"         # none | index_copy | setitem | slice: past_k/past_v are full-length
+                                 # buffers (cache + block); the block is written into them at positions
+                                 # cache-suffix.. (index_copy/setitem: in a random order, an index input)
+                                 # and attention reads the whole buffer
 
 
 class ZooAttention(nn.Module):
@@ -82,11 +86,24 @@ class ZooAttention(nn.Module):
             return t.repeat(1, R, 1, 1)
         return t  # enable_gqa
 
-    def forward(self, x, past_k, past_v, mask=None):
+    def _write(self, buffer, block, positions, dim):
+        """Write the block into a full-length buffer (HF StaticCache / Fast-dLLM dual cache style)."""
+        s = self.spec
+        if s.buffer == "index_copy":
+            buffer.index_copy_(dim, positions, block)
+        else:
+            start = s.cache - s.suffix
+            where = positions if s.buffer == "setitem" else slice(start, start + s.block)
+            buffer[(slice(None),) * (dim % buffer.dim()) + (where,)] = block
+        return buffer
+
+    def forward(self, x, past_k, past_v, mask=None, positions=None):
         s = self.spec
         q, k, v = self._project(x)
         cat_dim = -2 if s.layout == "bhsd" else 1
-        if s.suffix:  # dual cache (Fast-dLLM style): the block's slots sit inside the cache
+        if s.buffer != "none":
+            k, v = self._write(past_k, k, positions, cat_dim), self._write(past_v, v, positions, cat_dim)
+        elif s.suffix:  # dual cache (Fast-dLLM style): the block's slots sit inside the cache
             P = s.cache - s.suffix
             k = torch.cat([past_k.narrow(cat_dim, 0, P), k, past_k.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
             v = torch.cat([past_v.narrow(cat_dim, 0, P), v, past_v.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
@@ -163,13 +180,17 @@ def make_inputs(spec: ZooSpec, seed: int = 0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     s = spec
     x = torch.randn(s.batch, s.block, s.heads * s.head_dim, generator=gen).to(dtype)
-    shape = (s.batch, s.kv_heads, s.cache, s.head_dim) if s.layout == "bhsd" else (s.batch, s.cache, s.kv_heads, s.head_dim)
+    length = s.cache + (s.block if s.buffer != "none" else 0)
+    shape = (s.batch, s.kv_heads, length, s.head_dim) if s.layout == "bhsd" else \
+        (s.batch, length, s.kv_heads, s.head_dim)
     past_k = torch.randn(shape, generator=gen).to(dtype)
     past_v = torch.randn(shape, generator=gen).to(dtype)
     mask = make_mask(s, gen, dtype)
     if mask is not None and mask.dtype != torch.bool and spec.mask != "padding" and spec.form == "eager":
         mask = mask.to(dtype)
-    return (x, past_k, past_v, mask)
+    if s.buffer == "none":
+        return (x, past_k, past_v, mask)
+    return (x, past_k, past_v, mask, s.cache - s.suffix + torch.randperm(s.block, generator=gen))
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

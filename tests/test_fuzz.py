@@ -67,6 +67,7 @@ def zoo_specs(draw, near_miss_repeat: bool = False) -> ZooSpec:
     cache = draw(st.integers(1, 64))
     mask = draw(st.sampled_from(MASKS))
     dual = draw(st.booleans())
+    buffer = draw(st.sampled_from(["none", "none", "index_copy", "setitem", "slice"]))
     return ZooSpec(
         form=form, gqa=gqa,
         layout=draw(st.sampled_from(["bhsd", "bshd"])),
@@ -80,6 +81,7 @@ def zoo_specs(draw, near_miss_repeat: bool = False) -> ZooSpec:
         batch=draw(st.integers(1, 3)),
         suffix=draw(st.integers(1, cache)) if dual else 0,
         window=draw(st.integers(0, cache + block)) if mask == "window" else 0,
+        buffer=buffer,
     )
 
 
@@ -101,6 +103,7 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
     note(f"spec={spec!r} seed={seed} dtype={dtype}")
     event(f"{spec.form}/{dtype}".replace("torch.", ""))
     event(f"mask={spec.mask}{' dual' if spec.suffix else ''}")
+    event(f"buffer={spec.buffer}")
     event(f"scale={spec.scale}")
     model = build(spec, seed=seed, dtype=dtype)
     inputs = make_inputs(spec, seed=seed, dtype=dtype)
@@ -127,6 +130,9 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
 @example(spec=ZooSpec(mask="window", window=1, cache=64, block=2), seed=0, dtype=torch.float32)  # cache > window
 @example(spec=ZooSpec(form="eager", mask="additive_2d", suffix=7), seed=5, dtype=torch.bfloat16)
 @example(spec=ZooSpec(form="eager", scale="after_mask", mask="additive", suffix=3), seed=6, dtype=torch.float32)
+@example(spec=ZooSpec(buffer="setitem", layout="bshd", mask="padding_row", suffix=5), seed=7, dtype=torch.float32)
+@example(spec=ZooSpec(form="eager", buffer="index_copy", mask="bool", gqa="repeat_interleave"), seed=8,
+         dtype=torch.bfloat16)
 def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
     check_exact(spec, seed, dtype)
 
@@ -135,7 +141,7 @@ def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
 # near misses: must never be rewritten, and the output must still equal eager
 
 NEAR_MISSES = ["dropout_sdpa", "dropout_eager", "causal", "cat_heads", "cached_depends_on_block",
-               "repeat_outer", "finite_masked_fill", "scores_escape"]
+               "repeat_outer", "finite_masked_fill", "scores_escape", "buffer_written_twice", "buffer_read_first"]
 
 
 class NearMiss(ZooAttention):
@@ -145,10 +151,14 @@ class NearMiss(ZooAttention):
         super().__init__(spec)
         self.kind, self.p = kind, p
 
-    def forward(self, x, past_k, past_v, mask=None):
+    def forward(self, x, past_k, past_v, mask=None, positions=None):
         s, kind = self.spec, self.kind
         if kind == "repeat_outer":  # the zoo's own gqa="repeat" with several KV heads
             return super().forward(x, past_k, past_v, mask)
+        if kind.startswith("buffer"):  # the zoo's buffer write, plus a second write or an earlier read
+            seq = -2 if s.layout == "bhsd" else 1
+            earlier = past_k.narrow(seq, 0, 1).zero_() if kind == "buffer_written_twice" else past_k.sum()
+            return super().forward(x, past_k, past_v, mask, positions) + 0 * earlier.sum()
         q, k, v = self._project(x)
         seq = -2 if s.layout == "bhsd" else 1
         if kind == "cached_depends_on_block":
@@ -187,7 +197,10 @@ class NearMiss(ZooAttention):
 def near_misses(draw):
     kind = draw(st.sampled_from(NEAR_MISSES))
     spec = draw(zoo_specs(near_miss_repeat=kind == "repeat_outer"))
-    changes: dict = {} if kind == "repeat_outer" else {"suffix": 0}  # only the zoo's forward has a dual cache
+    # only the zoo's forward has a dual cache and buffer writes
+    changes: dict = {"buffer": "none"} if kind == "repeat_outer" else {"suffix": 0, "buffer": "none"}
+    if kind.startswith("buffer"):
+        changes = {"buffer": "setitem"}
     if kind in ("dropout_sdpa", "causal"):
         changes.update(form="sdpa", mask="none")  # SDPA forbids is_causal with a mask
     if kind in ("dropout_eager", "finite_masked_fill", "scores_escape"):
@@ -203,6 +216,7 @@ def near_misses(draw):
 
 @settings(settings.get_profile(PROFILE), max_examples=NEAR_MISS_EXAMPLES)
 @given(case=near_misses(), seed=seeds)
+@example(case=("buffer_written_twice", ZooSpec(buffer="setitem", suffix=3), 0.5), seed=0)
 def test_fuzz_near_misses_skipped_and_exact(case, seed):
     kind, spec, p = case
     torch._dynamo.reset()

@@ -56,7 +56,8 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     record = session.new_graph([s.describe() for s in sites], gm.code)
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
-    external = [(s.external_inputs, s.cache_offsets(), _block_input(s)) for s in sites if s.splittable]
+    external = [(s.external_inputs, s.cache_offsets(), _block_input(s), s.position_tensors())
+                for s in sites if s.splittable]
     saves_block = config.exact_save_pass and _returns_block_kv(gm, sites)
     if not split_attention(gm, sites):
         return _compile(gm, example_inputs, config)
@@ -167,7 +168,7 @@ def _site_guards(gm: fx.GraphModule, external: list[tuple]) -> list[SiteGuard] |
     """One guard per split site (graph order); None if a query size cannot be read off the inputs."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     guards, seen = [], []
-    for (out, _), (inputs, offsets, block) in zip(external_results(gm.graph), external):
+    for (out, _), (inputs, offsets, block, positions) in zip(external_results(gm.graph), external):
         value = out.meta["example_value"]
         shape = [_size_source(s, placeholders) for s in value.shape]
         if any(s is None for s in shape):
@@ -176,7 +177,8 @@ def _site_guards(gm: fx.GraphModule, external: list[tuple]) -> list[SiteGuard] |
         guards.append(SiteGuard(external=indices, occurrence=seen.count(indices), out_shape=shape,
                                 dtype=value.dtype, device=value.device,
                                 offsets=[o if isinstance(o, int) else (placeholders.index(o), None) for o in offsets],
-                                block_input=placeholders.index(block) if block is not None else None))
+                                block_input=placeholders.index(block) if block is not None else None,
+                                positions=[placeholders.index(n) for n in positions]))
         seen.append(indices)
     return guards
 

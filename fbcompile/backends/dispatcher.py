@@ -8,6 +8,11 @@ self-conditioning - share them). A site's entry serves a call only if
   versions are read *after* each call, so a static cache that the graph itself writes (the block's
   own range, proven by the pass) stays valid, while any write from outside forces a refresh;
 * the cached range starts where it did (static caches: the block's offset);
+* a buffer the graph writes at data-dependent positions is written at the same positions: the
+  tensors the positions are computed from (``SiteGuard.positions``, e.g. HF ``StaticCache``'s
+  ``cumulative_length`` or Fast-dLLM's index) equal, by value, a copy kept at the refresh; taken
+  before the call, since the graph may advance them in place; this compare is one host sync per
+  call on a small tensor;
 * the query block has the same batch, length, dtype and device (``O_e``'s expected shape, read
   off the inputs' sizes, and its dtype/device);
 * the policy does not ask for a refresh ("adaptive": the largest relative change of a site's
@@ -18,13 +23,14 @@ self-conditioning - share them). A site's entry serves a call only if
 With a reuse plan, each step since the refresh runs its own reuse graph, which recomputes the
 plan's KV heads and returns their fresh ``(O_e, L_e)``; those overwrite the cached ones.
 
-The dispatcher never reads tensor data and never syncs with the device.
+The dispatcher reads no tensor data and never syncs with the device, except to compare a written
+buffer's positions (above) and for the "tokens" and "adaptive" policies.
 """
 from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -45,6 +51,8 @@ class SiteGuard:
     device: torch.device
     offsets: list                  # static caches: where each external range ends (int or (argument index, None))
     block_input: int | None = None  # argument index of the block's input ("tokens" policy)
+    positions: list[int] = field(default_factory=list)  # argument indices of the tensors a written
+    #                                                     buffer's positions are computed from
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)
@@ -90,8 +98,10 @@ class SplitGraphDispatcher:
         # (same tensors, versions, shapes, ints) and the session cache did not change, reuse again
         watched = {i for site in sites for i in site.external}
         watched |= {src[0] for site in sites for src in site.out_shape + site.offsets if not isinstance(src, int)}
+        watched |= {i for site in sites for i in site.positions}
         self._watched = sorted(watched)
         self._writes_external = any(site.offsets for site in sites)  # static caches the graph writes
+        self._compares_values = any(site.positions for site in sites)  # buffers written at data-dependent positions
         self._last = None  # (session generation, signature after the call, cached tensors, entries, weakrefs)
 
     def _lookup(self, args) -> tuple[list, str | None]:
@@ -155,10 +165,12 @@ class SplitGraphDispatcher:
             self._remember(args, cached, found)
             return outputs[: self.num_outputs]
         session.external_units[0] += self.units
+        positions = [_positions(site, args) for site in self.sites]  # before the graph advances them
         outputs = self.refresh(*args)
         kept = 3 if session.config.refresh == "adaptive" else 2
         extra = outputs[self.num_outputs:]
-        self._refreshed(args, keys, found, [extra[kept * i:kept * i + kept] for i in range(len(self.sites))])
+        self._refreshed(args, keys, found, [extra[kept * i:kept * i + kept] for i in range(len(self.sites))],
+                        positions)
         self._last = None
         return outputs[: self.num_outputs]
 
@@ -171,12 +183,14 @@ class SplitGraphDispatcher:
         for site, entry in zip(self.sites, entries):
             entry.steps += 1
             entry.versions = [args[j]._version for j in site.external]
-        if self.session.config.refresh == "block" and self.plan_steps is None:
+        # the fast path's proof (nothing changed since this call) fails when the graph itself moves a
+        # written buffer's positions (HF StaticCache advances its counter): those compare by value
+        if self.session.config.refresh == "block" and self.plan_steps is None and not self._compares_values:
             if refs is None:
                 refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
             self._last = (self.session.generation, self._signature(args), cached, entries, refs)
 
-    def _refreshed(self, args, keys, reason: str, per_site: list) -> None:
+    def _refreshed(self, args, keys, reason: str, per_site: list, positions: list) -> None:
         """Count a refresh and keep every site's fresh ``(O_e, L_e[, q])``."""
         session = self.session
         self.record.refreshes += 1
@@ -194,11 +208,12 @@ class SplitGraphDispatcher:
                                             shapes=[s.shape for s in sources],
                                             offsets=site.offset_values(args),
                                             block=block.get(site.block_input),
-                                            tensors=list(per_site[i]))))
+                                            tensors=list(per_site[i]), positions=positions[i])))
         session.store(entries)
 
     def _probe(self, args, keys, found):
         """Exact outputs; the policy's refresh/reuse decision is simulated and shown to the observer."""
+        positions = [_positions(site, args) for site in self.sites]
         outputs = self.refresh(*args)
         extra = outputs[self.num_outputs:]
         parts = [extra[5 * i:5 * i + 5] for i in range(len(self.sites))]  # O_e, L_e, O_i, L_i, q
@@ -207,7 +222,7 @@ class SplitGraphDispatcher:
             self.session.external_units[0] += self.units
             for i, part in enumerate(parts):
                 observe(self.record.index, i, 0, part[:4], None, self.kv_heads[i])
-            self._refreshed(args, keys, found, [(p[0], p[1], p[4]) for p in parts])
+            self._refreshed(args, keys, found, [(p[0], p[1], p[4]) for p in parts], positions)
         else:
             self.record.reuses += 1
             step = self.plan_steps[found[0].steps] if self.plan_steps is not None else None
@@ -224,6 +239,11 @@ class SplitGraphDispatcher:
             if self.session.config.refresh == "adaptive":
                 self.session.pending_drift = max(_relative_change(p[4], e.tensors[2]) for p, e in zip(parts, found))
         return outputs[: self.num_outputs]
+
+
+def _positions(site: SiteGuard, args) -> list[torch.Tensor]:
+    """Copies of the tensors a written buffer's positions are computed from."""
+    return [args[i].clone() for i in site.positions]
 
 
 def _relative_change(now: torch.Tensor, before: torch.Tensor) -> float:
@@ -251,6 +271,8 @@ def _stale(entry: CacheEntry | None, sources: list, site: SiteGuard, args, polic
             return "kv shape changed"
     if entry.offsets != site.offset_values(args):
         return "kv range changed"
+    if not all(a.shape == args[i].shape and torch.equal(a, args[i]) for a, i in zip(entry.positions, site.positions)):
+        return "kv positions changed"
     out = entry.tensors[0]
     if out.dtype != site.dtype or out.device != site.device or out.shape != site.expected_shape(args):
         return "block changed"

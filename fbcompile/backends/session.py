@@ -50,6 +50,7 @@ class CacheEntry:
     block: torch.Tensor | None  # the block's input at the refresh ("tokens" policy)
     tensors: list            # [O_e, L_e]
     steps: int = 0           # reuses since the refresh
+    positions: list = field(default_factory=list)  # copies of what a written buffer's positions come from
 
 
 @dataclass

@@ -18,9 +18,10 @@ Two forms are matched and normalised to one :class:`AttentionSite`:
 and, through their own matchers, ``flex_attention`` (:mod:`.match_flex`) and flash-attn's forward op
 (:mod:`.match_flash`).
 
-A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`) whose operands
-divide into *external* ones - reading graph inputs (module parameters aside), none that the query
-depends on - and *internal* ones (the block, and constants such as zero padding). Everything else is left untouched with a reason.
+A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`; or a buffer the
+graph writes at the block's positions, see :mod:`.buffer_write`) whose operands divide into *external*
+ones - reading graph inputs (module parameters aside), none that the query depends on - and *internal*
+ones (the block, and constants such as zero padding). Everything else is left untouched with a reason.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from fbcompile.passes.buffer_write import (BufferBlock, BufferExternal, BufferWriteError, check_pair,
+                                           position_inputs)
 from fbcompile.passes.graph_utils import (DependencyGraph, arg, describe_shape, example, is_parameter,
                                           op_name, same_size, shape, view_base)
 from fbcompile.passes.kv_layout import CachePrefix, KVLayout, LayoutError, trace_kv
@@ -75,6 +78,7 @@ class AttentionSite:
     external: list[int] = field(default_factory=list)   # cat operand indices
     internal: list[int] = field(default_factory=list)
     external_inputs: list[fx.Node] = field(default_factory=list)  # placeholders the cached KV reads
+    position_inputs: list[fx.Node] = field(default_factory=list)  # placeholders the buffer's written positions read
     reason: str | None = None
 
     @property
@@ -94,15 +98,25 @@ class AttentionSite:
         kv = describe_shape(self.k)
         if self.k_layout is not None:
             kinds = ["ext" if i in self.external else "int" for i in range(len(self.k_layout.pieces))]
-            parts = [p.describe() if isinstance(p, CachePrefix) else describe_shape(p) for p in self.k_layout.pieces]
+            parts = [describe_shape(p) if isinstance(p, fx.Node) else p.describe() for p in self.k_layout.pieces]
             kv += " = cat(" + ", ".join(f"{kind}:{part}" for kind, part in zip(kinds, parts)) + ")"
         return {"node": self.node.name, "form": self.form, "q": describe_shape(self.q), "kv": kv,
                 "heads": heads, "mask": self.mask_kind, "decision": self.decision}
 
     def cache_offsets(self) -> list:
-        """Where each static-cache external range ends (int or symbolic-int input node)."""
+        """Where each static-cache external range ends (int or symbolic-int input node), and the
+        symbolic-int inputs a written buffer's positions are computed from."""
         return [p.start for layout in (self.k_layout, self.v_layout) for p in layout.pieces
-                if isinstance(p, CachePrefix)]
+                if isinstance(p, CachePrefix)] + [n for n in self.position_inputs if example(n) is None]
+
+    def position_tensors(self) -> list[fx.Node]:
+        """Tensor inputs a written buffer's positions are computed from (reuse compares their values)."""
+        return [n for n in self.position_inputs if example(n) is not None]
+
+    def buffer_writes(self) -> list:
+        """The keys' and values' :class:`~.buffer_write.BufferWrite` of a written-buffer site (else [])."""
+        return [p.write for layout in (self.k_layout, self.v_layout) for p in layout.pieces[:1]
+                if isinstance(p, BufferExternal)]
 
     def query_heads(self) -> int:
         return shape(self.q)[2 if self.tokens_first else 1]
@@ -232,6 +246,8 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
         # cached tensor whose identity could guard a reused result (its length may change with the block's)
         k_ext = bool(k_inputs) and not (k_inputs & query_inputs)
         v_ext = bool(v_inputs) and not (v_inputs & query_inputs)
+        if isinstance(kp, BufferBlock):  # written by this graph: the block, whatever it is computed from
+            k_ext = v_ext = False
         if k_ext != v_ext:
             raise NotSplittable(f"part {i} is cached for keys but not for values")
         if k_ext:
@@ -246,6 +262,7 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
     if site.internal != list(range(site.internal[0], site.internal[-1] + 1)):
         raise NotSplittable("the block's keys are not contiguous")
     own_writes = {p.write for layout in (k_layout, v_layout) for p in layout.pieces if isinstance(p, CachePrefix)}
+    own_writes |= {w.node for w in site.buffer_writes()}
     if any(set(deps.mutations.get(view_base(n), ())) - own_writes for n in external_inputs):
         raise NotSplittable("the graph writes the cached keys/values in place")
     placeholders = [n for n in site.node.graph.nodes if n.op == "placeholder"]
@@ -255,11 +272,30 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
 def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
     """Graph inputs ``node`` reads, module parameters aside (they do not change between steps).
 
-    A static-cache prefix reads only its cache: the graph's write goes to the block's own range.
+    A static-cache prefix, or a written buffer without its written positions, reads only its cache:
+    the graph's write goes to the block's own range.
     """
-    if isinstance(node, CachePrefix):
+    if isinstance(node, (CachePrefix, BufferExternal)):
         return {node.base}
+    if isinstance(node, BufferBlock):  # the buffer's rows at the written positions hold the block
+        node = node.write.value
     return {n for n in deps.tensor_inputs(node) if not is_parameter(n)}
+
+
+def _check_buffer_writes(site: AttentionSite, deps: DependencyGraph) -> None:
+    """Keys and values both written buffers at the same positions (or neither); note the positions' inputs."""
+    writes = site.buffer_writes()
+    if not writes:
+        return
+    if len(writes) != 2:
+        raise NotSplittable("only one of keys/values is a buffer the graph writes")
+    if site.key_mask is not None:
+        raise NotSplittable(f"a {site.form} mask over a buffer written at the block's positions is not split")
+    try:
+        check_pair(*writes)
+    except BufferWriteError as e:
+        raise NotSplittable(str(e)) from None
+    site.position_inputs = position_inputs(writes[0], deps)
 
 
 def _check_mask(site: AttentionSite) -> None:
@@ -308,6 +344,7 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
                 raise NotSplittable(str(e)) from None
             _check_mask(site)
             deps = deps or DependencyGraph(gm.graph)
+            _check_buffer_writes(site, deps)
             _classify(site, deps)
             if site.query_heads() % site.kv_heads():
                 raise NotSplittable("query heads are not a multiple of the KV heads")

@@ -16,6 +16,14 @@ or a preallocated cache that the graph itself writes at every step and reads up 
     cache_k[:, start:end] = k                                # the block's own range
     k = cache_k[:, :end].transpose(1, 2)                     # = cat([cache_k[:, :start], k], 1)
 
+or a full-length buffer that the graph writes at the block's positions and reads wholly (HF
+``StaticCache``, Fast-dLLM's dual cache; see :mod:`.buffer_write`), split by positions rather than
+ranges: the chain then ends at the buffer, whose stand-in pieces are "the buffer without the written
+positions" and "the buffer's rows at them"::
+
+    cache_k.index_copy_(2, positions, k)
+    k = repeat_kv(cache_k)
+
 :func:`trace_kv` walks such a chain back to the ``cat`` and simulates it on *factors*: every dim of
 the cat's output is one factor (split when a reshape splits it); ``expand``/``repeat_interleave``/
 ``repeat`` add replication factors. The chain is accepted only if it ends as ``[batch, heads, S, D]``
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from fbcompile.passes.buffer_write import BufferWriteError, read_buffer
 from fbcompile.passes.graph_utils import arg, example, op_name, same_size, shape
 
 _IDENTITY_OPS = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type", "type_as"}
@@ -78,7 +87,7 @@ class KVLayout:
     """How one attention operand (K or V) is laid out relative to its source ``cat``."""
 
     cat: fx.Node
-    pieces: list  # fx.Node or CachePrefix
+    pieces: list  # fx.Node, or an object that emits one (CachePrefix, buffer_write.BufferExternal/BufferBlock)
     cat_dim: int
     leaves: list[list[_Factor]]  # per cat-output dim, its factors outer -> inner
     order: list[list[_Factor]]   # final [batch, heads, seq, head_dim] groups, replication dropped
@@ -87,12 +96,12 @@ class KVLayout:
 
     def piece_length(self, index: int):
         piece = self.pieces[index]
-        return piece.length if isinstance(piece, CachePrefix) else shape(piece)[self.cat_dim]
+        return shape(piece)[self.cat_dim] if isinstance(piece, fx.Node) else piece.length
 
     def emit_canonical(self, graph: fx.Graph, piece) -> fx.Node:
         """Insert nodes that turn a cat operand into ``[B, Hkv, n, D]`` (no replication, final dtype)."""
-        dtype = example(piece.base if isinstance(piece, CachePrefix) else piece).dtype
-        node = piece.emit(graph) if isinstance(piece, CachePrefix) else piece
+        dtype = example(piece if isinstance(piece, fx.Node) else piece.base).dtype
+        node = piece if isinstance(piece, fx.Node) else piece.emit(graph)
         # 1. split every cat-output dim into its factors (last dim first so indices stay valid)
         position = [f for factors in self.leaves for f in factors]  # dims after the splits
         for dim in reversed(range(len(self.leaves))):
@@ -292,13 +301,21 @@ def _static_cache_read(node: fx.Node):
     return read[0], [CachePrefix(base=base, dim=read[0], start=start, write=write), value]
 
 
+def _written_buffer(node: fx.Node):
+    try:
+        return read_buffer(node)
+    except BufferWriteError as e:
+        raise LayoutError(str(e)) from None
+
+
 def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
     """Find the cat feeding attention operand ``node`` and describe the layout; raise LayoutError.
 
     ``tokens_first``: the attention reads ``node`` as ``[B, S, H, D]`` (flash-attn), not ``[B, H, S, D]``.
     """
     chain, cursor, static = [], node, None
-    while op_name(cursor) != "cat" and (static := _static_cache_read(cursor)) is None:
+    while (op_name(cursor) != "cat" and (static := _static_cache_read(cursor)) is None
+           and (static := _written_buffer(cursor)) is None):
         if op_name(cursor) not in _CHAIN_OPS or not cursor.args or not isinstance(cursor.args[0], fx.Node):
             what = op_name(cursor) or cursor.op
             raise LayoutError(f"keys/values are not a concatenation (reached '{what}')")

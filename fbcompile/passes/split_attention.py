@@ -10,6 +10,8 @@ Several external parts (a dual cache: prefix and suffix) are combined with ``fbc
 A site whose mask is built per key range (``site.key_mask``: flex masks, flash's causal) gets each part's
 mask from it instead of a slice; a tokens-first site (flash-attn) has its query and output transposed; a
 used log-sum-exp output is replaced by the merged one.
+A buffer the graph writes at the block's positions splits by positions instead of ranges: the
+external part is the whole buffer with those positions masked out (see :mod:`.buffer_write`).
 The external ``(O_e, L_e)`` nodes carry fake example values so that later passes (reuse) can turn
 them into graph inputs. The old attention and whatever only fed it are removed by DCE.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from fbcompile.passes.buffer_write import split_masks
 from fbcompile.passes.find_attention import AttentionSite
 from fbcompile.passes.kv_layout import CachePrefix
 from fbcompile.passes.graph_utils import example, mutated_tensor, same_size, shape
@@ -81,22 +84,32 @@ def _heads(site: AttentionSite) -> SiteHeads:
     return SiteHeads(query=site.query_heads(), kv=site.kv_heads(), mask_dim=mask_dim)
 
 
+def _key_ranges(graph: fx.Graph, k_layout) -> tuple[list, list]:
+    """Where each cat operand starts along the keys, and its length (ints or emitted nodes)."""
+    starts, lengths, offset = [], [], 0
+    for i, piece in enumerate(k_layout.pieces):
+        length = k_layout.piece_length(i)
+        if isinstance(piece, CachePrefix):
+            length = piece.start
+        elif not isinstance(length, int):
+            length = graph.call_method("size", (piece, k_layout.cat_dim))
+        starts.append(offset)
+        lengths.append(length)
+        offset = length if offset == 0 else graph.call_function(operator.add, (offset, length))
+    return starts, lengths
+
+
 def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
     k_layout, v_layout = site.k_layout, site.v_layout
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(shape(site.q)[-1])
     with graph.inserting_before(site.node):
         query = graph.call_method("transpose", (site.q, 1, 2)) if site.tokens_first else site.q
         mask = _prepare_mask(graph, site)
-        starts, lengths, offset = [], [], 0
-        for i, piece in enumerate(k_layout.pieces):
-            length = k_layout.piece_length(i)
-            if isinstance(piece, CachePrefix):
-                length = piece.start
-            elif not isinstance(length, int):
-                length = graph.call_method("size", (piece, k_layout.cat_dim))
-            starts.append(offset)
-            lengths.append(length)
-            offset = length if offset == 0 else graph.call_function(operator.add, (offset, length))
+        writes = site.buffer_writes()
+        if writes:  # [buffer without the written positions, the written positions]
+            masks = split_masks(graph, writes[0], mask)
+        else:
+            starts, lengths = _key_ranges(graph, k_layout)
 
         def canonical(i):
             return (k_layout.emit_canonical(graph, k_layout.pieces[i]),
@@ -109,8 +122,8 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
         like = original.new_empty(original.shape, dtype=example(site.q).dtype)
         for i in site.external:
             k, v = canonical(i)
-            part = graph.call_function(torch.ops.fbcompile.attention_lse.default,
-                                       (query, k, v, _key_slice(graph, site, mask, starts[i], lengths[i]), scale))
+            mask_ext = masks[0] if writes else _key_slice(graph, site, mask, starts[i], lengths[i])
+            part = graph.call_function(torch.ops.fbcompile.attention_lse.default, (query, k, v, mask_ext, scale))
             o, lse = _external_outputs(graph, part, like)
             if out_ext is not None:
                 merged = graph.call_function(torch.ops.fbcompile.merge_lse.default, (out_ext, lse_ext, o, lse))
@@ -120,13 +133,16 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
         parts = [canonical(i) for i in site.internal]
         k_int = parts[0][0] if len(parts) == 1 else graph.call_function(torch.cat, ([p[0] for p in parts], 2))
         v_int = parts[0][1] if len(parts) == 1 else graph.call_function(torch.cat, ([p[1] for p in parts], 2))
-        first = site.internal[0]
-        length = lengths[first]
-        for i in site.internal[1:]:
-            length = graph.call_function(operator.add, (length, lengths[i]))
+        if writes:
+            mask_int = masks[1]
+        else:
+            first = site.internal[0]
+            length = lengths[first]
+            for i in site.internal[1:]:
+                length = graph.call_function(operator.add, (length, lengths[i]))
+            mask_int = _key_slice(graph, site, mask, starts[first], length)
         result = graph.call_function(torch.ops.fbcompile.attention_merge_lse.default,
-                                     (query, k_int, v_int, _key_slice(graph, site, mask, starts[first], length),
-                                      scale, out_ext, lse_ext))
+                                     (query, k_int, v_int, mask_int, scale, out_ext, lse_ext))
         result.meta["fbcompile_heads"] = _heads(site)
         out = graph.call_function(operator.getitem, (result, 0))
         if site.tokens_first:

@@ -1,0 +1,100 @@
+"""LLaDA-style LM with Fast-dLLM's dual cache written as a full-length buffer (tiny, plain PyTorch).
+
+``llada_lm`` models the dual cache as ``cat([prefix_k, block_k, suffix_k])``. Fast-dLLM's own code
+keeps the whole sequence's K/V from the block's first (full) pass as one buffer per layer and, at the
+block's later steps, writes the block's fresh K/V into it at the positions of a mask, then attends
+over the whole buffer::
+
+    idx = replace_position.nonzero(as_tuple=True)[1]
+    past_k[:, :, idx] = k
+    attention(q, past_k, past_v)
+
+``replace_position`` is a ``[1, L]`` bool mask of the block (shared by the batch). The buffers are the
+full pass's K/V, written in place at every later step of the block; the next block's full pass makes
+new ones.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+try:  # importable both as ``examples.llada_dual_buffer`` and from inside ``examples/``
+    from .block_diffusion_lm import KV, BlockDiffusionLM, greedy_confidence, init_random_weights, unmask_topk
+    from .llada_lm import LLaDAAttention, LLaDAConfig, LLaDALM
+except ImportError:
+    from block_diffusion_lm import KV, BlockDiffusionLM, greedy_confidence, init_random_weights, unmask_topk
+    from llada_lm import LLaDAAttention, LLaDAConfig, LLaDALM
+
+
+class BufferAttention(LLaDAAttention):
+    """With ``replace_position``: write the block into the full-length cache at its positions."""
+
+    def forward(self, hidden, cos, sin, past_kv: Optional[KV] = None, attention_mask=None,
+                future_kv: Optional[KV] = None, replace_position: Optional[torch.Tensor] = None):
+        if replace_position is None:
+            return super().forward(hidden, cos, sin, past_kv, attention_mask, future_kv)
+        q, k, v = self.project(hidden, cos, sin)
+        past_k, past_v = past_kv
+        idx = replace_position.nonzero(as_tuple=True)[1]
+        past_k[:, :, idx] = k
+        past_v[:, :, idx] = v
+        return self.output(self.attend(q, past_k, past_v, attention_mask)), (past_k, past_v)
+
+
+class DualBufferLLaDA(LLaDALM):
+    def __init__(self, config: LLaDAConfig):
+        BlockDiffusionLM.__init__(self, config, attention_cls=BufferAttention)
+        self.last_num_forwards = 0
+
+    def forward(self, input_ids: torch.Tensor, past_key_values: Optional[Sequence[KV]] = None,
+                position_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                replace_position: Optional[torch.Tensor] = None, use_cache: bool = False):
+        """As ``LLaDALM.forward``; with ``replace_position`` the past is the full-length buffers."""
+        if replace_position is None:
+            return super().forward(input_ids, past_key_values, position_ids=position_ids,
+                                   attention_mask=attention_mask, use_cache=use_cache)
+        hidden, cos, sin = self.embed(input_ids, position_ids, 0)
+        for layer, past in zip(self.layers, past_key_values):
+            hidden, _ = layer(hidden, cos, sin, past, attention_mask, replace_position=replace_position)
+        return self.lm_head(self.norm(hidden)), None
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, gen_length: int, block_size: int, steps: int):
+        """Fast-dLLM ``generate_with_dual_cache`` (greedy): per block a full pass, then block-only
+        steps that write the block into the full pass's K/V buffers."""
+        num_blocks = gen_length // block_size
+        steps_per_block = steps // num_blocks
+        if gen_length % block_size or steps % num_blocks or steps_per_block > block_size:
+            raise ValueError("gen_length, block_size and steps must divide evenly")
+        mask_id = self.config.mask_token_id
+        b, p = prompt_ids.shape
+        x = torch.cat([prompt_ids, prompt_ids.new_full((b, gen_length), mask_id)], dim=1)
+        reveal = block_size // steps_per_block
+        forwards = 0
+        for blk in range(num_blocks):
+            s, e = p + blk * block_size, p + (blk + 1) * block_size
+            masked = torch.ones(b, block_size, dtype=torch.bool, device=x.device)
+            replace_position = torch.zeros(1, x.shape[1], dtype=torch.bool, device=x.device)
+            replace_position[:, s:e] = True
+            for step in range(steps_per_block):
+                if step == 0:
+                    logits, buffers = self(x, use_cache=True)
+                    logits = logits[:, s:e]
+                else:
+                    logits, _ = self(x[:, s:e], past_key_values=buffers, replace_position=replace_position,
+                                     position_ids=torch.arange(s, e, device=x.device))
+                forwards += 1
+                k = reveal if step < steps_per_block - 1 else int(masked.sum(1).max())
+                conf, tok = greedy_confidence(logits, mask_id)
+                block, masked = unmask_topk(x[:, s:e], masked, conf, tok, k)
+                x = torch.cat([x[:, :s], block, x[:, e:]], dim=1)
+        self.last_num_forwards = forwards
+        return x
+
+
+def make_tiny_model(seed: int = 0, **config_overrides) -> DualBufferLLaDA:
+    """Random-weight tiny model in eval mode, deterministic for a given seed."""
+    config = LLaDAConfig(**config_overrides)
+    return init_random_weights(DualBufferLLaDA(config), seed).to(config.dtype).eval()
