@@ -131,6 +131,7 @@ def _attn_kernel(
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
+    qk_scale = tl.full([], qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
 
@@ -158,7 +159,8 @@ def _attn_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-    # Whole tiles need no key bounds; only the last tile of the split can be partial.
+    # Whole tiles need no key bounds; only the last tile of the split can be partial (second loop,
+    # at most one trip: a loop rather than an ``if``, the form Triton's pipeliner is built for).
     n_full = n_start + (n_end - n_start) // BLOCK_N * BLOCK_N
     for n0 in range(n_start, n_full, BLOCK_N):
         m_i, l_i, acc = _key_tile(q, k_ptrs, v_ptrs, mask_ptrs, m_i, l_i, acc, n0, n_end, row_ok,
@@ -168,8 +170,8 @@ def _attn_kernel(
         v_ptrs += BLOCK_N * svn
         if HAS_MASK:
             mask_ptrs += BLOCK_N * smn
-    if n_full < n_end:
-        m_i, l_i, acc = _key_tile(q, k_ptrs, v_ptrs, mask_ptrs, m_i, l_i, acc, n_full, n_end, row_ok,
+    for n0 in range(n_full, n_end, BLOCK_N):
+        m_i, l_i, acc = _key_tile(q, k_ptrs, v_ptrs, mask_ptrs, m_i, l_i, acc, n0, n_end, row_ok,
                                   offs_n, offs_d, offs_dv, qk_scale, D, DV, BLOCK_D, BLOCK_DV, HAS_MASK, MASK_BOOL,
                                   DOT_PRECISION, UPCAST_DOT, True)
 
