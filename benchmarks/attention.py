@@ -1,279 +1,268 @@
-"""GPU benchmark of the split-attention kernels against the HF-style baseline.
+"""GPU benchmark of the split-attention kernels against their two floors (bytes and FLOPs).
 
-For each shape (bf16, B=1) it checks the Triton kernels against :mod:`fbcompile.kernels.reference`
-and times, as medians of CUDA-graph replays (what a compiled model with CUDA graphs pays):
+For each shape (bf16, B=1: query heads / KV heads / head dim, M block queries, L cached keys) it checks
+the external op ``torch.ops.fbcompile.attention_lse`` against a float64 reference (and fp32 inputs at
+8K keys) and times it as medians of CUDA-graph replays over rotating input sets (several times the L2,
+so every replay reads the KV from HBM). Optionally (``--old-tree``) the same for the kernel of another
+checkout, for a before/after table, and the host cost of the op in eager and Inductor-compiled graphs.
 
-* ``sdpa_cat``: ``torch.cat`` of cached and block KV, then SDPA (one HF denoising step),
-* ``flex``: compiled FlexAttention over the concatenated KV (attention only, no cat),
-* ``ext``: our split-KV external kernel, ``merge``: our fused internal + merge kernel,
-* ``block``: one block of 8 denoising steps, ``ext + 8 x merge`` vs ``8 x sdpa_cat``.
+Floors: the KV read once (``2 * Hkv * L * D * 2`` bytes) over the measured copy bandwidth, and
+``4 * Hq * M * L * D`` FLOPs over the measured bf16 matrix rate. Their ratio is the arithmetic intensity
+``GQA * M`` FLOP per KV byte: above the ridge (matrix rate / bandwidth) no kernel can read at HBM speed.
 
-Run on the GPU from the repository root::
-
-    PYTHONPATH=. python benchmarks/attention.py --out DIR
-
-It writes ``attention_<gpu>.md`` (table), ``.json`` (everything, including a small tuning sweep)
-and ``.png`` (plot) into DIR. Inputs are reused between repetitions, so KV up to ~8K keys stays in
-the 50 MB L2 cache; the bandwidth target is judged at >= 32K keys, where it cannot.
+    PYTHONPATH=. python benchmarks/attention.py --out DIR [--old-tree OLD] [--sweep]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from fbcompile.kernels import reference
+import fbcompile  # noqa: F401  (registers torch.ops.fbcompile.*)
 from fbcompile.kernels import triton_attention as ta
 
-PEAK_HBM = 3.35e12  # H100 SXM datasheet HBM3 bandwidth, bytes/s
-STEPS = 8
-HEADS = [(32, 8, 128), (32, 8, 64), (32, 32, 128)]  # (query heads, KV heads, head dim)
-KEYS = [2048, 8192, 32768, 131072]
-BLOCKS = [32, 64]
+PEAK_HBM = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet HBM bandwidth, bytes/s
+HEADS = [(32, 8, 128), (12, 2, 128), (8, 4, 256), (8, 4, 512)]  # (query heads, KV heads, head dim)
+KEYS = [8192, 32768, 131072]
+BLOCKS = [32, 64, 256]
+SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at 32K keys for M 64 and 256
+    128: [{"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
+          {"num_warps": 8}],
+    256: [{"BLOCK_N": 64}, {"BLOCK_R": 128, "num_warps": 8}, {"num_warps": 4}],
+    512: [{"BLOCK_N": 32}, {"BLOCK_R": 32, "num_warps": 4}, {"BLOCK_R": 128, "num_warps": 8}],
+}
 
 
-def bench(fn) -> float:
-    """Median ms of CUDA-graph replays; plain CUDA-event timing if the function cannot be captured."""
-    try:
-        return do_bench_cudagraph(fn, rep=30, return_mode="median")
-    except Exception:  # noqa: BLE001 - e.g. a compiled function that refuses capture
-        torch.cuda.synchronize()
-        return do_bench(fn, warmup=10, rep=30, return_mode="median")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    finite = torch.isfinite(b)
-    if not torch.equal(finite, torch.isfinite(a)):
-        return float("inf")
-    return ((a[finite] - b[finite]).norm() / b[finite].norm().clamp_min(1e-30)).item()
-
-
-def copy_bandwidth() -> float:
-    """Measured device-to-device copy bandwidth (bytes read + written per second)."""
+def ceilings() -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and bf16 matrix rate (random data)."""
     x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
     y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median")
+    copy_ms = do_bench(lambda: y.copy_(x), warmup=10, rep=50, return_mode="median")
     del x, y
-    return 2 * 2 * 1024**3 / (ms * 1e-3)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ b, warmup=10, rep=50, return_mode="median")
+    return dict(copy_bw=2 * 2 * 1024**3 / (copy_ms * 1e-3), mm_flops=2 * 8192**3 / (mm_ms * 1e-3))
 
 
-def make_flex():
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-        return torch.compile(flex_attention, dynamic=False, fullgraph=True)
-    except Exception:  # noqa: BLE001
-        return None
+def load_old_kernels(tree: str):
+    """The kernel module of another checkout, behind an opaque ``custom_op`` as fbcompile had it."""
+    spec = importlib.util.spec_from_file_location(
+        "old_triton_attention", os.path.join(tree, "fbcompile", "kernels", "triton_attention.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    @torch.library.custom_op("fbbench::old_attention_lse", mutates_args=())
+    def old_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return mod.attention_lse(q, k, v, None, scale)
+
+    @old_lse.register_fake
+    def _(q, k, v, scale):
+        return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+    @torch.library.custom_op("fbbench::old_attention_merge_lse", mutates_args=())
+    def old_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, o: torch.Tensor,
+                  lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return mod.attention_merge_lse(q, k, v, None, scale, o, lse)
+
+    old_merge.register_fake(lambda q, k, v, scale, o, lse: (torch.empty_like(o), torch.empty_like(lse)))
+    return mod, old_lse, old_merge
 
 
-def run_flex(flex, q, k, v, scale, gqa, row, profile):
-    """FlexAttention without a block mask and with an explicit all-true one (built once, as a model
-    would per block); ``flex_ms`` is the faster. ``profile`` records its top kernels for diagnosis."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    try:
-        t = time.time()
-        flex(q, k, v, scale=scale, enable_gqa=gqa)
-        torch.cuda.synchronize()
-        row["flex_first_call_s"] = time.time() - t
-        row["flex_nomask_ms"] = bench(lambda: flex(q, k, v, scale=scale, enable_gqa=gqa))
-        bm = create_block_mask(lambda b, h, qi, ki: qi >= 0, 1, 1, q.shape[2], k.shape[2], device="cuda")
-        row["flex_blockmask_ms"] = bench(lambda: flex(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa))
-        row["flex_ms"] = min(row["flex_nomask_ms"], row["flex_blockmask_ms"])
-        if profile:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(3):
-                    flex(q, k, v, scale=scale, enable_gqa=gqa)
-                torch.cuda.synchronize()
-            events = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", 0))
-            row["flex_kernels"] = [(e.key[:80], round(getattr(e, "device_time_total", 0) / 3, 1))
-                                   for e in events[:5]]
-    except Exception as e:  # noqa: BLE001 - FlexAttention may not support the shape
-        row["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-
-
-def run_shape(hq, hkv, d, n, m, flex, results, do_flex):
-    dev, dt = "cuda", torch.bfloat16
-    scale = d**-0.5
-    q = torch.randn(1, hq, m, d, device=dev, dtype=dt)
-    k_e = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
-    v_e = torch.randn(1, hkv, n, d, device=dev, dtype=dt)
-    k_i = torch.randn(1, hkv, m, d, device=dev, dtype=dt)
-    v_i = torch.randn(1, hkv, m, d, device=dev, dtype=dt)
-    gqa = hq != hkv
-    row = dict(hq=hq, hkv=hkv, d=d, keys=n, block=m)
-
-    # Correctness: external part, fused merge, and the merged result against full attention.
-    o_e, l_e = ta.attention_lse(q, k_e, v_e, None, scale)
-    ro_e, rl_e = reference.attention_lse(q, k_e, v_e, None, scale)
-    o, l = ta.attention_merge_lse(q, k_i, v_i, None, scale, o_e, l_e)
-    ro, rl = reference.attention_merge_lse(q, k_i, v_i, None, scale, ro_e, rl_e)
-    k_cat, v_cat = torch.cat([k_e, k_i], 2), torch.cat([v_e, v_i], 2)
-    sdpa = F.scaled_dot_product_attention(q, k_cat, v_cat, scale=scale, enable_gqa=gqa)
-    row.update(err_ext=rel_err(o_e, ro_e), err_ext_lse=rel_err(l_e, rl_e), err_merge=rel_err(o, ro),
-               err_merge_lse=rel_err(l, rl), err_vs_sdpa=rel_err(o, sdpa))
-    del ro_e, rl_e, ro, rl
-
-    def sdpa_cat():
-        kc, vc = torch.cat([k_e, k_i], 2), torch.cat([v_e, v_i], 2)
-        return F.scaled_dot_product_attention(q, kc, vc, scale=scale, enable_gqa=gqa)
-
-    def ext():
-        return ta.attention_lse(q, k_e, v_e, None, scale)
-
-    def merge():
-        return ta.attention_merge_lse(q, k_i, v_i, None, scale, o_e, l_e)
-
-    def block_ours():
-        oe, le = ta.attention_lse(q, k_e, v_e, None, scale)
-        for _ in range(STEPS):
-            ta.attention_merge_lse(q, k_i, v_i, None, scale, oe, le)
-
-    def block_sdpa():
-        for _ in range(STEPS):
-            sdpa_cat()
-
-    row["sdpa_cat_ms"] = bench(sdpa_cat)
-    row["ext_ms"] = bench(ext)
-    row["merge_ms"] = bench(merge)
-    row["block_ours_ms"] = bench(block_ours)
-    row["block_sdpa_ms"] = bench(block_sdpa)
-    row["block_ours_eager_ms"] = do_bench(block_ours, warmup=10, rep=30, return_mode="median")
-    row["speedup"] = row["block_sdpa_ms"] / row["block_ours_ms"]
-    kv_bytes = (k_e.numel() + v_e.numel()) * 2 + (q.numel() + o_e.numel()) * 2 + l_e.numel() * 4
-    row["ext_gbps"] = kv_bytes / (row["ext_ms"] * 1e-3) / 1e9
-    row["ext_pct_peak"] = 100 * kv_bytes / (row["ext_ms"] * 1e-3) / PEAK_HBM
-    row["flex_ms"] = None
-    if do_flex and flex is not None:
-        run_flex(flex, q, k_cat, v_cat, scale, gqa, row, profile=n == KEYS[0])
-    results.append(row)
-    print({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    return q, k_e, v_e
-
-
-def tune(q, k, v, sweep):
-    """Time a few tile/split variants of the external kernel around the heuristic's choice."""
-    scale = q.shape[-1] ** -0.5
+def ref64(q, k, v, scale):
+    """float64 ``(out, lse)`` with GQA folded into rows (no KV copy)."""
     B, Hq, M, D = q.shape
-    cfg, splits, _ = ta._plan(B, Hq, M, D, k.shape[1], k.shape[2], v.shape[-1], 2, q.device, True)
-    variants = [{}, {"num_splits": max(1, splits // 2)}, {"num_splits": splits * 2},
-                {"num_stages": 2}, {"num_stages": 4}, {"BLOCK_N": 32}, {"BLOCK_N": 128, "num_stages": 2},
-                {"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "num_warps": 8, "num_splits": 16}]
-    for ov in variants:
-        try:
-            ms = bench(lambda: ta._attention(q, k, v, None, scale, **ov))
-        except Exception as e:  # noqa: BLE001 - a variant may exceed shared memory
-            ms = f"{type(e).__name__}"
-        sweep.append(dict(hq=q.shape[1], hkv=k.shape[1], d=q.shape[-1], keys=k.shape[2], block=q.shape[2],
-                          default=dict(cfg, num_splits=splits), override=ov, ext_ms=ms))
-        print("tune", sweep[-1], flush=True)
+    Hkv = k.shape[1]
+    qg = q.double().reshape(B, Hkv, Hq // Hkv * M, D)
+    s = torch.matmul(qg, k.double().transpose(-1, -2)) * scale
+    lse = torch.logsumexp(s, -1)
+    out = torch.matmul(torch.exp(s - lse[..., None]), v.double())
+    return out.reshape(B, Hq, M, -1), lse.reshape(B, Hq, M)
 
 
-def write_outputs(out_dir, meta, results, sweep):
-    from tabulate import tabulate
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
 
-    gpu = "h100" if "H100" in meta["device"] else meta["device"].split()[-1].lower()
-    stem = os.path.join(out_dir, f"attention_{gpu}")
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, results=results, sweep=sweep), f, indent=1)
 
-    def fmt(ms):
-        return "n/a" if ms is None else f"{ms * 1e3:.1f}"
+def inputs(hq, hkv, d, m, n, sets, dtype=torch.bfloat16):
+    mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
+    return [(mk(1, hq, m, d), mk(1, hkv, n, d), mk(1, hkv, n, d)) for _ in range(sets)]
 
-    headers = ["Hq/Hkv", "D", "keys", "M", "sdpa+cat", "flex", "ext", "merge", "ext GB/s", "% peak",
-               "8 steps ours", "8 steps sdpa+cat", "speedup", "max rel err"]
-    rows = [[f"{r['hq']}/{r['hkv']}", r["d"], f"{r['keys'] // 1024}K", r["block"], fmt(r["sdpa_cat_ms"]),
-             fmt(r["flex_ms"]), fmt(r["ext_ms"]), fmt(r["merge_ms"]), f"{r['ext_gbps']:.0f}",
-             f"{r['ext_pct_peak']:.0f}%", fmt(r["block_ours_ms"]), fmt(r["block_sdpa_ms"]),
-             f"{r['speedup']:.1f}x", f"{max(r['err_ext'], r['err_merge'], r['err_vs_sdpa']):.1e}"]
-            for r in results]
-    with open(stem + ".md", "w") as f:
-        f.write(f"# Split attention on {meta['device']}\n\n")
-        f.write(f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}. Command: "
-                f"`{meta['command']}`.\n\n")
-        f.write("bf16, B=1. Times in µs: medians of CUDA-graph replays. `ext` = split-KV external "
-                "kernel (incl. its split reduction), `merge` = fused block-internal attention + LSE merge, "
-                f"8 steps = `ext + {STEPS} x merge` vs `{STEPS} x (cat + SDPA)`. `flex` = compiled "
-                "FlexAttention over the concatenated KV (attention only, the faster of no block mask and an "
-                "all-true block mask; n/a = not run or failed). "
-                f"% peak: minimum bytes (KV + Q + O + LSE) / time vs the H100 SXM datasheet "
-                f"{PEAK_HBM / 1e12:.2f} TB/s; measured D2D copy bandwidth on this card "
-                f"{meta['copy_bw'] / 1e12:.2f} TB/s. Error: relative L2 vs the fp32 reference / SDPA. "
-                "Up to 8K keys the KV fits in L2 (50 MB) and is reused between repetitions.\n\n")
-        f.write(tabulate(rows, headers, tablefmt="github"))
-        f.write(f"\n\n8 steps ours without CUDA graphs (eager launches), µs: "
-                + ", ".join(f"{r['hq']}/{r['hkv']} D{r['d']} {r['keys'] // 1024}K M{r['block']}: "
-                            f"{fmt(r['block_ours_eager_ms'])}" for r in results) + "\n")
-        if sweep:
-            f.write("\nTuning sweep of the external kernel (µs; overrides of the heuristic's choice):\n\n")
-            f.write(tabulate([[f"{s['hq']}/{s['hkv']}", s["d"], f"{s['keys'] // 1024}K", s["block"],
-                               json.dumps(s["override"]) if s["override"] else f"default {s['default']}",
-                               fmt(s["ext_ms"]) if isinstance(s["ext_ms"], float) else s["ext_ms"]]
-                              for s in sweep], ["Hq/Hkv", "D", "keys", "M", "variant", "ext"],
-                             tablefmt="github") + "\n")
-    print(tabulate(rows, headers, tablefmt="github"), flush=True)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def graph_us(fn, sets) -> float:
+    """Median µs of one call, from CUDA-graph replays of one call per input set."""
+    return do_bench_cudagraph(lambda: [fn(*s) for s in sets], rep=40, return_mode="median") * 1e3 / len(sets)
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    for (hq, hkv, d) in HEADS:
+
+def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep):
+    kv_bytes = 2 * hkv * n * d * 2
+    sets = inputs(hq, hkv, d, m, n, max(1, -(-240 * 2**20 // kv_bytes)))  # >= 4x the 60 MB L2
+    scale = d**-0.5
+    q, k, v = sets[0]
+    o, lse = torch.ops.fbcompile.attention_lse(q, k, v, None, scale)
+    ro, rl = ref64(q, k, v, scale)
+    row = dict(hq=hq, hkv=hkv, d=d, M=m, L=n, err_out=rel_err(o, ro), err_lse=rel_err(lse, rl))
+    del ro, rl
+    new = lambda q, k, v: torch.ops.fbcompile.attention_lse(q, k, v, None, scale)  # noqa: E731
+    row["us"] = graph_us(new, sets)
+    if old is not None and d <= 256:
+        oo, ol = old[1](q, k, v, scale)
+        row["old_err_out"] = rel_err(oo, o)
+        row["old_us"] = graph_us(lambda q, k, v: old[1](q, k, v, scale), sets)
+    flops = 4 * hq * m * n * d
+    floor_us = max(kv_bytes / ceil["copy_bw"], flops / ceil["mm_flops"]) * 1e6
+    row.update(intensity=flops / kv_bytes, pct_hbm=100 * kv_bytes / (row["us"] * 1e-6) / ceil["peak_hbm"],
+               tflops=flops / (row["us"] * 1e-6) / 1e12, floor_us=floor_us, pct_floor=100 * floor_us / row["us"],
+               bound="FLOPs" if flops / ceil["mm_flops"] > kv_bytes / ceil["copy_bw"] else "bytes")
+    cfg, splits, _ = ta._plan(q, k, v, True, {})
+    row["config"] = dict(cfg, num_splits=splits)
+    if do_sweep:
+        try:  # plain launches outside a triton_op, as the op body does
+            from torch._library.triton import set_wrap_triton_enabled
+        except ImportError:
+            from contextlib import nullcontext as set_wrap_triton_enabled
+        for ov in SWEEP[d] + [{"num_splits": max(1, splits // 2)}, {"num_splits": splits * 2}]:
+            try:
+                with set_wrap_triton_enabled(False):
+                    us = graph_us(lambda q, k, v: ta._attention(q, k, v, None, scale, **ov), sets)
+            except Exception as e:  # noqa: BLE001 - a variant may exceed shared memory or registers
+                us = f"{type(e).__name__}"
+            sweep_rows.append(dict(hq=hq, hkv=hkv, d=d, M=m, L=n, override=ov, us=us, default_us=row["us"]))
+            print("sweep", sweep_rows[-1], flush=True)
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+def fp32_checks(ceil_rows):
+    """fp32 inputs (ieee dots) against float64, 8K keys, every head dim and M."""
+    for hq, hkv, d in HEADS:
         for m in BLOCKS:
-            sel = [r for r in results if (r["hq"], r["hkv"], r["d"], r["block"]) == (hq, hkv, d, m)]
-            if not sel:
-                continue
-            xs = [r["keys"] for r in sel]
-            label = f"{hq}/{hkv} D{d} M{m}"
-            axes[0].plot(xs, [r["speedup"] for r in sel], marker="o", label=label)
-            axes[1].plot(xs, [r["ext_pct_peak"] for r in sel], marker="o", label=label)
-    axes[0].set(xscale="log", yscale="log", xlabel="cached keys", ylabel="speedup (8 steps)",
-                title=f"ext + {STEPS} x merge vs {STEPS} x (cat + SDPA)")
-    axes[1].set(xscale="log", xlabel="cached keys", ylabel="% of 3.35 TB/s",
-                title="external kernel bandwidth")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
-    fig.tight_layout()
-    fig.savefig(stem + ".png", dpi=110)
+            (q, k, v), = inputs(hq, hkv, d, m, 8192, 1, torch.float32)
+            o, lse = torch.ops.fbcompile.attention_lse(q, k, v, None, d**-0.5)
+            ro, rl = ref64(q, k, v, d**-0.5)
+            ceil_rows.append(dict(hq=hq, hkv=hkv, d=d, M=m, L=8192, err_out=rel_err(o, ro), err_lse=rel_err(lse, rl)))
+            print("fp32", ceil_rows[-1], flush=True)
+
+
+def host_costs(old) -> dict:
+    """Host µs per call of one split attention (external + fused merge) at a small shape: eager op calls
+    and an Inductor-compiled function, new registration vs the old opaque ``custom_op``; and whether
+    the compiled code launches the kernels itself."""
+    from torch._inductor.utils import run_and_get_code
+
+    (q, k, v), = inputs(32, 8, 128, 32, 2048, 1)
+    ki, vi = k[:, :, :32].clone(), v[:, :, :32].clone()
+    ops = torch.ops.fbcompile
+
+    def new(q, k, v, ki, vi):
+        o, lse = ops.attention_lse(q, k, v, None, 0.088)
+        return ops.attention_merge_lse(q, ki, vi, None, 0.088, o, lse)
+
+    fns = {"new eager": new}
+    compiled_new = torch.compile(new, fullgraph=True)
+    _, code = run_and_get_code(compiled_new, q, k, v, ki, vi)
+    src = "\n".join(code)
+    result = dict(compiled_launches_kernels="_attn_kernel" in src and "torch.ops.fbcompile" not in src)
+    fns["new compiled"] = compiled_new
+    if old is not None:
+        def old_fn(q, k, v, ki, vi):
+            o, lse = old[1](q, k, v, 0.088)
+            return old[2](q, ki, vi, 0.088, o, lse)
+        fns["old eager"] = old_fn
+        fns["old compiled"] = torch.compile(old_fn, fullgraph=True)
+    for name, fn in fns.items():
+        for _ in range(20):
+            fn(q, k, v, ki, vi)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn(q, k, v, ki, vi)
+        host = (time.perf_counter() - t) / 200 * 1e6
+        torch.cuda.synchronize()
+        result[f"{name} host us/call"] = round(host, 1)
+    print("host", result, flush=True)
+    return result
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help="only the first head config and 32K keys")
+    ap.add_argument("--old-tree", default=None, help="another checkout whose kernels to compare")
+    ap.add_argument("--sweep", action="store_true", help="time tile variants for M >= 64 at 32K keys")
+    ap.add_argument("--heads", default=None, help="subset, e.g. 32/8/128,8/4/512")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cuda=torch.version.cuda, sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                command="PYTHONPATH=. python " + " ".join(sys.argv), peak_hbm=PEAK_HBM,
-                copy_bw=copy_bandwidth())
+    name = torch.cuda.get_device_name()
+    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                command="PYTHONPATH=. python " + " ".join(sys.argv),
+                peak_hbm=next((v for k, v in PEAK_HBM.items() if k in name), 3.35e12), **ceilings())
     print(meta, flush=True)
-    flex = make_flex()
-    results, sweep = [], []
+    old = load_old_kernels(args.old_tree) if args.old_tree else None
+    heads = HEADS if args.heads is None else [tuple(int(x) for x in h.split("/")) for h in args.heads.split(",")]
+    rows, sweep_rows, fp32_rows = [], [], []
     t0 = time.time()
-    heads = HEADS[:1] if args.quick else HEADS
-    keys = [32768] if args.quick else KEYS
+    meta["host"] = host_costs(old)
     for hq, hkv, d in heads:
-        for n in keys:
-            for m in BLOCKS:
-                q, k, v = run_shape(hq, hkv, d, n, m, flex, results,
-                                    do_flex=(hq, hkv, d) == HEADS[0] and m == BLOCKS[0])
-                if (hq, hkv, d) == HEADS[0] and n >= 32768:
-                    tune(q, k, v, sweep)
-                del q, k, v
-                torch.cuda.empty_cache()
+        for m in BLOCKS:
+            for n in KEYS:
+                rows.append(run_shape(hq, hkv, d, m, n, meta, old, sweep_rows,
+                                      args.sweep and m >= 64 and n == 32768))
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+    fp32_checks(fp32_rows)
     meta["bench_seconds"] = round(time.time() - t0, 1)
-    write_outputs(args.out, meta, results, sweep)
+    write(args.out, meta, rows, sweep_rows, fp32_rows)
+
+
+def write(out_dir, meta, rows, sweep_rows, fp32_rows):
+    from tabulate import tabulate
+
+    gpu = meta["device"].replace("NVIDIA ", "").split()[0].lower()
+    stem = os.path.join(out_dir, f"attention_{gpu}")
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows, sweep=sweep_rows, fp32=fp32_rows), f, indent=1)
+    headers = ["Hq/Hkv", "D", "M", "keys", "FLOP/B", "bound", "old µs", "µs", "floor µs", "% floor",
+               "% HBM peak", "TFLOP/s", "err out", "err lse", "config"]
+    table = [[f"{r['hq']}/{r['hkv']}", r["d"], r["M"], f"{r['L'] // 1024}K", round(r["intensity"]), r["bound"],
+              f"{r['old_us']:.1f}" if "old_us" in r else "-", f"{r['us']:.1f}", f"{r['floor_us']:.1f}",
+              f"{r['pct_floor']:.0f}%", f"{r['pct_hbm']:.0f}%", f"{r['tflops']:.0f}",
+              f"{r['err_out']:.1e}", f"{r['err_lse']:.1e}",
+              " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in r["config"].items() if k not in ("BLOCK_D", "BLOCK_DV"))]
+             for r in rows]
+    with open(stem + ".md", "w") as f:
+        f.write(f"# External split-attention kernel on {meta['device']}\n\n"
+                f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, {meta['sms']} SMs. "
+                f"Command: `{meta['command']}` ({meta['bench_seconds']} s).\n\n"
+                f"Measured ceilings: copy {meta['copy_bw'] / 1e12:.2f} TB/s (datasheet "
+                f"{meta['peak_hbm'] / 1e12:.2f}), bf16 matmul {meta['mm_flops'] / 1e12:.0f} TFLOP/s (8192³, "
+                "random data). bf16, B=1, `torch.ops.fbcompile.attention_lse` (split-KV kernel + split "
+                "reduction), medians of CUDA-graph replays rotating over input sets of >= 240 MB. "
+                "floor = max(KV bytes / copy bandwidth, 4·Hq·M·L·D / matmul rate); FLOP/B = GQA·M. "
+                "% HBM peak = KV bytes / time over the datasheet bandwidth. `old` = the kernel before this "
+                "change (D <= 256 only). Errors: relative L2 vs float64.\n\n")
+        f.write(tabulate(table, headers, tablefmt="github") + "\n\n")
+        f.write("Host cost per split attention (external + fused merge, 32/8 D128 M32 2K keys, no CUDA "
+                f"graphs): {json.dumps(meta['host'])}\n\n")
+        f.write("fp32 inputs, 8K keys, relative error vs float64 (out, lse): "
+                + ", ".join(f"{r['hq']}/{r['hkv']} D{r['d']} M{r['M']}: {r['err_out']:.1e}/{r['err_lse']:.1e}"
+                            for r in fp32_rows) + "\n")
+        if sweep_rows:
+            f.write("\nTile sweep (µs; overrides of the heuristic's choice):\n\n")
+            f.write(tabulate([[f"{s['hq']}/{s['hkv']}", s["d"], s["M"], f"{s['L'] // 1024}K", json.dumps(s["override"]),
+                               f"{s['default_us']:.1f}", s["us"] if isinstance(s["us"], str) else f"{s['us']:.1f}"]
+                              for s in sweep_rows], ["Hq/Hkv", "D", "M", "keys", "override", "default µs", "µs"],
+                             tablefmt="github") + "\n")
+    print(tabulate(table, headers, tablefmt="github"), flush=True)
 
 
 if __name__ == "__main__":

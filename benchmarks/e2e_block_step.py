@@ -81,17 +81,25 @@ def main():
     parser.add_argument("--lengths", default="8192,32768")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", default="eager,compile,exact,block",
+                        help="comma-separated subset of eager, compile, exact, block")
+    parser.add_argument("--tag", default="", help="suffix of the result files, e.g. the code version")
     args = parser.parse_args()
+    chosen = set(args.variants.split(","))
     dtype = torch.bfloat16
     rows = []
     torch.set_grad_enabled(False)
     variants = {}
-    eager = build(dtype)
-    variants["eager"] = eager
-    variants["torch.compile (inductor)"] = torch.compile(build(dtype), dynamic=None)
-    variants["fbcompile always (exact)"] = fbcompile.optimize(build(dtype), fbcompile.Config(refresh="always"))
+    eager = build(dtype)  # also the reference of the error column
+    if "eager" in chosen:
+        variants["eager"] = eager
+    if "compile" in chosen:
+        variants["torch.compile (inductor)"] = torch.compile(build(dtype), dynamic=None)
+    if "exact" in chosen:
+        variants["fbcompile always (exact)"] = fbcompile.optimize(build(dtype), fbcompile.Config(refresh="always"))
     fb_block = fbcompile.optimize(build(dtype), fbcompile.Config(refresh="block"))
-    variants["fbcompile block (FlashBlock)"] = fb_block
+    if "block" in chosen:
+        variants["fbcompile block (FlashBlock)"] = fb_block
     for length in [int(v) for v in args.lengths.split(",")]:
         cache = make_cache(eager, length, dtype)
         reference = block(eager, cache, 1, length).float()
@@ -100,23 +108,24 @@ def main():
             err = ((check - reference).norm() / reference.norm()).item()
             reset = (lambda m=model: fbcompile.reset(m)) if name.startswith("fbcompile block") else None
             ms = time_blocks(lambda m=model, r=reset: block(m, cache, args.steps, length, r), args.repeats)
-            rows.append(dict(L=length, variant=name, ms_per_block=round(ms, 2),
+            rows.append(dict(L=length, variant=name + args.tag, ms_per_block=round(ms, 2),
                              ms_per_step=round(ms / args.steps, 2), first_step_rel_err=float(f"{err:.2e}")))
             print(json.dumps(rows[-1]), flush=True)
         del cache
     stats = fbcompile.stats(fb_block)
     env = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=__import__("triton").__version__, python=platform.python_version(),
-               command="python benchmarks/e2e_block_step.py --out DIR", steps=args.steps,
+               command="python " + " ".join(sys.argv), steps=args.steps,
                model=QWEN_1_5B, dtype="bfloat16",
                block_mode_stats=dict(compiles=stats.compiles, refreshes=stats.refreshes, reuses=stats.reuses,
                                      guard_failures=stats.guard_failures))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "e2e_block_step.json"), "w") as f:
+    stem = os.path.join(args.out, "e2e_block_step" + args.tag.strip().replace(" ", "_"))
+    with open(stem + ".json", "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
     from tabulate import tabulate
     table = tabulate(rows, headers="keys", tablefmt="github")
-    with open(os.path.join(args.out, "e2e_block_step.md"), "w") as f:
+    with open(stem + ".md", "w") as f:
         f.write(f"# One block ({args.steps} denoising steps), 1.5B-shaped block-diffusion LM\n\n")
         f.write("\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n" + table + "\n")
     print(table)

@@ -1,9 +1,15 @@
 """The custom ops that rewritten graphs call: ``torch.ops.fbcompile.*``.
 
-They are opaque to dynamo/AOT/Inductor (registered with ``torch.library.custom_op`` and a fake
-implementation for shape propagation), so Inductor compiles the graph around them. Each op runs the
-Triton kernel where one applies (CUDA tensors, supported shapes) and the plain PyTorch reference
-otherwise; both follow the semantics in :mod:`fbcompile.kernels.reference`.
+They are registered with ``torch.library.triton_op``: eager calls run the op body directly, while
+AOT/Inductor trace *through* it, so a compiled graph launches the Triton kernels itself (wrapped with
+``torch.library.wrap_triton`` in :mod:`fbcompile.kernels.triton_attention`), with no Python op call
+between them: Inductor can fuse around them and CUDA graphs capture them. The body picks the Triton
+kernels where they apply (CUDA tensors, supported shapes) and otherwise the plain PyTorch reference,
+behind the opaque ops ``fbcompile::reference_*``: Inductor would compile the traced reference into
+C++ for CPU graphs, which costs far more compile time than it saves on a path that has no kernels.
+The choice depends on devices, dtypes and static sizes only, never on tensor values, so it is
+traceable. Both paths follow :mod:`fbcompile.kernels.reference`. Explicit fake implementations give
+shapes without running the bodies.
 """
 from __future__ import annotations
 
@@ -36,7 +42,35 @@ def _attention_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return q.new_empty(B, Hq, M, v.shape[-1]), q.new_empty(B, Hq, M, dtype=torch.float32)
 
 
-@torch.library.custom_op("fbcompile::attention_lse", mutates_args=())
+@torch.library.custom_op("fbcompile::reference_attention_lse", mutates_args=())
+def reference_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fbcompile.kernels.reference.attention_lse` as an opaque op (the fallback path)."""
+    return reference.attention_lse(q, k, v, mask, scale)
+
+
+reference_attention_lse.register_fake(lambda q, k, v, mask, scale: _attention_outputs(q, k, v))
+
+
+@torch.library.custom_op("fbcompile::reference_merge_lse", mutates_args=())
+def reference_merge_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fbcompile.kernels.reference.merge_lse` as an opaque op, with contiguous outputs."""
+    out, lse = reference.merge_lse(out_a, lse_a, out_b, lse_b)
+    return out.contiguous(), lse.contiguous()
+
+
+def _merge_outputs(out_a, lse_a, out_b, lse_b):
+    shape = torch.broadcast_shapes(out_a.shape, out_b.shape)
+    return out_a.new_empty(shape), lse_a.new_empty(shape[:-1])
+
+
+reference_merge_lse.register_fake(_merge_outputs)
+
+
+@torch.library.triton_op("fbcompile::attention_lse", mutates_args=())
 def attention_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +78,7 @@ def attention_lse(
     _check_shapes(q, k, v)
     if _use_triton(q, k, v, mask):
         return triton_attention.attention_lse(q, k, v, mask, scale)
-    return reference.attention_lse(q, k, v, mask, scale)
+    return reference_attention_lse(q, k, v, mask, scale)
 
 
 @attention_lse.register_fake
@@ -52,7 +86,7 @@ def _(q, k, v, mask, scale):
     return _attention_outputs(q, k, v)
 
 
-@torch.library.custom_op("fbcompile::attention_merge_lse", mutates_args=())
+@torch.library.triton_op("fbcompile::attention_merge_lse", mutates_args=())
 def attention_merge_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,7 +100,8 @@ def attention_merge_lse(
     _check_shapes(q, k, v)
     if _use_triton(q, k, v, mask):
         return triton_attention.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
-    return reference.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
+    out, lse = reference_merge_lse(out_ext, lse_ext, *reference_attention_lse(q, k, v, mask, scale))
+    return out.to(q.dtype), lse
 
 
 @attention_merge_lse.register_fake
@@ -74,15 +109,17 @@ def _(q, k, v, mask, scale, out_ext, lse_ext):
     return _attention_outputs(q, k, v)
 
 
-@torch.library.custom_op("fbcompile::merge_lse", mutates_args=())
+@torch.library.triton_op("fbcompile::merge_lse", mutates_args=())
 def merge_lse(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact merge of two attention results over disjoint key sets (e.g. a cached prefix and suffix)."""
-    return reference.merge_lse(out_a, lse_a, out_b, lse_b)
+    """Exact merge of two attention results over disjoint key sets (e.g. a cached prefix and suffix).
+
+    On CUDA plain PyTorch, which Inductor fuses into one elementwise kernel; elsewhere opaque."""
+    if out_a.is_cuda:
+        out, lse = reference.merge_lse(out_a, lse_a, out_b, lse_b)
+        return out.contiguous(), lse.contiguous()
+    return reference_merge_lse(out_a, lse_a, out_b, lse_b)
 
 
-@merge_lse.register_fake
-def _(out_a, lse_a, out_b, lse_b):
-    shape = torch.broadcast_shapes(out_a.shape, out_b.shape)
-    return out_a.new_empty(shape), lse_a.new_empty(shape[:-1])
+merge_lse.register_fake(_merge_outputs)

@@ -385,7 +385,10 @@ def _three_part_attention(q, k, v, mask, n1, n2):
 
 
 def test_ops_compile_with_inductor_fullgraph_dynamic():
+    """Inductor traces through the ops (``triton_op``): on CPU the output code calls only the opaque
+    reference ops, never the public ops themselves."""
     from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._inductor.utils import run_and_get_code
 
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(_three_part_attention, backend=counter, fullgraph=True, dynamic=True)
@@ -394,7 +397,14 @@ def test_ops_compile_with_inductor_fullgraph_dynamic():
     for B, M, N, n1, n2 in [(3, 6, 40, 14, 30), (5, 9, 53, 20, 45)]:
         q, k, v = make_qkv(B, 8, 2, M, N, 64, 64, gen, torch.float32)
         mask = make_mask("additive", B, 8, M, N, gen)
-        got = compiled(q, k, v, mask, n1, n2)
+        if counter.frame_count == 0:  # run_and_get_code resets dynamo: only for the first compile
+            with _no_compile_caches():
+                got, code = run_and_get_code(compiled, q, k, v, mask, n1, n2)
+            src = "\n".join(code)
+            assert "torch.ops.fbcompile.reference_attention_lse" in src
+            assert "torch.ops.fbcompile.attention" not in src and "torch.ops.fbcompile.merge" not in src
+        else:
+            got = compiled(q, k, v, mask, n1, n2)
         expected = _three_part_attention(q, k, v, mask, n1, n2)
         ref_out, ref_lse = ref_attention(q, k, v, mask, 0.125)
         for g, e in zip(got, expected):
@@ -402,6 +412,52 @@ def test_ops_compile_with_inductor_fullgraph_dynamic():
         check_out(got[0], ref_out, torch.float32)
         check_lse(got[1], ref_lse, torch.float32)
     assert counter.frame_count == 1  # dynamic shapes: one graph for both sizes
+
+
+def _no_compile_caches():
+    """The on-disk compile caches key graphs by op name, not by op implementation: a graph compiled
+    elsewhere with an older registration of the same ops would be returned as is."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(fx_graph_cache=False))
+    stack.enter_context(torch._functorch.config.patch(enable_autograd_cache=False))
+    return stack
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the Triton kernels run natively")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_inductor_launches_the_triton_kernels(dtype):
+    """On CUDA the compiled graph launches ``_attn_kernel``/``_reduce_kernel`` itself (no Python op
+    call in the output code), one graph serves every cache length (symbolic key count), and the
+    result matches the float64 reference."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._inductor.utils import run_and_get_code
+
+    counter = CompileCounterWithBackend("inductor")
+    def block_step(q, k, v, mask):  # a cache of any length, then the block's own 32 keys
+        return _three_part_attention(q, k, v, mask, 1000, k.shape[2] - 32)
+
+    compiled = torch.compile(block_step, backend=counter, fullgraph=True)
+    gen = torch.Generator().manual_seed(21)
+    for N in (3000, 4100):
+        q, k, v = (t.cuda() for t in make_qkv(1, 16, 4, 32, N, 128, 128, gen, dtype))
+        mask = make_mask("additive", 1, 16, 32, N, gen).cuda()
+        torch._dynamo.mark_dynamic(k, 2)
+        torch._dynamo.mark_dynamic(v, 2)
+        torch._dynamo.mark_dynamic(mask, 3)
+        if counter.frame_count == 0:  # run_and_get_code resets dynamo: only for the first compile
+            with _no_compile_caches():
+                got, code = run_and_get_code(compiled, q, k, v, mask)
+            src = "\n".join(code)
+            assert "_attn_kernel" in src and "_reduce_kernel" in src
+            assert "torch.ops.fbcompile" not in src
+        else:
+            got = compiled(q, k, v, mask)
+        ref_out, ref_lse = ref_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 0.125)
+        check_out(got[0].cpu(), ref_out, dtype)
+        check_lse(got[1].cpu(), ref_lse, dtype)
+    assert counter.frame_count == 1
 
 
 # --------------------------------------------------------------------------- shape errors

@@ -99,10 +99,14 @@ LSE_CASES = [
     (torch.float32, 2, 8, 1, 4, 65, 64, 64, "bcast_batch", None, "contiguous"),
     (torch.float32, 1, 4, 4, 64, 40, 16, 16, "bcast_row", 1, "contiguous"),
     (torch.float32, 1, 2, 1, 3, 20, 256, 256, "none", None, "contiguous"),
+    (torch.float32, 1, 4, 2, 8, 100, 512, 512, "bool", None, "contiguous"),  # DiffusionGemma global layers
+    (torch.float32, 1, 4, 1, 6, 45, 320, 320, "float", 2, "bshd"),  # padded wide head
     (torch.bfloat16, 1, 8, 2, 32, 260, 128, 128, "none", None, "contiguous"),
     (torch.bfloat16, 1, 8, 1, 4, 300, 64, 64, "sliding", None, "bshd"),
     (torch.bfloat16, 2, 4, 4, 16, 100, 64, 64, "empty_rows", 3, "contiguous"),
     (torch.bfloat16, 1, 16, 2, 8, 129, 64, 64, "float", None, "contiguous"),
+    (torch.bfloat16, 1, 8, 4, 16, 90, 256, 256, "sliding", None, "contiguous"),
+    (torch.bfloat16, 1, 4, 2, 8, 70, 512, 512, "none", 2, "bshd"),
     (torch.float16, 1, 8, 2, 12, 257, 128, 128, "bool", None, "contiguous"),
     (torch.float16, 1, 4, 4, 32, 64, 64, 64, "bcast_row", None, "bshd"),
     (torch.float16, 1, 8, 1, 8, 33, 64, 32, "float_inf_rows", None, "contiguous"),
@@ -136,6 +140,8 @@ MERGE_CASES = [
     (torch.bfloat16, 8, 1, 64, 64, "sliding", "empty_ext"),
     (torch.float16, 4, 4, 8, 64, "bcast_batch", "random"),
     (torch.float16, 8, 2, 16, 64, "float_inf_rows", "empty_ext"),
+    (torch.float32, 4, 2, 8, 512, "bool", "empty_ext"),
+    (torch.bfloat16, 4, 2, 16, 256, "none", "random"),
 ]
 
 
@@ -198,7 +204,8 @@ def test_supports_rejects_unsupported():
     assert not ta.supports(q, k, v, torch.ones(8, 16, dtype=torch.int32))
     assert not ta.supports(q, torch.randn(1, 3, 16, 64), torch.randn(1, 3, 16, 64), None)  # 4 % 3
     assert not ta.supports(q.double(), k.double(), v.double(), None)
-    assert not ta.supports(torch.randn(1, 4, 8, 320), torch.randn(1, 2, 16, 320), v, None)
+    assert ta.supports(torch.randn(1, 4, 8, 512), torch.randn(1, 2, 16, 512), torch.randn(1, 2, 16, 512), None)
+    assert not ta.supports(torch.randn(1, 4, 8, 640), torch.randn(1, 2, 16, 640), v, None)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="kernels already tested in this process")

@@ -11,7 +11,9 @@ Semantics are those of :mod:`fbcompile.kernels.reference`. Two entry points:
   the exact LSE merge against the cached external result, so a reuse step is one launch.
 
 Tile sizes and split counts are a function of the shapes (and the SM count) alone: no autotuning, no
-host syncs, no data-dependent allocation, so both entry points can be captured in CUDA graphs.
+host syncs, no data-dependent allocation, so both entry points can be captured in CUDA graphs, and
+their host code traces (``torch.library.triton_op`` in :mod:`fbcompile.ops`), the key count
+symbolically. Head dims up to 512.
 Softmax runs in the log2 domain (``exp2``); stored LSEs are natural logs.
 """
 from __future__ import annotations
@@ -21,10 +23,11 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
+_MAX_HEAD_DIM = 512
 _MIN_TILES_PER_SPLIT = 4  # below ~256 keys per program the split overhead outweighs the parallelism
 
 
@@ -82,6 +85,7 @@ def _attn_kernel(
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
+    qk_scale = tl.full([], qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     b = pid_bh // Hkv
     hkv = pid_bh % Hkv
 
@@ -101,7 +105,7 @@ def _attn_kernel(
         mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
 
     n_start = pid_s * keys_per_split
-    n_end = tl.minimum(n_start + keys_per_split, N)
+    n_end = tl.maximum(tl.minimum(n_start + keys_per_split, N), n_start)  # empty past the end
     k_ptrs += n_start.to(tl.int64) * skn
     v_ptrs += n_start.to(tl.int64) * svn
     if HAS_MASK:
@@ -110,6 +114,9 @@ def _attn_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    # Every tile masks the keys past ``n_end``. Unmasked whole tiles plus one masked last tile ran
+    # 5-10% faster on the H200 but failed one fp16 case natively (33 keys: no whole tile before the
+    # partial one), cause not found: see benchmarks/results/attention_h200_notes.md.
     for n0 in range(n_start, n_end, BLOCK_N):
         key_ok = (n0 + offs_n) < n_end
         k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -208,7 +215,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Plain-int helpers: triton.cdiv / next_power_of_2 cost ~3 us per call, too much on the launch path.
-def _cdiv(a: int, b: int) -> int:
+def _cdiv(a, b):
     return -(-a // b)
 
 
@@ -217,11 +224,12 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 def _config(B, Hq, M, D, Hkv, N, DV, itemsize, sms, split_keys) -> dict:
-    """Tile sizes, warps and stages from the shapes alone.
+    """Tile sizes, warps and stages from the shapes alone (``N`` is None when it is symbolic).
 
     Long keys (``split_keys``) pack up to 64 rows (a second row tile of the same KV head runs next to
     the first and finds the KV tile in L2); short keys (the block-internal part) use smaller row
-    tiles so that the few rows still occupy many SMs.
+    tiles so that the few rows still occupy many SMs. Wide heads take narrower key tiles so that the
+    K and V tiles of all pipeline stages fit in shared memory.
     """
     R = (Hq // Hkv) * M
     block_d, block_dv = _pow2(D), _pow2(DV)
@@ -231,33 +239,51 @@ def _config(B, Hq, M, D, Hkv, N, DV, itemsize, sms, split_keys) -> dict:
     if not split_keys:
         while block_r > 16 and B * Hkv * _cdiv(R, block_r) < sms:
             block_r //= 2
-    block_n = 128 if (small and wide <= 64) else 64 if (small and wide <= 128) else 32
+    block_n = 128 if (small and wide <= 64) else 64 if (small and wide <= 128) else 32 if wide <= 256 else 16
+    if N is not None:
+        block_n = min(block_n, _pow2(N))
     return dict(
-        BLOCK_R=block_r, BLOCK_N=min(block_n, _pow2(N)), BLOCK_D=block_d, BLOCK_DV=block_dv,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=8 if block_r * wide >= 128 * 128 else 4,
         num_stages=3 if (small and wide <= 128) else 2,
     )
 
 
-def _split_keys(B, Hkv, R, N, cfg, sms, num_splits=None) -> tuple[int, int]:
+def _split_keys(B, Hkv, R, N, cfg, sms, num_splits=None):
     """``(splits, keys_per_split)``: by default about two programs per SM (one wave at two programs
-    per SM), at least ``_MIN_TILES_PER_SPLIT`` key tiles each; never an empty split."""
-    tiles = max(1, _cdiv(N, cfg["BLOCK_N"]))
+    per SM). The split count is a static int (it sizes the grid and the partials); when ``N`` is
+    known it also keeps at least ``_MIN_TILES_PER_SPLIT`` key tiles per split. ``keys_per_split`` may
+    be symbolic; splits past the end are empty and reduce to weight 0."""
     if num_splits is None:
         base = B * Hkv * _cdiv(R, cfg["BLOCK_R"])
-        num_splits = max(1, min(2 * sms // base, tiles // _MIN_TILES_PER_SPLIT))
-    tiles_per_split = _cdiv(tiles, max(1, num_splits))
-    return _cdiv(tiles, tiles_per_split), tiles_per_split * cfg["BLOCK_N"]
+        num_splits = max(1, 2 * sms // base)
+        if isinstance(N, int):
+            num_splits = max(1, min(num_splits, _cdiv(N, cfg["BLOCK_N"]) // _MIN_TILES_PER_SPLIT))
+    tiles_per_split = _cdiv(_cdiv(N, cfg["BLOCK_N"]), num_splits)
+    if isinstance(N, int):  # drop the splits that would be empty
+        num_splits = max(1, _cdiv(_cdiv(N, cfg["BLOCK_N"]), max(1, tiles_per_split)))
+    return num_splits, tiles_per_split * cfg["BLOCK_N"]
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(B, Hq, M, D, Hkv, N, DV, itemsize, device, split_keys):
-    """Cached ``(config, splits, keys_per_split)`` so that a launch costs a dictionary lookup."""
-    sms = _num_sms(device)
-    cfg = _config(B, Hq, M, D, Hkv, N, DV, itemsize, sms, split_keys)
-    if not split_keys:
-        return cfg, 1, max(N, 1)
-    return (cfg, *_split_keys(B, Hkv, (Hq // Hkv) * M, N, cfg, sms))
+def _config_cached(B, Hq, M, D, Hkv, N, DV, itemsize, device, split_keys):
+    """Cached so that an eager launch costs a dictionary lookup."""
+    return _config(B, Hq, M, D, Hkv, N, DV, itemsize, _num_sms(device), split_keys)
+
+
+def _plan(q, k, v, split_keys, overrides):
+    """``(config, splits, keys_per_split)`` for these inputs. Every size but the key count is made a
+    static int (under tracing this specialises on it); the key count may stay symbolic, so one
+    compiled graph serves a growing cache."""
+    B, Hq, M, D = (int(x) for x in q.shape)
+    Hkv, DV = int(k.shape[1]), int(v.shape[-1])
+    N = k.shape[2]
+    static_n = N if isinstance(N, int) else None
+    cfg = _config_cached(B, Hq, M, D, Hkv, static_n, DV, q.element_size(), q.device, split_keys)
+    cfg = dict(cfg, **{name: val for name, val in overrides.items() if name != "num_splits"})
+    if not split_keys and "num_splits" not in overrides:
+        return cfg, 1, N
+    return (cfg, *_split_keys(B, Hkv, (Hq // Hkv) * M, N, cfg, _num_sms(q.device), overrides.get("num_splits")))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -298,40 +324,38 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
 
 def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, **overrides):
     """Shared launcher; ``overrides`` (``num_splits`` and any of the tile/warp settings) exist for the
-    tests and the benchmark's tuning sweep."""
+    tests and the benchmark's tuning sweep.
+
+    Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
+    in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
+    shapes, dtypes and devices only. Unused pointer arguments get ``q``, which no kernel writes.
+    """
     B, Hq, M, D = q.shape
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
     R = group * M
     out = torch.empty(B, Hq, M, DV, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
-    if out.numel() == 0 and lse.numel() == 0:
+    if B * Hq * M == 0:
         return out, lse
 
-    cfg, num_splits, keys_per_split = _plan(B, Hq, M, D, Hkv, N, DV, q.element_size(), q.device, split_keys)
-    if overrides:
-        cfg = dict(cfg, **{k: v for k, v in overrides.items() if k != "num_splits"})
-        if split_keys or "num_splits" in overrides:
-            num_splits, keys_per_split = _split_keys(B, Hkv, R, N, cfg, _num_sms(q.device),
-                                                     overrides.get("num_splits"))
-    cfg = dict(cfg)
+    cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
     has_ext = out_ext is not None
     if has_ext:
         ext_o, ext_l, estr, lstr = out_ext, lse_ext, out_ext.stride(), lse_ext.stride()
     else:
-        ext_o, ext_l, estr, lstr = out, lse, (0, 0, 0, 0), (0, 0, 0)
+        ext_o, ext_l, estr, lstr = q, q, (0, 0, 0, 0), (0, 0, 0)
     split = num_splits > 1
     if split:
         o_part = torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32)
         l_part = torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32)
     else:
-        o_part, l_part = out, lse
+        o_part, l_part = q, q
 
     grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
-    _attn_kernel[grid](
+    wrap_triton(_attn_kernel)[grid](
         q, k, v, mask_t, ext_o, ext_l, out, lse, o_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *estr, *lstr,
         Hkv, group, M, N, R, keys_per_split, scale * _LOG2E,
@@ -343,7 +367,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     if split:
         # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
         block_s = min(_pow2(num_splits, 2), max(2, 4096 // cfg["BLOCK_DV"]))
-        _reduce_kernel[(_cdiv(R, 4), B * Hkv)](
+        wrap_triton(_reduce_kernel)[(_cdiv(R, 4), B * Hkv)](
             o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
             Hkv, group, M, R, num_splits,
             DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=cfg["BLOCK_DV"], HAS_EXT=has_ext, num_warps=8,
@@ -363,7 +387,5 @@ def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
     The block's own keys are few, so one program covers all of them and merges in registers (one
     launch); if they are many (> 16 tiles) the split path is used and the reduction does the merge.
     """
-    B, Hq, M, D = q.shape
-    cfg = _plan(B, Hq, M, D, k.shape[1], k.shape[2], v.shape[-1], q.element_size(), q.device, False)[0]
-    long_keys = k.shape[2] > 16 * cfg["BLOCK_N"]
+    long_keys = k.shape[2] > 16 * _plan(q, k, v, False, {})[0]["BLOCK_N"]
     return _attention(q, k, v, mask, scale, out_ext, lse_ext, split_keys=long_keys)
