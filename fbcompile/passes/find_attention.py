@@ -15,9 +15,17 @@ Two forms are matched and normalised to one :class:`AttentionSite`:
       w = F.dropout(w, p=0.0, training=False)   # optional, must be a no-op
       out = w @ v
 
-A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`) whose operands
-divide into *external* ones - depending on no graph input that the query depends on (module
-parameters aside) - and *internal* ones (the block). Everything else is left untouched with a reason.
+A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`), possibly seen
+through position-wise ops (:mod:`.positionwise`), whose operands divide into *external* ones and
+*internal* ones (the block). Everything else is left untouched with a reason.
+
+A piece is external when the cat operand itself depends on no graph input that the query depends
+on (module parameters aside), and every input of the position-wise ops applied to it (RoPE tables,
+``inv_freq``, norm weights, position ids) is either not read by the query, or module state (a
+parameter, buffer or tensor attribute reached from ``self``): those do not change between a block's
+steps. All of them are listed in ``external_inputs`` and guarded at run time (identity, version,
+shape), so a changed table or a new position-ids tensor forces a refresh; inputs the query reads
+and that are passed per call (hidden states, token ids) keep the piece internal.
 """
 from __future__ import annotations
 
@@ -28,8 +36,9 @@ import torch
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import (DependencyGraph, arg, describe_shape, example, is_parameter,
-                                          op_name, same_size, shape, view_base)
+                                          is_module_state, op_name, same_size, shape, view_base)
 from fbcompile.passes.kv_layout import CachePrefix, KVLayout, LayoutError, trace_kv
+from fbcompile.passes.positionwise import PositionwisePiece
 
 _CASTS = {"to", "float", "half", "bfloat16", "type", "type_as", "contiguous"}
 _MATMULS = {"matmul", "__matmul__"}
@@ -77,7 +86,8 @@ class AttentionSite:
         kv = describe_shape(self.k)
         if self.k_layout is not None:
             kinds = ["ext" if i in self.external else "int" for i in range(len(self.k_layout.pieces))]
-            parts = [p.describe() if isinstance(p, CachePrefix) else describe_shape(p) for p in self.k_layout.pieces]
+            parts = [p.describe() if isinstance(p, (CachePrefix, PositionwisePiece)) else describe_shape(p)
+                     for p in self.k_layout.pieces]
             kv += " = cat(" + ", ".join(f"{kind}:{part}" for kind, part in zip(kinds, parts)) + ")"
         return {"node": self.node.name, "form": self.form, "q": describe_shape(self.q), "kv": kv,
                 "heads": heads, "mask": self.mask_kind, "decision": self.decision}
@@ -208,7 +218,7 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
             raise NotSplittable("keys and values are concatenated from parts of different lengths")
         # symbolic lengths: the split ops check k/v lengths match at run time (see fbcompile.ops)
         k_inputs, v_inputs = (_cache_inputs(deps, p) for p in (kp, vp))
-        k_ext, v_ext = not (k_inputs & query_inputs), not (v_inputs & query_inputs)
+        k_ext, v_ext = (_is_external(deps, p, query_inputs) for p in (kp, vp))
         if k_ext != v_ext:
             raise NotSplittable(f"part {i} is cached for keys but not for values")
         if k_ext:
@@ -233,10 +243,21 @@ def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
     """Graph inputs ``node`` reads, module parameters aside (they do not change between steps).
 
     A static-cache prefix reads only its cache: the graph's write goes to the block's own range.
+    A position-wise piece reads its cat operand's inputs and those of the ops' other operands.
     """
     if isinstance(node, CachePrefix):
         return {node.base}
+    if isinstance(node, PositionwisePiece):
+        return _cache_inputs(deps, node.source) | {n for n in node.side_inputs if not is_parameter(n)}
     return {n for n in deps.tensor_inputs(node) if not is_parameter(n)}
+
+
+def _is_external(deps: DependencyGraph, piece, query_inputs: set) -> bool:
+    """See the module docstring: the piece's own data is not the query's, its ops' inputs are guarded."""
+    if isinstance(piece, PositionwisePiece):
+        shared = {n for n in piece.side_inputs if not is_parameter(n)} & query_inputs
+        return not (_cache_inputs(deps, piece.source) & query_inputs) and all(map(is_module_state, shared))
+    return not (_cache_inputs(deps, piece) & query_inputs)
 
 
 def _check_mask(site: AttentionSite) -> None:

@@ -34,14 +34,11 @@ import torch
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import arg, example, op_name, same_size, shape
+from fbcompile.passes.positionwise import LayoutError, PositionwisePiece, positionwise_pieces
 
 _IDENTITY_OPS = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type", "type_as"}
 _CHAIN_OPS = _IDENTITY_OPS | {"transpose", "permute", "view", "reshape", "unsqueeze", "getitem", "expand",
                               "repeat_interleave", "repeat", "flatten", "unflatten", "squeeze"}
-
-
-class LayoutError(Exception):
-    """The keys/values do not come from a ``cat`` through a layout we can rebuild exactly."""
 
 
 @dataclass(eq=False)
@@ -77,8 +74,8 @@ class CachePrefix:
 class KVLayout:
     """How one attention operand (K or V) is laid out relative to its source ``cat``."""
 
-    cat: fx.Node
-    pieces: list  # fx.Node or CachePrefix
+    cat: fx.Node  # the cat, or the last position-wise op after it (see .positionwise)
+    pieces: list  # fx.Node, CachePrefix or PositionwisePiece
     cat_dim: int
     leaves: list[list[_Factor]]  # per cat-output dim, its factors outer -> inner
     order: list[list[_Factor]]   # final [batch, heads, seq, head_dim] groups, replication dropped
@@ -87,12 +84,15 @@ class KVLayout:
 
     def piece_length(self, index: int):
         piece = self.pieces[index]
-        return piece.length if isinstance(piece, CachePrefix) else shape(piece)[self.cat_dim]
+        return piece.length if isinstance(piece, (CachePrefix, PositionwisePiece)) else shape(piece)[self.cat_dim]
 
     def emit_canonical(self, graph: fx.Graph, piece) -> fx.Node:
         """Insert nodes that turn a cat operand into ``[B, Hkv, n, D]`` (no replication, final dtype)."""
-        dtype = example(piece.base if isinstance(piece, CachePrefix) else piece).dtype
-        node = piece.emit(graph) if isinstance(piece, CachePrefix) else piece
+        if isinstance(piece, PositionwisePiece):
+            dtype, node = piece.dtype, piece.emit(graph)
+        else:
+            dtype = example(piece.base if isinstance(piece, CachePrefix) else piece).dtype
+            node = piece.emit(graph) if isinstance(piece, CachePrefix) else piece
         # 1. split every cat-output dim into its factors (last dim first so indices stay valid)
         position = [f for factors in self.leaves for f in factors]  # dims after the splits
         for dim in reversed(range(len(self.leaves))):
@@ -292,25 +292,40 @@ def _static_cache_read(node: fx.Node):
     return read[0], [CachePrefix(base=base, dim=read[0], start=start, write=write), value]
 
 
+def _expand_piece(piece: fx.Node, cat_dim: int) -> list:
+    """A cat operand that is itself position-wise ops of a cat along the sequence (RoPE, then zero
+    padding with a second cat) stands for that cat's pieces."""
+    if piece.op == "placeholder":
+        return [piece]
+    try:
+        return positionwise_pieces(piece, cat_dim)
+    except LayoutError:
+        return [piece]
+
+
 def trace_kv(node: fx.Node) -> KVLayout:
     """Find the cat feeding attention operand ``node`` and describe the layout; raise LayoutError."""
-    chain, cursor, static = [], node, None
+    chain, cursor, static, positionwise = [], node, None, False
     while op_name(cursor) != "cat" and (static := _static_cache_read(cursor)) is None:
         if op_name(cursor) not in _CHAIN_OPS or not cursor.args or not isinstance(cursor.args[0], fx.Node):
-            what = op_name(cursor) or cursor.op
-            raise LayoutError(f"keys/values are not a concatenation (reached '{what}')")
+            positionwise = True  # maybe position-wise ops of a cat: checked once the sequence dim is known
+            break
         chain.append(cursor)
         cursor = cursor.args[0]
     cat = cursor
     cat_shape = shape(cat)
-    if static is not None:
+    if positionwise:
+        if cat_shape is None:
+            raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(cat) or cat.op}')")
+        cat_dim, pieces = None, []
+    elif static is not None:
         cat_dim, pieces = static
     else:
         pieces = arg(cat, 0, "tensors")
         if cat_shape is None or not isinstance(pieces, (list, tuple)) or len(pieces) < 2:
             raise LayoutError("cat of fewer than two tensors")
         cat_dim = _dim(arg(cat, 1, "dim", 0), len(cat_shape))
-        pieces = [p for p in pieces if not same_size(shape(p)[cat_dim], 0)]
+        pieces = [q for p in pieces if not same_size(shape(p)[cat_dim], 0) for q in _expand_piece(p, cat_dim)]
     leaves = [[_Factor(i, s)] for i, s in enumerate(cat_shape)]
     dims = [list(f) for f in leaves]
     for op in reversed(chain):
@@ -319,6 +334,11 @@ def trace_kv(node: fx.Node) -> KVLayout:
         raise LayoutError(f"attention operand is {len(dims)}-D, not [B, H, S, D]")
     batch, heads, seq, head_dim = dims
     seq_real = [f for f in seq if not (isinstance(f.size, int) and f.size == 1)]
+    if positionwise:
+        if len(seq_real) != 1 or seq_real[0].atom is None:
+            raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(cat) or cat.op}')")
+        cat_dim = seq_real[0].atom
+        pieces = positionwise_pieces(cat, cat_dim)
     if len(seq_real) != 1 or seq_real[0].atom != cat_dim or len(leaves[cat_dim]) != 1:
         raise LayoutError("the cat is not along the key-sequence dim")
     if any(f.atom is None for f in batch + head_dim):
