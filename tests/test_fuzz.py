@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from attention_zoo import ZooAttention, ZooSpec, build, compile_exact, make_inputs, rel_error
+from attention_zoo import POST_CAT, ZooAttention, ZooSpec, build, compile_exact, make_inputs, rel_error
 
 _COMMON = dict(deadline=None, print_blob=True,  # no "explain" phase: minutes of re-runs per failure
                phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
@@ -80,6 +80,7 @@ def zoo_specs(draw, near_miss_repeat: bool = False) -> ZooSpec:
         batch=draw(st.integers(1, 3)),
         suffix=draw(st.integers(1, cache)) if dual else 0,
         window=draw(st.integers(0, cache + block)) if mask == "window" else 0,
+        post=draw(st.sampled_from(POST_CAT)),
     )
 
 
@@ -102,6 +103,7 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
     event(f"{spec.form}/{dtype}".replace("torch.", ""))
     event(f"mask={spec.mask}{' dual' if spec.suffix else ''}")
     event(f"scale={spec.scale}")
+    event(f"post={spec.post}")
     model = build(spec, seed=seed, dtype=dtype)
     inputs = make_inputs(spec, seed=seed, dtype=dtype)
     with torch.no_grad():
@@ -135,7 +137,9 @@ def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
 # near misses: must never be rewritten, and the output must still equal eager
 
 NEAR_MISSES = ["dropout_sdpa", "dropout_eager", "causal", "cat_heads", "cached_depends_on_block",
-               "repeat_outer", "finite_masked_fill", "scores_escape"]
+               "repeat_outer", "finite_masked_fill", "scores_escape",
+               # after the cat, ops that mix key positions or a table at the wrong positions
+               "cumsum_after_cat", "flip_after_cat", "rope_offset_table", "seq_matmul_after_cat"]
 
 
 class NearMiss(ZooAttention):
@@ -160,6 +164,7 @@ class NearMiss(ZooAttention):
             v = torch.cat([tail_v.narrow(heads, 0, 1), v.narrow(heads, 1, s.kv_heads - 1)], dim=heads)
         else:
             k, v = torch.cat([past_k, k], dim=seq), torch.cat([past_v, v], dim=seq)
+        k = self._mix_positions(k, seq)
         if s.layout == "bshd":
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         k, v = self._replicate(k), self._replicate(v)
@@ -182,12 +187,28 @@ class NearMiss(ZooAttention):
             out = out + w.amax(-1, keepdim=True)
         return out
 
+    def _mix_positions(self, k, seq: int):
+        """The near misses after the cat (the others leave ``k`` alone)."""
+        n = k.shape[seq]
+        if self.kind == "cumsum_after_cat":
+            return k.cumsum(seq) / n
+        if self.kind == "flip_after_cat":
+            return k.flip(seq)
+        if self.kind == "rope_offset_table":  # rows [1, n + 1): key i rotated as position i + 1
+            cos = self.cos_table[1:n + 1]
+            return k * (cos[:, None] if seq == 1 else cos)
+        if self.kind == "seq_matmul_after_cat":  # a causal average over key positions
+            weights = torch.tril(torch.ones(n, n, dtype=k.dtype)) / n
+            return weights @ k if seq != 1 else (weights @ k.transpose(1, 2)).transpose(1, 2)
+        return k
+
 
 @st.composite
 def near_misses(draw):
     kind = draw(st.sampled_from(NEAR_MISSES))
     spec = draw(zoo_specs(near_miss_repeat=kind == "repeat_outer"))
-    changes: dict = {} if kind == "repeat_outer" else {"suffix": 0}  # only the zoo's forward has a dual cache
+    changes: dict = {} if kind == "repeat_outer" else {"suffix": 0, "post": "none"}  # only the zoo's forward
+    # has a dual cache and post-cat ops
     if kind in ("dropout_sdpa", "causal"):
         changes.update(form="sdpa", mask="none")  # SDPA forbids is_causal with a mask
     if kind in ("dropout_eager", "finite_masked_fill", "scores_escape"):

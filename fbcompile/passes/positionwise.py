@@ -196,11 +196,15 @@ class _Tracer:
             return self._layout(node, name, dim)
         if name == "einsum":
             return self._einsum(node, dim)
+        if name == "outer":  # outer(a, b)[i, j] = a[i] * b[j]
+            aligned, whole = node.args[dim], node.args[1 - dim]
+            self._whole(node, whole)
+            return self._inputs(node, [(aligned, 0)])
         raise LayoutError(self._unsupported(node, name))
 
     def _unsupported(self, node: fx.Node, name: str) -> str:
         if self.chain is not None or any(op_name(a) == "cat" for a in _ancestors(node)):
-            return f"'{name}' after the concatenation is not proven position-wise along the key sequence"
+            return f"'{name}' between the concatenation and the attention is not proven position-wise"
         return f"keys/values are not a concatenation (reached '{name}')"
 
     def _sequence_cat(self, node: fx.Node, tensors) -> bool:
