@@ -203,9 +203,15 @@ class _Tracer:
         raise LayoutError(self._unsupported(node, name))
 
     def _unsupported(self, node: fx.Node, name: str) -> str:
-        if self.chain is not None or any(op_name(a) == "cat" for a in _ancestors(node)):
+        if self.chain is not None or any(self._is_sequence_cat(a) for a in _ancestors(node)):
             return f"'{name}' between the concatenation and the attention is not proven position-wise"
         return f"keys/values are not a concatenation (reached '{name}')"
+
+    def _is_sequence_cat(self, node: fx.Node) -> bool:
+        """A cat whose output has the key length along the dim it joins (a candidate cache cat)."""
+        if op_name(node) != "cat" or shape(node) is None:
+            return False
+        return same_size(shape(node)[_norm(arg(node, 1, "dim", 0), len(shape(node)))], self.length)
 
     def _sequence_cat(self, node: fx.Node, tensors) -> bool:
         if self.chain is not None and self.chain.cat is not node:
