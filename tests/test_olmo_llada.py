@@ -128,8 +128,9 @@ def test_stale_reuse_is_refused():
 class PerCallTables(torch.nn.Module):
     """RoPE tables passed per call and read by the query too: the keys must stay internal."""
 
-    def forward(self, q, k_block, past_k, v, cos):
+    def forward(self, q, k_block, past_k, v_block, past_v, cos):
         k = torch.cat([past_k, k_block], dim=-2) * cos
+        v = torch.cat([past_v, v_block], dim=-2)
         return F.scaled_dot_product_attention(q * cos[:, :, -q.shape[-2]:], k, v)
 
 
@@ -137,9 +138,9 @@ class PerCallTables(torch.nn.Module):
 def test_tables_passed_per_call_keep_the_keys_internal():
     B, H, M, L, D = 2, 2, 4, 6, 8
     q, k_block, past_k = torch.randn(B, H, M, D), torch.randn(B, H, M, D), torch.randn(B, H, L, D)
-    v, cos = torch.randn(B, H, L + M, D), torch.randn(1, 1, L + M, D)
+    v_block, past_v, cos = torch.randn(B, H, M, D), torch.randn(B, H, L, D), torch.randn(1, 1, L + M, D)
     model = fbcompile.optimize(PerCallTables(), EXACT)
-    out = model(q, k_block, past_k, v, cos)
-    assert torch.allclose(out, PerCallTables()(q, k_block, past_k, v, cos))
+    out = model(q, k_block, past_k, v_block, past_v, cos)
+    assert torch.allclose(out, PerCallTables()(q, k_block, past_k, v_block, past_v, cos))
     decisions = [s["decision"] for g in fbcompile.explain(model).graphs for s in g.sites]
-    assert decisions and all(d.startswith("skipped") for d in decisions), decisions
+    assert decisions == ["skipped: part 0 is cached for keys but not for values"], decisions
