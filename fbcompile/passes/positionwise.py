@@ -186,9 +186,9 @@ class _Tracer:
         if name == "arange":
             return self._arange(node)
         self._check_scalars(node, name)
-        if name in _UNARY:
+        if name in ("to", "type_as"):  # a tensor argument only gives the dtype / device
             return self._inputs(node, [(node.args[0], dim)])
-        if name in _BINARY:
+        if name in _UNARY or name in _BINARY:
             return self._elementwise(node, dim)
         if name in _REDUCTIONS:
             return self._reduction(node, dim)
@@ -203,15 +203,20 @@ class _Tracer:
         raise LayoutError(self._unsupported(node, name))
 
     def _unsupported(self, node: fx.Node, name: str) -> str:
-        if self.chain is not None or any(self._is_sequence_cat(a) for a in _ancestors(node)):
+        if self.chain is not None or any(self._reaches_sequence_cat(a) for a in node.all_input_nodes):
             return f"'{name}' between the concatenation and the attention is not proven position-wise"
         return f"keys/values are not a concatenation (reached '{name}')"
 
-    def _is_sequence_cat(self, node: fx.Node) -> bool:
-        """A cat whose output has the key length along the dim it joins (a candidate cache cat)."""
-        if op_name(node) != "cat" or shape(node) is None:
-            return False
-        return same_size(shape(node)[_norm(arg(node, 1, "dim", 0), len(shape(node)))], self.length)
+    def _reaches_sequence_cat(self, node: fx.Node, steps: int = 8) -> bool:
+        """``node`` is, a few first-argument steps back, a cat with the key length along its dim (for
+        the message only: an op that mixes the positions of a cat, or no cat at all)."""
+        for _ in range(steps):
+            if op_name(node) == "cat" and shape(node) is not None:
+                return same_size(shape(node)[_norm(arg(node, 1, "dim", 0), len(shape(node)))], self.length)
+            if not node.args or not isinstance(node.args[0], fx.Node):
+                return False
+            node = node.args[0]
+        return False
 
     def _sequence_cat(self, node: fx.Node, tensors) -> bool:
         if self.chain is not None and self.chain.cat is not node:
