@@ -41,9 +41,10 @@ class ZooSpec:
     post: str = "none"           # position-wise ops after the cat: none | rope (tables sliced by size)
                                  # | rope_arange (tables from arange(key_len)) | key_norm (RMS over D)
                                  # | pad (zero padding of keys/values to a multiple of 8, masked)
+                                 # | rope_complex (diffusers' form: view_as_complex(k) * polar table)
 
 
-POST_CAT = ("none", "rope", "rope_arange", "key_norm", "pad")
+POST_CAT = ("none", "rope", "rope_arange", "key_norm", "pad", "rope_complex")
 
 
 class ZooAttention(nn.Module):
@@ -83,6 +84,12 @@ class ZooAttention(nn.Module):
             table = (lambda t: t[:, None]) if seq == 1 else (lambda t: t)
             k = (k.float() * table(cos) + _rotate_half(k.float()) * table(sin)).to(k.dtype)
             q = (q.float() * cos[n - m:] + _rotate_half(q.float()) * sin[n - m:]).to(q.dtype)
+        elif post == "rope_complex":
+            n, m = k.shape[seq], q.shape[-2]
+            angles = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
+            freqs = torch.polar(torch.ones_like(angles), angles)
+            k = _rotate_complex(k, freqs[:, None] if seq == 1 else freqs)
+            q = _rotate_complex(q, freqs[n - m:])
         elif post == "key_norm":
             kf = k.float()
             k = (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + 1e-6) * self.key_norm).to(k.dtype)
@@ -169,6 +176,12 @@ class ZooAttention(nn.Module):
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_complex(x, freqs):
+    """(even, odd) pairs of the head dim as complex numbers, rotated by ``freqs``."""
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 def make_mask(spec: ZooSpec, gen: torch.Generator, dtype=torch.float32):

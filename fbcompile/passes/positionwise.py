@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -45,10 +44,11 @@ class LayoutError(Exception):
     """The keys/values do not come from a ``cat`` through a layout we can rebuild exactly."""
 
 
-_UNARY = {"neg", "rsqrt", "sqrt", "exp", "cos", "sin", "tanh", "sigmoid", "reciprocal", "abs", "silu",
-          "float", "half", "bfloat16", "to", "type", "type_as", "contiguous", "clone", "detach", "clamp"}
-_BINARY = {"add", "sub", "mul", "div", "truediv", "pow", "where", "maximum", "minimum"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin", "norm", "var", "std"}
+_ELEMENTWISE = {"neg", "rsqrt", "sqrt", "exp", "cos", "sin", "tanh", "sigmoid", "reciprocal", "abs", "silu",
+                "float", "half", "bfloat16", "type", "contiguous", "clone", "detach", "clamp",
+                "add", "sub", "mul", "div", "truediv", "pow", "where", "maximum", "minimum", "polar",
+                "ones_like", "zeros_like"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}  # (x, dim, keepdim)
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as_complex",
              "view_as_real"}
 _SPLITS = {"unbind", "chunk", "split"}
@@ -188,7 +188,7 @@ class _Tracer:
         self._check_scalars(node, name)
         if name in ("to", "type_as"):  # a tensor argument only gives the dtype / device
             return self._inputs(node, [(node.args[0], dim)])
-        if name in _UNARY or name in _BINARY:
+        if name in _ELEMENTWISE:
             return self._elementwise(node, dim)
         if name in _REDUCTIONS:
             return self._reduction(node, dim)
@@ -233,7 +233,7 @@ class _Tracer:
         args = [a for a in node.args]
         start = args[0] if len(args) > 1 else node.kwargs.get("start", 0)
         step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
-        if not (isinstance(start, int) and start == 0 and isinstance(step, int) and step == 1):
+        if not (isinstance(start, (int, float)) and start == 0 and isinstance(step, (int, float)) and step == 1):
             raise LayoutError("a position table is an arange that does not start at 0 with step 1")
         return False
 
@@ -248,13 +248,10 @@ class _Tracer:
         in_dim = dim + (1 if name == "unbind" and split_dim <= dim else 0)
         if split_dim == in_dim:
             raise LayoutError(f"'{name}' along the key sequence")
-        found = self.visit(source.args[0], in_dim)
-        if found:
-            self.region[source] = dim
-            self.uses[(source, source.args[0])] = _Use("region")
-        self.uses[(node, source)] = _Use("region" if found else "whole")
-        if not found:
+        if not self.visit(source.args[0], in_dim):
             raise LayoutError(f"'{name}' of a position table")
+        self.region[source] = dim
+        self.uses[(source, source.args[0])] = self.uses[(node, source)] = _Use("region")
         return True
 
     def _inputs(self, node: fx.Node, inputs: list) -> bool:
