@@ -48,13 +48,17 @@ def assert_cached_sites_rewritten(model):
     assert rewritten
 
 
-@pytest.mark.parametrize("overrides", [dict(rope_tables="cached"), dict(rope_tables="arange", key_norm=True)],
-                         ids=["cached_tables", "arange_tables+key_norm"])
+@pytest.mark.parametrize("cache,overrides", [("prefix", dict(rope_tables="cached")),
+                                             ("prefix", dict(rope_tables="arange", key_norm=True)),
+                                             ("dual", dict(rope_tables="cached"))],
+                         ids=["prefix-cached_tables", "prefix-arange_tables+key_norm", "dual-cached_tables"])
 @torch.no_grad()
-def test_exact_generate_equals_eager(overrides):
-    reference = olmo_llada_lm.make_tiny_model(**overrides).generate(prompt(), cache="prefix", **GEN)
+def test_exact_generate_equals_eager(cache, overrides):
+    """The dual cache here is ``cat([prefix, block, suffix])`` (Fast-dLLM's own writes into a
+    full-length buffer are another form, not covered here)."""
+    reference = olmo_llada_lm.make_tiny_model(**overrides).generate(prompt(), cache=cache, **GEN)
     model = fbcompile.optimize(olmo_llada_lm.make_tiny_model(**overrides), EXACT)
-    out = model.generate(prompt(), cache="prefix", **GEN)
+    out = model.generate(prompt(), cache=cache, **GEN)
     assert torch.equal(out, reference)
     assert_cached_sites_rewritten(model)
     cached = model.last_num_forwards - BLOCKS  # each block's first step is a full pass
