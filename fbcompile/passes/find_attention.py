@@ -218,9 +218,11 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
             raise NotSplittable("keys and values are concatenated from parts of different lengths")
         # symbolic lengths: the split ops check k/v lengths match at run time (see fbcompile.ops)
         k_inputs, v_inputs = (_cache_inputs(deps, p) for p in (kp, vp))
-        k_ext, v_ext = (_is_external(deps, p, query_inputs) for p in (kp, vp))
+        k_why, v_why = (_internal_reason(deps, p, query_inputs) for p in (kp, vp))
+        k_ext, v_ext = k_why is None, v_why is None
         if k_ext != v_ext:
-            raise NotSplittable(f"part {i} is cached for keys but not for values")
+            which, other, why = ("keys", "values", v_why) if k_ext else ("values", "keys", k_why)
+            raise NotSplittable(f"part {i} is cached for {which} only: its {other} {why}")
         if k_ext:
             site.external.append(i)
             external_inputs |= k_inputs | v_inputs
@@ -252,12 +254,16 @@ def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
     return {n for n in deps.tensor_inputs(node) if not is_parameter(n)}
 
 
-def _is_external(deps: DependencyGraph, piece, query_inputs: set) -> bool:
-    """See the module docstring: the piece's own data is not the query's, its ops' inputs are guarded."""
+def _internal_reason(deps: DependencyGraph, piece, query_inputs: set) -> str | None:
+    """Why ``piece`` belongs to the block, or None if it is external (see the module docstring)."""
+    source = piece.source if isinstance(piece, PositionwisePiece) else piece
+    if _cache_inputs(deps, source) & query_inputs:
+        return "depend on an input the query depends on"
     if isinstance(piece, PositionwisePiece):
-        shared = {n for n in piece.side_inputs if not is_parameter(n)} & query_inputs
-        return not (_cache_inputs(deps, piece.source) & query_inputs) and all(map(is_module_state, shared))
-    return not (_cache_inputs(deps, piece) & query_inputs)
+        per_call = [n.name for n in piece.side_inputs & query_inputs if not is_module_state(n)]
+        if per_call:
+            return f"go through ops that read {', '.join(sorted(per_call))}, a per-call input the query reads too"
+    return None
 
 
 def _check_mask(site: AttentionSite) -> None:

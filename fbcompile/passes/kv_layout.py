@@ -23,6 +23,11 @@ with ``S`` the whole cat dim and every replication factor innermost in the heads
 query-head -> KV-head grouping of ``repeat_kv`` and of SDPA's ``enable_gqa``. The result knows how to
 rebuild each cat operand as a canonical ``[B, Hkv, n, D]`` tensor *without* the replication, so the
 split attention reads every cached byte once.
+
+When the walk meets an op that is not a layout op (RoPE applied after the cat, a per-head norm),
+:mod:`.positionwise` proves the ops between the cat and that point position-wise and hands back
+one piece per cat operand; a cat operand that is itself such ops of a cat (zero padding after RoPE)
+is replaced by that cat's pieces.
 """
 from __future__ import annotations
 
@@ -62,6 +67,10 @@ class CachePrefix:
     def length(self):
         return self.start.meta["example_value"] if isinstance(self.start, fx.Node) else self.start
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return example(self.base).dtype
+
     def describe(self) -> str:
         return f"{self.base.name}[{':, ' * self.dim}:{getattr(self.start, 'name', self.start)}]"
 
@@ -88,11 +97,10 @@ class KVLayout:
 
     def emit_canonical(self, graph: fx.Graph, piece) -> fx.Node:
         """Insert nodes that turn a cat operand into ``[B, Hkv, n, D]`` (no replication, final dtype)."""
-        if isinstance(piece, PositionwisePiece):
+        if isinstance(piece, (CachePrefix, PositionwisePiece)):
             dtype, node = piece.dtype, piece.emit(graph)
         else:
-            dtype = example(piece.base if isinstance(piece, CachePrefix) else piece).dtype
-            node = piece.emit(graph) if isinstance(piece, CachePrefix) else piece
+            dtype, node = example(piece).dtype, piece
         # 1. split every cat-output dim into its factors (last dim first so indices stay valid)
         position = [f for factors in self.leaves for f in factors]  # dims after the splits
         for dim in reversed(range(len(self.leaves))):
