@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -255,3 +256,16 @@ def test_eager_dropout_in_training_is_reported():
         compiled(*make_inputs(spec, seed=0))
     decisions = _decisions(session)
     assert decisions and all(d.startswith("skipped") for d in decisions), decisions
+
+
+@pytest.mark.parametrize("post", [p for p in POST_CAT if p != "none"])
+def test_post_cat_ops_split_at_the_cache(post):
+    """After RoPE / a norm / zero padding the cache is still the external part (the padding too)."""
+    spec = ZooSpec(post=post, cache=13, block=5)  # 18 keys: padded with 6 zeros to 24
+    model = build(spec)
+    compiled, session = compile_exact(model)
+    with torch.no_grad():
+        compiled(*make_inputs(spec))
+    (site,) = [site for graph in session.graphs for site in graph.sites]
+    kinds = re.findall(r"(ext|int):", site["kv"])
+    assert kinds == (["ext", "int", "ext"] if post == "pad" else ["ext", "int"]), site
