@@ -141,10 +141,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, h, bias=False)
 
     def project(self, hidden, cos, sin):
+        """q, k, v as [B, H, M, D]; RoPE applied here unless ``cos`` is None (models that rotate later)."""
         b, m, _ = hidden.shape
         q = self.q_proj(hidden).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if cos is None:
+            return q, k, v
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, attention_mask):

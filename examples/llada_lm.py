@@ -47,6 +47,12 @@ class LLaDAAttention(Attention):
                 future_kv: Optional[KV] = None):
         q, k, v = self.project(hidden, cos, sin)
         new_kv = (k, v)
+        k, v = self.with_cache(k, v, past_kv, future_kv)
+        return self.output(self.attend(q, k, v, attention_mask)), new_kv
+
+    @staticmethod
+    def with_cache(k, v, past_kv: Optional[KV], future_kv: Optional[KV]):
+        """``cat([past, new, future], -2)`` for keys and values (missing parts skipped)."""
         if past_kv is not None or future_kv is not None:
             ks, vs = [k], [v]
             if past_kv is not None:
@@ -57,14 +63,16 @@ class LLaDAAttention(Attention):
                 vs.append(future_kv[1])
             k = torch.cat(ks, dim=-2)
             v = torch.cat(vs, dim=-2)
-        return self.output(self.attend(q, k, v, attention_mask)), new_kv
+        return k, v
 
 
 class LLaDALM(BlockDiffusionLM):
     """Fully bidirectional masked-diffusion LM."""
 
+    attention_cls = LLaDAAttention
+
     def __init__(self, config: LLaDAConfig):
-        super().__init__(config, attention_cls=LLaDAAttention)
+        super().__init__(config, attention_cls=self.attention_cls)
         self.last_num_forwards = 0  # forwards used by the last generate()
 
     def forward(
@@ -140,10 +148,10 @@ class LLaDALM(BlockDiffusionLM):
         return x
 
 
-def make_tiny_model(seed: int = 0, **config_overrides) -> LLaDALM:
+def make_tiny_model(seed: int = 0, model_cls=None, config_cls=None, **config_overrides) -> LLaDALM:
     """Random-weight tiny LLaDA model in eval mode, deterministic for a given seed."""
-    config = LLaDAConfig(**config_overrides)
-    model = init_random_weights(LLaDALM(config), seed)
+    config = (config_cls or LLaDAConfig)(**config_overrides)
+    model = init_random_weights((model_cls or LLaDALM)(config), seed)
     return model.to(config.dtype).eval()
 
 

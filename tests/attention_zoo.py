@@ -42,6 +42,13 @@ class ZooSpec:
                                  # buffers (cache + block); the block is written into them at positions
                                  # cache-suffix.. (index_copy/setitem: in a random order, an index input)
                                  # and attention reads the whole buffer
+    post: str = "none"           # position-wise ops after the cat: none | rope (tables sliced by size)
+                                 # | rope_arange (tables from arange(key_len)) | key_norm (RMS over D)
+                                 # | pad (zero padding of keys/values to a multiple of 8, masked)
+                                 # | rope_complex (diffusers' form: view_as_complex(k) * polar table)
+
+
+POST_CAT = ("none", "rope", "rope_arange", "key_norm", "pad", "rope_complex")
 
 
 class ZooAttention(nn.Module):
@@ -57,6 +64,49 @@ class ZooAttention(nn.Module):
         else:
             self.q, self.k, self.v = nn.Linear(width, H * D), nn.Linear(width, Hkv * D), nn.Linear(width, Hkv * D)
         self.o = nn.Linear(H * D, width)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        positions = torch.arange(256, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos_table", torch.cat([positions, positions], -1).cos(), persistent=False)
+        self.register_buffer("sin_table", torch.cat([positions, positions], -1).sin(), persistent=False)
+        self.key_norm = nn.Parameter(1 + 0.1 * torch.randn(D))
+
+    def _rope_tables(self, n: int):
+        """cos/sin [n, D] for positions [0, n)."""
+        if self.spec.post == "rope":
+            return self.cos_table[:n], self.sin_table[:n]
+        freqs = torch.outer(torch.arange(n, device=self.inv_freq.device, dtype=torch.float32), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def _after_cat(self, q, k, v, mask, seq: int):
+        """``spec.post``: RoPE over all key positions (queries: the last rows), a key norm, or padding."""
+        post = self.spec.post
+        if post in ("rope", "rope_arange"):
+            n, m = k.shape[seq], q.shape[-2]
+            cos, sin = self._rope_tables(n)
+            table = (lambda t: t[:, None]) if seq == 1 else (lambda t: t)
+            k = (k.float() * table(cos) + _rotate_half(k.float()) * table(sin)).to(k.dtype)
+            q = (q.float() * cos[n - m:] + _rotate_half(q.float()) * sin[n - m:]).to(q.dtype)
+        elif post == "rope_complex":
+            n, m = k.shape[seq], q.shape[-2]
+            angles = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)
+            freqs = torch.polar(torch.ones_like(angles), angles)
+            k = _rotate_complex(k, freqs[:, None] if seq == 1 else freqs)
+            q = _rotate_complex(q, freqs[n - m:])
+        elif post == "key_norm":
+            kf = k.float()
+            k = (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + 1e-6) * self.key_norm).to(k.dtype)
+        elif post == "pad":
+            pad = -k.shape[seq] % 8
+            if pad:
+                shape = list(k.shape)
+                shape[seq] = pad
+                k = torch.cat([k, torch.zeros(shape, dtype=k.dtype, device=k.device)], dim=seq)
+                v = torch.cat([v, torch.zeros(shape, dtype=v.dtype, device=v.device)], dim=seq)
+                if mask is not None:
+                    mask = F.pad(mask, (0, pad), value=False if mask.dtype == torch.bool else float("-inf"))
+        return q, k, v, mask
 
     def _project(self, x):
         s = self.spec
@@ -109,6 +159,7 @@ class ZooAttention(nn.Module):
             v = torch.cat([past_v.narrow(cat_dim, 0, P), v, past_v.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
         else:
             k, v = torch.cat([past_k, k], dim=cat_dim), torch.cat([past_v, v], dim=cat_dim)
+        q, k, v, mask = self._after_cat(q, k, v, mask, 2 if s.layout == "bhsd" else 1)
         if s.layout == "bshd":
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         k, v = self._replicate(k), self._replicate(v)
@@ -137,6 +188,17 @@ class ZooAttention(nn.Module):
             out = w @ v
         B, _, M, _ = out.shape
         return self.o(out.transpose(1, 2).reshape(B, M, -1))
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_complex(x, freqs):
+    """(even, odd) pairs of the head dim as complex numbers, rotated by ``freqs``."""
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * freqs
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 def make_mask(spec: ZooSpec, gen: torch.Generator, dtype=torch.float32):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from attention_zoo import ZooAttention, ZooSpec, build, compile_exact, make_inputs, rel_error
+from attention_zoo import POST_CAT, ZooAttention, ZooSpec, build, compile_exact, make_inputs, rel_error
 
 _COMMON = dict(deadline=None, print_blob=True,  # no "explain" phase: minutes of re-runs per failure
                phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
@@ -82,6 +83,7 @@ def zoo_specs(draw, near_miss_repeat: bool = False) -> ZooSpec:
         suffix=draw(st.integers(1, cache)) if dual else 0,
         window=draw(st.integers(0, cache + block)) if mask == "window" else 0,
         buffer=buffer,
+        post=draw(st.sampled_from(POST_CAT)) if buffer == "none" else "none",  # post-cat ops follow a cat
     )
 
 
@@ -105,6 +107,7 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
     event(f"mask={spec.mask}{' dual' if spec.suffix else ''}")
     event(f"buffer={spec.buffer}")
     event(f"scale={spec.scale}")
+    event(f"post={spec.post}")
     model = build(spec, seed=seed, dtype=dtype)
     inputs = make_inputs(spec, seed=seed, dtype=dtype)
     with torch.no_grad():
@@ -141,7 +144,9 @@ def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
 # near misses: must never be rewritten, and the output must still equal eager
 
 NEAR_MISSES = ["dropout_sdpa", "dropout_eager", "causal", "cat_heads", "cached_depends_on_block",
-               "repeat_outer", "finite_masked_fill", "scores_escape", "buffer_written_twice", "buffer_read_first"]
+               "repeat_outer", "finite_masked_fill", "scores_escape", "buffer_written_twice", "buffer_read_first",
+               # after the cat, ops that mix key positions or a table at the wrong positions
+               "cumsum_after_cat", "flip_after_cat", "rope_offset_table", "seq_matmul_after_cat"]
 
 
 class NearMiss(ZooAttention):
@@ -170,6 +175,7 @@ class NearMiss(ZooAttention):
             v = torch.cat([tail_v.narrow(heads, 0, 1), v.narrow(heads, 1, s.kv_heads - 1)], dim=heads)
         else:
             k, v = torch.cat([past_k, k], dim=seq), torch.cat([past_v, v], dim=seq)
+        k = self._mix_positions(k, seq)
         if s.layout == "bshd":
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         k, v = self._replicate(k), self._replicate(v)
@@ -192,15 +198,30 @@ class NearMiss(ZooAttention):
             out = out + w.amax(-1, keepdim=True)
         return out
 
+    def _mix_positions(self, k, seq: int):
+        """The near misses after the cat (the others leave ``k`` alone)."""
+        n = k.shape[seq]
+        if self.kind == "cumsum_after_cat":
+            return k.cumsum(seq) / n
+        if self.kind == "flip_after_cat":
+            return k.flip(seq)
+        if self.kind == "rope_offset_table":  # rows [1, n + 1): key i rotated as position i + 1
+            cos = self.cos_table[1:n + 1]
+            return k * (cos[:, None] if seq == 1 else cos)
+        if self.kind == "seq_matmul_after_cat":  # a causal average over key positions
+            weights = torch.tril(torch.ones(n, n, dtype=k.dtype)) / n
+            return weights @ k if seq != 1 else (weights @ k.transpose(1, 2)).transpose(1, 2)
+        return k
+
 
 @st.composite
 def near_misses(draw):
     kind = draw(st.sampled_from(NEAR_MISSES))
     spec = draw(zoo_specs(near_miss_repeat=kind == "repeat_outer"))
-    # only the zoo's forward has a dual cache and buffer writes
-    changes: dict = {"buffer": "none"} if kind == "repeat_outer" else {"suffix": 0, "buffer": "none"}
+    # only the zoo's forward has a dual cache, buffer writes and post-cat ops
+    changes: dict = {"buffer": "none"} if kind == "repeat_outer" else {"suffix": 0, "buffer": "none", "post": "none"}
     if kind.startswith("buffer"):
-        changes = {"buffer": "setitem"}
+        changes = {"buffer": "setitem", "post": "none"}
     if kind in ("dropout_sdpa", "causal"):
         changes.update(form="sdpa", mask="none")  # SDPA forbids is_causal with a mask
     if kind in ("dropout_eager", "finite_masked_fill", "scores_escape"):
@@ -248,3 +269,16 @@ def test_eager_dropout_in_training_is_reported():
         compiled(*make_inputs(spec, seed=0))
     decisions = _decisions(session)
     assert decisions and all(d.startswith("skipped") for d in decisions), decisions
+
+
+@pytest.mark.parametrize("post", [p for p in POST_CAT if p != "none"])
+def test_post_cat_ops_split_at_the_cache(post):
+    """After RoPE / a norm / zero padding the cache is still the external part (the padding too)."""
+    spec = ZooSpec(post=post, cache=13, block=5)  # 18 keys: padded with 6 zeros to 24
+    model = build(spec)
+    compiled, session = compile_exact(model)
+    with torch.no_grad():
+        compiled(*make_inputs(spec))
+    (site,) = [site for graph in session.graphs for site in graph.sites]
+    kinds = re.findall(r"(ext|int):", site["kv"])
+    assert kinds == (["ext", "int", "ext"] if post == "pad" else ["ext", "int"]), site

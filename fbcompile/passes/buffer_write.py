@@ -115,6 +115,10 @@ class BufferExternal:
         return self.write.base
 
     @property
+    def dtype(self) -> torch.dtype:
+        return example(self.base).dtype
+
+    @property
     def length(self):
         return self.write.length
 
@@ -134,6 +138,10 @@ class BufferBlock:
     @property
     def base(self) -> fx.Node:
         return self.write.base
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return example(self.base).dtype
 
     @property
     def length(self):

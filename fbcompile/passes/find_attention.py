@@ -18,10 +18,19 @@ Two forms are matched and normalised to one :class:`AttentionSite`:
 and, through their own matchers, ``flex_attention`` (:mod:`.match_flex`) and flash-attn's forward op
 (:mod:`.match_flash`).
 
-A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`; or a buffer the
-graph writes at the block's positions, see :mod:`.buffer_write`) whose operands divide into *external*
-ones - reading graph inputs (module parameters aside), none that the query depends on - and *internal*
-ones (the block, and constants such as zero padding). Everything else is left untouched with a reason.
+A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`), possibly seen
+through position-wise ops (:mod:`.positionwise`), or a buffer the graph writes at the block's
+positions (:mod:`.buffer_write`), whose operands divide into *external* ones and *internal* ones (the
+block, and constants such as zero padding). Everything else is left untouched with a reason.
+
+A piece is external when it reads graph inputs (a constant piece has no tensor whose identity could
+guard a reused result, so it goes with the block), the cat operand itself depends on no graph input
+that the query depends on (module parameters aside), and every input of the position-wise ops applied
+to it (RoPE tables, ``inv_freq``, norm weights, position ids) is either not read by the query, or
+module state (a parameter, buffer or tensor attribute reached from ``self``): those do not change
+between a block's steps. All of them are listed in ``external_inputs`` and guarded at run time
+(identity, version, shape), so a changed table or a new position-ids tensor forces a refresh; inputs
+the query reads and that are passed per call (hidden states, token ids) keep the piece internal.
 """
 from __future__ import annotations
 
@@ -34,8 +43,9 @@ import torch.fx as fx
 from fbcompile.passes.buffer_write import (BufferBlock, BufferExternal, BufferWriteError, check_pair,
                                            position_inputs)
 from fbcompile.passes.graph_utils import (DependencyGraph, arg, describe_shape, example, is_parameter,
-                                          op_name, same_size, shape, view_base)
+                                          is_module_state, op_name, same_size, shape, view_base)
 from fbcompile.passes.kv_layout import CachePrefix, KVLayout, LayoutError, trace_kv
+from fbcompile.passes.positionwise import PositionwisePiece
 
 _CASTS = {"to", "float", "half", "bfloat16", "type", "type_as", "contiguous"}
 _MATMULS = {"matmul", "__matmul__"}
@@ -242,14 +252,11 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
             raise NotSplittable("keys and values are concatenated from parts of different lengths")
         # symbolic lengths: the split ops check k/v lengths match at run time (see fbcompile.ops)
         k_inputs, v_inputs = (_cache_inputs(deps, p) for p in (kp, vp))
-        # a part reading no input (zero padding, a constant) is computed with the block: there is no
-        # cached tensor whose identity could guard a reused result (its length may change with the block's)
-        k_ext = bool(k_inputs) and not (k_inputs & query_inputs)
-        v_ext = bool(v_inputs) and not (v_inputs & query_inputs)
-        if isinstance(kp, BufferBlock):  # written by this graph: the block, whatever it is computed from
-            k_ext = v_ext = False
+        k_why, v_why = (_internal_reason(deps, p, query_inputs) for p in (kp, vp))
+        k_ext, v_ext = k_why is None, v_why is None
         if k_ext != v_ext:
-            raise NotSplittable(f"part {i} is cached for keys but not for values")
+            which, other, why = ("keys", "values", v_why) if k_ext else ("values", "keys", k_why)
+            raise NotSplittable(f"part {i} is cached for {which} only: its {other} {why}")
         if k_ext:
             site.external.append(i)
             external_inputs |= k_inputs | v_inputs
@@ -273,12 +280,15 @@ def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
     """Graph inputs ``node`` reads, module parameters aside (they do not change between steps).
 
     A static-cache prefix, or a written buffer without its written positions, reads only its cache:
-    the graph's write goes to the block's own range.
+    the graph's write goes to the block's own range. A position-wise piece reads its cat operand's
+    inputs and those of the ops' other operands.
     """
     if isinstance(node, (CachePrefix, BufferExternal)):
         return {node.base}
     if isinstance(node, BufferBlock):  # the buffer's rows at the written positions hold the block
         node = node.write.value
+    if isinstance(node, PositionwisePiece):
+        return _cache_inputs(deps, node.source) | {n for n in node.side_inputs if not is_parameter(n)}
     return {n for n in deps.tensor_inputs(node) if not is_parameter(n)}
 
 
@@ -296,6 +306,23 @@ def _check_buffer_writes(site: AttentionSite, deps: DependencyGraph) -> None:
     except BufferWriteError as e:
         raise NotSplittable(str(e)) from None
     site.position_inputs = position_inputs(writes[0], deps)
+
+
+def _internal_reason(deps: DependencyGraph, piece, query_inputs: set) -> str | None:
+    """Why ``piece`` belongs to the block, or None if it is external (see the module docstring)."""
+    if isinstance(piece, BufferBlock):
+        return "are the rows this graph writes (the block)"
+    inputs = _cache_inputs(deps, piece)
+    if not inputs:
+        return "read no input (a constant goes with the block)"
+    source = piece.source if isinstance(piece, PositionwisePiece) else piece
+    if _cache_inputs(deps, source) & query_inputs:
+        return "depend on an input the query depends on"
+    if isinstance(piece, PositionwisePiece):
+        per_call = [n.name for n in piece.side_inputs & query_inputs if not is_module_state(n)]
+        if per_call:
+            return f"go through ops that read {', '.join(sorted(per_call))}, a per-call input the query reads too"
+    return None
 
 
 def _check_mask(site: AttentionSite) -> None:

@@ -77,6 +77,13 @@ def is_parameter(node: fx.Node) -> bool:
     return "_parameters[" in name
 
 
+def is_module_state(node: fx.Node) -> bool:
+    """A placeholder dynamo lifted from the module (parameter, buffer, tensor attribute of ``self``)."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
+    return is_parameter(node) or name.startswith("L['self']")
+
+
 def mutated_tensor(node: fx.Node) -> fx.Node | None:
     """The tensor a node writes in place (``x.add_(..)``, ``x[i] = y``, ``out=``), or None."""
     name = op_name(node)

@@ -31,6 +31,11 @@ with ``S`` the whole cat dim and every replication factor innermost in the heads
 query-head -> KV-head grouping of ``repeat_kv`` and of SDPA's ``enable_gqa``. The result knows how to
 rebuild each cat operand as a canonical ``[B, Hkv, n, D]`` tensor *without* the replication, so the
 split attention reads every cached byte once.
+
+When the walk meets an op that is not a layout op (RoPE applied after the cat, a per-head norm),
+:mod:`.positionwise` proves the ops between the cat and that point position-wise and hands back
+one piece per cat operand; a cat operand that is itself such ops of a cat (zero padding after RoPE)
+is replaced by that cat's pieces.
 """
 from __future__ import annotations
 
@@ -43,14 +48,11 @@ import torch.fx as fx
 
 from fbcompile.passes.buffer_write import BufferWriteError, read_buffer
 from fbcompile.passes.graph_utils import arg, example, op_name, same_size, shape
+from fbcompile.passes.positionwise import LayoutError, PositionwisePiece, positionwise_pieces
 
 _IDENTITY_OPS = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type", "type_as"}
 _CHAIN_OPS = _IDENTITY_OPS | {"transpose", "permute", "view", "reshape", "unsqueeze", "getitem", "expand",
                               "repeat_interleave", "repeat", "flatten", "unflatten", "squeeze"}
-
-
-class LayoutError(Exception):
-    """The keys/values do not come from a ``cat`` through a layout we can rebuild exactly."""
 
 
 @dataclass(eq=False)
@@ -74,6 +76,10 @@ class CachePrefix:
     def length(self):
         return self.start.meta["example_value"] if isinstance(self.start, fx.Node) else self.start
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return example(self.base).dtype
+
     def describe(self) -> str:
         return f"{self.base.name}[{':, ' * self.dim}:{getattr(self.start, 'name', self.start)}]"
 
@@ -86,8 +92,9 @@ class CachePrefix:
 class KVLayout:
     """How one attention operand (K or V) is laid out relative to its source ``cat``."""
 
-    cat: fx.Node
-    pieces: list  # fx.Node, or an object that emits one (CachePrefix, buffer_write.BufferExternal/BufferBlock)
+    cat: fx.Node  # the cat, or the last position-wise op after it (see .positionwise)
+    pieces: list  # fx.Node, or an object that emits one (CachePrefix, PositionwisePiece,
+    #               buffer_write.BufferExternal/BufferBlock): .length, .dtype, .describe(), .emit(graph)
     cat_dim: int
     leaves: list[list[_Factor]]  # per cat-output dim, its factors outer -> inner
     order: list[list[_Factor]]   # final [batch, heads, seq, head_dim] groups, replication dropped
@@ -100,7 +107,7 @@ class KVLayout:
 
     def emit_canonical(self, graph: fx.Graph, piece) -> fx.Node:
         """Insert nodes that turn a cat operand into ``[B, Hkv, n, D]`` (no replication, final dtype)."""
-        dtype = example(piece if isinstance(piece, fx.Node) else piece.base).dtype
+        dtype = example(piece).dtype if isinstance(piece, fx.Node) else piece.dtype
         node = piece if isinstance(piece, fx.Node) else piece.emit(graph)
         # 1. split every cat-output dim into its factors (last dim first so indices stay valid)
         position = [f for factors in self.leaves for f in factors]  # dims after the splits
@@ -308,29 +315,44 @@ def _written_buffer(node: fx.Node):
         raise LayoutError(str(e)) from None
 
 
+def _expand_piece(piece: fx.Node, cat_dim: int) -> list:
+    """A cat operand that is itself position-wise ops of a cat along the sequence (RoPE, then zero
+    padding with a second cat) stands for that cat's pieces."""
+    if piece.op == "placeholder":
+        return [piece]
+    try:
+        return positionwise_pieces(piece, cat_dim)
+    except LayoutError:
+        return [piece]
+
+
 def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
     """Find the cat feeding attention operand ``node`` and describe the layout; raise LayoutError.
 
     ``tokens_first``: the attention reads ``node`` as ``[B, S, H, D]`` (flash-attn), not ``[B, H, S, D]``.
     """
-    chain, cursor, static = [], node, None
+    chain, cursor, static, positionwise = [], node, None, False
     while (op_name(cursor) != "cat" and (static := _static_cache_read(cursor)) is None
            and (static := _written_buffer(cursor)) is None):
         if op_name(cursor) not in _CHAIN_OPS or not cursor.args or not isinstance(cursor.args[0], fx.Node):
-            what = op_name(cursor) or cursor.op
-            raise LayoutError(f"keys/values are not a concatenation (reached '{what}')")
+            positionwise = True  # maybe position-wise ops of a cat: checked once the sequence dim is known
+            break
         chain.append(cursor)
         cursor = cursor.args[0]
     cat = cursor
     cat_shape = shape(cat)
-    if static is not None:
+    if positionwise:
+        if cat_shape is None:
+            raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(cat) or cat.op}')")
+        cat_dim, pieces = None, []
+    elif static is not None:
         cat_dim, pieces = static
     else:
         pieces = arg(cat, 0, "tensors")
         if cat_shape is None or not isinstance(pieces, (list, tuple)) or len(pieces) < 2:
             raise LayoutError("cat of fewer than two tensors")
         cat_dim = _dim(arg(cat, 1, "dim", 0), len(cat_shape))
-        pieces = [p for p in pieces if not same_size(shape(p)[cat_dim], 0)]
+        pieces = [q for p in pieces if not same_size(shape(p)[cat_dim], 0) for q in _expand_piece(p, cat_dim)]
     leaves = [[_Factor(i, s)] for i, s in enumerate(cat_shape)]
     dims = [list(f) for f in leaves]
     for op in reversed(chain):
@@ -341,6 +363,11 @@ def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
         dims[1], dims[2] = dims[2], dims[1]
     batch, heads, seq, head_dim = dims
     seq_real = [f for f in seq if not (isinstance(f.size, int) and f.size == 1)]
+    if positionwise:
+        if len(seq_real) != 1 or seq_real[0].atom is None:
+            raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(cat) or cat.op}')")
+        cat_dim = seq_real[0].atom
+        pieces = positionwise_pieces(cat, cat_dim)
     if len(seq_real) != 1 or seq_real[0].atom != cat_dim or len(leaves[cat_dim]) != 1:
         raise LayoutError("the cat is not along the key-sequence dim")
     if any(f.atom is None for f in batch + head_dim):

@@ -27,6 +27,7 @@ import torch.fx as fx
 from fbcompile.passes.buffer_write import split_masks
 from fbcompile.passes.find_attention import AttentionSite
 from fbcompile.passes.kv_layout import CachePrefix
+from fbcompile.passes.positionwise import PositionwisePiece
 from fbcompile.passes.graph_utils import example, mutated_tensor, same_size, shape
 
 
@@ -91,6 +92,8 @@ def _key_ranges(graph: fx.Graph, k_layout) -> tuple[list, list]:
         length = k_layout.piece_length(i)
         if isinstance(piece, CachePrefix):
             length = piece.start
+        elif isinstance(piece, PositionwisePiece):
+            length = piece.emit_length(graph)
         elif not isinstance(length, int):
             length = graph.call_method("size", (piece, k_layout.cat_dim))
         starts.append(offset)
