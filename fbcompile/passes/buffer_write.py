@@ -105,8 +105,8 @@ class BufferWrite:
 
 
 @dataclass(eq=False)
-class BufferExternal:
-    """Cat-piece stand-in: the whole buffer, its written positions hidden by the mask."""
+class _BufferPiece:
+    """A cat-piece stand-in over the written buffer (see :class:`~.kv_layout.KVLayout`'s pieces)."""
 
     write: BufferWrite
 
@@ -117,31 +117,28 @@ class BufferExternal:
     @property
     def dtype(self) -> torch.dtype:
         return example(self.base).dtype
+
+    @property
+    def index_name(self) -> str:
+        return str(getattr(self.write.index, "name", self.write.index))
+
+
+class BufferExternal(_BufferPiece):
+    """The whole buffer, its written positions hidden by the mask."""
 
     @property
     def length(self):
         return self.write.length
 
     def describe(self) -> str:
-        return f"{self.base.name} without {getattr(self.write.index, 'name', self.write.index)}"
+        return f"{self.base.name} without {self.index_name}"
 
     def emit(self, graph: fx.Graph) -> fx.Node:
         return self.base
 
 
-@dataclass(eq=False)
-class BufferBlock:
-    """Cat-piece stand-in: the buffer's rows at the written positions, read after the write."""
-
-    write: BufferWrite
-
-    @property
-    def base(self) -> fx.Node:
-        return self.write.base
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return example(self.base).dtype
+class BufferBlock(_BufferPiece):
+    """The buffer's rows at the written positions, read after the write."""
 
     @property
     def length(self):
@@ -151,7 +148,7 @@ class BufferBlock:
         return value[self.write.dim] if len(value) == len(shape(self.base)) else None  # else broadcast
 
     def describe(self) -> str:
-        return f"{self.base.name}[{getattr(self.write.index, 'name', self.write.index)}]"
+        return f"{self.base.name}[{self.index_name}]"
 
     def emit(self, graph: fx.Graph) -> fx.Node:
         return graph.call_method("index_select", (self.base, self.write.dim, self.write.positions(graph)))
