@@ -78,9 +78,9 @@ def test_anyflow_far_exact_through_its_cache_loop(exact_run):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="RoPE is applied after cat(compressed_cache, full_cache, key), and the keys attention sees "
-                          "are cat([roped keys, zero padding]): no cached part until position-wise ops after the cat "
-                          "are split (issue 12 item 1, another branch)")
+                   reason="its RoPE table is itself a cat along the sequence (compressed-frame and full-frame "
+                          "frequencies), which the position-wise pass does not accept as a table yet, so the roped "
+                          "keys stay one piece while the values split: 'concatenated from different numbers of parts'")
 def test_anyflow_far_self_attention_over_the_cache_is_rewritten(exact_run):
     over_cache = [s for s in fbcompile.explain(exact_run[2]).sites if s["form"] == "flex" and "cat(" in s["kv"]]
     assert over_cache and all(s["decision"] == "rewritten" for s in over_cache), over_cache
