@@ -7,6 +7,8 @@ otherwise; both follow the semantics in :mod:`fbcompile.kernels.reference`.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fbcompile.kernels import reference
@@ -86,3 +88,37 @@ def merge_lse(
 def _(out_a, lse_a, out_b, lse_b):
     shape = torch.broadcast_shapes(out_a.shape, out_b.shape)
     return out_a.new_empty(shape), lse_a.new_empty(shape[:-1])
+
+
+class AttentionArgs(NamedTuple):
+    """The arguments of an ``attention_lse`` call node, by name (the op's schema order)."""
+
+    q: object
+    k: object
+    v: object
+    mask: object
+    scale: object
+
+    @classmethod
+    def of(cls, node) -> "AttentionArgs":
+        return cls(*node.args)
+
+
+class MergeArgs(NamedTuple):
+    """The arguments of an ``attention_merge_lse`` call node, by name (the op's schema order)."""
+
+    q: object
+    k: object
+    v: object
+    mask: object
+    scale: object
+    out_ext: object
+    lse_ext: object
+
+    @classmethod
+    def of(cls, node) -> "MergeArgs":
+        return cls(*node.args)
+
+    def with_external(self, out_ext, lse_ext) -> tuple:
+        """The call's argument tuple with another external ``(out_ext, lse_ext)``."""
+        return tuple(self._replace(out_ext=out_ext, lse_ext=lse_ext))
