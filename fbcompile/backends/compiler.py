@@ -134,15 +134,15 @@ def fbcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | 
 
 def session_of_compiled(compiled) -> Session | None:
     """The session a ``torch.compile(...)`` result compiles into, if its backend is fbcompile's."""
-    ctx = getattr(compiled, "dynamo_ctx", None)
-    if ctx is None:  # a compiled function: dynamo keeps its context in the wrapper's closure
-        return None
+    ctx = getattr(compiled, "dynamo_ctx", None)  # an OptimizedModule
     backend = getattr(ctx, "callback", None)
-    while backend is not None and not isinstance(backend, Backend) and not hasattr(backend, "compiler_fn"):
+    while backend is not None and not hasattr(backend, "compiler_fn"):  # down to torch.compile's wrapper
         backend = getattr(backend, "_torchdynamo_orig_backend", None)
-    if isinstance(backend, Backend):
-        return backend.session
-    if backend is not None and backend.compiler_fn is fbcompile_backend:
+    if backend is None:
+        return None
+    if isinstance(backend.compiler_fn, Backend):
+        return backend.compiler_fn.session
+    if backend.compiler_fn is fbcompile_backend:
         kwargs = backend.kwargs
         return _shared_sessions.get((Config.from_options(kwargs.get("options")), kwargs.get("mode")))
     return None
