@@ -110,7 +110,7 @@ def main():
                command="python benchmarks/e2e_block_step.py --out DIR", steps=args.steps,
                model=QWEN_1_5B, dtype="bfloat16",
                block_mode_stats=dict(compiles=stats.compiles, refreshes=stats.refreshes, reuses=stats.reuses,
-                                     guard_failures=stats.guard_failures))
+                                     refresh_reasons=stats.refresh_reasons))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "e2e_block_step.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)

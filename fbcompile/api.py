@@ -5,8 +5,7 @@ import functools
 
 import torch
 
-from fbcompile.backends.compiler import (Backend, last_shared_session, make_backend, recompile_limit_warning,
-                                         session_of_compiled)
+from fbcompile.backends.compiler import Backend, compile_forward, last_shared_session, session_of_compiled
 from fbcompile.backends.session import Session, Stats
 from fbcompile.config import Config
 from fbcompile.report import Report
@@ -33,9 +32,7 @@ def optimize(model: torch.nn.Module, config: Config | None = None) -> torch.nn.M
         raise RuntimeError("model is already optimized by fbcompile; build a new model to change the config")
     session = Session(config, module=model)
     model.__dict__[_ATTR] = session
-    recompile_limit_warning.watch(getattr(model.forward, "__func__", model.forward))
-    model.forward = torch.compile(model.forward, backend=make_backend(session), dynamic=None,
-                                  recompile_limit=config.recompile_limit, isolate_recompiles=True)
+    model.forward = compile_forward(model.forward, session)
     generate = getattr(model, "generate", None)
     if callable(generate):
         model.generate = _starting_requests(generate, session)
@@ -93,7 +90,7 @@ def explain(model: torch.nn.Module | None = None, *args, **kwargs) -> Report:
     session = Session(Config(refresh="always", compiler="eager"))
     forward = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
     with torch.no_grad():
-        torch.compile(forward, backend=make_backend(session), dynamic=None, isolate_recompiles=True)(*args, **kwargs)
+        compile_forward(forward, session)(*args, **kwargs)
     return Report(session.graphs)
 
 

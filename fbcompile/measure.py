@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-from fbcompile.backends.compiler import make_backend
+from fbcompile.backends.compiler import compile_forward
 from fbcompile.backends.session import Session
 from fbcompile.config import Config, ReusePlan
 from fbcompile.kernels.reference import merge_lse
@@ -293,7 +293,6 @@ def _run(model, generate, session: Session) -> torch.Tensor:
     """``generate`` on a copy of ``model`` whose forward is compiled into ``session`` (with its own
     compile budget, so nothing else the user compiled is touched)."""
     clone = copy.deepcopy(model).eval()
-    clone.forward = torch.compile(clone.forward, backend=make_backend(session), dynamic=None,
-                                  recompile_limit=session.config.recompile_limit, isolate_recompiles=True)
+    clone.forward = compile_forward(clone.forward, session)
     with torch.no_grad():
         return generate(clone)

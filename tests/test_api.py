@@ -90,7 +90,7 @@ def test_backend_by_name_and_stats_explain_without_model():
 
 def _shared_graphs(config):
     from fbcompile.backends.compiler import _shared_sessions
-    session = _shared_sessions.get(config)
+    session = _shared_sessions.get((config, None))  # keyed by (Config, torch.compile mode)
     return session.graphs if session is not None else None
 
 

@@ -7,6 +7,7 @@ Dynamo hands a named backend its ``options`` only when it compiles the first gra
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 
@@ -105,6 +106,16 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     dispatcher = ProbeDispatcher if session.observer is not None else SplitGraphDispatcher
     return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session), steps,
                       policies, [h.kv for h in plan.heads])
+
+
+def compile_forward(forward, session: Session):
+    """``torch.compile(forward)`` into ``session``, with its own recompile budget
+    (``Config.recompile_limit``) where torch has per-call budgets (2.13 and later)."""
+    budget = {}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        budget = dict(recompile_limit=session.config.recompile_limit, isolate_recompiles=True)
+    recompile_limit_warning.watch(getattr(forward, "__func__", forward))
+    return torch.compile(forward, backend=Backend(session), dynamic=None, **budget)
 
 
 class Backend:

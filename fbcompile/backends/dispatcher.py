@@ -91,8 +91,8 @@ class SplitGraphDispatcher:
         self.kv_heads = kv_heads  # per site
         # fast path: if nothing the guards read changed since the last reuse (same tensors, versions,
         # shapes, ints) and the session cache did not change, reuse again without a lookup
-        self._fast = all(p.fast_path for p in policies) and len(steps) == 1 and steps[0].graph is not None \
-            and steps[0].graph.outputs.user_only
+        only = steps[0].graph if len(steps) == 1 else None
+        self._fast = all(p.fast_path for p in policies) and only is not None and only.outputs.user_only
         self._watched = sorted({i for g in guards for i in g.external} | {i for g in guards for i in g.size_sources})
         self._writes_external = any(g.offsets for g in guards)  # static caches the graph writes
         self._memo: FastPathMemo | None = None

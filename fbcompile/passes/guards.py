@@ -103,7 +103,7 @@ def _block_input(site) -> fx.Node | None:
     return found[0] if found else None
 
 
-def graph_outputs(gm: fx.GraphModule) -> tuple:
+def _graph_outputs(gm: fx.GraphModule) -> tuple:
     return tuple(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
 
 
@@ -115,7 +115,7 @@ def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
         self.layers[i].keys = torch.cat([self.layers[i].keys, key_states], dim=-2)   # a graph output
     """
     outputs = set()
-    for value in graph_outputs(gm):
+    for value in _graph_outputs(gm):
         node = value
         while isinstance(node, fx.Node):
             outputs.add(node)

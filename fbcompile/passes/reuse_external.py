@@ -107,17 +107,24 @@ def _output_node(graph: fx.Graph) -> fx.Node:
     return next(n for n in reversed(graph.nodes) if n.op == "output")
 
 
+def _append_outputs(outputs: list, per_site: list[dict]) -> tuple[SiteSlots, ...]:
+    """Append each site's named nodes to ``outputs``; returns where they went."""
+    slots = []
+    for named in per_site:
+        slots.append(SiteSlots(**{name: len(outputs) + i for i, name in enumerate(named)}))
+        outputs += named.values()
+    return tuple(slots)
+
+
 def _with_outputs(gm: fx.GraphModule, per_site: list[dict]) -> SpecializedGraph:
     """``gm`` also returning, per site, the named nodes of ``per_site``."""
     output = _output_node(gm.graph)
     outputs = list(output.args[0])
-    user, slots = len(outputs), []
-    for named in per_site:
-        slots.append(SiteSlots(**{name: len(outputs) + i for i, name in enumerate(named)}))
-        outputs += named.values()
+    user = len(outputs)
+    slots = _append_outputs(outputs, per_site)
     output.args = (tuple(outputs),)
     gm.recompile()
-    return SpecializedGraph(gm, OutputLayout(user=user, sites=tuple(slots)))
+    return SpecializedGraph(gm, OutputLayout(user=user, sites=slots))
 
 
 def merges(graph: fx.Graph) -> list[fx.Node]:
@@ -126,13 +133,13 @@ def merges(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "call_function" and n.target is merge]
 
 
+_CACHED = ("out_ext", "lse_ext", "query")  # the SiteParts the runtime keeps per site
+
+
 def _cached_parts(merge: fx.Node, with_query: bool) -> dict:
     """The nodes of a site whose values the runtime keeps: ``O_e``, ``L_e`` (and the query)."""
     args = MergeArgs.of(merge)
-    parts = {"out_ext": args.out_ext, "lse_ext": args.lse_ext}
-    if with_query:
-        parts["query"] = args.q
-    return parts
+    return dict(zip(_CACHED, (args.out_ext, args.lse_ext, args.q)[: 3 if with_query else 2]))
 
 
 def exact_graph(gm: fx.GraphModule) -> SpecializedGraph:
@@ -199,13 +206,10 @@ def reuse_graph(gm: fx.GraphModule, with_query: bool = False,
                     fresh = _recompute_heads(graph, cached["out_ext"], heads, start, end, fresh)
             merge.args = MergeArgs.of(merge).with_external(*fresh)
         updates.append(dict(zip(("out_ext", "lse_ext"), fresh)) if ranges else {})
-    roles = tuple(_cached_parts(merges(graph)[0], with_query)) if merges(graph) else ()
     output = _output_node(graph)
     outputs = list(output.args[0])
-    user, slots = len(outputs), []
-    for named in updates:
-        slots.append(SiteSlots(**{name: len(outputs) + i for i, name in enumerate(named)}))
-        outputs += named.values()
+    user = len(outputs)
+    slots = _append_outputs(outputs, updates)
     drift = None
     if drifts:
         with graph.inserting_before(output):
@@ -222,8 +226,8 @@ def reuse_graph(gm: fx.GraphModule, with_query: bool = False,
     graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     gm.recompile()
-    return SpecializedGraph(gm, OutputLayout(user=user, sites=tuple(slots), drift=drift),
-                            cached_inputs=roles, cached_examples=examples)
+    return SpecializedGraph(gm, OutputLayout(user=user, sites=slots, drift=drift),
+                            cached_inputs=_CACHED[:3 if with_query else 2], cached_examples=examples)
 
 
 def _recompute_heads(graph: fx.Graph, external_out: fx.Node, heads, start: int, end: int,
