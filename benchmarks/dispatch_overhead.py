@@ -142,7 +142,6 @@ def measure(num_layers: int, n: int, n_real: int) -> dict:
 
         policies = disp.policies
         disp.policies = [EveryNPolicy(1)]
-        disp._memo = None
         try:
             r0 = disp.record.reuses
             res["refresh"] = summarize(time_calls(disp, args, n))

@@ -230,6 +230,13 @@ def test_backend_object_checks_options_when_built():
         fbcompile.backend(mode="reduce-overhead")
 
 
+def test_backend_object_refuses_torch_compile_options():
+    compiled = torch.compile(make_tiny_model(num_layers=1), backend=fbcompile.backend(compiler="eager"),
+                             options={"refresh": "always"})
+    with torch.no_grad(), pytest.raises(Exception, match=r"pass \['options'\] to fbcompile.backend"):
+        compiled(PROMPT)
+
+
 def test_named_backend_refuses_cuda_graph_modes():
     model = make_tiny_model(num_layers=1)
     compiled = torch.compile(model, backend="fbcompile", mode="reduce-overhead")

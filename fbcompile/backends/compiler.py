@@ -125,7 +125,9 @@ class Backend:
         check_mode(session.mode)
         self.session = session
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: list):
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **torch_compile_args):
+        if torch_compile_args:  # torch.compile(..., mode=/options=) next to a backend object
+            raise ValueError(f"pass {sorted(torch_compile_args)} to fbcompile.backend(...), not to torch.compile")
         return compile_graph(self.session, gm, example_inputs)
 
 
@@ -177,9 +179,10 @@ class RecompileLimitWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
-            if any(f"'{name}' ({file}:{line})" == record.args[2] for name, file, line in self.functions):
-                warnings.warn(f"fbcompile: dynamo's {record.args[0]} ({record.args[1]}) was reached for "
-                              f"{record.args[2]}, an fbcompile-optimized forward; its calls with new shapes or "
+            limit, value, function = record.args[:3]  # dynamo's message: limit name, its value, the function
+            if any(f"'{name}' ({file}:{line})" == function for name, file, line in self.functions):
+                warnings.warn(f"fbcompile: dynamo's {limit} ({value}) was reached for "
+                              f"{function}, an fbcompile-optimized forward; its calls with new shapes or "
                               "dtypes now run uncompiled (eager), without fbcompile. Raise "
                               "fbcompile.Config(recompile_limit=...) or find the cause with TORCH_LOGS=recompiles.",
                               stacklevel=2)

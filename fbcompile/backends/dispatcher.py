@@ -87,15 +87,29 @@ class SplitGraphDispatcher:
     def __init__(self, session: Session, record: GraphRecord, guards: list[SiteGuard], refresh: CompiledGraph,
                  steps: list[CompiledStep], policies: list[RefreshPolicy], kv_heads: list[int]):
         self.session, self.record = session, record
-        self.guards, self.refresh, self.steps, self.policies = guards, refresh, steps, policies
+        self.guards, self.refresh, self.steps = guards, refresh, steps
+        self.policies = policies
         self.kv_heads = kv_heads  # per site
-        # fast path: if nothing the guards read changed since the last reuse (same tensors, versions,
-        # shapes, ints) and the session cache did not change, reuse again without a lookup
-        only = steps[0].graph if len(steps) == 1 else None
-        self._fast = all(p.fast_path for p in policies) and only is not None and only.outputs.user_only
         self._watched = sorted({i for g in guards for i in g.external} | {i for g in guards for i in g.size_sources})
         self._writes_external = any(g.offsets for g in guards)  # static caches the graph writes
         self._memo: FastPathMemo | None = None
+
+    @property
+    def policies(self) -> list[RefreshPolicy]:
+        return self._policies
+
+    @policies.setter
+    def policies(self, policies: list[RefreshPolicy]) -> None:
+        self._policies = policies
+        # per hook, the policies that override it (the per-call path skips the no-ops)
+        self._stale_rules, self._at_refresh, self._after_reuse = (
+            [p for p in policies if getattr(type(p), hook) is not getattr(RefreshPolicy, hook)]
+            for hook in ("stale", "at_refresh", "after_reuse"))
+        # fast path: if nothing the guards read changed since the last reuse (same tensors, versions,
+        # shapes, ints) and the session cache did not change, reuse again without a lookup
+        only = self.steps[0].graph if len(self.steps) == 1 else None
+        self._fast = all(p.fast_path for p in policies) and only is not None and only.outputs.user_only
+        self._memo = None
 
     def __call__(self, *args):
         session, record = self.session, self.record
@@ -131,7 +145,7 @@ class SplitGraphDispatcher:
                 continue
             entry = cache.get(key)
             reason = _stale(entry, sources, guard, args)
-            for policy in self.policies if reason is None else ():
+            for policy in self._stale_rules if reason is None else ():
                 reason = policy.stale(entry, guard, args)
                 if reason is not None:
                     break
@@ -147,13 +161,15 @@ class SplitGraphDispatcher:
         cached = [getattr(entry, name) for entry in entries for name in graph.cached_inputs]
         outputs = graph.run(*args, *cached)
         layout = graph.outputs
-        parts = layout.parts(outputs)
-        for entry, part in zip(entries, parts):
-            if part.out_ext is not None:  # a reuse plan's recomputed heads overwrite the cached ones
-                entry.out_ext, entry.lse_ext = part.out_ext, part.lse_ext
+        parts = None
+        if not layout.user_only:
+            parts = layout.parts(outputs)
+            for entry, part in zip(entries, parts):
+                if part.out_ext is not None:  # a reuse plan's recomputed heads overwrite the cached ones
+                    entry.out_ext, entry.lse_ext = part.out_ext, part.lse_ext
         self.record.count_reuse(step.kv_read)
         drift = outputs[layout.drift] if layout.drift is not None else None
-        for policy in self.policies:
+        for policy in self._after_reuse:
             policy.after_reuse(entries, parts, drift)
         self._count_step(args, entries)
         if self._fast:
@@ -185,12 +201,15 @@ class SplitGraphDispatcher:
         entries, unversioned = [], False
         for guard, part in zip(self.guards, parts):
             sources = [args[j] for j in guard.external]
-            versions = _versions(sources)
-            unversioned = unversioned or None in versions
+            try:
+                versions = [s._version for s in sources]
+            except RuntimeError:  # inference tensors have no version counter
+                versions = [None if s.is_inference() else s._version for s in sources]
+                unversioned = True
             entries.append(CacheEntry(sources=[weakref.ref(s) for s in sources], versions=versions,
                                       shapes=[s.shape for s in sources], offsets=guard.offset_values(args),
                                       out_ext=part.out_ext, lse_ext=part.lse_ext))
-        for policy in self.policies:
+        for policy in self._at_refresh:
             policy.at_refresh(entries, self.guards, args, parts)
         if unversioned and "inference" not in session.warned:
             session.warned.add("inference")
@@ -230,7 +249,7 @@ class ProbeDispatcher(SplitGraphDispatcher):
         drift = None
         if any(p.with_query for p in self.policies):
             drift = torch.stack([_relative_change(p.query, e.query) for p, e in zip(parts, entries)])
-        for policy in self.policies:
+        for policy in self._after_reuse:
             policy.after_reuse(entries, parts, drift)
         return self.refresh.outputs.user_outputs(outputs)
 
@@ -244,14 +263,6 @@ def _mix(cached: torch.Tensor, fresh: torch.Tensor, heads: list[tuple[int, int]]
 
 def _relative_change(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return (now.float() - before.float()).norm() / before.float().norm().clamp_min(1e-30)
-
-
-def _versions(sources: list[torch.Tensor]) -> list[int | None]:
-    """``_version`` of each tensor; None for inference tensors, which have none."""
-    try:
-        return [s._version for s in sources]
-    except RuntimeError:
-        return [None if s.is_inference() else s._version for s in sources]
 
 
 def _stale(entry: CacheEntry | None, sources: list, guard: SiteGuard, args) -> str | None:

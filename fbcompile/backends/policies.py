@@ -39,7 +39,8 @@ class RefreshPolicy:
         pass
 
     def after_reuse(self, entries: list[CacheEntry], parts: list, drift: torch.Tensor | None) -> None:
-        """``parts``: each site's parts the reuse graph returned; ``drift``: its per-site query drifts."""
+        """``parts``: each site's parts the reuse graph returned (None: none); ``drift``: its per-site
+        query drifts (None: not measured)."""
 
 
 class EveryNPolicy(RefreshPolicy):

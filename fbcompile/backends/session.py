@@ -64,12 +64,12 @@ class GraphRecord:
             site.plan_kv_read = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class CacheEntry:
     """Cached external part of one site, with what it was computed from (the guards' reference)."""
 
     sources: list            # weakrefs to the tensors holding the external KV
-    versions: list[int]
+    versions: list           # _version of each (None: an inference tensor, which has none)
     shapes: list
     offsets: list            # where static-cache external ranges end
     out_ext: torch.Tensor    # O_e

@@ -63,7 +63,7 @@ class OutputLayout:
     sites: tuple[SiteSlots, ...]
     drift: int | None = None
 
-    @property
+    @cached_property
     def user_only(self) -> bool:
         """The graph returns nothing beyond the original outputs."""
         return self.drift is None and all(slots == SiteSlots() for slots in self.sites)
@@ -72,12 +72,14 @@ class OutputLayout:
         return tuple(outputs[: self.user])
 
     def parts(self, outputs) -> list[SiteParts]:
-        return [SiteParts._make([None if i is None else outputs[i] for i in slots]) for slots in self._indices]
+        padded = (*outputs, None)  # index -1: a part the graph does not return
+        return [SiteParts._make(map(padded.__getitem__, indices)) for indices in self._indices]
 
     @cached_property
     def _indices(self) -> list[tuple]:
-        """Per site, the output index of each SiteParts field (None: absent)."""
-        return [tuple(getattr(slots, name) for name in SiteParts._fields) for slots in self.sites]
+        """Per site, the output index of each SiteParts field (-1: absent)."""
+        return [tuple(-1 if getattr(slots, name) is None else getattr(slots, name) for name in SiteParts._fields)
+                for slots in self.sites]
 
 
 @dataclass
