@@ -15,9 +15,9 @@ it produced earlier, so only the dispatcher's work is timed (``time.perf_counter
 call, gc disabled):
 
 * ``reuse``: the cached entries are valid, every call takes the reuse path (lookup + guards);
-* ``refresh``: the session's policy is set to ``refresh=1`` (refresh at every call, reason
+* ``refresh``: the dispatcher's policy is set to ``EveryNPolicy(1)`` (refresh at every call, reason
   "policy"), so every call does lookup + guards + refresh + storing one entry per site;
-* ``exact``: the ``reuse=None`` path of ``refresh="always"`` graphs (counters only);
+* ``exact``: the ``ExactDispatcher`` of ``refresh="always"`` graphs (counters only);
 * ``stub``: calling a stub directly (the floor: one Python call + timer).
 
 For context it also times the real dispatcher call (real FX graphs, eager, CPU) on the reuse path.
@@ -43,7 +43,8 @@ import torch
 
 import fbcompile
 import fbcompile.backends.compiler as fb_compiler
-from fbcompile.backends.dispatcher import SplitGraphDispatcher
+from fbcompile.backends.dispatcher import ExactDispatcher, SplitGraphDispatcher
+from fbcompile.backends.policies import EveryNPolicy
 from benchmarks.machine import cpu_name
 from examples.block_diffusion_lm import make_tiny_model
 
@@ -103,17 +104,19 @@ def measure(num_layers: int, n: int, n_real: int) -> dict:
         fb_compiler.SplitGraphDispatcher = original
 
     # The denoising-step graph: the split graph with a reuse specialisation that ran most often.
-    live = [d for d in _RecordingDispatcher.instances if d.reuse is not None and d.last_args is not None]
+    live = [d for d in _RecordingDispatcher.instances if d.last_args is not None]
     disp = max(live, key=lambda d: d.record.calls)
     args = disp.last_args
     session = disp.session
-    n_sites = len(disp.sites)
-    real_refresh, real_reuse = disp.refresh, disp.reuse
+    n_sites = len(disp.guards)
+    num_outputs = disp.refresh.outputs.user
+    reuse_graph = disp.steps[0].graph
+    real_refresh, real_reuse = disp.refresh.run, reuse_graph.run
 
-    # Real outputs: refresh gives num_outputs + 2 per site (O_e, L_e); reuse gives num_outputs.
+    # Real outputs: refresh gives the user outputs + (O_e, L_e) per site; reuse gives the user outputs.
     refresh_out = tuple(real_refresh(*args))
-    assert len(refresh_out) == disp.num_outputs + 2 * n_sites, (len(refresh_out), disp.num_outputs, n_sites)
-    reuse_out = tuple(refresh_out[: disp.num_outputs])
+    assert len(refresh_out) == num_outputs + 2 * n_sites, (len(refresh_out), num_outputs, n_sites)
+    reuse_out = tuple(refresh_out[:num_outputs])
 
     # Populate the session cache for these args with the real dispatcher (refresh path).
     session.reset()
@@ -130,31 +133,31 @@ def measure(num_layers: int, n: int, n_real: int) -> dict:
     def reuse_stub(*a):
         return reuse_out
 
-    disp.refresh, disp.reuse = refresh_stub, reuse_stub
+    disp.refresh.run, reuse_graph.run = refresh_stub, reuse_stub
     try:
         res = {}
         calls0 = (disp.record.refreshes, disp.record.reuses)
         res["reuse"] = summarize(time_calls(disp, args, n))
         assert disp.record.refreshes == calls0[0], "reuse benchmark took the refresh path"
 
-        config = session.config
-        session.config = fbcompile.Config(refresh=1, compiler="eager")
+        policies = disp.policies
+        disp.policies = [EveryNPolicy(1)]
         try:
             r0 = disp.record.reuses
             res["refresh"] = summarize(time_calls(disp, args, n))
             assert disp.record.reuses == r0, "refresh benchmark took the reuse path"
         finally:
-            session.config = config
+            disp.policies = policies
 
-        exact = SplitGraphDispatcher(session, disp.record, refresh_stub, None, disp.num_outputs, [])
+        exact = ExactDispatcher(session, disp.record, reuse_stub, "exact mode")
         res["exact"] = summarize(time_calls(exact, args, n))
         res["stub"] = summarize(time_calls(reuse_stub, args, n))
     finally:
-        disp.refresh, disp.reuse = real_refresh, real_reuse
+        disp.refresh.run, reuse_graph.run = real_refresh, real_reuse
     assert disp.record.reuses > reuses_before
     n_tensor_args = sum(isinstance(a, torch.Tensor) for a in args)
     return {"num_layers": num_layers, "sites": n_sites, "graph_args": len(args), "tensor_args": n_tensor_args,
-            "num_outputs": disp.num_outputs, "graphs_compiled": len(session.graphs),
+            "num_outputs": num_outputs, "graphs_compiled": len(session.graphs),
             "cache_len": [a.shape[-2] for a in args if isinstance(a, torch.Tensor) and a.dim() == 4][:1],
             "real_reuse_call": real, **res}
 
@@ -200,7 +203,7 @@ def main(argv=None):
         "called with its real arguments while its `refresh`/`reuse` callables are stubs returning "
         f"pre-computed tensors: {args.calls} timed calls each, `time.perf_counter_ns` per call, gc disabled. "
         "reuse = every call reuses (lookup + guards of every site); refresh = policy `refresh=1` so every call "
-        "refreshes (lookup + guards + storing one cache entry per site); exact = the `reuse=None` path "
+        "refreshes (lookup + guards + storing one cache entry per site); exact = the `ExactDispatcher` "
         "(`refresh=\"always\"`); stub = calling the stub alone (timer + one Python call, the floor). "
         "'real reuse call' = the same dispatcher with its real eager FX graph, for scale.",
         "",

@@ -118,7 +118,7 @@ def main():
                command="python " + " ".join(sys.argv), steps=args.steps,
                model=QWEN_1_5B, dtype="bfloat16",
                block_mode_stats=dict(compiles=stats.compiles, refreshes=stats.refreshes, reuses=stats.reuses,
-                                     guard_failures=stats.guard_failures))
+                                     refresh_reasons=stats.refresh_reasons))
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "e2e_block_step" + args.tag.strip().replace(" ", "_"))
     with open(stem + ".json", "w") as f:

@@ -263,7 +263,7 @@ def main(argv=None):
     result = {"command": command, "machine": machine, "config": {"refresh": "block", "compiler": args.compiler},
               "model": model_desc, "prompt_len": args.prompt_len, "blocks": args.blocks,
               "wall_s": round(wall, 1), "final_stats": {"compiles": st.compiles, "refreshes": st.refreshes,
-                                                       "reuses": st.reuses, "refresh_reasons": st.guard_failures},
+                                                       "reuses": st.reuses, "refresh_reasons": st.refresh_reasons},
               "verdict": v, "conclusion": conclusion, "samples": samples}
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
@@ -294,7 +294,7 @@ def main(argv=None):
                      f"{s['rss_bytes'] / 2**20:.2f} | {s['rss_minus_kv_bytes'] / 2**20:.2f} | "
                      f"{'-' if s.get('plain_rss_minus_kv_bytes') is None else format(s['plain_rss_minus_kv_bytes'] / 2**20, '.2f')} |")
     lines += ["", f"Final stats: {st.compiles} graphs compiled, {st.refreshes} refresh calls, {st.reuses} reuse "
-              f"calls; refresh reasons {st.guard_failures}.", "", "**Conclusion:** " + conclusion, "",
+              f"calls; refresh reasons {st.refresh_reasons}.", "", "**Conclusion:** " + conclusion, "",
               "Plot: `long_generate_memory_cpu.png`.", ""]
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines))

@@ -1,9 +1,11 @@
-"""The user-facing verbs: ``optimize``, ``explain``, ``stats``, ``reset``."""
+"""The user-facing verbs: ``optimize``, ``explain``, ``stats``, ``reset``, ``new_request``, ``backend``."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
-from fbcompile.backends.compiler import last_shared_session, make_backend
+from fbcompile.backends.compiler import Backend, compile_forward, last_shared_session, session_of_compiled
 from fbcompile.backends.session import Session, Stats
 from fbcompile.config import Config
 from fbcompile.report import Report
@@ -15,7 +17,10 @@ def optimize(model: torch.nn.Module, config: Config | None = None) -> torch.nn.M
     """Compile ``model.forward`` in place with fbcompile; ``model(...)`` and ``model.generate`` use it.
 
     The cache length is treated as dynamic (dynamo's automatic dynamic shapes), so the number of
-    compiled graphs does not grow with the number of generated blocks.
+    compiled graphs does not grow with the number of generated blocks. Each optimized model has its
+    own compile budget (``Config.recompile_limit``), so many models of one class compile alike.
+    ``model.generate``, if the model has one, starts a new request at each call
+    (:func:`new_request`): no request reuses another's cached external attention.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fbcompile.optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -27,8 +32,31 @@ def optimize(model: torch.nn.Module, config: Config | None = None) -> torch.nn.M
         raise RuntimeError("model is already optimized by fbcompile; build a new model to change the config")
     session = Session(config, module=model)
     model.__dict__[_ATTR] = session
-    model.forward = torch.compile(model.forward, backend=make_backend(session), dynamic=None)
+    model.forward = compile_forward(model.forward, session)
+    generate = getattr(model, "generate", None)
+    if callable(generate):
+        model.generate = _starting_requests(generate, session)
     return model
+
+
+def _starting_requests(generate, session: Session):
+    @functools.wraps(generate)
+    def generate_request(*args, **kwargs):
+        session.new_request()
+        return generate(*args, **kwargs)
+
+    return generate_request
+
+
+def backend(mode: str | None = None, **options) -> Backend:
+    """A ``torch.compile`` backend with its own state, checked now (``torch.compile(backend="fbcompile",
+    options=...)`` is only checked when dynamo compiles the first graph)::
+
+        compiled = torch.compile(model, backend=fbcompile.backend(refresh="always"))
+
+    ``options``: :class:`Config` fields; ``mode``: ``torch.compile``'s (modes with CUDA graphs are refused).
+    """
+    return Backend(Session(Config.from_options(options), mode=mode))
 
 
 def _session_of(model) -> Session | None:
@@ -39,9 +67,13 @@ def _session_of(model) -> Session | None:
 
 
 def _session(model) -> Session:
-    session = _session_of(model) if model is not None else last_shared_session()
+    if model is None:
+        session = last_shared_session()
+    else:
+        session = _session_of(model) or session_of_compiled(model)
     if session is None:
-        what = "this model was not optimized by fbcompile" if model is not None else "nothing was compiled"
+        what = ("this model was not optimized by fbcompile (nor compiled with backend='fbcompile')"
+                if model is not None else "nothing was compiled")
         raise ValueError(f"no fbcompile state: {what}")
     return session
 
@@ -49,16 +81,16 @@ def _session(model) -> Session:
 def explain(model: torch.nn.Module | None = None, *args, **kwargs) -> Report:
     """Report of the attention sites fbcompile found and what it did with each.
 
-    ``explain(model)`` after the optimized model ran; ``explain(model, *inputs)`` traces ``model``
-    on the inputs first (exact mode, no Inductor, the model is left as it was);
-    ``explain()`` for the last plain ``torch.compile(..., backend="fbcompile")``.
+    ``explain(model)`` after the optimized (or ``torch.compile(backend="fbcompile")``-compiled) model
+    ran; ``explain(model, *inputs)`` traces ``model`` on the inputs first (exact mode, no Inductor,
+    the model is left as it was); ``explain()`` for the last plain ``torch.compile(..., backend="fbcompile")``.
     """
     if not args and not kwargs:
         return Report(_session(model).graphs)
     session = Session(Config(refresh="always", compiler="eager"))
     forward = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
     with torch.no_grad():
-        torch.compile(forward, backend=make_backend(session), dynamic=None)(*args, **kwargs)
+        compile_forward(forward, session)(*args, **kwargs)
     return Report(session.graphs)
 
 
@@ -70,3 +102,12 @@ def stats(model: torch.nn.Module | None = None) -> Stats:
 def reset(model: torch.nn.Module | None = None) -> None:
     """Drop every cached external attention result of ``model`` and zero its counters."""
     _session(model).reset()
+
+
+def new_request(model: torch.nn.Module | None = None) -> None:
+    """Start a new request on ``model``: nothing cached before is reused (counters stay).
+
+    ``model.generate`` of an optimized model does this itself; call it in hand-written loops
+    between requests that share a prefix cache (the guards cannot tell such requests apart).
+    """
+    _session(model).new_request()

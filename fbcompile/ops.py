@@ -13,6 +13,8 @@ shapes without running the bodies.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fbcompile.kernels import reference
@@ -123,3 +125,37 @@ def merge_lse(
 
 
 merge_lse.register_fake(_merge_outputs)
+
+
+class AttentionArgs(NamedTuple):
+    """The arguments of an ``attention_lse`` call node, by name (the op's schema order)."""
+
+    q: object
+    k: object
+    v: object
+    mask: object
+    scale: object
+
+    @classmethod
+    def of(cls, node) -> "AttentionArgs":
+        return cls(*node.args)
+
+
+class MergeArgs(NamedTuple):
+    """The arguments of an ``attention_merge_lse`` call node, by name (the op's schema order)."""
+
+    q: object
+    k: object
+    v: object
+    mask: object
+    scale: object
+    out_ext: object
+    lse_ext: object
+
+    @classmethod
+    def of(cls, node) -> "MergeArgs":
+        return cls(*node.args)
+
+    def with_external(self, out_ext, lse_ext) -> tuple:
+        """The call's argument tuple with another external ``(out_ext, lse_ext)``."""
+        return tuple(self._replace(out_ext=out_ext, lse_ext=lse_ext))

@@ -29,6 +29,9 @@ class Report:
         return [s for s in self.sites if s["decision"] != "rewritten"]
 
     def __str__(self) -> str:
+        if not self.graphs:
+            return ("fbcompile: no graph compiled yet - run the model (or its generate) first, or trace it "
+                    "with fbcompile.explain(model, *inputs)")
         lines = [f"fbcompile: {len(self.graphs)} graph(s), {len(self.sites)} attention site(s), "
                  f"{len(self.rewritten)} rewritten"]
         if self.sites:

@@ -81,7 +81,7 @@ def test_backend_by_name_and_stats_explain_without_model():
 
     stats = fbcompile.stats()
     assert stats.compiles == before + 1
-    assert stats.sites[-1]["calls"] == 1 and stats.sites[-1]["refreshes"] == 1 and stats.reuses == 0
+    assert stats.sites[-1].calls == 1 and stats.sites[-1].refreshes == 1 and stats.reuses == 0
     report = fbcompile.explain()
     assert report.graphs[-1].rewritten == 1
     assert [s["decision"] for s in report.sites if s["graph"] == report.graphs[-1].index] == ["rewritten"]
@@ -90,7 +90,7 @@ def test_backend_by_name_and_stats_explain_without_model():
 
 def _shared_graphs(config):
     from fbcompile.backends.compiler import _shared_sessions
-    session = _shared_sessions.get(config)
+    session = _shared_sessions.get((config, None))  # keyed by (Config, torch.compile mode)
     return session.graphs if session is not None else None
 
 
@@ -132,7 +132,7 @@ def test_optimize_then_explain_and_reset():
     assert [s["decision"] for s in fbcompile.explain(model).sites] == ["rewritten"]
     fbcompile.reset(model)
     stats = fbcompile.stats(model)
-    assert stats.compiles == 1 and stats.refreshes == 0 and stats.guard_failures == {}
+    assert stats.compiles == 1 and stats.refreshes == 0 and stats.refresh_reasons == {}
 
 
 # --------------------------------------------------------------------------- explain(model, *inputs)

@@ -71,4 +71,4 @@ def test_block_mode_refreshes_once_per_block(prompt_and_reference):
     stats = fbcompile.stats(model)
     assert out.shape == (1, 12 + BLOCKS * CANVAS)
     assert stats.refreshes == BLOCKS and stats.reuses == BLOCKS * (STEPS - 1), stats
-    assert stats.guard_failures == {"new kv": BLOCKS}
+    assert stats.refresh_reasons == {"new kv": BLOCKS}

@@ -80,7 +80,7 @@ def test_sdar_exact(intra_block):
     cached_forwards = model.last_num_steps + SDAR_BLOCKS
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (cached_forwards, 0), stats
-    assert stats.guard_failures == {"exact mode": cached_forwards}
+    assert stats.refresh_reasons == {"exact mode": cached_forwards}
 
 
 @pytest.mark.parametrize("intra_block", ["block_causal", "bidirectional"])
@@ -96,7 +96,7 @@ def test_sdar_block_mode_refreshes_once_per_block(intra_block):
     # its commit pass is exact (save pass)
     assert stats.refreshes == 2 * SDAR_BLOCKS, stats
     assert stats.reuses == steps - SDAR_BLOCKS, stats
-    assert stats.guard_failures == {"new kv": SDAR_BLOCKS, "save pass": SDAR_BLOCKS}
+    assert stats.refresh_reasons == {"new kv": SDAR_BLOCKS, "save pass": SDAR_BLOCKS}
 
 
 # --------------------------------------------------------------------------- LLaDA
@@ -114,7 +114,7 @@ def test_llada_exact(cache):
     assert forwards == LLADA["steps"]
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (forwards - LLADA_BLOCKS, 0), stats
-    assert stats.guard_failures == {"exact mode": forwards - LLADA_BLOCKS}
+    assert stats.refresh_reasons == {"exact mode": forwards - LLADA_BLOCKS}
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
@@ -130,7 +130,7 @@ def test_llada_block_mode_refreshes_once_per_block(cache):
     # over the block's new prefix (and suffix) slices; steps 2.. reuse
     assert stats.refreshes == LLADA_BLOCKS, stats
     assert stats.reuses == forwards - 2 * LLADA_BLOCKS, stats
-    assert stats.guard_failures == {"new kv": LLADA_BLOCKS}
+    assert stats.refresh_reasons == {"new kv": LLADA_BLOCKS}
 
 
 # --------------------------------------------------------------------------- AR video
@@ -172,7 +172,7 @@ def test_video_block_mode_refreshes_once_per_chunk(cache):
         # concatenated past), the other steps reuse, the clean pass is a save pass (exact)
         assert stats.refreshes == 2 * (VIDEO_CHUNKS - 1), stats
         assert stats.reuses == (VIDEO_CHUNKS - 1) * (VIDEO_STEPS - 1), stats
-        assert stats.guard_failures == {"new kv": VIDEO_CHUNKS - 1, "save pass": VIDEO_CHUNKS - 1}
+        assert stats.refresh_reasons == {"new kv": VIDEO_CHUNKS - 1, "save pass": VIDEO_CHUNKS - 1}
     else:
         # one buffer for the whole video: chunk 0 refreshes over an empty range ("new kv"); the slot
         # writes the denoising graphs make themselves do not invalidate the cached part; the clean
@@ -180,5 +180,5 @@ def test_video_block_mode_refreshes_once_per_chunk(cache):
         # cached range [0, start) has moved on too)
         assert stats.refreshes == 2 * VIDEO_CHUNKS, stats
         assert stats.reuses == VIDEO_CHUNKS * (VIDEO_STEPS - 1), stats
-        assert stats.guard_failures == {"new kv": 1, "kv written in place": VIDEO_CHUNKS - 1,
+        assert stats.refresh_reasons == {"new kv": 1, "kv written in place": VIDEO_CHUNKS - 1,
                                         "save pass": VIDEO_CHUNKS}

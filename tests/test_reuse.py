@@ -78,7 +78,7 @@ def test_example_model_refreshes_once_per_block(overrides):
     # per block: the first denoising step refreshes, the other steps reuse; the commit pass returns
     # the block's keys/values (a save pass) and is exact
     assert stats.refreshes == 2 * blocks and stats.reuses == blocks * (steps - 1), stats
-    assert stats.guard_failures == {"new kv": blocks, "save pass": blocks}, stats.guard_failures
+    assert stats.refresh_reasons == {"new kv": blocks, "save pass": blocks}, stats.refresh_reasons
     assert out.shape == (2, 11 + blocks * 8)
     assert torch.equal(exact.generate(prompt, num_blocks=blocks, steps=steps),
                        make_tiny_model(**overrides).generate(prompt, num_blocks=blocks, steps=steps))
@@ -101,7 +101,7 @@ def test_refresh_steps_equal_exact_mode():
     cache = [(k.clone(), v.clone()) for k, v in cache]   # new tensors: a new block
     got = model(x2, past_key_values=cache, position_ids=pos)[0]
     assert rel_error(got, plain(x2, past_key_values=cache, position_ids=pos)[0]) < 1e-5
-    assert fbcompile.stats(model).guard_failures == {"new kv": 2}
+    assert fbcompile.stats(model).refresh_reasons == {"new kv": 2}
 
 
 # --- stale-cache guards: each case must give the exact result, and fails if reuse were used ---
@@ -110,7 +110,7 @@ def test_refresh_steps_equal_exact_mode():
 def _assert_exact_after(model, plain, x, past_k, past_v, reason):
     got = model(x, past_k, past_v)
     assert rel_error(got, plain(x, past_k, past_v)) < 1e-5
-    assert fbcompile.stats(model).guard_failures.get(reason, 0) >= 1, fbcompile.stats(model).guard_failures
+    assert fbcompile.stats(model).refresh_reasons.get(reason, 0) >= 1, fbcompile.stats(model).refresh_reasons
 
 
 @torch.no_grad()
@@ -204,7 +204,7 @@ def test_reset_drops_cached_results():
     x2 = torch.randn_like(x)
     got = model(x2, past_k, past_v)
     assert rel_error(got, plain(x2, past_k, past_v)) < 1e-5
-    assert fbcompile.stats(model).guard_failures == {"new kv": 1}
+    assert fbcompile.stats(model).refresh_reasons == {"new kv": 1}
 
 
 @torch.no_grad()
@@ -216,7 +216,7 @@ def test_every_n_policy():
         model(x, past_k, past_v)
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (3, 4)  # calls 1, 4, 7 refresh
-    assert stats.guard_failures == {"new kv": 1, "policy": 2}
+    assert stats.refresh_reasons == {"new kv": 1, "policy": 2}
 
 
 @torch.no_grad()
@@ -232,7 +232,7 @@ def test_tokens_policy_refreshes_after_tau_changed_positions():
     model(x, past_key_values=cache)            # 2 changed: refresh (policy)
     model(x, past_key_values=cache)            # 0 changed since that refresh: reuse
     stats = fbcompile.stats(model)
-    assert stats.guard_failures.get("policy") == 1 and stats.reuses == 2, stats
+    assert stats.refresh_reasons.get("policy") == 1 and stats.reuses == 2, stats
 
 
 @torch.no_grad()
@@ -281,5 +281,5 @@ def test_adaptive_policy_refreshes_when_the_query_drifts(compiler):
     got = model(x3, past_k, past_v)               # ...so this call refreshes: exact
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (2, 3), stats
-    assert stats.guard_failures == {"new kv": 1, "drift": 1}
+    assert stats.refresh_reasons == {"new kv": 1, "drift": 1}
     assert rel_error(got, plain(x3, past_k, past_v)) < 1e-5

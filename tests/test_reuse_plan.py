@@ -60,7 +60,7 @@ def test_plan_recomputes_its_heads_and_keeps_the_rest(spec):
     assert rel_error(got[2], exact[2]) > 1e-4  # reuse is still an approximation
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (2, 3), stats
-    assert stats.guard_failures == {"new kv": 1, "past the reuse plan": 1}, stats.guard_failures
+    assert stats.refresh_reasons == {"new kv": 1, "past the reuse plan": 1}, stats.refresh_reasons
     assert stats.external_fraction == pytest.approx((2 + 1 + 0 + 1 + 2) / 10)
 
 

@@ -68,10 +68,10 @@ def test_reuse_survives_the_graphs_own_writes_but_not_foreign_ones():
     ck[:, :start] += 1.0  # a write from outside into the external range
     x3 = torch.randn_like(x)
     assert rel_error(model(x3, ck, cv, start), _exact(plain, x3, ck, cv, start)) < 1e-5
-    assert fbcompile.stats(model).guard_failures.get("kv written in place") == 1
+    assert fbcompile.stats(model).refresh_reasons.get("kv written in place") == 1
     x4 = torch.randn_like(x)
     assert rel_error(model(x4, ck, cv, start + M), _exact(plain, x4, ck, cv, start + M)) < 1e-5  # next block
-    assert fbcompile.stats(model).guard_failures.get("kv range changed") == 1
+    assert fbcompile.stats(model).refresh_reasons.get("kv range changed") == 1
 
 
 @torch.no_grad()

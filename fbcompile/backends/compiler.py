@@ -1,39 +1,56 @@
-"""The ``fbcompile`` torch.compile backend: find, split and specialise attention, then compile.
+"""The ``fbcompile`` torch.compile backend: specialise the graph (passes), compile, dispatch.
 
 Registered as the ``torch_dynamo_backends`` entry point ``fbcompile``, so that
 ``torch.compile(model, backend="fbcompile", options={"refresh": "always"})`` works after install.
+Dynamo hands a named backend its ``options`` only when it compiles the first graph; for an error at
+``torch.compile`` time build the backend first: ``torch.compile(model, backend=fbcompile.backend(...))``.
 """
 from __future__ import annotations
 
-import functools
+import inspect
 import logging
+import warnings
 
 import torch
 import torch.fx as fx
 
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
-from fbcompile.backends.dispatcher import SiteGuard, SplitGraphDispatcher, StepGraph
-from fbcompile.backends.session import Session
-from fbcompile.config import Config, ReusePlan
+from fbcompile.backends.dispatcher import (CompiledGraph, CompiledStep, ExactDispatcher, ProbeDispatcher,
+                                           SplitGraphDispatcher)
+from fbcompile.backends.policies import policies_for
+from fbcompile.backends.session import Session, SiteCounters
+from fbcompile.config import Config
 from fbcompile.passes.find_attention import find_attention_sites
-from fbcompile.passes.graph_utils import VIEW_OPS, is_parameter, op_name, same_size
-from fbcompile.passes.reuse_external import (external_results, probe_graph, refresh_graph, reuse_graph,
-                                             site_heads)
-from fbcompile.passes.split_attention import split_attention
+from fbcompile.passes.reuse_external import SpecializedGraph
+from fbcompile.passes.specialize import specialize
 
 log = logging.getLogger("fbcompile")
 
-_shared_sessions: dict[Config, Session] = {}
+_shared_sessions: dict[tuple, Session] = {}
 
 
-def shared_session(config: Config | None = None) -> Session:
-    """The session of plain ``torch.compile(..., backend="fbcompile")`` calls, one per Config.
+def check_mode(mode: str | None) -> dict:
+    """Inductor options of ``torch.compile``'s ``mode``; modes with CUDA graphs are refused."""
+    if mode in (None, "default"):
+        return {}
+    from torch._inductor import list_mode_options
+
+    options = list_mode_options(mode)
+    if options.get("triton.cudagraphs"):
+        raise ValueError(f"fbcompile does not support mode={mode!r}: it uses CUDA graphs, whose replays overwrite "
+                         "their outputs, and fbcompile keeps the external attention results a graph returns across "
+                         "calls. Use mode=None or 'max-autotune-no-cudagraphs'.")
+    return options
+
+
+def shared_session(config: Config | None = None, mode: str | None = None) -> Session:
+    """The session of plain ``torch.compile(..., backend="fbcompile")`` calls, one per Config and mode.
 
     The most recently used one is kept last, so ``fbcompile.stats()`` can find it.
     """
-    config = config or Config()
-    session = _shared_sessions.pop(config, None) or Session(config)
-    _shared_sessions[config] = session
+    key = (config or Config(), mode)
+    session = _shared_sessions.pop(key, None) or Session(key[0], mode=mode)
+    _shared_sessions[key] = session
     return session
 
 
@@ -41,12 +58,17 @@ def last_shared_session() -> Session | None:
     return next(reversed(_shared_sessions.values()), None)
 
 
-def _compile(gm: fx.GraphModule, example_inputs: list, config: Config):
-    if config.compiler == "eager":
+def _compile(gm: fx.GraphModule, example_inputs: list, session: Session):
+    if session.config.compiler == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    return compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
+
+
+def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session) -> CompiledGraph:
+    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session)
+    return CompiledGraph(run, graph.outputs, graph.cached_inputs)
 
 
 def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
@@ -56,156 +78,115 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     record = session.new_graph([s.describe() for s in sites], gm.code)
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
-    external = [(s.external_inputs, s.cache_offsets(), _block_input(s), s.position_tensors())
-                for s in sites if s.splittable]
-    saves_block = config.exact_save_pass and _returns_block_kv(gm, sites)
-    if not split_attention(gm, sites):
-        return _compile(gm, example_inputs, config)
-    record.code_refresh, record.split_graph = gm.code, gm
-    heads = site_heads(gm.graph)
-    kv_heads = [h.kv for h in heads]
-    guards = None if config.refresh == "always" or saves_block else _site_guards(gm, external)
-    if guards is None:
-        reason = ("exact mode" if config.refresh == "always" else "save pass" if saves_block
-                  else "query size not guardable")
-        log.info("graph %d: no reuse (%s)", record.index, reason)
-        return SplitGraphDispatcher(session, record, _compile(gm, example_inputs, config), None,
-                                    len(_outputs(gm)), [], kv_heads=kv_heads, exact_reason=reason)
-    if config.reuse_plan is not None:
-        _check_plan(config.reuse_plan, heads)
-    if session.observer is not None:
-        probe_gm, num_outputs = probe_graph(gm)
-        return SplitGraphDispatcher(session, record, _compile(probe_gm, example_inputs, config), None,
-                                    num_outputs, guards, kv_heads=kv_heads, probe=True,
-                                    plan_steps=_plan_steps(config, gm, heads, None))
-    adaptive = config.refresh == "adaptive"
-    refresh_gm, num_outputs = refresh_graph(gm, with_query=adaptive)
-    reuse = plan_steps = None
-    if config.reuse_plan is None:
-        reuse_gm, cached_examples, _ = reuse_graph(gm, with_query=adaptive)
-        record.code_reuse, record.reuse_graph = reuse_gm.code, reuse_gm
-        reuse = _compile(reuse_gm, list(example_inputs) + cached_examples, config)
-    else:
-        plan_steps = _plan_steps(config, gm, heads, (record, example_inputs))
-    return SplitGraphDispatcher(
-        session, record,
-        refresh=_compile(refresh_gm, example_inputs, config), reuse=reuse,
-        num_outputs=num_outputs, sites=guards, kv_heads=kv_heads, plan_steps=plan_steps,
-    )
-
-
-def _check_plan(plan: ReusePlan, heads: list) -> None:
-    if plan.sites != len(heads):
-        raise ValueError(f"Config.reuse_plan covers {plan.sites} attention site(s), but this graph has "
-                         f"{len(heads)}; calibrate on the same model and inputs")
-    for i, h in enumerate(heads):
-        if plan.heads(i) != h.query:
-            raise ValueError(f"Config.reuse_plan lists {plan.heads(i)} heads for site {i}, which has {h.query}")
-
-
-def _plan_steps(config: Config, gm: fx.GraphModule, heads: list, compile_for) -> list[StepGraph] | None:
-    """One :class:`StepGraph` per step of the reuse plan; steps that recompute the same KV heads
-    share a graph. ``compile_for``: ``(record, example inputs)``, or None to only list what each
-    step recomputes (probe mode simulates it)."""
-    plan = config.reuse_plan
+    exact = config.refresh == "always"
+    policies = [] if exact else policies_for(config)
+    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass,
+                      with_query=any(p.with_query for p in policies), probe=session.observer is not None,
+                      reuse_plan=config.reuse_plan)
     if plan is None:
+        return _compile(gm, example_inputs, session)
+    record.code_refresh, record.split_graph, record.no_reuse = gm.code, gm, plan.no_reuse
+    record.split_sites = [SiteCounters(node=s.node.name, kv_heads=h.kv)
+                          for s, h in zip([s for s in sites if s.splittable], plan.heads)]
+    if plan.no_reuse is not None:
+        log.info("graph %d: no reuse (%s)", record.index, plan.no_reuse)
+        return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session), plan.no_reuse)
+    steps, compiled = [], {}
+    for step in plan.reuse:
+        if id(step) not in compiled:
+            graph = None
+            if step.graph is not None:
+                graph = _compiled(step.graph, example_inputs, session)
+                if config.reuse_plan is not None:
+                    record.plan_graphs[f"reuse, steps {', '.join(map(str, step.steps))}"] = step.graph.gm
+                if record.reuse_graph is None:
+                    record.code_reuse, record.reuse_graph = step.graph.gm.code, step.graph.gm
+            compiled[id(step)] = CompiledStep(graph, step.recompute, step.kv_read if any(step.kv_read) else None)
+        steps.append(compiled[id(step)])
+    dispatcher = ProbeDispatcher if session.observer is not None else SplitGraphDispatcher
+    return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session), steps,
+                      policies, [h.kv for h in plan.heads])
+
+
+def compile_forward(forward, session: Session):
+    """``torch.compile(forward)`` into ``session``, with its own recompile budget
+    (``Config.recompile_limit``) where torch has per-call budgets (2.13 and later)."""
+    budget = {}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+        budget = dict(recompile_limit=session.config.recompile_limit, isolate_recompiles=True)
+    recompile_limit_warning.watch(getattr(forward, "__func__", forward))
+    return torch.compile(forward, backend=Backend(session), dynamic=None, **budget)
+
+
+class Backend:
+    """A torch.compile backend bound to one :class:`Session`, its options checked when it is built."""
+
+    def __init__(self, session: Session):
+        check_mode(session.mode)
+        self.session = session
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list, **torch_compile_args):
+        if torch_compile_args:  # torch.compile(..., mode=/options=) next to a backend object
+            raise ValueError(f"pass {sorted(torch_compile_args)} to fbcompile.backend(...), not to torch.compile")
+        return compile_graph(self.session, gm, example_inputs)
+
+
+def make_backend(session: Session) -> Backend:
+    """A backend bound to ``session`` (what ``fbcompile.optimize`` passes to torch.compile)."""
+    return Backend(session)
+
+
+def fbcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None,
+                      mode: str | None = None, **unknown):
+    """Entry point ``backend="fbcompile"``: options are :class:`fbcompile.Config` fields."""
+    if unknown:
+        raise TypeError(f"fbcompile backend: unexpected torch.compile argument(s) {sorted(unknown)}")
+    check_mode(mode)
+    return compile_graph(shared_session(Config.from_options(options), mode), gm, example_inputs)
+
+
+def session_of_compiled(compiled) -> Session | None:
+    """The session a ``torch.compile(...)`` result compiles into, if its backend is fbcompile's."""
+    ctx = getattr(compiled, "dynamo_ctx", None)  # an OptimizedModule
+    backend = getattr(ctx, "callback", None)
+    while backend is not None and not hasattr(backend, "compiler_fn"):  # down to torch.compile's wrapper
+        backend = getattr(backend, "_torchdynamo_orig_backend", None)
+    if backend is None:
         return None
-    steps_of: dict[tuple, list[int]] = {}  # KV-head ranges per site -> the steps that read them
-    for step in range(1, plan.steps + 1):
-        ranges = tuple(tuple(plan.recompute(i, step, h.kv)) for i, h in enumerate(heads))
-        steps_of.setdefault(ranges, []).append(step)
-    by_step = {}
-    for ranges, steps in steps_of.items():
-        run, updated = None, [i for i, r in enumerate(ranges) if r]
-        if compile_for is not None:
-            record, example_inputs = compile_for
-            step_gm, cached_examples, updated = reuse_graph(gm, with_query=config.refresh == "adaptive",
-                                                            recompute=[list(r) for r in ranges])
-            record.plan_graphs[f"reuse, steps {', '.join(map(str, steps))}"] = step_gm
-            if record.reuse_graph is None:
-                record.code_reuse, record.reuse_graph = step_gm.code, step_gm
-            run = _compile(step_gm, list(example_inputs) + cached_examples, config)
-        graph = StepGraph(run=run, updated=updated,
-                          recompute=[[(a * h.query // h.kv, b * h.query // h.kv) for a, b in r]
-                                     for r, h in zip(ranges, heads)],
-                          units=sum(b - a for r in ranges for a, b in r))
-        by_step.update(dict.fromkeys(steps, graph))
-    return [by_step[step] for step in range(1, plan.steps + 1)]
-
-
-def _returns_block_kv(gm: fx.GraphModule, sites) -> bool:
-    """Does the graph return (a view of) some split site's block keys/values, i.e. commit the block?"""
-    outputs = set()
-    for value in _outputs(gm):
-        node = value
-        while isinstance(node, fx.Node):
-            outputs.add(node)
-            node = node.args[0] if op_name(node) in VIEW_OPS and node.args else None
-    return any(isinstance(layout.pieces[i], fx.Node) and layout.pieces[i] in outputs
-               for site in sites if site.splittable for layout in (site.k_layout, site.v_layout) for i in site.internal)
-
-
-def _outputs(gm: fx.GraphModule) -> tuple:
-    return tuple(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
-
-
-def _size_source(size, placeholders: list[fx.Node]):
-    """``size`` as an int, or the (argument index, dim) that holds it at run time (dim None: an int arg)."""
-    if isinstance(size, int):
-        return size
-    for index, node in enumerate(placeholders):
-        value = node.meta.get("example_value")
-        if isinstance(value, torch.Tensor):
-            for dim, s in enumerate(value.shape):
-                if same_size(s, size):
-                    return (index, dim)
-        elif isinstance(value, torch.SymInt) and same_size(value, size):
-            return (index, None)
+    if isinstance(backend.compiler_fn, Backend):
+        return backend.compiler_fn.session
+    if backend.compiler_fn is fbcompile_backend:
+        kwargs = backend.kwargs
+        return _shared_sessions.get((Config.from_options(kwargs.get("options")), kwargs.get("mode")))
     return None
 
 
-def _site_guards(gm: fx.GraphModule, external: list[tuple]) -> list[SiteGuard] | None:
-    """One guard per split site (graph order); None if a query size cannot be read off the inputs."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    guards, seen = [], []
-    for (out, _), (inputs, offsets, block, positions) in zip(external_results(gm.graph), external):
-        value = out.meta["example_value"]
-        shape = [_size_source(s, placeholders) for s in value.shape]
-        if any(s is None for s in shape):
-            return None
-        indices = [placeholders.index(n) for n in inputs]
-        guards.append(SiteGuard(external=indices, occurrence=seen.count(indices), out_shape=shape,
-                                dtype=value.dtype, device=value.device,
-                                offsets=[o if isinstance(o, int) else (placeholders.index(o), None) for o in offsets],
-                                block_input=placeholders.index(block) if block is not None else None,
-                                positions=[placeholders.index(n) for n in positions]))
-        seen.append(indices)
-    return guards
+class RecompileLimitWarning(logging.Filter):
+    """Turns dynamo's recompile-limit message about a forward fbcompile optimized into a warning that
+    names fbcompile and the fix (dynamo runs that forward uncompiled from then on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.functions: set[tuple] = set()  # (name, file, first line) of optimized forwards
+
+    def watch(self, fn) -> None:
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            self.functions.add((code.co_name, code.co_filename, code.co_firstlineno))
+            logger = logging.getLogger("torch._dynamo.convert_frame")
+            if self not in logger.filters:
+                logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("torch._dynamo hit config.") and len(record.args or ()) >= 3:
+            limit, value, function = record.args[:3]  # dynamo's message: limit name, its value, the function
+            if any(f"'{name}' ({file}:{line})" == function for name, file, line in self.functions):
+                warnings.warn(f"fbcompile: dynamo's {limit} ({value}) was reached for "
+                              f"{function}, an fbcompile-optimized forward; its calls with new shapes or "
+                              "dtypes now run uncompiled (eager), without fbcompile. Raise "
+                              "fbcompile.Config(recompile_limit=...) or find the cause with TORCH_LOGS=recompiles.",
+                              stacklevel=2)
+        return True
 
 
-def _block_input(site) -> fx.Node | None:
-    """The block's input the query is computed from: token ids if there are, else the first tensor."""
-    seen, stack, found = set(), [site.q], []
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "placeholder":
-            value = node.meta.get("example_value")
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and not is_parameter(node):
-                found.append(node)
-        stack.extend(node.all_input_nodes)
-    order = {n: i for i, n in enumerate(site.q.graph.nodes)}
-    found.sort(key=lambda n: (n.meta["example_value"].is_floating_point(), order[n]))
-    return found[0] if found else None
-
-
-def make_backend(session: Session):
-    """A backend bound to ``session`` (what ``fbcompile.optimize`` passes to torch.compile)."""
-    return functools.partial(compile_graph, session)
-
-
-def fbcompile_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None, **_):
-    """Entry point ``backend="fbcompile"``: options are :class:`fbcompile.Config` fields."""
-    return compile_graph(shared_session(Config.from_options(options)), gm, example_inputs)
+recompile_limit_warning = RecompileLimitWarning()

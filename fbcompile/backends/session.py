@@ -7,6 +7,7 @@ and dropped (:meth:`Session.reset`).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -16,6 +17,16 @@ import torch.fx as fx
 from tabulate import tabulate
 
 from fbcompile.config import Config
+
+
+@dataclass
+class SiteCounters:
+    """One split site of a graph. Its sites refresh and reuse together (a refresh reads every KV
+    head), but a reuse plan's steps recompute different KV heads per site: ``plan_kv_read``."""
+
+    node: str
+    kv_heads: int
+    plan_kv_read: int = 0
 
 
 @dataclass
@@ -30,6 +41,8 @@ class GraphRecord:
     split_graph: fx.GraphModule | None = None
     reuse_graph: fx.GraphModule | None = None
     plan_graphs: dict = field(default_factory=dict)  # reuse plan: "reuse, steps 1, 2" -> its graph
+    no_reuse: str | None = None       # why the graph never reuses (exact mode, save pass, ...)
+    split_sites: list[SiteCounters] = field(default_factory=list)  # per split site, graph order
     refreshes: int = 0
     reuses: int = 0
     calls: int = 0
@@ -38,31 +51,64 @@ class GraphRecord:
     def rewritten(self) -> int:
         return sum(site["decision"] == "rewritten" for site in self.sites)
 
+    def count_reuse(self, kv_read: tuple | None = None) -> None:
+        """A reuse call; ``kv_read``: per site, KV heads a reuse plan's step recomputed."""
+        self.reuses += 1
+        if kv_read:
+            for site, read in zip(self.split_sites, kv_read):
+                site.plan_kv_read += read
 
-@dataclass
+    def reset_counts(self) -> None:
+        self.refreshes = self.reuses = self.calls = 0
+        for site in self.split_sites:
+            site.plan_kv_read = 0
+
+
+@dataclass(slots=True)
 class CacheEntry:
-    """Cached ``(O_e, L_e)`` of one site, with what they were computed from."""
+    """Cached external part of one site, with what it was computed from (the guards' reference)."""
 
     sources: list            # weakrefs to the tensors holding the external KV
-    versions: list[int]
+    versions: list           # _version of each (None: an inference tensor, which has none)
     shapes: list
     offsets: list            # where static-cache external ranges end
-    block: torch.Tensor | None  # the block's input at the refresh ("tokens" policy)
-    tensors: list            # [O_e, L_e]
+    out_ext: torch.Tensor    # O_e
+    lse_ext: torch.Tensor    # L_e
+    query: torch.Tensor | None = None        # the query at the refresh ("adaptive")
+    block_input: torch.Tensor | None = None  # the block's input at the refresh ("tokens")
+    drift: tuple | None = None  # ("adaptive") (DriftVector, site index) of the last reuse call
     steps: int = 0           # reuses since the refresh
     positions: list = field(default_factory=list)  # copies of what a written buffer's positions come from
 
 
-@dataclass
+@dataclass(frozen=True)
+class SiteStats:
+    """One split site of one graph: its calls, refreshes, reuses and external-read fraction."""
+
+    graph: int
+    node: str
+    calls: int
+    refreshes: int
+    reuses: int
+    external_fraction: float  # KV heads its external part read / what exact mode would read
+
+
+@dataclass(frozen=True)
 class Stats:
-    """Counts since the last reset: ``.compiles``, ``.refreshes``, ``.reuses``, ``.guard_failures``."""
+    """Counts since the last reset. ``refresh_reasons``: why each refresh (or exact call) happened."""
 
     compiles: int
     refreshes: int
     reuses: int
-    guard_failures: dict
-    sites: list[dict] = field(default_factory=list)
+    refresh_reasons: dict
+    sites: list[SiteStats] = field(default_factory=list)
     external_fraction: float = 1.0  # KV heads the external parts read / what exact mode would read
+
+    @property
+    def guard_failures(self) -> dict:
+        """Deprecated name of :attr:`refresh_reasons`."""
+        warnings.warn("Stats.guard_failures is now Stats.refresh_reasons", DeprecationWarning, stacklevel=2)
+        return self.refresh_reasons
 
     def __str__(self):
         head = (f"fbcompile stats: {self.compiles} graph(s) compiled, {self.refreshes} refresh call(s), "
@@ -70,26 +116,27 @@ class Stats:
                 f"{self.external_fraction:.1%} of the KV heads exact mode would read")
         lines = [head]
         if self.sites:
-            lines.append(tabulate(self.sites, headers="keys"))
-        if self.guard_failures:
-            lines.append("refresh reasons: " + ", ".join(f"{k}: {v}" for k, v in self.guard_failures.items()))
+            lines.append(tabulate([vars(s) for s in self.sites], headers="keys", floatfmt=".3f"))
+        if self.refresh_reasons:
+            lines.append("refresh reasons: " + ", ".join(f"{k}: {v}" for k, v in self.refresh_reasons.items()))
         return "\n".join(lines)
 
 
 class Session:
     """All runtime state of one fbcompile user (a model, or the shared backend)."""
 
-    def __init__(self, config: Config | None = None, module: torch.nn.Module | None = None):
+    def __init__(self, config: Config | None = None, module: torch.nn.Module | None = None,
+                 mode: str | None = None):
         self.config = config or Config()
+        self.mode = mode  # torch.compile's mode (Inductor options)
         self._module = weakref.ref(module) if module is not None else None
         self.graphs: list[GraphRecord] = []
         self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence) -> CacheEntry
         self.refresh_reasons: Counter = Counter()
-        # fidelity measurements: called per site and call with (graph, site, step, fresh, cached, kv heads)
+        # fidelity measurements: called per site and call with (graph, site, step, fresh parts, entry, kv heads)
         self.observer = None
         self.generation = 0  # bumped whenever the cache changes; dispatchers' fast paths check it
-        self.pending_drift = None  # "adaptive": query drift of the last reuse call (a 0-d tensor)
-        self.external_units = [0, 0]  # KV heads the external parts read: [computed, exact mode's]
+        self.warned: set[str] = set()  # warnings given once per session
 
     @property
     def exact_only(self) -> bool:
@@ -117,27 +164,30 @@ class Session:
     @property
     def cached_bytes(self) -> int:
         """Memory held by cached external results (O_e and L_e of every live entry)."""
-        return sum(t.numel() * t.element_size() for e in self.cache.values() for t in e.tensors)
+        return sum(t.numel() * t.element_size() for e in self.cache.values() for t in (e.out_ext, e.lse_ext))
+
+    def new_request(self) -> None:
+        """Start a new request: no cached external part of an earlier one is reused (counters stay)."""
+        self.cache.clear()
+        self.generation += 1
 
     def reset(self) -> None:
         """Drop every cached external result and zero the counters (compiled graphs stay)."""
-        self.cache.clear()
-        self.generation += 1
-        self.pending_drift = None
+        self.new_request()
         self.refresh_reasons.clear()
-        self.external_units = [0, 0]
         for record in self.graphs:
-            record.refreshes = record.reuses = record.calls = 0
+            record.reset_counts()
 
     def stats(self) -> Stats:
-        sites = []
+        sites, read, exact = [], 0, 0
         for record in self.graphs:
-            for site in record.sites:
-                if site["decision"] == "rewritten":
-                    sites.append({"graph": record.index, "node": site["node"], "calls": record.calls,
-                                  "refreshes": record.refreshes, "reuses": record.reuses})
-        split_graphs = [r for r in self.graphs if r.rewritten]
+            for site in record.split_sites:
+                did_read, would_read = record.refreshes * site.kv_heads + site.plan_kv_read, record.calls * site.kv_heads
+                read, exact = read + did_read, exact + would_read
+                sites.append(SiteStats(graph=record.index, node=site.node, calls=record.calls,
+                                       refreshes=record.refreshes, reuses=record.reuses,
+                                       external_fraction=did_read / would_read if would_read else 1.0))
+        split_graphs = [r for r in self.graphs if r.split_sites]
         return Stats(compiles=len(self.graphs), refreshes=sum(r.refreshes for r in split_graphs),
-                     reuses=sum(r.reuses for r in split_graphs),
-                     guard_failures=dict(self.refresh_reasons), sites=sites,
-                     external_fraction=self.external_units[0] / self.external_units[1] if self.external_units[1] else 1.0)
+                     reuses=sum(r.reuses for r in split_graphs), refresh_reasons=dict(self.refresh_reasons),
+                     sites=sites, external_fraction=read / exact if exact else 1.0)

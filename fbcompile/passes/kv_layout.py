@@ -308,6 +308,14 @@ def _static_cache_read(node: fx.Node):
     return read[0], [CachePrefix(base=base, dim=read[0], start=start, write=write), value]
 
 
+def _is_empty(piece_shape: tuple | None, cat_dim: int) -> bool:
+    if piece_shape is None:
+        return False
+    if len(piece_shape) == 1:
+        return same_size(piece_shape[0], 0)
+    return len(piece_shape) > cat_dim and same_size(piece_shape[cat_dim], 0)
+
+
 def _written_buffer(node: fx.Node):
     try:
         return read_buffer(node)
@@ -352,7 +360,8 @@ def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
         if cat_shape is None or not isinstance(pieces, (list, tuple)) or len(pieces) < 2:
             raise LayoutError("cat of fewer than two tensors")
         cat_dim = _dim(arg(cat, 1, "dim", 0), len(cat_shape))
-        pieces = [q for p in pieces if not same_size(shape(p)[cat_dim], 0) for q in _expand_piece(p, cat_dim)]
+        # empty operands add nothing; a 1-D one is the legacy empty tensor a fresh HF cache layer holds
+        pieces = [q for p in pieces if not _is_empty(shape(p), cat_dim) for q in _expand_piece(p, cat_dim)]
     leaves = [[_Factor(i, s)] for i, s in enumerate(cat_shape)]
     dims = [list(f) for f in leaves]
     for op in reversed(chain):

@@ -12,15 +12,85 @@ In a split graph every site ends in::
   part of chosen KV heads is recomputed on narrowed views and written over the cached one;
 * probe graph (fidelity measurements): the split graph also returning, per site, ``(O_e, L_e)``
   and the internal part alone ``(O_i, L_i)``, so reuse can be simulated beside the exact result.
+
+Each builder returns a :class:`SpecializedGraph`: the graph and an :class:`OutputLayout` naming its
+extra outputs per site (and the cached parts a reuse graph takes), so the runtime never counts
+positions.
 """
 from __future__ import annotations
 
 import operator
 
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
+
 import torch
 import torch.fx as fx
 
+from fbcompile.ops import AttentionArgs, MergeArgs
 from fbcompile.passes.split_attention import SiteHeads, is_impure
+
+
+@dataclass(frozen=True)
+class SiteSlots:
+    """Where one site's parts are among a built graph's outputs (None: not returned)."""
+
+    out_ext: int | None = None   # O_e, the external attention output
+    lse_ext: int | None = None   # L_e, its log-sum-exp
+    query: int | None = None     # the site's query (the "adaptive" policy's reference)
+    out_int: int | None = None   # O_i, the internal part alone (probe graphs)
+    lse_int: int | None = None
+
+
+class SiteParts(NamedTuple):
+    """One site's parts of a call's outputs, by name (None: the graph does not return it)."""
+
+    out_ext: torch.Tensor | None = None
+    lse_ext: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    out_int: torch.Tensor | None = None
+    lse_int: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """A built graph's outputs: the original graph's ``user`` outputs first, then the parts of
+    every site (:class:`SiteSlots`, graph order) and, in a reuse graph with a query reference, one
+    vector of per-site query drifts."""
+
+    user: int
+    sites: tuple[SiteSlots, ...]
+    drift: int | None = None
+
+    @cached_property
+    def user_only(self) -> bool:
+        """The graph returns nothing beyond the original outputs."""
+        return self.drift is None and all(slots == SiteSlots() for slots in self.sites)
+
+    def user_outputs(self, outputs) -> tuple:
+        return tuple(outputs[: self.user])
+
+    def parts(self, outputs) -> list[SiteParts]:
+        padded = (*outputs, None)  # index -1: a part the graph does not return
+        return [SiteParts._make(map(padded.__getitem__, indices)) for indices in self._indices]
+
+    @cached_property
+    def _indices(self) -> list[tuple]:
+        """Per site, the output index of each SiteParts field (-1: absent)."""
+        return [tuple(-1 if getattr(slots, name) is None else getattr(slots, name) for name in SiteParts._fields)
+                for slots in self.sites]
+
+
+@dataclass
+class SpecializedGraph:
+    """A graph built from a split graph, with what its extra inputs and outputs are."""
+
+    gm: fx.GraphModule
+    outputs: OutputLayout
+    cached_inputs: tuple[str, ...] = ()   # per site (graph order), the cached parts it takes, by
+    #                                       SiteParts name, after the original inputs
+    cached_examples: list = field(default_factory=list)  # their example values (for compiling)
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -30,99 +100,119 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def external_results(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
-    """``(O_e, L_e)`` of every split site, in graph order."""
-    merge = torch.ops.fbcompile.attention_merge_lse.default
-    return [(n.args[5], n.args[6]) for n in graph.nodes if n.op == "call_function" and n.target is merge]
-
-
 def site_heads(graph: fx.Graph) -> list[SiteHeads]:
     """Head layout of every split site, in graph order."""
-    return [m.meta["fbcompile_heads"] for m in _merges(graph)]
+    return [m.meta["fbcompile_heads"] for m in merges(graph)]
 
 
 def _output_node(graph: fx.Graph) -> fx.Node:
     return next(n for n in reversed(graph.nodes) if n.op == "output")
 
 
-def _with_outputs(gm: fx.GraphModule, extra) -> tuple[fx.GraphModule, int]:
+def _append_outputs(outputs: list, per_site: list[dict]) -> tuple[SiteSlots, ...]:
+    """Append each site's named nodes to ``outputs``; returns where they went."""
+    slots = []
+    for named in per_site:
+        slots.append(SiteSlots(**{name: len(outputs) + i for i, name in enumerate(named)}))
+        outputs += named.values()
+    return tuple(slots)
+
+
+def _with_outputs(gm: fx.GraphModule, per_site: list[dict]) -> SpecializedGraph:
+    """``gm`` also returning, per site, the named nodes of ``per_site``."""
     output = _output_node(gm.graph)
-    outputs = tuple(output.args[0])
-    output.args = (outputs + tuple(extra),)
+    outputs = list(output.args[0])
+    user = len(outputs)
+    slots = _append_outputs(outputs, per_site)
+    output.args = (tuple(outputs),)
     gm.recompile()
-    return gm, len(outputs)
+    return SpecializedGraph(gm, OutputLayout(user=user, sites=slots))
 
 
-def _merges(graph: fx.Graph) -> list[fx.Node]:
+def merges(graph: fx.Graph) -> list[fx.Node]:
+    """The ``attention_merge_lse`` call of every split site, in graph order."""
     merge = torch.ops.fbcompile.attention_merge_lse.default
     return [n for n in graph.nodes if n.op == "call_function" and n.target is merge]
 
 
-def refresh_graph(gm: fx.GraphModule, with_query: bool = False) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` that also returns every ``(O_e, L_e)`` (and the query, ``with_query``);
-    returns it and the original output count."""
-    gm = _copy(gm)
-    extra = [n for m in _merges(gm.graph) for n in (m.args[5], m.args[6], m.args[0])[: 3 if with_query else 2]]
-    return _with_outputs(gm, extra)
+_CACHED = ("out_ext", "lse_ext", "query")  # the SiteParts the runtime keeps per site
 
 
-def probe_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` that also returns ``(O_e, L_e, O_i, L_i, q)`` per site; and the original output count."""
+def _cached_parts(merge: fx.Node, with_query: bool) -> dict:
+    """The nodes of a site whose values the runtime keeps: ``O_e``, ``L_e`` (and the query)."""
+    args = MergeArgs.of(merge)
+    return dict(zip(_CACHED, (args.out_ext, args.lse_ext, args.q)[: 3 if with_query else 2]))
+
+
+def exact_graph(gm: fx.GraphModule) -> SpecializedGraph:
+    """The split graph as it is: only the original outputs."""
+    return SpecializedGraph(gm, OutputLayout(user=len(_output_node(gm.graph).args[0]), sites=()))
+
+
+def refresh_graph(gm: fx.GraphModule, with_query: bool = False) -> SpecializedGraph:
+    """A copy of ``gm`` that also returns every site's ``(O_e, L_e)`` (and the query, ``with_query``)."""
     gm = _copy(gm)
-    extra = []
-    for node in _merges(gm.graph):
+    return _with_outputs(gm, [_cached_parts(m, with_query) for m in merges(gm.graph)])
+
+
+def probe_graph(gm: fx.GraphModule) -> SpecializedGraph:
+    """A copy of ``gm`` that also returns ``(O_e, L_e, O_i, L_i, q)`` per site."""
+    gm = _copy(gm)
+    per_site = []
+    for node in merges(gm.graph):
+        args = MergeArgs.of(node)
         with gm.graph.inserting_after(node):
-            internal = gm.graph.call_function(torch.ops.fbcompile.attention_lse.default, node.args[:5])
+            internal = gm.graph.call_function(torch.ops.fbcompile.attention_lse.default,
+                                              (args.q, args.k, args.v, args.mask, args.scale))
         with gm.graph.inserting_after(internal):
-            parts = [gm.graph.call_function(operator.getitem, (internal, i)) for i in range(2)]
-        extra += [node.args[5], node.args[6], *parts, node.args[0]]
-    return _with_outputs(gm, extra)
+            out_int, lse_int = (gm.graph.call_function(operator.getitem, (internal, i)) for i in range(2))
+        per_site.append({**_cached_parts(node, with_query=True), "out_int": out_int, "lse_int": lse_int})
+    return _with_outputs(gm, per_site)
 
 
 def reuse_graph(gm: fx.GraphModule, with_query: bool = False,
-                recompute: list[list[tuple[int, int]]] | None = None) -> tuple[fx.GraphModule, list, list[int]]:
-    """A copy of ``gm`` taking every ``(O_e, L_e)`` as inputs; returns it, their example values and
-    the sites whose external part it (partly) recomputes.
+                recompute: list[list[tuple[int, int]]] | None = None) -> SpecializedGraph:
+    """A copy of ``gm`` taking every ``(O_e, L_e)`` as inputs (after the original ones, per site).
 
     ``with_query``: each site also takes the query of its refresh step, and the graph returns one
-    more output, the largest relative change of a site's query since then (the "adaptive" policy's
-    drift signal, computed on the device).
+    more output, the relative change of each site's query since then (the "adaptive" policy's
+    drift signal, computed on the device; a vector in site order).
     ``recompute``: per site, ranges ``[start, end)`` of KV heads whose external part is computed
     afresh (with the query heads that read them) and written over the cached one; the graph returns
-    the updated ``(O_e, L_e)`` of those sites after the original outputs. Ranges covering every KV
-    head keep the site's full external attention (a per-layer "recompute").
+    the updated ``(O_e, L_e)`` of those sites. Ranges covering every KV head keep the site's full
+    external attention (a per-layer "recompute").
     """
     gm = _copy(gm)
     graph = gm.graph
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    examples, drifts, updated, updates = [], [], [], []
-    for site, merge in enumerate(_merges(graph)):
-        nodes = (merge.args[5], merge.args[6], merge.args[0])[: 3 if with_query else 2]
-        inputs = []
-        for role, node in zip(("out", "lse", "query"), nodes):
+    examples, drifts, updates = [], [], []
+    for site, merge in enumerate(merges(graph)):
+        cached = _cached_parts(merge, with_query)
+        inputs = {}
+        for role, node in cached.items():
             with graph.inserting_after(last_placeholder):
-                inp = graph.placeholder(f"cached_external_{role}_{site}")
+                inp = graph.placeholder(f"cached_{role}_{site}")
             inp.meta.update(node.meta)
             examples.append(node.meta.get("example_value"))
-            last_placeholder = inp
-            inputs.append(inp)
+            last_placeholder = inputs[role] = inp
         if with_query:
-            drifts.append((nodes[2], inputs[2]))
+            drifts.append((cached["query"], inputs["query"]))
         ranges = recompute[site] if recompute else []
         heads = merge.meta["fbcompile_heads"]
         if ranges == [(0, heads.kv)]:
-            fresh = (nodes[0], nodes[1])
+            fresh = (cached["out_ext"], cached["lse_ext"])
         else:
-            fresh = inputs[:2]
+            fresh = (inputs["out_ext"], inputs["lse_ext"])
             for start, end in ranges:
                 with graph.inserting_before(merge):
-                    fresh = _recompute_heads(graph, nodes[0], heads, start, end, fresh)
-            merge.args = merge.args[:5] + tuple(fresh)
-        if ranges:
-            updated.append(site)
-            updates += fresh
+                    fresh = _recompute_heads(graph, cached["out_ext"], heads, start, end, fresh)
+            merge.args = MergeArgs.of(merge).with_external(*fresh)
+        updates.append(dict(zip(("out_ext", "lse_ext"), fresh)) if ranges else {})
     output = _output_node(graph)
-    extra = list(updates)
+    outputs = list(output.args[0])
+    user = len(outputs)
+    slots = _append_outputs(outputs, updates)
+    drift = None
     if drifts:
         with graph.inserting_before(output):
             ratios = []
@@ -132,12 +222,14 @@ def reuse_graph(gm: fx.GraphModule, with_query: bool = False,
                 scale = graph.call_method("clamp_min", (graph.call_method("norm", (
                     graph.call_method("float", (reference,)),)), 1e-30))
                 ratios.append(graph.call_function(operator.truediv, (change, scale)))
-            extra.append(graph.call_method("amax", (graph.call_function(torch.stack, (ratios,)),)))
-    output.args = (tuple(output.args[0]) + tuple(extra),)
+            drift = len(outputs)
+            outputs.append(graph.call_function(torch.stack, (ratios,)))
+    output.args = (tuple(outputs),)
     graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     gm.recompile()
-    return gm, examples, updated
+    return SpecializedGraph(gm, OutputLayout(user=user, sites=slots, drift=drift),
+                            cached_inputs=_CACHED[:3 if with_query else 2], cached_examples=examples)
 
 
 def _recompute_heads(graph: fx.Graph, external_out: fx.Node, heads, start: int, end: int,
@@ -159,7 +251,7 @@ def _recompute_heads(graph: fx.Graph, external_out: fx.Node, heads, start: int, 
             elif node.target is merge_op:
                 emitted[node] = graph.call_function(merge_op, tuple(emit(a) for a in node.args))
             elif node.target is lse_op:
-                q, k, v, mask, scale = node.args
+                q, k, v, mask, scale = AttentionArgs.of(node)
                 narrow = lambda t, dim, a, n: graph.call_method("narrow", (t, dim, a, n))  # noqa: E731
                 if mask is not None and heads.mask_dim is not None:
                     mask = narrow(mask, heads.mask_dim, q_start, q_len)

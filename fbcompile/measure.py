@@ -1,4 +1,5 @@
-"""How good is reuse for *this* model? FlashBlock's observation and its cost, measured.
+"""How good is reuse for *this* model? FlashBlock's observation and its cost, measured
+(``fbcompile.fidelity`` and ``fbcompile.calibrate``).
 
 ``fbcompile.fidelity(model, generate)`` runs ``generate`` twice on copies of ``model``:
 
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-from fbcompile.backends.compiler import make_backend
+from fbcompile.backends.compiler import compile_forward
 from fbcompile.backends.session import Session
 from fbcompile.config import Config, ReusePlan
 from fbcompile.kernels.reference import merge_lse
@@ -117,13 +118,13 @@ def fidelity(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch
     first: dict = {}
 
     def observe(graph, site, step, fresh, cached, kv_heads):
-        o_e, l_e, o_i, l_i = fresh
+        o_e, l_e, o_i, l_i = fresh.out_ext, fresh.lse_ext, fresh.out_int, fresh.lse_int
         name = f"site {site}"
         if cached is None:
             first[name] = (o_e.clone(), o_i.clone())
             return
         exact, _ = merge_lse(o_e, l_e, o_i, l_i)
-        reused, _ = merge_lse(cached[0], cached[1], o_i, l_i)
+        reused, _ = merge_lse(cached.out_ext, cached.lse_ext, o_i, l_i)
         e0, i0 = first[name]
         records.append(dict(site=name, step=step, cos_external=_cos(o_e, e0), cos_internal=_cos(o_i, i0),
                             reuse_rel_error=_rel(reused, exact)))
@@ -227,6 +228,29 @@ class Calibration:
                 + tabulate(rows, headers="keys", floatfmt=".4f"))
 
 
+@dataclass
+class _PairSums:
+    """Running sums of one (site, step a, step b) pair's measurements."""
+
+    calls: int = 0
+    layer_cos: float = 0.0
+    layer_lse_drift: float = 0.0
+    head_cos: torch.Tensor | float = 0.0        # per query head
+    head_lse_drift: torch.Tensor | float = 0.0  # per query head
+
+    def add(self, layer_cos: float, layer_lse_drift: float, head_cos: torch.Tensor, head_lse_drift: torch.Tensor):
+        self.calls += 1
+        self.layer_cos += layer_cos
+        self.layer_lse_drift += layer_lse_drift
+        self.head_cos = self.head_cos + head_cos
+        self.head_lse_drift = self.head_lse_drift + head_lse_drift
+
+    def means(self) -> dict:
+        n = self.calls
+        return dict(calls=n, cos=(self.head_cos / n).tolist(), lse_drift=(self.head_lse_drift / n).tolist(),
+                    layer_cos=self.layer_cos / n, layer_lse_drift=self.layer_lse_drift / n)
+
+
 def calibrate(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch.Tensor],
               config: Config | None = None) -> Calibration:
     """Run ``generate`` on a probed copy of ``model`` (exact) and measure, for every pair of steps
@@ -240,7 +264,7 @@ def calibrate(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torc
     kv_heads: dict = {}
 
     def observe(graph, site, step, fresh, cached, kv):
-        o_e, l_e = fresh[0].float(), fresh[1].float()
+        o_e, l_e = fresh.out_ext.float(), fresh.lse_ext.float()
         kv_heads[site] = kv
         if cached is None:
             history[site] = [(o_e, l_e)]
@@ -252,12 +276,8 @@ def calibrate(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torc
             head_cos = torch.nn.functional.cosine_similarity(
                 o_e.transpose(0, 1).reshape(heads, -1), o_a.transpose(0, 1).reshape(heads, -1), dim=1)
             change = (l_e - l_a).abs()
-            entry = sums.setdefault((site, a, step), [0, 0.0, 0.0, 0, 0])
-            entry[0] += 1
-            entry[1] += _cos(o_e, o_a)
-            entry[2] += change.mean().item()
-            entry[3] = entry[3] + head_cos
-            entry[4] = entry[4] + change.transpose(0, 1).reshape(heads, -1).mean(1)
+            sums.setdefault((site, a, step), _PairSums()).add(
+                _cos(o_e, o_a), change.mean().item(), head_cos, change.transpose(0, 1).reshape(heads, -1).mean(1))
         history[site].append((o_e, l_e))
 
     session = Session(config)
@@ -265,15 +285,14 @@ def calibrate(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torc
     _run(model, generate, session)
     if not sums:
         raise ValueError("calibration saw no reuse step: does generate call the model more than once per block?")
-    pairs = {key: dict(calls=n, cos=(c / n).tolist(), lse_drift=(d / n).tolist(), layer_cos=lc / n,
-                       layer_lse_drift=ld / n) for key, (n, lc, ld, c, d) in sums.items()}
+    pairs = {key: p.means() for key, p in sums.items()}
     return Calibration(pairs=pairs, kv_heads=[kv_heads[i] for i in range(1 + max(kv_heads))])
 
 
 def _run(model, generate, session: Session) -> torch.Tensor:
-    """``generate`` on a copy of ``model`` whose forward is compiled into ``session``."""
+    """``generate`` on a copy of ``model`` whose forward is compiled into ``session`` (with its own
+    compile budget, so nothing else the user compiled is touched)."""
     clone = copy.deepcopy(model).eval()
-    clone.forward = torch.compile(clone.forward, backend=make_backend(session), dynamic=None)
-    torch._dynamo.reset()
+    clone.forward = compile_forward(clone.forward, session)
     with torch.no_grad():
         return generate(clone)

@@ -1,0 +1,136 @@
+"""Derive, from a split graph, what the runtime must check before it reuses a site's external part.
+
+Per split site (graph order) a :class:`SiteGuard` says which graph inputs hold the cached keys/
+values, where a static cache's external range ends, which inputs a buffer's written positions are
+computed from, and how to read the expected shape of
+``O_e`` off the call's arguments (a query block of another batch or length must refresh). Also:
+whether the graph commits the block into the cache (:func:`commits_block_kv`), since a commit pass
+must run exactly. Pure graph analysis; the runtime evaluates the guards on each call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fbcompile.passes.graph_utils import VIEW_OPS, is_parameter, op_name, same_size
+from fbcompile.passes.positionwise import PositionwisePiece
+
+
+@dataclass(frozen=True)
+class SiteGuard:
+    """How to find and check one site's cached ``(O_e, L_e)`` from a call's arguments."""
+
+    external: tuple[int, ...]      # argument indices of the tensors holding the external KV
+    occurrence: int                # n-th site of this graph over the same external tensors
+    out_shape: tuple               # per dim of O_e: int, or (argument index, dim) it equals
+    dtype: torch.dtype
+    device: torch.device
+    offsets: tuple                 # static caches: where each external range ends (int or (argument index, None))
+    block_input: int | None = None  # argument index of the block's input (token ids, else the first tensor)
+    positions: tuple[int, ...] = ()  # a buffer written at data-dependent positions: argument indices of the
+    #                                  tensors the positions are computed from (compared by value)
+
+    def expected_shape(self, args) -> tuple:
+        return tuple(_size(d, args) for d in self.out_shape)
+
+    def offset_values(self, args) -> list:
+        return [_size(o, args) for o in self.offsets]
+
+    @property
+    def size_sources(self) -> set[int]:
+        """Argument indices whose sizes (or int values) the guard reads."""
+        return {src[0] for src in self.out_shape + self.offsets if not isinstance(src, int)}
+
+
+def _size(source, args):
+    """A size known at compile time (int) or read off the arguments: ``(index, dim)``, dim None for an int."""
+    if isinstance(source, int):
+        return source
+    index, dim = source
+    return args[index] if dim is None else args[index].shape[dim]
+
+
+def _size_source(size, placeholders: list[fx.Node]):
+    """``size`` as an int, or the (argument index, dim) that holds it at run time (dim None: an int arg)."""
+    if isinstance(size, int):
+        return size
+    for index, node in enumerate(placeholders):
+        value = node.meta.get("example_value")
+        if isinstance(value, torch.Tensor):
+            for dim, s in enumerate(value.shape):
+                if same_size(s, size):
+                    return (index, dim)
+        elif isinstance(value, torch.SymInt) and same_size(value, size):
+            return (index, None)
+    return None
+
+
+def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]) -> list[SiteGuard] | None:
+    """One guard per split site (graph order) of the split graph ``gm``; None if a query size cannot
+    be read off the inputs. ``sites``: the split :class:`AttentionSite` s, ``external_outputs``:
+    their ``O_e`` nodes in ``gm``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    guards, seen = [], []
+    for site, out in zip(sites, external_outputs):
+        value = out.meta["example_value"]
+        shape = tuple(_size_source(s, placeholders) for s in value.shape)
+        if any(s is None for s in shape):
+            return None
+        indices = tuple(placeholders.index(n) for n in site.external_inputs)
+        block = _block_input(site)
+        guards.append(SiteGuard(
+            external=indices, occurrence=seen.count(indices), out_shape=shape, dtype=value.dtype,
+            device=value.device,
+            offsets=tuple(o if isinstance(o, int) else (placeholders.index(o), None) for o in site.cache_offsets()),
+            block_input=placeholders.index(block) if block is not None else None,
+            positions=tuple(placeholders.index(n) for n in site.position_tensors())))
+        seen.append(indices)
+    return guards
+
+
+def _block_input(site) -> fx.Node | None:
+    """The block's input the query is computed from: token ids if there are, else the first tensor."""
+    seen, stack, found = set(), [site.q], []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "placeholder":
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and not is_parameter(node):
+                found.append(node)
+        stack.extend(node.all_input_nodes)
+    order = {n: i for i, n in enumerate(site.q.graph.nodes)}
+    found.sort(key=lambda n: (n.meta["example_value"].is_floating_point(), order[n]))
+    return found[0] if found else None
+
+
+def _graph_outputs(gm: fx.GraphModule) -> tuple:
+    return tuple(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0])
+
+
+def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
+    """Does the graph return (a view of) a split site's block keys/values, or the whole ``cat`` of
+    cache and block, i.e. commit the block? The second is how an HF ``DynamicCache`` updated inside
+    the graph looks to dynamo::
+
+        self.layers[i].keys = torch.cat([self.layers[i].keys, key_states], dim=-2)   # a graph output
+    """
+    outputs = set()
+    for value in _graph_outputs(gm):
+        node = value
+        while isinstance(node, fx.Node):
+            outputs.add(node)
+            node = node.args[0] if op_name(node) in VIEW_OPS and node.args else None
+    for site in sites:
+        if not site.splittable:
+            continue
+        for layout in (site.k_layout, site.v_layout):
+            cats = {layout.cat} | {p.chain.cat for p in layout.pieces if isinstance(p, PositionwisePiece)}
+            if cats & outputs or any(layout.pieces[i] in outputs for i in site.internal
+                                            if isinstance(layout.pieces[i], fx.Node)):
+                return True
+    return False

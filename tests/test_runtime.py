@@ -1,0 +1,275 @@
+"""The runtime as a new user meets it: many models per process, request boundaries, HF caches,
+inference mode, and errors that say what to do."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fbcompile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from examples.block_diffusion_lm import make_tiny_model  # noqa: E402
+
+BLOCK = fbcompile.Config(compiler="eager")
+EXACT = fbcompile.Config(refresh="always", compiler="eager")
+PROMPT = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+STEPS, BLOCKS = 2, 2
+
+
+def assert_exact(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 exactness as the suite means it: relative error (L2) below 1e-5."""
+    error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+    assert error < 1e-5, error
+
+
+def _prefix_cache(lm):
+    with torch.no_grad():
+        return lm(PROMPT, use_cache=True)[1]
+
+
+def _dispatched_calls(model) -> int:
+    """Calls of the model's split graphs: each compiled forward over the cache is one."""
+    stats = fbcompile.stats(model)
+    return stats.refreshes + stats.reuses
+
+
+# --------------------------------------------------------------------------- many models per process
+
+
+def _steps_and_commit(model, cache, batch=1, steps=STEPS) -> int:
+    """A block's denoising steps and its commit pass over ``cache``; returns the number of forwards."""
+    block = torch.randint(0, 200, (batch, 8), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(PROMPT.shape[1], PROMPT.shape[1] + 8)
+    cache = [(k.expand(batch, -1, -1, -1).to(model.lm_head.weight.dtype), v.expand(batch, -1, -1, -1).to(
+        model.lm_head.weight.dtype)) for k, v in cache]
+    with torch.no_grad():
+        for _ in range(steps):
+            model(block, past_key_values=cache, position_ids=pos)
+        model(block, past_key_values=cache, position_ids=pos, use_cache=True)
+    return steps + 1
+
+
+@pytest.mark.parametrize("config", [EXACT, BLOCK], ids=["exact", "block"])
+def test_six_instances_of_one_class_all_compile(config):
+    """Dynamo's recompile limit is per code object: every instance's forward must still compile."""
+    cache = _prefix_cache(make_tiny_model(num_layers=1))
+    models = [fbcompile.optimize(make_tiny_model(seed=i, num_layers=1), config) for i in range(6)]
+    for model in models:
+        forwards = _steps_and_commit(model, cache)
+        assert _dispatched_calls(model) == forwards, fbcompile.stats(model)
+        if config is BLOCK:
+            assert fbcompile.stats(model).reuses == STEPS - 1
+
+
+def test_batch_and_dtype_switches_stay_compiled():
+    """Step and commit graphs for each dtype and batch size, past dynamo's global limit (lowered to 2
+    here; its default 8 is as easily passed by a generate loop): the model's own budget holds."""
+    cache = _prefix_cache(make_tiny_model(num_layers=1))
+    model = fbcompile.optimize(make_tiny_model(num_layers=1), BLOCK)
+    forwards = 0
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            for batch in (1, 2):
+                forwards += _steps_and_commit(model, cache, batch)
+    assert _dispatched_calls(model) == forwards, fbcompile.stats(model)
+
+
+def test_recompile_limit_warns_naming_fbcompile():
+    model = fbcompile.optimize(make_tiny_model(num_layers=1),
+                               fbcompile.Config(compiler="eager", recompile_limit=1))
+    with torch.no_grad(), pytest.warns(UserWarning, match="fbcompile.*recompile_limit"):
+        model.generate(PROMPT, num_blocks=1, steps=STEPS)
+
+
+# --------------------------------------------------------------------------- request boundaries
+
+
+class PrefixServer(torch.nn.Module):
+    """Serves requests that share one prompt's KV cache; each request denoises its own block."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x, past_key_values, position_ids):
+        return self.lm(x, past_key_values=past_key_values, position_ids=position_ids)[0]
+
+    @torch.no_grad()
+    def generate(self, block, cache, steps=STEPS):
+        pos = torch.arange(PROMPT.shape[1], PROMPT.shape[1] + block.shape[1])
+        logits = []
+        for _ in range(steps):
+            logits.append(self(block, cache, pos))
+            block = logits[-1].argmax(-1)
+        return logits
+
+
+def _requests(server, cache, new_request=None):
+    blocks = [torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    out = []
+    for block in blocks:
+        if new_request is not None:
+            new_request(server)
+        out.append(server.generate(block, cache))
+    return out
+
+
+def test_generate_starts_a_new_request():
+    """Request 2's first step must not take request 1's external part (same prefix cache tensors)."""
+    lm = make_tiny_model(num_layers=2)
+    cache = _prefix_cache(lm)
+    expected = _requests(PrefixServer(lm).eval(), cache)
+    server = fbcompile.optimize(PrefixServer(lm).eval(), BLOCK)
+    got = _requests(server, cache)
+    assert_exact(got[1][0], expected[1][0])  # a refresh: exact
+    assert fbcompile.stats(server).refresh_reasons == {"new kv": 2}
+
+
+def test_new_request_in_a_hand_written_loop():
+    lm = make_tiny_model(num_layers=2)
+    cache = _prefix_cache(lm)
+    expected = _requests(PrefixServer(lm).eval(), cache)
+    server = fbcompile.optimize(PrefixServer(lm).eval(), BLOCK)
+    steps = PrefixServer.generate.__wrapped__  # the loop without optimize's request boundary
+    got = []
+    for block in (torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(s)) for s in (1, 2)):
+        fbcompile.new_request(server)
+        with torch.no_grad():
+            got.append(steps(server, block, cache))
+    assert_exact(got[1][0], expected[1][0])
+
+
+# --------------------------------------------------------------------------- HF DynamicCache
+
+
+def _tiny_qwen2(attn: str):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return transformers.Qwen2ForCausalLM(config).eval(), config
+
+
+def _dynamic_cache_block_loop(model, config, steps=3, prompt_len=8, block=4):
+    """Denoise one block against a DynamicCache that the model updates in the graph; after each step
+    but the last the cache gets its prefix tensors back (the last step commits the block)."""
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, 64, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 64, (1, block), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(prompt_len, prompt_len + block)[None]
+    mask = torch.ones(1, 1, block, prompt_len + block, dtype=torch.bool)  # bidirectional in the block
+    with torch.no_grad():
+        cache = DynamicCache(config=config)
+        model(prompt, past_key_values=cache, use_cache=True)
+        prefix = [(layer.keys, layer.values) for layer in cache.layers]
+        for step in range(steps):
+            logits = model(x, past_key_values=cache, position_ids=pos, attention_mask=mask, use_cache=True).logits
+            if step < steps - 1:
+                for layer, (k, v) in zip(cache.layers, prefix):
+                    layer.keys, layer.values = k, v
+            x = logits.argmax(-1)
+    return logits, [layer.keys for layer in cache.layers]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_dynamic_cache_updated_in_the_graph_runs_exactly(attn):
+    model, config = _tiny_qwen2(attn)
+    expected_logits, expected_keys = _dynamic_cache_block_loop(model, config)
+    model, config = _tiny_qwen2(attn)
+    fbcompile.optimize(model, BLOCK)
+    logits, keys = _dynamic_cache_block_loop(model, config)
+    for got, want in zip(keys, expected_keys):
+        assert_exact(got, want)
+    assert_exact(logits, expected_logits)
+    assert fbcompile.explain(model).rewritten  # the sites are split; the graph returns the cache: a save pass
+    assert set(fbcompile.stats(model).refresh_reasons) == {"save pass"}
+
+
+def test_fresh_dynamic_cache_layer_is_skipped_with_a_reason():
+    """Prefill through a fresh DynamicCache: ``cat([empty 1-D tensor, k])`` has no cached part."""
+    from transformers import DynamicCache
+
+    model, config = _tiny_qwen2("eager")
+    fbcompile.optimize(model, BLOCK)
+    prompt = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(prompt, past_key_values=DynamicCache(config=config), use_cache=True)
+    decisions = [s["decision"] for s in fbcompile.explain(model).sites]
+    assert decisions and all(d == "skipped: every key depends on the current block (no cached part)"
+                             for d in decisions), decisions
+
+
+# --------------------------------------------------------------------------- inference mode
+
+
+def test_block_mode_under_inference_mode_is_exact():
+    expected = make_tiny_model(num_layers=1).generate(PROMPT, num_blocks=1, steps=STEPS)
+    model = fbcompile.optimize(make_tiny_model(num_layers=1), BLOCK)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="inference tensors"):
+        got = model.generate(PROMPT, num_blocks=1, steps=STEPS)
+    assert torch.equal(got, expected)
+    assert fbcompile.stats(model).reuses == 0
+    assert fbcompile.stats(model).refresh_reasons.get("kv is an inference tensor") == STEPS - 1
+
+
+# --------------------------------------------------------------------------- errors and discovery
+
+
+def test_backend_object_checks_options_when_built():
+    with pytest.raises(ValueError, match="unknown fbcompile option"):
+        fbcompile.backend(refrsh="always")
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        fbcompile.backend(mode="reduce-overhead")
+
+
+def test_backend_object_refuses_torch_compile_options():
+    compiled = torch.compile(make_tiny_model(num_layers=1), backend=fbcompile.backend(compiler="eager"),
+                             options={"refresh": "always"})
+    with torch.no_grad(), pytest.raises(Exception, match=r"pass \['options'\] to fbcompile.backend"):
+        compiled(PROMPT)
+
+
+def test_named_backend_refuses_cuda_graph_modes():
+    model = make_tiny_model(num_layers=1)
+    compiled = torch.compile(model, backend="fbcompile", mode="reduce-overhead")
+    with torch.no_grad(), pytest.raises(Exception, match="fbcompile does not support mode='reduce-overhead'"):
+        compiled(PROMPT)
+
+
+def test_explain_before_any_call_says_to_run_the_model():
+    model = fbcompile.optimize(make_tiny_model(num_layers=1), BLOCK)
+    assert "run the model" in str(fbcompile.explain(model))
+
+
+@pytest.mark.parametrize("how", ["named", "object"])
+def test_explain_and_stats_of_a_torch_compiled_model(how):
+    model = make_tiny_model(num_layers=1)
+    backend = "fbcompile" if how == "named" else fbcompile.backend(compiler="eager", refresh="always")
+    options = {"options": {"compiler": "eager", "refresh": "always"}} if how == "named" else {}
+    compiled = torch.compile(model, backend=backend, **options)
+    with torch.no_grad():
+        cache = compiled(PROMPT, use_cache=True)[1]
+        compiled(PROMPT[:, :4], past_key_values=cache)
+    assert [s["decision"] for s in fbcompile.explain(compiled).rewritten] == ["rewritten"]
+    assert fbcompile.stats(compiled).refresh_reasons == {"exact mode": 1}
+
+
+def test_fidelity_leaves_other_compiled_models_alone():
+    """fidelity used to call torch._dynamo.reset(), dropping what the user compiled before."""
+    model = fbcompile.optimize(make_tiny_model(num_layers=1), BLOCK)
+    with torch.no_grad():
+        model.generate(PROMPT, num_blocks=1, steps=STEPS)
+    compiles = fbcompile.stats(model).compiles
+    fbcompile.fidelity(make_tiny_model(num_layers=1), lambda m: m.generate(PROMPT, num_blocks=1, steps=STEPS))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no recompile-limit warning either
+        model.generate(PROMPT, num_blocks=1, steps=STEPS)
+    assert fbcompile.stats(model).compiles == compiles  # nothing was recompiled
