@@ -104,7 +104,7 @@ def test_qwen2_static_cache_reuses_within_each_block():
     stats = fbcompile.stats(model)
     # one refresh per block (its first step), every other step and the commit reuse (the prefill has no cache)
     assert (stats.refreshes, stats.reuses) == (blocks, blocks * steps), stats
-    assert stats.guard_failures == {"new kv": 1, "kv positions changed": blocks - 1}, stats
+    assert stats.refresh_reasons == {"new kv": 1, "kv positions changed": blocks - 1}, stats
     assert stats.compiles == 2, stats  # prefill and block graphs, whatever the number of blocks
 
 
@@ -122,7 +122,7 @@ def test_qwen2_static_cache_stale_reuse_refreshes():
     expected = qwen2_static_cache_denoise(_qwen2("sdpa"), prompt, 2, 4, 3, between_steps=meddle)
     model = _optimized(_qwen2("sdpa"), "block")
     got = qwen2_static_cache_denoise(model, prompt, 2, 4, 3, between_steps=meddle)
-    failures = fbcompile.stats(model).guard_failures
+    failures = fbcompile.stats(model).refresh_reasons
     # block 0: new kv, written in place, reuse, reuse (commit); block 1: three moves, reuse (commit)
     assert failures == {"new kv": 1, "kv written in place": 1, "kv positions changed": 3}, failures
     assert fbcompile.stats(model).reuses == 3
@@ -180,7 +180,7 @@ def test_llada_dual_buffer_reuses_within_each_block():
     layers = model.config.num_layers
     # per block and layer: the full pass makes new buffers -> one refresh, then steps - 2 reuses
     assert (stats.refreshes, stats.reuses) == (blocks * layers, blocks * layers * (steps - 2)), stats
-    assert stats.guard_failures == {"new kv": blocks * layers}, stats
+    assert stats.refresh_reasons == {"new kv": blocks * layers}, stats
     compiles = stats.compiles
     model.generate(prompt, gen_length=blocks * 8, block_size=8, steps=blocks * steps)
     assert fbcompile.stats(model).compiles == compiles <= 8, fbcompile.stats(model)
@@ -208,7 +208,7 @@ def test_llada_dual_buffer_moved_block_and_outside_write_refresh():
     assert step(9, 2) < 1e-5  # the block moved by one position: refresh
     copies[-1][0][:, :, 3] += 1.0  # an outside write into the last layer's keys: that layer refreshes
     assert step(9, 2) < 1e-5  # (the same block again, so the first layer's reuse is exact too)
-    failures = fbcompile.stats(model).guard_failures
+    failures = fbcompile.stats(model).refresh_reasons
     assert failures == {"new kv": 2, "kv positions changed": 2, "kv written in place": 1}, failures
 
 

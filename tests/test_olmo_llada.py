@@ -92,7 +92,7 @@ def test_block_mode_refreshes_once_per_block_and_compiles_stay_bounded():
     # per block: step 0 is the full pass (no cached attention); step 1 refreshes over the new
     # prefix; steps 2 and 3 reuse
     assert stats.refreshes == blocks and stats.reuses == 2 * blocks, stats
-    assert stats.guard_failures == {"new kv": blocks}
+    assert stats.refresh_reasons == {"new kv": blocks}
     # the full pass and the prefix step each get a static then a dynamic graph, then no more
     assert len(fbcompile.explain(model).graphs) <= 4
 
@@ -123,7 +123,7 @@ def test_stale_reuse_is_refused():
     eager.layers[0].self_attn.rotary.cos_table.mul_(-1.0)
     got = model(block, past_key_values=prefix)[0]
     stats = fbcompile.stats(model)
-    assert stats.reuses == 1 and stats.guard_failures == {"new kv": 2, "kv written in place": 2}, stats
+    assert stats.reuses == 1 and stats.refresh_reasons == {"new kv": 2, "kv written in place": 2}, stats
     # the last call ran the refresh: exact for the changed table
     expected = eager(block, past_key_values=prefix)[0]
     assert rel_error(got, expected) < 1e-5

@@ -94,12 +94,11 @@ class SplitGraphDispatcher:
                  steps: list[CompiledStep], policies: list[RefreshPolicy], kv_heads: list[int]):
         self.session, self.record = session, record
         self.guards, self.refresh, self.steps = guards, refresh, steps
-        self.policies = policies
         self.kv_heads = kv_heads  # per site
         self._watched = sorted({i for g in guards for i in g.external} | {i for g in guards for i in g.size_sources})
-        self._compares_positions = any(g.positions for g in guards)
+        self._compares_positions = any(g.positions for g in guards)  # buffers written at data-dependent positions
         self._writes_external = any(g.offsets for g in guards)  # static caches the graph writes
-        self._memo: FastPathMemo | None = None
+        self.policies = policies  # also sets up the fast path (reads the fields above)
 
     @property
     def policies(self) -> list[RefreshPolicy]:
