@@ -136,6 +136,9 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
 @example(spec=ZooSpec(buffer="setitem", layout="bshd", mask="padding_row", suffix=5), seed=7, dtype=torch.float32)
 @example(spec=ZooSpec(form="eager", buffer="index_copy", mask="bool", gqa="repeat_interleave"), seed=8,
          dtype=torch.bfloat16)
+@example(spec=ZooSpec(suffix=1, cache=1, block=1, post="pad"), seed=0, dtype=torch.float32)  # block parts on
+@example(spec=ZooSpec(suffix=2, cache=7, block=3, post="pad", mask="additive"), seed=1,      # both sides of
+         dtype=torch.float32)                                                               # the suffix
 def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
     check_exact(spec, seed, dtype)
 
@@ -283,3 +286,4 @@ def test_post_cat_ops_split_at_the_cache(post):
     (site,) = [site for graph in session.graphs for site in graph.sites]
     kinds = re.findall(r"(ext|int):", site["kv"])
     assert kinds == (["ext", "int", "int"] if post == "pad" else ["ext", "int"]), site
+

@@ -266,8 +266,8 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
         raise NotSplittable("every key depends on the current block (no cached part)")
     if not site.internal:
         raise NotSplittable("no key depends on the current block")
-    if site.internal != list(range(site.internal[0], site.internal[-1] + 1)):
-        raise NotSplittable("the block's keys are not contiguous")
+    if site.key_mask is not None and site.internal != list(range(site.internal[0], site.internal[-1] + 1)):
+        raise NotSplittable(f"the block's keys are not contiguous (a {site.form} mask is built per key range)")
     own_writes = {p.write for layout in (k_layout, v_layout) for p in layout.pieces if isinstance(p, CachePrefix)}
     own_writes |= {w.node for w in site.buffer_writes()}
     if any(set(deps.mutations.get(view_base(n), ())) - own_writes for n in external_inputs):

@@ -74,6 +74,26 @@ def _key_slice(graph: fx.Graph, site: AttentionSite, mask: fx.Node | None, start
     return graph.call_method("narrow", (mask, -1, start, length))
 
 
+def _internal_mask(graph: fx.Graph, site: AttentionSite, mask, starts: list, lengths: list):
+    """The mask over the block's keys: one slice per run of adjacent internal parts (the block and,
+    after a dual cache's suffix, zero padding), joined along the keys like the parts themselves."""
+    runs: list[list[int]] = []
+    for i in site.internal:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    slices = []
+    for run in runs:
+        length = lengths[run[0]]
+        for i in run[1:]:
+            length = graph.call_function(operator.add, (length, lengths[i]))
+        slices.append(_key_slice(graph, site, mask, starts[run[0]], length))
+    if len(slices) == 1 or all(m is slices[0] for m in slices):  # one run, or a mask broadcast over keys
+        return slices[0]
+    return graph.call_function(torch.cat, (slices, -1))
+
+
 def _heads(site: AttentionSite) -> SiteHeads:
     mask_dim = None
     if site.key_mask is not None:
@@ -136,14 +156,7 @@ def _rewrite_site(graph: fx.Graph, site: AttentionSite) -> None:
         parts = [canonical(i) for i in site.internal]
         k_int = parts[0][0] if len(parts) == 1 else graph.call_function(torch.cat, ([p[0] for p in parts], 2))
         v_int = parts[0][1] if len(parts) == 1 else graph.call_function(torch.cat, ([p[1] for p in parts], 2))
-        if writes:
-            mask_int = masks[1]
-        else:
-            first = site.internal[0]
-            length = lengths[first]
-            for i in site.internal[1:]:
-                length = graph.call_function(operator.add, (length, lengths[i]))
-            mask_int = _key_slice(graph, site, mask, starts[first], length)
+        mask_int = masks[1] if writes else _internal_mask(graph, site, mask, starts, lengths)
         result = graph.call_function(torch.ops.fbcompile.attention_merge_lse.default,
                                      (query, k_int, v_int, mask_int, scale, out_ext, lse_ext))
         result.meta["fbcompile_heads"] = _heads(site)
