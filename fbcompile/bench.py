@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .api import new_request, optimize
+from .api import new_request, optimize, reset, stats
 from .config import Config
 
 # Datasheet HBM bandwidths, bytes/s (SXM parts).
@@ -98,7 +98,8 @@ def _sync(device: torch.device) -> None:
 
 def time_block(run: Callable[[], Any], before: Callable[[], None], repeats: int,
                device: torch.device) -> tuple[float, float]:
-    """(seconds of the first call, compile included; median ms of ``repeats`` calls after a warm-up).
+    """(seconds of the first call, compile included; median ms of ``repeats`` calls after a warm-up);
+    ``repeats + 2`` calls in all.
     CUDA events on the GPU, wall clock on the CPU; ``before`` runs untimed before each call."""
     before()
     t0 = time.perf_counter()
@@ -142,6 +143,8 @@ def bench_variant(workload: Workload, variant: str, contexts: Sequence[int], bat
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 block = workload.prepare(model, context, batch)
+                if variant in ("exact", "block"):
+                    reset(model)
                 first, ms = time_block(block.run, before, repeats, device)
                 roof = roofline_ms(weights, block.kv_bytes, workload.steps, variant == "block", bandwidth)
                 row.update(ms_per_block=round(ms, 3),
@@ -151,6 +154,10 @@ def bench_variant(workload: Workload, variant: str, contexts: Sequence[int], bat
                                         if device.type == "cuda" else None),
                            roofline_ms=round(roof, 3), roofline_ratio=round(ms / roof, 2),
                            weight_bytes=weights, kv_bytes=block.kv_bytes)
+                if variant in ("exact", "block"):  # what the timed blocks did: 1 refresh per block in block mode
+                    counts = stats(model)
+                    row.update(refreshes_per_block=round(counts.refreshes / (repeats + 2), 2),
+                               reuses_per_block=round(counts.reuses / (repeats + 2), 2))
             except torch.OutOfMemoryError as error:
                 row.update(skipped=f"out of memory: {str(error).splitlines()[0][:80]}")
             finally:
