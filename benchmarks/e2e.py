@@ -69,6 +69,7 @@ def prepare_lm(steps, model, context, batch):
     def run():
         x.fill_(cfg.mask_token_id)
         for step in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()  # under reduce-overhead: each call a new step
             model(x, past_key_values=cache, position_ids=pos)
             x[:, step] = step + 1  # the block changes between steps, as a sampler changes it
     return Block(run, sum(t.nbytes for kv in cache for t in kv))
@@ -109,6 +110,7 @@ def prepare_gemma(steps, model, context, batch):
     def run():
         logits = None
         for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()  # as HF's generate does
             logits = model(cache=cache, decoder_input_ids=canvas, decoder_position_ids=pos,
                            self_conditioning_logits=logits).logits
     return Block(run, sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)))
@@ -142,6 +144,7 @@ def prepare_video(steps, model, context, batch):
         x = noise
         for t_now, t_next in zip(times[:-1], times[1:]):
             t = torch.full((batch,), t_now, device=p.device, dtype=p.dtype)
+            torch.compiler.cudagraph_mark_step_begin()
             x = x + (t_next - t_now) * model(x, t, past_key_values=cache)[0]
     return Block(run, sum(t.nbytes for kv in cache for t in kv))
 

@@ -152,7 +152,7 @@ def bench_variant(workload: Workload, variant: str, contexts: Sequence[int], bat
                            first_call_s=round(first, 2),
                            peak_mem_gb=(round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
                                         if device.type == "cuda" else None),
-                           roofline_ms=round(roof, 3), roofline_ratio=round(ms / roof, 2),
+                           roofline_ms=float(f"{roof:.4g}"), roofline_ratio=float(f"{ms / roof:.3g}"),
                            weight_bytes=weights, kv_bytes=block.kv_bytes)
                 if variant in ("exact", "block"):  # what the timed blocks did: 1 refresh per block in block mode
                     counts = stats(model)
@@ -212,7 +212,8 @@ def cpu_name() -> str:
 
 
 def write_results(out: str, results: Mapping[str, dict], env: dict) -> list[str]:
-    """``e2e.md`` (a table per model), ``e2e.json`` and one ``e2e_<model>.png`` per model; returns the paths."""
+    """``e2e.json``, ``e2e.md`` (a table per model) and one ``e2e_<model>.png`` per model (when
+    matplotlib, a test extra, is installed); returns the paths written."""
     from tabulate import tabulate
     os.makedirs(out, exist_ok=True)
     paths = [os.path.join(out, "e2e.json"), os.path.join(out, "e2e.md")]
@@ -223,15 +224,19 @@ def write_results(out: str, results: Mapping[str, dict], env: dict) -> list[str]
     for name, result in results.items():
         lines += [f"## {name}: {result['description']}", "",
                   tabulate(result["rows"], headers="keys", tablefmt="github"), ""]
-        paths.append(_plot(os.path.join(out, f"e2e_{name}.png"), name, result["rows"], env["device"]))
     with open(paths[1], "w") as f:
         f.write("\n".join(lines))
+    try:
+        import matplotlib
+    except ImportError:
+        return paths
+    matplotlib.use("Agg")
+    for name, result in results.items():
+        paths.append(_plot(os.path.join(out, f"e2e_{name}.png"), name, result["rows"], env["device"]))
     return paths
 
 
 def _plot(path: str, name: str, rows: list[dict], device: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ms_ax, ratio_ax) = plt.subplots(1, 2, figsize=(11, 4))
     done = [r for r in rows if "ms_per_block" in r]
@@ -314,10 +319,10 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
                 rows += bench_variant(w, variant, contexts, batches, device=device, dtype=dtype,
                                       repeats=args.repeats, bandwidth=bandwidth, compiler=args.compiler,
                                       progress=progress)
-            results[name] = dict(description=w.description, steps=w.steps, block_size=w.block_size,
-                                 unit=w.unit, rows=rows)
+                results[name] = dict(description=w.description, steps=w.steps, block_size=w.block_size,
+                                     unit=w.unit, rows=rows)
+                paths = write_results(args.out, results, env)  # after each variant: a cut-off run keeps its rows
     progress.close()
-    paths = write_results(args.out, results, env)
     print("\n".join(f"written {p}" for p in paths))
     return results
 

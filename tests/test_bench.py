@@ -66,7 +66,7 @@ def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp
     for row, reuse in zip(rows, (False, True)):
         assert row["weight_bytes"] == weights and row["kv_bytes"] == kv
         roofline = (steps * weights + (kv if reuse else steps * kv)) / 1e9 * 1e3
-        assert row["roofline_ms"] == pytest.approx(roofline, abs=1e-3)
+        assert row["roofline_ms"] == pytest.approx(roofline, rel=1e-3)
         assert row["roofline_ratio"] == pytest.approx(row["ms_per_block"] / row["roofline_ms"], rel=1e-2)
         assert row["tokens_per_s"] > 0 and row["peak_mem_gb"] is None
     assert rows[1]["refreshes_per_block"] == 1 and rows[1]["reuses_per_block"] == steps - 1  # a new block each time
