@@ -11,6 +11,12 @@ loads them by name, as ``fidelity`` loads ``--model``. So the library never impo
 Roofline of one block of ``steps`` forwards = bytes that must be read / HBM bandwidth: the weights
 at every step, plus the cached keys/values once per block (fbcompile block mode: one refresh, the
 other steps reuse the external attention) or at every step (every other variant, exact).
+
+Per row: the median ms per block over ``--repeats`` blocks (CUDA events on the GPU, wall clock on the
+CPU) after the first call (``first_call_s``: compile and CUDA-graph capture included; a later context
+may recompile) and a warm-up; ``<unit>_per_s``; ``peak_mem_gb`` (GPU); the roofline and
+measured/roofline; for fbcompile, refreshes and reuses per timed block. A row that runs out of device
+memory is recorded as skipped. Results are rewritten after each variant, so a cut-off run keeps its rows.
 """
 from __future__ import annotations
 
