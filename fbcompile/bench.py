@@ -68,14 +68,13 @@ def weight_bytes(model: torch.nn.Module, exclude: Sequence[str] = ()) -> int:
     """Bytes of the parameters a forward reads: every parameter once (tied ones once), except
     embedding tables, of which a forward gathers only a few rows - unless another module (a tied
     LM head) reads the same tensor whole. ``exclude``: module-name prefixes not run per step."""
-    whole, gathered = {}, {}
+    read = {}
     for name, module in model.named_modules():
-        if any(name == e or name.startswith(e + ".") for e in exclude):
+        if isinstance(module, torch.nn.Embedding) or any(name == e or name.startswith(e + ".") for e in exclude):
             continue
-        target = gathered if isinstance(module, torch.nn.Embedding) else whole
         for p in module.parameters(recurse=False):
-            target[id(p)] = p.numel() * p.element_size()
-    return sum(whole.values())
+            read[id(p)] = p.numel() * p.element_size()
+    return sum(read.values())
 
 
 def roofline_ms(weights: int, kv: int, steps: int, reuse: bool, bandwidth: float) -> float:
