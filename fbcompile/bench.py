@@ -251,8 +251,16 @@ def _plot(path: str, name: str, rows: list[dict], device: str) -> str:
         label = f"{variant}, batch {batch}"
         ms_ax.plot(xs, [r["ms_per_block"] for r in mine], marker="o", label=label)
         ratio_ax.plot(xs, [r["roofline_ratio"] for r in mine], marker="o", label=label)
+    batches = sorted({r["batch"] for r in done})
+    for (batch, reuse) in dict.fromkeys((r["batch"], r["variant"] == VARIANT_NAMES["block"]) for r in done):
+        roof = {r["context"]: r["roofline_ms"] for r in done
+                if r["batch"] == batch and (r["variant"] == VARIANT_NAMES["block"]) == reuse}
+        ms_ax.plot(list(roof), list(roof.values()), linestyle=("--", ":", "-.")[batches.index(batch) % 3],
+                   color="gray" if reuse else "black",
+                   label=f"roofline {'block' if reuse else 'exact'}, batch {batch}")
     for ax, ylabel in ((ms_ax, "ms per block"), (ratio_ax, "measured / roofline")):
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1024:g}K" if x >= 1024 else f"{x:g}")
         ax.set_yscale("log")
         ax.set_xlabel("cached tokens")
         ax.set_ylabel(ylabel)
