@@ -21,6 +21,7 @@ memory is recorded as skipped. Results are rewritten after each variant, so a cu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -131,14 +132,13 @@ def time_block(run: Callable[[], Any], before: Callable[[], None], repeats: int,
     return first, times[len(times) // 2]
 
 
-def bench_variant(workload: Workload, variant: str, contexts: Sequence[int], batches: Sequence[int], *,
-                  device: torch.device, dtype: torch.dtype, repeats: int, bandwidth: float,
+def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, contexts: Sequence[int],
+                  batches: Sequence[int], *, device: torch.device, repeats: int, bandwidth: float,
                   compiler: str, progress=None) -> list[dict]:
-    """Rows for one variant of one workload: one model, all contexts and batches (largest last, so
-    that running out of memory skips only what does not fit)."""
-    model = workload.build(device, dtype)
-    weights = (workload.weight_bytes or weight_bytes)(model)
-    model = make_variant(variant, model, compiler)
+    """Rows for one variant of one workload: a copy of the ``built`` model, all contexts and batches
+    (largest last, so that running out of memory skips only what does not fit)."""
+    weights = (workload.weight_bytes or weight_bytes)(built)
+    model = make_variant(variant, copy.deepcopy(built), compiler)
     before = (lambda: new_request(model)) if variant in ("exact", "block") else (lambda: None)
     rows = []
     for batch in batches:
@@ -326,15 +326,17 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for name in names:
             w = workloads[name]
+            progress.set_description(f"{name} building")
+            built = w.build(device, dtype)  # once: random init of a billion weights takes seconds
             rows = []
             for variant in variants:
                 progress.set_description(f"{name} {variant}")
-                rows += bench_variant(w, variant, contexts, batches, device=device, dtype=dtype,
-                                      repeats=args.repeats, bandwidth=bandwidth, compiler=args.compiler,
-                                      progress=progress)
+                rows += bench_variant(w, built, variant, contexts, batches, device=device, repeats=args.repeats,
+                                      bandwidth=bandwidth, compiler=args.compiler, progress=progress)
                 results[name] = dict(description=w.description, steps=w.steps, block_size=w.block_size,
                                      unit=w.unit, rows=rows)
                 paths = write_results(args.out, results, env)  # after each variant: a cut-off run keeps its rows
+            del built
     progress.close()
     print("\n".join(f"written {p}" for p in paths))
     return results

@@ -42,7 +42,7 @@ def test_a_row_that_does_not_fit_is_recorded_as_skipped():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
         return bench.Block(lambda: model(torch.ones(batch, 4)), kv_bytes=0)
     workload = bench.Workload(lambda device, dtype: torch.nn.Linear(4, 4), prepare, steps=2, block_size=4)
-    rows = bench.bench_variant(workload, "eager", [16, 32], [1], device=torch.device("cpu"), dtype=torch.float32,
+    rows = bench.bench_variant(workload, torch.nn.Linear(4, 4), "eager", [16, 32], [1], device=torch.device("cpu"),
                                repeats=1, bandwidth=1e12, compiler="eager")
     assert "ms_per_block" in rows[0] and "skipped" not in rows[0]
     assert rows[1]["skipped"].startswith("out of memory") and "ms_per_block" not in rows[1]
