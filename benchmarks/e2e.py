@@ -16,7 +16,7 @@ Each cache is filled with random tensors of the right shape (no prefill), so 128
 rows that do not fit in memory are recorded as skipped. ``--tiny`` uses small shapes for the CPU.
 
     python benchmarks/e2e.py --model lm --contexts 8k,32k --out benchmarks/results/e2e_h200
-    python -m fbcompile bench --workloads benchmarks.e2e:WORKLOADS --model lm      # the same
+    python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm      # the same
     python benchmarks/e2e.py --tiny --contexts 64,128 --batches 1 --variants eager,block --compiler eager
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Design: the library holds what is model-agnostic - the variants (eager, ``torch.
 reduce-overhead, fbcompile exact and block), the timing, the memory roofline, and the table / JSON /
 plot - while the models are supplied by the caller as :class:`Workload` s. ``benchmarks/e2e.py``
 defines the project's workloads (the example LM at Qwen2-1.5B shape, HF DiffusionGemma, the video
-DiT) and runs :func:`main` with them; ``python -m fbcompile bench --workloads benchmarks.e2e:WORKLOADS``
+DiT) and runs :func:`main` with them; ``python -m fbcompile bench --workloads benchmarks.e2e:workloads``
 loads them by name, as ``fidelity`` loads ``--model``. So the library never imports ``benchmarks/`` or
 ``examples/``, and a user benchmarks their own model by writing one ``Workload``.
 
