@@ -6,8 +6,9 @@ Models (random weights; bf16 on the GPU), each a :class:`fbcompile.bench.Workloa
   / 2 KV heads, D 128), block 32, 8 denoising steps; the cache a list of per-layer ``(k, v)``.
 - ``gemma``: HF ``DiffusionGemmaForBlockDiffusion`` at its real layer shapes (hidden 2304, head_dim 256,
   global layers 512; MoE 8 x top-2 of width 2048, our choice: the config has no default) with 6 layers
-  (5 sliding-window + 1 global), canvas 256, 8 steps, each step fed the previous step's logits (self-conditioning) as its ``generate`` does. Weights: the
-  decoder and LM head (the encoder and vision tower only prefill).
+  (5 sliding-window + 1 global), canvas 256, 8 steps, each step fed the previous step's logits
+  (self-conditioning) as its ``generate`` does. Weights: the decoder and LM head (the encoder and
+  vision tower only prefill).
 - ``video``: the example video DiT (``examples/video_ar_diffusion.py``) at ~1.3B (30 layers, hidden
   1536, 12 heads of 128, Wan-like 480x832 latents: 1560 tokens per frame), chunks of 3 latent frames,
   4 steps; throughput in frames per second.
