@@ -1,6 +1,8 @@
 """Command line: ``python -m fbcompile fidelity|calibrate --model pkg.mod:factory --generate pkg.mod:function``.
 
-``calibrate`` writes ``calibration.md`` and ``plan.json``; ``fidelity --plan plan.json`` evaluates it."""
+``calibrate`` writes ``calibration.md`` and ``plan.json``; ``fidelity --plan plan.json`` evaluates it.
+``python -m fbcompile bench --workloads pkg.mod:function ...`` runs the end-to-end benchmark
+(:mod:`fbcompile.bench`) on the workloads ``function(tiny)`` returns, e.g. ``benchmarks.e2e:workloads``."""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +36,15 @@ def main(argv=None) -> int:
     cal.add_argument("--cos", type=float, default=0.85, help="a head reuses where its cos-sim is at least this")
     cal.add_argument("--lse-drift", type=float, default=0.05, help="... and its mean |LSE drift| at most this")
     cal.add_argument("--granularity", choices=("head", "layer"), default="head")
+    from fbcompile import bench as bench_module
+    bench = commands.add_parser("bench", parents=[bench_module.parser(add_help=False)],
+                                help="end-to-end ms per block per variant, vs the memory roofline")
+    bench.add_argument("--workloads", required=True, help="module:callable(tiny) returning {name: Workload}")
     args = parser.parse_args(argv)
     sys.path.insert(0, "")
+    if args.command == "bench":
+        bench_module.run(_load(args.workloads)(args.tiny), args)
+        return 0
     from fbcompile import Config, ReusePlan, calibrate, fidelity
 
     model, generate = _load(args.model)(), _load(args.generate)

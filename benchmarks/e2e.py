@@ -1,0 +1,170 @@
+"""End to end, the benchmark users read: ms per block of three block-diffusion models, five variants.
+
+Models (random weights; bf16 on the GPU), each a :class:`fbcompile.bench.Workload`, picked by ``--model``:
+
+- ``lm``: the example LM (``examples/block_diffusion_lm.py``) at Qwen2-1.5B shape (28 layers, 12 query
+  / 2 KV heads, D 128), block 32, 8 denoising steps; the cache a list of per-layer ``(k, v)``.
+- ``gemma``: HF ``DiffusionGemmaForBlockDiffusion`` at its real layer shapes (hidden 2304, head_dim 256,
+  global layers 512; MoE 8 x top-2 of width 2048, our choice: the config has no default) with 6 layers
+  (5 sliding-window + 1 global), canvas 256, 8 steps, each step fed the previous step's logits
+  (self-conditioning) as its ``generate`` does. Weights: the decoder and LM head (the encoder and
+  vision tower only prefill).
+- ``video``: the example video DiT (``examples/video_ar_diffusion.py``) at ~1.3B (30 layers, hidden
+  1536, 12 heads of 128, Wan-like 480x832 latents: 1560 tokens per frame), chunks of 3 latent frames,
+  4 steps; throughput in frames per second.
+
+Each cache is filled with random tensors of the right shape (no prefill), so 128K contexts are cheap;
+rows that do not fit in memory are recorded as skipped. ``--tiny`` uses small shapes for the CPU.
+
+    python benchmarks/e2e.py --model lm --contexts 8k,32k --out benchmarks/results/e2e_h200
+    python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm      # the same
+    python benchmarks/e2e.py --tiny --contexts 64,128 --batches 1 --variants eager,block --compiler eager
+"""
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fbcompile.bench import Block, Workload, main, weight_bytes  # noqa: E402
+from examples.block_diffusion_lm import BlockDiffusionConfig, BlockDiffusionLM, init_random_weights  # noqa: E402
+from examples.video_ar_diffusion import VideoARConfig, VideoARDiffusion  # noqa: E402
+
+QWEN_1_5B = dict(vocab_size=32000, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128,
+                 intermediate_size=8960, block_size=32)
+TINY_LM = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+               intermediate_size=128, block_size=8)
+GEMMA_6_LAYERS = dict(num_hidden_layers=6, num_experts=8, top_k_experts=2, moe_intermediate_size=2048)
+TINY_GEMMA = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, global_head_dim=64, sliding_window=64, num_experts=4,
+                  top_k_experts=2, moe_intermediate_size=64)
+DIT_1_3B = dict(in_channels=16, height=60, width=104, hidden_size=1536, num_heads=12, head_dim=128, num_layers=30)
+TINY_DIT = dict(in_channels=4, height=8, width=8, hidden_size=64, num_heads=4, head_dim=16, num_layers=2)
+
+
+# --------------------------------------------------------------------------- lm
+
+
+def build_lm(shape, device, dtype):
+    with torch.device(device):
+        model = BlockDiffusionLM(BlockDiffusionConfig(**shape))
+    return init_random_weights(model, seed=0).to(dtype).eval()
+
+
+def prepare_lm(steps, model, context, batch):
+    cfg, p = model.config, next(model.parameters())
+    gen = torch.Generator(p.device).manual_seed(1)
+    shape = (batch, cfg.num_kv_heads, context, cfg.head_dim)
+    cache = [tuple(torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype) for _ in "kv")
+             for _ in range(cfg.num_layers)]
+    for k, v in cache:  # one compiled graph for every context length
+        torch._dynamo.mark_dynamic(k, 2)
+        torch._dynamo.mark_dynamic(v, 2)
+    x = torch.full((batch, cfg.block_size), cfg.mask_token_id, device=p.device)
+    pos = torch.arange(context, context + cfg.block_size, device=p.device)[None].expand(batch, -1)
+
+    def run():
+        x.fill_(cfg.mask_token_id)
+        for step in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()  # under reduce-overhead: each call a new step
+            model(x, past_key_values=cache, position_ids=pos)
+            x[:, step] = step + 1  # the block changes between steps, as a sampler changes it
+    return Block(run, sum(t.nbytes for kv in cache for t in kv))
+
+
+# --------------------------------------------------------------------------- gemma
+
+
+def build_gemma(text, canvas, device, dtype):
+    import transformers
+    config = transformers.DiffusionGemmaConfig(text_config=dict(text, max_position_embeddings=262144),
+                                               canvas_length=canvas)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.DiffusionGemmaForBlockDiffusion(config)
+    return model.to(dtype).eval()
+
+
+def gemma_weight_bytes(model):
+    return weight_bytes(model, exclude=("model.encoder",))
+
+
+def prepare_gemma(steps, model, context, batch):
+    from transformers import DynamicCache
+    p = next(model.parameters())
+    gen = torch.Generator(p.device).manual_seed(1)
+    cache = DynamicCache(config=model.config)
+    for i, layer in enumerate(model.model.decoder.layers):
+        attn = layer.self_attn
+        shape = (batch, attn.k_proj.out_features // attn.head_dim, context, attn.head_dim)
+        cache.update(*(torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype) for _ in "kv"), i)
+    for layer in cache.layers:  # a sliding-window layer keeps a view of its last tokens: drop the rest
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    length = model.config.canvas_length
+    canvas = torch.randint(0, model.config.text_config.vocab_size, (batch, length), generator=gen, device=p.device)
+    pos = torch.arange(context, context + length, device=p.device)[None].expand(batch, -1)
+
+    def run():
+        logits = None
+        for _ in range(steps):
+            torch.compiler.cudagraph_mark_step_begin()  # as HF's generate does
+            logits = model(cache=cache, decoder_input_ids=canvas, decoder_position_ids=pos,
+                           self_conditioning_logits=logits).logits
+    return Block(run, sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)))
+
+
+# --------------------------------------------------------------------------- video
+
+
+def build_video(shape, device, dtype):
+    with torch.device(device):
+        model = VideoARDiffusion(VideoARConfig(**shape))
+    return init_random_weights(model, seed=0, scales={".attn.q": 2.0, ".attn.k": 2.0}).to(dtype).eval()
+
+
+def prepare_video(steps, model, context, batch):
+    """``context`` cached tokens, rounded down to whole frames."""
+    cfg, p = model.config, next(model.parameters())
+    gen = torch.Generator(p.device).manual_seed(1)
+    cached = context // cfg.tokens_per_frame * cfg.tokens_per_frame
+    shape = (batch, cached, cfg.num_heads, cfg.head_dim)
+    cache = [tuple(torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype) for _ in "kv")
+             for _ in range(cfg.num_layers)]
+    for k, v in cache:
+        torch._dynamo.mark_dynamic(k, 1)
+        torch._dynamo.mark_dynamic(v, 1)
+    noise = torch.randn((batch, cfg.in_channels, cfg.chunk_frames, cfg.height, cfg.width), generator=gen,
+                        device=p.device, dtype=p.dtype)
+    times = torch.linspace(1.0, 0.0, steps + 1).tolist()
+
+    def run():
+        x = noise
+        for t_now, t_next in zip(times[:-1], times[1:]):
+            t = torch.full((batch,), t_now, device=p.device, dtype=p.dtype)
+            torch.compiler.cudagraph_mark_step_begin()
+            x = x + (t_next - t_now) * model(x, t, past_key_values=cache)[0]
+    return Block(run, sum(t.nbytes for kv in cache for t in kv))
+
+
+def workloads(tiny: bool = False) -> dict[str, Workload]:
+    """The benchmark's models by name; ``tiny``: small shapes for the CPU (and the tests)."""
+    lm, gemma, dit = (TINY_LM, TINY_GEMMA, TINY_DIT) if tiny else (QWEN_1_5B, GEMMA_6_LAYERS, DIT_1_3B)
+    lm_steps, canvas, gemma_steps, video_steps = (4, 16, 4, 2) if tiny else (8, 256, 8, 4)
+    return {
+        "lm": Workload(partial(build_lm, lm), partial(prepare_lm, lm_steps), lm_steps, lm["block_size"],
+                       description=f"example LM {lm}, {lm_steps} steps per block"),
+        "gemma": Workload(partial(build_gemma, gemma, canvas), partial(prepare_gemma, gemma_steps), gemma_steps,
+                          canvas, weight_bytes=gemma_weight_bytes,
+                          description=f"HF DiffusionGemma {gemma}, canvas {canvas}, {gemma_steps} steps"),
+        "video": Workload(partial(build_video, dit), partial(prepare_video, video_steps), video_steps,
+                          VideoARConfig.chunk_frames, unit="frames",
+                          description=f"example video DiT {dit}, chunks of 3 latent frames, {video_steps} steps"),
+    }
+
+
+if __name__ == "__main__":
+    main(workloads, prog="benchmarks/e2e.py")

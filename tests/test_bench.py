@@ -1,0 +1,75 @@
+"""The end-to-end benchmark harness (fbcompile.bench + benchmarks/e2e.py) at tiny shapes on the CPU.
+Nothing is timed here: the checks are the files, the roofline arithmetic and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from fbcompile import bench
+from fbcompile.__main__ import main as cli
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.e2e import TINY_LM, workloads  # noqa: E402
+
+
+def test_roofline_matches_the_issue_hand_computation():
+    # Qwen2-1.5B shape on the H100 (issue 13): 2.72 GB of weights, 32K cached tokens of 28 layers x
+    # 2 (k, v) x 2 KV heads x 128 x bf16 = 0.94 GB; 8 steps: exact 8.7 ms, block 6.8 ms.
+    kv = 28 * 2 * 2 * 32768 * 128 * 2
+    assert kv == 939_524_096
+    exact = bench.roofline_ms(2.72e9, kv, 8, reuse=False, bandwidth=3.35e12)
+    block = bench.roofline_ms(2.72e9, kv, 8, reuse=True, bandwidth=3.35e12)
+    assert math.isclose(exact, 8 * (2.72e9 + kv) / 3.35e12 * 1e3) and round(exact, 1) == 8.7
+    assert math.isclose(block, (8 * 2.72e9 + kv) / 3.35e12 * 1e3) and round(block, 1) == 6.8
+
+
+def test_weight_bytes_leaves_out_gathered_embeddings_but_counts_a_tied_head_once():
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 4), torch.nn.Linear(8, 100, bias=False))
+    assert bench.weight_bytes(model) == (8 * 4 + 4 + 8 * 100) * 4
+    model[2].weight = model[0].weight  # a tied LM head reads the whole table
+    assert bench.weight_bytes(model) == (8 * 4 + 4 + 100 * 8) * 4
+    assert bench.weight_bytes(model, exclude=("1",)) == 100 * 8 * 4
+
+
+def test_a_row_that_does_not_fit_is_recorded_as_skipped():
+    def prepare(model, context, batch):
+        if context > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return bench.Block(lambda: model(torch.ones(batch, 4)), kv_bytes=0)
+    workload = bench.Workload(lambda device, dtype: torch.nn.Linear(4, 4), prepare, steps=2, block_size=4)
+    rows = bench.bench_variant(workload, torch.nn.Linear(4, 4), "eager", [16, 32], [1], device=torch.device("cpu"),
+                               repeats=1, bandwidth=1e12, compiler="eager")
+    assert "ms_per_block" in rows[0] and "skipped" not in rows[0]
+    assert rows[1]["skipped"].startswith("out of memory") and "ms_per_block" not in rows[1]
+
+
+def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "e2e"
+    assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", "lm", "--contexts", "64",
+                "--batches", "1", "--variants", "eager,block", "--compiler", "eager", "--device", "cpu",
+                "--repeats", "1", "--bandwidth", "1e9", "--out", str(out)]) == 0
+    result = json.loads((out / "e2e.json").read_text())
+    assert result["env"]["bandwidth"] == "0.001 TB/s (given)"
+    rows = result["models"]["lm"]["rows"]
+    assert [r["variant"] for r in rows] == ["eager", "fbcompile block"]
+    # hand count of the tiny LM's fp32 parameters, the embedding table left out
+    h, layers, kv_dim, ff, vocab = 64, TINY_LM["num_layers"], 2 * 16, 128, 256
+    per_layer = (h * h + h) + 2 * (h * kv_dim + kv_dim) + h * h + 2 * h + 3 * h * ff
+    weights = (layers * per_layer + h + h * vocab) * 4
+    kv = layers * 2 * 1 * 2 * 64 * 16 * 4
+    steps = workloads(tiny=True)["lm"].steps
+    for row, reuse in zip(rows, (False, True)):
+        assert row["weight_bytes"] == weights and row["kv_bytes"] == kv
+        roofline = (steps * weights + (kv if reuse else steps * kv)) / 1e9 * 1e3
+        assert row["roofline_ms"] == pytest.approx(roofline, rel=1e-3)
+        assert row["roofline_ratio"] == pytest.approx(row["ms_per_block"] / row["roofline_ms"], rel=1e-2)
+        assert row["tokens_per_s"] > 0 and row["peak_mem_gb"] is None
+    assert rows[1]["refreshes_per_block"] == 1 and rows[1]["reuses_per_block"] == steps - 1  # a new block each time
+    table = (out / "e2e.md").read_text()
+    assert "fbcompile block" in table and f"- torch: {torch.__version__}" in table
+    assert (out / "e2e_lm.png").stat().st_size > 1000
