@@ -3,7 +3,9 @@
 The pipeline's loop, reproduced: per chunk, denoising steps with ``kv_cache`` (``is_cache_step=False``:
 ``flex_attention`` through ``dispatch_attention_fn`` over ``cat(compressed_cache[:n1], full_cache[:n2], key)``
 with RoPE after the cat and zero padding to a multiple of 128), then a cache step that writes the chunk's
-keys/values (a BlockMask from ``build_attention_mask``).
+keys/values (a BlockMask from ``build_attention_mask``). Its RoPE table, a cat of the compressed- and
+full-frame tables, is built in the graph from constants alone, so the roped keys split at the cache
+(see fbcompile.passes.positionwise).
 """
 from __future__ import annotations
 

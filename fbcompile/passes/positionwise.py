@@ -32,15 +32,18 @@ may change between two calls of the same graph. So a table is accepted only as:
 * graph inputs (guarded), ``get_attr`` constants, ``arange(key_len)`` (row i is i), prefix slices
   ``t[..., :key_len]``, and position-wise ops of those: row i depends on no size at all;
 * a *graph constant*: computed from no graph input (no tensor, no symbolic size), no ``get_attr``
-  (whose value a fingerprint cannot see) and no random or uninitialised op, through any ops (diffusers' AnyFlow pools its per-axis frequencies, slices at
-  frame offsets and cats them). It is the same at every call of the graph. A static size baked
-  into it differs between graphs only, and the session's entries are shared between graphs over
-  the same cache tensors, so its fingerprint (ops, constants, shapes) joins the guarded ints: an
-  entry another graph refreshed with another table refreshes;
+  (whose value a fingerprint cannot see) and no random or uninitialised op, through any ops
+  (diffusers' AnyFlow pools its per-axis frequencies, slices them at frame offsets and cats them).
+  It is the same at every call of the graph. A static size baked into it differs between graphs
+  only, but the session's entries are shared between graphs over the same cache tensors, so its
+  fingerprint (ops, constants, shapes) joins the guarded ints: an entry that another graph
+  refreshed with another table is refreshed;
 * a ``cat`` along the sequence of accepted tables (``cat([cos[:n1], cos[:n2]])``): row i of the cat
   is row ``i - a`` of the operand covering it, so its rows move with the operands' lengths, which
-  join the guarded ints (a static length as itself, a symbolic one through the symbolic-int inputs
-  it is computed from; a length read off a tensor input is guarded by that input's shape).
+  join the guarded ints: a static length as itself, a symbolic one as the symbolic-int inputs of
+  its symbols (a symbol that is no graph input: :class:`LayoutError`). Such a cat is recognised
+  once the walk has met the keys' cat; met before it, it is taken for the keys' cat and the walk
+  stops at the real one ("two concatenations"). A graph-constant cat is recognised in any order.
 
 Size-1 operands (``inv_freq``, norm weights) must not depend on symbolic sizes. Any other table -
 sliced at an offset that depends on a graph input (``cos[key_len - n:]``), a ``flip``, ``cumsum``
@@ -258,7 +261,8 @@ class _Tracer:
         return node in self._constants
 
     def _guard(self, size) -> None:
-        if not any(size is g for g in self.guarded_sizes):
+        """Add an int or a symbolic-int input to what the run-time guards compare by value."""
+        if isinstance(size, int) or size not in self.guarded_sizes:
             self.guarded_sizes.append(size)
 
     def _sequence_cat(self, node: fx.Node, tensors) -> bool:
