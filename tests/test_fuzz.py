@@ -146,7 +146,8 @@ def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
 NEAR_MISSES = ["dropout_sdpa", "dropout_eager", "causal", "cat_heads", "cached_depends_on_block",
                "repeat_outer", "finite_masked_fill", "scores_escape", "buffer_written_twice", "buffer_read_first",
                # after the cat, ops that mix key positions or a table at the wrong positions
-               "cumsum_after_cat", "flip_after_cat", "rope_offset_table", "seq_matmul_after_cat"]
+               "cumsum_after_cat", "flip_after_cat", "rope_offset_table", "seq_matmul_after_cat",
+               "rope_cat_offset_part"]
 
 
 class NearMiss(ZooAttention):
@@ -208,6 +209,10 @@ class NearMiss(ZooAttention):
         if self.kind == "rope_offset_table":  # rows [1, n + 1): key i rotated as position i + 1
             cos = self.cos_table[1:n + 1]
             return k * (cos[:, None] if seq == 1 else cos)
+        if self.kind == "rope_cat_offset_part":  # a table cat whose cached part is a table at an offset
+            cached = n - self.spec.block
+            cos = torch.cat([self.cos_table[1:cached + 1], self.cos_table[:n - cached]])
+            return k * (cos[:, None] if seq == 1 else cos)
         if self.kind == "seq_matmul_after_cat":  # a causal average over key positions
             weights = torch.tril(torch.ones(n, n, dtype=k.dtype)) / n
             return weights @ k if seq != 1 else (weights @ k.transpose(1, 2)).transpose(1, 2)
@@ -238,6 +243,8 @@ def near_misses(draw):
 @settings(settings.get_profile(PROFILE), max_examples=NEAR_MISS_EXAMPLES)
 @given(case=near_misses(), seed=seeds)
 @example(case=("buffer_written_twice", ZooSpec(buffer="setitem", suffix=3), 0.5), seed=0)
+@example(case=("rope_cat_offset_part", ZooSpec(), 0.5), seed=0)
+@example(case=("rope_cat_offset_part", ZooSpec(layout="bshd"), 0.5), seed=0)
 def test_fuzz_near_misses_skipped_and_exact(case, seed):
     kind, spec, p = case
     torch._dynamo.reset()
