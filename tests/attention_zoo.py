@@ -46,9 +46,11 @@ class ZooSpec:
                                  # | rope_arange (tables from arange(key_len)) | key_norm (RMS over D)
                                  # | pad (zero padding of keys/values to a multiple of 8, masked)
                                  # | rope_complex (diffusers' form: view_as_complex(k) * polar table)
+                                 # | rope_cat (AnyFlow-like: the table is a cat of the cache's and the
+                                 #   block's sub-tables, cat([cos[:cache], cos[:block]]))
 
 
-POST_CAT = ("none", "rope", "rope_arange", "key_norm", "pad", "rope_complex")
+POST_CAT = ("none", "rope", "rope_arange", "key_norm", "pad", "rope_complex", "rope_cat")
 
 
 class ZooAttention(nn.Module):
@@ -82,9 +84,10 @@ class ZooAttention(nn.Module):
     def _after_cat(self, q, k, v, mask, seq: int):
         """``spec.post``: RoPE over all key positions (queries: the last rows), a key norm, or padding."""
         post = self.spec.post
-        if post in ("rope", "rope_arange"):
+        if post in ("rope", "rope_arange", "rope_cat"):
             n, m = k.shape[seq], q.shape[-2]
-            cos, sin = self._rope_tables(n)
+            cos, sin = self._rope_tables(n) if post != "rope_cat" else (
+                torch.cat([t[:n - m], t[:m]]) for t in (self.cos_table, self.sin_table))
             table = (lambda t: t[:, None]) if seq == 1 else (lambda t: t)
             k = (k.float() * table(cos) + _rotate_half(k.float()) * table(sin)).to(k.dtype)
             q = (q.float() * cos[n - m:] + _rotate_half(q.float()) * sin[n - m:]).to(q.dtype)

@@ -3,7 +3,9 @@
 The pipeline's loop, reproduced: per chunk, denoising steps with ``kv_cache`` (``is_cache_step=False``:
 ``flex_attention`` through ``dispatch_attention_fn`` over ``cat(compressed_cache[:n1], full_cache[:n2], key)``
 with RoPE after the cat and zero padding to a multiple of 128), then a cache step that writes the chunk's
-keys/values (a BlockMask from ``build_attention_mask``).
+keys/values (a BlockMask from ``build_attention_mask``). Its RoPE table, a cat of the compressed- and
+full-frame tables, is built in the graph from constants alone, so the roped keys split at the cache
+(see fbcompile.passes.positionwise).
 """
 from __future__ import annotations
 
@@ -77,10 +79,33 @@ def test_anyflow_far_exact_through_its_cache_loop(exact_run):
     assert any(s["form"] == "flex" for s in fbcompile.explain(model).sites)  # dispatch_attention_fn's flex backend
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="its RoPE table is itself a cat along the sequence (compressed-frame and full-frame "
-                          "frequencies), which the position-wise pass does not accept as a table yet, so the roped "
-                          "keys stay one piece while the values split: 'concatenated from different numbers of parts'")
 def test_anyflow_far_self_attention_over_the_cache_is_rewritten(exact_run):
-    over_cache = [s for s in fbcompile.explain(exact_run[2]).sites if s["form"] == "flex" and "cat(" in s["kv"]]
-    assert over_cache and all(s["decision"] == "rewritten" for s in over_cache), over_cache
+    """Its RoPE table is a cat of the compressed-frame and full-frame tables, built from constants alone
+    (a graph constant, see fbcompile.passes.positionwise): the roped keys split into the cache slices
+    and the block, like the values."""
+    flex = [s for s in fbcompile.explain(exact_run[2]).sites if s["form"] == "flex"]
+    over_cache = [s for s in flex if s["decision"] == "rewritten"]
+    # the others: the first chunk's denoising graph and the cache steps, which attend over no cache
+    assert all("no cached part" in s["decision"] for s in flex if s not in over_cache), flex
+    assert len(over_cache) == 2, flex  # the second and third chunks' denoising graphs
+    # the third chunk attends over the compressed cache, the full cache and the block (+ zero padding)
+    assert max(s["kv"].count("ext:") for s in over_cache) == 2
+
+
+def test_anyflow_far_block_mode_reuses_within_each_chunk():
+    """The loop denoises each chunk in ``steps`` calls over an unchanged cache, then writes the chunk
+    in a cache step (a graph with no cached part). So every chunk after the first refreshes at its
+    first step and reuses at the others: per split graph (calls, refreshes, reuses) = (steps, 1,
+    steps - 1). Compiles: two graphs per chunk (denoising and cache step) but the first chunk's
+    denoising graph and the last cache step: the loop's ``chunk_partition`` list grows each chunk
+    and dynamo specialises on it, so compiles grow with the chunks (the model's doing, not ours)."""
+    chunks, steps = (1,) * 4, 3
+    with torch.no_grad():
+        model = fbcompile.optimize(_tiny(), fbcompile.Config(refresh="block", compiler="eager"))
+        _generate(model, chunks=chunks, steps=steps)
+    stats = fbcompile.stats(model)
+    cached_chunks = len(chunks) - 1
+    assert [(s.calls, s.refreshes, s.reuses) for s in stats.sites] == [(steps, 1, steps - 1)] * cached_chunks, stats
+    # a new cache tensor set at chunk 1 and again at chunk 2 (the compressed cache joins), then the cache step's writes
+    assert stats.refresh_reasons == {"new kv": 2, "kv written in place": cached_chunks - 2}, stats
+    assert stats.compiles == 2 * len(chunks) - 1, stats

@@ -149,7 +149,8 @@ def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
 NEAR_MISSES = ["dropout_sdpa", "dropout_eager", "causal", "cat_heads", "cached_depends_on_block",
                "repeat_outer", "finite_masked_fill", "scores_escape", "buffer_written_twice", "buffer_read_first",
                # after the cat, ops that mix key positions or a table at the wrong positions
-               "cumsum_after_cat", "flip_after_cat", "rope_offset_table", "seq_matmul_after_cat"]
+               "cumsum_after_cat", "flip_after_cat", "rope_offset_table", "seq_matmul_after_cat",
+               "rope_cat_offset_part"]
 
 
 class NearMiss(ZooAttention):
@@ -211,6 +212,10 @@ class NearMiss(ZooAttention):
         if self.kind == "rope_offset_table":  # rows [1, n + 1): key i rotated as position i + 1
             cos = self.cos_table[1:n + 1]
             return k * (cos[:, None] if seq == 1 else cos)
+        if self.kind == "rope_cat_offset_part":  # a table cat whose cached part is a table at an offset
+            cached = n - self.spec.block
+            cos = torch.cat([self.cos_table[1:cached + 1], self.cos_table[:n - cached]])
+            return k * (cos[:, None] if seq == 1 else cos)
         if self.kind == "seq_matmul_after_cat":  # a causal average over key positions
             weights = torch.tril(torch.ones(n, n, dtype=k.dtype)) / n
             return weights @ k if seq != 1 else (weights @ k.transpose(1, 2)).transpose(1, 2)
@@ -241,6 +246,8 @@ def near_misses(draw):
 @settings(settings.get_profile(PROFILE), max_examples=NEAR_MISS_EXAMPLES)
 @given(case=near_misses(), seed=seeds)
 @example(case=("buffer_written_twice", ZooSpec(buffer="setitem", suffix=3), 0.5), seed=0)
+@example(case=("rope_cat_offset_part", ZooSpec(), 0.5), seed=0)
+@example(case=("rope_cat_offset_part", ZooSpec(layout="bshd"), 0.5), seed=0)
 def test_fuzz_near_misses_skipped_and_exact(case, seed):
     kind, spec, p = case
     torch._dynamo.reset()
@@ -287,3 +294,47 @@ def test_post_cat_ops_split_at_the_cache(post):
     kinds = re.findall(r"(ext|int):", site["kv"])
     assert kinds == (["ext", "int", "int"] if post == "pad" else ["ext", "int"]), site
 
+
+class _CatTableRope(torch.nn.Module):
+    """RoPE whose table is a cat of two sub-tables, ``cat([t[:split], t[:n - split]])``: the cached keys'
+    rows move with ``split``. ``table``: a module buffer, or built in the graph from constants alone;
+    ``split`` passed as an argument (dynamo makes it a symbolic input once it changes) or set as a
+    module attribute (a constant of each graph: a new graph per value, sharing the cache entries)."""
+
+    def __init__(self, table: str, dim: int = 8):
+        super().__init__()
+        self.table, self.split = table, None
+        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.register_buffer("cos_table", (torch.arange(64.0)[:, None] * torch.linspace(0.1, 1.0, dim)).cos())
+
+    def forward(self, x, past_k, past_v, split: int | None = None):
+        split = self.split if split is None else split
+        q, k, v = (proj(x)[:, None] for proj in (self.q, self.k, self.v))  # [B, 1, M, D]
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        n = k.shape[2]
+        table = self.cos_table if self.table == "buffer" else \
+            (torch.arange(64.0)[:, None] * torch.linspace(0.1, 1.0, x.shape[-1])).cos()
+        return F.scaled_dot_product_attention(q, k * torch.cat([table[:split], table[:n - split]]), v)
+
+
+@pytest.mark.parametrize("split_from", ["argument", "attribute"])
+@pytest.mark.parametrize("table", ["buffer", "constant"])
+def test_rope_table_cat_part_lengths_are_guarded(table, split_from):
+    """Same cache tensors, same query, another sub-table boundary: block mode must refresh ("kv range
+    changed": the boundary, a symbolic input's value or a graph constant's fingerprint, is guarded),
+    not reuse the external part computed with the old table rows."""
+    import fbcompile
+
+    torch.manual_seed(0)
+    model = _CatTableRope(table).eval()
+    x, past_k, past_v = torch.randn(1, 4, 8), torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8)
+    reference = copy.deepcopy(model)
+    optimized = fbcompile.optimize(model, fbcompile.Config(refresh="block", compiler="eager"))
+    with torch.no_grad():
+        for split in (3, 5, 7):
+            model.split = reference.split = split
+            args = (x, past_k, past_v) + ((split,) if split_from == "argument" else ())
+            got, expected = optimized(*args), reference(*args)
+            assert rel_error(got, expected) < 1e-5, split
+    assert all(s["decision"] == "rewritten" for s in fbcompile.explain(optimized).sites)
+    assert fbcompile.stats(optimized).refresh_reasons == {"new kv": 1, "kv range changed": 2}

@@ -114,10 +114,14 @@ class AttentionSite:
                 "heads": heads, "mask": self.mask_kind, "decision": self.decision}
 
     def cache_offsets(self) -> list:
-        """Where each static-cache external range ends (int or symbolic-int input node), and the
-        symbolic-int inputs a written buffer's positions are computed from."""
+        """Where each static-cache external range ends (int or symbolic-int input node), the
+        symbolic-int inputs a written buffer's positions are computed from, and the sizes position
+        tables' rows move with (see :mod:`.positionwise`)."""
+        chains = {p.chain: None for layout in (self.k_layout, self.v_layout) for p in layout.pieces
+                  if isinstance(p, PositionwisePiece)}
         return [p.start for layout in (self.k_layout, self.v_layout) for p in layout.pieces
-                if isinstance(p, CachePrefix)] + [n for n in self.position_inputs if example(n) is None]
+                if isinstance(p, CachePrefix)] + [n for n in self.position_inputs if example(n) is None] + [
+                    size for chain in chains for size in chain.guarded_sizes]
 
     def position_tensors(self) -> list[fx.Node]:
         """Tensor inputs a written buffer's positions are computed from (reuse compares their values)."""

@@ -21,15 +21,37 @@ back from the attention operand tracking the sequence dim through every op - ele
 (every tensor operand has size 1 or the key length along that dim, right-aligned), layout ops (the
 sequence dim kept whole: the prefix products of the shapes before it match), reductions, ``cat``,
 ``unbind``/``chunk``/``split`` and ``einsum`` along other dims only. Operands of the key length
-that do not come from the cat are *position tables*; their first ``n`` rows must not depend on
-anything the run-time guards do not see, so they are accepted only as: graph inputs (guarded),
-constants, ``arange(key_len)`` (row i is i), prefix slices ``t[..., :key_len]``, and position-wise
-ops of those. Size-1 operands (``inv_freq``, norm weights) must not depend on symbolic sizes. A
-table sliced at an offset (``cos[key_len - n:]``), a ``flip``, ``cumsum`` or a matmul over the
-sequence raises :class:`LayoutError` with the reason.
+that do not come from the cat are *position tables*. Narrowing a table to a piece's rows is always
+exact (:meth:`PositionwiseChain.emit` narrows the table node itself); what must be proven is that
+the rows a cached piece reads do not change between a block's steps unless a guard sees it. The
+guards see: the graph inputs the piece reads (``external_inputs``: identity, version, shape), the
+query's sizes (the ``O_e`` shape check), and the ints of ``AttentionSite.cache_offsets()`` (by
+value). A symbolic-int graph input (``s0``) is seen by none of them unless it is listed there, and
+may change between two calls of the same graph. So a table is accepted only as:
+
+* graph inputs (guarded), ``get_attr`` constants, ``arange(key_len)`` (row i is i), prefix slices
+  ``t[..., :key_len]``, and position-wise ops of those: row i depends on no size at all;
+* a *graph constant*: computed from no graph input (no tensor, no symbolic size), no ``get_attr``
+  (whose value a fingerprint cannot see) and no random or uninitialised op, through any ops
+  (diffusers' AnyFlow pools its per-axis frequencies, slices them at frame offsets and cats them).
+  It is the same at every call of the graph. A static size baked into it differs between graphs
+  only, but the session's entries are shared between graphs over the same cache tensors, so its
+  fingerprint (ops, constants, shapes) joins the guarded ints: an entry that another graph
+  refreshed with another table is refreshed;
+* a ``cat`` along the sequence of accepted tables (``cat([cos[:n1], cos[:n2]])``): row i of the cat
+  is row ``i - a`` of the operand covering it, so its rows move with the operands' lengths, which
+  join the guarded ints: a static length as itself, a symbolic one as the symbolic-int inputs of
+  its symbols (a symbol that is no graph input: :class:`LayoutError`). Such a cat is recognised
+  once the walk has met the keys' cat; met before it, it is taken for the keys' cat and the walk
+  stops at the real one ("two concatenations"). A graph-constant cat is recognised in any order.
+
+Size-1 operands (``inv_freq``, norm weights) must not depend on symbolic sizes. Any other table -
+sliced at an offset that depends on a graph input (``cos[key_len - n:]``), a ``flip``, ``cumsum``
+or a matmul over the sequence of an input - raises :class:`LayoutError` with the reason.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 from dataclasses import dataclass, field
@@ -53,6 +75,8 @@ _RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", 
              "view_as_real"}
 _SPLITS = {"unbind", "chunk", "split"}
 _SIZE_ARGS = {"view", "reshape", "expand"}
+_NONDETERMINISTIC = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "normal",
+                     "bernoulli", "multinomial", "dropout", "empty", "empty_like", "empty_strided", "new_empty"}
 
 
 def _norm(d: int, nd: int) -> int:
@@ -101,6 +125,7 @@ class PositionwiseChain:
     order: list = field(default_factory=list)      # the region in graph order
     uses: dict = field(default_factory=dict)       # (node, input) -> _Use
     side_inputs: set = field(default_factory=set)  # placeholders the tables / whole operands read
+    guarded_sizes: list = field(default_factory=list)  # ints / symbolic-int inputs the tables' rows move with
 
     def emit(self, graph: fx.Graph, index: int, start, length) -> fx.Node:
         """Rows ``[start, start + length)`` of ``top``, computed from cat operand ``index`` alone."""
@@ -149,7 +174,9 @@ class _Tracer:
         self.region: dict = {}
         self.uses: dict = {}
         self.side_inputs: set = set()
+        self.guarded_sizes: list = []
         self.visited: dict = {}
+        self._constants: set | None = None
 
     # -- the region (depends on the cat) and position tables (do not) share one walk ------------
     def visit(self, node: fx.Node, dim: int) -> bool:
@@ -172,6 +199,9 @@ class _Tracer:
             self.side_inputs.add(node)
             return False
         if node.op == "get_attr":
+            return False
+        if self._graph_constant(node):
+            self._guard(_fingerprint(node))
             return False
         if name == "getitem" and isinstance(node.args[0], fx.Node) and example(node.args[0]) is None:
             return self._element(node, dim)
@@ -218,15 +248,51 @@ class _Tracer:
             node = node.args[0]
         return False
 
+    def _graph_constant(self, node: fx.Node) -> bool:
+        """``node`` is computed from no graph input and no random or uninitialised op (see the module
+        docstring); one pass over the graph in order."""
+        if self._constants is None:
+            self._constants = set()
+            for n in self.top.graph.nodes:
+                name = op_name(n) or ("getattr" if n.target is getattr else "")  # getattr: ``t.real``
+                if (n.op in ("call_function", "call_method") and name and name not in _NONDETERMINISTIC
+                        and not _in_place(name) and all(a in self._constants for a in n.all_input_nodes)):
+                    self._constants.add(n)
+        return node in self._constants
+
+    def _guard(self, size) -> None:
+        """Add an int or a symbolic-int input to what the run-time guards compare by value."""
+        if isinstance(size, int) or size not in self.guarded_sizes:
+            self.guarded_sizes.append(size)
+
     def _sequence_cat(self, node: fx.Node, tensors) -> bool:
-        if self.chain is not None and self.chain.cat is not node:
-            raise LayoutError("keys/values go through two concatenations along the key sequence")
         dim = _norm(arg(node, 1, "dim", 0), len(shape(node)))
+        if self.chain is not None and self.chain.cat is not node:
+            return self._table_cat(node, tensors, dim)
         pieces = [t for t in tensors if not same_size(shape(t)[dim], 0)]
         if len(pieces) < 2:
             raise LayoutError("cat of fewer than two tensors")
         self.chain = PositionwiseChain(top=self.top, cat=node, cat_dim=dim, pieces=pieces)
         return True
+
+    def _table_cat(self, node: fx.Node, tensors, dim: int) -> bool:
+        """A cat along the sequence of position tables, met once the keys' cat is known: its rows move
+        with its operands' lengths, which are guarded (see the module docstring)."""
+        if any(self.visit(t, dim) for t in tensors):
+            raise LayoutError("keys/values go through two concatenations along the key sequence")
+        inputs = {n.meta["example_value"].node.expr: n for n in self.top.graph.nodes
+                  if n.op == "placeholder" and isinstance(n.meta.get("example_value"), torch.SymInt)}
+        for t in tensors[:-1]:  # the last operand's length moves no row before it
+            length = shape(t)[dim]
+            if isinstance(length, int):
+                self._guard(length)
+                continue
+            for symbol in length.node.expr.free_symbols:
+                if symbol not in inputs:
+                    raise LayoutError("a position table is a cat whose part lengths depend on a size that is no "
+                                      "graph input")
+                self._guard(inputs[symbol])
+        return False
 
     def _arange(self, node: fx.Node) -> bool:
         """``arange(n)`` / ``arange(0, n)``: row i holds i, whatever n is."""
@@ -346,6 +412,20 @@ class _Tracer:
         return self._inputs(node, inputs)
 
 
+def _in_place(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__")
+
+
+def _fingerprint(node: fx.Node) -> int:
+    """A hash of the ops, constants and shapes ``node`` is computed from (equal for equal graph constants)."""
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    nodes = sorted(_ancestors(node) | {node}, key=order.__getitem__)
+    index = {n: i for i, n in enumerate(nodes)}
+    text = repr([(n.op, op_name(n) or str(n.target), fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}"),
+                  shape(n)) for n in nodes])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+
+
 def _is_zero(value) -> bool:
     return value is None or (isinstance(value, int) and value == 0)
 
@@ -413,6 +493,11 @@ class PositionwisePiece:
     def side_inputs(self) -> set:
         return self.chain.side_inputs
 
+    @property
+    def guarded_sizes(self) -> list:
+        """Ints and symbolic-int inputs the tables' rows move with: the run-time guards compare them."""
+        return self.chain.guarded_sizes
+
     def describe(self) -> str:
         return f"{self.source.name}->{self.chain.top.name}"
 
@@ -435,6 +520,7 @@ def positionwise_pieces(top: fx.Node, seq_dim: int) -> list[PositionwisePiece]:
         raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(top) or top.op}')")
     chain = tracer.chain
     chain.region, chain.uses, chain.side_inputs = tracer.region, tracer.uses, tracer.side_inputs
+    chain.guarded_sizes = tracer.guarded_sizes
     del chain.region[chain.cat]
     chain.order = [n for n in top.graph.nodes if n in chain.region]
     return [PositionwisePiece(chain, i) for i in range(len(chain.pieces))]
