@@ -283,3 +283,34 @@ def test_adaptive_policy_refreshes_when_the_query_drifts(compiler):
     assert (stats.refreshes, stats.reuses) == (2, 3), stats
     assert stats.refresh_reasons == {"new kv": 1, "drift": 1}
     assert rel_error(got, plain(x3, past_k, past_v)) < 1e-5
+
+
+def test_graphs_that_slice_the_cache_differently_do_not_share_entries():
+    """Two graphs over the same cache tensor, one attending to ``cache[:, :, :8]`` and one to
+    ``cache[:, :, :12]`` (a Python int, so a graph per value): the second must not take the first's
+    external part, which has the same shape (it is the block's) but covers other keys."""
+    import copy
+
+    class Window(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+            self.keep = 8
+
+        def forward(self, x, past_k, past_v):
+            q, k, v = (proj(x)[:, None] for proj in (self.q, self.k, self.v))
+            k = torch.cat([past_k[:, :, :self.keep], k], dim=2)
+            v = torch.cat([past_v[:, :, :self.keep], v], dim=2)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    torch.manual_seed(0)
+    model = Window().eval()
+    reference = copy.deepcopy(model)
+    x, past_k, past_v = torch.randn(1, 4, 8), torch.randn(1, 1, 16, 8), torch.randn(1, 1, 16, 8)
+    optimized = fbcompile.optimize(model, fbcompile.Config(compiler="eager"))
+    with torch.no_grad():
+        for keep in (8, 12):
+            model.keep = reference.keep = keep
+            got, expected = optimized(x, past_k, past_v), reference(x, past_k, past_v)
+            assert ((got - expected).norm() / expected.norm()).item() < 1e-5, keep
+    assert fbcompile.stats(optimized).refresh_reasons == {"new kv": 2}

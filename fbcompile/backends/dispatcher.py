@@ -1,8 +1,9 @@
 """Per-call choice between a graph's refresh and reuse specialisations.
 
 Cached external results are kept per *site*, keyed by the tensors holding that site's external KV
-(so graphs that dynamo compiled for different steps of one block - e.g. with and without
-self-conditioning - share them). A site's entry serves a call only if
+and the fingerprint of how the cached part is computed from them (so graphs that dynamo compiled
+for different steps of one block - e.g. with and without self-conditioning - share them, and a
+graph that slices or transforms the cache otherwise does not). A site's entry serves a call only if
 
 * its KV tensors are the same objects, not written in place since (``_version``), of the same shape;
   versions are read *after* each call, so a static cache that the graph itself writes (the block's
@@ -146,7 +147,7 @@ class SplitGraphDispatcher:
         reason = None
         for guard in self.guards:
             sources = [args[i] for i in guard.external]
-            key = (tuple(map(id, sources)), guard.occurrence)
+            key = (tuple(map(id, sources)), guard.occurrence, guard.computation)
             keys.append(key)
             if reason is not None:
                 continue

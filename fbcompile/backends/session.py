@@ -131,7 +131,7 @@ class Session:
         self.mode = mode  # torch.compile's mode (Inductor options)
         self._module = weakref.ref(module) if module is not None else None
         self.graphs: list[GraphRecord] = []
-        self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence) -> CacheEntry
+        self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence, computation) -> CacheEntry
         self.refresh_reasons: Counter = Counter()
         # fidelity measurements: called per site and call with (graph, site, step, fresh parts, entry, kv heads)
         self.observer = None

@@ -6,6 +6,7 @@ matchers are written once.
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 
 import networkx as nx
@@ -67,21 +68,54 @@ def is_tensor_placeholder(node: fx.Node) -> bool:
     return node.op == "placeholder" and example(node) is not None
 
 
+def source_name(node: fx.Node) -> str:
+    """Where dynamo took a placeholder from (``L['self']...``, ``L['past_k']``): stable across recompiles."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    return source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", node.target))
+
+
+def fingerprint(roots, extra=()) -> int:
+    """A hash of how ``roots`` are computed: every op, constant argument, dtype and static size on the
+    way (symbolic sizes as ``s``), graph inputs by :func:`source_name`. Equal for the same computation
+    in two graphs dynamo compiled from one piece of code; different when a constant differs."""
+    roots = [r for r in roots if isinstance(r, fx.Node)]
+    if not roots:
+        return 0
+    seen, stack = set(), list(roots)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    order = {n: i for i, n in enumerate(roots[0].graph.nodes)}
+    nodes = sorted(seen, key=order.__getitem__)
+    index = {n: i for i, n in enumerate(nodes)}
+
+    def static(value):
+        if isinstance(value, torch.Tensor):
+            return (str(value.dtype), tuple(d if isinstance(d, int) else "s" for d in value.shape))
+        return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
+
+    rows = [("input", source_name(n), static(example(n))) if n.op == "placeholder" else
+            (n.op, op_name(n) or str(n.target),
+             fx.node.map_aggregate((n.args, n.kwargs), lambda a: f"%{index[a]}" if isinstance(a, fx.Node) else static(a)),
+             static(example(n)))
+            for n in nodes]
+    text = repr((rows, [index[r] for r in roots], [static(e) for e in extra]))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
 def is_parameter(node: fx.Node) -> bool:
     """A placeholder dynamo lifted from a module parameter (constant across denoising steps)."""
     grapharg = node.meta.get("grapharg")
     if isinstance(getattr(grapharg, "example", None), torch.nn.Parameter):
         return True
-    source = getattr(grapharg, "source", None)
-    name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
-    return "_parameters[" in name
+    return "_parameters[" in source_name(node)
 
 
 def is_module_state(node: fx.Node) -> bool:
     """A placeholder dynamo lifted from the module (parameter, buffer, tensor attribute of ``self``)."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
-    return is_parameter(node) or name.startswith("L['self']")
+    return is_parameter(node) or source_name(node).startswith("L['self']")
 
 
 def mutated_tensor(node: fx.Node) -> fx.Node | None:

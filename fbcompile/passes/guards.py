@@ -9,12 +9,14 @@ must run exactly. Pure graph analysis; the runtime evaluates the guards on each 
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import VIEW_OPS, is_parameter, op_name, same_size
+from fbcompile.passes.graph_utils import VIEW_OPS, fingerprint, is_parameter, op_name, same_size
+from fbcompile.ops import AttentionArgs
 from fbcompile.passes.positionwise import PositionwisePiece
 
 
@@ -24,6 +26,7 @@ class SiteGuard:
 
     external: tuple[int, ...]      # argument indices of the tensors holding the external KV
     occurrence: int                # n-th site of this graph over the same external tensors
+    computation: int               # fingerprint of how the cached part's keys/values are computed
     out_shape: tuple               # per dim of O_e: int, or (argument index, dim) it equals
     dtype: torch.dtype
     device: torch.device
@@ -81,13 +84,37 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
         indices = tuple(placeholders.index(n) for n in site.external_inputs)
         block = _block_input(site)
         guards.append(SiteGuard(
-            external=indices, occurrence=seen.count(indices), out_shape=shape, dtype=value.dtype,
+            external=indices, occurrence=seen.count(indices), computation=_external_computation(out),
+            out_shape=shape, dtype=value.dtype,
             device=value.device,
             offsets=tuple(o if isinstance(o, int) else (placeholders.index(o), None) for o in site.cache_offsets()),
             block_input=placeholders.index(block) if block is not None else None,
             positions=tuple(placeholders.index(n) for n in site.position_tensors())))
         seen.append(indices)
     return guards
+
+
+def _external_computation(out_ext: fx.Node) -> int:
+    """Fingerprint of the keys, values and scale every external attention under ``O_e`` reads.
+
+    Cache entries are shared between graphs over the same KV tensors (DiffusionGemma compiles one
+    graph for a block's first step and one for the others); this keeps them apart where the cached
+    part itself is computed differently - another slice of the cache, another RoPE table constant -
+    while the query's computation may differ freely (it is the block's side)."""
+    attention, merge = torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.merge_lse.default
+    roots, scales, stack, seen = [], [], [out_ext], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.target is operator.getitem or node.target is merge:
+            stack.extend(node.all_input_nodes)
+        elif node.target is attention:
+            args = AttentionArgs.of(node)
+            roots += [args.k, args.v]
+            scales.append(args.scale)
+    return fingerprint(roots, scales)
 
 
 def _block_input(site) -> fx.Node | None:

@@ -35,9 +35,9 @@ may change between two calls of the same graph. So a table is accepted only as:
   (whose value a fingerprint cannot see) and no random or uninitialised op, through any ops
   (diffusers' AnyFlow pools its per-axis frequencies, slices them at frame offsets and cats them).
   It is the same at every call of the graph. A static size baked into it differs between graphs
-  only, but the session's entries are shared between graphs over the same cache tensors, so its
-  fingerprint (ops, constants, shapes) joins the guarded ints: an entry that another graph
-  refreshed with another table is refreshed;
+  only, and the session shares entries between graphs only where the cached part's fingerprint
+  (its ops, constants and shapes, :func:`~.graph_utils.fingerprint`) is the same, so another graph
+  with another table does not take this one's entries;
 * a ``cat`` along the sequence of accepted tables (``cat([cos[:n1], cos[:n2]])``): row i of the cat
   is row ``i - a`` of the operand covering it, so its rows move with the operands' lengths, which
   join the guarded ints: a static length as itself, a symbolic one as the symbolic-int inputs of
@@ -51,7 +51,6 @@ or a matmul over the sequence of an input - raises :class:`LayoutError` with the
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import operator
 from dataclasses import dataclass, field
@@ -200,8 +199,7 @@ class _Tracer:
             return False
         if node.op == "get_attr":
             return False
-        if self._graph_constant(node):
-            self._guard(_fingerprint(node))
+        if self._graph_constant(node):  # its ops and constants are in the site's fingerprint (passes/guards.py)
             return False
         if name == "getitem" and isinstance(node.args[0], fx.Node) and example(node.args[0]) is None:
             return self._element(node, dim)
@@ -414,16 +412,6 @@ class _Tracer:
 
 def _in_place(name: str) -> bool:
     return name.endswith("_") and not name.endswith("__")
-
-
-def _fingerprint(node: fx.Node) -> int:
-    """A hash of the ops, constants and shapes ``node`` is computed from (equal for equal graph constants)."""
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    nodes = sorted(_ancestors(node) | {node}, key=order.__getitem__)
-    index = {n: i for i, n in enumerate(nodes)}
-    text = repr([(n.op, op_name(n) or str(n.target), fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}"),
-                  shape(n)) for n in nodes])
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
 
 
 def _is_zero(value) -> bool:
