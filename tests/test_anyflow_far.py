@@ -106,6 +106,7 @@ def test_anyflow_far_block_mode_reuses_within_each_chunk():
     stats = fbcompile.stats(model)
     cached_chunks = len(chunks) - 1
     assert [(s.calls, s.refreshes, s.reuses) for s in stats.sites] == [(steps, 1, steps - 1)] * cached_chunks, stats
-    # a new cache tensor set at chunk 1 and again at chunk 2 (the compressed cache joins), then the cache step's writes
-    assert stats.refresh_reasons == {"new kv": 2, "kv written in place": cached_chunks - 2}, stats
+    # every chunk's denoising graph is a new graph whose cached part slices the cache at other static
+    # lengths (another fingerprint), so each chunk's first step is "new kv"
+    assert stats.refresh_reasons == {"new kv": cached_chunks}, stats
     assert stats.compiles == 2 * len(chunks) - 1, stats

@@ -69,8 +69,9 @@ def test_reuse_survives_the_graphs_own_writes_but_not_foreign_ones():
     x3 = torch.randn_like(x)
     assert rel_error(model(x3, ck, cv, start), _exact(plain, x3, ck, cv, start)) < 1e-5
     assert fbcompile.stats(model).refresh_reasons.get("kv written in place") == 1
-    x4 = torch.randn_like(x)
-    assert rel_error(model(x4, ck, cv, start + M), _exact(plain, x4, ck, cv, start + M)) < 1e-5  # next block
+    for block in (1, 2):  # the next blocks: dynamo recompiles once with a symbolic start ("new kv":
+        x4 = torch.randn_like(x)  # another cached-part fingerprint), then the range moves within that graph
+        assert rel_error(model(x4, ck, cv, start + block * M), _exact(plain, x4, ck, cv, start + block * M)) < 1e-5
     assert fbcompile.stats(model).refresh_reasons.get("kv range changed") == 1
 
 
