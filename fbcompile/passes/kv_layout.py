@@ -48,7 +48,7 @@ import torch.fx as fx
 
 from fbcompile.passes.buffer_write import BufferWriteError, read_buffer
 from fbcompile.passes.graph_utils import arg, example, op_name, same_size, shape
-from fbcompile.passes.positionwise import LayoutError, PositionwisePiece, positionwise_pieces
+from fbcompile.passes.positionwise import LayoutError, positionwise_pieces
 
 _IDENTITY_OPS = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type", "type_as"}
 _CHAIN_OPS = _IDENTITY_OPS | {"transpose", "permute", "view", "reshape", "unsqueeze", "getitem", "expand",
