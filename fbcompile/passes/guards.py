@@ -19,6 +19,7 @@ import torch.fx as fx
 from fbcompile.passes.graph_utils import VIEW_OPS, fingerprint, is_parameter, op_name, same_size
 from fbcompile.ops import AttentionArgs
 from fbcompile.passes.positionwise import PositionwisePiece
+from fbcompile.passes.static_cache import CacheTail
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,9 @@ def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
             continue
         for layout in (site.k_layout, site.v_layout):
             cats = {layout.cat} | {p.chain.cat for p in layout.pieces if isinstance(p, PositionwisePiece)}
-            if cats & outputs or any(layout.pieces[i] in outputs for i in site.internal
-                                            if isinstance(layout.pieces[i], fx.Node)):
+            # a static cache's block is the value its write stores
+            block = [p.window.write.args[2] if isinstance(p, CacheTail) else p
+                     for p in map(layout.pieces.__getitem__, site.internal)]
+            if cats & outputs or any(p in outputs for p in block if isinstance(p, fx.Node)):
                 return True
     return False
