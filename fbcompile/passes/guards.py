@@ -10,7 +10,8 @@ must run exactly. Pure graph analysis; the runtime evaluates the guards on each 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import sympy
 import torch
@@ -61,9 +62,16 @@ class SymbolicInt:
 
     expr: sympy.Expr
     symbols: tuple  # ((symbol, (argument index, dim or None)), ...)
+    evaluate: Callable = field(init=False, repr=False, compare=False)  # ints of the symbols -> the int
+
+    def __post_init__(self):
+        functions = {"Max": max, "Min": min, "FloorDiv": operator.floordiv, "PythonMod": operator.mod,
+                     "Mod": operator.mod, "CleanDiv": operator.floordiv}
+        object.__setattr__(self, "evaluate", sympy.lambdify([s for s, _ in self.symbols], self.expr,
+                                                            modules=[functions, "math"]))
 
     def value(self, args) -> int:
-        return int(self.expr.xreplace({s: sympy.Integer(_size(src, args)) for s, src in self.symbols}))
+        return int(self.evaluate(*(_size(src, args) for _, src in self.symbols)))
 
 
 def _size(source, args):
