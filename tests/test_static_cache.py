@@ -30,7 +30,8 @@ class StaticCacheAttention(torch.nn.Module):
         if self.variant == "writes_outside_block":
             cache_k[:, :1] = 0.0
         read_end = end + 1 if self.variant == "reads_past_write" else end
-        k, v = cache_k[:, :read_end], cache_v[:, :read_end]
+        read_start = end - CAP - 2 if self.variant == "reads_from_the_end" else 0  # a negative int: wraps
+        k, v = cache_k[:, read_start:read_end], cache_v[:, read_start:read_end]
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
 
@@ -76,15 +77,16 @@ def test_reuse_survives_the_graphs_own_writes_but_not_foreign_ones():
 
 
 @torch.no_grad()
-def test_unproven_static_write_is_skipped():
-    plain = StaticCacheAttention("reads_past_write")
-    model = fbcompile.optimize(StaticCacheAttention("reads_past_write"),
-                               fbcompile.Config(refresh="block", compiler="eager"))
+@pytest.mark.parametrize("variant,reason", [("reads_past_write", "not read up to the end"),
+                                            ("reads_from_the_end", "not as long as its bounds say")])
+def test_unproven_static_write_is_skipped(variant, reason):
+    plain = StaticCacheAttention(variant)
+    model = fbcompile.optimize(StaticCacheAttention(variant), fbcompile.Config(refresh="block", compiler="eager"))
     x, ck, cv = _inputs(2)
     expected = _exact(plain, x, ck, cv, 8)
     assert rel_error(model(x, ck, cv, 8), expected) < 1e-6
     sites = fbcompile.explain(model).sites
-    assert len(sites) == 1 and sites[0]["decision"].startswith("skipped") and "not read up to the end" in sites[0]["decision"]
+    assert len(sites) == 1 and sites[0]["decision"].startswith("skipped") and reason in sites[0]["decision"]
 
 
 @torch.no_grad()

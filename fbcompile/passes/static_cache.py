@@ -20,8 +20,9 @@ the window with ``a = 0``. With ``m = max(a, start)`` the window is split into
 
 Proven from the graph, else the site is left untouched: the cache is a graph input read by one
 basic slice along one dim; exactly one in-place write of the graph ends where the read ends (the
-block), at a slice along the same dim; every write of the cache in the graph comes before the read.
-Slice bounds in a dynamo graph lie in ``[0, size]`` (dynamo guards them); int bounds are checked.
+block), at a slice along the same dim, of a tensor as long as that slice; every write of the cache
+in the graph comes before the read; the read and the block are as long as their bounds say (dynamo
+traced them with non-negative, unclamped bounds and guards that they stay so).
 
 Reuse is safe when the external range holds what it held at the refresh: the runtime compares ``a``
 and ``start`` by value (symbolic ones are evaluated from the graph's int inputs and sizes, see
@@ -38,7 +39,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fbcompile.passes.graph_utils import example, mutated_tensor, op_name, same_size, view_base
+from fbcompile.passes.graph_utils import example, mutated_tensor, op_name, same_size, shape, view_base
 from fbcompile.passes.positionwise import LayoutError
 
 
@@ -199,11 +200,15 @@ def static_cache_read(node: fx.Node):
         raise LayoutError("a cache slice is not read up to the end of the range the graph wrote"
                           if not blocks else "a cache read as a slice is written twice up to its end")
     write, block_start = blocks[0]
-    if any(isinstance(b, int) and b < 0 for b in (start, block_start, end)):
-        raise LayoutError("a cache slice bound is negative")
     if not all(isinstance(b, int) or (isinstance(b, fx.Node) and isinstance(_value(b), torch.SymInt))
-               for b in (start, block_start)):
+               for b in (start, block_start, end)):
         raise LayoutError("a cache slice bound is not an int")
+    # lengths as the bounds say: no bound counts from the end (negative), none is clamped
+    value = write.args[2]
+    if any(isinstance(b, int) and b < 0 for b in (start, block_start, end)) or not (
+            same_size(shape(node)[dim], _value(end) - _value(start)) and example(value) is not None
+            and example(value).dim() == len(shape(node)) and same_size(shape(value)[dim], _value(end) - _value(block_start))):
+        raise LayoutError("a cache's window or written range is not as long as its bounds say")
     window = CacheWindow(base=base, dim=dim, start=start, block_start=block_start, end=end, write=write,
                          writes=tuple(writes))
     return dim, [window, CacheTail(window)]
