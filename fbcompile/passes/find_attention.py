@@ -19,9 +19,11 @@ and, through their own matchers, ``flex_attention`` (:mod:`.match_flex`) and fla
 (:mod:`.match_flash`).
 
 A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`), possibly seen
-through position-wise ops (:mod:`.positionwise`), or a buffer the graph writes at the block's
-positions (:mod:`.buffer_write`), whose operands divide into *external* ones and *internal* ones (the
-block, and constants such as zero padding). Everything else is left untouched with a reason.
+through position-wise ops (:mod:`.positionwise`), a buffer the graph writes at the block's
+positions (:mod:`.buffer_write`), or a window of a cache whose tail the graph writes
+(:mod:`.static_cache`), whose operands divide into *external* ones and *internal* ones (the block, the
+rows the graph wrote, and constants such as zero padding). Everything else is left untouched with a
+reason.
 
 A piece is external when it reads graph inputs (a constant piece has no tensor whose identity could
 guard a reused result, so it goes with the block), the cat operand itself depends on no graph input
