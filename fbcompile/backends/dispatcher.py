@@ -10,7 +10,9 @@ graph that slices or transforms the cache otherwise does not). A site's entry se
   own range, proven by the pass) stays valid, while any write from outside forces a refresh.
   Inference tensors (``torch.inference_mode``) have no version counter, so writes to them cannot be
   seen: an entry over them never serves (use ``torch.no_grad()`` to reuse);
-* the cached range starts where it did (static caches: the block's offset);
+* the cached range is where it was (static caches: the window's start and the block's, evaluated
+  from the call's int arguments and sizes), and the graph itself writes no cached row (a graph that
+  rolls the cache refreshes at every call; what it keeps serves the later calls);
 * a buffer the graph writes at data-dependent positions is written at the same positions: the
   tensors the positions are computed from (``SiteGuard.positions``, e.g. HF ``StaticCache``'s
   ``cumulative_length`` or Fast-dLLM's index) equal, by value, a copy kept at the refresh, taken
@@ -282,6 +284,8 @@ def _relative_change(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
 
 def _stale(entry: CacheEntry | None, sources: list, guard: SiteGuard, args) -> str | None:
     """Why ``entry`` cannot serve this call by the guards (None: it can)."""
+    if guard.rewrites is not None:
+        return guard.rewrites
     if entry is None:
         return "new kv"
     for ref, version, shape, src in zip(entry.sources, entry.versions, entry.shapes, sources):

@@ -19,9 +19,11 @@ and, through their own matchers, ``flex_attention`` (:mod:`.match_flex`) and fla
 (:mod:`.match_flash`).
 
 A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`), possibly seen
-through position-wise ops (:mod:`.positionwise`), or a buffer the graph writes at the block's
-positions (:mod:`.buffer_write`), whose operands divide into *external* ones and *internal* ones (the
-block, and constants such as zero padding). Everything else is left untouched with a reason.
+through position-wise ops (:mod:`.positionwise`), a buffer the graph writes at the block's
+positions (:mod:`.buffer_write`), or a window of a cache whose tail the graph writes
+(:mod:`.static_cache`), whose operands divide into *external* ones and *internal* ones (the block, the
+rows the graph wrote, and constants such as zero padding). Everything else is left untouched with a
+reason.
 
 A piece is external when it reads graph inputs (a constant piece has no tensor whose identity could
 guard a reused result, so it goes with the block), the cat operand itself depends on no graph input
@@ -44,8 +46,9 @@ from fbcompile.passes.buffer_write import (BufferBlock, BufferExternal, BufferWr
                                            position_inputs)
 from fbcompile.passes.graph_utils import (DependencyGraph, arg, describe_shape, example, is_parameter,
                                           is_module_state, op_name, same_size, shape, view_base)
-from fbcompile.passes.kv_layout import CachePrefix, KVLayout, LayoutError, trace_kv
+from fbcompile.passes.kv_layout import KVLayout, LayoutError, trace_kv
 from fbcompile.passes.positionwise import PositionwisePiece
+from fbcompile.passes.static_cache import CacheTail, CacheWindow, check_pair as check_windows
 
 _CASTS = {"to", "float", "half", "bfloat16", "type", "type_as", "contiguous"}
 _MATMULS = {"matmul", "__matmul__"}
@@ -114,14 +117,18 @@ class AttentionSite:
                 "heads": heads, "mask": self.mask_kind, "decision": self.decision}
 
     def cache_offsets(self) -> list:
-        """Where each static-cache external range ends (int or symbolic-int input node), the
-        symbolic-int inputs a written buffer's positions are computed from, and the sizes position
+        """Where each static-cache window starts and its block starts (ints or symbolic-int nodes),
+        the symbolic-int inputs a written buffer's positions are computed from, and the sizes position
         tables' rows move with (see :mod:`.positionwise`)."""
         chains = {p.chain: None for layout in (self.k_layout, self.v_layout) for p in layout.pieces
                   if isinstance(p, PositionwisePiece)}
-        return [p.start for layout in (self.k_layout, self.v_layout) for p in layout.pieces
-                if isinstance(p, CachePrefix)] + [n for n in self.position_inputs if example(n) is None] + [
-                    size for chain in chains for size in chain.guarded_sizes]
+        return [b for window in self.cache_windows() for b in window.bounds] + [
+            n for n in self.position_inputs if example(n) is None] + [
+                size for chain in chains for size in chain.guarded_sizes]
+
+    def cache_windows(self) -> list[CacheWindow]:
+        """The keys' and values' static-cache windows (see :mod:`.static_cache`)."""
+        return [p for layout in (self.k_layout, self.v_layout) for p in layout.pieces if isinstance(p, CacheWindow)]
 
     def position_tensors(self) -> list[fx.Node]:
         """Tensor inputs a written buffer's positions are computed from (reuse compares their values)."""
@@ -272,7 +279,7 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
         raise NotSplittable("no key depends on the current block")
     if site.key_mask is not None and site.internal != list(range(site.internal[0], site.internal[-1] + 1)):
         raise NotSplittable(f"the block's keys are not contiguous (a {site.form} mask is built per key range)")
-    own_writes = {p.write for layout in (k_layout, v_layout) for p in layout.pieces if isinstance(p, CachePrefix)}
+    own_writes = {w for window in site.cache_windows() for w in window.writes}
     own_writes |= {w.node for w in site.buffer_writes()}
     if any(set(deps.mutations.get(view_base(n), ())) - own_writes for n in external_inputs):
         raise NotSplittable("the graph writes the cached keys/values in place")
@@ -283,14 +290,16 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
 def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
     """Graph inputs ``node`` reads, module parameters aside (they do not change between steps).
 
-    A static-cache prefix, or a written buffer without its written positions, reads only its cache:
+    A static-cache window, or a written buffer without its written positions, reads only its cache:
     the graph's write goes to the block's own range. A position-wise piece reads its cat operand's
     inputs and those of the ops' other operands.
     """
-    if isinstance(node, (CachePrefix, BufferExternal)):
+    if isinstance(node, (CacheWindow, BufferExternal)):
         return {node.base}
     if isinstance(node, BufferBlock):  # the buffer's rows at the written positions hold the block
         node = node.write.value
+    if isinstance(node, CacheTail):  # the rows the graph wrote: always the block
+        return set()
     if isinstance(node, PositionwisePiece):
         return _cache_inputs(deps, node.source) | {n for n in node.side_inputs if not is_parameter(n)}
     return {n for n in deps.tensor_inputs(node) if not is_parameter(n)}
@@ -314,7 +323,7 @@ def _check_buffer_writes(site: AttentionSite, deps: DependencyGraph) -> None:
 
 def _internal_reason(deps: DependencyGraph, piece, query_inputs: set) -> str | None:
     """Why ``piece`` belongs to the block, or None if it is external (see the module docstring)."""
-    if isinstance(piece, BufferBlock):
+    if isinstance(piece, (BufferBlock, CacheTail)):
         return "are the rows this graph writes (the block)"
     inputs = _cache_inputs(deps, piece)
     if not inputs:
@@ -371,6 +380,7 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             try:
                 site.k_layout = trace_kv(site.k, tokens_first=site.tokens_first)
                 site.v_layout = trace_kv(site.v, tokens_first=site.tokens_first)
+                check_windows(site.cache_windows())
             except LayoutError as e:
                 raise NotSplittable(str(e)) from None
             _check_mask(site)

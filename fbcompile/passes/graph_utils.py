@@ -74,10 +74,11 @@ def source_name(node: fx.Node) -> str:
     return source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", node.target))
 
 
-def fingerprint(roots, extra=()) -> int:
+def fingerprint(roots, extra=(), opaque=frozenset()) -> int:
     """A hash of how ``roots`` are computed: every op, constant argument, dtype and static size on the
     way (symbolic sizes as ``s``), graph inputs by :func:`source_name`. Equal for the same computation
-    in two graphs dynamo compiled from one piece of code; different when a constant differs."""
+    in two graphs dynamo compiled from one piece of code; different when a constant differs. Nodes in
+    ``opaque`` count as inputs whose computation does not matter (the caller guards their values)."""
     roots = [r for r in roots if isinstance(r, fx.Node)]
     if not roots:
         return 0
@@ -86,7 +87,7 @@ def fingerprint(roots, extra=()) -> int:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(n.all_input_nodes if n not in opaque else ())
     order = {n: i for i, n in enumerate(roots[0].graph.nodes)}
     nodes = sorted(seen, key=order.__getitem__)
     index = {n: i for i, n in enumerate(nodes)}
@@ -96,7 +97,7 @@ def fingerprint(roots, extra=()) -> int:
             return (str(value.dtype), tuple(d if isinstance(d, int) else "s" for d in value.shape))
         return value if isinstance(value, (int, float, bool, str, type(None))) else type(value).__name__
 
-    rows = [("input", source_name(n), static(example(n))) if n.op == "placeholder" else
+    rows = [("input", source_name(n), static(example(n))) if n.op == "placeholder" else ("opaque",) if n in opaque else
             (n.op, op_name(n) or str(n.target),
              fx.node.map_aggregate((n.args, n.kwargs), lambda a: f"%{index[a]}" if isinstance(a, fx.Node) else static(a)),
              static(example(n)))

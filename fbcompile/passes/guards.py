@@ -10,14 +10,17 @@ must run exactly. Pure graph analysis; the runtime evaluates the guards on each 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
+import sympy
 import torch
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import VIEW_OPS, fingerprint, is_parameter, op_name, same_size
 from fbcompile.ops import AttentionArgs
 from fbcompile.passes.positionwise import PositionwisePiece
+from fbcompile.passes.static_cache import CacheTail
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,12 @@ class SiteGuard:
     out_shape: tuple               # per dim of O_e: int, or (argument index, dim) it equals
     dtype: torch.dtype
     device: torch.device
-    offsets: tuple                 # static caches: where each external range ends (int or (argument index, None))
+    offsets: tuple                 # static caches: where each window and its block start (int, (argument
+    #                                index, None) or a SymbolicInt); symbolic ints and sizes positions move with
     block_input: int | None = None  # argument index of the block's input (token ids, else the first tensor)
     positions: tuple[int, ...] = ()  # a buffer written at data-dependent positions: argument indices of the
     #                                  tensors the positions are computed from (compared by value)
+    rewrites: str | None = None    # why every call refreshes: the graph itself writes the external rows (a roll)
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)
@@ -44,15 +49,66 @@ class SiteGuard:
     @property
     def size_sources(self) -> set[int]:
         """Argument indices whose sizes (or int values) the guard reads."""
-        return {src[0] for src in self.out_shape + self.offsets if not isinstance(src, int)}
+        sources = [s for src in self.out_shape + self.offsets
+                   for s in ([s for _, s in src.symbols] if isinstance(src, SymbolicInt) else (src,))]
+        return {src[0] for src in sources if not isinstance(src, int)}
+
+
+@dataclass(frozen=True)
+class SymbolicInt:
+    """An int the graph computes from its int inputs and sizes (a static cache's window start
+    ``max(0, end - W)`` after ``.item()`` broke the graph): dynamo's expression of it, evaluated on
+    the call's arguments."""
+
+    expr: sympy.Expr
+    symbols: tuple  # ((symbol, (argument index, dim or None)), ...)
+    evaluate: Callable = field(init=False, repr=False, compare=False)  # ints of the symbols -> the int
+
+    def __post_init__(self):
+        functions = {"Max": max, "Min": min, "FloorDiv": operator.floordiv, "PythonMod": operator.mod,
+                     "Mod": operator.mod, "CleanDiv": operator.floordiv}
+        object.__setattr__(self, "evaluate", sympy.lambdify([s for s, _ in self.symbols], self.expr,
+                                                            modules=[functions, "math"]))
+
+    def value(self, args) -> int:
+        return int(self.evaluate(*(_size(src, args) for _, src in self.symbols)))
 
 
 def _size(source, args):
-    """A size known at compile time (int) or read off the arguments: ``(index, dim)``, dim None for an int."""
+    """A size known at compile time (int) or read off the arguments: ``(index, dim)``, dim None for an
+    int, or a :class:`SymbolicInt` of them."""
     if isinstance(source, int):
         return source
+    if isinstance(source, SymbolicInt):
+        return source.value(args)
     index, dim = source
     return args[index] if dim is None else args[index].shape[dim]
+
+
+def _int_source(value, placeholders: list[fx.Node]):
+    """An int, int input or int computed in the graph, as :func:`_size` reads it off the arguments;
+    None if it depends on something they do not hold."""
+    if isinstance(value, int):
+        return value
+    if value.op == "placeholder":
+        return (placeholders.index(value), None)
+    example = value.meta.get("example_value")
+    if isinstance(example, int):
+        return example
+    expr = example.node.expr
+    symbols = tuple((symbol, _symbol_source(symbol, placeholders)) for symbol in expr.free_symbols)
+    return SymbolicInt(expr, symbols) if all(src is not None for _, src in symbols) else None
+
+
+def _symbol_source(symbol, placeholders: list[fx.Node]):
+    """The ``(argument index, dim or None)`` whose size or int value is ``symbol``, or None."""
+    for index, node in enumerate(placeholders):
+        value = node.meta.get("example_value")
+        sizes = value.shape if isinstance(value, torch.Tensor) else [value] if isinstance(value, torch.SymInt) else []
+        for dim, size in enumerate(sizes):
+            if isinstance(size, torch.SymInt) and size.node.expr == symbol:
+                return (index, dim if isinstance(value, torch.Tensor) else None)
+    return None
 
 
 def _size_source(size, placeholders: list[fx.Node]):
@@ -81,26 +137,33 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
         shape = tuple(_size_source(s, placeholders) for s in value.shape)
         if any(s is None for s in shape):
             return None
+        offsets = tuple(_int_source(o, placeholders) for o in site.cache_offsets())
+        if any(o is None for o in offsets):
+            return None
         indices = tuple(placeholders.index(n) for n in site.external_inputs)
         block = _block_input(site)
+        windows = site.cache_windows()
         guards.append(SiteGuard(
-            external=indices, occurrence=seen.count(indices), computation=_external_computation(out),
+            external=indices, occurrence=seen.count(indices),
+            computation=_external_computation(out, opaque={w.emitted for w in windows}),
             out_shape=shape, dtype=value.dtype,
             device=value.device,
-            offsets=tuple(o if isinstance(o, int) else (placeholders.index(o), None) for o in site.cache_offsets()),
+            offsets=offsets,
             block_input=placeholders.index(block) if block is not None else None,
-            positions=tuple(placeholders.index(n) for n in site.position_tensors())))
+            positions=tuple(placeholders.index(n) for n in site.position_tensors()),
+            rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None))
         seen.append(indices)
     return guards
 
 
-def _external_computation(out_ext: fx.Node) -> int:
+def _external_computation(out_ext: fx.Node, opaque: set = frozenset()) -> int:
     """Fingerprint of the keys, values and scale every external attention under ``O_e`` reads.
 
     Cache entries are shared between graphs over the same KV tensors (DiffusionGemma compiles one
     graph for a block's first step and one for the others); this keeps them apart where the cached
     part itself is computed differently - another slice of the cache, another RoPE table constant -
-    while the query's computation may differ freely (it is the block's side)."""
+    while the query's computation may differ freely (it is the block's side). ``opaque``: static-cache
+    window slices, whose bounds the guard compares by value (each graph computes them its own way)."""
     attention, merge = torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.merge_lse.default
     roots, scales, stack, seen = [], [], [out_ext], set()
     while stack:
@@ -114,7 +177,7 @@ def _external_computation(out_ext: fx.Node) -> int:
             args = AttentionArgs.of(node)
             roots += [args.k, args.v]
             scales.append(args.scale)
-    return fingerprint(roots, scales)
+    return fingerprint(roots, scales, opaque)
 
 
 def _block_input(site) -> fx.Node | None:
@@ -157,7 +220,9 @@ def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
             continue
         for layout in (site.k_layout, site.v_layout):
             cats = {layout.cat} | {p.chain.cat for p in layout.pieces if isinstance(p, PositionwisePiece)}
-            if cats & outputs or any(layout.pieces[i] in outputs for i in site.internal
-                                            if isinstance(layout.pieces[i], fx.Node)):
+            # a static cache's block is the value its write stores
+            block = [p.window.write.args[2] if isinstance(p, CacheTail) else p
+                     for p in map(layout.pieces.__getitem__, site.internal)]
+            if cats & outputs or any(p in outputs for p in block if isinstance(p, fx.Node)):
                 return True
     return False

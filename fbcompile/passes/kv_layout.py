@@ -10,11 +10,11 @@ or (video models, tokens first)::
 
     k = torch.cat([past_k, k], dim=1).transpose(1, 2)        # [B, S, H, D] -> [B, H, S, D]
 
-or a preallocated cache that the graph itself writes at every step and reads up to the block's end
-(Self-Forcing style), which is a concatenation in disguise::
+or a preallocated cache that the graph itself writes at every step and reads in a window up to the
+block's end (Self-Forcing style; see :mod:`.static_cache`), which is a concatenation in disguise::
 
     cache_k[:, start:end] = k                                # the block's own range
-    k = cache_k[:, :end].transpose(1, 2)                     # = cat([cache_k[:, :start], k], 1)
+    k = cache_k[:, a:end].transpose(1, 2)                    # = cat([cache_k[:, a:start], k], 1)
 
 or a full-length buffer that the graph writes at the block's positions and reads wholly (HF
 ``StaticCache``, Fast-dLLM's dual cache; see :mod:`.buffer_write`), split by positions rather than
@@ -40,7 +40,6 @@ is replaced by that cat's pieces.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +48,7 @@ import torch.fx as fx
 from fbcompile.passes.buffer_write import BufferWriteError, read_buffer
 from fbcompile.passes.graph_utils import arg, example, op_name, same_size, shape
 from fbcompile.passes.positionwise import LayoutError, positionwise_pieces
+from fbcompile.passes.static_cache import static_cache_read
 
 _IDENTITY_OPS = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type", "type_as"}
 _CHAIN_OPS = _IDENTITY_OPS | {"transpose", "permute", "view", "reshape", "unsqueeze", "getitem", "expand",
@@ -63,37 +63,12 @@ class _Factor:
     size: object  # int or SymInt
 
 
-@dataclass(eq=False)
-class CachePrefix:
-    """``base[:, ..., :start]`` of a preallocated cache whose ``[start, end)`` the graph writes."""
-
-    base: fx.Node
-    dim: int
-    start: object       # int or the fx.Node of a symbolic-int input
-    write: fx.Node      # the in-place write of the block's own range
-
-    @property
-    def length(self):
-        return self.start.meta["example_value"] if isinstance(self.start, fx.Node) else self.start
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return example(self.base).dtype
-
-    def describe(self) -> str:
-        return f"{self.base.name}[{':, ' * self.dim}:{getattr(self.start, 'name', self.start)}]"
-
-    def emit(self, graph: fx.Graph) -> fx.Node:
-        index = (slice(None),) * self.dim + (slice(None, self.start),)
-        return graph.call_function(operator.getitem, (self.base, index))
-
-
 @dataclass
 class KVLayout:
     """How one attention operand (K or V) is laid out relative to its source ``cat``."""
 
     cat: fx.Node  # the cat, or the last position-wise op after it (see .positionwise)
-    pieces: list  # fx.Node, or an object that emits one (CachePrefix, PositionwisePiece,
+    pieces: list  # fx.Node, or an object that emits one (static_cache.CacheWindow/CacheTail, PositionwisePiece,
     #               buffer_write.BufferExternal/BufferBlock): .length, .dtype, .describe(), .emit(graph)
     cat_dim: int
     leaves: list[list[_Factor]]  # per cat-output dim, its factors outer -> inner
@@ -258,56 +233,6 @@ def _simulate(node: fx.Node, dims: list[list[_Factor]], leaves) -> list[list[_Fa
     raise LayoutError(f"unsupported op '{name}' between the cat and the attention")
 
 
-def _prefix_slice(index) -> tuple[int, object] | None:
-    """``(dim, end)`` if ``index`` is ``(:, ..., :, :end)`` (a prefix along one dim), else None."""
-    if not isinstance(index, tuple) or not index or not all(i == slice(None) for i in index[:-1]):
-        return None
-    last = index[-1]
-    if isinstance(last, slice) and last.start in (None, 0) and last.step is None and last.stop is not None:
-        return len(index) - 1, last.stop
-    return None
-
-
-def _same_value(a, b) -> bool:
-    if a is b:
-        return True
-    a = a.meta.get("example_value") if isinstance(a, fx.Node) else a
-    b = b.meta.get("example_value") if isinstance(b, fx.Node) else b
-    return a is not None and b is not None and same_size(a, b)
-
-
-def _static_cache_read(node: fx.Node):
-    """If ``node`` reads ``cache[:, :end]`` right after the graph wrote ``cache[:, start:end] = block``,
-    return ``(dim, [CachePrefix, block])``; None if it is no prefix read of an input; LayoutError
-    if it is one but the write pattern is not proven (see the module docstring)."""
-    if op_name(node) != "getitem" or node.args[0].op != "placeholder":
-        return None
-    read = _prefix_slice(node.args[1])
-    if read is None:
-        return None
-    base = node.args[0]
-    writes = [u for u in base.users if op_name(u) == "setitem" and u.args[0] is base]
-    others = [u for u in base.users if u not in writes and (op_name(u) or "").endswith("_")]
-    if len(writes) != 1 or others:
-        raise LayoutError("a cache read as a slice is written other than once, as the block's range")
-    write = writes[0]
-    index, value = write.args[1], write.args[2]
-    if not (isinstance(index, tuple) and len(index) == read[0] + 1
-            and all(i == slice(None) for i in index[:-1]) and isinstance(index[-1], slice)):
-        raise LayoutError("a cache read as a slice is written along another dim")
-    start, end = index[-1].start, index[-1].stop
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    if (index[-1].step is not None or start is None or not _same_value(end, read[1]) or order[write] > order[node]
-            or not isinstance(value, fx.Node) or (isinstance(start, fx.Node) and start.op != "placeholder")):
-        raise LayoutError("a cache slice is not read up to the end of the range the graph wrote")
-    value_shape, read_shape = shape(value), shape(node)
-    length = (end.meta["example_value"] if isinstance(end, fx.Node) else end) - (
-        start.meta["example_value"] if isinstance(start, fx.Node) else start)
-    if value_shape is None or len(value_shape) != len(read_shape) or not same_size(value_shape[read[0]], length):
-        raise LayoutError("a cache's written range is not the block's keys/values")
-    return read[0], [CachePrefix(base=base, dim=read[0], start=start, write=write), value]
-
-
 def _is_empty(piece_shape: tuple | None, cat_dim: int) -> bool:
     if piece_shape is None:
         return False
@@ -340,7 +265,7 @@ def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
     ``tokens_first``: the attention reads ``node`` as ``[B, S, H, D]`` (flash-attn), not ``[B, H, S, D]``.
     """
     chain, cursor, static, positionwise = [], node, None, False
-    while (op_name(cursor) != "cat" and (static := _static_cache_read(cursor)) is None
+    while (op_name(cursor) != "cat" and (static := static_cache_read(cursor)) is None
            and (static := _written_buffer(cursor)) is None):
         if op_name(cursor) not in _CHAIN_OPS or not cursor.args or not isinstance(cursor.args[0], fx.Node):
             positionwise = True  # maybe position-wise ops of a cat: checked once the sequence dim is known

@@ -26,8 +26,8 @@ import torch.fx as fx
 
 from fbcompile.passes.buffer_write import split_masks
 from fbcompile.passes.find_attention import AttentionSite
-from fbcompile.passes.kv_layout import CachePrefix
 from fbcompile.passes.positionwise import PositionwisePiece
+from fbcompile.passes.static_cache import CacheTail, CacheWindow
 from fbcompile.passes.graph_utils import example, mutated_tensor, same_size, shape
 
 
@@ -110,9 +110,7 @@ def _key_ranges(graph: fx.Graph, k_layout) -> tuple[list, list]:
     starts, lengths, offset = [], [], 0
     for i, piece in enumerate(k_layout.pieces):
         length = k_layout.piece_length(i)
-        if isinstance(piece, CachePrefix):
-            length = piece.start
-        elif isinstance(piece, PositionwisePiece):
+        if isinstance(piece, (CacheWindow, CacheTail, PositionwisePiece)):
             length = piece.emit_length(graph)
         elif not isinstance(length, int):
             length = graph.call_method("size", (piece, k_layout.cat_dim))
