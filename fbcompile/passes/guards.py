@@ -34,6 +34,9 @@ class SiteGuard:
     block_input: int | None = None  # argument index of the block's input (token ids, else the first tensor)
     positions: tuple[int, ...] = ()  # a buffer written at data-dependent positions: argument indices of the
     #                                  tensors the positions are computed from (compared by value)
+    joined: tuple = ()             # per external tensor, None or (dim, block length): an input joined by an
+    #                                earlier graph whose first size(dim) - block positions are cached
+    #                                (see .split_joined_inputs); their provenance is compared
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)
@@ -89,7 +92,8 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
             device=value.device,
             offsets=tuple(o if isinstance(o, int) else (placeholders.index(o), None) for o in site.cache_offsets()),
             block_input=placeholders.index(block) if block is not None else None,
-            positions=tuple(placeholders.index(n) for n in site.position_tensors())))
+            positions=tuple(placeholders.index(n) for n in site.position_tensors()),
+            joined=tuple(n.meta.get("fbcompile_joined") for n in site.external_inputs)))
         seen.append(indices)
     return guards
 
