@@ -5,7 +5,10 @@ and the fingerprint of how the cached part is computed from them (so graphs that
 for different steps of one block - e.g. with and without self-conditioning - share them, and a
 graph that slices or transforms the cache otherwise does not). A site's entry serves a call only if
 
-* its KV tensors are the same objects, not written in place since (``_version``), of the same shape;
+* its KV tensors hold the same content, not written in place since (``_version``), of the same shape:
+  the same tensor objects, or views of later concatenations over exactly their range (HF
+  ``DynamicCache.crop``), or the cached positions of a concatenation an earlier graph returned (a
+  graph break between cat and attention) - see :mod:`.provenance`;
   versions are read *after* each call, so a static cache that the graph itself writes (the block's
   own range, proven by the pass) stays valid, while any write from outside forces a refresh.
   Inference tensors (``torch.inference_mode``) have no version counter, so writes to them cannot be

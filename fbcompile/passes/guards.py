@@ -149,6 +149,9 @@ def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
     the graph looks to dynamo::
 
         self.layers[i].keys = torch.cat([self.layers[i].keys, key_states], dim=-2)   # a graph output
+
+    A denoising step whose block the loop crops off again (``cache.crop``) looks the same; the
+    runtime tells them apart per call (``SplitGraphDispatcher._cropped``).
     """
     outputs = set()
     for value in _graph_outputs(gm):
