@@ -73,10 +73,10 @@ def test_sdar_exact_mode_equals_eager(flash_standin):
 def test_sdar_block_mode_reuses_after_each_blocks_first_step(flash_standin):
     """Per block and layer: the first denoising step refreshes, the second reuses, the commit
     (``store_kv=True``, marked with fbcompile.commit) runs exactly."""
-    model = fbcompile.optimize(sdar_remote_lm.make_tiny_model(num_layers=2), BLOCK)
+    model = fbcompile.optimize(sdar_remote_lm.make_tiny_model(num_layers=1), BLOCK)
     _generate_with_logits(model, commit=lambda: fbcompile.commit(model), blocks=2)
     stats = fbcompile.stats(model)
-    layers, blocks = 2, 2
+    layers, blocks = 1, 2
     assert stats.reuses == layers * blocks
     assert stats.refresh_reasons == {"new kv": layers * blocks, "commit": layers * blocks}
 
@@ -84,9 +84,9 @@ def test_sdar_block_mode_reuses_after_each_blocks_first_step(flash_standin):
 # --------------------------------------------------------------------------- Qwen2 + DynamicCache + crop
 
 
-def _tiny_qwen2():
+def _tiny_qwen2(layers=1):
     transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -136,8 +136,8 @@ def test_qwen2_dynamic_cache_crop_exact_mode_equals_eager():
     want = CropLoop(*_tiny_qwen2())
     got = CropLoop(*_optimized_qwen2(EXACT))
     for loop in (want, got):
-        loop.block()
-        loop.block()
+        loop.block(steps=2)
+        loop.block(steps=2)
     for g, w in zip(got.logits, want.logits, strict=True):
         assert_exact(g, w)
     assert all(layer.keys.shape[-2] == 16 for layer in got.cache.layers)
@@ -150,19 +150,19 @@ def test_qwen2_dynamic_cache_crop_reuses_and_commits_exactly():
     pass), the other steps reuse, the commit forward (fbcompile.commit) runs exactly."""
     model, config = _optimized_qwen2(BLOCK)
     loop = CropLoop(model, config, commit=lambda: fbcompile.commit(model))
-    blocks, steps = 3, 3
+    blocks, steps = 2, 3
     for _ in range(blocks):
         loop.block(steps)
     stats = fbcompile.stats(model)
     assert stats.reuses == blocks * (steps - 1)
     assert stats.refresh_reasons == {"save pass": blocks, "commit": blocks}
     rewritten = [s for s in fbcompile.explain(model).sites if s["decision"] == "rewritten"]
-    assert len(rewritten) >= 2 and all("ext:" in s["kv"] for s in rewritten)
+    assert rewritten and all("ext:" in s["kv"] for s in rewritten)
 
 
 def _exact_at(steps_to_check, between=None, before_second=None):
-    """Run two blocks in block mode and in eager with the same inputs (and ``between`` hook);
-    returns (block-mode loop, eager loop)."""
+    """Run blocks in block mode and in eager with the same inputs (and ``between`` hook; a second
+    block after ``before_second`` if given); returns (block-mode loop, eager loop)."""
     loops = []
     for model, config in (_optimized_qwen2(BLOCK), _tiny_qwen2()):
         loop = CropLoop(model, config, commit=lambda model=model: fbcompile.commit(model)
@@ -170,7 +170,7 @@ def _exact_at(steps_to_check, between=None, before_second=None):
         loop.block(between=between)
         if before_second is not None:
             before_second(loop)
-        loop.block(between=between)
+            loop.block(between=between)
         loops.append(loop)
     got, want = loops
     for step in steps_to_check:
@@ -183,8 +183,8 @@ def test_qwen2_write_outside_the_block_range_refreshes():
         if step == 0:  # between the first and the second step of each block
             cache.layers[0].keys[..., 0, :] += 1.0
 
-    got, _ = _exact_at([0, 1, 3, 4], between=write_prompt_key)
-    assert fbcompile.stats(got.model).reuses == 2  # the third step of each block reuses again
+    got, _ = _exact_at([0, 1], between=write_prompt_key)
+    assert fbcompile.stats(got.model).reuses == 1  # the third step reuses again
 
 
 def test_qwen2_new_request_refreshes():
@@ -204,6 +204,7 @@ def test_qwen2_crop_to_another_length_refreshes():
             cache.crop(-1)
 
     got, _ = _exact_at([0, 1], between=crop_one_more)
+    assert fbcompile.stats(got.model).reuses == 1  # the third step reuses the second's part
 
 
 # --------------------------------------------------------------------------- joined inputs

@@ -91,10 +91,10 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable
     (which records the provenance of the graph's ``cat`` outputs, see :mod:`.provenance`)."""
     cats = cat_outputs(gm)
-    return provenance.recording(_compile_graph(session, gm, example_inputs), cats)
+    return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats)
 
 
-def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
+def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, returns_cat: bool):
     config = session.config
     code_before = gm.code
     sites = _sites(gm, example_inputs)
@@ -103,7 +103,7 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
     exact = config.refresh == "always"
     policies = [] if exact else policies_for(config)
-    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass,
+    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass, returns_cat=returns_cat,
                       with_query=any(p.with_query for p in policies), probe=session.observer is not None,
                       reuse_plan=config.reuse_plan)
     if plan is None:

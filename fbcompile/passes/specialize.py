@@ -43,12 +43,15 @@ class GraphPlan:
 
 
 def specialize(gm: fx.GraphModule, sites: list[AttentionSite], *, exact: bool, exact_save_pass: bool = True,
-               with_query: bool = False, probe: bool = False, reuse_plan=None) -> GraphPlan | None:
+               returns_cat: bool = False, with_query: bool = False, probe: bool = False,
+               reuse_plan=None) -> GraphPlan | None:
     """Split ``gm`` in place at ``sites`` and build its graphs; None if no site was split.
 
     ``exact``: no reuse at all; ``exact_save_pass``: a graph returning the block's keys/values (a
-    commit) is marked ``commits``, and the runtime runs its calls exactly unless the cache they read is
-    a crop of an earlier call's (see ``SplitGraphDispatcher._cropped``); ``with_query``: refresh/reuse graphs carry each site's query (drift); ``probe``: the
+    commit) never reuses - unless it ``returns_cat`` (the concatenation of an input, see
+    :mod:`.cat_outputs`: the loop may crop off what it appends), which is marked ``commits``: the
+    runtime runs its calls exactly unless the cache they read is such a crop
+    (``SplitGraphDispatcher._cropped``); ``with_query``: refresh/reuse graphs carry each site's query (drift); ``probe``: the
     refresh graph is a probe graph and no reuse graph is built; ``reuse_plan``: a
     :class:`fbcompile.ReusePlan` whose steps get one reuse graph each.
     """
@@ -60,6 +63,8 @@ def specialize(gm: fx.GraphModule, sites: list[AttentionSite], *, exact: bool, e
     guards = None
     if not exact:
         guards = site_guards(gm, split, [MergeArgs.of(m).out_ext for m in merges(gm.graph)])
+    if commits and not returns_cat:
+        guards = None
     if guards is None:
         reason = "exact mode" if exact else "save pass" if commits else "query size not guardable"
         return GraphPlan(gm, heads, reason, [], exact_graph(gm), [])
