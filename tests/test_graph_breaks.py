@@ -160,53 +160,37 @@ def test_qwen2_dynamic_cache_crop_reuses_and_commits_exactly():
     assert rewritten and all("ext:" in s["kv"] for s in rewritten)
 
 
-def _exact_at(steps_to_check, between=None, before_second=None):
-    """Run blocks in block mode and in eager with the same inputs (and ``between`` hook; a second
-    block after ``before_second`` if given); returns (block-mode loop, eager loop)."""
-    loops = []
-    for model, config in (_optimized_qwen2(BLOCK), _tiny_qwen2()):
-        loop = CropLoop(model, config, commit=lambda model=model: fbcompile.commit(model)
-                        if hasattr(model, "_fbcompile") else contextlib.nullcontext())
-        loop.block(between=between)
-        if before_second is not None:
-            before_second(loop)
-            loop.block(between=between)
-        loops.append(loop)
-    got, want = loops
-    for step in steps_to_check:
-        assert_exact(got.logits[step], want.logits[step])
-    return got, want
+def test_qwen2_stale_caches_refresh():
+    """Three blocks with the same inputs in block mode and eager; each case must refresh (so its step
+    equals eager) and the protocol must then reuse again:
 
-
-def test_qwen2_write_outside_the_block_range_refreshes():
-    def write_prompt_key(cache, step):
-        if step == 0:  # between the first and the second step of each block
+    * block 1: between its first and second step, a write into the prompt's keys (outside the block);
+    * block 2 (graphs dynamic in the cache length by then, so no recompile hides a stale reuse): the
+      first step's crop takes one more position - the cache is no longer the concatenation's prefix;
+    * block 3: a new request over the prompt's cache cropped back (same cached content, a new block).
+    """
+    def perturb(cache, step, block):
+        if step == 0 and block == 0:
             cache.layers[0].keys[..., 0, :] += 1.0
-
-    got, _ = _exact_at([0, 1], between=write_prompt_key)
-    assert fbcompile.stats(got.model).reuses == 1  # the third step reuses again
-
-
-def test_qwen2_new_request_refreshes():
-    """The second request keeps the prompt's cache (cropped back to it): same cached content, a new block."""
-    def new_request(loop):
-        fbcompile.new_request(loop.model) if hasattr(loop.model, "_fbcompile") else None
-        loop.cache.crop(-CropLoop.BLOCK)
-        loop.length -= CropLoop.BLOCK
-
-    got, want = _exact_at([0, 3], before_second=new_request)
-    assert _differs(got.logits[1], want.logits[1])  # a reuse step (the check above can fail)
-
-
-def test_qwen2_crop_to_another_length_refreshes():
-    """In the second block (graphs dynamic in the cache length by then, so no recompile masks it), the
-    first step's crop takes one more position: the cache is no longer the concatenation's prefix."""
-    def crop_one_more(cache, step):
-        if step == 0 and cache.get_seq_length() == 12:
+        if step == 0 and block == 1:
             cache.crop(-1)
 
-    got, _ = _exact_at([3, 4], between=crop_one_more, before_second=lambda loop: None)
-    assert fbcompile.stats(got.model).reuses == 3  # two in the first block, the last step of the second
+    loops = []
+    for model, config in (_optimized_qwen2(BLOCK), _tiny_qwen2()):
+        optimized = hasattr(model, "_fbcompile")
+        loop = CropLoop(model, config, commit=lambda: fbcompile.commit(model) if optimized else contextlib.nullcontext())
+        for block in range(2):
+            loop.block(between=lambda cache, step: perturb(cache, step, block))
+        if optimized:
+            fbcompile.new_request(model)
+        loop.cache.crop(-CropLoop.BLOCK)
+        loop.block()
+        loops.append(loop)
+    got, want = loops
+    for step in (0, 1, 3, 4, 6):
+        assert_exact(got.logits[step], want.logits[step])
+    assert _differs(got.logits[7], want.logits[7])  # a reuse (the checks above can fail)
+    assert fbcompile.stats(got.model).reuses == 4  # steps 3 of blocks 1 and 2, steps 2 and 3 of block 3
 
 
 # --------------------------------------------------------------------------- joined inputs
