@@ -112,7 +112,10 @@ class Config:
     recompile_limit: how many graphs dynamo may compile for one optimized model's forward (its own
         budget, ``torch.compile(recompile_limit=..., isolate_recompiles=True)``); past it dynamo runs
         the forward uncompiled and fbcompile warns. Prefill, denoising and commit steps, dtypes and
-        batch sizes each take graphs, hence more than dynamo's default of 8.
+        batch sizes each take graphs, hence more than dynamo's default of 8. Dynamo counts per code
+        object: where a graph break inside a layer leaves the layer's code as its own frames (SDAR-style
+        remote code), every layer adds its variants to those frames (about 7 per layer there), so deep
+        models of that kind need a larger budget.
     """
 
     refresh: str | int = "block"
