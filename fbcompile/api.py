@@ -59,6 +59,21 @@ def backend(mode: str | None = None, **options) -> Backend:
     return Backend(Session(Config.from_options(options), mode=mode))
 
 
+def commit(model: torch.nn.Module | None = None):
+    """Context manager: the calls inside commit the finished block into the cache, so they run exactly.
+
+    Needed where a call cannot show it commits: a loop that appends each denoising step's block to an
+    HF ``DynamicCache`` and crops it off again (``cache.crop``) and then appends the finished block
+    with the same forward; or a commit whose concatenation reaches the attention across a graph break
+    (SDAR's ``store_kv=True`` pass). Graphs that return the block's keys/values run exactly on their
+    own otherwise (``Config.exact_save_pass``)::
+
+        with fbcompile.commit(model):
+            model(block, past_key_values=cache, use_cache=True)
+    """
+    return _session(model).commit()
+
+
 def _session_of(model) -> Session | None:
     for obj in (model, getattr(model, "_orig_mod", None)):
         if obj is not None and _ATTR in getattr(obj, "__dict__", {}):

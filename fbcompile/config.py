@@ -100,6 +100,11 @@ class Config:
     exact_save_pass: a call whose graph returns the block's own keys/values (the pass that commits
         the block into the cache) is computed exactly, as the official FlashBlock code does;
         otherwise every later block would attend to keys/values computed with the approximation.
+        Exception: when the cache such a call reads is a crop of a concatenation an earlier call
+        returned (HF ``DynamicCache``: each denoising step appends the block, then ``crop`` s it
+        off), the loop is appending blocks it throws away, and the call is taken as a denoising step
+        (it may reuse); such loops mark their real commit with ``with fbcompile.commit(model):``,
+        as must commits that no graph shows (a ``cat`` handed across a graph break).
     compiler: ``"inductor"`` compiles the rewritten graphs (default); ``"eager"`` runs them as FX
         graphs (fast to start, for debugging and tests).
     max_cache_entries: how many attention sites' external results are kept at most (one per
@@ -107,7 +112,10 @@ class Config:
     recompile_limit: how many graphs dynamo may compile for one optimized model's forward (its own
         budget, ``torch.compile(recompile_limit=..., isolate_recompiles=True)``); past it dynamo runs
         the forward uncompiled and fbcompile warns. Prefill, denoising and commit steps, dtypes and
-        batch sizes each take graphs, hence more than dynamo's default of 8.
+        batch sizes each take graphs, hence more than dynamo's default of 8. Dynamo counts per code
+        object: where a graph break inside a layer leaves the layer's code as its own frames (SDAR-style
+        remote code), every layer adds its variants to those frames (about 7 per layer there), so deep
+        models of that kind need a larger budget.
     """
 
     refresh: str | int = "block"

@@ -17,12 +17,15 @@ import torch.fx as fx
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
 from fbcompile.backends.dispatcher import (CompiledGraph, CompiledStep, ExactDispatcher, ProbeDispatcher,
                                            SplitGraphDispatcher)
+from fbcompile.backends import provenance
 from fbcompile.backends.policies import policies_for
 from fbcompile.backends.session import Session, SiteCounters
 from fbcompile.config import Config
+from fbcompile.passes.cat_outputs import cat_outputs
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.reuse_external import SpecializedGraph
 from fbcompile.passes.specialize import specialize
+from fbcompile.passes.split_joined_inputs import split_joined_inputs
 
 log = logging.getLogger("fbcompile")
 
@@ -71,16 +74,36 @@ def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session) -
     return CompiledGraph(run, graph.outputs, graph.cached_inputs)
 
 
-def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
-    """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable."""
-    config = session.config
+def _sites(gm: fx.GraphModule, example_inputs: list) -> list:
+    """The attention sites of ``gm``, with inputs an earlier graph joined from cache and block (known
+    from their provenance, example inputs being the real tensors) split where they were joined."""
+    hints = {i: hint for i, value in enumerate(example_inputs) if (hint := provenance.split_hint(value))}
+    joined = split_joined_inputs(gm, hints) if hints else []
     sites = find_attention_sites(gm)
-    record = session.new_graph([s.describe() for s in sites], gm.code)
+    taken = {layout.cat for s in sites if s.splittable for layout in (s.k_layout, s.v_layout)}
+    unused = [j for j in joined if j.cat not in taken]
+    for j in unused:
+        j.undo()
+    return find_attention_sites(gm) if unused else sites
+
+
+def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
+    """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable
+    (which records the provenance of the graph's ``cat`` outputs, see :mod:`.provenance`)."""
+    cats = cat_outputs(gm)
+    return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats)
+
+
+def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, returns_cat: bool):
+    config = session.config
+    code_before = gm.code
+    sites = _sites(gm, example_inputs)
+    record = session.new_graph([s.describe() for s in sites], code_before)
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
     exact = config.refresh == "always"
     policies = [] if exact else policies_for(config)
-    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass,
+    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass, returns_cat=returns_cat,
                       with_query=any(p.with_query for p in policies), probe=session.observer is not None,
                       reuse_plan=config.reuse_plan)
     if plan is None:
@@ -105,7 +128,7 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
         steps.append(compiled[id(step)])
     dispatcher = ProbeDispatcher if session.observer is not None else SplitGraphDispatcher
     return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session), steps,
-                      policies, [h.kv for h in plan.heads])
+                      policies, [h.kv for h in plan.heads], commits=plan.commits)
 
 
 def compile_forward(forward, session: Session):

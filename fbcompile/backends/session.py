@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -68,7 +69,8 @@ class GraphRecord:
 class CacheEntry:
     """Cached external part of one site, with what it was computed from (the guards' reference)."""
 
-    sources: list            # weakrefs to the tensors holding the external KV
+    sources: list            # weakrefs to the content tokens of the tensors holding the external KV
+    #                          (fbcompile.backends.provenance: a tensor, or what a crop of a cat still holds)
     versions: list           # _version of each (None: an inference tensor, which has none)
     shapes: list
     offsets: list            # where static-cache external ranges end
@@ -137,6 +139,16 @@ class Session:
         self.observer = None
         self.generation = 0  # bumped whenever the cache changes; dispatchers' fast paths check it
         self.warned: set[str] = set()  # warnings given once per session
+        self.committing = False  # inside commit(): every split graph runs exactly
+
+    @contextmanager
+    def commit(self):
+        """Calls inside commit the block into the cache: they run exactly (refresh reason "commit")."""
+        before, self.committing = self.committing, True
+        try:
+            yield
+        finally:
+            self.committing = before
 
     @property
     def exact_only(self) -> bool:

@@ -325,6 +325,8 @@ def _internal_reason(deps: DependencyGraph, piece, query_inputs: set) -> str | N
     """Why ``piece`` belongs to the block, or None if it is external (see the module docstring)."""
     if isinstance(piece, (BufferBlock, CacheTail)):
         return "are the rows this graph writes (the block)"
+    if isinstance(piece, fx.Node) and piece.meta.get("fbcompile_block"):
+        return "are the block an earlier graph appended (see .split_joined_inputs)"
     inputs = _cache_inputs(deps, piece)
     if not inputs:
         return "read no input (a constant goes with the block)"

@@ -39,6 +39,9 @@ class SiteGuard:
     positions: tuple[int, ...] = ()  # a buffer written at data-dependent positions: argument indices of the
     #                                  tensors the positions are computed from (compared by value)
     rewrites: str | None = None    # why every call refreshes: the graph itself writes the external rows (a roll)
+    joined: tuple = ()             # per external tensor, None or (dim, block length): an input joined by an
+    #                                earlier graph whose first size(dim) - block positions are cached
+    #                                (see .split_joined_inputs); their provenance is compared
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)
@@ -151,7 +154,8 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
             offsets=offsets,
             block_input=placeholders.index(block) if block is not None else None,
             positions=tuple(placeholders.index(n) for n in site.position_tensors()),
-            rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None))
+            rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None,
+            joined=tuple(n.meta.get("fbcompile_joined") for n in site.external_inputs)))
         seen.append(indices)
     return guards
 
@@ -208,6 +212,9 @@ def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
     the graph looks to dynamo::
 
         self.layers[i].keys = torch.cat([self.layers[i].keys, key_states], dim=-2)   # a graph output
+
+    A denoising step whose block the loop crops off again (``cache.crop``) looks the same; the
+    runtime tells them apart per call (``SplitGraphDispatcher._cropped``).
     """
     outputs = set()
     for value in _graph_outputs(gm):
