@@ -110,12 +110,12 @@ class Config:
     max_cache_entries: how many attention sites' external results are kept at most (one per
         attention layer is needed; entries whose KV tensors are freed are dropped at once).
     recompile_limit: how many graphs dynamo may compile for one optimized model's forward (its own
-        budget, ``torch.compile(recompile_limit=..., isolate_recompiles=True)``); past it dynamo runs
-        the forward uncompiled and fbcompile warns. Prefill, denoising and commit steps, dtypes and
-        batch sizes each take graphs, hence more than dynamo's default of 8. Dynamo counts per code
-        object: where a graph break inside a layer leaves the layer's code as its own frames (SDAR-style
-        remote code), every layer adds its variants to those frames (about 7 per layer there), so deep
-        models of that kind need a larger budget.
+        budget, ``torch.compile(recompile_limit=..., isolate_recompiles=True)``), plus 8 per layer
+        (the model's longest ``ModuleList``); past it dynamo runs the frame uncompiled and fbcompile
+        warns. Prefill, denoising and commit steps, dtypes and batch sizes each take graphs, hence
+        more than dynamo's default of 8. The per-layer part is for graph breaks inside a layer
+        (SDAR-style remote code): dynamo counts per code object, and the layer's frames after the
+        break are compiled per layer (about 7 graphs per layer there).
     """
 
     refresh: str | int = "block"

@@ -231,3 +231,16 @@ def test_joined_input_without_valid_provenance_refreshes():
         assert_exact(attend(q, k, v), _attend(q, k, v))
     assert session.stats().reuses == 1
     assert session.refresh_reasons["new kv"] == 3
+
+
+def test_sdar_deep_model_stays_within_its_compile_budget(flash_standin):
+    """The layer's frames after the graph break compile per layer: the budget grows with the depth
+    (Config.recompile_limit + 8 per layer), so every layer still reuses with a small base limit that a
+    fixed per-frame budget would exhaust (about 7 graphs per layer)."""
+    layers, blocks = 4, 2
+    model = fbcompile.optimize(sdar_remote_lm.make_tiny_model(num_layers=layers),
+                               fbcompile.Config(compiler="eager", recompile_limit=8))
+    _generate_with_logits(model, commit=lambda: fbcompile.commit(model), blocks=blocks)
+    stats = fbcompile.stats(model)
+    assert stats.reuses == layers * blocks, stats
+    assert stats.refresh_reasons == {"new kv": layers * blocks, "commit": layers * blocks}

@@ -131,12 +131,29 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
                       policies, [h.kv for h in plan.heads], commits=plan.commits)
 
 
+RECOMPILES_PER_LAYER = 8  # dynamo's own default budget per frame
+
+
+def recompile_budget(limit: int, module) -> int:
+    """``limit`` plus :data:`RECOMPILES_PER_LAYER` per layer of ``module`` (its longest ``ModuleList``).
+
+    Dynamo counts graphs per code object. A graph break inside a layer (SDAR-style remote code) leaves
+    the rest of the layer's code as frames of their own, which dynamo specialises per layer (on its
+    ``layer_idx``): their graphs grow with the depth, and a fixed budget would send the deep layers of
+    a deep model to eager."""
+    layers = max((len(m) for m in module.modules() if isinstance(m, torch.nn.ModuleList)), default=0) \
+        if isinstance(module, torch.nn.Module) else 0
+    return limit + RECOMPILES_PER_LAYER * layers
+
+
 def compile_forward(forward, session: Session):
     """``torch.compile(forward)`` into ``session``, with its own recompile budget
-    (``Config.recompile_limit``) where torch has per-call budgets (2.13 and later)."""
+    (:func:`recompile_budget` of ``Config.recompile_limit``) where torch has per-call budgets (2.13
+    and later)."""
     budget = {}
     if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
-        budget = dict(recompile_limit=session.config.recompile_limit, isolate_recompiles=True)
+        limit = recompile_budget(session.config.recompile_limit, getattr(forward, "__self__", None))
+        budget = dict(recompile_limit=limit, isolate_recompiles=True)
     recompile_limit_warning.watch(getattr(forward, "__func__", forward))
     return torch.compile(forward, backend=Backend(session), dynamic=None, **budget)
 
