@@ -139,7 +139,10 @@ def test_anyflow_far_block_scope_compiles_stay_bounded_and_reuse_within_each_chu
     guards on its length, so ``scope="model"`` compiles two graphs per chunk. The blocks see tensors
     and ints only: graphs for the first chunk (denoising, cache step), the second chunk's denoising
     (an empty compressed cache), then one graph for the denoising steps and one for the cache steps of
-    every later chunk (automatic dynamic shapes) - 5 compiles for any number of chunks (50 chunks: 5).
+    every later chunk (automatic dynamic shapes): 5 compiles, as for 4 chunks. Longer runs add a few
+    graphs once, none per chunk: the cache step's BlockMask, 128 rows until then, grows (its sizes turn
+    dynamic), and a length that is a multiple of 128 takes the model's no-padding branch - 7 compiles
+    over 50 chunks of 1 frame, 6 over 20 chunks of 4 frames (compiles measured with a script).
     Every chunk after the first refreshes at its first step and reuses at the others."""
     chunks, steps = (1,) * 7, 3
     with torch.no_grad():
