@@ -65,3 +65,15 @@ def test_block_scope_needs_named_blocks():
         fbcompile.optimize(Plain(), fbcompile.Config(scope="blocks"))
     with pytest.raises(ValueError, match="Config.scope"):
         fbcompile.Config(scope="layers")
+
+
+def test_flex_key_mask_refuses_a_block_mask_short_of_query_rows():
+    """A symbolic query length the pass could not compare with the BlockMask's rows (a length padded
+    with ``ceil``) is checked at every call: never a mask read past its last query block."""
+    from fbcompile.passes.match_flex import flex_key_mask
+
+    q = torch.randn(1, 1, 200, 16)
+    one_block = torch.ones(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="fewer query blocks"):
+        flex_key_mask(q, 0, 8, *one_block, None, None, 128, 128, lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, (),
+                      None, (), False, False)
