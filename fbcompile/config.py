@@ -8,6 +8,7 @@ from tabulate import tabulate
 
 REFRESH_POLICIES = ("block", "always", "tokens", "adaptive")
 COMPILERS = ("inductor", "eager")
+SCOPES = ("model", "blocks")
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,12 @@ class Config:
         more than dynamo's default of 8. The per-layer part is for graph breaks inside a layer
         (SDAR-style remote code): dynamo counts per code object, and the layer's frames after the
         break are compiled per layer (about 7 graphs per layer there).
+    scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
+        all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
+        in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the
+        rest runs eagerly. For forwards that take Python containers changing at every call: dynamo
+        guards on a list's length, so diffusers' AnyFlow FAR (``chunk_partition``, one int per chunk)
+        recompiles its forward at every chunk, while its blocks see only tensors and ints.
     """
 
     refresh: str | int = "block"
@@ -126,6 +133,7 @@ class Config:
     compiler: str = "inductor"
     max_cache_entries: int = 1024
     recompile_limit: int = 64
+    scope: str = "model"
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -146,6 +154,8 @@ class Config:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:
             raise ValueError(f"Config.recompile_limit must be an int >= 1, got {self.recompile_limit!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"Config.scope must be one of {SCOPES}, got {self.scope!r}")
 
     @classmethod
     def from_options(cls, options: dict | None) -> "Config":

@@ -224,7 +224,9 @@ class RecompileLimitWarning(logging.Filter):
                 warnings.warn(f"fbcompile: dynamo's {limit} ({value}) was reached for "
                               f"{function}, an fbcompile-optimized forward; its calls with new shapes or "
                               "dtypes now run uncompiled (eager), without fbcompile. Raise "
-                              "fbcompile.Config(recompile_limit=...) or find the cause with TORCH_LOGS=recompiles.",
+                              "fbcompile.Config(recompile_limit=...) or find the cause with TORCH_LOGS=recompiles; "
+                              "if it is an argument that changes at every call, such as a growing list, compile "
+                              "the model's blocks instead: fbcompile.Config(scope='blocks').",
                               stacklevel=2)
         return True
 
