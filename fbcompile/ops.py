@@ -160,6 +160,8 @@ def attention_lse_tiles(
     the refresh step's importance scores, from the same pass over the KV."""
     _check_shapes(q, k, v)
     _check_tile(tile)
+    if _use_triton(q, k, v, mask) and triton_attention.supports_tile(tile):
+        return triton_attention.attention_lse_tiles(q, k, v, mask, scale, tile)
     return reference_attention_lse_tiles(q, k, v, mask, scale, tile)
 
 
@@ -223,6 +225,8 @@ def sparse_attention_lse(
     _check_shapes(q, k, v)
     _check_tile(tile)
     _check_idx(k, idx)
+    if _use_triton(q, k, v, mask) and triton_attention.supports_sparse(q, k, v, mask, idx):
+        return triton_attention.sparse_attention_lse(q, k, v, mask, scale, idx, tile)
     return reference_sparse_attention_lse(q, k, v, mask, scale, idx, tile)
 
 

@@ -9,6 +9,10 @@ Semantics are those of :mod:`fbcompile.kernels.reference`. Two entry points:
   kernel combines the splits through their log-sum-exp.
 * :func:`attention_merge_lse` - the block-internal part (the block over its own few keys), fused with
   the exact LSE merge against the cached external result, so a reuse step is one launch.
+* :func:`attention_lse_tiles` - :func:`attention_lse` that also scores the KV tiles (their attention
+  mass) from the probabilities of the same pass, and :func:`sparse_attention_lse` - the external
+  part over selected KV tiles only (gathered, split over the tiles): sparse external attention with
+  residual reuse (see :mod:`fbcompile.kernels.reference`).
 
 Tile sizes and split counts are a function of the shapes (and the SM count) alone: no autotuning, no
 host syncs, no data-dependent allocation, so both entry points can be captured in CUDA graphs, and
@@ -19,6 +23,7 @@ Softmax runs in the log2 domain (``exp2``); stored LSEs are natural logs.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -65,23 +70,73 @@ def _store_final(Out, Lse, row_off, row_ok, offs_dv, m, l, acc, DV: tl.constexpr
 
 
 @triton.jit
+def _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+                  b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc,
+                  DV: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr):
+    """End of a split-attention program: ``SPLIT`` writes the normalised partial and its log2-LSE for
+    :func:`_reduce_kernel` (an empty split is ``(0, -inf)``); otherwise the result, merged with
+    ``OutExt``/``LseExt`` when ``HAS_EXT``."""
+    if SPLIT:
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        part = (pid_bh * tl.num_programs(1) + pid_s) * R + rows
+        tl.store(OPart + part[:, None] * DV + offs_dv[None, :], acc / l_safe[:, None],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LPart + part, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
+    else:
+        if HAS_EXT:
+            o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
+                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+            lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
+            m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
+        _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+
+
+@triton.jit
+def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                 D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One online-softmax step over a tile of keys (``key_ok`` marks the real ones): returns the new
+    ``(m, l, acc)`` state, the tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``."""
+    k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    if HAS_MASK:
+        if MASK_BOOL:
+            attend = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0)
+            s = tl.where(attend != 0, s, float("-inf"))
+        else:
+            bias = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc, p, m_safe
+
+
+@triton.jit
 def _attn_kernel(
-    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart,
+    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     seb, seh, sem, sed,
     slb, slh, slm,
-    Hkv, GROUP, M, N, R, keys_per_split, qk_scale,
+    Hkv, GROUP, M, N, R, keys_per_split, qk_scale, NC,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
     key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
-    (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly."""
+    (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
+    of ``BLOCK_N``) also writes the log2-LSE of every chunk of ``CHUNK`` keys per row, ``[B*Hkv, NC, R]``,
+    from the probabilities the softmax computes anyway: the tile scores cost no second KV read."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -101,15 +156,13 @@ def _attn_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     k_ptrs = K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd
-    if HAS_MASK:
-        mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
+    mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
 
     n_start = pid_s * keys_per_split
     n_end = tl.maximum(tl.minimum(n_start + keys_per_split, N), n_start)  # empty past the end
     k_ptrs += n_start.to(tl.int64) * skn
     v_ptrs += n_start.to(tl.int64) * svn
-    if HAS_MASK:
-        mask_ptrs += n_start.to(tl.int64) * smn
+    mask_ptrs += n_start.to(tl.int64) * smn
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -119,43 +172,25 @@ def _attn_kernel(
     # partial one), cause not found: see benchmarks/results/attention_h200_notes.md.
     for n0 in range(n_start, n_end, BLOCK_N):
         key_ok = (n0 + offs_n) < n_end
-        k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
-        if HAS_MASK:
-            if MASK_BOOL:
-                attend = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0)
-                s = tl.where(attend != 0, s, float("-inf"))
+        m_i, l_i, acc, p, m_safe = _attend_tile(
+            q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+            D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
+        if CHUNK > 0:  # log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass_kernel
+            if CHUNK == BLOCK_N:
+                p_chunk = tl.sum(p, 1)[:, None]
             else:
-                bias = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
-                s += bias.to(tl.float32) * 1.4426950408889634
+                p_chunk = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_N // CHUNK, CHUNK]), 2)
+            chunk = n0 // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
+            tl.store(ChunkLse + (pid_bh * NC + chunk[None, :]) * R + rows[:, None],
+                     tl.where(p_chunk > 0.0, m_safe[:, None] + tl.log2(p_chunk), float("-inf")),
+                     mask=row_ok[:, None] & (chunk[None, :] < NC))
+        if HAS_MASK:
             mask_ptrs += BLOCK_N * smn
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
 
-    if SPLIT:
-        # Normalised partial and its log2-LSE; an empty split (all masked) is (0, -inf).
-        has = l_i > 0.0
-        l_safe = tl.where(has, l_i, 1.0)
-        part = (pid_bh * tl.num_programs(1) + pid_s) * R + rows
-        tl.store(OPart + part[:, None] * DV + offs_dv[None, :], acc / l_safe[:, None],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-        tl.store(LPart + part, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
-    else:
-        if HAS_EXT:
-            o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
-                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-            lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
-            m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
-        _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+                  b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
 
 
 @triton.jit
@@ -205,6 +240,92 @@ def _reduce_kernel(
         lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
         m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
     _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+
+
+@triton.jit
+def _tile_mass_kernel(
+    ChunkLse, Lse, TileMass, R, NC, T, CPT,
+    BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr,
+):
+    """Mass of ``BLOCK_T`` KV tiles of one (batch, KV head): ``sum_rows 2^(chunk_lse - lse)`` over the
+    rows and the ``CPT`` chunks of each tile (rows attending to nothing contribute 0)."""
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    tiles = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tile_ok = tiles < T
+    offs_r = tl.arange(0, BLOCK_RR)
+    mass = tl.zeros([BLOCK_T], tl.float32)
+    for r0 in range(0, R, BLOCK_RR):
+        rows = r0 + offs_r
+        lse2 = tl.load(Lse + pid_bh * R + rows, mask=rows < R, other=float("-inf")) * 1.4426950408889634
+        live = lse2 > float("-inf")
+        lse2 = tl.where(live, lse2, 0.0)
+        for c in range(0, CPT):
+            chunk = tiles.to(tl.int64) * CPT + c
+            ok = (tile_ok & (chunk < NC))[:, None] & live[None, :]
+            clse = tl.load(ChunkLse + (pid_bh * NC + chunk[:, None]) * R + rows[None, :], mask=ok,
+                           other=float("-inf"))
+            mass += tl.sum(tl.where(ok, tl.exp2(clse - lse2[None, :]), 0.0), 1)
+    tl.store(TileMass + pid_bh * T + tiles, mass, mask=tile_ok)
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    Q, K, V, Mask, Idx, OutExt, LseExt, Out, Lse, OPart, LPart,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sib, sih, sis,
+    seb, seh, sem, sed,
+    slb, slh, slm,
+    Hkv, GROUP, M, N, R, S, slots_per_split, qk_scale,
+    TILE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """:func:`_attn_kernel` over the KV tiles listed in ``Idx`` (``[B, Hkv, S]``, ``-1`` = unused)
+    instead of a key range: one program takes ``slots_per_split`` slots and reads only their keys."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    qk_scale = tl.full([], qk_scale, tl.float32)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    h = (hkv * GROUP + rows // M).to(tl.int64)
+    m = (rows % M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * skb + hkv * skh + offs_d[None, :] * skd
+    v_base = V + b * svb + hkv * svh + offs_dv[None, :] * svd
+    mask_base = Mask + b * smb + h[:, None] * smh + m[:, None] * smm
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    slot_start = pid_s * slots_per_split
+    slot_end = tl.minimum(slot_start + slots_per_split, S)
+    for slot in range(slot_start, slot_end):
+        t = tl.load(Idx + b * sib + hkv * sih + slot * sis).to(tl.int64)
+        for c0 in tl.static_range(0, TILE, BLOCK_N):
+            n = t * TILE + c0 + offs_n
+            key_ok = (c0 + offs_n < TILE) & (n < N) & (n >= 0)
+            n = tl.where(key_ok, n, 0)
+            m_i, l_i, acc, p, m_safe = _attend_tile(
+                q, k_base + n[:, None] * skn, v_base + n[:, None] * svn, mask_base + n[None, :] * smn,
+                key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
+
+    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+                  b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,9 +443,39 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
     return full, full.stride(), mask.dtype == torch.bool
 
 
-def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, **overrides):
+def _ext_args(q, out_ext, lse_ext):
+    """Pointers and strides of the optional external result to merge (``q`` when absent), and whether
+    there is one."""
+    if out_ext is None:
+        return q, q, (0, 0, 0, 0), (0, 0, 0), False
+    return out_ext, lse_ext, out_ext.stride(), lse_ext.stride(), True
+
+
+def _partials(q, B, Hkv, num_splits, R, DV):
+    """fp32 per-split partials ``(out, log2-lse)`` for :func:`_reduce_kernel` (``q`` when unsplit)."""
+    if num_splits == 1:
+        return q, q
+    return (torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32),
+            torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32))
+
+
+def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv):
+    ext_o, ext_l, estr, lstr, has_ext = ext
+    R, DV = group * M, out.shape[-1]
+    # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
+    block_s = min(_pow2(num_splits, 2), max(2, 4096 // block_dv))
+    wrap_triton(_reduce_kernel)[(_cdiv(R, 4), B * Hkv)](
+        o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
+        Hkv, group, M, R, num_splits,
+        DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, num_warps=8,
+    )
+
+
+def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, chunk_lse=None, chunk=0,
+               **overrides):
     """Shared launcher; ``overrides`` (``num_splits`` and any of the tile/warp settings) exist for the
-    tests and the benchmark's tuning sweep.
+    tests and the benchmark's tuning sweep. ``chunk_lse`` (``[B*Hkv, ceil(N / chunk), R]`` fp32, with
+    ``chunk`` dividing the plan's ``BLOCK_N``) receives the per-chunk log2-LSEs.
 
     Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
     in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
@@ -342,37 +493,28 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
-    has_ext = out_ext is not None
-    if has_ext:
-        ext_o, ext_l, estr, lstr = out_ext, lse_ext, out_ext.stride(), lse_ext.stride()
-    else:
-        ext_o, ext_l, estr, lstr = q, q, (0, 0, 0, 0), (0, 0, 0)
-    split = num_splits > 1
-    if split:
-        o_part = torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32)
-        l_part = torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32)
-    else:
-        o_part, l_part = q, q
-
+    ext = _ext_args(q, out_ext, lse_ext)
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV)
     grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
-        q, k, v, mask_t, ext_o, ext_l, out, lse, o_part, l_part,
-        *q.stride(), *k.stride(), *v.stride(), *mstr, *estr, *lstr,
-        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E,
-        D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=has_ext, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type != "cuda",
+        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, q if chunk_lse is None else chunk_lse,
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3],
+        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if chunk_lse is None else chunk_lse.shape[1],
+        D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
+        SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), CHUNK=chunk,
         **cfg, **launch,
     )
-    if split:
-        # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
-        block_s = min(_pow2(num_splits, 2), max(2, 4096 // cfg["BLOCK_DV"]))
-        wrap_triton(_reduce_kernel)[(_cdiv(R, 4), B * Hkv)](
-            o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
-            Hkv, group, M, R, num_splits,
-            DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=cfg["BLOCK_DV"], HAS_EXT=has_ext, num_warps=8,
-        )
+    if num_splits > 1:
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"])
     return out, lse
+
+
+def _dot_precision(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(q):
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda"
 
 
 def attention_lse(q, k, v, mask, scale, *, num_splits: int | None = None):
@@ -389,3 +531,82 @@ def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
     """
     long_keys = k.shape[2] > 16 * _plan(q, k, v, False, {})[0]["BLOCK_N"]
     return _attention(q, k, v, mask, scale, out_ext, lse_ext, split_keys=long_keys)
+
+
+def supports_tile(tile: int) -> bool:
+    """Whether :func:`attention_lse_tiles` handles this tile size: whole 16-key chunks, so that a
+    chunk of the kernel's key tile (16 to 128 keys) never straddles two KV tiles."""
+    return tile >= 16 and tile % 16 == 0
+
+
+def attention_lse_tiles(q, k, v, mask, scale, tile: int, *, num_splits: int | None = None):
+    """:func:`attention_lse` plus the mass of each KV tile ``[B, Hkv, ceil(N / tile)]`` (fp32).
+
+    The attention kernel also stores each row's log2-LSE per chunk of ``gcd(tile, BLOCK_N)`` keys
+    (from the probabilities it computes anyway; ~``R * 4 / chunk`` bytes per key against the KV's
+    ``2 * D * itemsize``) and a small kernel turns them into tile masses once the row LSEs are final.
+    """
+    B, Hq, M, _ = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    R = (Hq // Hkv) * M
+    overrides = {} if num_splits is None else {"num_splits": num_splits}
+    chunk = math.gcd(tile, _plan(q, k, v, True, overrides)[0]["BLOCK_N"])
+    num_tiles = _cdiv(N, tile)
+    tile_mass = torch.zeros(B, Hkv, num_tiles, device=q.device, dtype=torch.float32)
+    if B * Hq * M == 0:
+        return *_attention(q, k, v, mask, scale), tile_mass
+    chunk_lse = torch.empty(B * Hkv, _cdiv(N, chunk), R, device=q.device, dtype=torch.float32)
+    out, lse = _attention(q, k, v, mask, scale, chunk_lse=chunk_lse, chunk=chunk, **overrides)
+    block_t = 64
+    wrap_triton(_tile_mass_kernel)[(_cdiv(num_tiles, block_t), B * Hkv)](
+        chunk_lse, lse, tile_mass, R, chunk_lse.shape[1], num_tiles, tile // chunk,
+        BLOCK_T=block_t, BLOCK_RR=32, num_warps=4,
+    )
+    return out, lse, tile_mass
+
+
+def supports_sparse(q, k, v, mask, idx) -> bool:
+    """Whether :func:`sparse_attention_lse` handles these inputs (otherwise callers use the reference)."""
+    return (supports(q, k, v, mask) and idx.device == q.device and idx.dtype in (torch.int32, torch.int64)
+            and idx.dim() == 3 and tuple(idx.shape[:2]) == (q.shape[0], k.shape[1]))
+
+
+def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse_ext=None, *,
+                         num_splits: int | None = None):
+    """``(out, lse)`` of ``q`` over the KV tiles ``idx`` (``[B, Hkv, S]``, ``-1`` = unused), optionally
+    merged with ``(out_ext, lse_ext)``: the gathered counterpart of :func:`attention_lse`.
+
+    The slots are split over programs (about two programs per SM, at least one slot each) and the
+    partials combined by :func:`_reduce_kernel`, which also does the merge; one program per row tile
+    (and the merge in registers) when the slots do not split.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
+    S = int(idx.shape[2])
+    group = Hq // Hkv
+    R = group * M
+    out = torch.empty(B, Hq, M, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
+    if B * Hq * M == 0:
+        return out, lse
+
+    cfg = dict(_config_cached(B, Hq, M, D, Hkv, None, DV, q.element_size(), q.device, True))
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(tile))
+    launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    if num_splits is None:
+        num_splits = max(1, 2 * _num_sms(q.device) // (B * Hkv * _cdiv(R, cfg["BLOCK_R"])))
+    slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
+    num_splits = max(1, _cdiv(S, slots_per_split))
+    mask_t, mstr, mask_bool = _mask_args(mask, q, N)
+    ext = _ext_args(q, out_ext, lse_ext)
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV)
+    wrap_triton(_sparse_attn_kernel)[(_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)](
+        q, k, v, mask_t, idx, ext[0], ext[1], out, lse, o_part, l_part,
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *idx.stride(), *ext[2], *ext[3],
+        Hkv, group, M, N, R, S, slots_per_split, scale * _LOG2E,
+        TILE=tile, D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
+        SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), **cfg, **launch,
+    )
+    if num_splits > 1:
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"])
+    return out, lse
