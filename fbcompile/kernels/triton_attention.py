@@ -182,7 +182,7 @@ def _attn_kernel(
                 p_chunk = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_N // CHUNK, CHUNK]), 2)
             chunk = n0 // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
             tl.store(ChunkLse + (pid_bh * NC + chunk[None, :]) * R + rows[:, None],
-                     tl.where(p_chunk > 0.0, m_safe[:, None] + tl.log2(p_chunk), float("-inf")),
+                     tl.where(p_chunk > 0.0, m_safe[:, None] + tl.log2(tl.maximum(p_chunk, 1e-38)), float("-inf")),
                      mask=row_ok[:, None] & (chunk[None, :] < NC))
         if HAS_MASK:
             mask_ptrs += BLOCK_N * smn
