@@ -118,6 +118,12 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
 
 
 @triton.jit
+def _log2_sum(p_sum, m):
+    """``m + log2(p_sum)`` for probabilities relative to ``2^m``; ``-inf`` where they sum to 0."""
+    return tl.where(p_sum > 0.0, m + tl.log2(tl.maximum(p_sum, 1e-38)), float("-inf"))
+
+
+@triton.jit
 def _attn_kernel(
     Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse,
     sqb, sqh, sqm, sqd,
@@ -175,15 +181,15 @@ def _attn_kernel(
         m_i, l_i, acc, p, m_safe = _attend_tile(
             q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
             D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
-        if CHUNK > 0:  # log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass_kernel
-            if CHUNK == BLOCK_N:
-                p_chunk = tl.sum(p, 1)[:, None]
-            else:
-                p_chunk = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_N // CHUNK, CHUNK]), 2)
+        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass_kernel (n0 < N: in range).
+        if CHUNK == BLOCK_N:
+            tl.store(ChunkLse + (pid_bh * NC + n0 // CHUNK) * R + rows, _log2_sum(tl.sum(p, 1), m_safe),
+                     mask=row_ok)
+        elif CHUNK > 0:
             chunk = n0 // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
+            p_chunk = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_N // CHUNK, CHUNK]), 2)
             tl.store(ChunkLse + (pid_bh * NC + chunk[None, :]) * R + rows[:, None],
-                     tl.where(p_chunk > 0.0, m_safe[:, None] + tl.log2(tl.maximum(p_chunk, 1e-38)), float("-inf")),
-                     mask=row_ok[:, None] & (chunk[None, :] < NC))
+                     _log2_sum(p_chunk, m_safe[:, None]), mask=row_ok[:, None] & (chunk[None, :] < NC))
         if HAS_MASK:
             mask_ptrs += BLOCK_N * smn
         k_ptrs += BLOCK_N * skn
