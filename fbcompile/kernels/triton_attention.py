@@ -181,15 +181,16 @@ def _attn_kernel(
         m_i, l_i, acc, p, m_safe = _attend_tile(
             q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
             D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
-        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass_kernel (n0 < N: in range).
+        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass (n0 < N: in range).
         if CHUNK == BLOCK_N:
             tl.store(ChunkLse + (pid_bh * NC + n0 // CHUNK) * R + rows, _log2_sum(tl.sum(p, 1), m_safe),
-                     mask=row_ok)
+                     mask=row_ok, eviction_policy="evict_last")
         elif CHUNK > 0:
             chunk = n0 // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
             p_chunk = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_N // CHUNK, CHUNK]), 2)
             tl.store(ChunkLse + (pid_bh * NC + chunk[None, :]) * R + rows[:, None],
-                     _log2_sum(p_chunk, m_safe[:, None]), mask=row_ok[:, None] & (chunk[None, :] < NC))
+                     _log2_sum(p_chunk, m_safe[:, None]), mask=row_ok[:, None] & (chunk[None, :] < NC),
+                     eviction_policy="evict_last")
         if HAS_MASK:
             mask_ptrs += BLOCK_N * smn
         k_ptrs += BLOCK_N * skn
@@ -200,11 +201,9 @@ def _attn_kernel(
 
 
 @triton.jit
-def _reduce_kernel(
-    OPart, LPart, OutExt, LseExt, Out, Lse,
-    seb, seh, sem, sed,
-    slb, slh, slm,
-    Hkv, GROUP, M, R, num_splits,
+def _reduce_rows(
+    OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+    Hkv, GROUP, M, R, num_splits, pid_r, pid_bh,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_EXT: tl.constexpr,
 ):
@@ -212,8 +211,6 @@ def _reduce_kernel(
 
     ``BLOCK_S`` splits are loaded as one [rows, splits, Dv] tile, so the reads are issued together
     rather than one dependent round trip per split (which made this kernel latency bound)."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     offs_s = tl.arange(0, BLOCK_S)
@@ -249,30 +246,66 @@ def _reduce_kernel(
 
 
 @triton.jit
-def _tile_mass_kernel(
-    ChunkLse, Lse, TileMass, R, NC, T, CPT,
-    BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr,
+def _tile_mass(
+    LPart, ChunkLse, TileMass, R, num_splits, NC, T, CPT, pid_t, pid_bh,
+    BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Mass of ``BLOCK_T`` KV tiles of one (batch, KV head): ``sum_rows 2^(chunk_lse - lse)`` over the
-    rows and the ``CPT`` chunks of each tile (rows attending to nothing contribute 0)."""
-    pid_t = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    """Mass of ``BLOCK_T`` KV tiles of one (batch, KV head): ``sum 2^(chunk_lse - lse)`` over the rows
+    and the ``CPT`` chunks of each tile, each row's final log2-LSE taken from the split partials
+    (rows attending to nothing contribute 0)."""
     tiles = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tile_ok = tiles < T
     offs_r = tl.arange(0, BLOCK_RR)
+    offs_s = tl.arange(0, BLOCK_S)
     mass = tl.zeros([BLOCK_T], tl.float32)
     for r0 in range(0, R, BLOCK_RR):
         rows = r0 + offs_r
-        lse2 = tl.load(Lse + pid_bh * R + rows, mask=rows < R, other=float("-inf")) * 1.4426950408889634
-        live = lse2 > float("-inf")
-        lse2 = tl.where(live, lse2, 0.0)
+        row_ok = rows < R
+        m_i = tl.full([BLOCK_RR], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_RR], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            ok = row_ok[:, None] & ((s0 + offs_s) < num_splits)[None, :]
+            lse2 = tl.load(LPart + (pid_bh * num_splits + s0 + offs_s[None, :]) * R + rows[:, None], mask=ok,
+                           other=float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(lse2, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(lse2 - m_safe[:, None]), 1)
+            m_i = m_new
+        live = l_i > 0.0
+        row_lse2 = tl.where(live, _log2_sum(l_i, tl.where(live, m_i, 0.0)), 0.0)
         for c in range(0, CPT):
             chunk = tiles.to(tl.int64) * CPT + c
             ok = (tile_ok & (chunk < NC))[:, None] & live[None, :]
             clse = tl.load(ChunkLse + (pid_bh * NC + chunk[:, None]) * R + rows[None, :], mask=ok,
                            other=float("-inf"))
-            mass += tl.sum(tl.where(ok, tl.exp2(clse - lse2[None, :]), 0.0), 1)
+            mass += tl.sum(tl.where(ok, tl.exp2(clse - row_lse2[None, :]), 0.0), 1)
     tl.store(TileMass + pid_bh * T + tiles, mass, mask=tile_ok)
+
+
+@triton.jit
+def _reduce_kernel(
+    OPart, LPart, OutExt, LseExt, Out, Lse, ChunkLse, TileMass,
+    seb, seh, sem, sed,
+    slb, slh, slm,
+    Hkv, GROUP, M, R, num_splits, row_programs, NC, T, CPT,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_EXT: tl.constexpr, MASS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr,
+    MASS_BLOCK_S: tl.constexpr,
+):
+    """The split reduction: programs ``< row_programs`` combine rows (:func:`_reduce_rows`); with
+    ``MASS`` the others compute tile masses (:func:`_tile_mass`) in the same launch."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    if MASS:
+        if pid_r < row_programs:
+            _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+                         Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
+        else:
+            _tile_mass(LPart, ChunkLse, TileMass, R, num_splits, NC, T, CPT, pid_r - row_programs, pid_bh,
+                       BLOCK_T, BLOCK_RR, MASS_BLOCK_S)
+    else:
+        _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+                     Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
 
 
 @triton.jit
@@ -458,30 +491,35 @@ def _ext_args(q, out_ext, lse_ext):
 
 
 def _partials(q, B, Hkv, num_splits, R, DV):
-    """fp32 per-split partials ``(out, log2-lse)`` for :func:`_reduce_kernel` (``q`` when unsplit)."""
-    if num_splits == 1:
-        return q, q
+    """fp32 per-split partials ``(out, log2-lse)`` for :func:`_reduce_kernel`."""
     return (torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32),
             torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32))
 
 
-def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv):
+def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None):
+    """Launch :func:`_reduce_kernel`; ``mass = (chunk_lse, tile_mass, chunks per tile)`` adds the
+    tile-mass programs."""
     ext_o, ext_l, estr, lstr, has_ext = ext
     R, DV = group * M, out.shape[-1]
     # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
     block_s = min(_pow2(num_splits, 2), max(2, 4096 // block_dv))
-    wrap_triton(_reduce_kernel)[(_cdiv(R, 4), B * Hkv)](
-        o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
-        Hkv, group, M, R, num_splits,
-        DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, num_warps=8,
+    row_programs = _cdiv(R, 4)
+    chunk_lse, tile_mass, cpt = (o_part, o_part, 1) if mass is None else mass
+    num_tiles = 0 if mass is None else tile_mass.shape[-1]
+    block_t = 64
+    wrap_triton(_reduce_kernel)[(row_programs + _cdiv(num_tiles, block_t), B * Hkv)](
+        o_part, l_part, ext_o, ext_l, out, lse, chunk_lse, tile_mass, *estr, *lstr,
+        Hkv, group, M, R, num_splits, row_programs, chunk_lse.shape[1], num_tiles, cpt,
+        DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, MASS=mass is not None,
+        BLOCK_T=block_t, BLOCK_RR=min(_pow2(R), 64), MASS_BLOCK_S=min(_pow2(num_splits, 2), 64), num_warps=8,
     )
 
 
-def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, chunk_lse=None, chunk=0,
-               **overrides):
+def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, **overrides):
     """Shared launcher; ``overrides`` (``num_splits`` and any of the tile/warp settings) exist for the
-    tests and the benchmark's tuning sweep. ``chunk_lse`` (``[B*Hkv, ceil(N / chunk), R]`` fp32, with
-    ``chunk`` dividing the plan's ``BLOCK_N``) receives the per-chunk log2-LSEs.
+    tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)`` also fills ``tile_mass``
+    ``[B, Hkv, ceil(N / tile)]``: the attention kernel stores per-row log2-LSEs of key chunks of
+    ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch computes the masses).
 
     Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
     in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
@@ -500,18 +538,24 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
     ext = _ext_args(q, out_ext, lse_ext)
-    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV)
+    split = num_splits > 1 or tiles is not None
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if split else (q, q)
+    chunk, chunk_lse, mass = 0, q, None
+    if tiles is not None:
+        chunk = math.gcd(tiles[0], cfg["BLOCK_N"])
+        chunk_lse = torch.empty(B * Hkv, _cdiv(N, chunk), R, device=q.device, dtype=torch.float32)
+        mass = (chunk_lse, tiles[1], tiles[0] // chunk)
     grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
-        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, q if chunk_lse is None else chunk_lse,
+        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3],
-        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if chunk_lse is None else chunk_lse.shape[1],
+        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
-        SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), CHUNK=chunk,
+        SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), CHUNK=chunk,
         **cfg, **launch,
     )
-    if num_splits > 1:
-        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"])
+    if split:
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass)
     return out, lse
 
 
@@ -548,27 +592,17 @@ def supports_tile(tile: int) -> bool:
 def attention_lse_tiles(q, k, v, mask, scale, tile: int, *, num_splits: int | None = None):
     """:func:`attention_lse` plus the mass of each KV tile ``[B, Hkv, ceil(N / tile)]`` (fp32).
 
-    The attention kernel also stores each row's log2-LSE per chunk of ``gcd(tile, BLOCK_N)`` keys
-    (from the probabilities it computes anyway; ~``R * 4 / chunk`` bytes per key against the KV's
-    ``2 * D * itemsize``) and a small kernel turns them into tile masses once the row LSEs are final.
+    The attention kernel also stores each row's log2-LSE per chunk of ``gcd(tile, BLOCK_N)`` keys,
+    from the probabilities it computes anyway (``R * 4 / chunk`` bytes per key against the KV's
+    ``2 * D * itemsize``, kept in L2), and extra programs of the split reduction turn them into tile
+    masses: no second KV read, no extra launch.
     """
-    B, Hq, M, _ = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    R = (Hq // Hkv) * M
+    shape = (k.shape[0], k.shape[1], _cdiv(k.shape[2], tile))
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no rows, no mass
+        return *_attention(q, k, v, mask, scale), torch.zeros(shape, device=q.device, dtype=torch.float32)
+    tile_mass = torch.empty(shape, device=q.device, dtype=torch.float32)
     overrides = {} if num_splits is None else {"num_splits": num_splits}
-    chunk = math.gcd(tile, _plan(q, k, v, True, overrides)[0]["BLOCK_N"])
-    num_tiles = _cdiv(N, tile)
-    tile_mass = torch.zeros(B, Hkv, num_tiles, device=q.device, dtype=torch.float32)
-    if B * Hq * M == 0:
-        return *_attention(q, k, v, mask, scale), tile_mass
-    chunk_lse = torch.empty(B * Hkv, _cdiv(N, chunk), R, device=q.device, dtype=torch.float32)
-    out, lse = _attention(q, k, v, mask, scale, chunk_lse=chunk_lse, chunk=chunk, **overrides)
-    block_t = 64
-    wrap_triton(_tile_mass_kernel)[(_cdiv(num_tiles, block_t), B * Hkv)](
-        chunk_lse, lse, tile_mass, R, chunk_lse.shape[1], num_tiles, tile // chunk,
-        BLOCK_T=block_t, BLOCK_RR=32, num_warps=4,
-    )
-    return out, lse, tile_mass
+    return *_attention(q, k, v, mask, scale, tiles=(tile, tile_mass), **overrides), tile_mass
 
 
 def supports_sparse(q, k, v, mask, idx) -> bool:
@@ -605,7 +639,7 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     num_splits = max(1, _cdiv(S, slots_per_split))
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
     ext = _ext_args(q, out_ext, lse_ext)
-    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV)
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if num_splits > 1 else (q, q)
     wrap_triton(_sparse_attn_kernel)[(_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)](
         q, k, v, mask_t, idx, ext[0], ext[1], out, lse, o_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *idx.stride(), *ext[2], *ext[3],
