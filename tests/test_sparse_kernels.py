@@ -293,8 +293,9 @@ def test_bad_idx_is_an_error():
 TRITON_CASES = [
     ((1, 4, 2, 1, 150, 64, 32, "none"), torch.float32, None),
     ((1, 4, 2, 32, 100, 128, 16, "bool"), torch.bfloat16, 3),
-    ((2, 2, 1, 32, 90, 64, 48, "float_inf"), torch.float32, 2),
+    ((1, 4, 1, 32, 90, 64, 48, "float_inf"), torch.float32, 2),  # 128 rows per KV head
     ((1, 2, 2, 64, 70, 256, 32, "empty_rows"), torch.float32, 1),
+    ((1, 2, 2, 1, 2100, 64, 32, "none"), torch.float32, 70),  # more splits than one reduction block
 ]
 
 
