@@ -228,6 +228,59 @@ def test_residual_is_the_attention_over_the_other_tiles(case):
     check_attention(merged[0].to(q.dtype), merged[1], *dense_attention(q, k, v, mask, scale)[:2], torch.float32)
 
 
+def reuse_step_inputs(case, dtype, device):
+    """Block keys (with a bool mask when the case has a mask), a selection and a random residual."""
+    B, Hq, Hkv, M, N, D, tile, kind = case
+    gen = torch.Generator().manual_seed(M + N)
+    k_blk, v_blk = (torch.randn(B, Hkv, M, D, generator=gen).to(dtype).to(device) for _ in range(2))
+    mask_blk = None if kind == "none" else (torch.rand(B, 1, M, M, generator=gen) > 0.3).to(device)
+    idx = partial_selection(torch.rand(B, Hkv, -(-N // tile), generator=gen), 3).to(device)
+    out_res = torch.randn(B, Hq, M, D, generator=gen).to(device)
+    lse_res = (torch.randn(B, Hq, M, generator=gen) * 3).to(device)
+    lse_res[..., ::3] = NEG_INF
+    out_res[..., ::3, :] = 0
+    return idx, k_blk, v_blk, mask_blk, out_res, lse_res
+
+
+def dense_reuse_step(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk, out_res, lse_res):
+    """float64: dense attention over the selected keys and the block's keys (concatenated), merged with
+    the residual."""
+    B, Hq, M, _ = q.shape
+    N = k.shape[2]
+    ext_mask = restrict(mask, selected_keys(idx, tile, N), B, Hq, M)
+    blk_mask = torch.ones(B, Hq, M, k_blk.shape[2], dtype=torch.bool) if mask_blk is None else mask_blk.expand(
+        B, Hq, M, -1)
+    if ext_mask.dtype != torch.bool:
+        blk_mask = torch.where(blk_mask, 0.0, NEG_INF)
+    fresh = dense_attention(q, torch.cat([k, k_blk], 2), torch.cat([v, v_blk], 2), torch.cat([ext_mask, blk_mask], -1),
+                            scale)
+    return fbops.reference.merge_lse(out_res.double(), lse_res.double(), *fresh[:2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES[:5], ids=case_id)
+def test_sparse_attention_merge_lse(case, dtype):
+    q, k, v, mask = make_inputs(case, dtype)
+    scale = case[5] ** -0.5
+    idx, *rest = reuse_step_inputs(case, dtype, "cpu")
+    out, lse = OPS.sparse_attention_merge_lse(q, k, v, mask, scale, idx, case[6], *rest)
+    check_attention(out, lse, *dense_reuse_step(q, k, v, mask, scale, idx, case[6], *rest), dtype)
+
+
+def test_sparse_reuse_step_with_its_own_residual_is_exact():
+    """Refresh (tile masses, selection, residual) then a reuse step on the same inputs: the full attention."""
+    case = (2, 6, 2, 32, 100, 64, 32, "bool")
+    q, k, v, mask = make_inputs(case, torch.float32)
+    _, k_blk, v_blk, mask_blk, _, _ = reuse_step_inputs(case, torch.float32, "cpu")
+    out, lse, tile_mass = OPS.attention_lse_tiles(q, k, v, mask, 0.125, 32)
+    idx = OPS.select_tiles(tile_mass, 2, 0.5)
+    residual = OPS.subtract_lse(out, lse, *OPS.sparse_attention_lse(q, k, v, mask, 0.125, idx, 32))
+    step = OPS.sparse_attention_merge_lse(q, k, v, mask, 0.125, idx, 32, k_blk, v_blk, mask_blk, *residual)
+    full_mask = torch.cat([mask, mask_blk.expand(2, 6, 32, 32)], -1)
+    check_attention(*step, *dense_attention(q, torch.cat([k, k_blk], 2), torch.cat([v, v_blk], 2), full_mask,
+                                            0.125)[:2], torch.float32)
+
+
 def test_residual_extremes():
     """All tiles selected: nothing is left (``-inf``); none selected: the residual is the full result."""
     case = (2, 6, 2, 32, 100, 64, 32, "bool")
@@ -263,7 +316,8 @@ def test_subtract_lse_formula():
     torch.testing.assert_close(out[~empty].double(), exp_out[~empty], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["attention_lse_tiles", "select_tiles", "sparse_attention_lse", "subtract_lse"])
+@pytest.mark.parametrize("name", ["attention_lse_tiles", "select_tiles", "sparse_attention_lse", "subtract_lse",
+                                  "sparse_attention_merge_lse"])
 def test_opcheck(name):
     if not hasattr(torch.library, "opcheck"):
         pytest.skip("torch.library.opcheck is not available")
@@ -275,6 +329,7 @@ def test_opcheck(name):
         "select_tiles": (tile_mass, 2, 0.8),
         "sparse_attention_lse": (q, k, v, mask, 0.25, idx, 16),
         "subtract_lse": (out, lse, *OPS.sparse_attention_lse(q, k, v, mask, 0.25, idx, 16)),
+        "sparse_attention_merge_lse": (q, k, v, mask, 0.25, idx, 16, k[:, :, :3], v[:, :, :3], None, out, lse),
     }[name]
     torch.library.opcheck(getattr(OPS, name).default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -338,6 +393,20 @@ def test_triton_sparse_attention_lse(tcase):
     merged = ta.sparse_attention_lse(q, k, v, mask, scale, idx, tile, out_ext, lse_ext, num_splits=num_splits)
     exp_merged = fbops.reference.merge_lse(out_ext.cpu().double(), lse_ext.cpu().double(), *exp)
     check_attention(*merged, *exp_merged, dtype)
+
+
+@in_process
+@pytest.mark.parametrize("tcase", TRITON_CASES, ids=triton_id)
+def test_triton_sparse_attention_merge_lse(tcase):
+    """The whole reuse step in one kernel (the block's keys as one more split) and its reduction."""
+    case, dtype, num_splits = tcase
+    q, k, v, mask = make_inputs(case, dtype, DEVICE)
+    scale = case[5] ** -0.5
+    idx, *rest = reuse_step_inputs(case, dtype, DEVICE)
+    out, lse = fbops.triton_attention.sparse_attention_merge_lse(q, k, v, mask, scale, idx, case[6], *rest,
+                                                                 num_splits=num_splits)
+    cpu = [x.cpu() if isinstance(x, torch.Tensor) else x for x in (q, k, v, mask, scale, idx, case[6], *rest)]
+    check_attention(out, lse, *dense_reuse_step(*cpu), dtype)
 
 
 @pytest.mark.skipif(IN_PROCESS or fbops.triton_attention is None, reason="kernels tested in this process")

@@ -120,6 +120,13 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int):
     return attention_lse(q, k_sel, v_sel, allowed, scale)
 
 
+def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res):
+    """A sparse reuse step: ``q`` over the tiles ``idx`` of ``(k, v)`` and over the block's own
+    ``(k_blk, v_blk)``, merged with the residual ``(out_res, lse_res)`` (the external keys not selected)."""
+    external = merge_lse(out_res, lse_res, *sparse_attention_lse(q, k, v, mask, scale, idx, tile))
+    return attention_merge_lse(q, k_blk, v_blk, mask_blk, scale, *external)
+
+
 def subtract_lse(out_a, lse_a, out_b, lse_b, min_mass: float = 1e-6):
     """fp32 ``(out, lse)`` of the attention over the keys of ``a`` minus those of ``b`` (a subset):
     ``e^L O = e^La Oa - e^Lb Ob``, ``L = log(e^La - e^Lb)``. A row whose remaining mass is at most

@@ -310,22 +310,28 @@ def _reduce_kernel(
 
 @triton.jit
 def _sparse_attn_kernel(
-    Q, K, V, Mask, Idx, OutExt, LseExt, Out, Lse, OPart, LPart,
+    Q, K, V, Mask, Idx, KB, VB, MaskB, OutExt, LseExt, Out, Lse, OPart, LPart,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     sib, sih, sis,
+    skbb, skbh, skbn, skbd,
+    svbb, svbh, svbn, svbd,
+    smbb, smbh, smbm, smbn,
     seb, seh, sem, sed,
     slb, slh, slm,
-    Hkv, GROUP, M, N, R, S, slots_per_split, qk_scale,
+    Hkv, GROUP, M, N, NB, R, S, slots_per_split, qk_scale,
     TILE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_BLOCK: tl.constexpr, HAS_MASK_B: tl.constexpr,
+    MASK_B_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """:func:`_attn_kernel` over the KV tiles listed in ``Idx`` (``[B, Hkv, S]``, ``-1`` = unused)
-    instead of a key range: one program takes ``slots_per_split`` slots and reads only their keys."""
+    instead of a key range: one program takes ``slots_per_split`` slots and reads only their keys.
+    ``HAS_BLOCK``: the last split instead attends to all ``NB`` keys of ``(KB, VB)`` (the block's own
+    keys, with ``MaskB``), so that one launch and its reduction make a whole sparse reuse step."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -362,6 +368,19 @@ def _sparse_attn_kernel(
                 q, k_base + n[:, None] * skn, v_base + n[:, None] * svn, mask_base + n[None, :] * smn,
                 key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
                 D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
+
+    if HAS_BLOCK:
+        if pid_s == tl.num_programs(1) - 1:  # its slot range is empty
+            kb_ptrs = KB + b * skbb + hkv * skbh + offs_n[:, None] * skbn + offs_d[None, :] * skbd
+            vb_ptrs = VB + b * svbb + hkv * svbh + offs_n[:, None] * svbn + offs_dv[None, :] * svbd
+            maskb_ptrs = MaskB + b * smbb + h[:, None] * smbh + m[:, None] * smbm + offs_n[None, :] * smbn
+            for n0 in range(0, NB, BLOCK_N):
+                m_i, l_i, acc, p, m_safe = _attend_tile(
+                    q, kb_ptrs, vb_ptrs, maskb_ptrs, (n0 + offs_n) < NB, row_ok, offs_d, offs_dv, m_i, l_i, acc,
+                    qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
+                kb_ptrs += BLOCK_N * skbn
+                vb_ptrs += BLOCK_N * svbn
+                maskb_ptrs += BLOCK_N * smbn
 
     _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
@@ -611,14 +630,15 @@ def supports_sparse(q, k, v, mask, idx) -> bool:
             and idx.dim() == 3 and tuple(idx.shape[:2]) == (q.shape[0], k.shape[1]))
 
 
-def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse_ext=None, *,
+def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse_ext=None, block=None, *,
                          num_splits: int | None = None):
     """``(out, lse)`` of ``q`` over the KV tiles ``idx`` (``[B, Hkv, S]``, ``-1`` = unused), optionally
-    merged with ``(out_ext, lse_ext)``: the gathered counterpart of :func:`attention_lse`.
+    merged with ``(out_ext, lse_ext)``: the gathered counterpart of :func:`attention_lse`. With
+    ``block = (k_blk, v_blk, mask_blk)`` the block's own keys are attended too (one more split).
 
     The slots are split over programs (about two programs per SM, at least one slot each) and the
     partials combined by :func:`_reduce_kernel`, which also does the merge; one program per row tile
-    (and the merge in registers) when the slots do not split.
+    (and the merge in registers) when the slots do not split and there is no block.
     """
     B, Hq, M, D = q.shape
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -636,17 +656,32 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     if num_splits is None:
         num_splits = max(1, 2 * _num_sms(q.device) // (B * Hkv * _cdiv(R, cfg["BLOCK_R"])))
     slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
-    num_splits = max(1, _cdiv(S, slots_per_split))
+    num_splits = max(1, _cdiv(S, slots_per_split)) + (block is not None)
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
+    k_blk, v_blk, mask_blk = (q, q, None) if block is None else block
+    NB = 0 if block is None else k_blk.shape[2]
+    maskb_t, mbstr, maskb_bool = _mask_args(mask_blk, q, NB)
     ext = _ext_args(q, out_ext, lse_ext)
     o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if num_splits > 1 else (q, q)
     wrap_triton(_sparse_attn_kernel)[(_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)](
-        q, k, v, mask_t, idx, ext[0], ext[1], out, lse, o_part, l_part,
-        *q.stride(), *k.stride(), *v.stride(), *mstr, *idx.stride(), *ext[2], *ext[3],
-        Hkv, group, M, N, R, S, slots_per_split, scale * _LOG2E,
-        TILE=tile, D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
-        SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), **cfg, **launch,
+        q, k, v, mask_t, idx, k_blk, v_blk, maskb_t, ext[0], ext[1], out, lse, o_part, l_part,
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *idx.stride(),
+        *(k_blk.stride() if block is not None else (0,) * 4),
+        *(v_blk.stride() if block is not None else (0,) * 4), *mbstr,
+        *ext[2], *ext[3],
+        Hkv, group, M, N, NB, R, S, slots_per_split, scale * _LOG2E,
+        TILE=tile, D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_BLOCK=block is not None,
+        HAS_MASK_B=mask_blk is not None, MASK_B_BOOL=maskb_bool, HAS_EXT=ext[4], SPLIT=num_splits > 1,
+        DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), **cfg, **launch,
     )
     if num_splits > 1:
         _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"])
     return out, lse
+
+
+def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res, *,
+                               num_splits: int | None = None):
+    """A whole sparse reuse step in two launches: ``q`` over the tiles ``idx`` of ``(k, v)`` and over
+    the block's own ``(k_blk, v_blk)``, merged with the cached residual ``(out_res, lse_res)``."""
+    return sparse_attention_lse(q, k, v, mask, scale, idx, tile, out_res, lse_res, (k_blk, v_blk, mask_blk),
+                                num_splits=num_splits)
