@@ -9,9 +9,10 @@ input sets of >= 240 MB, so the KV comes from HBM):
 * internal only: ``attention_lse`` over the block's 32 keys, and ``attention_merge_lse`` (the block's
   attention fused with the merge against the cached external part: FlashBlock's whole reuse step);
 * ``sparse_attention_lse`` at budgets of 0..4096 KV entries, and the sparse reuse step composed of ops
-  (sparse + ``merge_lse`` with the residual + ``attention_merge_lse``) and with the residual merged in
-  the sparse kernel's reduction (``triton_attention.sparse_attention_lse(..., out_ext, lse_ext)``),
-  each as a multiple of ``attention_merge_lse`` (issue target: <= 1.3x at 512 entries).
+  (sparse + ``merge_lse`` with the residual + ``attention_merge_lse``) and as the one op
+  ``sparse_attention_merge_lse`` (the block's keys as one more split of the sparse kernel, the
+  residual merged in its reduction), each as a multiple of ``attention_merge_lse`` (issue target:
+  <= 1.3x at 512 entries).
 
 Bandwidth: bytes of K/V read (all keys, or the selected tiles) per second. ``--tiny`` runs small
 shapes on the CPU (the reference path, wall-clock medians) as a smoke check of the script.
@@ -74,16 +75,20 @@ def make_sets(n, device, tiny):
 
 def checks(s) -> dict:
     """Relative errors of the kernels' results against the plain PyTorch reference (same device)."""
-    q, k, v, _, _, idx, _, out, lse, tile_mass = s
+    q, k, v, kb, vb, idx, res, out, lse, tile_mass = s
     scale = D**-0.5
     ref_out, ref_lse, ref_mass = fbops.reference.attention_lse_tiles(q, k, v, None, scale, TILE)
     plain_out, plain_lse = OPS.attention_lse(q, k, v, None, scale)
     err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
     sp_out, sp_lse = OPS.sparse_attention_lse(q, k, v, None, scale, idx[512], TILE)
     rs_out, rs_lse = fbops.reference.sparse_attention_lse(q, k, v, None, scale, idx[512], TILE)
+    step_out, step_lse = OPS.sparse_attention_merge_lse(q, k, v, None, scale, idx[512], TILE, kb, vb, None, *res[512])
+    rstep_out, rstep_lse = fbops.reference.sparse_attention_merge_lse(q, k, v, None, scale, idx[512], TILE, kb, vb,
+                                                                      None, *res[512])
     return dict(tiles_out=err(out, ref_out), tiles_lse=err(lse, ref_lse), tile_mass=err(tile_mass, ref_mass),
                 tiles_vs_plain_out=err(out, plain_out), tiles_vs_plain_lse=err(lse, plain_lse),
-                sparse512_out=err(sp_out, rs_out), sparse512_lse=err(sp_lse, rs_lse))
+                sparse512_out=err(sp_out, rs_out), sparse512_lse=err(sp_lse, rs_lse),
+                step512_out=err(step_out, rstep_out), step512_lse=err(step_lse, rstep_lse))
 
 
 def run_keys(n, device, tiny, splits):
@@ -108,23 +113,25 @@ def run_keys(n, device, tiny, splits):
     row["budgets"] = []
     for b in BUDGETS:
         br = dict(budget=b)
-        br["sparse_us"] = t(lambda q, k, v, kb, vb, idx, *_: OPS.sparse_attention_lse(q, k, v, None, scale, idx[b], TILE))
+        br["sparse_us"] = t(lambda q, k, v, kb, vb, idx, *_: OPS.sparse_attention_lse(
+            q, k, v, None, scale, idx[b], TILE))
         br["sparse_GBps"] = 2 * HKV * b * D * 2 / br["sparse_us"] / 1e3
 
-        def step(q, k, v, kb, vb, idx, res, *_):
+        def ops_step(q, k, v, kb, vb, idx, res, *_):
             ext = OPS.merge_lse(*res[b], *OPS.sparse_attention_lse(q, k, v, None, scale, idx[b], TILE))
             return OPS.attention_merge_lse(q, kb, vb, None, scale, *ext)
 
-        br["reuse_step_us"] = t(step)
-        if ta is not None:
-            def fused(q, k, v, kb, vb, idx, res, *_, num_splits=None):
-                ext = ta.sparse_attention_lse(q, k, v, None, scale, idx[b], TILE, *res[b], num_splits=num_splits)
-                return OPS.attention_merge_lse(q, kb, vb, None, scale, *ext)
+        def fused_step(q, k, v, kb, vb, idx, res, *_, num_splits=None):
+            if num_splits is None:
+                return OPS.sparse_attention_merge_lse(q, k, v, None, scale, idx[b], TILE, kb, vb, None, *res[b])
+            return ta.sparse_attention_merge_lse(q, k, v, None, scale, idx[b], TILE, kb, vb, None, *res[b],
+                                                 num_splits=num_splits)
 
-            br["fused_step_us"] = t(fused)
-            for s in splits:
-                br[f"fused_step_splits{s}_us"] = t(lambda *a, s=s: fused(*a, num_splits=s))
-        for key in [k for k in br if k.endswith("step_us") or "step_splits" in k]:
+        br["ops_step_us"] = t(ops_step)
+        br["fused_step_us"] = t(fused_step)
+        for s in splits if ta is not None else []:
+            br[f"fused_step_splits{s}_us"] = t(lambda *a, s=s: fused_step(*a, num_splits=s))
+        for key in [k for k in br if "_step" in k]:
             br[key.replace("_us", "_x_flashblock")] = br[key] / row["flashblock_step_us"]
         row["budgets"].append(br)
         print(n, br, flush=True)
@@ -161,23 +168,23 @@ def write(out_dir, meta, rows):
              f"block {BLOCK}, tile {TILE}, bf16, B=1. Medians of "
              + ("CUDA-graph replays over rotating input sets (>= 240 MB)." if "triton" in meta else
                 "wall-clock calls (CPU reference path: a smoke check, not a measurement)."), "",
-             "| keys | external µs | +tile mass µs (overhead) | GB/s ext / tiles | internal µs | FlashBlock step µs "
-             "| select 512 µs | residual 512 µs |", "|---|---|---|---|---|---|---|---|"]
+             "| keys | external µs | +tile mass µs (overhead) | GB/s ext / tiles | internal µs "
+             "| FlashBlock step µs | select 512 µs | residual 512 µs |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['keys'] // 1024}K | {r['external_us']:.1f} | {r['tiles_us']:.1f} "
-                     f"({r['tiles_overhead_pct']:+.1f}%) | {r["external_GBps"]:.1f} / {r["tiles_GBps"]:.1f} | "
+                     f"({r['tiles_overhead_pct']:+.1f}%) | {r['external_GBps']:.1f} / {r['tiles_GBps']:.1f} | "
                      f"{r['internal_us']:.1f} | {r['flashblock_step_us']:.1f} | {r['select_512_us']:.1f} | "
                      f"{r['residual_512_us']:.1f} |")
     step_keys = [k for k in rows[0]["budgets"][0] if k.endswith("_x_flashblock")]
     lines += ["", "Per budget (KV entries attended fresh); `x FB` = reuse step time / FlashBlock reuse step "
-              "(`attention_merge_lse`); `ops` = sparse + merge_lse + attention_merge_lse, `fused` = residual "
-              "merged in the sparse kernel's reduction (+ attention_merge_lse), `splitsN` = fused with N splits.",
+              "(`attention_merge_lse`); `ops` = sparse_attention_lse + merge_lse + attention_merge_lse, `fused` = "
+              "sparse_attention_merge_lse (one kernel + its reduction), `splitsN` = fused with N splits.",
               "", "| keys | budget | sparse µs | sparse GB/s | " + " | ".join(
                   k.replace("_x_flashblock", "").replace("_step", "") + " µs (x FB)" for k in step_keys) + " |",
               "|---|---|---|---|" + "---|" * len(step_keys)]
     for r in rows:
         for b in r["budgets"]:
-            lines.append(f"| {r['keys'] // 1024}K | {b['budget']} | {b['sparse_us']:.1f} | {b["sparse_GBps"]:.1f} | "
+            lines.append(f"| {r['keys'] // 1024}K | {b['budget']} | {b['sparse_us']:.1f} | {b['sparse_GBps']:.1f} | "
                          + " | ".join(f"{b[k.replace('_x_flashblock', '_us')]:.1f} ({b[k]:.2f}x)" for k in step_keys)
                          + " |")
     lines += ["", "Relative errors vs the PyTorch reference on the same inputs: "
