@@ -178,7 +178,7 @@ def write(out_dir, meta, rows):
     step_keys = [k for k in rows[0]["budgets"][0] if k.endswith("_x_flashblock")]
     lines += ["", "Per budget (KV entries attended fresh); `x FB` = reuse step time / FlashBlock reuse step "
               "(`attention_merge_lse`); `ops` = sparse_attention_lse + merge_lse + attention_merge_lse, `fused` = "
-              "sparse_attention_merge_lse (one kernel + its reduction), `splitsN` = fused with N splits.",
+              "sparse_attention_merge_lse (one kernel + its reduction; one launch with 1 split), `splitsN` = fused with N splits.",
               "", "| keys | budget | sparse µs | sparse GB/s | " + " | ".join(
                   k.replace("_x_flashblock", "").replace("_step", "") + " µs (x FB)" for k in step_keys) + " |",
               "|---|---|---|---|" + "---|" * len(step_keys)]

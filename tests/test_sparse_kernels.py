@@ -398,7 +398,8 @@ def test_triton_sparse_attention_lse(tcase):
 @in_process
 @pytest.mark.parametrize("tcase", TRITON_CASES, ids=triton_id)
 def test_triton_sparse_attention_merge_lse(tcase):
-    """The whole reuse step in one kernel (the block's keys as one more split) and its reduction."""
+    """The whole reuse step in one kernel (the last split also takes the block's keys) and its reduction,
+    or in registers when unsplit."""
     case, dtype, num_splits = tcase
     q, k, v, mask = make_inputs(case, dtype, DEVICE)
     scale = case[5] ** -0.5

@@ -330,8 +330,8 @@ def _sparse_attn_kernel(
 ):
     """:func:`_attn_kernel` over the KV tiles listed in ``Idx`` (``[B, Hkv, S]``, ``-1`` = unused)
     instead of a key range: one program takes ``slots_per_split`` slots and reads only their keys.
-    ``HAS_BLOCK``: the last split instead attends to all ``NB`` keys of ``(KB, VB)`` (the block's own
-    keys, with ``MaskB``), so that one launch and its reduction make a whole sparse reuse step."""
+    ``HAS_BLOCK``: the last split also attends to all ``NB`` keys of ``(KB, VB)`` (the block's own
+    keys, with ``MaskB``), so that one launch (and its reduction) makes a whole sparse reuse step."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -370,7 +370,7 @@ def _sparse_attn_kernel(
                 D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
 
     if HAS_BLOCK:
-        if pid_s == tl.num_programs(1) - 1:  # its slot range is empty
+        if pid_s == tl.num_programs(1) - 1:
             kb_ptrs = KB + b * skbb + hkv * skbh + offs_n[:, None] * skbn + offs_d[None, :] * skbd
             vb_ptrs = VB + b * svbb + hkv * svbh + offs_n[:, None] * svbn + offs_dv[None, :] * svbd
             maskb_ptrs = MaskB + b * smbb + h[:, None] * smbh + m[:, None] * smbm + offs_n[None, :] * smbn
@@ -634,11 +634,11 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
                          num_splits: int | None = None):
     """``(out, lse)`` of ``q`` over the KV tiles ``idx`` (``[B, Hkv, S]``, ``-1`` = unused), optionally
     merged with ``(out_ext, lse_ext)``: the gathered counterpart of :func:`attention_lse`. With
-    ``block = (k_blk, v_blk, mask_blk)`` the block's own keys are attended too (one more split).
+    ``block = (k_blk, v_blk, mask_blk)`` the block's own keys are attended too (by the last split).
 
     The slots are split over programs (about two programs per SM, at least one slot each) and the
     partials combined by :func:`_reduce_kernel`, which also does the merge; one program per row tile
-    (and the merge in registers) when the slots do not split and there is no block.
+    (and the merge in registers: a single launch) when the slots do not split.
     """
     B, Hq, M, D = q.shape
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -656,7 +656,7 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     if num_splits is None:
         num_splits = max(1, 2 * _num_sms(q.device) // (B * Hkv * _cdiv(R, cfg["BLOCK_R"])))
     slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
-    num_splits = max(1, _cdiv(S, slots_per_split)) + (block is not None)
+    num_splits = max(1, _cdiv(S, slots_per_split))
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
     k_blk, v_blk, mask_blk = (q, q, None) if block is None else block
     NB = 0 if block is None else k_blk.shape[2]
@@ -681,7 +681,8 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
 
 def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res, *,
                                num_splits: int | None = None):
-    """A whole sparse reuse step in two launches: ``q`` over the tiles ``idx`` of ``(k, v)`` and over
-    the block's own ``(k_blk, v_blk)``, merged with the cached residual ``(out_res, lse_res)``."""
+    """A whole sparse reuse step in one launch and its reduction (one launch with ``num_splits=1``):
+    ``q`` over the tiles ``idx`` of ``(k, v)`` and over the block's own ``(k_blk, v_blk)``, merged with
+    the cached residual ``(out_res, lse_res)``."""
     return sparse_attention_lse(q, k, v, mask, scale, idx, tile, out_res, lse_res, (k_blk, v_blk, mask_blk),
                                 num_splits=num_splits)
