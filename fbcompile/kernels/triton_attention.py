@@ -1,6 +1,6 @@
 """Triton kernels for the split attention of block diffusion.
 
-Semantics are those of :mod:`fbcompile.kernels.reference`. Two entry points:
+Semantics are those of :mod:`fbcompile.kernels.reference`. Entry points:
 
 * :func:`attention_lse` - the block-external part: a few block queries against a long cached KV.
   It is memory bound, so the kernel reads every KV byte once and spreads that read over all SMs:
@@ -9,13 +9,14 @@ Semantics are those of :mod:`fbcompile.kernels.reference`. Two entry points:
   kernel combines the splits through their log-sum-exp.
 * :func:`attention_merge_lse` - the block-internal part (the block over its own few keys), fused with
   the exact LSE merge against the cached external result, so a reuse step is one launch.
-* :func:`attention_lse_tiles` - :func:`attention_lse` that also scores the KV tiles (their attention
-  mass) from the probabilities of the same pass, and :func:`sparse_attention_lse` - the external
-  part over selected KV tiles only (gathered, split over the tiles): sparse external attention with
-  residual reuse (see :mod:`fbcompile.kernels.reference`).
+* Sparse external attention with residual reuse (see :mod:`fbcompile.kernels.reference`):
+  :func:`attention_lse_tiles` - :func:`attention_lse` that also scores the KV tiles (their attention
+  mass) from the probabilities of the same pass; :func:`sparse_attention_lse` - the external part over
+  selected KV tiles only (gathered, split over the tiles); :func:`sparse_attention_merge_lse` - a
+  whole sparse reuse step (selected tiles + the block's keys + the cached residual).
 
 Tile sizes and split counts are a function of the shapes (and the SM count) alone: no autotuning, no
-host syncs, no data-dependent allocation, so both entry points can be captured in CUDA graphs, and
+host syncs, no data-dependent allocation, so all entry points can be captured in CUDA graphs, and
 their host code traces (``torch.library.triton_op`` in :mod:`fbcompile.ops`), the key count
 symbolically. Head dims up to 512.
 Softmax runs in the log2 domain (``exp2``); stored LSEs are natural logs.
@@ -181,16 +182,17 @@ def _attn_kernel(
         m_i, l_i, acc, p, m_safe = _attend_tile(
             q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
             D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
-        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass (n0 < N: in range).
-        if CHUNK == BLOCK_N:
-            tl.store(ChunkLse + (pid_bh * NC + n0 // CHUNK) * R + rows, _log2_sum(tl.sum(p, 1), m_safe),
-                     mask=row_ok, eviction_policy="evict_last")
-        elif CHUNK > 0:
-            chunk = n0 // CHUNK + tl.arange(0, BLOCK_N // CHUNK)
-            p_chunk = tl.sum(tl.reshape(p, [BLOCK_R, BLOCK_N // CHUNK, CHUNK]), 2)
-            tl.store(ChunkLse + (pid_bh * NC + chunk[None, :]) * R + rows[:, None],
-                     _log2_sum(p_chunk, m_safe[:, None]), mask=row_ok[:, None] & (chunk[None, :] < NC),
-                     eviction_policy="evict_last")
+        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass. Masked row sums rather
+        # than a reshape, which would move ``p`` out of the dot's register layout.
+        if CHUNK > 0:
+            for j in tl.static_range(BLOCK_N // CHUNK):
+                if BLOCK_N == CHUNK:
+                    p_sum = tl.sum(p, 1)
+                else:
+                    p_sum = tl.sum(tl.where((offs_n // CHUNK == j)[None, :], p, 0.0), 1)
+                chunk = n0 // CHUNK + j + 0 * rows  # per row: the interpreter cannot `&` a scalar condition
+                tl.store(ChunkLse + (pid_bh * NC + chunk) * R + rows, _log2_sum(p_sum, m_safe),
+                         mask=row_ok & (chunk < NC), eviction_policy="evict_last")
         if HAS_MASK:
             mask_ptrs += BLOCK_N * smn
         k_ptrs += BLOCK_N * skn
