@@ -410,6 +410,42 @@ def test_triton_sparse_attention_merge_lse(tcase):
     check_attention(out, lse, *dense_reuse_step(*cpu), dtype)
 
 
+@pytest.mark.skipif(fbops.triton_attention is None or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="no triton, or interpreted kernels (which do not trace): run after another module")
+def test_cuda_host_code_traces_with_symbolic_keys(monkeypatch):
+    """The CUDA path's host code (as Inductor traces it through the triton ops), on fake CUDA tensors
+    with a symbolic key count: two launches per op, and no guard that ties the graph to a key count."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    ta = fbops.triton_attention
+    monkeypatch.setattr(ta, "_num_sms", lambda device: 132)
+
+    def reuse_pipeline(q, k, v, k_blk, v_blk, idx, out_res, lse_res):
+        out, lse, tile_mass = ta.attention_lse_tiles(q, k, v, None, 0.1, 32)
+        sparse = ta.sparse_attention_lse(q, k, v, None, 0.1, idx, 32)
+        step = ta.sparse_attention_merge_lse(q, k, v, None, 0.1, idx, 32, k_blk, v_blk, None, out_res, lse_res)
+        return out, lse, tile_mass, *sparse, *step
+
+    env = ShapeEnv()
+    with FakeTensorMode(shape_env=env):
+        n = env.create_symintnode(env.create_symbol(1000, ConstantSource("N")), hint=1000)
+        cuda = dict(device="cuda", dtype=torch.bfloat16)
+        q, k_blk, v_blk = torch.empty(1, 12, 32, 128, **cuda), torch.empty(1, 2, 32, 128, **cuda), \
+            torch.empty(1, 2, 32, 128, **cuda)
+        k, v = torch.empty(1, 2, n, 128, **cuda), torch.empty(1, 2, n, 128, **cuda)
+        idx = torch.empty(1, 2, 16, device="cuda", dtype=torch.int32)
+        out_res, lse_res = torch.empty(1, 12, 32, 128, device="cuda"), torch.empty(1, 12, 32, device="cuda")
+        gm = make_fx(reuse_pipeline)(q, k, v, k_blk, v_blk, idx, out_res, lse_res)
+    launches = [node for node in gm.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+    assert len(launches) == 6
+    symbol = n.node.expr
+    for keys in (33, 4097, 131072):  # the graph serves any cache length (beyond one tile)
+        assert all(bool(guard.expr.subs(symbol, keys)) for guard in env.guards), env.guards
+
+
 @pytest.mark.skipif(IN_PROCESS or fbops.triton_attention is None, reason="kernels tested in this process")
 def test_in_subprocess():
     """``triton`` was imported before this module could switch on the interpreter: rerun the kernel tests."""
