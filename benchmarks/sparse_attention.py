@@ -15,9 +15,10 @@ input sets of >= 240 MB, so the KV comes from HBM):
   <= 1.3x at 512 entries).
 
 Bandwidth: bytes of K/V read (all keys, or the selected tiles) per second. ``--tiny`` runs small
-shapes on the CPU (the reference path, wall-clock medians) as a smoke check of the script.
+shapes on the CPU (the reference path, wall-clock medians) as a smoke check of the script; with
+``TRITON_INTERPRET=1`` the ``--sweep`` variants run the Triton kernels in the interpreter.
 
-    PYTHONPATH=. python benchmarks/sparse_attention.py --out DIR [--tiny] [--splits 1,4,16]
+    PYTHONPATH=. python benchmarks/sparse_attention.py --out DIR [--tiny] [--sweep]
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ import time
 
 import torch
 
+try:  # plain launches outside a triton_op, for the sweep's variants
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:
+    from contextlib import nullcontext as set_wrap_triton_enabled
+
 import fbcompile  # noqa: F401  (registers torch.ops.fbcompile.*)
 from fbcompile import ops as fbops
 
@@ -39,6 +45,7 @@ HQ, HKV, D, BLOCK, TILE = 12, 2, 128, 32, 32
 BUDGETS = [0, 256, 512, 1024, 4096]  # KV entries attended fresh at a reuse step
 KEYS = [32768, 131072]
 TINY_KEYS = [1024, 4096]
+SWEEP = [dict(num_splits=s, BLOCK_R=r) for s in (1, 4, 8, 16) for r in (16, 32, 64)]  # --sweep: fused step at 512
 
 
 def time_us(fn, sets) -> float:
@@ -91,11 +98,11 @@ def checks(s) -> dict:
                 step512_out=err(step_out, rstep_out), step512_lse=err(step_lse, rstep_lse))
 
 
-def run_keys(n, device, tiny, splits):
+def run_keys(n, device, tiny, sweep):
     scale = D**-0.5
     sets = make_sets(n, device, tiny)
     row = dict(keys=n, sets=len(sets), errors=checks(sets[0]))
-    ta = fbops.triton_attention if device == "cuda" else None
+    ta = fbops.triton_attention if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else None
     t = lambda fn: time_us(fn, sets)  # noqa: E731
     row["external_us"] = t(lambda q, k, v, *_: OPS.attention_lse(q, k, v, None, scale))
     row["tiles_us"] = t(lambda q, k, v, *_: OPS.attention_lse_tiles(q, k, v, None, scale, TILE))
@@ -121,16 +128,21 @@ def run_keys(n, device, tiny, splits):
             ext = OPS.merge_lse(*res[b], *OPS.sparse_attention_lse(q, k, v, None, scale, idx[b], TILE))
             return OPS.attention_merge_lse(q, kb, vb, None, scale, *ext)
 
-        def fused_step(q, k, v, kb, vb, idx, res, *_, num_splits=None):
-            if num_splits is None:
+        def fused_step(q, k, v, kb, vb, idx, res, *_, **overrides):
+            if not overrides:
                 return OPS.sparse_attention_merge_lse(q, k, v, None, scale, idx[b], TILE, kb, vb, None, *res[b])
-            return ta.sparse_attention_merge_lse(q, k, v, None, scale, idx[b], TILE, kb, vb, None, *res[b],
-                                                 num_splits=num_splits)
+            with set_wrap_triton_enabled(False):  # plain launches outside a triton_op, as the op body does
+                return ta.sparse_attention_merge_lse(q, k, v, None, scale, idx[b], TILE, kb, vb, None, *res[b],
+                                                     **overrides)
 
         br["ops_step_us"] = t(ops_step)
         br["fused_step_us"] = t(fused_step)
-        for s in splits if ta is not None else []:
-            br[f"fused_step_splits{s}_us"] = t(lambda *a, s=s: fused_step(*a, num_splits=s))
+        for ov in sweep if ta is not None and b == 512 else []:
+            name = "fused_step_" + "_".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in ov.items()) + "_us"
+            try:
+                br[name] = t(lambda *a, ov=ov: fused_step(*a, **ov))
+            except Exception as e:  # noqa: BLE001 - a variant may exceed shared memory or registers
+                print("sweep variant failed", ov, type(e).__name__, flush=True)
         for key in [k for k in br if "_step" in k]:
             br[key.replace("_us", "_x_flashblock")] = br[key] / row["flashblock_step_us"]
         row["budgets"].append(br)
@@ -178,7 +190,8 @@ def write(out_dir, meta, rows):
     step_keys = [k for k in rows[0]["budgets"][0] if k.endswith("_x_flashblock")]
     lines += ["", "Per budget (KV entries attended fresh); `x FB` = reuse step time / FlashBlock reuse step "
               "(`attention_merge_lse`); `ops` = sparse_attention_lse + merge_lse + attention_merge_lse, `fused` = "
-              "sparse_attention_merge_lse (one kernel + its reduction; one launch with 1 split), `splitsN` = fused with N splits.",
+              "sparse_attention_merge_lse (one kernel + its reduction; one launch with 1 split); `--sweep` adds "
+              "variants of the fused step at 512 (N splits, M rows per program), in a table of their own.",
               "", "| keys | budget | sparse µs | sparse GB/s | " + " | ".join(
                   k.replace("_x_flashblock", "").replace("_step", "") + " µs (x FB)" for k in step_keys) + " |",
               "|---|---|---|---|" + "---|" * len(step_keys)]
@@ -187,6 +200,11 @@ def write(out_dir, meta, rows):
             lines.append(f"| {r['keys'] // 1024}K | {b['budget']} | {b['sparse_us']:.1f} | {b['sparse_GBps']:.1f} | "
                          + " | ".join(f"{b[k.replace('_x_flashblock', '_us')]:.1f} ({b[k]:.2f}x)" for k in step_keys)
                          + " |")
+    sweep = [(r["keys"], k, b[k], b[k.replace("_us", "_x_flashblock")]) for r in rows for b in r["budgets"]
+             for k in b if k.startswith("fused_step_") and k.endswith("_us") and k != "fused_step_us"]
+    if sweep:
+        lines += ["", "| keys | fused step at 512, variant | µs | x FB |", "|---|---|---|---|"]
+        lines += [f"| {n // 1024}K | {k[len('fused_step_'):-3]} | {us:.1f} | {x:.2f}x |" for n, k, us, x in sweep]
     lines += ["", "Relative errors vs the PyTorch reference on the same inputs: "
               + "; ".join(f"{r['keys'] // 1024}K " + ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
                           for r in rows), ""]
@@ -200,14 +218,14 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke check of the script")
     ap.add_argument("--keys", default=None, help="comma-separated cached-key counts (default 32K,128K)")
-    ap.add_argument("--splits", default="", help="also time the fused reuse step with these split counts")
+    ap.add_argument("--sweep", action="store_true", help="also time variants of the fused reuse step at 512")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     torch.manual_seed(0)
     keys = [int(x) for x in args.keys.split(",")] if args.keys else TINY_KEYS if args.tiny else KEYS
     meta = dict(versions(device), tiny=args.tiny)
     t0 = time.time()
-    rows = [run_keys(n, device, args.tiny, [int(s) for s in args.splits.split(",") if s]) for n in keys]
+    rows = [run_keys(n, device, args.tiny, SWEEP if args.sweep else []) for n in keys]
     meta["seconds"] = round(time.time() - t0, 1)
     write(args.out, meta, rows)
 

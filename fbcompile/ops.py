@@ -157,7 +157,8 @@ def attention_lse_tiles(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, tile: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`attention_lse` plus the attention mass of each KV tile of ``tile`` keys, ``[B, Hkv, T]``:
-    the refresh step's importance scores, from the same pass over the KV."""
+    the refresh step's importance scores, from the same pass over the KV (Triton for tiles of a
+    multiple of 16 keys)."""
     _check_shapes(q, k, v)
     _check_tile(tile)
     if _use_triton(q, k, v, mask) and triton_attention.supports_tile(tile):

@@ -633,15 +633,16 @@ def supports_sparse(q, k, v, mask, idx) -> bool:
             and idx.dim() == 3 and tuple(idx.shape[:2]) == (q.shape[0], k.shape[1]))
 
 
-def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse_ext=None, block=None, *,
-                         num_splits: int | None = None):
+def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse_ext=None, block=None,
+                         **overrides):
     """``(out, lse)`` of ``q`` over the KV tiles ``idx`` (``[B, Hkv, S]``, ``-1`` = unused), optionally
     merged with ``(out_ext, lse_ext)``: the gathered counterpart of :func:`attention_lse`. With
     ``block = (k_blk, v_blk, mask_blk)`` the block's own keys are attended too (by the last split).
 
     The slots are split over programs (about two programs per SM, at least one slot each) and the
     partials combined by :func:`_reduce_kernel`, which also does the merge; one program per row tile
-    (and the merge in registers: a single launch) when the slots do not split.
+    (and the merge in registers: a single launch) when the slots do not split. ``overrides``
+    (``num_splits`` and any of the tile/warp settings) exist for the tests and the benchmark's sweep.
     """
     B, Hq, M, D = q.shape
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -655,6 +656,8 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
 
     cfg = dict(_config_cached(B, Hq, M, D, Hkv, None, DV, q.element_size(), q.device, True))
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(tile))
+    num_splits = overrides.pop("num_splits", None)
+    cfg.update(overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     if num_splits is None:
         num_splits = max(1, 2 * _num_sms(q.device) // (B * Hkv * _cdiv(R, cfg["BLOCK_R"])))
@@ -682,10 +685,10 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     return out, lse
 
 
-def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res, *,
-                               num_splits: int | None = None):
+def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res,
+                               **overrides):
     """A whole sparse reuse step in one launch and its reduction (one launch with ``num_splits=1``):
     ``q`` over the tiles ``idx`` of ``(k, v)`` and over the block's own ``(k_blk, v_blk)``, merged with
     the cached residual ``(out_res, lse_res)``."""
     return sparse_attention_lse(q, k, v, mask, scale, idx, tile, out_res, lse_res, (k_blk, v_blk, mask_blk),
-                                num_splits=num_splits)
+                                **overrides)
