@@ -52,7 +52,7 @@ class CompiledGraph:
 
     run: Callable
     outputs: OutputLayout
-    cached_inputs: tuple[str, ...] = ()  # per site, the CacheEntry fields it takes after the call's args
+    cached_inputs: tuple[tuple[str, ...], ...] = ()  # per site, the CacheEntry fields it takes after the args
 
 
 @dataclass
@@ -166,7 +166,7 @@ class SplitGraphDispatcher:
     def _reuse(self, args, entries: list[CacheEntry]):
         step = self._step(entries)
         graph = step.graph
-        cached = [getattr(entry, name) for entry in entries for name in graph.cached_inputs]
+        cached = [getattr(entry, name) for entry, names in zip(entries, graph.cached_inputs) for name in names]
         outputs = graph.run(*args, *cached)
         layout = graph.outputs
         parts = None
@@ -217,7 +217,9 @@ class SplitGraphDispatcher:
                 unversioned = True
             entries.append(CacheEntry(sources=[weakref.ref(s) for s in sources], versions=versions,
                                       shapes=[s.shape for s in sources], offsets=guard.offset_values(args),
-                                      out_ext=part.out_ext, lse_ext=part.lse_ext, positions=written_at))
+                                      out_ext=part.out_ext, lse_ext=part.lse_ext, tiles=part.tiles,
+                                      positions=written_at))
+        self.record.count_tiles([part.tiles_read for part in parts])
         for policy in self._at_refresh:
             policy.at_refresh(entries, self.guards, args, parts)
         if unversioned and "inference" not in session.warned:

@@ -27,6 +27,13 @@ class SiteCounters:
     node: str
     kv_heads: int
     plan_kv_read: int = 0
+    tiles_read: object = 0.0  # sparse reuse: sum over the refreshes of the share of tiles selected (on the device)
+    tiled_refreshes: int = 0
+
+    @property
+    def sparse_share(self) -> float | None:
+        """Sparse reuse: the share of the external KV a reuse step reads (mean of the refreshes' selections)."""
+        return float(self.tiles_read) / self.tiled_refreshes if self.tiled_refreshes else None
 
 
 @dataclass
@@ -58,10 +65,18 @@ class GraphRecord:
             for site, read in zip(self.split_sites, kv_read):
                 site.plan_kv_read += read
 
+    def count_tiles(self, shares: list) -> None:
+        """A sparse refresh: per site, the share of the external KV tiles selected (None: not sparse)."""
+        for site, share in zip(self.split_sites, shares):
+            if share is not None:
+                site.tiles_read = site.tiles_read + share.detach()
+                site.tiled_refreshes += 1
+
     def reset_counts(self) -> None:
         self.refreshes = self.reuses = self.calls = 0
         for site in self.split_sites:
-            site.plan_kv_read = 0
+            site.plan_kv_read = site.tiled_refreshes = 0
+            site.tiles_read = 0.0
 
 
 @dataclass(slots=True)
@@ -74,6 +89,7 @@ class CacheEntry:
     offsets: list            # where static-cache external ranges end
     out_ext: torch.Tensor    # O_e
     lse_ext: torch.Tensor    # L_e
+    tiles: torch.Tensor | None = None        # sparse reuse: the KV tiles selected at the refresh
     query: torch.Tensor | None = None        # the query at the refresh ("adaptive")
     block_input: torch.Tensor | None = None  # the block's input at the refresh ("tokens")
     drift: tuple | None = None  # ("adaptive") (DriftVector, site index) of the last reuse call
@@ -90,7 +106,8 @@ class SiteStats:
     calls: int
     refreshes: int
     reuses: int
-    external_fraction: float  # KV heads its external part read / what exact mode would read
+    external_fraction: float  # external KV its external part read (KV heads; sparse: x tiles) / exact mode's
+    sparse_read: float | None = None  # sparse reuse: share of the external KV a reuse step reads
 
 
 @dataclass(frozen=True)
@@ -102,7 +119,7 @@ class Stats:
     reuses: int
     refresh_reasons: dict
     sites: list[SiteStats] = field(default_factory=list)
-    external_fraction: float = 1.0  # KV heads the external parts read / what exact mode would read
+    external_fraction: float = 1.0  # external KV read (KV heads; sparse: x tiles) / what exact mode would read
 
     @property
     def guard_failures(self) -> dict:
@@ -113,7 +130,7 @@ class Stats:
     def __str__(self):
         head = (f"fbcompile stats: {self.compiles} graph(s) compiled, {self.refreshes} refresh call(s), "
                 f"{self.reuses} reuse call(s), external attention computed for "
-                f"{self.external_fraction:.1%} of the KV heads exact mode would read")
+                f"{self.external_fraction:.1%} of the external KV exact mode would read")
         lines = [head]
         if self.sites:
             lines.append(tabulate([vars(s) for s in self.sites], headers="keys", floatfmt=".3f"))
@@ -182,11 +199,16 @@ class Session:
         sites, read, exact = [], 0, 0
         for record in self.graphs:
             for site in record.split_sites:
-                did_read, would_read = record.refreshes * site.kv_heads + site.plan_kv_read, record.calls * site.kv_heads
+                share = site.sparse_share
+                did_read = record.refreshes * site.kv_heads + site.plan_kv_read
+                if share is not None:
+                    did_read += record.reuses * site.kv_heads * share
+                would_read = record.calls * site.kv_heads
                 read, exact = read + did_read, exact + would_read
                 sites.append(SiteStats(graph=record.index, node=site.node, calls=record.calls,
                                        refreshes=record.refreshes, reuses=record.reuses,
-                                       external_fraction=did_read / would_read if would_read else 1.0))
+                                       external_fraction=did_read / would_read if would_read else 1.0,
+                                       sparse_read=share))
         split_graphs = [r for r in self.graphs if r.split_sites]
         return Stats(compiles=len(self.graphs), refreshes=sum(r.refreshes for r in split_graphs),
                      reuses=sum(r.reuses for r in split_graphs), refresh_reasons=dict(self.refresh_reasons),
