@@ -73,6 +73,7 @@ class FastPathMemo:
     refs: list               # (argument index, weakref) of the watched tensors: ids can be recycled
     cached: list             # the reuse graph's cached inputs
     entries: list[CacheEntry]
+    shares: list | None      # sparse reuse: per site, the share of the external KV tiles read
 
 
 class ExactDispatcher:
@@ -96,6 +97,7 @@ class SplitGraphDispatcher:
         self.session, self.record = session, record
         self.guards, self.refresh, self.steps = guards, refresh, steps
         self.kv_heads = kv_heads  # per site
+        self._sparse = any("tiles" in names for step in steps if step.graph for names in step.graph.cached_inputs)
         self._watched = sorted({i for g in guards for i in g.external} | {i for g in guards for i in g.size_sources})
         self._compares_positions = any(g.positions for g in guards)  # buffers written at data-dependent positions
         self._writes_external = any(g.offsets for g in guards)  # static caches the graph writes
@@ -130,6 +132,8 @@ class SplitGraphDispatcher:
         if memo is not None and memo.generation == session.generation and \
                 all(ref() is args[i] for i, ref in memo.refs) and memo.signature == self._signature(args):
             record.reuses += 1
+            if memo.shares:
+                record.count_tiles(memo.shares)
             outputs = self.steps[0].graph.run(*args, *memo.cached)
             if self._writes_external:  # the graph bumped the versions of its own cache writes
                 self._count_step(args, memo.entries)
@@ -176,13 +180,16 @@ class SplitGraphDispatcher:
                 if part.out_ext is not None:  # a reuse plan's recomputed heads overwrite the cached ones
                     entry.out_ext, entry.lse_ext = part.out_ext, part.lse_ext
         self.record.count_reuse(step.kv_read)
+        shares = [entry.tiles_read for entry in entries] if self._sparse else None
+        if shares:
+            self.record.count_tiles(shares)
         drift = outputs[layout.drift] if layout.drift is not None else None
         for policy in self._after_reuse:
             policy.after_reuse(entries, parts, drift)
         self._count_step(args, entries)
         if self._fast:
             refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
-            self._memo = FastPathMemo(self.session.generation, self._signature(args), refs, cached, entries)
+            self._memo = FastPathMemo(self.session.generation, self._signature(args), refs, cached, entries, shares)
         return layout.user_outputs(outputs)
 
     def _refresh(self, args, keys: list, reason: str):
@@ -218,8 +225,7 @@ class SplitGraphDispatcher:
             entries.append(CacheEntry(sources=[weakref.ref(s) for s in sources], versions=versions,
                                       shapes=[s.shape for s in sources], offsets=guard.offset_values(args),
                                       out_ext=part.out_ext, lse_ext=part.lse_ext, tiles=part.tiles,
-                                      positions=written_at))
-        self.record.count_tiles([part.tiles_read for part in parts])
+                                      tiles_read=part.tiles_read, positions=written_at))
         for policy in self._at_refresh:
             policy.at_refresh(entries, self.guards, args, parts)
         if unversioned and "inference" not in session.warned:

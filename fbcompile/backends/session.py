@@ -27,13 +27,28 @@ class SiteCounters:
     node: str
     kv_heads: int
     plan_kv_read: int = 0
-    tiles_read: object = 0.0  # sparse reuse: sum over the refreshes of the share of tiles selected (on the device)
-    tiled_refreshes: int = 0
+    sparse_reuses: int = 0     # sparse reuse: reuse calls that read selected tiles
+    tiles_read: object = 0.0   # their shares of the external KV tiles, summed (on the device), but for
+    last_share: object = None  # the share of the entry the last ones used,
+    last_count: int = 0        # and how many did
+
+    def count_tiles(self, share: torch.Tensor) -> None:
+        """A sparse reuse call that read ``share`` (0-dim, on the device) of the external KV tiles.
+        Calls are counted on the host; the device adds up once per cache entry."""
+        if share is not self.last_share:
+            if self.last_count:
+                self.tiles_read = self.tiles_read + self.last_share * self.last_count
+            self.last_share, self.last_count = share, 0
+        self.last_count += 1
+        self.sparse_reuses += 1
 
     @property
     def sparse_share(self) -> float | None:
-        """Sparse reuse: the share of the external KV a reuse step reads (mean of the refreshes' selections)."""
-        return float(self.tiles_read) / self.tiled_refreshes if self.tiled_refreshes else None
+        """Sparse reuse: the mean share of the external KV a reuse call read (None: no sparse reuse)."""
+        if not self.sparse_reuses:
+            return None
+        last = self.last_share * self.last_count if self.last_count else 0.0
+        return float(self.tiles_read + last) / self.sparse_reuses
 
 
 @dataclass
@@ -66,17 +81,16 @@ class GraphRecord:
                 site.plan_kv_read += read
 
     def count_tiles(self, shares: list) -> None:
-        """A sparse refresh: per site, the share of the external KV tiles selected (None: not sparse)."""
+        """A reuse call; ``shares``: per site, the share of the external KV tiles it read (None: all)."""
         for site, share in zip(self.split_sites, shares):
             if share is not None:
-                site.tiles_read = site.tiles_read + share.detach()
-                site.tiled_refreshes += 1
+                site.count_tiles(share)
 
     def reset_counts(self) -> None:
         self.refreshes = self.reuses = self.calls = 0
         for site in self.split_sites:
-            site.plan_kv_read = site.tiled_refreshes = 0
-            site.tiles_read = 0.0
+            site.plan_kv_read = site.sparse_reuses = site.last_count = 0
+            site.tiles_read, site.last_share = 0.0, None
 
 
 @dataclass(slots=True)
@@ -90,6 +104,7 @@ class CacheEntry:
     out_ext: torch.Tensor    # O_e
     lse_ext: torch.Tensor    # L_e
     tiles: torch.Tensor | None = None        # sparse reuse: the KV tiles selected at the refresh
+    tiles_read: torch.Tensor | None = None   # and their share of the external KV tiles (0-dim)
     query: torch.Tensor | None = None        # the query at the refresh ("adaptive")
     block_input: torch.Tensor | None = None  # the block's input at the refresh ("tokens")
     drift: tuple | None = None  # ("adaptive") (DriftVector, site index) of the last reuse call
@@ -202,7 +217,7 @@ class Session:
                 share = site.sparse_share
                 did_read = record.refreshes * site.kv_heads + site.plan_kv_read
                 if share is not None:
-                    did_read += record.reuses * site.kv_heads * share
+                    did_read += site.sparse_reuses * site.kv_heads * share
                 would_read = record.calls * site.kv_heads
                 read, exact = read + did_read, exact + would_read
                 sites.append(SiteStats(graph=record.index, node=site.node, calls=record.calls,
