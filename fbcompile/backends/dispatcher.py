@@ -22,6 +22,9 @@ graph that slices or transforms the cache otherwise does not). A site's entry se
 
 With a reuse plan, each step since the refresh runs its own reuse graph, which recomputes the
 plan's KV heads and returns their fresh ``(O_e, L_e)``; those overwrite the cached ones.
+With sparse reuse (:mod:`fbcompile.passes.sparse_external`) an entry also keeps the KV tiles selected
+at the refresh, its ``(O_e, L_e)`` being the residual over the other tiles; each reuse call counts the
+share of the external KV it read (``SiteStats.sparse_read``).
 Every graph's extra inputs and outputs are named by its
 :class:`~fbcompile.passes.reuse_external.OutputLayout`.
 

@@ -13,9 +13,10 @@ In a split graph every site ends in::
 * probe graph (fidelity measurements): the split graph also returning, per site, ``(O_e, L_e)``
   and the internal part alone ``(O_i, L_i)``, so reuse can be simulated beside the exact result.
 
-Each builder returns a :class:`SpecializedGraph`: the graph and an :class:`OutputLayout` naming its
-extra outputs per site (and the cached parts a reuse graph takes), so the runtime never counts
-positions.
+:func:`taking_cached` is the reuse graph's core, shared with :mod:`.sparse_external` (whose sites
+cache the selected KV tiles and a residual instead). Each builder returns a :class:`SpecializedGraph`:
+the graph and an :class:`OutputLayout` naming its extra outputs per site (and the cached parts a
+reuse graph takes), so the runtime never counts positions.
 """
 from __future__ import annotations
 
