@@ -90,7 +90,10 @@ class Sparse:
     as many). At reuse steps the block attends afresh to the selected tiles of the current external
     keys/values and to itself; with ``residual`` the part over the other tiles, computed at the
     refresh, is taken from the cache and merged in (budget 0: ``"block"`` mode; all tiles: exact),
-    without it that part is dropped (plain MAGE-style sparse attention).
+    without it that part is dropped (plain MAGE-style sparse attention). Shapes are static: a reuse
+    step gathers ``ceil(budget / tile) * tile`` entries per KV head even past the context's length.
+    Sites whose external keys/values are computed in the graph, or merged from a dual cache, keep
+    plain block reuse (``explain`` says why).
     """
 
     budget: int = 512

@@ -77,8 +77,9 @@ def _tiled(graph: fx.Graph, merge: fx.Node, sparse: Sparse) -> dict:
         mass = graph.call_function(operator.getitem, (tiled, 2))
         tiles = graph.call_function(torch.ops.fbcompile.select_tiles.default,
                                     (mass, sparse.max_tiles, sparse.mass if sparse.mass is not None else 1.0))
-        k = example(args.k)
-        tiles.meta["example_value"] = k.new_empty((k.shape[0], k.shape[1], sparse.max_tiles), dtype=torch.int32)
+        out = example(MergeArgs.of(merge).out_ext)  # [B, Hq, M, Dv]; emitted keys may have no example value
+        tiles.meta["example_value"] = out.new_empty((out.shape[0], merge.meta["fbcompile_heads"].kv, sparse.max_tiles),
+                                                    dtype=torch.int32)
         share = graph.call_function(operator.truediv, (
             graph.call_method("sum", (graph.call_function(operator.ge, (tiles, 0)),)),
             graph.call_method("numel", (mass,))))
