@@ -160,6 +160,8 @@ def attention_lse_tiles(
     the refresh step's importance scores, from the same pass over the KV."""
     _check_shapes(q, k, v)
     _check_tile(tile)
+    if _use_triton(q, k, v, mask) and triton_attention.supports_tile(tile):
+        return triton_attention.attention_lse_tiles(q, k, v, mask, scale, tile)
     return reference_attention_lse_tiles(q, k, v, mask, scale, tile)
 
 
@@ -223,10 +225,52 @@ def sparse_attention_lse(
     _check_shapes(q, k, v)
     _check_tile(tile)
     _check_idx(k, idx)
+    if _use_triton(q, k, v, mask) and triton_attention.supports_sparse(q, k, v, mask, idx):
+        return triton_attention.sparse_attention_lse(q, k, v, mask, scale, idx, tile)
     return reference_sparse_attention_lse(q, k, v, mask, scale, idx, tile)
 
 
 sparse_attention_lse.register_fake(lambda q, k, v, mask, scale, idx, tile: _attention_outputs(q, k, v))
+
+
+@torch.library.custom_op("fbcompile::reference_sparse_attention_merge_lse", mutates_args=())
+def reference_sparse_attention_merge_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    idx: torch.Tensor, tile: int, k_blk: torch.Tensor, v_blk: torch.Tensor, mask_blk: torch.Tensor | None,
+    out_res: torch.Tensor, lse_res: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fbcompile.kernels.reference.sparse_attention_merge_lse` as an opaque op (the fallback path)."""
+    return reference.sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
+                                                out_res, lse_res)
+
+
+reference_sparse_attention_merge_lse.register_fake(lambda q, k, v, *args: _attention_outputs(q, k, v))
+
+
+@torch.library.triton_op("fbcompile::sparse_attention_merge_lse", mutates_args=())
+def sparse_attention_merge_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    idx: torch.Tensor, tile: int, k_blk: torch.Tensor, v_blk: torch.Tensor, mask_blk: torch.Tensor | None,
+    out_res: torch.Tensor, lse_res: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole sparse reuse step: ``q`` over the selected tiles ``idx`` of the cached ``(k, v)`` and
+    over the block's own ``(k_blk, v_blk)``, merged with the cached residual ``(out_res, lse_res)``
+    (:func:`subtract_lse` of the refresh step). Equals :func:`attention_merge_lse` of the block against
+    :func:`merge_lse` of the residual and :func:`sparse_attention_lse`; on CUDA one kernel and its
+    reduction instead of four launches."""
+    _check_shapes(q, k, v)
+    _check_shapes(q, k_blk, v_blk)
+    _check_tile(tile)
+    _check_idx(k, idx)
+    if (_use_triton(q, k, v, mask) and triton_attention.supports_sparse(q, k, v, mask, idx)
+            and triton_attention.supports(q, k_blk, v_blk, mask_blk) and out_res.device == lse_res.device == q.device):
+        return triton_attention.sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
+                                                           out_res, lse_res)
+    return reference_sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
+                                                out_res, lse_res)
+
+
+sparse_attention_merge_lse.register_fake(lambda q, k, v, *args: _attention_outputs(q, k, v))
 
 
 @torch.library.custom_op("fbcompile::reference_subtract_lse", mutates_args=())

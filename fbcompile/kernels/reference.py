@@ -91,7 +91,7 @@ def select_tiles(tile_mass: torch.Tensor, max_tiles: int, mass: float) -> torch.
     return torch.where(order == torch.iinfo(torch.int32).max, -1, order).to(torch.int32)
 
 
-def tile_keys(idx: torch.Tensor, tile: int, num_keys) -> tuple[torch.Tensor, torch.Tensor]:
+def _tile_keys(idx: torch.Tensor, tile: int, num_keys) -> tuple[torch.Tensor, torch.Tensor]:
     """Key positions ``[B, Hkv, S * tile]`` of the selected tiles (clamped into range) and whether each
     is a real key (slot used and key inside the last, possibly partial, tile)."""
     pos = (idx.long().unsqueeze(-1) * tile + torch.arange(tile, device=idx.device)).flatten(-2)
@@ -106,7 +106,7 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int):
     B, Hq, M, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    pos, valid = tile_keys(idx, tile, N)
+    pos, valid = _tile_keys(idx, tile, N)
     k_sel = k.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
     v_sel = v.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
     allowed = valid.repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S * tile]
@@ -118,6 +118,13 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int):
         else:
             allowed = torch.where(allowed, picked.float(), float("-inf"))
     return attention_lse(q, k_sel, v_sel, allowed, scale)
+
+
+def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res):
+    """A sparse reuse step: ``q`` over the tiles ``idx`` of ``(k, v)`` and over the block's own
+    ``(k_blk, v_blk)``, merged with the residual ``(out_res, lse_res)`` (the external keys not selected)."""
+    external = merge_lse(out_res, lse_res, *sparse_attention_lse(q, k, v, mask, scale, idx, tile))
+    return attention_merge_lse(q, k_blk, v_blk, mask_blk, scale, *external)
 
 
 def subtract_lse(out_a, lse_a, out_b, lse_b, min_mass: float = 1e-6):
