@@ -16,6 +16,8 @@ and returns ``tiles`` and ``(O_r, L_r)``; the reuse graph takes them as inputs a
     O_x, L_x = fbcompile.merge_lse(O_r, L_r, O_s, L_s)
     O, _ = fbcompile.attention_merge_lse(q, K_i, V_i, mask_i, scale, O_x, L_x)
 
+as one op, ``fbcompile.sparse_attention_merge_lse`` (:func:`_fuse_reuse_step`).
+
 Without residual reuse (plain MAGE) the refresh returns ``(O_e, L_e)`` in place of the residual
 (the guards' reference; the reuse graph does not take it) and the reuse graph merges ``(O_s, L_s)``
 alone. Budget 0 selects nothing (``"block"`` mode); all tiles leave an empty residual (exact).
@@ -36,6 +38,7 @@ from fbcompile.ops import AttentionArgs, MergeArgs
 from fbcompile.passes.graph_utils import example, op_name, view_base
 from fbcompile.passes.reuse_external import (SpecializedGraph, cached_parts, copy_graph, merges, taking_cached,
                                              with_outputs)
+from fbcompile.passes.split_attention import is_impure
 
 
 def _external_call(merge: fx.Node) -> fx.Node:
@@ -132,7 +135,7 @@ def sparse_reuse_graph(gm: fx.GraphModule, sparse: Sparse, reasons: list, with_q
     keys/values and merges the cached residual (if kept); other sites as :func:`reuse_graph`."""
     gm = copy_graph(gm)
     graph = gm.graph
-    cached = []
+    cached, fusable = [], []
     for merge, reason in zip(merges(graph), reasons):
         parts = cached_parts(merge, with_query)
         if reason is None:
@@ -145,7 +148,35 @@ def sparse_reuse_graph(gm: fx.GraphModule, sparse: Sparse, reasons: list, with_q
                 with graph.inserting_before(merge):
                     merged = graph.call_function(torch.ops.fbcompile.merge_lse.default, (*residual, *external))
                     external = tuple(graph.call_function(operator.getitem, (merged, i)) for i in range(2))
+                fusable.append((merge, merged))
             merge.args = MergeArgs.of(merge).with_external(*external)
             parts = {**kept, **({"query": parts["query"]} if with_query else {})}
         cached.append(parts)
-    return taking_cached(gm, cached)
+    reuse = taking_cached(gm, cached)
+    for merge, merged in fusable:
+        _fuse_reuse_step(graph, merge, merged)
+    if fusable:
+        graph.eliminate_dead_code(is_impure_node=is_impure)
+        graph.lint()
+        gm.recompile()
+    return reuse
+
+
+def _fuse_reuse_step(graph: fx.Graph, merge: fx.Node, merged: fx.Node) -> None:
+    """One op for a sparse site's whole reuse step (on CUDA one kernel instead of four launches)::
+
+        O_s, L_s = fbcompile.sparse_attention_lse(q, K_e, V_e, mask_e, scale, tiles, tile)
+        O_x, L_x = fbcompile.merge_lse(O_r, L_r, O_s, L_s)
+        O, L = fbcompile.attention_merge_lse(q, K_i, V_i, mask_i, scale, O_x, L_x)
+    ->
+        O, L = fbcompile.sparse_attention_merge_lse(q, K_e, V_e, mask_e, scale, tiles, tile, K_i, V_i, mask_i, O_r, L_r)
+    """
+    out_res, lse_res, out_sel, _ = merged.args
+    q, k, v, mask, scale, tiles, tile = out_sel.args[0].args
+    block = MergeArgs.of(merge)
+    with graph.inserting_before(merge):
+        fused = graph.call_function(torch.ops.fbcompile.sparse_attention_merge_lse.default, (
+            q, k, v, mask, scale, tiles, tile, block.k, block.v, block.mask, out_res, lse_res))
+    fused.meta.update(merge.meta)
+    merge.replace_all_uses_with(fused)
+    graph.erase_node(merge)
