@@ -115,8 +115,8 @@ def fidelity(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch
     if config.refresh == "always":
         raise ValueError("fidelity measures a reuse policy; refresh='always' reuses nothing")
     if config.sparse is not None:
-        raise ValueError("fidelity simulates plain block reuse; for Config(sparse=...) compare the generations "
-                         "themselves (as benchmarks/sparse_fidelity.py does)")
+        raise ValueError("fidelity simulates plain block reuse; for Config(sparse=...) compare the optimized "
+                         "model's generations with the original model's")
     records = []
     first: dict = {}
 
