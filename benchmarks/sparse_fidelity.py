@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
@@ -30,9 +31,6 @@ from tabulate import tabulate
 import fbcompile
 from benchmarks.machine import cpu_name
 from examples.tiny_trained import DEFAULT_CHECKPOINT, load_tiny_trained, stdlib_bytes
-
-COMMAND = "PYTHONPATH=. python benchmarks/sparse_fidelity.py --out benchmarks/results"
-
 
 def decode(model, prompt: torch.Tensor, blocks: int) -> torch.Tensor:
     return model.generate(prompt, num_blocks=blocks, steps=8)
@@ -99,7 +97,8 @@ def main():
     env = dict(device=f"CPU ({cpu_name()})", torch=torch.__version__, python=platform.python_version(),
                checkpoint=os.path.relpath(DEFAULT_CHECKPOINT), prompts=f"{args.prompts} validation prompts of "
                f"{args.prompt_bytes} bytes", blocks=args.blocks, context=f"{args.prompt_bytes}..{context} bytes",
-               tile=args.tile, decoder="greedy, one token per step (8 steps per block)", command=COMMAND)
+               tile=args.tile, decoder="greedy, one token per step (8 steps per block)",
+               command="PYTHONPATH=. python " + " ".join(sys.argv))
     _write(args.out, env, rows)
 
 
