@@ -105,12 +105,17 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
     policies = [] if exact else policies_for(config)
     plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass, returns_cat=returns_cat,
                       with_query=any(p.with_query for p in policies), probe=session.observer is not None,
-                      reuse_plan=config.reuse_plan)
+                      reuse_plan=config.reuse_plan, sparse=config.sparse)
     if plan is None:
         return _compile(gm, example_inputs, session)
     record.code_refresh, record.split_graph, record.no_reuse = gm.code, gm, plan.no_reuse
+    if any(reason is None for reason in plan.sparse):  # show where the tiles are scored and selected
+        record.code_refresh = plan.refresh.gm.code
     record.split_sites = [SiteCounters(node=s.node.name, kv_heads=h.kv)
                           for s, h in zip([s for s in sites if s.splittable], plan.heads)]
+    split_rows = [row for s, row in zip(sites, record.sites) if s.splittable]
+    for row, reason in zip(split_rows, plan.sparse):
+        row["sparse"] = f"{config.sparse}" if reason is None else f"block reuse: {reason}"
     if plan.no_reuse is not None:
         log.info("graph %d: no reuse (%s)", record.index, plan.no_reuse)
         return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session), plan.no_reuse)

@@ -27,6 +27,9 @@ graph that slices or transforms the cache otherwise does not). A site's entry se
 
 With a reuse plan, each step since the refresh runs its own reuse graph, which recomputes the
 plan's KV heads and returns their fresh ``(O_e, L_e)``; those overwrite the cached ones.
+With sparse reuse (:mod:`fbcompile.passes.sparse_external`) an entry also keeps the KV tiles selected
+at the refresh, its ``(O_e, L_e)`` being the residual over the other tiles; each reuse call counts the
+share of the external KV it read (``SiteStats.sparse_read``).
 Every graph's extra inputs and outputs are named by its
 :class:`~fbcompile.passes.reuse_external.OutputLayout`.
 
@@ -58,7 +61,7 @@ class CompiledGraph:
 
     run: Callable
     outputs: OutputLayout
-    cached_inputs: tuple[str, ...] = ()  # per site, the CacheEntry fields it takes after the call's args
+    cached_inputs: tuple[tuple[str, ...], ...] = ()  # per site, the CacheEntry fields it takes after the args
 
 
 @dataclass
@@ -79,6 +82,7 @@ class FastPathMemo:
     refs: list               # (argument index, weakref) of the watched tensors: ids can be recycled
     cached: list             # the reuse graph's cached inputs
     entries: list[CacheEntry]
+    shares: list | None      # sparse reuse: per site, the share of the external KV tiles read
 
 
 class ExactDispatcher:
@@ -103,6 +107,7 @@ class SplitGraphDispatcher:
         self.commits = commits  # the graph returns the block's keys/values: a commit, unless cropped (_commit)
         self.guards, self.refresh, self.steps = guards, refresh, steps
         self.kv_heads = kv_heads  # per site
+        self._sparse = any("tiles" in names for step in steps if step.graph for names in step.graph.cached_inputs)
         self._watched = sorted({i for g in guards for i in g.external} | {i for g in guards for i in g.size_sources})
         self._compares_positions = any(g.positions for g in guards)  # buffers written at data-dependent positions
         self._writes_external = any(g.offsets for g in guards)  # static caches the graph writes
@@ -139,6 +144,8 @@ class SplitGraphDispatcher:
         if memo is not None and memo.generation == session.generation and \
                 all(ref() is args[i] for i, ref in memo.refs) and memo.signature == self._signature(args):
             record.reuses += 1
+            if memo.shares:
+                record.count_tiles(memo.shares)
             outputs = self.steps[0].graph.run(*args, *memo.cached)
             if self._writes_external:  # the graph bumped the versions of its own cache writes
                 self._count_step(args, memo.entries)
@@ -184,7 +191,7 @@ class SplitGraphDispatcher:
     def _reuse(self, args, entries: list[CacheEntry]):
         step = self._step(entries)
         graph = step.graph
-        cached = [getattr(entry, name) for entry in entries for name in graph.cached_inputs]
+        cached = [getattr(entry, name) for entry, names in zip(entries, graph.cached_inputs) for name in names]
         outputs = graph.run(*args, *cached)
         layout = graph.outputs
         parts = None
@@ -194,13 +201,16 @@ class SplitGraphDispatcher:
                 if part.out_ext is not None:  # a reuse plan's recomputed heads overwrite the cached ones
                     entry.out_ext, entry.lse_ext = part.out_ext, part.lse_ext
         self.record.count_reuse(step.kv_read)
+        shares = [entry.tiles_read for entry in entries] if self._sparse else None
+        if shares:
+            self.record.count_tiles(shares)
         drift = outputs[layout.drift] if layout.drift is not None else None
         for policy in self._after_reuse:
             policy.after_reuse(entries, parts, drift)
         self._count_step(args, entries)
         if self._fast:
             refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
-            self._memo = FastPathMemo(self.session.generation, self._signature(args), refs, cached, entries)
+            self._memo = FastPathMemo(self.session.generation, self._signature(args), refs, cached, entries, shares)
         return layout.user_outputs(outputs)
 
     def _refresh(self, args, keys: list, reason: str):
@@ -232,7 +242,8 @@ class SplitGraphDispatcher:
             unversioned = unversioned or None in versions  # inference tensors have no version counter
             entries.append(CacheEntry(sources=[weakref.ref(c.token) for c in contents], versions=versions,
                                       shapes=[args[j].shape for j in guard.external], offsets=guard.offset_values(args),
-                                      out_ext=part.out_ext, lse_ext=part.lse_ext, positions=written_at))
+                                      out_ext=part.out_ext, lse_ext=part.lse_ext, tiles=part.tiles,
+                                      tiles_read=part.tiles_read, positions=written_at))
         for policy in self._at_refresh:
             policy.at_refresh(entries, self.guards, args, parts)
         if unversioned and "inference" not in session.warned:
