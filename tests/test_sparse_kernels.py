@@ -180,6 +180,14 @@ def test_attention_lse_tiles(case, dtype):
     torch.testing.assert_close(tile_mass.double(), exp_mass, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_lse_tiles_over_no_keys():
+    """A static cache's first chunk has no cached keys yet: nothing attended, no tiles, no crash."""
+    q, k, v = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)
+    out, lse, tile_mass = OPS.attention_lse_tiles(q, k, v, None, 0.5, 16)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    assert tile_mass.shape == (1, 2, 0)
+
+
 @pytest.mark.parametrize("mass", [1.0, 0.9, 0.5, 0.0])
 @pytest.mark.parametrize("max_tiles", [1, 5, 40])
 def test_select_tiles(max_tiles, mass):

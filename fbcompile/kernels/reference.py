@@ -64,7 +64,7 @@ def attention_lse_tiles(q, k, v, mask, scale, tile: int):
     probability of each KV tile summed over the query heads of its KV head and the query rows."""
     p, lse = _softmax(_scores(q, k, mask, scale))
     B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
-    key_mass = p.reshape(B, Hkv, -1, N).sum(2)
+    key_mass = p.reshape(B, Hkv, (p.shape[1] // Hkv) * p.shape[2], N).sum(2)  # no -1: N may be 0
     num_tiles = -(-N // tile)
     tile_mass = torch.nn.functional.pad(key_mass, (0, num_tiles * tile - N)).reshape(B, Hkv, num_tiles, tile).sum(-1)
     return _weighted_values(p, v).to(q.dtype), lse, tile_mass
