@@ -122,7 +122,7 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
 @triton.jit
 def _log2_sum(p_sum, m):
     """``m + log2(p_sum)`` for probabilities relative to ``2^m``; ``-inf`` where they sum to 0."""
-    return tl.where(p_sum > 0.0, m + tl.log2(tl.maximum(p_sum, 1e-38)), float("-inf"))
+    return tl.where(p_sum > 0.0, m + tl.log2(tl.maximum(p_sum, 1e-30)), float("-inf"))  # 1e-38 would be fp64
 
 
 @triton.jit
