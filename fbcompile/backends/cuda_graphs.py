@@ -56,11 +56,22 @@ MAX_CAPTURES = 4  # captured variants (keys) kept per compiled graph
 _SEEN_KEYS = 64   # keys remembered as seen once, per graph
 
 
-class Capture:
-    """One captured variant of a graph: the CUDA graph, its input buffers and its outputs."""
+DEVICE_TYPE = "cuda"  # inputs on other devices run uncaptured
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, buffers: list[torch.Tensor], outputs):
-        self.graph, self.buffers, self.outputs = graph, buffers, outputs
+
+def record(run: Callable, args: list, session: Session) -> tuple[Callable[[], None], list]:
+    """Capture ``run(*args)`` in a CUDA graph (in the session's pool): its replay and its outputs."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=session.cuda_graph_pool(), capture_error_mode="thread_local"):
+        outputs = run(*args)
+    return graph.replay, outputs
+
+
+class Capture:
+    """One captured variant of a graph: its replay, input buffers and outputs."""
+
+    def __init__(self, replay: Callable[[], None], buffers: list[torch.Tensor], outputs):
+        self.replay, self.buffers, self.outputs = replay, buffers, outputs
 
 
 class CapturedGraph:
@@ -104,8 +115,8 @@ class CapturedGraph:
         """Run uncaptured, and learn which inputs the graph writes (they are taken by address)."""
         tensors = [i for i in self._read if isinstance(args[i], torch.Tensor)]
         devices = {args[i].device.type for i in tensors}
-        if devices - {"cuda"}:
-            self.uncapturable = f"inputs on {', '.join(sorted(devices - {'cuda'}))}"
+        if devices - {DEVICE_TYPE}:
+            self.uncapturable = f"inputs on {', '.join(sorted(devices - {DEVICE_TYPE}))}"
             if "cuda graphs" not in self.session.warned:
                 self.session.warned.add("cuda graphs")
                 warnings.warn(f"fbcompile: CUDA graphs were asked for, but the inputs are on "
@@ -135,13 +146,13 @@ class CapturedGraph:
         outputs = self.run(*args)
         buffers = [torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype, device=args[i].device)
                    for i in self._copied]
+        if buffers:
+            torch._foreach_copy_(buffers, [args[i] for i in self._copied])
         static = list(args)
         for i, buffer in zip(self._copied, buffers):
             static[i] = buffer
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.session.cuda_graph_pool(), capture_error_mode="thread_local"):
-                captured = self.run(*static)
+            replay, captured = record(self.run, static, self.session)
         except Exception as error:  # a host sync, a CPU tensor made inside, an op CUDA graphs cannot record
             self.uncapturable = f"capture failed: {type(error).__name__}"
             warnings.warn(f"fbcompile: a compiled graph could not be captured in a CUDA graph ({error}); "
@@ -151,7 +162,7 @@ class CapturedGraph:
         if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in inputs for t in captured):
             self.uncapturable = "returns a view of an input"
             return outputs
-        self.captures[key] = Capture(graph, buffers, captured)
+        self.captures[key] = Capture(replay, buffers, captured)
         self.session.cuda_graph_counts["captures"] += 1
         if len(self.captures) > MAX_CAPTURES:
             self.captures.popitem(last=False)
@@ -160,7 +171,7 @@ class CapturedGraph:
     def _replay(self, capture: Capture, args):
         if capture.buffers:
             torch._foreach_copy_(capture.buffers, [args[i] for i in self._copied])
-        capture.graph.replay()
+        capture.replay()
         self.session.cuda_graph_counts["replays"] += 1
         return _copy_out(capture.outputs)
 
