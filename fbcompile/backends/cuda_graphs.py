@@ -19,8 +19,9 @@ refresh across calls. Here, per graph:
   tokens, positions, the cached ``(O_e, L_e)`` of a reuse graph) is *copied* into the capture's own
   buffers before each replay, all in one ``torch._foreach_copy_``: its address may change at every
   call. Inputs the graph does not read (a reuse graph's cached keys/values) are neither.
-* **Key.** Addresses, shapes, strides and dtypes of the by-address inputs, shapes and dtypes of the
-  copied ones, values of the other arguments (ints). A key is captured the second time it is seen (a
+* **Key.** Addresses of the by-address inputs; sizes, strides and dtypes of the inputs whose sizes
+  dynamo's guards leave free (symbolic sizes, the cached ``(O_e, L_e)``); values of the other
+  arguments (ints). A key is captured the second time it is seen (a
   key seen once - the refresh over a cache that grows by a ``torch.cat`` at each block - would never
   replay), and at most :data:`MAX_CAPTURES` captures are kept per graph (least recently used dropped).
   So a reuse graph, which does not read the cache, is captured once for all blocks; a refresh graph
@@ -84,9 +85,12 @@ class CapturedGraph:
         self.run, self.session = run, session
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if node.users]
+        # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
+        self._unguarded = {i for i, node in enumerate(placeholders) if not _static_sizes(node.meta.get("example_value"))}
         self._static = set(by_address) | {i for i, node in enumerate(placeholders) if _marked_static(node)}
         self._by_address: list[int] | None = None  # decided at the first call
         self._copied: list[int] = []
+        self._sized: list[int] = []
         self._others: list[int] = []
         self.captures: OrderedDict = OrderedDict()
         self._seen: OrderedDict = OrderedDict()
@@ -128,13 +132,15 @@ class CapturedGraph:
         self._by_address = [i for i in tensors
                             if i in self._static or i in written or isinstance(args[i], torch.nn.Parameter)]
         self._copied = [i for i in tensors if i not in self._by_address]
+        self._sized = [i for i in tensors if i in self._unguarded]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
         self._seen[self._key(args)] = None
         return outputs
 
     def _key(self, args) -> tuple:
-        return (tuple((a.data_ptr(), a.shape, a.stride(), a.dtype) for a in map(args.__getitem__, self._by_address)),
-                tuple((a.shape, a.dtype) for a in map(args.__getitem__, self._copied)),
+        """Addresses of the by-address inputs, sizes of those dynamo's guards leave free, other arguments."""
+        return (tuple(args[i].data_ptr() for i in self._by_address),
+                tuple((a.shape, a.stride(), a.dtype) for a in map(args.__getitem__, self._sized)),
                 tuple(args[i] for i in self._others))
 
     def _uncaptured(self, args, reason: str):
@@ -189,6 +195,13 @@ def _copy_out(outputs):
 def _marked_static(node: fx.Node) -> bool:
     """Dynamo marks parameters and buffers of modules (and ``torch._dynamo.mark_static_address``) static."""
     return bool(node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+
+
+def _static_sizes(example) -> bool:
+    """Whether ``example`` (a placeholder's example value) is a tensor of static sizes and strides, which
+    dynamo's guards check before the graph runs."""
+    return isinstance(example, torch.Tensor) and all(
+        isinstance(n, int) for n in (*example.shape, *example.stride()))
 
 
 def _version(tensor: torch.Tensor) -> int | None:
