@@ -29,6 +29,9 @@ refresh across calls. Here, per graph:
   a refresh graph over tensors that are new at every block (a cache grown by ``torch.cat``, as HF
   ``DynamicCache`` does) runs uncaptured, as Inductor compiled it (its Triton kernels launched from
   Inductor's wrapper code), once per block: a capture costs more than one run and could never replay.
+  A write offset passed as a Python int (``cache[:, start:start + n] = k``) is baked into a capture, so
+  such a graph is captured once per block, at its second step; passed as a tensor (HF ``StaticCache``'s
+  ``cache_position``) it is copied in like the tokens, and the graph is captured once.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` into fresh tensors), so neither the caller nor the dispatcher's cache holds
   memory a later replay overwrites. A graph that returns a view of one of its inputs is not captured.
