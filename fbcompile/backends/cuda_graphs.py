@@ -44,7 +44,6 @@ each call, so a graph's own writes were never a reason to refresh (see :mod:`.di
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import OrderedDict
 from typing import Callable
@@ -54,13 +53,9 @@ import torch.fx as fx
 
 from fbcompile.backends.session import Session
 
-log = logging.getLogger("fbcompile")
-
-MAX_CAPTURES = 4  # captured variants (keys) kept per compiled graph
-_SEEN_KEYS = 64   # keys remembered as seen once, per graph
-
-
-DEVICE_TYPE = "cuda"  # inputs on other devices run uncaptured
+MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
+_SEEN_KEYS = 64        # keys remembered as seen once, per graph
+DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
 
 
 def record(run: Callable, args: list, session: Session) -> tuple[Callable[[], None], list]:
