@@ -84,7 +84,8 @@ class CapturedGraph:
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if node.users]
         # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
-        self._unguarded = {i for i, node in enumerate(placeholders) if not _static_sizes(node.meta.get("example_value"))}
+        self._unguarded = {i for i, node in enumerate(placeholders)
+                           if not _static_sizes(node.meta.get("example_value"))}
         self._static = set(by_address) | {i for i, node in enumerate(placeholders) if _marked_static(node)}
         self._by_address: list[int] | None = None  # decided at the first call
         self._copied: list[int] = []
