@@ -74,7 +74,8 @@ def backend(mode: str | None = None, **options) -> Backend:
 
         compiled = torch.compile(model, backend=fbcompile.backend(refresh="always"))
 
-    ``options``: :class:`Config` fields; ``mode``: ``torch.compile``'s (modes with CUDA graphs are refused).
+    ``options``: :class:`Config` fields; ``mode``: ``torch.compile``'s (``"reduce-overhead"``: CUDA graphs, as
+    ``Config(cuda_graphs=True)``).
     """
     return Backend(Session(Config.from_options(options), mode=mode))
 

@@ -1,7 +1,7 @@
 """End-to-end benchmark core: ms per block of a block-diffusion loop, per variant, against its roofline.
 
 Design: the library holds what is model-agnostic - the variants (eager, ``torch.compile`` default and
-reduce-overhead, fbcompile exact and block), the timing, the memory roofline, and the table / JSON /
+reduce-overhead, fbcompile exact and block, each also with CUDA graphs), the timing, the memory roofline, and the table / JSON /
 plot - while the models are supplied by the caller as :class:`Workload` s. ``benchmarks/e2e.py``
 defines the project's workloads (the example LM at Qwen2-1.5B shape, HF DiffusionGemma, the video
 DiT) and runs :func:`main` with them; ``python -m fbcompile bench --workloads benchmarks.e2e:workloads``
@@ -37,9 +37,15 @@ from .config import Config
 
 # Datasheet HBM bandwidths, bytes/s (SXM parts).
 BANDWIDTHS = {"h100": 3.35e12, "h200": 4.8e12}
-VARIANTS = ("eager", "compile", "compile-ro", "exact", "block")
+VARIANTS = ("eager", "compile", "compile-ro", "exact", "block", "exact-ro", "block-ro")
 VARIANT_NAMES = {"eager": "eager", "compile": "torch.compile", "compile-ro": "torch.compile reduce-overhead",
-                 "exact": "fbcompile exact", "block": "fbcompile block"}
+                 "exact": "fbcompile exact", "block": "fbcompile block",
+                 "exact-ro": "fbcompile exact, CUDA graphs", "block-ro": "fbcompile block, CUDA graphs"}
+# the fbcompile variants' Config fields; the "-ro" ones run as CUDA graphs (as reduce-overhead does)
+FBCOMPILE_VARIANTS = {"exact": dict(refresh="always"), "block": dict(refresh="block"),
+                      "exact-ro": dict(refresh="always", cuda_graphs=True),
+                      "block-ro": dict(refresh="block", cuda_graphs=True)}
+REUSING = {VARIANT_NAMES[v] for v, fields in FBCOMPILE_VARIANTS.items() if fields["refresh"] == "block"}
 
 
 @dataclass
@@ -89,8 +95,8 @@ def make_variant(name: str, model: torch.nn.Module, compiler: str) -> torch.nn.M
         model.forward = torch.compile(model.forward)
     elif name == "compile-ro":
         model.forward = torch.compile(model.forward, mode="reduce-overhead")
-    elif name in ("exact", "block"):
-        optimize(model, Config(refresh="always" if name == "exact" else "block", compiler=compiler))
+    elif name in FBCOMPILE_VARIANTS:
+        optimize(model, Config(compiler=compiler, **FBCOMPILE_VARIANTS[name]))
     elif name != "eager":
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     return model
@@ -138,7 +144,7 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
     (largest last, so that running out of memory skips only what does not fit)."""
     weights = (workload.weight_bytes or weight_bytes)(built)
     model = make_variant(variant, copy.deepcopy(built), compiler)
-    before = (lambda: new_request(model)) if variant in ("exact", "block") else (lambda: None)
+    before = (lambda: new_request(model)) if variant in FBCOMPILE_VARIANTS else (lambda: None)
     rows = []
     for batch in batches:
         for context in contexts:
@@ -147,10 +153,11 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 block = workload.prepare(model, context, batch)
-                if variant in ("exact", "block"):
+                if variant in FBCOMPILE_VARIANTS:
                     reset(model)
                 first, ms = time_block(block.run, before, repeats, device)
-                roof = roofline_ms(weights, block.kv_bytes, workload.steps, variant == "block", bandwidth)
+                roof = roofline_ms(weights, block.kv_bytes, workload.steps, VARIANT_NAMES[variant] in REUSING,
+                                   bandwidth)
                 row.update(ms_per_block=round(ms, 3),
                            **{f"{workload.unit}_per_s": round(workload.block_size * batch / ms * 1e3, 1)},
                            first_call_s=round(first, 2),
@@ -158,10 +165,13 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
                                         if device.type == "cuda" else None),
                            roofline_ms=float(f"{roof:.4g}"), roofline_ratio=float(f"{ms / roof:.3g}"),
                            weight_bytes=weights, kv_bytes=block.kv_bytes)
-                if variant in ("exact", "block"):  # what the timed blocks did: 1 refresh per block in block mode
+                if variant in FBCOMPILE_VARIANTS:  # what the timed blocks did: 1 refresh per block in block mode
                     counts = stats(model)
                     row.update(refreshes_per_block=round(counts.refreshes / (repeats + 2), 2),
                                reuses_per_block=round(counts.reuses / (repeats + 2), 2))
+                    if counts.cuda_graphs:  # graphs replayed per block, and captures in all
+                        row.update(replays_per_block=round(counts.cuda_graphs.get("replays", 0) / (repeats + 2), 2),
+                                   captures=counts.cuda_graphs.get("captures", 0))
             except torch.OutOfMemoryError as error:
                 row.update(skipped=f"out of memory: {str(error).splitlines()[0][:80]}")
             finally:
@@ -251,9 +261,9 @@ def _plot(path: str, name: str, rows: list[dict], device: str) -> str:
         ms_ax.plot(xs, [r["ms_per_block"] for r in mine], marker="o", label=label)
         ratio_ax.plot(xs, [r["roofline_ratio"] for r in mine], marker="o", label=label)
     batches = sorted({r["batch"] for r in done})
-    for (batch, reuse) in dict.fromkeys((r["batch"], r["variant"] == VARIANT_NAMES["block"]) for r in done):
+    for (batch, reuse) in dict.fromkeys((r["batch"], r["variant"] in REUSING) for r in done):
         roof = {r["context"]: r["roofline_ms"] for r in done
-                if r["batch"] == batch and (r["variant"] == VARIANT_NAMES["block"]) == reuse}
+                if r["batch"] == batch and (r["variant"] in REUSING) == reuse}
         ms_ax.plot(list(roof), list(roof.values()), linestyle=("--", ":", "-.")[batches.index(batch) % 3],
                    color="gray" if reuse else "black",
                    label=f"roofline {'block' if reuse else 'exact'}, batch {batch}")

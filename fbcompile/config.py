@@ -155,6 +155,9 @@ class Config:
         graphs (fast to start, for debugging and tests).
     max_cache_entries: how many attention sites' external results are kept at most (one per
         attention layer is needed; entries whose KV tensors are freed are dropped at once).
+    cuda_graphs: run the compiled graphs (refresh, reuse, exact) as CUDA graphs where they can be
+        (:mod:`fbcompile.backends.cuda_graphs`); as ``torch.compile(mode="reduce-overhead")``. Without a
+        GPU the graphs run as compiled, with a warning.
     recompile_limit: how many graphs dynamo may compile for one optimized model's forward (its own
         budget, ``torch.compile(recompile_limit=..., isolate_recompiles=True)``), plus 8 per layer
         (the model's longest ``ModuleList``); past it dynamo runs the frame uncompiled and fbcompile
@@ -180,6 +183,7 @@ class Config:
     max_cache_entries: int = 1024
     recompile_limit: int = 64
     scope: str = "model"
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -205,6 +209,8 @@ class Config:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"Config.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:
             raise ValueError(f"Config.recompile_limit must be an int >= 1, got {self.recompile_limit!r}")
         if self.scope not in SCOPES:

@@ -53,6 +53,12 @@ def test_config_rejects_bad_max_cache_entries(entries):
         fbcompile.Config(max_cache_entries=entries)
 
 
+@pytest.mark.parametrize("cuda_graphs", ["yes", 1, None])
+def test_config_rejects_bad_cuda_graphs(cuda_graphs):
+    with pytest.raises(ValueError, match="Config.cuda_graphs"):
+        fbcompile.Config(cuda_graphs=cuda_graphs)
+
+
 def test_config_from_options():
     assert fbcompile.Config.from_options(None) == fbcompile.Config()
     assert fbcompile.Config.from_options({"refresh": 2, "compiler": "eager"}) == fbcompile.Config(refresh=2,

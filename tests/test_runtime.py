@@ -226,8 +226,7 @@ def test_block_mode_under_inference_mode_is_exact():
 def test_backend_object_checks_options_when_built():
     with pytest.raises(ValueError, match="unknown fbcompile option"):
         fbcompile.backend(refrsh="always")
-    with pytest.raises(ValueError, match="CUDA graphs"):
-        fbcompile.backend(mode="reduce-overhead")
+    assert fbcompile.backend(mode="reduce-overhead").session.cuda_graphs
 
 
 def test_backend_object_refuses_torch_compile_options():
@@ -237,11 +236,22 @@ def test_backend_object_refuses_torch_compile_options():
         compiled(PROMPT)
 
 
-def test_named_backend_refuses_cuda_graph_modes():
+@pytest.mark.parametrize("how", ["mode", "config"])
+def test_cuda_graphs_on_the_cpu_run_without_them(how):
+    """mode="reduce-overhead" / Config(cuda_graphs=True) without a GPU: a warning, then the graphs run as
+    compiled (as Inductor does); the GPU side is tests/test_cuda_graphs.py."""
     model = make_tiny_model(num_layers=1)
-    compiled = torch.compile(model, backend="fbcompile", mode="reduce-overhead")
-    with torch.no_grad(), pytest.raises(Exception, match="fbcompile does not support mode='reduce-overhead'"):
-        compiled(PROMPT)
+    with torch.no_grad():
+        expected = model(PROMPT)[0]
+    if how == "mode":
+        compiled = torch.compile(model, backend=fbcompile.backend(mode="reduce-overhead", compiler="eager",
+                                                                  refresh="always"))
+    else:
+        compiled = fbcompile.optimize(model, fbcompile.Config(cuda_graphs=True, compiler="eager", refresh="always"))
+    with torch.no_grad(), pytest.warns(UserWarning, match="running without CUDA graphs"):
+        got = compiled(PROMPT)[0]
+    assert_exact(got, expected)
+    assert fbcompile.stats(compiled).cuda_graphs == {"uncaptured (inputs on cpu)": 1}
 
 
 def test_explain_before_any_call_says_to_run_the_model():

@@ -2,6 +2,8 @@
 
 Registered as the ``torch_dynamo_backends`` entry point ``fbcompile``, so that
 ``torch.compile(model, backend="fbcompile", options={"refresh": "always"})`` works after install.
+``mode="reduce-overhead"`` (or ``Config(cuda_graphs=True)``) runs the compiled graphs as CUDA graphs,
+captured by fbcompile (:mod:`.cuda_graphs`), not by Inductor's cudagraph trees.
 Dynamo hands a named backend its ``options`` only when it compiles the first graph; for an error at
 ``torch.compile`` time build the backend first: ``torch.compile(model, backend=fbcompile.backend(...))``.
 """
@@ -15,6 +17,7 @@ import torch
 import torch.fx as fx
 
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
+from fbcompile.backends.cuda_graphs import CapturedGraph
 from fbcompile.backends.dispatcher import (CompiledGraph, CompiledStep, ExactDispatcher, ProbeDispatcher,
                                            SplitGraphDispatcher)
 from fbcompile.backends import provenance
@@ -33,16 +36,14 @@ _shared_sessions: dict[tuple, Session] = {}
 
 
 def check_mode(mode: str | None) -> dict:
-    """Inductor options of ``torch.compile``'s ``mode``; modes with CUDA graphs are refused."""
+    """Inductor options of ``torch.compile``'s ``mode``, without Inductor's CUDA graphs: fbcompile captures
+    its graphs itself (:mod:`.cuda_graphs`) when the mode asks for them (:attr:`Session.cuda_graphs`)."""
     if mode in (None, "default"):
         return {}
     from torch._inductor import list_mode_options
 
-    options = list_mode_options(mode)
-    if options.get("triton.cudagraphs"):
-        raise ValueError(f"fbcompile does not support mode={mode!r}: it uses CUDA graphs, whose replays overwrite "
-                         "their outputs, and fbcompile keeps the external attention results a graph returns across "
-                         "calls. Use mode=None or 'max-autotune-no-cudagraphs'.")
+    options = dict(list_mode_options(mode))
+    options.pop("triton.cudagraphs", None)
     return options
 
 
@@ -61,16 +62,20 @@ def last_shared_session() -> Session | None:
     return next(reversed(_shared_sessions.values()), None)
 
 
-def _compile(gm: fx.GraphModule, example_inputs: list, session: Session):
+def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set[int] = frozenset()):
+    """``gm`` compiled, as a CUDA graph where it can be if the session asks for them (``kv``: argument
+    indices of cached keys/values, which a captured graph reads in place)."""
     if session.config.compiler == "eager":
-        return gm.forward
-    from torch._inductor.compile_fx import compile_fx
+        run = gm.forward
+    else:
+        from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
+        run = compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
+    return CapturedGraph(run, gm, session, kv) if session.cuda_graphs else run
 
 
-def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session) -> CompiledGraph:
-    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session)
+def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, kv: set[int]) -> CompiledGraph:
+    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session, kv)
     return CompiledGraph(run, graph.outputs, graph.cached_inputs)
 
 
@@ -99,6 +104,8 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
     code_before = gm.code
     sites = _sites(gm, example_inputs)
     record = session.new_graph([s.describe() for s in sites], code_before)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    kv = {placeholders.index(n) for s in sites for n in s.external_inputs}
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
     exact = config.refresh == "always"
@@ -118,13 +125,13 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
         row["sparse"] = f"{config.sparse}" if reason is None else f"block reuse: {reason}"
     if plan.no_reuse is not None:
         log.info("graph %d: no reuse (%s)", record.index, plan.no_reuse)
-        return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session), plan.no_reuse)
+        return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session, kv), plan.no_reuse)
     steps, compiled = [], {}
     for step in plan.reuse:
         if id(step) not in compiled:
             graph = None
             if step.graph is not None:
-                graph = _compiled(step.graph, example_inputs, session)
+                graph = _compiled(step.graph, example_inputs, session, kv)
                 if config.reuse_plan is not None:
                     record.plan_graphs[f"reuse, steps {', '.join(map(str, step.steps))}"] = step.graph.gm
                 if record.reuse_graph is None:
@@ -132,7 +139,7 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
             compiled[id(step)] = CompiledStep(graph, step.recompute, step.kv_read if any(step.kv_read) else None)
         steps.append(compiled[id(step)])
     dispatcher = ProbeDispatcher if session.observer is not None else SplitGraphDispatcher
-    return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session), steps,
+    return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session, kv), steps,
                       policies, [h.kv for h in plan.heads], commits=plan.commits)
 
 

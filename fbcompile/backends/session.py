@@ -20,6 +20,15 @@ from tabulate import tabulate
 from fbcompile.config import Config
 
 
+def mode_uses_cuda_graphs(mode: str | None) -> bool:
+    """Whether ``torch.compile``'s ``mode`` asks for CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``)."""
+    if mode in (None, "default"):
+        return False
+    from torch._inductor import list_mode_options
+
+    return bool(list_mode_options(mode).get("triton.cudagraphs"))
+
+
 @dataclass
 class SiteCounters:
     """One split site of a graph. Its sites refresh and reuse together (a refresh reads every KV
@@ -137,6 +146,7 @@ class Stats:
     refresh_reasons: dict
     sites: list[SiteStats] = field(default_factory=list)
     external_fraction: float = 1.0  # external KV read (KV heads; sparse: x tiles) / what exact mode would read
+    cuda_graphs: dict = field(default_factory=dict)  # captures, replays, uncaptured runs (and why)
 
     @property
     def guard_failures(self) -> dict:
@@ -153,6 +163,8 @@ class Stats:
             lines.append(tabulate([vars(s) for s in self.sites], headers="keys", floatfmt=".3f"))
         if self.refresh_reasons:
             lines.append("refresh reasons: " + ", ".join(f"{k}: {v}" for k, v in self.refresh_reasons.items()))
+        if self.cuda_graphs:
+            lines.append("CUDA graphs: " + ", ".join(f"{k}: {v}" for k, v in self.cuda_graphs.items()))
         return "\n".join(lines)
 
 
@@ -163,6 +175,9 @@ class Session:
                  mode: str | None = None):
         self.config = config or Config()
         self.mode = mode  # torch.compile's mode (Inductor options)
+        self.cuda_graphs = self.config.cuda_graphs or mode_uses_cuda_graphs(mode)
+        self.cuda_graph_counts: Counter = Counter()  # captures, replays, uncaptured runs (and why)
+        self._cuda_graph_pool = None
         self._module = weakref.ref(module) if module is not None else None
         self.graphs: list[GraphRecord] = []
         self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence, computation) -> CacheEntry
@@ -181,6 +196,12 @@ class Session:
             yield
         finally:
             self.committing = before
+
+    def cuda_graph_pool(self):
+        """The memory pool all of this session's CUDA graphs share (they never run concurrently)."""
+        if self._cuda_graph_pool is None:
+            self._cuda_graph_pool = torch.cuda.graph_pool_handle()
+        return self._cuda_graph_pool
 
     @property
     def exact_only(self) -> bool:
@@ -219,6 +240,7 @@ class Session:
         """Drop every cached external result and zero the counters (compiled graphs stay)."""
         self.new_request()
         self.refresh_reasons.clear()
+        self.cuda_graph_counts.clear()
         for record in self.graphs:
             record.reset_counts()
 
@@ -239,4 +261,5 @@ class Session:
         split_graphs = [r for r in self.graphs if r.split_sites]
         return Stats(compiles=len(self.graphs), refreshes=sum(r.refreshes for r in split_graphs),
                      reuses=sum(r.reuses for r in split_graphs), refresh_reasons=dict(self.refresh_reasons),
-                     sites=sites, external_fraction=read / exact if exact else 1.0)
+                     sites=sites, external_fraction=read / exact if exact else 1.0,
+                     cuda_graphs=dict(self.cuda_graph_counts))

@@ -1,0 +1,214 @@
+"""CUDA-graph capture and replay of fbcompile's compiled graphs.
+
+On with ``Config(cuda_graphs=True)`` or ``torch.compile(..., backend="fbcompile", mode="reduce-overhead")``
+(any mode whose Inductor options have ``triton.cudagraphs``). Every compiled graph - refresh, reuse,
+exact, a graph without attention - is wrapped in a :class:`CapturedGraph`; the dispatcher's guards run
+first and pick the graph, then that graph replays.
+
+Why not Inductor's cudagraph trees: they copy every input that is not a parameter into static memory at
+each replay (a KV cache passed as an argument: a full read and write of it per call), re-record for
+every new value of a symbolic size (a growing cache: one recording per block), and free a generation's
+outputs when the next call starts, while the dispatcher keeps the external parts ``(O_e, L_e)`` of a
+refresh across calls. Here, per graph:
+
+* **Inputs.** A tensor input is taken *by address* - not copied, its address part of the replay key -
+  if it is a parameter, a buffer dynamo marks static, a tensor an attention site reads its cached
+  keys/values from (so a replay reads the current cache, never a copy), a tensor the graph writes in
+  place (seen at its first call from ``_version``; an inference tensor, whose writes cannot be seen,
+  counts as one). Every other tensor the graph reads (the block's
+  tokens, positions, the cached ``(O_e, L_e)`` of a reuse graph) is *copied* into the capture's own
+  buffers before each replay, all in one ``torch._foreach_copy_``: its address may change at every
+  call. Inputs the graph does not read (a reuse graph's cached keys/values) are neither.
+* **Key.** Addresses of the by-address inputs; sizes, strides and dtypes of the inputs whose sizes
+  dynamo's guards leave free (symbolic sizes, the cached ``(O_e, L_e)``); values of the other
+  arguments (ints). A key is captured the second time it is seen (a
+  key seen once - the refresh over a cache that grows by a ``torch.cat`` at each block - would never
+  replay), and at most :data:`MAX_CAPTURES` captures are kept per graph (least recently used dropped).
+  So a reuse graph, which does not read the cache, is captured once for all blocks; a refresh graph
+  over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once;
+  a refresh graph over tensors that are new at every block (a cache grown by ``torch.cat``, as HF
+  ``DynamicCache`` does) runs uncaptured, as Inductor compiled it (its Triton kernels launched from
+  Inductor's wrapper code), once per block: a capture costs more than one run and could never replay.
+  A write offset passed as a Python int (``cache[:, start:start + n] = k``) is baked into a capture, so
+  such a graph is captured once per block, at its second step; passed as a tensor (HF ``StaticCache``'s
+  ``cache_position``) it is copied in like the tokens, and the graph is captured once.
+* **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
+  ``torch._foreach_copy_`` into fresh tensors), so neither the caller nor the dispatcher's cache holds
+  memory a later replay overwrites. A graph that returns a view of one of its inputs is not captured.
+* **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
+  device (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host sync
+  inside the graph: a warning with the error).
+
+A replay bumps the version counters of the inputs the graph writes (``increment_version``), as the
+uncaptured graph does, so whatever reads versions after the call (the dispatcher's guards, the
+provenance records, another graph's guards) sees the same as without CUDA graphs.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from fbcompile.backends.session import Session
+
+MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
+_SEEN_KEYS = 64        # keys remembered as seen once, per graph
+DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
+
+
+def record(run: Callable, args: list, session: Session) -> tuple[Callable[[], None], list]:
+    """Capture ``run(*args)`` in a CUDA graph (in the session's pool): its replay and its outputs."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=session.cuda_graph_pool(), capture_error_mode="thread_local"):
+        outputs = run(*args)
+    return graph.replay, outputs
+
+
+class Capture:
+    """One captured variant of a graph: its replay, input buffers and outputs."""
+
+    def __init__(self, replay: Callable[[], None], buffers: list[torch.Tensor], outputs):
+        self.replay, self.buffers, self.outputs = replay, buffers, outputs
+
+
+class CapturedGraph:
+    """A compiled graph run through CUDA graphs where it can be (see the module docstring).
+
+    ``by_address``: argument indices known to hold cached keys/values (taken by address).
+    """
+
+    def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int]):
+        self.run, self.session = run, session
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        self._read = [i for i, node in enumerate(placeholders) if node.users]
+        # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
+        self._unguarded = {i for i, node in enumerate(placeholders)
+                           if not _static_sizes(node.meta.get("example_value"))}
+        self._static = set(by_address) | {i for i, node in enumerate(placeholders) if _marked_static(node)}
+        self._by_address: list[int] | None = None  # decided at the first call
+        self._copied: list[int] = []
+        self._sized: list[int] = []
+        self._others: list[int] = []
+        self.captures: OrderedDict = OrderedDict()
+        self._seen: OrderedDict = OrderedDict()
+        self.uncapturable: str | None = None
+
+    def __call__(self, *args):
+        if self.uncapturable is not None:
+            return self._uncaptured(args, self.uncapturable)
+        if torch.is_grad_enabled():
+            return self._uncaptured(args, "grad mode")
+        if self._by_address is None:
+            return self._first_call(args)
+        key = self._key(args)
+        capture = self.captures.get(key)
+        if capture is not None:
+            self.captures.move_to_end(key)
+            return self._replay(capture, args)
+        if key not in self._seen:
+            self._seen[key] = None
+            if len(self._seen) > _SEEN_KEYS:
+                self._seen.popitem(last=False)
+            return self._uncaptured(args, "first call with these shapes or addresses")
+        return self._capture(key, args)
+
+    def _first_call(self, args):
+        """Run uncaptured, and learn which inputs the graph writes (they are taken by address)."""
+        tensors = [i for i in self._read if isinstance(args[i], torch.Tensor)]
+        devices = {args[i].device.type for i in tensors}
+        if devices - {DEVICE_TYPE}:
+            self.uncapturable = f"inputs on {', '.join(sorted(devices - {DEVICE_TYPE}))}"
+            if "cuda graphs" not in self.session.warned:
+                self.session.warned.add("cuda graphs")
+                warnings.warn(f"fbcompile: CUDA graphs were asked for, but the inputs are on "
+                              f"{', '.join(sorted(devices))}: running without CUDA graphs", stacklevel=4)
+            return self._uncaptured(args, self.uncapturable)
+        before = [_version(args[i]) for i in tensors]
+        outputs = self._uncaptured(args, "first call")
+        written = {i for i, v in zip(tensors, before) if v is None or _version(args[i]) != v}
+        self._by_address = [i for i in tensors
+                            if i in self._static or i in written or isinstance(args[i], torch.nn.Parameter)]
+        self._written = [i for i in sorted(written) if _version(args[i]) is not None]
+        self._copied = [i for i in tensors if i not in self._by_address]
+        self._sized = [i for i in tensors if i in self._unguarded]
+        self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
+        self._seen[self._key(args)] = None
+        return outputs
+
+    def _key(self, args) -> tuple:
+        """Addresses of the by-address inputs, sizes of those dynamo's guards leave free, other arguments."""
+        return (tuple(args[i].data_ptr() for i in self._by_address),
+                tuple((a.shape, a.stride(), a.dtype) for a in map(args.__getitem__, self._sized)),
+                tuple(args[i] for i in self._others))
+
+    def _uncaptured(self, args, reason: str):
+        self.session.cuda_graph_counts[f"uncaptured ({reason})"] += 1
+        return self.run(*args)
+
+    def _capture(self, key: tuple, args):
+        """Run ``args`` uncaptured (this call's result), then capture the graph over its own input buffers."""
+        outputs = self.run(*args)
+        buffers = [torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype, device=args[i].device)
+                   for i in self._copied]
+        if buffers:
+            torch._foreach_copy_(buffers, [args[i] for i in self._copied])
+        static = list(args)
+        for i, buffer in zip(self._copied, buffers):
+            static[i] = buffer
+        try:
+            replay, captured = record(self.run, static, self.session)
+        except Exception as error:  # a host sync, a CPU tensor made inside, an op CUDA graphs cannot record
+            self.uncapturable = f"capture failed: {type(error).__name__}"
+            warnings.warn(f"fbcompile: a compiled graph could not be captured in a CUDA graph ({error}); "
+                          "it runs without one", stacklevel=3)
+            return outputs
+        inputs = {t.untyped_storage().data_ptr() for t in static if isinstance(t, torch.Tensor)}
+        if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in inputs for t in captured):
+            self.uncapturable = "returns a view of an input"
+            return outputs
+        self.captures[key] = Capture(replay, buffers, captured)
+        self.session.cuda_graph_counts["captures"] += 1
+        if len(self.captures) > MAX_CAPTURES:
+            self.captures.popitem(last=False)
+        return outputs
+
+    def _replay(self, capture: Capture, args):
+        if capture.buffers:
+            torch._foreach_copy_(capture.buffers, [args[i] for i in self._copied])
+        capture.replay()
+        for i in self._written:  # as the uncaptured graph would: guards and provenance read versions
+            torch.autograd.graph.increment_version(args[i])
+        self.session.cuda_graph_counts["replays"] += 1
+        return _copy_out(capture.outputs)
+
+
+def _copy_out(outputs):
+    """``outputs`` with every tensor copied into a fresh one (one foreach copy)."""
+    tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
+    fresh = [torch.empty_like(t) for t in tensors]
+    if fresh:
+        torch._foreach_copy_(fresh, tensors)
+    it = iter(fresh)
+    return type(outputs)(next(it) if isinstance(t, torch.Tensor) else t for t in outputs)
+
+
+def _marked_static(node: fx.Node) -> bool:
+    """Dynamo marks parameters and buffers of modules (and ``torch._dynamo.mark_static_address``) static."""
+    return bool(node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type"))
+
+
+def _static_sizes(example) -> bool:
+    """Whether ``example`` (a placeholder's example value) is a tensor of static sizes and strides, which
+    dynamo's guards check before the graph runs."""
+    return isinstance(example, torch.Tensor) and all(
+        isinstance(n, int) for n in (*example.shape, *example.stride()))
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None

@@ -1,0 +1,173 @@
+"""CUDA graphs (``Config(cuda_graphs=True)``, ``mode="reduce-overhead"``): exact mode stays exact, replays
+follow the guards and never hand out memory a later replay overwrites, captures stay bounded while a
+cache grows. On the GPU with real CUDA graphs (bf16); on the CPU the same bookkeeping (which inputs are
+taken by address or copied, the replay key, copies in and out, capture bounds) runs with a stand-in for
+the capture that re-runs the graph on its recorded inputs (fp32). The CPU fallback itself (a warning,
+no graphs) is tested in test_runtime.py."""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import sys
+
+import pytest
+import torch
+
+import fbcompile
+from fbcompile.backends import cuda_graphs
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples.block_diffusion_lm import BlockDiffusionConfig, BlockDiffusionLM, init_random_weights  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+gpu_only = pytest.mark.skipif(not CUDA, reason="Inductor's graphs captured on a CUDA device")
+CONTEXT = 300
+
+
+def stand_in_record(run, args, session):
+    """As :func:`fbcompile.backends.cuda_graphs.record`, without a GPU: outputs bound to ``args``, and a
+    replay that recomputes them from the (same) input tensors into the same output tensors."""
+    outputs = run(*args)
+
+    def replay():
+        for old, new in zip(outputs, run(*args)):
+            if isinstance(old, torch.Tensor):
+                old.copy_(new)
+    return replay, outputs
+
+
+@pytest.fixture
+def device(monkeypatch) -> str:
+    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:  # torch < 2.13: the models of
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)         # a test share dynamo's budget
+    if CUDA:
+        return "cuda"
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    return "cpu"
+
+
+def lm(device: str):
+    """bf16 on the GPU, with variance-preserving weights (the example's sharper default init amplifies
+    bf16 rounding past 1e-2 through the layers, with or without fbcompile); fp32 on the CPU."""
+    shape = dict(hidden_size=256, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=512,
+                 block_size=16) if device == "cuda" else dict(num_layers=2)
+    model = init_random_weights(BlockDiffusionLM(BlockDiffusionConfig(**shape)), seed=0,
+                                scales={} if device == "cuda" else None)
+    return model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
+def tolerance(device: str) -> float:
+    """The suite's exactness bound: bf16 on the GPU, fp32 on the CPU."""
+    return 1e-2 if device == "cuda" else 1e-5
+
+
+def random_cache(model, seed: int, context: int = CONTEXT):
+    cfg, p = model.config, next(model.parameters())
+    gen = torch.Generator(p.device).manual_seed(seed)
+    shape = (1, cfg.num_kv_heads, context, cfg.head_dim)
+    return [tuple(torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype) for _ in "kv")
+            for _ in range(cfg.num_layers)]
+
+
+def block_tokens(model, step: int):
+    p = next(model.parameters())
+    gen = torch.Generator(p.device).manual_seed(100 + step)
+    return torch.randint(0, 200, (1, model.config.block_size), generator=gen, device=p.device)
+
+
+def positions(model, context: int = CONTEXT):
+    return torch.arange(context, context + model.config.block_size, device=next(model.parameters()).device)[None]
+
+
+def rel_error(got, expected) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("how", ["optimize", "reduce-overhead", "eager"])
+@torch.no_grad()
+def test_exact_mode_replays_and_matches_eager(how, device):
+    """Exact mode: every step agrees with the original model, outputs kept across later replays
+    untouched (checked after all calls), one capture then replays."""
+    if how != "eager" and not CUDA:
+        pytest.skip("Inductor's graphs captured on a CUDA device")
+    reference = lm(device)
+    model = copy.deepcopy(reference)
+    if how == "optimize":
+        model = fbcompile.optimize(model, fbcompile.Config(refresh="always", cuda_graphs=True))
+    elif how == "eager":
+        model = fbcompile.optimize(model, fbcompile.Config(refresh="always", cuda_graphs=True, compiler="eager"))
+    else:
+        model = torch.compile(model, backend=fbcompile.backend(mode="reduce-overhead", refresh="always"))
+    cache, pos = random_cache(reference, 0), positions(reference)
+    got, expected = [], []
+    for step in range(5):
+        x = block_tokens(reference, step)
+        got.append(model(x, past_key_values=cache, position_ids=pos)[0])
+        expected.append(reference(x, past_key_values=cache, position_ids=pos)[0])
+    errors = [rel_error(g, e) for g, e in zip(got, expected)]
+    assert max(errors) < tolerance(device), errors
+    counts = fbcompile.stats(model).cuda_graphs
+    assert counts.get("captures") == 1 and counts.get("replays") == 3, counts
+
+
+@gpu_only
+@torch.no_grad()
+def test_named_backend_reduce_overhead_reuses_under_replay():
+    """``torch.compile(backend="fbcompile", mode="reduce-overhead")``: block mode, Inductor; the refresh
+    (first step) is exact, the other steps reuse, and replay."""
+    reference = lm("cuda")
+    model = torch.compile(copy.deepcopy(reference), backend="fbcompile", mode="reduce-overhead")
+    cache, pos = random_cache(reference, 3), positions(reference)
+    for step in range(5):
+        x = block_tokens(reference, step)
+        got = model(x, past_key_values=cache, position_ids=pos)[0]
+        if step == 0:
+            assert rel_error(got, reference(x, past_key_values=cache, position_ids=pos)[0]) < 1e-2
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (1, 4), stats
+    assert stats.cuda_graphs.get("replays", 0) >= 2, stats.cuda_graphs
+
+
+@torch.no_grad()
+def test_replays_follow_the_guards(device):
+    """Two caches through the same graphs (as classifier-free guidance does) and an in-place write:
+    every call agrees with the same model without CUDA graphs, and each refresh with eager."""
+    reference = lm(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
+    caches, pos = [random_cache(reference, 1), random_cache(reference, 2)], positions(reference)
+    for step in range(6):
+        x = block_tokens(reference, step)
+        if step == 4:
+            caches[0][1][0].mul_(-1.0)  # the first layer's keys written in place: must refresh
+        for which, cache in enumerate(caches):
+            got = graphed(x, past_key_values=cache, position_ids=pos)[0]
+            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device) / 10
+            if (step, which) in ((0, 0), (0, 1), (4, 0)):  # the refreshes: exact
+                assert rel_error(got, reference(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device)
+    stats = fbcompile.stats(graphed)
+    assert stats.reuses == fbcompile.stats(plain).reuses == 9, stats
+    assert stats.refresh_reasons == {"new kv": 2, "kv written in place": 1}, stats
+    assert stats.cuda_graphs.get("replays", 0) >= 6, stats
+
+
+@torch.no_grad()
+def test_growing_cache_captures_stay_bounded(device):
+    """``generate`` grows its cache by a ``torch.cat`` per block: the reuse graphs are captured once for
+    all blocks, refreshes over the new tensors run uncaptured; the tokens are those of the model
+    without CUDA graphs."""
+    reference = lm(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
+    prompt = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0)).to(device)
+    graphed.generate(prompt, num_blocks=4, steps=4)
+    fbcompile.reset(graphed)  # counts from here
+    got = graphed.generate(prompt, num_blocks=12, steps=4)
+    expected = plain.generate(prompt, num_blocks=12, steps=4)
+    assert (got == expected).float().mean().item() > 0.98
+    stats = fbcompile.stats(graphed)
+    assert stats.reuses == fbcompile.stats(plain).reuses > 0
+    assert stats.cuda_graphs.get("captures", 0) <= 3, stats.cuda_graphs  # over 12 more blocks
+    assert stats.cuda_graphs.get("replays", 0) >= 12 * 2, stats.cuda_graphs
