@@ -313,8 +313,8 @@ def _stale(entry: CacheEntry | None, contents: list[Content], guard: SiteGuard, 
     if entry is None:
         return "new kv"
     for ref, version, shape, now, index in zip(entry.sources, entry.versions, entry.shapes, contents, guard.external):
-        if ref() is not now.token:
-            return "kv replaced"
+        if ref() is not now.token:  # the entry's content died and its token's id was recycled
+            return "new kv"
         if version is None:
             return "kv is an inference tensor"
         if now.version != version:
