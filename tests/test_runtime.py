@@ -284,3 +284,24 @@ def test_fidelity_leaves_other_compiled_models_alone():
         warnings.simplefilter("error")  # no recompile-limit warning either
         model.generate(PROMPT, num_blocks=1, steps=STEPS)
     assert fbcompile.stats(model).compiles == compiles  # nothing was recompiled
+
+
+def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
+    """An Inductor failure on a (correct) rewritten graph is a warning and the graph runs as it is."""
+    from torch._inductor import compile_fx
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("simulated Inductor failure\nsecond line")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", failing)
+    eager = make_tiny_model()
+    model = fbcompile.optimize(make_tiny_model(), fbcompile.Config(refresh="always"))
+    cache = _prefix_cache(eager)
+    block = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(PROMPT.shape[1], PROMPT.shape[1] + 8)
+    with pytest.warns(UserWarning, match="Inductor could not compile a graph .*simulated Inductor failure"), \
+            torch.no_grad():
+        got = model(block, past_key_values=cache, position_ids=pos)[0]
+        want = eager(block, past_key_values=cache, position_ids=pos)[0]
+    assert_exact(got, want)
+    assert fbcompile.stats(model).refreshes >= 1  # the split graph ran, without Inductor

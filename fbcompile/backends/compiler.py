@@ -68,9 +68,15 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     if session.config.compiler == "eager":
         run = gm.forward
     else:
-        from torch._inductor.compile_fx import compile_fx
+        from torch._inductor import compile_fx
 
-        run = compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
+        try:
+            run = compile_fx.compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
+        except Exception as error:  # an Inductor bug on a correct graph: run the graph as it is
+            warnings.warn(f"fbcompile: Inductor could not compile a graph ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); it runs without Inductor "
+                          "(Config(compiler='eager') avoids this warning)", stacklevel=2)
+            run = gm.forward
     return CapturedGraph(run, gm, session, kv) if session.cuda_graphs else run
 
 
