@@ -76,6 +76,9 @@ def flex_key_mask(q: torch.Tensor, start, length, kv_num_blocks: torch.Tensor, k
                   per_batch: bool, per_head: bool) -> torch.Tensor:
     """The mask ``[B | 1, H | 1, M, length]`` with which flex attends keys ``[start, start + length)``:
     bool, or with an additive ``score_mod`` its bias where flex attends and ``-inf`` elsewhere."""
+    if isinstance(length, int) and length == 0:  # vmap over no key fails where a score_mod indexes a tensor
+        return q.new_zeros(q.shape[0] if per_batch else 1, q.shape[1] if per_head else 1, q.shape[-2], 0,
+                           dtype=torch.bool if score_mod is None else torch.float32)
     rows = torch.arange(q.shape[-2], device=q.device) // q_block
     cols = (torch.arange(length, device=q.device) + start) // kv_block
     evaluated = _evaluate(lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx, *mask_mod_buffers),
