@@ -6,14 +6,14 @@
 import logging as _logging
 import os as _os
 
-from fbcompile.api import backend, explain, new_request, optimize, reset, stats
+from fbcompile.api import backend, commit, explain, new_request, optimize, reset, stats
 from fbcompile.backends.session import SiteStats, Stats
-from fbcompile.config import Config, ReusePlan
+from fbcompile.config import Config, ReusePlan, Sparse
 from fbcompile.measure import Calibration, FidelityReport, calibrate, fidelity
 from fbcompile.report import Report
 
-__all__ = ["Config", "ReusePlan", "optimize", "explain", "stats", "reset", "new_request", "backend", "fidelity",
-           "calibrate", "Calibration", "Report", "Stats", "SiteStats", "FidelityReport"]
+__all__ = ["Config", "ReusePlan", "Sparse", "optimize", "explain", "stats", "reset", "new_request", "commit",
+           "backend", "fidelity", "calibrate", "Calibration", "Report", "Stats", "SiteStats", "FidelityReport"]
 
 _log = _logging.getLogger("fbcompile")
 _log.addHandler(_logging.NullHandler())

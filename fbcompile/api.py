@@ -19,6 +19,7 @@ def optimize(model: torch.nn.Module, config: Config | None = None) -> torch.nn.M
     The cache length is treated as dynamic (dynamo's automatic dynamic shapes), so the number of
     compiled graphs does not grow with the number of generated blocks. Each optimized model has its
     own compile budget (``Config.recompile_limit``), so many models of one class compile alike.
+    ``Config(scope="blocks")`` compiles the model's repeated blocks instead of its forward.
     ``model.generate``, if the model has one, starts a new request at each call
     (:func:`new_request`): no request reuses another's cached external attention.
     """
@@ -30,13 +31,32 @@ def optimize(model: torch.nn.Module, config: Config | None = None) -> torch.nn.M
         raise TypeError(f"config must be a fbcompile.Config, got {type(config).__name__}")
     if _session_of(model) is not None:
         raise RuntimeError("model is already optimized by fbcompile; build a new model to change the config")
+    blocks = repeated_blocks(model) if config.scope == "blocks" else []
     session = Session(config, module=model)
     model.__dict__[_ATTR] = session
-    model.forward = compile_forward(model.forward, session)
+    if blocks:
+        forwards = {}  # one compiled function per class: its blocks share the graphs
+        for block in blocks:
+            if type(block) not in forwards:
+                forwards[type(block)] = compile_forward(type(block).forward, session)
+            block.forward = functools.partial(forwards[type(block)], block)
+    else:
+        model.forward = compile_forward(model.forward, session)
     generate = getattr(model, "generate", None)
     if callable(generate):
         model.generate = _starting_requests(generate, session)
     return model
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules ``Config(scope="blocks")`` compiles: instances of the classes the model names as
+    its repeated blocks (diffusers' ``_repeated_blocks``, else transformers' ``_no_split_modules``)."""
+    names = getattr(model, "_repeated_blocks", None) or getattr(model, "_no_split_modules", None) or ()
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"Config(scope='blocks'): {type(model).__name__} names no repeated block class "
+                         "(_repeated_blocks or _no_split_modules) with instances in the model")
+    return blocks
 
 
 def _starting_requests(generate, session: Session):
@@ -57,6 +77,21 @@ def backend(mode: str | None = None, **options) -> Backend:
     ``options``: :class:`Config` fields; ``mode``: ``torch.compile``'s (modes with CUDA graphs are refused).
     """
     return Backend(Session(Config.from_options(options), mode=mode))
+
+
+def commit(model: torch.nn.Module | None = None):
+    """Context manager: the calls inside commit the finished block into the cache, so they run exactly.
+
+    Needed where a call cannot show it commits: a loop that appends each denoising step's block to an
+    HF ``DynamicCache`` and crops it off again (``cache.crop``) and then appends the finished block
+    with the same forward; or a commit whose concatenation reaches the attention across a graph break
+    (SDAR's ``store_kv=True`` pass). Graphs that return the block's keys/values run exactly on their
+    own otherwise (``Config.exact_save_pass``)::
+
+        with fbcompile.commit(model):
+            model(block, past_key_values=cache, use_cache=True)
+    """
+    return _session(model).commit()
 
 
 def _session_of(model) -> Session | None:

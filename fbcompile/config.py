@@ -8,6 +8,7 @@ from tabulate import tabulate
 
 REFRESH_POLICIES = ("block", "always", "tokens", "adaptive")
 COMPILERS = ("inductor", "eager")
+SCOPES = ("model", "blocks")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,48 @@ class ReusePlan:
 
 
 @dataclass(frozen=True)
+class Sparse:
+    """Sparse external attention guided by the refresh step (MAGE), with FlashBlock residual reuse.
+
+    At a site's refresh the external attention also scores its KV tiles (``tile`` keys each; the
+    attention mass of the KV head's query heads and rows) and selects tiles per KV head: the top
+    ``ceil(budget / tile)``, or with ``mass`` the fewest reaching that share of the mass (at most
+    as many). At reuse steps the block attends afresh to the selected tiles of the current external
+    keys/values and to itself; with ``residual`` the part over the other tiles, computed at the
+    refresh, is taken from the cache and merged in (budget 0: ``"block"`` mode; all tiles: exact),
+    without it that part is dropped (plain MAGE-style sparse attention). Shapes are static: a reuse
+    step gathers ``ceil(budget / tile) * tile`` entries per KV head even past the context's length.
+    Sites whose external keys/values are computed in the graph, or merged from a dual cache, keep
+    plain block reuse (``explain`` says why).
+    """
+
+    budget: int = 512
+    mass: float | None = None
+    tile: int = 64
+    residual: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 0:
+            raise ValueError(f"Sparse.budget (KV entries per KV head) must be an int >= 0, got {self.budget!r}")
+        if isinstance(self.tile, bool) or not isinstance(self.tile, int) or self.tile < 1:
+            raise ValueError(f"Sparse.tile (keys per tile) must be an int >= 1, got {self.tile!r}")
+        if self.mass is not None and (isinstance(self.mass, bool) or not isinstance(self.mass, (int, float))
+                                      or not 0 < self.mass < 1):
+            raise ValueError(f"Sparse.mass (attention mass to keep) must be None or a number in (0, 1), got {self.mass!r}")
+        if not isinstance(self.residual, bool):
+            raise ValueError(f"Sparse.residual must be a bool, got {self.residual!r}")
+
+    @property
+    def max_tiles(self) -> int:
+        """Tiles selected per KV head at most."""
+        return -(-self.budget // self.tile)
+
+    def __str__(self):
+        rule = f"budget {self.budget}" + (f", mass {self.mass}" if self.mass is not None else "")
+        return f"sparse ({rule}, tiles of {self.tile}, residual {'on' if self.residual else 'off'})"
+
+
+@dataclass(frozen=True)
 class Config:
     """How fbcompile rewrites and runs a model.
 
@@ -95,29 +138,48 @@ class Config:
         (relative L2) since the refresh - measured in the reuse graph, acted on at the next call.
     reuse_plan: a :class:`ReusePlan` (from a calibration run): at reuse steps, the heads and layers it
         marks are recomputed; it combines with every policy but ``"always"``.
+    sparse: a :class:`Sparse`: at reuse steps the block attends afresh to the external KV tiles its
+        refresh step attended to most (plus, with residual reuse, the cached rest); combines with
+        every policy but ``"always"``, not with ``reuse_plan``.
     tokens: tau of the ``"tokens"`` policy.
     drift: threshold of the ``"adaptive"`` policy.
     exact_save_pass: a call whose graph returns the block's own keys/values (the pass that commits
         the block into the cache) is computed exactly, as the official FlashBlock code does;
         otherwise every later block would attend to keys/values computed with the approximation.
+        Exception: when the cache such a call reads is a crop of a concatenation an earlier call
+        returned (HF ``DynamicCache``: each denoising step appends the block, then ``crop`` s it
+        off), the loop is appending blocks it throws away, and the call is taken as a denoising step
+        (it may reuse); such loops mark their real commit with ``with fbcompile.commit(model):``,
+        as must commits that no graph shows (a ``cat`` handed across a graph break).
     compiler: ``"inductor"`` compiles the rewritten graphs (default); ``"eager"`` runs them as FX
         graphs (fast to start, for debugging and tests).
     max_cache_entries: how many attention sites' external results are kept at most (one per
         attention layer is needed; entries whose KV tensors are freed are dropped at once).
     recompile_limit: how many graphs dynamo may compile for one optimized model's forward (its own
-        budget, ``torch.compile(recompile_limit=..., isolate_recompiles=True)``); past it dynamo runs
-        the forward uncompiled and fbcompile warns. Prefill, denoising and commit steps, dtypes and
-        batch sizes each take graphs, hence more than dynamo's default of 8.
+        budget, ``torch.compile(recompile_limit=..., isolate_recompiles=True)``), plus 8 per layer
+        (the model's longest ``ModuleList``); past it dynamo runs the frame uncompiled and fbcompile
+        warns. Prefill, denoising and commit steps, dtypes and batch sizes each take graphs, hence
+        more than dynamo's default of 8. The per-layer part is for graph breaks inside a layer
+        (SDAR-style remote code): dynamo counts per code object, and the layer's frames after the
+        break are compiled per layer (about 7 graphs per layer there).
+    scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
+        all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
+        in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the
+        rest runs eagerly. For forwards that take Python containers changing at every call: dynamo
+        guards on a list's length, so diffusers' AnyFlow FAR (``chunk_partition``, one int per chunk)
+        recompiles its forward at every chunk, while its blocks see only tensors and ints.
     """
 
     refresh: str | int = "block"
     reuse_plan: ReusePlan | None = None
+    sparse: Sparse | None = None
     tokens: int = 2
     drift: float = 0.3
     exact_save_pass: bool = True
     compiler: str = "inductor"
     max_cache_entries: int = 1024
     recompile_limit: int = 64
+    scope: str = "model"
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -132,12 +194,21 @@ class Config:
             raise ValueError(f"Config.reuse_plan must be a fbcompile.ReusePlan, got {type(self.reuse_plan).__name__}")
         if self.reuse_plan is not None and self.refresh == "always":
             raise ValueError("Config.reuse_plan has no effect with refresh='always' (nothing is reused)")
+        if self.sparse is not None and not isinstance(self.sparse, Sparse):
+            raise ValueError(f"Config.sparse must be a fbcompile.Sparse, got {type(self.sparse).__name__}")
+        if self.sparse is not None and self.refresh == "always":
+            raise ValueError("Config.sparse has no effect with refresh='always' (nothing is reused)")
+        if self.sparse is not None and self.reuse_plan is not None:
+            raise ValueError("Config.sparse and Config.reuse_plan cannot be combined: both decide what a reuse "
+                             "step reads afresh; choose one")
         if self.compiler not in COMPILERS:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:
             raise ValueError(f"Config.recompile_limit must be an int >= 1, got {self.recompile_limit!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"Config.scope must be one of {SCOPES}, got {self.scope!r}")
 
     @classmethod
     def from_options(cls, options: dict | None) -> "Config":

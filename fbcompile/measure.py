@@ -114,6 +114,9 @@ def fidelity(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torch
     config = config or Config(refresh="block", compiler="eager")
     if config.refresh == "always":
         raise ValueError("fidelity measures a reuse policy; refresh='always' reuses nothing")
+    if config.sparse is not None:
+        raise ValueError("fidelity simulates plain block reuse; for Config(sparse=...) compare the optimized "
+                         "model's generations with the original model's")
     records = []
     first: dict = {}
 
@@ -257,8 +260,8 @@ def calibrate(model: torch.nn.Module, generate: Callable[[torch.nn.Module], torc
     of ``config``'s policy (default ``"block"``: the steps of a block), how far each head's
     external part moved."""
     config = config or Config(refresh="block", compiler="eager")
-    if config.refresh == "always" or config.reuse_plan is not None:
-        raise ValueError("calibrate measures full reuse: use a reuse policy without a reuse_plan")
+    if config.refresh == "always" or config.reuse_plan is not None or config.sparse is not None:
+        raise ValueError("calibrate measures full reuse: use a reuse policy without a reuse_plan or sparse")
     sums: dict = {}
     history: dict = {}  # site -> fresh (O_e, L_e) of each step since its refresh
     kv_heads: dict = {}

@@ -127,6 +127,185 @@ def merge_lse(
 merge_lse.register_fake(_merge_outputs)
 
 
+# --------------------------------------------------------------------------- sparse external attention
+# MAGE-style tile selection with FlashBlock residual reuse; semantics in fbcompile.kernels.reference.
+
+
+def _check_tile(tile: int) -> None:
+    torch._check(tile >= 1, lambda: f"tile must be positive, got {tile}")
+
+
+def _tile_outputs(q, k, v, tile):
+    out, lse = _attention_outputs(q, k, v)
+    num_tiles = (k.shape[2] + tile - 1) // tile
+    return out, lse, q.new_empty(k.shape[0], k.shape[1], num_tiles, dtype=torch.float32)
+
+
+@torch.library.custom_op("fbcompile::reference_attention_lse_tiles", mutates_args=())
+def reference_attention_lse_tiles(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, tile: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`fbcompile.kernels.reference.attention_lse_tiles` as an opaque op (the fallback path)."""
+    return reference.attention_lse_tiles(q, k, v, mask, scale, tile)
+
+
+reference_attention_lse_tiles.register_fake(lambda q, k, v, mask, scale, tile: _tile_outputs(q, k, v, tile))
+
+
+@torch.library.triton_op("fbcompile::attention_lse_tiles", mutates_args=())
+def attention_lse_tiles(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, tile: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`attention_lse` plus the attention mass of each KV tile of ``tile`` keys, ``[B, Hkv, T]``:
+    the refresh step's importance scores, from the same pass over the KV (Triton for tiles of a
+    multiple of 16 keys)."""
+    _check_shapes(q, k, v)
+    _check_tile(tile)
+    if _use_triton(q, k, v, mask) and triton_attention.supports_tile(tile):
+        return triton_attention.attention_lse_tiles(q, k, v, mask, scale, tile)
+    return reference_attention_lse_tiles(q, k, v, mask, scale, tile)
+
+
+attention_lse_tiles.register_fake(lambda q, k, v, mask, scale, tile: _tile_outputs(q, k, v, tile))
+
+
+@torch.library.custom_op("fbcompile::reference_select_tiles", mutates_args=())
+def reference_select_tiles(tile_mass: torch.Tensor, max_tiles: int, mass: float) -> torch.Tensor:
+    """:func:`fbcompile.kernels.reference.select_tiles` as an opaque op."""
+    return reference.select_tiles(tile_mass, max_tiles, mass)
+
+
+def _select_outputs(tile_mass, max_tiles, mass):
+    return tile_mass.new_empty(*tile_mass.shape[:2], max_tiles, dtype=torch.int32)
+
+
+reference_select_tiles.register_fake(_select_outputs)
+
+
+@torch.library.triton_op("fbcompile::select_tiles", mutates_args=())
+def select_tiles(tile_mass: torch.Tensor, max_tiles: int, mass: float) -> torch.Tensor:
+    """Per KV head the ``max_tiles`` heaviest tiles (``mass >= 1``) or the fewest reaching ``mass`` of
+    the total (capped at ``max_tiles``): int32 ``[B, Hkv, max_tiles]``, ascending, ``-1`` = unused.
+
+    On CUDA plain PyTorch (no host sync, static shape), which Inductor compiles; elsewhere opaque."""
+    torch._check(tile_mass.dim() == 3, lambda: "tile_mass must be [B, Hkv, T]")
+    torch._check(max_tiles >= 0, lambda: f"max_tiles must be >= 0, got {max_tiles}")
+    if tile_mass.is_cuda:
+        return reference.select_tiles(tile_mass, max_tiles, mass)
+    return reference_select_tiles(tile_mass, max_tiles, mass)
+
+
+select_tiles.register_fake(_select_outputs)
+
+
+def _check_idx(k: torch.Tensor, idx: torch.Tensor) -> None:
+    torch._check(idx.dim() == 3 and idx.shape[0] == k.shape[0] and idx.shape[1] == k.shape[1],
+                 lambda: f"idx must be [B, Hkv, S] = [{k.shape[0]}, {k.shape[1]}, S], got {tuple(idx.shape)}")
+    torch._check(not idx.is_floating_point(), lambda: "idx must be an integer tensor")
+
+
+@torch.library.custom_op("fbcompile::reference_sparse_attention_lse", mutates_args=())
+def reference_sparse_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    idx: torch.Tensor, tile: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fbcompile.kernels.reference.sparse_attention_lse` as an opaque op (the fallback path)."""
+    return reference.sparse_attention_lse(q, k, v, mask, scale, idx, tile)
+
+
+reference_sparse_attention_lse.register_fake(lambda q, k, v, mask, scale, idx, tile: _attention_outputs(q, k, v))
+
+
+@torch.library.triton_op("fbcompile::sparse_attention_lse", mutates_args=())
+def sparse_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    idx: torch.Tensor, tile: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``q`` over the keys of the KV tiles ``idx`` (``[B, Hkv, S]``, ``-1`` = unused)
+    of its KV head only: the fresh part of a sparse reuse step."""
+    _check_shapes(q, k, v)
+    _check_tile(tile)
+    _check_idx(k, idx)
+    if _use_triton(q, k, v, mask) and triton_attention.supports_sparse(q, k, v, mask, idx):
+        return triton_attention.sparse_attention_lse(q, k, v, mask, scale, idx, tile)
+    return reference_sparse_attention_lse(q, k, v, mask, scale, idx, tile)
+
+
+sparse_attention_lse.register_fake(lambda q, k, v, mask, scale, idx, tile: _attention_outputs(q, k, v))
+
+
+@torch.library.custom_op("fbcompile::reference_sparse_attention_merge_lse", mutates_args=())
+def reference_sparse_attention_merge_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    idx: torch.Tensor, tile: int, k_blk: torch.Tensor, v_blk: torch.Tensor, mask_blk: torch.Tensor | None,
+    out_res: torch.Tensor, lse_res: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fbcompile.kernels.reference.sparse_attention_merge_lse` as an opaque op (the fallback path)."""
+    return reference.sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
+                                                out_res, lse_res)
+
+
+reference_sparse_attention_merge_lse.register_fake(lambda q, k, v, *args: _attention_outputs(q, k, v))
+
+
+@torch.library.triton_op("fbcompile::sparse_attention_merge_lse", mutates_args=())
+def sparse_attention_merge_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    idx: torch.Tensor, tile: int, k_blk: torch.Tensor, v_blk: torch.Tensor, mask_blk: torch.Tensor | None,
+    out_res: torch.Tensor, lse_res: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole sparse reuse step: ``q`` over the selected tiles ``idx`` of the cached ``(k, v)`` and
+    over the block's own ``(k_blk, v_blk)``, merged with the cached residual ``(out_res, lse_res)``
+    (:func:`subtract_lse` of the refresh step). Equals :func:`attention_merge_lse` of the block against
+    :func:`merge_lse` of the residual and :func:`sparse_attention_lse`; on CUDA one kernel and its
+    reduction instead of four launches."""
+    _check_shapes(q, k, v)
+    _check_shapes(q, k_blk, v_blk)
+    _check_tile(tile)
+    _check_idx(k, idx)
+    if (_use_triton(q, k, v, mask) and triton_attention.supports_sparse(q, k, v, mask, idx)
+            and triton_attention.supports(q, k_blk, v_blk, mask_blk) and out_res.device == lse_res.device == q.device):
+        return triton_attention.sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
+                                                           out_res, lse_res)
+    return reference_sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
+                                                out_res, lse_res)
+
+
+sparse_attention_merge_lse.register_fake(lambda q, k, v, *args: _attention_outputs(q, k, v))
+
+
+@torch.library.custom_op("fbcompile::reference_subtract_lse", mutates_args=())
+def reference_subtract_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fbcompile.kernels.reference.subtract_lse` as an opaque op, with contiguous outputs."""
+    out, lse = reference.subtract_lse(out_a, lse_a, out_b, lse_b)
+    return out.contiguous(), lse.contiguous()
+
+
+def _subtract_outputs(out_a, lse_a, out_b, lse_b):
+    shape = torch.broadcast_shapes(out_a.shape, out_b.shape)
+    return out_a.new_empty(shape, dtype=torch.float32), lse_a.new_empty(shape[:-1], dtype=torch.float32)
+
+
+reference_subtract_lse.register_fake(_subtract_outputs)
+
+
+@torch.library.triton_op("fbcompile::subtract_lse", mutates_args=())
+def subtract_lse(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 attention over the keys of ``a`` without those of ``b`` (``b``'s keys a subset of ``a``'s):
+    the residual a refresh step caches. On CUDA plain PyTorch (fused by Inductor); elsewhere opaque."""
+    if out_a.is_cuda:
+        out, lse = reference.subtract_lse(out_a, lse_a, out_b, lse_b)
+        return out.contiguous(), lse.contiguous()
+    return reference_subtract_lse(out_a, lse_a, out_b, lse_b)
+
+
+subtract_lse.register_fake(_subtract_outputs)
+
+
 class AttentionArgs(NamedTuple):
     """The arguments of an ``attention_lse`` call node, by name (the op's schema order)."""
 

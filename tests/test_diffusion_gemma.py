@@ -72,3 +72,16 @@ def test_block_mode_refreshes_once_per_block(prompt_and_reference):
     assert out.shape == (1, 12 + BLOCKS * CANVAS)
     assert stats.refreshes == BLOCKS and stats.reuses == BLOCKS * (STEPS - 1), stats
     assert stats.refresh_reasons == {"new kv": BLOCKS}
+
+
+def test_sparse_reuse_over_every_tile_is_exact_and_refreshes_once_per_block(prompt_and_reference):
+    """Config(sparse=...) applies to every cached attention (sliding-window and global layers); a budget
+    covering every tile leaves an empty residual, so block-mode reuse with sparse on decodes exactly."""
+    ids, reference = prompt_and_reference
+    model = fbcompile.optimize(make_model(), fbcompile.Config(compiler="eager",
+                                                              sparse=fbcompile.Sparse(budget=4096, tile=16)))
+    assert torch.equal(generate(model, ids), reference)
+    stats = fbcompile.stats(model)
+    assert stats.refreshes == BLOCKS and stats.reuses == BLOCKS * (STEPS - 1), stats
+    assert all(row["sparse"].startswith("sparse (") for row in fbcompile.explain(model).rewritten)
+    assert stats.sites[-1].sparse_read == 1.0

@@ -17,12 +17,15 @@ import torch.fx as fx
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
 from fbcompile.backends.dispatcher import (CompiledGraph, CompiledStep, ExactDispatcher, ProbeDispatcher,
                                            SplitGraphDispatcher)
+from fbcompile.backends import provenance
 from fbcompile.backends.policies import policies_for
 from fbcompile.backends.session import Session, SiteCounters
 from fbcompile.config import Config
+from fbcompile.passes.cat_outputs import cat_outputs
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.reuse_external import SpecializedGraph
 from fbcompile.passes.specialize import specialize
+from fbcompile.passes.split_joined_inputs import split_joined_inputs
 
 log = logging.getLogger("fbcompile")
 
@@ -71,23 +74,48 @@ def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session) -
     return CompiledGraph(run, graph.outputs, graph.cached_inputs)
 
 
-def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
-    """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable."""
-    config = session.config
+def _sites(gm: fx.GraphModule, example_inputs: list) -> list:
+    """The attention sites of ``gm``, with inputs an earlier graph joined from cache and block (known
+    from their provenance, example inputs being the real tensors) split where they were joined."""
+    hints = {i: hint for i, value in enumerate(example_inputs) if (hint := provenance.split_hint(value))}
+    joined = split_joined_inputs(gm, hints) if hints else []
     sites = find_attention_sites(gm)
-    record = session.new_graph([s.describe() for s in sites], gm.code)
+    taken = {layout.cat for s in sites if s.splittable for layout in (s.k_layout, s.v_layout)}
+    unused = [j for j in joined if j.cat not in taken]
+    for j in unused:
+        j.undo()
+    return find_attention_sites(gm) if unused else sites
+
+
+def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
+    """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable
+    (which records the provenance of the graph's ``cat`` outputs, see :mod:`.provenance`)."""
+    cats = cat_outputs(gm)
+    return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats)
+
+
+def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, returns_cat: bool):
+    config = session.config
+    code_before = gm.code
+    sites = _sites(gm, example_inputs)
+    record = session.new_graph([s.describe() for s in sites], code_before)
     for site in sites:
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
     exact = config.refresh == "always"
     policies = [] if exact else policies_for(config)
-    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass,
+    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass, returns_cat=returns_cat,
                       with_query=any(p.with_query for p in policies), probe=session.observer is not None,
-                      reuse_plan=config.reuse_plan)
+                      reuse_plan=config.reuse_plan, sparse=config.sparse)
     if plan is None:
         return _compile(gm, example_inputs, session)
     record.code_refresh, record.split_graph, record.no_reuse = gm.code, gm, plan.no_reuse
+    if any(reason is None for reason in plan.sparse):  # show where the tiles are scored and selected
+        record.code_refresh = plan.refresh.gm.code
     record.split_sites = [SiteCounters(node=s.node.name, kv_heads=h.kv)
                           for s, h in zip([s for s in sites if s.splittable], plan.heads)]
+    split_rows = [row for s, row in zip(sites, record.sites) if s.splittable]
+    for row, reason in zip(split_rows, plan.sparse):
+        row["sparse"] = f"{config.sparse}" if reason is None else f"block reuse: {reason}"
     if plan.no_reuse is not None:
         log.info("graph %d: no reuse (%s)", record.index, plan.no_reuse)
         return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session), plan.no_reuse)
@@ -105,15 +133,32 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
         steps.append(compiled[id(step)])
     dispatcher = ProbeDispatcher if session.observer is not None else SplitGraphDispatcher
     return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session), steps,
-                      policies, [h.kv for h in plan.heads])
+                      policies, [h.kv for h in plan.heads], commits=plan.commits)
+
+
+RECOMPILES_PER_LAYER = 8  # dynamo's own default budget per frame
+
+
+def recompile_budget(limit: int, module) -> int:
+    """``limit`` plus :data:`RECOMPILES_PER_LAYER` per layer of ``module`` (its longest ``ModuleList``).
+
+    Dynamo counts graphs per code object. A graph break inside a layer (SDAR-style remote code) leaves
+    the rest of the layer's code as frames of their own, which dynamo specialises per layer (on its
+    ``layer_idx``): their graphs grow with the depth, and a fixed budget would send the deep layers of
+    a deep model to eager."""
+    layers = max((len(m) for m in module.modules() if isinstance(m, torch.nn.ModuleList)), default=0) \
+        if isinstance(module, torch.nn.Module) else 0
+    return limit + RECOMPILES_PER_LAYER * layers
 
 
 def compile_forward(forward, session: Session):
     """``torch.compile(forward)`` into ``session``, with its own recompile budget
-    (``Config.recompile_limit``) where torch has per-call budgets (2.13 and later)."""
+    (:func:`recompile_budget` of ``Config.recompile_limit``) where torch has per-call budgets (2.13
+    and later)."""
     budget = {}
     if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
-        budget = dict(recompile_limit=session.config.recompile_limit, isolate_recompiles=True)
+        limit = recompile_budget(session.config.recompile_limit, getattr(forward, "__self__", None))
+        budget = dict(recompile_limit=limit, isolate_recompiles=True)
     recompile_limit_warning.watch(getattr(forward, "__func__", forward))
     return torch.compile(forward, backend=Backend(session), dynamic=None, **budget)
 
@@ -184,7 +229,9 @@ class RecompileLimitWarning(logging.Filter):
                 warnings.warn(f"fbcompile: dynamo's {limit} ({value}) was reached for "
                               f"{function}, an fbcompile-optimized forward; its calls with new shapes or "
                               "dtypes now run uncompiled (eager), without fbcompile. Raise "
-                              "fbcompile.Config(recompile_limit=...) or find the cause with TORCH_LOGS=recompiles.",
+                              "fbcompile.Config(recompile_limit=...) or find the cause with TORCH_LOGS=recompiles; "
+                              "if it is an argument that changes at every call, such as a growing list, compile "
+                              "the model's blocks instead: fbcompile.Config(scope='blocks').",
                               stacklevel=2)
         return True
 

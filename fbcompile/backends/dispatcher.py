@@ -5,7 +5,10 @@ and the fingerprint of how the cached part is computed from them (so graphs that
 for different steps of one block - e.g. with and without self-conditioning - share them, and a
 graph that slices or transforms the cache otherwise does not). A site's entry serves a call only if
 
-* its KV tensors are the same objects, not written in place since (``_version``), of the same shape;
+* its KV tensors hold the same content, not written in place since (``_version``), of the same shape:
+  the same tensor objects, or views of later concatenations over exactly their range (HF
+  ``DynamicCache.crop``), or the cached positions of a concatenation an earlier graph returned (a
+  graph break between cat and attention) - see :mod:`.provenance`;
   versions are read *after* each call, so a static cache that the graph itself writes (the block's
   own range, proven by the pass) stays valid, while any write from outside forces a refresh.
   Inference tensors (``torch.inference_mode``) have no version counter, so writes to them cannot be
@@ -24,6 +27,9 @@ graph that slices or transforms the cache otherwise does not). A site's entry se
 
 With a reuse plan, each step since the refresh runs its own reuse graph, which recomputes the
 plan's KV heads and returns their fresh ``(O_e, L_e)``; those overwrite the cached ones.
+With sparse reuse (:mod:`fbcompile.passes.sparse_external`) an entry also keeps the KV tiles selected
+at the refresh, its ``(O_e, L_e)`` being the residual over the other tiles; each reuse call counts the
+share of the external KV it read (``SiteStats.sparse_read``).
 Every graph's extra inputs and outputs are named by its
 :class:`~fbcompile.passes.reuse_external.OutputLayout`.
 
@@ -41,6 +47,7 @@ from typing import Callable
 import torch
 
 from fbcompile.backends.policies import RefreshPolicy
+from fbcompile.backends.provenance import Content, external_contents
 from fbcompile.backends.session import CacheEntry, GraphRecord, Session
 from fbcompile.passes.guards import SiteGuard
 from fbcompile.passes.reuse_external import OutputLayout
@@ -54,7 +61,7 @@ class CompiledGraph:
 
     run: Callable
     outputs: OutputLayout
-    cached_inputs: tuple[str, ...] = ()  # per site, the CacheEntry fields it takes after the call's args
+    cached_inputs: tuple[tuple[str, ...], ...] = ()  # per site, the CacheEntry fields it takes after the args
 
 
 @dataclass
@@ -75,6 +82,7 @@ class FastPathMemo:
     refs: list               # (argument index, weakref) of the watched tensors: ids can be recycled
     cached: list             # the reuse graph's cached inputs
     entries: list[CacheEntry]
+    shares: list | None      # sparse reuse: per site, the share of the external KV tiles read
 
 
 class ExactDispatcher:
@@ -94,10 +102,12 @@ class SplitGraphDispatcher:
     """Callable handed back to dynamo for a graph whose split sites may reuse."""
 
     def __init__(self, session: Session, record: GraphRecord, guards: list[SiteGuard], refresh: CompiledGraph,
-                 steps: list[CompiledStep], policies: list[RefreshPolicy], kv_heads: list[int]):
+                 steps: list[CompiledStep], policies: list[RefreshPolicy], kv_heads: list[int], commits: bool = False):
         self.session, self.record = session, record
+        self.commits = commits  # the graph returns the block's keys/values: a commit, unless cropped (_commit)
         self.guards, self.refresh, self.steps = guards, refresh, steps
         self.kv_heads = kv_heads  # per site
+        self._sparse = any("tiles" in names for step in steps if step.graph for names in step.graph.cached_inputs)
         self._watched = sorted({i for g in guards for i in g.external} | {i for g in guards for i in g.size_sources})
         self._compares_positions = any(g.positions for g in guards)  # buffers written at data-dependent positions
         self._writes_external = any(g.offsets for g in guards)  # static caches the graph writes
@@ -118,7 +128,7 @@ class SplitGraphDispatcher:
         # shapes, ints) and the session cache did not change, reuse again without a lookup
         only = self.steps[0].graph if len(self.steps) == 1 else None
         self._fast = (all(p.fast_path for p in policies) and only is not None and only.outputs.user_only
-                      and not self._compares_positions)
+                      and not self._compares_positions and not self.commits)
         self._memo = None
 
     def __call__(self, *args):
@@ -128,19 +138,32 @@ class SplitGraphDispatcher:
             record.refreshes += 1
             session.refresh_reasons["training or grad mode"] += 1
             return self.refresh.outputs.user_outputs(self.refresh.run(*args))
+        if session.committing:
+            return self._refresh(args, self._lookup(args)[0], "commit")
         memo = self._memo
         if memo is not None and memo.generation == session.generation and \
                 all(ref() is args[i] for i, ref in memo.refs) and memo.signature == self._signature(args):
             record.reuses += 1
+            if memo.shares:
+                record.count_tiles(memo.shares)
             outputs = self.steps[0].graph.run(*args, *memo.cached)
             if self._writes_external:  # the graph bumped the versions of its own cache writes
                 self._count_step(args, memo.entries)
                 memo.signature = self._signature(args)
             return outputs
         keys, entries, reason = self._lookup(args)
+        if self.commits and not self._cropped(args):
+            reason = "save pass"
         if reason is None:
             return self._reuse(args, entries)
         return self._refresh(args, keys, reason)
+
+    def _cropped(self, args) -> bool:
+        """Is every cached tensor a crop of a concatenation an earlier call returned (HF ``DynamicCache``:
+        append the block, then ``crop`` it off)? Then this graph's calls append a block that the loop
+        crops off again, and a call that returns the concatenation is no commit, unless the caller
+        marks it with :func:`fbcompile.commit`. Otherwise returning the block's keys/values commits it."""
+        return all(c.inherited for guard in self.guards for c in external_contents(guard, args))
 
     def _lookup(self, args) -> tuple[list, list[CacheEntry], str | None]:
         """Every site's cache key and entry, and why a refresh is needed (None: every entry serves)."""
@@ -148,13 +171,13 @@ class SplitGraphDispatcher:
         keys, entries = [], []
         reason = None
         for guard in self.guards:
-            sources = [args[i] for i in guard.external]
-            key = (tuple(map(id, sources)), guard.occurrence, guard.computation)
+            contents = external_contents(guard, args)
+            key = (tuple(id(c.token) for c in contents), guard.occurrence, guard.computation)
             keys.append(key)
             if reason is not None:
                 continue
             entry = cache.get(key)
-            reason = _stale(entry, sources, guard, args)
+            reason = _stale(entry, contents, guard, args)
             for policy in self._stale_rules if reason is None else ():
                 reason = policy.stale(entry, guard, args)
                 if reason is not None:
@@ -168,7 +191,7 @@ class SplitGraphDispatcher:
     def _reuse(self, args, entries: list[CacheEntry]):
         step = self._step(entries)
         graph = step.graph
-        cached = [getattr(entry, name) for entry in entries for name in graph.cached_inputs]
+        cached = [getattr(entry, name) for entry, names in zip(entries, graph.cached_inputs) for name in names]
         outputs = graph.run(*args, *cached)
         layout = graph.outputs
         parts = None
@@ -178,13 +201,16 @@ class SplitGraphDispatcher:
                 if part.out_ext is not None:  # a reuse plan's recomputed heads overwrite the cached ones
                     entry.out_ext, entry.lse_ext = part.out_ext, part.lse_ext
         self.record.count_reuse(step.kv_read)
+        shares = [entry.tiles_read for entry in entries] if self._sparse else None
+        if shares:
+            self.record.count_tiles(shares)
         drift = outputs[layout.drift] if layout.drift is not None else None
         for policy in self._after_reuse:
             policy.after_reuse(entries, parts, drift)
         self._count_step(args, entries)
         if self._fast:
             refs = [(i, weakref.ref(args[i])) for i in self._watched if isinstance(args[i], torch.Tensor)]
-            self._memo = FastPathMemo(self.session.generation, self._signature(args), refs, cached, entries)
+            self._memo = FastPathMemo(self.session.generation, self._signature(args), refs, cached, entries, shares)
         return layout.user_outputs(outputs)
 
     def _refresh(self, args, keys: list, reason: str):
@@ -201,7 +227,7 @@ class SplitGraphDispatcher:
         """After a reuse: count the step and note the versions the graph itself bumped."""
         for guard, entry in zip(self.guards, entries):
             entry.steps += 1
-            entry.versions = [args[j]._version for j in guard.external]
+            entry.versions = [c.version for c in external_contents(guard, args)]
 
     def _keep(self, args, keys: list, reason: str, parts: list, positions: list) -> list[CacheEntry]:
         """Count a refresh and keep every site's fresh external part."""
@@ -211,15 +237,13 @@ class SplitGraphDispatcher:
         log.debug("graph %d: refresh (%s)", self.record.index, reason)
         entries, unversioned = [], False
         for guard, part, written_at in zip(self.guards, parts, positions):
-            sources = [args[j] for j in guard.external]
-            try:
-                versions = [s._version for s in sources]
-            except RuntimeError:  # inference tensors have no version counter
-                versions = [None if s.is_inference() else s._version for s in sources]
-                unversioned = True
-            entries.append(CacheEntry(sources=[weakref.ref(s) for s in sources], versions=versions,
-                                      shapes=[s.shape for s in sources], offsets=guard.offset_values(args),
-                                      out_ext=part.out_ext, lse_ext=part.lse_ext, positions=written_at))
+            contents = external_contents(guard, args)
+            versions = [c.version for c in contents]
+            unversioned = unversioned or None in versions  # inference tensors have no version counter
+            entries.append(CacheEntry(sources=[weakref.ref(c.token) for c in contents], versions=versions,
+                                      shapes=[args[j].shape for j in guard.external], offsets=guard.offset_values(args),
+                                      out_ext=part.out_ext, lse_ext=part.lse_ext, tiles=part.tiles,
+                                      tiles_read=part.tiles_read, positions=written_at))
         for policy in self._at_refresh:
             policy.at_refresh(entries, self.guards, args, parts)
         if unversioned and "inference" not in session.warned:
@@ -282,20 +306,20 @@ def _relative_change(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return (now.float() - before.float()).norm() / before.float().norm().clamp_min(1e-30)
 
 
-def _stale(entry: CacheEntry | None, sources: list, guard: SiteGuard, args) -> str | None:
+def _stale(entry: CacheEntry | None, contents: list[Content], guard: SiteGuard, args) -> str | None:
     """Why ``entry`` cannot serve this call by the guards (None: it can)."""
     if guard.rewrites is not None:
         return guard.rewrites
     if entry is None:
         return "new kv"
-    for ref, version, shape, src in zip(entry.sources, entry.versions, entry.shapes, sources):
-        if ref() is not src:
+    for ref, version, shape, now, index in zip(entry.sources, entry.versions, entry.shapes, contents, guard.external):
+        if ref() is not now.token:
             return "kv replaced"
         if version is None:
             return "kv is an inference tensor"
-        if src._version != version:
+        if now.version != version:
             return "kv written in place"
-        if src.shape != shape:
+        if args[index].shape != shape:
             return "kv shape changed"
     if entry.offsets != guard.offset_values(args):
         return "kv range changed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections import Counter, OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,28 @@ class SiteCounters:
     node: str
     kv_heads: int
     plan_kv_read: int = 0
+    sparse_reuses: int = 0     # sparse reuse: reuse calls that read selected tiles
+    tiles_read: object = 0.0   # their shares of the external KV tiles, summed (on the device), but for
+    last_share: object = None  # the share of the entry the last ones used,
+    last_count: int = 0        # and how many did
+
+    def count_tiles(self, share: torch.Tensor) -> None:
+        """A sparse reuse call that read ``share`` (0-dim, on the device) of the external KV tiles.
+        Calls are counted on the host; the device adds up once per cache entry."""
+        if share is not self.last_share:
+            if self.last_count:
+                self.tiles_read = self.tiles_read + self.last_share * self.last_count
+            self.last_share, self.last_count = share, 0
+        self.last_count += 1
+        self.sparse_reuses += 1
+
+    @property
+    def sparse_share(self) -> float | None:
+        """Sparse reuse: the mean share of the external KV a reuse call read (None: no sparse reuse)."""
+        if not self.sparse_reuses:
+            return None
+        last = self.last_share * self.last_count if self.last_count else 0.0
+        return float(self.tiles_read + last) / self.sparse_reuses
 
 
 @dataclass
@@ -58,22 +81,32 @@ class GraphRecord:
             for site, read in zip(self.split_sites, kv_read):
                 site.plan_kv_read += read
 
+    def count_tiles(self, shares: list) -> None:
+        """A reuse call; ``shares``: per site, the share of the external KV tiles it read (None: all)."""
+        for site, share in zip(self.split_sites, shares):
+            if share is not None:
+                site.count_tiles(share)
+
     def reset_counts(self) -> None:
         self.refreshes = self.reuses = self.calls = 0
         for site in self.split_sites:
-            site.plan_kv_read = 0
+            site.plan_kv_read = site.sparse_reuses = site.last_count = 0
+            site.tiles_read, site.last_share = 0.0, None
 
 
 @dataclass(slots=True)
 class CacheEntry:
     """Cached external part of one site, with what it was computed from (the guards' reference)."""
 
-    sources: list            # weakrefs to the tensors holding the external KV
+    sources: list            # weakrefs to the content tokens of the tensors holding the external KV
+    #                          (fbcompile.backends.provenance: a tensor, or what a crop of a cat still holds)
     versions: list           # _version of each (None: an inference tensor, which has none)
     shapes: list
     offsets: list            # where static-cache external ranges end
     out_ext: torch.Tensor    # O_e
     lse_ext: torch.Tensor    # L_e
+    tiles: torch.Tensor | None = None        # sparse reuse: the KV tiles selected at the refresh
+    tiles_read: torch.Tensor | None = None   # and their share of the external KV tiles (0-dim)
     query: torch.Tensor | None = None        # the query at the refresh ("adaptive")
     block_input: torch.Tensor | None = None  # the block's input at the refresh ("tokens")
     drift: tuple | None = None  # ("adaptive") (DriftVector, site index) of the last reuse call
@@ -90,7 +123,8 @@ class SiteStats:
     calls: int
     refreshes: int
     reuses: int
-    external_fraction: float  # KV heads its external part read / what exact mode would read
+    external_fraction: float  # external KV its external part read (KV heads; sparse: x tiles) / exact mode's
+    sparse_read: float | None = None  # sparse reuse: share of the external KV a reuse step reads
 
 
 @dataclass(frozen=True)
@@ -102,7 +136,7 @@ class Stats:
     reuses: int
     refresh_reasons: dict
     sites: list[SiteStats] = field(default_factory=list)
-    external_fraction: float = 1.0  # KV heads the external parts read / what exact mode would read
+    external_fraction: float = 1.0  # external KV read (KV heads; sparse: x tiles) / what exact mode would read
 
     @property
     def guard_failures(self) -> dict:
@@ -113,7 +147,7 @@ class Stats:
     def __str__(self):
         head = (f"fbcompile stats: {self.compiles} graph(s) compiled, {self.refreshes} refresh call(s), "
                 f"{self.reuses} reuse call(s), external attention computed for "
-                f"{self.external_fraction:.1%} of the KV heads exact mode would read")
+                f"{self.external_fraction:.1%} of the external KV exact mode would read")
         lines = [head]
         if self.sites:
             lines.append(tabulate([vars(s) for s in self.sites], headers="keys", floatfmt=".3f"))
@@ -137,6 +171,16 @@ class Session:
         self.observer = None
         self.generation = 0  # bumped whenever the cache changes; dispatchers' fast paths check it
         self.warned: set[str] = set()  # warnings given once per session
+        self.committing = False  # inside commit(): every split graph runs exactly
+
+    @contextmanager
+    def commit(self):
+        """Calls inside commit the block into the cache: they run exactly (refresh reason "commit")."""
+        before, self.committing = self.committing, True
+        try:
+            yield
+        finally:
+            self.committing = before
 
     @property
     def exact_only(self) -> bool:
@@ -182,11 +226,16 @@ class Session:
         sites, read, exact = [], 0, 0
         for record in self.graphs:
             for site in record.split_sites:
-                did_read, would_read = record.refreshes * site.kv_heads + site.plan_kv_read, record.calls * site.kv_heads
+                share = site.sparse_share
+                did_read = record.refreshes * site.kv_heads + site.plan_kv_read
+                if share is not None:
+                    did_read += site.sparse_reuses * site.kv_heads * share
+                would_read = record.calls * site.kv_heads
                 read, exact = read + did_read, exact + would_read
                 sites.append(SiteStats(graph=record.index, node=site.node, calls=record.calls,
                                        refreshes=record.refreshes, reuses=record.reuses,
-                                       external_fraction=did_read / would_read if would_read else 1.0))
+                                       external_fraction=did_read / would_read if would_read else 1.0,
+                                       sparse_read=share))
         split_graphs = [r for r in self.graphs if r.split_sites]
         return Stats(compiles=len(self.graphs), refreshes=sum(r.refreshes for r in split_graphs),
                      reuses=sum(r.reuses for r in split_graphs), refresh_reasons=dict(self.refresh_reasons),

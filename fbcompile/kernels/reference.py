@@ -12,6 +12,12 @@ These define the semantics every faster kernel must reproduce:
 
 All arithmetic is done in fp32. GQA is handled by folding the query groups into the row dimension,
 so the KV is never replicated.
+
+Sparse external attention (MAGE-style selection with FlashBlock residual reuse) works on KV *tiles*:
+tile ``t`` of ``tile`` keys covers keys ``[t * tile, (t + 1) * tile)`` (the last tile may be partial).
+:func:`attention_lse_tiles` scores the tiles, :func:`select_tiles` picks some per KV head,
+:func:`sparse_attention_lse` attends to the picked ones only and :func:`subtract_lse` gives the
+attention over the others (the residual that reuse steps take from the cache).
 """
 from __future__ import annotations
 
@@ -40,15 +46,100 @@ def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.reshape(B, Hq, M, v.shape[-1])
 
 
+def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and LSE of masked scores; a row with no finite score gets ``p = 0``, ``lse = -inf``."""
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1))
+    return p, lse
+
+
 def attention_lse(q, k, v, mask, scale):
     """Attention of ``q`` over ``(k, v)`` returning ``(out, lse)``; see the module docstring."""
-    s = _scores(q, k, mask, scale)
-    lse = torch.logsumexp(s, dim=-1)
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, 0.0).unsqueeze(-1))
-    out = _weighted_values(p, v)
-    out = torch.where(finite.unsqueeze(-1), out, 0.0)
-    return out.to(q.dtype), lse
+    p, lse = _softmax(_scores(q, k, mask, scale))
+    return _weighted_values(p, v).to(q.dtype), lse
+
+
+def attention_lse_tiles(q, k, v, mask, scale, tile: int):
+    """:func:`attention_lse` plus ``tile_mass`` fp32 ``[B, Hkv, ceil(N / tile)]``: the attention
+    probability of each KV tile summed over the query heads of its KV head and the query rows."""
+    p, lse = _softmax(_scores(q, k, mask, scale))
+    B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
+    key_mass = p.reshape(B, Hkv, (p.shape[1] // Hkv) * p.shape[2], N).sum(2)  # no -1: N may be 0
+    num_tiles = -(-N // tile)
+    tile_mass = torch.nn.functional.pad(key_mass, (0, num_tiles * tile - N)).reshape(B, Hkv, num_tiles, tile).sum(-1)
+    return _weighted_values(p, v).to(q.dtype), lse, tile_mass
+
+
+def select_tiles(tile_mass: torch.Tensor, max_tiles: int, mass: float) -> torch.Tensor:
+    """Tile indices int32 ``[B, Hkv, max_tiles]`` per KV head, ascending, unused slots ``-1``.
+
+    The tiles are taken in descending mass order: ``mass >= 1`` takes the top ``min(max_tiles, T)``;
+    ``mass < 1`` the shortest such prefix whose mass reaches ``mass`` of the head's total (MAGE's
+    adaptive budget; a head with no mass gets none), capped at ``max_tiles``. Static shapes, no host
+    sync: the mass is padded with ``max_tiles`` negative entries so that ``topk`` always has enough.
+    """
+    B, Hkv = tile_mass.shape[:2]
+    mass_f = tile_mass.float()
+    padded = torch.cat([mass_f, mass_f.new_full((B, Hkv, max_tiles), -1.0)], dim=-1)
+    top, order = torch.topk(padded, max_tiles, dim=-1)
+    keep = top >= 0
+    if mass < 1.0:
+        before = torch.cumsum(top.clamp_min(0), dim=-1) - top.clamp_min(0)  # mass of the better tiles
+        keep &= before < mass * mass_f.sum(-1, keepdim=True)
+    order = torch.where(keep, order, torch.iinfo(torch.int32).max)
+    order = torch.sort(order, dim=-1).values
+    return torch.where(order == torch.iinfo(torch.int32).max, -1, order).to(torch.int32)
+
+
+def _tile_keys(idx: torch.Tensor, tile: int, num_keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions ``[B, Hkv, S * tile]`` of the selected tiles (clamped into range) and whether each
+    is a real key (slot used and key inside the last, possibly partial, tile)."""
+    pos = (idx.long().unsqueeze(-1) * tile + torch.arange(tile, device=idx.device)).flatten(-2)
+    valid = (idx >= 0).repeat_interleave(tile, dim=-1) & (pos < num_keys)
+    return torch.where(valid, pos, 0), valid
+
+
+def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int):
+    """:func:`attention_lse` of ``q`` over the keys of the tiles ``idx`` (int ``[B, Hkv, S]``, ``-1``
+    = unused) of its KV head. The selected keys are gathered, so the cost follows the budget; a tile
+    listed twice counts twice (:func:`select_tiles` lists each once)."""
+    B, Hq, M, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    pos, valid = _tile_keys(idx, tile, N)
+    k_sel = k.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
+    v_sel = v.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
+    allowed = valid.repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S * tile]
+    if mask is not None:
+        pos_q = pos.repeat_interleave(group, dim=1).unsqueeze(2).expand(B, Hq, M, -1)
+        picked = mask.expand(B, Hq, M, N).gather(-1, pos_q)
+        if picked.dtype == torch.bool:
+            allowed = allowed & picked
+        else:
+            allowed = torch.where(allowed, picked.float(), float("-inf"))
+    return attention_lse(q, k_sel, v_sel, allowed, scale)
+
+
+def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res):
+    """A sparse reuse step: ``q`` over the tiles ``idx`` of ``(k, v)`` and over the block's own
+    ``(k_blk, v_blk)``, merged with the residual ``(out_res, lse_res)`` (the external keys not selected)."""
+    external = merge_lse(out_res, lse_res, *sparse_attention_lse(q, k, v, mask, scale, idx, tile))
+    return attention_merge_lse(q, k_blk, v_blk, mask_blk, scale, *external)
+
+
+def subtract_lse(out_a, lse_a, out_b, lse_b, min_mass: float = 1e-6):
+    """fp32 ``(out, lse)`` of the attention over the keys of ``a`` minus those of ``b`` (a subset):
+    ``e^L O = e^La Oa - e^Lb Ob``, ``L = log(e^La - e^Lb)``. A row whose remaining mass is at most
+    ``min_mass`` of ``e^La`` (or negative from rounding) is empty: ``out = 0``, ``lse = -inf``."""
+    lse_a, lse_b = lse_a.float(), lse_b.float()
+    diff = lse_b - torch.where(torch.isfinite(lse_a), lse_a, 0.0)
+    ratio, rest = torch.exp(diff), -torch.expm1(diff)  # e^(Lb - La) and 1 - e^(Lb - La)
+    keep = torch.isfinite(lse_a) & (rest > min_mass)
+    rest_safe = torch.where(keep, rest, 1.0)
+    out = (out_a.float() - ratio.unsqueeze(-1) * out_b.float()) / rest_safe.unsqueeze(-1)
+    out = torch.where(keep.unsqueeze(-1), out, 0.0)
+    lse = torch.where(keep, lse_a + torch.log(rest_safe), float("-inf"))
+    return out, lse
 
 
 def merge_lse(out_a, lse_a, out_b, lse_b):

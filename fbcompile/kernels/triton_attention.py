@@ -1,6 +1,6 @@
 """Triton kernels for the split attention of block diffusion.
 
-Semantics are those of :mod:`fbcompile.kernels.reference`. Two entry points:
+Semantics are those of :mod:`fbcompile.kernels.reference`. Entry points:
 
 * :func:`attention_lse` - the block-external part: a few block queries against a long cached KV.
   It is memory bound, so the kernel reads every KV byte once and spreads that read over all SMs:
@@ -9,9 +9,14 @@ Semantics are those of :mod:`fbcompile.kernels.reference`. Two entry points:
   kernel combines the splits through their log-sum-exp.
 * :func:`attention_merge_lse` - the block-internal part (the block over its own few keys), fused with
   the exact LSE merge against the cached external result, so a reuse step is one launch.
+* Sparse external attention with residual reuse (see :mod:`fbcompile.kernels.reference`):
+  :func:`attention_lse_tiles` - :func:`attention_lse` that also scores the KV tiles (their attention
+  mass) from the probabilities of the same pass; :func:`sparse_attention_lse` - the external part over
+  selected KV tiles only (gathered, split over the tiles); :func:`sparse_attention_merge_lse` - a
+  whole sparse reuse step (selected tiles + the block's keys + the cached residual).
 
 Tile sizes and split counts are a function of the shapes (and the SM count) alone: no autotuning, no
-host syncs, no data-dependent allocation, so both entry points can be captured in CUDA graphs, and
+host syncs, no data-dependent allocation, so all entry points can be captured in CUDA graphs, and
 their host code traces (``torch.library.triton_op`` in :mod:`fbcompile.ops`), the key count
 symbolically. Head dims up to 512.
 Softmax runs in the log2 domain (``exp2``); stored LSEs are natural logs.
@@ -19,6 +24,7 @@ Softmax runs in the log2 domain (``exp2``); stored LSEs are natural logs.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -65,23 +71,80 @@ def _store_final(Out, Lse, row_off, row_ok, offs_dv, m, l, acc, DV: tl.constexpr
 
 
 @triton.jit
+def _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+                  b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc,
+                  DV: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr):
+    """End of a split-attention program: ``SPLIT`` writes the normalised partial and its log2-LSE for
+    :func:`_reduce_kernel` (an empty split is ``(0, -inf)``); otherwise the result, merged with
+    ``OutExt``/``LseExt`` when ``HAS_EXT``."""
+    if SPLIT:
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        part = (pid_bh * tl.num_programs(1) + pid_s) * R + rows
+        tl.store(OPart + part[:, None] * DV + offs_dv[None, :], acc / l_safe[:, None],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LPart + part, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
+    else:
+        if HAS_EXT:
+            o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
+                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
+            lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
+            m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
+        _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+
+
+@triton.jit
+def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                 D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """One online-softmax step over a tile of keys (``key_ok`` marks the real ones): returns the new
+    ``(m, l, acc)`` state, the tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``."""
+    k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    if HAS_MASK:
+        if MASK_BOOL:
+            attend = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0)
+            s = tl.where(attend != 0, s, float("-inf"))
+        else:
+            bias = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
+            s += bias.to(tl.float32) * 1.4426950408889634
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    return m_new, l_i, acc, p, m_safe
+
+
+@triton.jit
+def _log2_sum(p_sum, m):
+    """``m + log2(p_sum)`` for probabilities relative to ``2^m``; ``-inf`` where they sum to 0."""
+    return tl.where(p_sum > 0.0, m + tl.log2(tl.maximum(p_sum, 1e-30)), float("-inf"))  # 1e-38 would be fp64
+
+
+@triton.jit
 def _attn_kernel(
-    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart,
+    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
     seb, seh, sem, sed,
     slb, slh, slm,
-    Hkv, GROUP, M, N, R, keys_per_split, qk_scale,
+    Hkv, GROUP, M, N, R, keys_per_split, qk_scale, NC,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
     key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
-    (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly."""
+    (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
+    of ``BLOCK_N``) also writes the log2-LSE of every chunk of ``CHUNK`` keys per row, ``[B*Hkv, NC, R]``,
+    from the probabilities the softmax computes anyway: the tile scores cost no second KV read."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -101,15 +164,13 @@ def _attn_kernel(
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     k_ptrs = K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd
-    if HAS_MASK:
-        mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
+    mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
 
     n_start = pid_s * keys_per_split
     n_end = tl.maximum(tl.minimum(n_start + keys_per_split, N), n_start)  # empty past the end
     k_ptrs += n_start.to(tl.int64) * skn
     v_ptrs += n_start.to(tl.int64) * svn
-    if HAS_MASK:
-        mask_ptrs += n_start.to(tl.int64) * smn
+    mask_ptrs += n_start.to(tl.int64) * smn
 
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
@@ -119,51 +180,33 @@ def _attn_kernel(
     # partial one), cause not found: see benchmarks/results/attention_h200_notes.md.
     for n0 in range(n_start, n_end, BLOCK_N):
         key_ok = (n0 + offs_n) < n_end
-        k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+        m_i, l_i, acc, p, m_safe = _attend_tile(
+            q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+            D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
+        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass. Masked row sums rather
+        # than a reshape, which would move ``p`` out of the dot's register layout.
+        if CHUNK > 0:
+            for j in tl.static_range(BLOCK_N // CHUNK):
+                if BLOCK_N == CHUNK:
+                    p_sum = tl.sum(p, 1)
+                else:
+                    p_sum = tl.sum(tl.where((offs_n // CHUNK == j)[None, :], p, 0.0), 1)
+                chunk = n0 // CHUNK + j + 0 * rows  # per row: the interpreter cannot `&` a scalar condition
+                tl.store(ChunkLse + (pid_bh * NC + chunk) * R + rows, _log2_sum(p_sum, m_safe),
+                         mask=row_ok & (chunk < NC), eviction_policy="evict_last")
         if HAS_MASK:
-            if MASK_BOOL:
-                attend = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0)
-                s = tl.where(attend != 0, s, float("-inf"))
-            else:
-                bias = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
-                s += bias.to(tl.float32) * 1.4426950408889634
             mask_ptrs += BLOCK_N * smn
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-        m_i = m_new
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
 
-    if SPLIT:
-        # Normalised partial and its log2-LSE; an empty split (all masked) is (0, -inf).
-        has = l_i > 0.0
-        l_safe = tl.where(has, l_i, 1.0)
-        part = (pid_bh * tl.num_programs(1) + pid_s) * R + rows
-        tl.store(OPart + part[:, None] * DV + offs_dv[None, :], acc / l_safe[:, None],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-        tl.store(LPart + part, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
-    else:
-        if HAS_EXT:
-            o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
-                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
-            lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
-            m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
-        _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+                  b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
 
 
 @triton.jit
-def _reduce_kernel(
-    OPart, LPart, OutExt, LseExt, Out, Lse,
-    seb, seh, sem, sed,
-    slb, slh, slm,
-    Hkv, GROUP, M, R, num_splits,
+def _reduce_rows(
+    OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+    Hkv, GROUP, M, R, num_splits, pid_r, pid_bh,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_EXT: tl.constexpr,
 ):
@@ -171,8 +214,6 @@ def _reduce_kernel(
 
     ``BLOCK_S`` splits are loaded as one [rows, splits, Dv] tile, so the reads are issued together
     rather than one dependent round trip per split (which made this kernel latency bound)."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     offs_s = tl.arange(0, BLOCK_S)
@@ -205,6 +246,147 @@ def _reduce_kernel(
         lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
         m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
     _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+
+
+@triton.jit
+def _tile_mass(
+    LPart, ChunkLse, TileMass, R, num_splits, NC, T, CPT, pid_t, pid_bh,
+    BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Mass of ``BLOCK_T`` KV tiles of one (batch, KV head): ``sum 2^(chunk_lse - lse)`` over the rows
+    and the ``CPT`` chunks of each tile, each row's final log2-LSE taken from the split partials
+    (rows attending to nothing contribute 0)."""
+    tiles = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tile_ok = tiles < T
+    offs_r = tl.arange(0, BLOCK_RR)
+    offs_s = tl.arange(0, BLOCK_S)
+    mass = tl.zeros([BLOCK_T], tl.float32)
+    for r0 in range(0, R, BLOCK_RR):
+        rows = r0 + offs_r
+        row_ok = rows < R
+        m_i = tl.full([BLOCK_RR], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_RR], tl.float32)
+        for s0 in range(0, num_splits, BLOCK_S):
+            ok = row_ok[:, None] & ((s0 + offs_s) < num_splits)[None, :]
+            lse2 = tl.load(LPart + (pid_bh * num_splits + s0 + offs_s[None, :]) * R + rows[:, None], mask=ok,
+                           other=float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(lse2, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(lse2 - m_safe[:, None]), 1)
+            m_i = m_new
+        live = l_i > 0.0
+        row_lse2 = tl.where(live, _log2_sum(l_i, tl.where(live, m_i, 0.0)), 0.0)
+        for c in range(0, CPT):
+            chunk = tiles.to(tl.int64) * CPT + c
+            ok = (tile_ok & (chunk < NC))[:, None] & live[None, :]
+            clse = tl.load(ChunkLse + (pid_bh * NC + chunk[:, None]) * R + rows[None, :], mask=ok,
+                           other=float("-inf"))
+            mass += tl.sum(tl.where(ok, tl.exp2(clse - row_lse2[None, :]), 0.0), 1)
+    tl.store(TileMass + pid_bh * T + tiles, mass, mask=tile_ok)
+
+
+@triton.jit
+def _reduce_kernel(
+    OPart, LPart, OutExt, LseExt, Out, Lse, ChunkLse, TileMass,
+    seb, seh, sem, sed,
+    slb, slh, slm,
+    Hkv, GROUP, M, R, num_splits, row_programs, NC, T, CPT,
+    DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_EXT: tl.constexpr, MASS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr,
+    MASS_BLOCK_S: tl.constexpr,
+):
+    """The split reduction: programs ``< row_programs`` combine rows (:func:`_reduce_rows`); with
+    ``MASS`` the others compute tile masses (:func:`_tile_mass`) in the same launch."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    if MASS:
+        if pid_r < row_programs:
+            _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+                         Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
+        else:
+            _tile_mass(LPart, ChunkLse, TileMass, R, num_splits, NC, T, CPT, pid_r - row_programs, pid_bh,
+                       BLOCK_T, BLOCK_RR, MASS_BLOCK_S)
+    else:
+        _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+                     Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    Q, K, V, Mask, Idx, KB, VB, MaskB, OutExt, LseExt, Out, Lse, OPart, LPart,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    smb, smh, smm, smn,
+    sib, sih, sis,
+    skbb, skbh, skbn, skbd,
+    svbb, svbh, svbn, svbd,
+    smbb, smbh, smbm, smbn,
+    seb, seh, sem, sed,
+    slb, slh, slm,
+    Hkv, GROUP, M, N, NB, R, S, slots_per_split, qk_scale,
+    TILE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_BLOCK: tl.constexpr, HAS_MASK_B: tl.constexpr,
+    MASK_B_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """:func:`_attn_kernel` over the KV tiles listed in ``Idx`` (``[B, Hkv, S]``, ``-1`` = unused)
+    instead of a key range: one program takes ``slots_per_split`` slots and reads only their keys.
+    ``HAS_BLOCK``: the last split also attends to all ``NB`` keys of ``(KB, VB)`` (the block's own
+    keys, with ``MaskB``), so that one launch (and its reduction) makes a whole sparse reuse step."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2).to(tl.int64)
+    qk_scale = tl.full([], qk_scale, tl.float32)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    h = (hkv * GROUP + rows // M).to(tl.int64)
+    m = (rows % M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + b * skb + hkv * skh + offs_d[None, :] * skd
+    v_base = V + b * svb + hkv * svh + offs_dv[None, :] * svd
+    mask_base = Mask + b * smb + h[:, None] * smh + m[:, None] * smm
+
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
+    slot_start = pid_s * slots_per_split
+    slot_end = tl.minimum(slot_start + slots_per_split, S)
+    for slot in range(slot_start, slot_end):
+        t = tl.load(Idx + b * sib + hkv * sih + slot * sis).to(tl.int64)
+        for c0 in tl.static_range(0, TILE, BLOCK_N):
+            n = t * TILE + c0 + offs_n
+            key_ok = (c0 + offs_n < TILE) & (n < N) & (n >= 0)
+            n = tl.where(key_ok, n, 0)
+            m_i, l_i, acc, p, m_safe = _attend_tile(
+                q, k_base + n[:, None] * skn, v_base + n[:, None] * svn, mask_base + n[None, :] * smn,
+                key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
+
+    if HAS_BLOCK:
+        if pid_s == tl.num_programs(1) - 1:
+            kb_ptrs = KB + b * skbb + hkv * skbh + offs_n[:, None] * skbn + offs_d[None, :] * skbd
+            vb_ptrs = VB + b * svbb + hkv * svbh + offs_n[:, None] * svbn + offs_dv[None, :] * svbd
+            maskb_ptrs = MaskB + b * smbb + h[:, None] * smbh + m[:, None] * smbm + offs_n[None, :] * smbn
+            for n0 in range(0, NB, BLOCK_N):
+                m_i, l_i, acc, p, m_safe = _attend_tile(
+                    q, kb_ptrs, vb_ptrs, maskb_ptrs, (n0 + offs_n) < NB, row_ok, offs_d, offs_dv, m_i, l_i, acc,
+                    qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
+                kb_ptrs += BLOCK_N * skbn
+                vb_ptrs += BLOCK_N * svbn
+                maskb_ptrs += BLOCK_N * smbn
+
+    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+                  b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -322,9 +504,44 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
     return full, full.stride(), mask.dtype == torch.bool
 
 
-def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, **overrides):
+def _ext_args(q, out_ext, lse_ext):
+    """Pointers and strides of the optional external result to merge (``q`` when absent), and whether
+    there is one."""
+    if out_ext is None:
+        return q, q, (0, 0, 0, 0), (0, 0, 0), False
+    return out_ext, lse_ext, out_ext.stride(), lse_ext.stride(), True
+
+
+def _partials(q, B, Hkv, num_splits, R, DV):
+    """fp32 per-split partials ``(out, log2-lse)`` for :func:`_reduce_kernel`."""
+    return (torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32),
+            torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32))
+
+
+def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None):
+    """Launch :func:`_reduce_kernel`; ``mass = (chunk_lse, tile_mass, chunks per tile)`` adds the
+    tile-mass programs."""
+    ext_o, ext_l, estr, lstr, has_ext = ext
+    R, DV = group * M, out.shape[-1]
+    # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
+    block_s = min(_pow2(num_splits, 2), max(2, 4096 // block_dv))
+    row_programs = _cdiv(R, 4)
+    chunk_lse, tile_mass, cpt = (o_part, o_part, 1) if mass is None else mass
+    num_tiles = 0 if mass is None else tile_mass.shape[-1]
+    block_t = 64
+    wrap_triton(_reduce_kernel)[(row_programs + _cdiv(num_tiles, block_t), B * Hkv)](
+        o_part, l_part, ext_o, ext_l, out, lse, chunk_lse, tile_mass, *estr, *lstr,
+        Hkv, group, M, R, num_splits, row_programs, chunk_lse.shape[1], num_tiles, cpt,
+        DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, MASS=mass is not None,
+        BLOCK_T=block_t, BLOCK_RR=min(_pow2(R), 64), MASS_BLOCK_S=min(_pow2(num_splits, 2), 64), num_warps=8,
+    )
+
+
+def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, **overrides):
     """Shared launcher; ``overrides`` (``num_splits`` and any of the tile/warp settings) exist for the
-    tests and the benchmark's tuning sweep.
+    tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)`` also fills ``tile_mass``
+    ``[B, Hkv, ceil(N / tile)]``: the attention kernel stores per-row log2-LSEs of key chunks of
+    ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch computes the masses).
 
     Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
     in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
@@ -342,37 +559,34 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
-    has_ext = out_ext is not None
-    if has_ext:
-        ext_o, ext_l, estr, lstr = out_ext, lse_ext, out_ext.stride(), lse_ext.stride()
-    else:
-        ext_o, ext_l, estr, lstr = q, q, (0, 0, 0, 0), (0, 0, 0)
-    split = num_splits > 1
-    if split:
-        o_part = torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32)
-        l_part = torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32)
-    else:
-        o_part, l_part = q, q
-
+    ext = _ext_args(q, out_ext, lse_ext)
+    split = num_splits > 1 or tiles is not None
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if split else (q, q)
+    chunk, chunk_lse, mass = 0, q, None
+    if tiles is not None:
+        chunk = math.gcd(tiles[0], cfg["BLOCK_N"])
+        chunk_lse = torch.empty(B * Hkv, _cdiv(N, chunk), R, device=q.device, dtype=torch.float32)
+        mass = (chunk_lse, tiles[1], tiles[0] // chunk)
     grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
-        q, k, v, mask_t, ext_o, ext_l, out, lse, o_part, l_part,
-        *q.stride(), *k.stride(), *v.stride(), *mstr, *estr, *lstr,
-        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E,
-        D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=has_ext, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        UPCAST_DOT=q.dtype == torch.bfloat16 and q.device.type != "cuda",
+        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse,
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3],
+        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
+        D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
+        SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), CHUNK=chunk,
         **cfg, **launch,
     )
     if split:
-        # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
-        block_s = min(_pow2(num_splits, 2), max(2, 4096 // cfg["BLOCK_DV"]))
-        wrap_triton(_reduce_kernel)[(_cdiv(R, 4), B * Hkv)](
-            o_part, l_part, ext_o, ext_l, out, lse, *estr, *lstr,
-            Hkv, group, M, R, num_splits,
-            DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=cfg["BLOCK_DV"], HAS_EXT=has_ext, num_warps=8,
-        )
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass)
     return out, lse
+
+
+def _dot_precision(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _upcast_dot(q):
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda"
 
 
 def attention_lse(q, k, v, mask, scale, *, num_splits: int | None = None):
@@ -389,3 +603,92 @@ def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
     """
     long_keys = k.shape[2] > 16 * _plan(q, k, v, False, {})[0]["BLOCK_N"]
     return _attention(q, k, v, mask, scale, out_ext, lse_ext, split_keys=long_keys)
+
+
+def supports_tile(tile: int) -> bool:
+    """Whether :func:`attention_lse_tiles` handles this tile size: whole 16-key chunks, so that a
+    chunk of the kernel's key tile (16 to 128 keys) never straddles two KV tiles."""
+    return tile >= 16 and tile % 16 == 0
+
+
+def attention_lse_tiles(q, k, v, mask, scale, tile: int, *, num_splits: int | None = None):
+    """:func:`attention_lse` plus the mass of each KV tile ``[B, Hkv, ceil(N / tile)]`` (fp32).
+
+    The attention kernel also stores each row's log2-LSE per chunk of ``gcd(tile, BLOCK_N)`` keys,
+    from the probabilities it computes anyway (``R * 4 / chunk`` bytes per key against the KV's
+    ``2 * D * itemsize``, kept in L2), and extra programs of the split reduction turn them into tile
+    masses: no second KV read, no extra launch.
+    """
+    shape = (k.shape[0], k.shape[1], _cdiv(k.shape[2], tile))
+    if q.shape[0] * q.shape[1] * q.shape[2] == 0:  # no rows, no mass
+        return *_attention(q, k, v, mask, scale), torch.zeros(shape, device=q.device, dtype=torch.float32)
+    tile_mass = torch.empty(shape, device=q.device, dtype=torch.float32)
+    overrides = {} if num_splits is None else {"num_splits": num_splits}
+    return *_attention(q, k, v, mask, scale, tiles=(tile, tile_mass), **overrides), tile_mass
+
+
+def supports_sparse(q, k, v, mask, idx) -> bool:
+    """Whether :func:`sparse_attention_lse` handles these inputs (otherwise callers use the reference)."""
+    return (supports(q, k, v, mask) and idx.device == q.device and idx.dtype in (torch.int32, torch.int64)
+            and idx.dim() == 3 and tuple(idx.shape[:2]) == (q.shape[0], k.shape[1]))
+
+
+def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse_ext=None, block=None,
+                         **overrides):
+    """``(out, lse)`` of ``q`` over the KV tiles ``idx`` (``[B, Hkv, S]``, ``-1`` = unused), optionally
+    merged with ``(out_ext, lse_ext)``: the gathered counterpart of :func:`attention_lse`. With
+    ``block = (k_blk, v_blk, mask_blk)`` the block's own keys are attended too (by the last split).
+
+    The slots are split over programs (about two programs per SM, at least one slot each) and the
+    partials combined by :func:`_reduce_kernel`, which also does the merge; one program per row tile
+    (and the merge in registers: a single launch) when the slots do not split. ``overrides``
+    (``num_splits`` and any of the tile/warp settings) exist for the tests and the benchmark's sweep.
+    """
+    B, Hq, M, D = q.shape
+    Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
+    S = int(idx.shape[2])
+    group = Hq // Hkv
+    R = group * M
+    out = torch.empty(B, Hq, M, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
+    if B * Hq * M == 0:
+        return out, lse
+
+    cfg = dict(_config_cached(B, Hq, M, D, Hkv, None, DV, q.element_size(), q.device, True))
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(tile))
+    num_splits = overrides.pop("num_splits", None)
+    cfg.update(overrides)
+    launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    if num_splits is None:
+        num_splits = max(1, 2 * _num_sms(q.device) // (B * Hkv * _cdiv(R, cfg["BLOCK_R"])))
+    slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
+    num_splits = max(1, _cdiv(S, slots_per_split))
+    mask_t, mstr, mask_bool = _mask_args(mask, q, N)
+    k_blk, v_blk, mask_blk = (q, q, None) if block is None else block
+    NB = 0 if block is None else k_blk.shape[2]
+    maskb_t, mbstr, maskb_bool = _mask_args(mask_blk, q, NB)
+    ext = _ext_args(q, out_ext, lse_ext)
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if num_splits > 1 else (q, q)
+    wrap_triton(_sparse_attn_kernel)[(_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)](
+        q, k, v, mask_t, idx, k_blk, v_blk, maskb_t, ext[0], ext[1], out, lse, o_part, l_part,
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *idx.stride(),
+        *(k_blk.stride() if block is not None else (0,) * 4),
+        *(v_blk.stride() if block is not None else (0,) * 4), *mbstr,
+        *ext[2], *ext[3],
+        Hkv, group, M, N, NB, R, S, slots_per_split, scale * _LOG2E,
+        TILE=tile, D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_BLOCK=block is not None,
+        HAS_MASK_B=mask_blk is not None, MASK_B_BOOL=maskb_bool, HAS_EXT=ext[4], SPLIT=num_splits > 1,
+        DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), **cfg, **launch,
+    )
+    if num_splits > 1:
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"])
+    return out, lse
+
+
+def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res,
+                               **overrides):
+    """A whole sparse reuse step in one launch and its reduction (one launch with ``num_splits=1``):
+    ``q`` over the tiles ``idx`` of ``(k, v)`` and over the block's own ``(k_blk, v_blk)``, merged with
+    the cached residual ``(out_res, lse_res)``."""
+    return sparse_attention_lse(q, k, v, mask, scale, idx, tile, out_res, lse_res, (k_blk, v_blk, mask_blk),
+                                **overrides)

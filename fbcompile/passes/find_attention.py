@@ -33,6 +33,9 @@ module state (a parameter, buffer or tensor attribute reached from ``self``): th
 between a block's steps. All of them are listed in ``external_inputs`` and guarded at run time
 (identity, version, shape), so a changed table or a new position-ids tensor forces a refresh; inputs
 the query reads and that are passed per call (hidden states, token ids) keep the piece internal.
+A position table passed per call that the query does not read (a regionally compiled layer whose
+RoPE table the code around it recomputes at every call) is listed in ``table_inputs`` instead and
+compared by value.
 """
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ class AttentionSite:
     internal: list[int] = field(default_factory=list)
     external_inputs: list[fx.Node] = field(default_factory=list)  # placeholders the cached KV reads
     position_inputs: list[fx.Node] = field(default_factory=list)  # placeholders the buffer's written positions read
+    table_inputs: list[fx.Node] = field(default_factory=list)  # per-call position tables the cached KV reads
     reason: str | None = None
 
     @property
@@ -131,8 +135,9 @@ class AttentionSite:
         return [p for layout in (self.k_layout, self.v_layout) for p in layout.pieces if isinstance(p, CacheWindow)]
 
     def position_tensors(self) -> list[fx.Node]:
-        """Tensor inputs a written buffer's positions are computed from (reuse compares their values)."""
-        return [n for n in self.position_inputs if example(n) is not None]
+        """Tensor inputs a written buffer's positions are computed from, and per-call position tables
+        (reuse compares their values)."""
+        return [n for n in self.position_inputs if example(n) is not None] + self.table_inputs
 
     def buffer_writes(self) -> list:
         """The keys' and values' :class:`~.buffer_write.BufferWrite` of a written-buffer site (else [])."""
@@ -257,6 +262,7 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
     if len(k_layout.pieces) != len(v_layout.pieces):
         raise NotSplittable("keys and values are concatenated from different numbers of parts")
     external_inputs: set[fx.Node] = set()
+    table_inputs: set[fx.Node] = set()
     for i, (kp, vp) in enumerate(zip(k_layout.pieces, v_layout.pieces)):
         k_len, v_len = k_layout.piece_length(i), v_layout.piece_length(i)
         if isinstance(k_len, int) and isinstance(v_len, int) and k_len != v_len:
@@ -271,6 +277,7 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
         if k_ext:
             site.external.append(i)
             external_inputs |= k_inputs | v_inputs
+            table_inputs |= {n for piece in (kp, vp) for n in _per_call_tables(deps, piece)}
         else:
             site.internal.append(i)
     if not site.external:
@@ -284,7 +291,17 @@ def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
     if any(set(deps.mutations.get(view_base(n), ())) - own_writes for n in external_inputs):
         raise NotSplittable("the graph writes the cached keys/values in place")
     placeholders = [n for n in site.node.graph.nodes if n.op == "placeholder"]
-    site.external_inputs = [n for n in placeholders if n in external_inputs]
+    site.external_inputs = [n for n in placeholders if n in external_inputs - table_inputs]
+    site.table_inputs = [n for n in placeholders if n in table_inputs]
+
+
+def _per_call_tables(deps: DependencyGraph, piece) -> set[fx.Node]:
+    """Position tables passed to the graph per call (not module state, read by no cat operand): a
+    regionally compiled layer gets its RoPE table computed anew at each call by the code around it
+    (diffusers' AnyFlow FAR blocks), so reuse compares them by value, not by identity."""
+    if not isinstance(piece, PositionwisePiece):
+        return set()
+    return {n for n in piece.side_inputs if not is_module_state(n)} - _cache_inputs(deps, piece.source)
 
 
 def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
@@ -325,6 +342,8 @@ def _internal_reason(deps: DependencyGraph, piece, query_inputs: set) -> str | N
     """Why ``piece`` belongs to the block, or None if it is external (see the module docstring)."""
     if isinstance(piece, (BufferBlock, CacheTail)):
         return "are the rows this graph writes (the block)"
+    if isinstance(piece, fx.Node) and piece.meta.get("fbcompile_block"):
+        return "are the block an earlier graph appended (see .split_joined_inputs)"
     inputs = _cache_inputs(deps, piece)
     if not inputs:
         return "read no input (a constant goes with the block)"

@@ -9,6 +9,7 @@ must run exactly. Pure graph analysis; the runtime evaluates the guards on each 
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,9 +37,12 @@ class SiteGuard:
     offsets: tuple                 # static caches: where each window and its block start (int, (argument
     #                                index, None) or a SymbolicInt); symbolic ints and sizes positions move with
     block_input: int | None = None  # argument index of the block's input (token ids, else the first tensor)
-    positions: tuple[int, ...] = ()  # a buffer written at data-dependent positions: argument indices of the
-    #                                  tensors the positions are computed from (compared by value)
+    positions: tuple[int, ...] = ()  # argument indices of tensors compared by value: those a buffer's
+    #                                  data-dependent written positions are computed from, per-call position tables
     rewrites: str | None = None    # why every call refreshes: the graph itself writes the external rows (a roll)
+    joined: tuple = ()             # per external tensor, None or (dim, block length): an input joined by an
+    #                                earlier graph whose first size(dim) - block positions are cached
+    #                                (see .split_joined_inputs); their provenance is compared
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)
@@ -66,7 +70,9 @@ class SymbolicInt:
 
     def __post_init__(self):
         functions = {"Max": max, "Min": min, "FloorDiv": operator.floordiv, "PythonMod": operator.mod,
-                     "Mod": operator.mod, "CleanDiv": operator.floordiv}
+                     "Mod": operator.mod, "CleanDiv": operator.floordiv, "ToFloat": float,
+                     "FloatTrueDiv": operator.truediv, "IntTrueDiv": operator.truediv, "CeilToInt": math.ceil,
+                     "FloorToInt": math.floor, "TruncToInt": math.trunc}
         object.__setattr__(self, "evaluate", sympy.lambdify([s for s, _ in self.symbols], self.expr,
                                                             modules=[functions, "math"]))
 
@@ -95,7 +101,12 @@ def _int_source(value, placeholders: list[fx.Node]):
     example = value.meta.get("example_value")
     if isinstance(example, int):
         return example
-    expr = example.node.expr
+    return _symbolic_int(example, placeholders)
+
+
+def _symbolic_int(value: torch.SymInt, placeholders: list[fx.Node]) -> SymbolicInt | None:
+    """``value``'s expression over the arguments' sizes and ints; None if a symbol is none of them."""
+    expr = value.node.expr
     symbols = tuple((symbol, _symbol_source(symbol, placeholders)) for symbol in expr.free_symbols)
     return SymbolicInt(expr, symbols) if all(src is not None for _, src in symbols) else None
 
@@ -123,7 +134,7 @@ def _size_source(size, placeholders: list[fx.Node]):
                     return (index, dim)
         elif isinstance(value, torch.SymInt) and same_size(value, size):
             return (index, None)
-    return None
+    return _symbolic_int(size, placeholders)  # e.g. a length padded to a multiple: s0 + (-s0) % 128
 
 
 def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]) -> list[SiteGuard] | None:
@@ -151,7 +162,8 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
             offsets=offsets,
             block_input=placeholders.index(block) if block is not None else None,
             positions=tuple(placeholders.index(n) for n in site.position_tensors()),
-            rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None))
+            rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None,
+            joined=tuple(n.meta.get("fbcompile_joined") for n in site.external_inputs)))
         seen.append(indices)
     return guards
 
@@ -208,6 +220,9 @@ def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
     the graph looks to dynamo::
 
         self.layers[i].keys = torch.cat([self.layers[i].keys, key_states], dim=-2)   # a graph output
+
+    A denoising step whose block the loop crops off again (``cache.crop``) looks the same; the
+    runtime tells them apart per call (``SplitGraphDispatcher._cropped``).
     """
     outputs = set()
     for value in _graph_outputs(gm):

@@ -34,7 +34,7 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, statically_known_true
 from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
@@ -76,6 +76,8 @@ def flex_key_mask(q: torch.Tensor, start, length, kv_num_blocks: torch.Tensor, k
                   per_batch: bool, per_head: bool) -> torch.Tensor:
     """The mask ``[B | 1, H | 1, M, length]`` with which flex attends keys ``[start, start + length)``:
     bool, or with an additive ``score_mod`` its bias where flex attends and ``-inf`` elsewhere."""
+    torch._check(kv_num_blocks.shape[-1] * q_block >= q.shape[-2],
+                 lambda: "fbcompile: the BlockMask has fewer query blocks than the query has rows")
     if isinstance(length, int) and length == 0:  # vmap over no key fails where a score_mod indexes a tensor
         return q.new_zeros(q.shape[0] if per_batch else 1, q.shape[1] if per_head else 1, q.shape[-2], 0,
                            dtype=torch.bool if score_mod is None else torch.float32)
@@ -105,6 +107,15 @@ class _FlexKeys(KeyMask):
         return graph.call_function(flex_key_mask, (
             q, start, length, *block_mask[2:6], block_mask[-3], block_mask[-2], block_mask[-1], mask_buffers,
             self.score_mod, score_buffers if self.score_mod is not None else (), self.per_batch, self.per_head))
+
+
+def _lists_every_query_row(listed_rows, rows) -> bool:
+    """Does the BlockMask list a block for every query row? Proven on the sizes, or - symbolic sizes
+    sympy cannot compare (a length padded to a multiple of 128 with ``ceil``, as diffusers' AnyFlow pads)
+    - true at the traced sizes and checked again at every call by :func:`flex_key_mask`."""
+    if statically_known_true(listed_rows >= rows):
+        return True
+    return not isinstance(rows, int) and guarding_hint_or_throw(listed_rows) >= guarding_hint_or_throw(rows)
 
 
 def _subgraph(gm: fx.GraphModule, node) -> fx.GraphModule | None:
@@ -172,7 +183,7 @@ def match_flex(gm: fx.GraphModule, node: fx.Node) -> AttentionSite | None:
         site.reason = "BlockMask without a mask_mod subgraph and int block sizes"
     elif not isinstance(scale, (int, float)):
         site.reason = "scale is not a constant"
-    elif shape(num_blocks) is None or not statically_known_true(shape(num_blocks)[-1] * q_block >= shape(q)[-2]):
+    elif shape(num_blocks) is None or not _lists_every_query_row(shape(num_blocks)[-1] * q_block, shape(q)[-2]):
         site.reason = "the BlockMask has fewer query blocks than the query has rows"
     else:
         index_users = [_placeholders(mask_module)[:2]]

@@ -13,9 +13,10 @@ In a split graph every site ends in::
 * probe graph (fidelity measurements): the split graph also returning, per site, ``(O_e, L_e)``
   and the internal part alone ``(O_i, L_i)``, so reuse can be simulated beside the exact result.
 
-Each builder returns a :class:`SpecializedGraph`: the graph and an :class:`OutputLayout` naming its
-extra outputs per site (and the cached parts a reuse graph takes), so the runtime never counts
-positions.
+:func:`taking_cached` is the reuse graph's core, shared with :mod:`.sparse_external` (whose sites
+cache the selected KV tiles and a residual instead). Each builder returns a :class:`SpecializedGraph`:
+the graph and an :class:`OutputLayout` naming its extra outputs per site (and the cached parts a
+reuse graph takes), so the runtime never counts positions.
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class SiteSlots:
     query: int | None = None     # the site's query (the "adaptive" policy's reference)
     out_int: int | None = None   # O_i, the internal part alone (probe graphs)
     lse_int: int | None = None
+    tiles: int | None = None     # sparse reuse: the KV tiles selected at the refresh (int32 [B, Hkv, S])
+    tiles_read: int | None = None  # sparse reuse: the share of the external KV tiles selected (0-dim)
 
 
 class SiteParts(NamedTuple):
@@ -51,6 +54,8 @@ class SiteParts(NamedTuple):
     query: torch.Tensor | None = None
     out_int: torch.Tensor | None = None
     lse_int: torch.Tensor | None = None
+    tiles: torch.Tensor | None = None
+    tiles_read: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -88,12 +93,12 @@ class SpecializedGraph:
 
     gm: fx.GraphModule
     outputs: OutputLayout
-    cached_inputs: tuple[str, ...] = ()   # per site (graph order), the cached parts it takes, by
-    #                                       SiteParts name, after the original inputs
+    cached_inputs: tuple[tuple[str, ...], ...] = ()  # per site (graph order), the cached parts it
+    #                                                  takes, by SiteParts name, after the original inputs
     cached_examples: list = field(default_factory=list)  # their example values (for compiling)
 
 
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+def copy_graph(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     output = graph.graph_copy(gm.graph, {})
     graph.output(output)
@@ -118,7 +123,7 @@ def _append_outputs(outputs: list, per_site: list[dict]) -> tuple[SiteSlots, ...
     return tuple(slots)
 
 
-def _with_outputs(gm: fx.GraphModule, per_site: list[dict]) -> SpecializedGraph:
+def with_outputs(gm: fx.GraphModule, per_site: list[dict]) -> SpecializedGraph:
     """``gm`` also returning, per site, the named nodes of ``per_site``."""
     output = _output_node(gm.graph)
     outputs = list(output.args[0])
@@ -138,7 +143,7 @@ def merges(graph: fx.Graph) -> list[fx.Node]:
 _CACHED = ("out_ext", "lse_ext", "query")  # the SiteParts the runtime keeps per site
 
 
-def _cached_parts(merge: fx.Node, with_query: bool) -> dict:
+def cached_parts(merge: fx.Node, with_query: bool) -> dict:
     """The nodes of a site whose values the runtime keeps: ``O_e``, ``L_e`` (and the query)."""
     args = MergeArgs.of(merge)
     return dict(zip(_CACHED, (args.out_ext, args.lse_ext, args.q)[: 3 if with_query else 2]))
@@ -151,13 +156,13 @@ def exact_graph(gm: fx.GraphModule) -> SpecializedGraph:
 
 def refresh_graph(gm: fx.GraphModule, with_query: bool = False) -> SpecializedGraph:
     """A copy of ``gm`` that also returns every site's ``(O_e, L_e)`` (and the query, ``with_query``)."""
-    gm = _copy(gm)
-    return _with_outputs(gm, [_cached_parts(m, with_query) for m in merges(gm.graph)])
+    gm = copy_graph(gm)
+    return with_outputs(gm, [cached_parts(m, with_query) for m in merges(gm.graph)])
 
 
 def probe_graph(gm: fx.GraphModule) -> SpecializedGraph:
     """A copy of ``gm`` that also returns ``(O_e, L_e, O_i, L_i, q)`` per site."""
-    gm = _copy(gm)
+    gm = copy_graph(gm)
     per_site = []
     for node in merges(gm.graph):
         args = MergeArgs.of(node)
@@ -166,8 +171,8 @@ def probe_graph(gm: fx.GraphModule) -> SpecializedGraph:
                                               (args.q, args.k, args.v, args.mask, args.scale))
         with gm.graph.inserting_after(internal):
             out_int, lse_int = (gm.graph.call_function(operator.getitem, (internal, i)) for i in range(2))
-        per_site.append({**_cached_parts(node, with_query=True), "out_int": out_int, "lse_int": lse_int})
-    return _with_outputs(gm, per_site)
+        per_site.append({**cached_parts(node, with_query=True), "out_int": out_int, "lse_int": lse_int})
+    return with_outputs(gm, per_site)
 
 
 def reuse_graph(gm: fx.GraphModule, with_query: bool = False,
@@ -182,31 +187,45 @@ def reuse_graph(gm: fx.GraphModule, with_query: bool = False,
     the updated ``(O_e, L_e)`` of those sites. Ranges covering every KV head keep the site's full
     external attention (a per-layer "recompute").
     """
-    gm = _copy(gm)
+    gm = copy_graph(gm)
+    return taking_cached(gm, [cached_parts(m, with_query) for m in merges(gm.graph)], recompute)
+
+
+def taking_cached(gm: fx.GraphModule, cached: list[dict], recompute: list[list[tuple[int, int]]] | None = None
+                  ) -> SpecializedGraph:
+    """``gm``, changed in place, taking each site's ``cached`` nodes (by SiteParts name) as inputs.
+
+    Every use of a cached node becomes a use of its input, except the query's (``"query"``: the
+    refresh step's query, the reference of the drift output); then dead code (the computation of
+    the cached parts) is removed. See :func:`reuse_graph` for ``recompute``.
+    """
     graph = gm.graph
     last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
     examples, drifts, updates = [], [], []
-    for site, merge in enumerate(merges(graph)):
-        cached = _cached_parts(merge, with_query)
+    for site, (merge, parts) in enumerate(zip(merges(graph), cached)):
         inputs = {}
-        for role, node in cached.items():
+        for role, node in parts.items():
             with graph.inserting_after(last_placeholder):
                 inp = graph.placeholder(f"cached_{role}_{site}")
             inp.meta.update(node.meta)
             examples.append(node.meta.get("example_value"))
             last_placeholder = inputs[role] = inp
-        if with_query:
-            drifts.append((cached["query"], inputs["query"]))
+        if "query" in parts:
+            drifts.append((parts["query"], inputs["query"]))
         ranges = recompute[site] if recompute else []
         heads = merge.meta["fbcompile_heads"]
         if ranges == [(0, heads.kv)]:
-            fresh = (cached["out_ext"], cached["lse_ext"])
+            fresh = (parts["out_ext"], parts["lse_ext"])
         else:
-            fresh = (inputs["out_ext"], inputs["lse_ext"])
+            for role, node in parts.items():
+                if role != "query":
+                    node.replace_all_uses_with(inputs[role])
+            fresh = (inputs.get("out_ext"), inputs.get("lse_ext"))
             for start, end in ranges:
                 with graph.inserting_before(merge):
-                    fresh = _recompute_heads(graph, cached["out_ext"], heads, start, end, fresh)
-            merge.args = MergeArgs.of(merge).with_external(*fresh)
+                    fresh = _recompute_heads(graph, parts["out_ext"], heads, start, end, fresh)
+            if ranges:
+                merge.args = MergeArgs.of(merge).with_external(*fresh)
         updates.append(dict(zip(("out_ext", "lse_ext"), fresh)) if ranges else {})
     output = _output_node(graph)
     outputs = list(output.args[0])
@@ -229,7 +248,7 @@ def reuse_graph(gm: fx.GraphModule, with_query: bool = False,
     graph.lint()
     gm.recompile()
     return SpecializedGraph(gm, OutputLayout(user=user, sites=slots, drift=drift),
-                            cached_inputs=_CACHED[:3 if with_query else 2], cached_examples=examples)
+                            cached_inputs=tuple(tuple(parts) for parts in cached), cached_examples=examples)
 
 
 def _recompute_heads(graph: fx.Graph, external_out: fx.Node, heads, start: int, end: int,

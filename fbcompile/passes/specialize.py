@@ -7,7 +7,7 @@ arguments; nothing here knows runtime state.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 
@@ -16,6 +16,7 @@ from fbcompile.passes.find_attention import AttentionSite
 from fbcompile.passes.guards import SiteGuard, commits_block_kv, site_guards
 from fbcompile.passes.reuse_external import (SpecializedGraph, exact_graph, merges, probe_graph, refresh_graph,
                                              reuse_graph, site_heads)
+from fbcompile.passes.sparse_external import sparse_reasons, sparse_refresh_graph, sparse_reuse_graph
 from fbcompile.passes.split_attention import SiteHeads, split_attention
 
 
@@ -39,16 +40,24 @@ class GraphPlan:
     guards: list[SiteGuard]       # per split site; empty when it never reuses
     refresh: SpecializedGraph     # computes and returns the external parts (exact graph: no_reuse)
     reuse: list[ReuseStep]        # per step since the refresh (one entry without a reuse plan)
+    commits: bool = False         # returns the block's keys/values: the runtime decides per call
+    sparse: list[str | None] = field(default_factory=list)  # sparse reuse: per split site, why it keeps
+    #                                                          plain block reuse (None: sparse applies)
 
 
 def specialize(gm: fx.GraphModule, sites: list[AttentionSite], *, exact: bool, exact_save_pass: bool = True,
-               with_query: bool = False, probe: bool = False, reuse_plan=None) -> GraphPlan | None:
+               returns_cat: bool = False, with_query: bool = False, probe: bool = False,
+               reuse_plan=None, sparse=None) -> GraphPlan | None:
     """Split ``gm`` in place at ``sites`` and build its graphs; None if no site was split.
 
-    ``exact``: no reuse at all; ``exact_save_pass``: a graph committing the block's keys/values never
-    reuses; ``with_query``: refresh/reuse graphs carry each site's query (drift); ``probe``: the
+    ``exact``: no reuse at all; ``exact_save_pass``: a graph returning the block's keys/values (a
+    commit) never reuses - unless it ``returns_cat`` (the concatenation of an input, see
+    :mod:`.cat_outputs`: the loop may crop off what it appends), which is marked ``commits``: the
+    runtime runs its calls exactly unless the cache they read is such a crop
+    (``SplitGraphDispatcher._cropped``); ``with_query``: refresh/reuse graphs carry each site's query (drift); ``probe``: the
     refresh graph is a probe graph and no reuse graph is built; ``reuse_plan``: a
-    :class:`fbcompile.ReusePlan` whose steps get one reuse graph each.
+    :class:`fbcompile.ReusePlan` whose steps get one reuse graph each; ``sparse``: a
+    :class:`fbcompile.Sparse` (see :mod:`.sparse_external`; not with a plan or a probe).
     """
     split = [s for s in sites if s.splittable]
     commits = exact_save_pass and commits_block_kv(gm, split)
@@ -56,15 +65,29 @@ def specialize(gm: fx.GraphModule, sites: list[AttentionSite], *, exact: bool, e
         return None
     heads = site_heads(gm.graph)
     guards = None
-    if not exact and not commits:
+    if not exact:
         guards = site_guards(gm, split, [MergeArgs.of(m).out_ext for m in merges(gm.graph)])
+    if commits and not returns_cat:
+        guards = None
     if guards is None:
         reason = "exact mode" if exact else "save pass" if commits else "query size not guardable"
         return GraphPlan(gm, heads, reason, [], exact_graph(gm), [])
     if reuse_plan is not None:
         _check_plan(reuse_plan, heads)
+    if sparse is not None:
+        if probe or reuse_plan is not None:
+            raise ValueError("sparse reuse is neither probed (fbcompile.fidelity) nor combined with a reuse plan")
+        reasons = sparse_reasons(gm)
+        # a sparse site's cache entry holds a residual and tiles, not O_e: never shared with a block-reuse site
+        guards = [g if r is not None else replace(g, computation=hash((g.computation, str(sparse))))
+                  for g, r in zip(guards, reasons)]
+        reuse = sparse_reuse_graph(gm, sparse, reasons, with_query)
+        return GraphPlan(gm, heads, None, guards, sparse_refresh_graph(gm, sparse, reasons, with_query),
+                         [ReuseStep((1,), reuse, [[] for _ in heads], (0,) * len(heads))],
+                         commits=commits, sparse=reasons)
     refresh = probe_graph(gm) if probe else refresh_graph(gm, with_query=with_query)
-    return GraphPlan(gm, heads, None, guards, refresh, _reuse_steps(gm, heads, reuse_plan, with_query, not probe))
+    return GraphPlan(gm, heads, None, guards, refresh, _reuse_steps(gm, heads, reuse_plan, with_query, not probe),
+                     commits=commits)
 
 
 def _check_plan(plan, heads: list[SiteHeads]) -> None:

@@ -1,0 +1,165 @@
+"""Provenance of keys/values between calls and graphs: which tensors are ``cat(cached, block)``.
+
+Graphs that return the concatenation of a cached tensor ``P`` (an input) and this call's block,
+along a dim (see :mod:`fbcompile.passes.cat_outputs`), have their outputs *recorded* after each call:
+"this tensor's first ``n`` positions along ``dim`` hold ``P``'s content". Two things read that record:
+
+* the *content* of the keys/values a split site caches (:func:`content`), which keys and guards the
+  cached external part instead of the tensor's identity. A plain tensor's content is itself (a
+  token per tensor object) at its current ``_version``. A view of a recorded ``C = cat(P, B)`` over
+  exactly ``P``'s range (HF ``DynamicCache.crop`` after a denoising step appended the block), or
+  ``C``'s first ``n`` positions (a graph after a graph break that splits ``C`` there), has ``P``'s
+  content, as long as ``C`` was not written since (its ``_version``). Records chain: ``P`` may itself
+  be such a view, so one content survives all the steps of a block although each step makes a new
+  tensor. A content token lives as long as a tensor that holds it (a cache entry over a dead token
+  is dropped);
+* the split of a graph whose attention reads a recorded ``C`` as an *input* (a graph break between
+  the cat and the attention): :func:`split_hint` gives, at compile time, where ``C`` was joined.
+
+Runtime state, global because it describes tensors, not sessions; every entry dies with its tensor.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+
+class ContentToken:
+    """The identity of some keys'/values' content (compared by identity, held weakly by cache entries)."""
+
+    __slots__ = ("__weakref__",)
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    """A content token at a version (None: an inference tensor, which has no version counter)."""
+
+    token: ContentToken
+    version: int | None
+    inherited: bool = False  # from a recorded concatenation (not the tensor's own identity)
+
+
+@dataclass(frozen=True, slots=True)
+class _CatRecord:
+    """``C = cat(P, block)``: ``C``'s geometry in its storage root, and ``P``'s content at the cat."""
+
+    source: Content
+    dim: int
+    offset: int              # P's length along dim
+    version: int             # C's _version after the call
+    storage_offset: int
+    size: tuple
+    stride: tuple
+
+
+_tokens: dict[int, tuple[weakref.ref, ContentToken]] = {}   # id(tensor) -> its own token
+_records: dict[int, tuple[weakref.ref, _CatRecord]] = {}    # id(storage root) -> the cat it holds
+
+
+def _remember(table: dict, tensor: torch.Tensor, value) -> None:
+    key = id(tensor)
+    table[key] = (weakref.ref(tensor, lambda _, key=key: table.pop(key, None)), value)
+
+
+def _lookup(table: dict, tensor: torch.Tensor):
+    found = table.get(id(tensor))
+    return found[1] if found is not None and found[0]() is tensor else None
+
+
+def _own_token(tensor: torch.Tensor) -> ContentToken:
+    token = _lookup(_tokens, tensor)
+    if token is None:
+        token = ContentToken()
+        _remember(_tokens, tensor, token)
+    return token
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._base if tensor._base is not None else tensor
+
+
+def _record_of(tensor: torch.Tensor) -> _CatRecord | None:
+    """The live record of the concatenation ``tensor`` is a leading range of (None: none, or written since)."""
+    record = _lookup(_records, _root(tensor))
+    if record is None or _version(tensor) != record.version:
+        return None
+    size, dim = tuple(tensor.shape), record.dim
+    if (tensor.storage_offset() != record.storage_offset or tensor.stride() != record.stride
+            or len(size) != len(record.size) or size[:dim] + size[dim + 1:] != record.size[:dim] + record.size[dim + 1:]):
+        return None
+    return record
+
+
+def content(tensor: torch.Tensor, prefix: tuple[int, int] | None = None) -> Content:
+    """The content of ``tensor`` (``prefix = (dim, length)``: of its first ``length`` positions along ``dim``)."""
+    record = _record_of(tensor)
+    if record is not None:
+        length = prefix[1] if prefix is not None and prefix[0] % tensor.dim() == record.dim else tensor.shape[record.dim]
+        if length == record.offset:
+            return record.source
+    return Content(_own_token(tensor), _version(tensor))
+
+
+def record(output, source, dim: int) -> None:
+    """Note that ``output = cat([source, ...], dim)`` (a graph just returned it)."""
+    if not (isinstance(output, torch.Tensor) and isinstance(source, torch.Tensor)) or source.dim() != output.dim():
+        return
+    dim %= output.dim()
+    version = _version(output)
+    if version is None or source.shape[dim] == 0:
+        return
+    found = content(source)
+    _remember(_records, _root(output), _CatRecord(
+        source=Content(found.token, found.version, inherited=True), dim=dim, offset=source.shape[dim],
+        version=version, storage_offset=output.storage_offset(), size=tuple(output.shape), stride=output.stride()))
+
+
+def split_hint(tensor) -> tuple[int, int] | None:
+    """``(dim, block length)`` if ``tensor`` is a whole recorded ``cat(P, block)``, not written since."""
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    record = _record_of(tensor)
+    if record is None or tuple(tensor.shape) != record.size:
+        return None
+    return record.dim, record.size[record.dim] - record.offset
+
+
+def external_contents(guard, args) -> list[Content]:
+    """The content of each tensor holding a split site's external keys/values (``guard``: its
+    :class:`~fbcompile.passes.guards.SiteGuard`); of a joined input, of its cached positions only."""
+    contents = []
+    for index, joined in zip(guard.external, guard.joined or (None,) * len(guard.external)):
+        tensor = args[index]
+        prefix = None
+        if joined is not None:
+            dim, block = joined
+            prefix = (dim, max(tensor.shape[dim] - block, 0))
+        contents.append(content(tensor, prefix))
+    return contents
+
+
+class RecordingCall:
+    """A compiled graph's callable that records the provenance of its ``cat`` outputs after each call."""
+
+    def __init__(self, run, cats: list):
+        self.run, self.cats = run, cats
+
+    def __call__(self, *args):
+        outputs = self.run(*args)
+        for cat in self.cats:
+            record(outputs[cat.output], args[cat.source], cat.dim)
+        return outputs
+
+
+def recording(run, cats: list):
+    """``run``, recording the provenance of the outputs ``cats`` (:func:`~fbcompile.passes.cat_outputs.cat_outputs`)."""
+    return RecordingCall(run, cats) if cats else run
