@@ -65,6 +65,8 @@ class ZooSpec:
     read_start: int = 0
     tail: int = 0
     roll: bool = False
+    graph_break: bool = False    # torch._dynamo.graph_break() right after the cat (the attention's graph reads
+                                 # the concatenation as an input: split by its provenance)
 
     @property
     def key_len(self) -> int:
@@ -240,6 +242,8 @@ class ZooAttention(nn.Module):
             v = torch.cat([past_v.narrow(cat_dim, 0, P), v, past_v.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
         else:
             k, v = torch.cat([past_k, k], dim=cat_dim), torch.cat([past_v, v], dim=cat_dim)
+        if s.graph_break:
+            torch._dynamo.graph_break()
         q, k, v, mask = self._after_cat(q, k, v, mask, 2 if s.layout == "bhsd" else 1)
         out = self._attend(q, k, v, mask, s.layout)
         B, _, M, _ = out.shape

@@ -90,9 +90,14 @@ def zoo_specs(draw, near_miss_repeat: bool = False, forms=("sdpa", "eager", "fle
     else:
         mask = draw(st.sampled_from(FLEX_MASKS if form == "flex" else MASKS))
     dual = buffer != "window" and draw(st.booleans())
+    # across a graph break only cat(cache, block) is split (a dual cache's three-part cat is not), with no
+    # op after the cat: RoPE or a key norm are skipped ("'chunk' of a position table", "not a concatenation
+    # (reached 'mul')"), zero padding is split but never reused ("new kv" at every call)
+    graph_break = buffer == "none" and not dual and draw(st.booleans())
     # flex over a dual cache padded after its suffix (block, cached suffix, padding) is left untouched:
     # "the block's keys are not contiguous (a flex mask is built per key range)" (found by the long run)
     posts = [p for p in POST_CAT if p != "pad"] if form == "flex" and dual else POST_CAT
+    posts = ("none",) if graph_break else posts
     return ZooSpec(
         form=form, gqa=gqa,
         layout=draw(st.sampled_from(["bhsd", "bshd"])),
@@ -114,6 +119,7 @@ def zoo_specs(draw, near_miss_repeat: bool = False, forms=("sdpa", "eager", "fle
         read_start=read_start,
         tail=draw(st.integers(0, 4)) if buffer == "window" else 0,
         roll=buffer == "window" and cache >= 2 and draw(st.booleans()),
+        graph_break=graph_break,
     )
 
 
@@ -146,6 +152,7 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
         event(f"flex mask={spec.mask} score_mod={spec.score_mod}")
     event(f"scale={spec.scale}")
     event(f"post={spec.post}")
+    event(f"graph break={spec.graph_break}")
     model = build(spec, seed=seed, dtype=dtype)
     inputs = make_inputs(spec, seed=seed, dtype=dtype)
     with torch.no_grad():
@@ -157,17 +164,19 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
         compiled, session = compile_exact(model)
         got = compiled(*_fresh(inputs))
     assert _decisions(session) == ["rewritten"], (spec, [g.sites for g in session.graphs])
-    assert len(session.graphs) == 1 and "fbcompile.attention_lse" in session.graphs[0].code_refresh
+    attention = [graph for graph in session.graphs if graph.sites]  # a graph break: the cat's graph first
+    assert len(session.graphs) == 1 + spec.graph_break and "fbcompile.attention_lse" in attention[0].code_refresh
     assert got.dtype == dtype and torch.isfinite(got).all()
     err = rel_error(got, expected)
     assert err < TOL[dtype], f"rel error {err:.3g} (eager {dtype}: {eager_err:.3g}) for {spec} seed={seed}"
-    if spec.buffer == "window":
-        check_window_reuse(spec, model, inputs)
+    if spec.buffer == "window" or spec.graph_break:
+        check_block_mode(spec, model, inputs)
 
 
-def check_window_reuse(spec: ZooSpec, model: ZooAttention, inputs) -> None:
-    """Block mode, the same step twice over the same static cache: the second call reuses the external
-    rows, unless the graph rolls the cache (it changes them itself: every call refreshes). With the same
+def check_block_mode(spec: ZooSpec, model: ZooAttention, inputs) -> None:
+    """Block mode, the same step twice over the same cache: the second call reuses the external part
+    (a static-cache window's rows, or across a graph break the cached part of a new concatenation),
+    unless the graph rolls the cache (it changes them itself: every call refreshes). With the same
     queries a reuse is exact unless it is stale: both calls equal eager."""
     torch._dynamo.reset()
     compiled, session = compile_exact(model, fbcompile.Config(refresh="block", compiler="eager"))
