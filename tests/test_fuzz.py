@@ -5,8 +5,8 @@ Every drawn :class:`ZooSpec` is a supported form, so its attention site must be 
 the fp32 model on the same, upcast inputs). Near misses - random variants fbcompile must never
 split - must be reported ``skipped`` and still equal eager. Attention is SDPA, eager softmax, flex
 (with BlockMasks of several mask_mods and bias score_mods) or flash-attn's op (the CPU stand-in); the
-keys a cat, a buffer written at the block's positions or a static-cache window (whose block-mode
-reuse is checked too: reused unless the graph rolls the cache).
+keys a cat (also across a graph break), a buffer written at the block's positions or a static-cache
+window (for the last two forms block mode is checked too: reused, unless the graph rolls the cache).
 
 Profiles (hypothesis settings profiles, picked with the env var ``FBCOMPILE_FUZZ``):
 
