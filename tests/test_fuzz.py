@@ -3,12 +3,15 @@
 Every drawn :class:`ZooSpec` is a supported form, so its attention site must be reported
 ``rewritten`` and the compiled output must equal eager (fp32: rel. error < 1e-5; bf16: < 1e-2 against
 the fp32 model on the same, upcast inputs). Near misses - random variants fbcompile must never
-split - must be reported ``skipped`` and still equal eager.
+split - must be reported ``skipped`` and still equal eager. Attention is SDPA, eager softmax, flex
+(with BlockMasks of several mask_mods and bias score_mods) or flash-attn's op (the CPU stand-in); the
+keys a cat (also across a graph break), a buffer written at the block's positions or a static-cache
+window (for the last two forms block mode is checked too: reused, unless the graph rolls the cache).
 
 Profiles (hypothesis settings profiles, picked with the env var ``FBCOMPILE_FUZZ``):
 
-* ``ci`` (default): 50 + 15 examples, derandomized (the same cases on every run), well under 60 s on
-  2 CPU cores;
+* ``ci`` (default): 40 + 15 examples, derandomized (the same cases on every run), about 40 s of CPU
+  time on 2 CPU cores;
 * ``long``: 500 + 200 examples, random (``FBCOMPILE_FUZZ=long python -m pytest tests/test_fuzz.py``),
   results in ``benchmarks/results/fuzz_long_cpu.md``.
 
@@ -30,13 +33,14 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, event, example, given, note, settings
 from hypothesis import strategies as st
 
-from attention_zoo import POST_CAT, ZooAttention, ZooSpec, build, compile_exact, make_inputs, rel_error
+import fbcompile
+from attention_zoo import FLEX_MASKS, POST_CAT, ZooAttention, ZooSpec, build, compile_exact, make_inputs, rel_error
 
 _COMMON = dict(deadline=None, print_blob=True,  # no "explain" phase: minutes of re-runs per failure
                phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                       HealthCheck.data_too_large])
-settings.register_profile("fbcompile-ci", max_examples=50, derandomize=True, database=None, **_COMMON)
+settings.register_profile("fbcompile-ci", max_examples=40, derandomize=True, database=None, **_COMMON)
 settings.register_profile("fbcompile-long", max_examples=500, **_COMMON)
 PROFILE = "fbcompile-long" if os.environ.get("FBCOMPILE_FUZZ", "ci") == "long" else "fbcompile-ci"
 # near misses are fewer kinds: 15 / 200 examples
@@ -47,28 +51,53 @@ MASKS = ["none", "bool", "additive", "window", "masked_fill", "padding", "block_
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+# masks that do not assume the window starts before the block (a window read shorter than the block)
+SHORT_WINDOW_MASKS = {"sdpa": ["none", "bool", "additive", "additive_2d"], "flex": ["none", "random", "padding"],
+                      "flash": ["none"]}
+
+
+# flex's graphs take ~3x longer to trace than SDPA's: flex is drawn a sixth of the time, like flash
 @st.composite
-def zoo_specs(draw, near_miss_repeat: bool = False) -> ZooSpec:
+def zoo_specs(draw, near_miss_repeat: bool = False, forms=("sdpa", "eager", "flex", "flash", "sdpa", "eager")) -> ZooSpec:
     """A random supported ZooSpec (simplest choices first, so failures shrink to readable specs)."""
-    form = draw(st.sampled_from(["sdpa", "eager"]))
+    form = draw(st.sampled_from(forms))
     kv_heads = draw(st.sampled_from([1, 2, 4]))
     heads = kv_heads * draw(st.sampled_from([1, 2, 3, 4]))
     if near_miss_repeat:  # 'repeat' with several KV heads: heads replicated outer-most, not like repeat_kv
         kv_heads = max(kv_heads, 2)
         heads = kv_heads * draw(st.sampled_from([2, 3]))
         gqa = "repeat"
+    elif form == "flash":  # GQA inside the op
+        gqa = "enable_gqa"
     else:
         gqas = ["repeat_kv", "expand", "repeat_interleave"]
-        if form == "sdpa":
+        if form in ("sdpa", "flex"):
             gqas.append("enable_gqa")
         if kv_heads == 1:
             gqas.append("repeat")
         gqa = draw(st.sampled_from(gqas))
     block = draw(st.integers(1, 16))
     cache = draw(st.integers(1, 64))
-    mask = draw(st.sampled_from(MASKS))
-    dual = draw(st.booleans())
-    buffer = draw(st.sampled_from(["none", "none", "index_copy", "setitem", "slice"]))
+    # flex and flash's causal masks are not split over a buffer written at the block's positions (a near miss)
+    buffer = draw(st.sampled_from(["none", "none", "window"] if form == "flex" else
+                                  ["none", "none", "index_copy", "setitem", "slice", "window"]))
+    # a window of one row (the block's last) is left untouched: "the cat is not along the key-sequence dim"
+    read_start = draw(st.integers(0, cache + block - 2)) if buffer == "window" else 0
+    if read_start > cache:
+        mask = draw(st.sampled_from(SHORT_WINDOW_MASKS.get(form, SHORT_WINDOW_MASKS["sdpa"])))
+    elif form == "flash":
+        mask = draw(st.sampled_from(["none", "causal"] if buffer in ("none", "window") else ["none"]))
+    else:
+        mask = draw(st.sampled_from(FLEX_MASKS if form == "flex" else MASKS))
+    dual = buffer != "window" and draw(st.booleans())
+    # across a graph break only cat(cache, block) is split (a dual cache's three-part cat is not), with no
+    # op after the cat: RoPE or a key norm are skipped ("'chunk' of a position table", "not a concatenation
+    # (reached 'mul')"), zero padding is split but never reused ("new kv" at every call)
+    graph_break = buffer == "none" and not dual and draw(st.booleans())
+    # flex over a dual cache padded after its suffix (block, cached suffix, padding) is left untouched:
+    # "the block's keys are not contiguous (a flex mask is built per key range)" (found by the long run)
+    posts = [p for p in POST_CAT if p != "pad"] if form == "flex" and dual else POST_CAT
+    posts = ("none",) if graph_break else posts
     return ZooSpec(
         form=form, gqa=gqa,
         layout=draw(st.sampled_from(["bhsd", "bshd"])),
@@ -83,7 +112,14 @@ def zoo_specs(draw, near_miss_repeat: bool = False) -> ZooSpec:
         suffix=draw(st.integers(1, cache)) if dual else 0,
         window=draw(st.integers(0, cache + block)) if mask == "window" else 0,
         buffer=buffer,
-        post=draw(st.sampled_from(POST_CAT)) if buffer == "none" else "none",  # post-cat ops follow a cat
+        post=draw(st.sampled_from(posts)) if buffer == "none" else "none",  # post-cat ops follow a cat
+        score_mod=draw(st.sampled_from(["none", "bias", "alibi"])) if form == "flex" else "none",
+        flex_block=draw(st.sampled_from([128, 8, 16])) if form == "flex" and mask != "none" else 128,
+        frame=draw(st.integers(1, 8)) if form == "flex" and mask == "block_causal" else 4,
+        read_start=read_start,
+        tail=draw(st.integers(0, 4)) if buffer == "window" else 0,
+        roll=buffer == "window" and cache >= 2 and draw(st.booleans()),
+        graph_break=graph_break,
     )
 
 
@@ -99,30 +135,58 @@ def _upcast(inputs):
     return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
 
 
+def _fresh(inputs):
+    """A copy of the inputs for one call: the graph writes the caches in place (a roll twice is not once)."""
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
+
+
 def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
     """The compiled zoo module is rewritten and equals eager."""
     torch._dynamo.reset()
     note(f"spec={spec!r} seed={seed} dtype={dtype}")
     event(f"{spec.form}/{dtype}".replace("torch.", ""))
     event(f"mask={spec.mask}{' dual' if spec.suffix else ''}")
-    event(f"buffer={spec.buffer}")
+    window = (" roll" if spec.roll else "") + (" shorter than the block" if spec.read_start > spec.cache else "")
+    event(f"buffer={spec.buffer}{window}")
+    if spec.form == "flex":
+        event(f"flex mask={spec.mask} score_mod={spec.score_mod}")
     event(f"scale={spec.scale}")
     event(f"post={spec.post}")
+    event(f"graph break={spec.graph_break}")
     model = build(spec, seed=seed, dtype=dtype)
     inputs = make_inputs(spec, seed=seed, dtype=dtype)
     with torch.no_grad():
         if dtype == torch.float32:
-            expected, eager_err = model(*inputs), 0.0
+            expected, eager_err = model(*_fresh(inputs)), 0.0
         else:  # the fp32 model (same weights, upcast) on the same inputs, upcast
             expected = copy.deepcopy(model).float()(*_upcast(inputs))
-            eager_err = rel_error(model(*inputs), expected)
+            eager_err = rel_error(model(*_fresh(inputs)), expected)
         compiled, session = compile_exact(model)
-        got = compiled(*inputs)
+        got = compiled(*_fresh(inputs))
     assert _decisions(session) == ["rewritten"], (spec, [g.sites for g in session.graphs])
-    assert len(session.graphs) == 1 and "fbcompile.attention_lse" in session.graphs[0].code_refresh
+    attention = [graph for graph in session.graphs if graph.sites]  # a graph break: the cat's graph first
+    assert len(session.graphs) == 1 + spec.graph_break and "fbcompile.attention_lse" in attention[0].code_refresh
     assert got.dtype == dtype and torch.isfinite(got).all()
     err = rel_error(got, expected)
     assert err < TOL[dtype], f"rel error {err:.3g} (eager {dtype}: {eager_err:.3g}) for {spec} seed={seed}"
+    if spec.buffer == "window" or spec.graph_break:
+        check_block_mode(spec, model, inputs)
+
+
+def check_block_mode(spec: ZooSpec, model: ZooAttention, inputs) -> None:
+    """Block mode, the same step twice over the same cache: the second call reuses the external part
+    (a static-cache window's rows, or across a graph break the cached part of a new concatenation),
+    unless the graph rolls the cache (it changes them itself: every call refreshes). With the same
+    queries a reuse is exact unless it is stale: both calls equal eager."""
+    torch._dynamo.reset()
+    compiled, session = compile_exact(model, fbcompile.Config(refresh="block", compiler="eager"))
+    eager_state, compiled_state = _fresh(inputs), _fresh(inputs)
+    with torch.no_grad():
+        for step in range(2):
+            err = rel_error(compiled(*compiled_state), model(*eager_state))
+            assert err < TOL[inputs[0].dtype], f"block mode, call {step}: rel error {err:.3g}"
+    stats = session.stats()
+    assert (stats.refreshes, stats.reuses) == ((2, 0) if spec.roll else (1, 1)), stats
 
 
 # Edge cases pinned as explicit examples (a mismatch or skip the fuzzer finds goes here too, minimised).
@@ -139,6 +203,10 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
 @example(spec=ZooSpec(suffix=1, cache=1, block=1, post="pad"), seed=0, dtype=torch.float32)  # block parts on
 @example(spec=ZooSpec(suffix=2, cache=7, block=3, post="pad", mask="additive"), seed=1,      # both sides of
          dtype=torch.float32)                                                               # the suffix
+@example(spec=ZooSpec(buffer="window", cache=6, read_start=2, tail=2, roll=True, layout="bshd"), seed=2,
+         dtype=torch.float32)                                             # a roll: split, refreshed every call
+@example(spec=ZooSpec(form="flex", buffer="window", block=2, cache=1, read_start=1, score_mod="bias"), seed=0,
+         dtype=torch.float32)           # the window is the block: a score_mod's bias over no external key
 def test_fuzz_zoo_rewritten_and_exact(spec, seed, dtype):
     check_exact(spec, seed, dtype)
 
@@ -150,7 +218,11 @@ NEAR_MISSES = ["dropout_sdpa", "dropout_eager", "causal", "cat_heads", "cached_d
                "repeat_outer", "finite_masked_fill", "scores_escape", "buffer_written_twice", "buffer_read_first",
                # after the cat, ops that mix key positions or a table at the wrong positions
                "cumsum_after_cat", "flip_after_cat", "rope_offset_table", "seq_matmul_after_cat",
-               "rope_cat_offset_part"]
+               "rope_cat_offset_part",
+               # flex: a score_mod other than score + bias; a flex mask over a buffer written at the block's positions
+               "flex_softcap", "flex_temperature", "flex_over_buffer",
+               # static-cache windows whose bounds are not as long as they say, or read past the write
+               "window_negative_start", "window_clamped", "window_reads_past_write"]
 
 
 class NearMiss(ZooAttention):
@@ -160,8 +232,34 @@ class NearMiss(ZooAttention):
         super().__init__(spec)
         self.kind, self.p = kind, p
 
+    def _score_mod(self):
+        if self.kind == "flex_softcap":
+            return lambda score, b, h, q_idx, kv_idx: 20 * torch.tanh(score / 20)
+        if self.kind == "flex_temperature":  # a per-head temperature: scales the score, no bias
+            return lambda score, b, h, q_idx, kv_idx: score * (1 + self.alibi_slopes[h])
+        return super()._score_mod()
+
+    def _write_window(self, cache, block, dim):
+        """The window near misses: a read start counting from the end (the same rows), bounds past the
+        capacity (clamped: the block is at the end), or a read one row past the write."""
+        s, kind = self.spec, self.kind
+        if not kind.startswith("window_"):
+            return super()._write_window(cache, block, dim)
+        rows, n = (slice(None),) * (dim % cache.dim()), cache.shape[dim]
+        start, end, read_start, read_end = s.cache, s.cache + s.block, s.read_start, s.cache + s.block
+        if kind == "window_negative_start":
+            read_start -= n
+        elif kind == "window_clamped":  # spec.tail == 0: [start, n + 3) is the block's [start, n)
+            end = read_end = n + 3
+        else:  # spec.tail >= 1
+            read_end += 1
+        cache[rows + (slice(start, end),)] = block
+        return cache[rows + (slice(read_start, read_end),)]
+
     def forward(self, x, past_k, past_v, mask=None, positions=None):
         s, kind = self.spec, self.kind
+        if kind.startswith(("flex", "window")):  # the zoo's forward, with the changes above
+            return super().forward(x, past_k, past_v, mask, positions)
         if kind == "repeat_outer":  # the zoo's own gqa="repeat" with several KV heads
             return super().forward(x, past_k, past_v, mask)
         if kind.startswith("buffer"):  # the zoo's buffer write, plus a second write or an earlier read
@@ -225,11 +323,18 @@ class NearMiss(ZooAttention):
 @st.composite
 def near_misses(draw):
     kind = draw(st.sampled_from(NEAR_MISSES))
-    spec = draw(zoo_specs(near_miss_repeat=kind == "repeat_outer"))
+    spec = draw(zoo_specs(near_miss_repeat=kind == "repeat_outer",
+                          forms=("flex",) if kind.startswith("flex") else ("sdpa", "eager")))
     # only the zoo's forward has a dual cache, buffer writes and post-cat ops
     changes: dict = {"buffer": "none"} if kind == "repeat_outer" else {"suffix": 0, "buffer": "none", "post": "none"}
     if kind.startswith("buffer"):
         changes = {"buffer": "setitem", "post": "none"}
+    if kind.startswith("flex"):
+        changes = {"buffer": draw(st.sampled_from(["index_copy", "setitem", "slice"])), "post": "none"} \
+            if kind == "flex_over_buffer" else {}
+    if kind.startswith("window"):  # the window starts at or before the block
+        changes = {"buffer": "window", "post": "none", "suffix": 0, "roll": False, "mask": "none",
+                   "read_start": min(spec.read_start, spec.cache), "tail": int(kind == "window_reads_past_write")}
     if kind in ("dropout_sdpa", "causal"):
         changes.update(form="sdpa", mask="none")  # SDPA forbids is_causal with a mask
     if kind in ("dropout_eager", "finite_masked_fill", "scores_escape"):
@@ -248,6 +353,8 @@ def near_misses(draw):
 @example(case=("buffer_written_twice", ZooSpec(buffer="setitem", suffix=3), 0.5), seed=0)
 @example(case=("rope_cat_offset_part", ZooSpec(), 0.5), seed=0)
 @example(case=("rope_cat_offset_part", ZooSpec(layout="bshd"), 0.5), seed=0)
+@example(case=("flex_softcap", ZooSpec(form="flex", mask="causal"), 0.5), seed=0)
+@example(case=("window_negative_start", ZooSpec(buffer="window", read_start=3, layout="bshd"), 0.5), seed=0)
 def test_fuzz_near_misses_skipped_and_exact(case, seed):
     kind, spec, p = case
     torch._dynamo.reset()
@@ -259,9 +366,9 @@ def test_fuzz_near_misses_skipped_and_exact(case, seed):
     compiled, session = compile_exact(model)
     with torch.no_grad():
         torch.manual_seed(seed)
-        expected = model(*inputs)
+        expected = model(*_fresh(inputs))
         torch.manual_seed(seed)  # the same dropout draws: the untouched graph runs the same ops in order
-        got = compiled(*inputs)
+        got = compiled(*_fresh(inputs))
     decisions = _decisions(session)
     assert "rewritten" not in decisions, (kind, spec, decisions)
     if kind != "dropout_eager":  # see test_eager_dropout_in_training_is_reported below

@@ -78,6 +78,9 @@ def flex_key_mask(q: torch.Tensor, start, length, kv_num_blocks: torch.Tensor, k
     bool, or with an additive ``score_mod`` its bias where flex attends and ``-inf`` elsewhere."""
     torch._check(kv_num_blocks.shape[-1] * q_block >= q.shape[-2],
                  lambda: "fbcompile: the BlockMask has fewer query blocks than the query has rows")
+    if isinstance(length, int) and length == 0:  # vmap over no key fails where a score_mod indexes a tensor
+        return q.new_zeros(q.shape[0] if per_batch else 1, q.shape[1] if per_head else 1, q.shape[-2], 0,
+                           dtype=torch.bool if score_mod is None else torch.float32)
     rows = torch.arange(q.shape[-2], device=q.device) // q_block
     cols = (torch.arange(length, device=q.device) + start) // kv_block
     evaluated = _evaluate(lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx, *mask_mod_buffers),
