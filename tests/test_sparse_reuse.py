@@ -173,3 +173,19 @@ def test_example_model_generates_with_sparse_reuse_per_block():
     assert torch.equal(none, block)
     stats = fbcompile.stats(model)
     assert stats.refreshes == 2 * blocks and stats.reuses == blocks * (steps - 1), stats
+
+
+@torch.no_grad()
+def test_video_static_cache_with_sparse_reuse_equals_block_at_budget_0():
+    """A static cache's first chunk has no cached keys: the tile scores over an empty range must work
+    (they crashed), and budget 0 must equal "block" through the video model's own loop."""
+    from examples import video_ar_diffusion
+
+    def generate(config):
+        model = fbcompile.optimize(video_ar_diffusion.make_tiny_model(num_layers=1), config)
+        return model.generate(2, steps=2, generator=torch.Generator().manual_seed(0), cache="static"), model
+
+    block, _ = generate(fbcompile.Config(**EAGER))
+    sparse, model = generate(_sparse(budget=0))
+    assert torch.equal(sparse, block)
+    assert fbcompile.stats(model).reuses > 0
