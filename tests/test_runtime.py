@@ -80,7 +80,10 @@ def test_batch_and_dtype_switches_stay_compiled():
     assert _dispatched_calls(model) == forwards, fbcompile.stats(model)
 
 
-def test_recompile_limit_warns_naming_fbcompile():
+def test_recompile_limit_warns_naming_fbcompile(monkeypatch):
+    from fbcompile.backends import compiler
+
+    monkeypatch.setattr(compiler, "RECOMPILES_PER_LAYER", 0)  # the budget is recompile_limit alone
     model = fbcompile.optimize(make_tiny_model(num_layers=1),
                                fbcompile.Config(compiler="eager", recompile_limit=1))
     with torch.no_grad(), pytest.warns(UserWarning, match="fbcompile.*recompile_limit"):
