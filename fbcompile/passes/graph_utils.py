@@ -14,8 +14,19 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+try:  # torch >= 2.12
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as _hint
+except ImportError:  # torch 2.11: a backed symbol's node carries its hint
+    def _hint(a):
+        return a.node.require_hint()
+
 _FUNCTION_NAMESPACES = {"torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
                         "_operator", "operator", "torch.functional", "torch._tensor", "torch._C"}
+
+
+def traced_value(a: int | torch.SymInt | torch.SymBool) -> int | bool:
+    """The value a size had when traced (a symbol's hint), read without adding a guard."""
+    return _hint(a) if isinstance(a, (torch.SymInt, torch.SymBool)) else a
 
 
 def op_name(node: fx.Node) -> str | None:

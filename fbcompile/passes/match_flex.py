@@ -34,11 +34,11 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw, statically_known_true
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
-from fbcompile.passes.graph_utils import shape
+from fbcompile.passes.graph_utils import shape, traced_value
 
 
 def is_flex_attention(node: fx.Node) -> bool:
@@ -115,7 +115,7 @@ def _lists_every_query_row(listed_rows, rows) -> bool:
     - true at the traced sizes and checked again at every call by :func:`flex_key_mask`."""
     if statically_known_true(listed_rows >= rows):
         return True
-    return not isinstance(rows, int) and guarding_hint_or_throw(listed_rows) >= guarding_hint_or_throw(rows)
+    return not isinstance(rows, int) and traced_value(listed_rows) >= traced_value(rows)
 
 
 def _subgraph(gm: fx.GraphModule, node) -> fx.GraphModule | None:
