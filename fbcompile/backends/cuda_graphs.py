@@ -151,13 +151,12 @@ class CapturedGraph:
     def _capture(self, key: tuple, args):
         """Run ``args`` uncaptured (this call's result), then capture the graph over its own input buffers."""
         outputs = self.run(*args)
-        buffers = [torch.empty_strided(args[i].shape, args[i].stride(), dtype=args[i].dtype, device=args[i].device)
-                   for i in self._copied]
+        buffers = [_buffer_like(args[i]) for i in self._copied]
         if buffers:
-            torch._foreach_copy_(buffers, [args[i] for i in self._copied])
+            torch._foreach_copy_(buffers, [_stored(args[i]) for i in self._copied])
         static = list(args)
         for i, buffer in zip(self._copied, buffers):
-            static[i] = buffer
+            static[i] = buffer.expand(args[i].shape)
         try:
             replay, captured = record(self.run, static, self.session)
         except Exception as error:  # a host sync, a CPU tensor made inside, an op CUDA graphs cannot record
@@ -177,12 +176,27 @@ class CapturedGraph:
 
     def _replay(self, capture: Capture, args):
         if capture.buffers:
-            torch._foreach_copy_(capture.buffers, [args[i] for i in self._copied])
+            torch._foreach_copy_(capture.buffers, [_stored(args[i]) for i in self._copied])
         capture.replay()
         for i in self._written:  # as the uncaptured graph would: guards and provenance read versions
             torch.autograd.graph.increment_version(args[i])
         self.session.cuda_graph_counts["replays"] += 1
         return _copy_out(capture.outputs)
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without its broadcast dimensions (stride 0, e.g. positions ``arange(n).expand(b, -1)``):
+    the elements it stores, each once."""
+    if 0 not in tensor.stride():
+        return tensor
+    return tensor[tuple(slice(0, 1) if st == 0 else slice(None) for st in tensor.stride())]
+
+
+def _buffer_like(tensor: torch.Tensor) -> torch.Tensor:
+    """A buffer for ``_stored(tensor)`` with its strides; ``buffer.expand(tensor.shape)`` then has the
+    sizes and strides the graph was compiled for."""
+    stored = _stored(tensor)
+    return torch.empty_strided(stored.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
 
 
 def _copy_out(outputs):
