@@ -15,7 +15,8 @@ other steps reuse the external attention) or at every step (every other variant,
 Per row: the median ms per block over ``--repeats`` blocks (CUDA events on the GPU, wall clock on the
 CPU) after the first call (``first_call_s``: compile and CUDA-graph capture included; a later context
 may recompile) and a warm-up; ``<unit>_per_s``; ``peak_mem_gb`` (GPU); the roofline and
-measured/roofline; for fbcompile, refreshes and reuses per timed block. A row that runs out of device
+measured/roofline; ``rel_err_vs_eager`` of the first step's output (where the workload gives one); for
+fbcompile, refreshes and reuses per timed block. A row that runs out of device
 memory is recorded as skipped. Results are rewritten after each variant, so a cut-off run keeps its rows.
 """
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Block:
     """One prepared block: ``run()`` does all of its denoising forwards over a filled cache."""
     run: Callable[[], Any]
     kv_bytes: int  # bytes of cached keys/values one forward reads
+    # one forward of the block's first step through the given model, its main output (e.g. logits):
+    # each variant's is compared with the eager model's (``rel_err_vs_eager``)
+    first_step: Callable[[torch.nn.Module], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,8 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
                     if counts.cuda_graphs:  # graphs replayed per block, and captures in all
                         row.update(replays_per_block=round(counts.cuda_graphs.get("replays", 0) / (repeats + 2), 2),
                                    captures=counts.cuda_graphs.get("captures", 0))
+                if block.first_step is not None:
+                    row.update(rel_err_vs_eager=float(f"{first_step_error(block, model, built, before):.2g}"))
             except torch.OutOfMemoryError as error:
                 row.update(skipped=f"out of memory: {str(error).splitlines()[0][:80]}")
             finally:
@@ -184,6 +190,16 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
     del model
     torch._dynamo.reset()
     return rows
+
+
+def first_step_error(block: Block, model: torch.nn.Module, eager: torch.nn.Module, before: Callable[[], None]) -> float:
+    """Relative L2 error of ``model``'s first-step output against the eager model's (a new request: the
+    first step refreshes, so every variant is exact there)."""
+    before()
+    torch.compiler.cudagraph_mark_step_begin()
+    got = block.first_step(model).float()
+    expected = block.first_step(eager).float()
+    return ((got - expected).norm() / expected.norm()).item()
 
 
 def resolve_bandwidth(value: str, device: torch.device) -> tuple[float, str]:

@@ -70,6 +70,7 @@ def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp
         assert row["roofline_ratio"] == pytest.approx(row["ms_per_block"] / row["roofline_ms"], rel=1e-2)
         assert row["tokens_per_s"] > 0 and row["peak_mem_gb"] is None
     assert rows[1]["refreshes_per_block"] == 1 and rows[1]["reuses_per_block"] == steps - 1  # a new block each time
+    assert rows[0]["rel_err_vs_eager"] == 0 and rows[1]["rel_err_vs_eager"] < 1e-5  # the first step refreshes
     table = (out / "e2e.md").read_text()
     assert "fbcompile block" in table and f"- torch: {torch.__version__}" in table
     assert (out / "e2e_lm.png").stat().st_size > 1000
