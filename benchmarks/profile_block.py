@@ -1,0 +1,137 @@
+"""Where one block's time goes, per variant: host time to issue it, GPU busy time, idle gaps, top kernels.
+
+A block that takes much longer than its roofline is either host-bound (the GPU waits between
+kernels: busy time well below the block's time) or slow on the GPU (busy time close to it, spent in
+the kernels listed). One block of a workload of ``benchmarks/e2e.py`` after warm-up blocks, under
+``torch.profiler``; per variant a row and its top kernels by GPU time.
+
+    python benchmarks/profile_block.py --model lm --context 32k --batch 8 --variants block,exact,block-ro \
+        --out benchmarks/results/profile_lm
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmarks.e2e import workloads  # noqa: E402
+from fbcompile import new_request, reset, stats  # noqa: E402
+from fbcompile.bench import FBCOMPILE_VARIANTS, environment, make_variant, parser as bench_parser, \
+    resolve_bandwidth, _ints  # noqa: E402
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals (µs in, ms out)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total / 1e3
+
+
+def profile_variant(workload, built, variant: str, context: int, batch: int, warmup: int, top: int) -> dict:
+    model = make_variant(variant, copy.deepcopy(built), "inductor")
+    fb = variant in FBCOMPILE_VARIANTS
+    block = workload.prepare(model, context, batch)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        if fb:
+            new_request(model)
+        block.run()
+    _sync()
+    warm_s = time.perf_counter() - t0
+    if fb:
+        reset(model)
+        new_request(model)
+    _sync()
+    t0 = time.perf_counter()
+    block.run()
+    issued = time.perf_counter() - t0
+    _sync()
+    wall = time.perf_counter() - t0
+    if fb:
+        new_request(model)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        block.run()
+        _sync()
+    gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = [(e.time_range.start, e.time_range.end) for e in gpu]
+    span = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / 1e3 if intervals else 0.0
+    kernels: dict[str, list] = {}
+    for e in gpu:
+        k = kernels.setdefault(e.name[:90], [0, 0.0])
+        k[0] += 1
+        k[1] += e.time_range.elapsed_us() / 1e3
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    row = dict(variant=variant, context=context, batch=batch, warmup_s=round(warm_s, 1),
+               block_ms=round(wall * 1e3, 2), host_issue_ms=round(issued * 1e3, 2),
+               gpu_busy_ms=round(busy_ms(intervals), 2), gpu_span_ms=round(span, 2), kernels=len(gpu),
+               top=[dict(kernel=name, count=c, ms=round(ms, 3)) for name, (c, ms) in ranked])
+    if fb:
+        s = stats(model)
+        row.update(refreshes=s.refreshes, reuses=s.reuses, cuda_graphs=dict(s.cuda_graphs or {}))
+    del model, block
+    torch._dynamo.reset()
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="lm")
+    p.add_argument("--context", default="32k")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variants", default="block,exact,block-ro,exact-ro")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--tiny", action="store_true", help="small shapes, on the CPU (a check of the script)")
+    p.add_argument("--out", default="benchmarks/results/profile")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    w = workloads(args.tiny)[args.model]
+    env = environment(device, resolve_bandwidth("auto", device)[1],
+                      bench_parser().parse_args(["--compiler", "inductor", "--repeats", "1"]))
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    env["dtype"] = str(dtype)
+    rows = []
+    with torch.no_grad():
+        built = w.build(device, dtype)
+        for variant in args.variants.split(","):
+            rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup, args.top))
+            write(args.out, env, args, rows)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), flush=True)
+
+
+def write(out: str, env: dict, args, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(dict(env=env, model=args.model, rows=rows), f, indent=1)
+    lines = [f"# Where one block's time goes: {args.model}, context {args.context}, batch {args.batch}", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
+    for r in rows:
+        head = {k: v for k, v in r.items() if k != "top"}
+        lines += [f"## {r['variant']}", "", "    " + json.dumps(head), ""]
+        lines += ["| kernel | count | ms |", "|---|---|---|"]
+        lines += [f"| `{t['kernel']}` | {t['count']} | {t['ms']} |" for t in r["top"]] + [""]
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
