@@ -52,7 +52,9 @@ TINY_DIT = dict(in_channels=4, height=8, width=8, hidden_size=64, num_heads=4, h
 def build_lm(shape, device, dtype):
     with torch.device(device):
         model = BlockDiffusionLM(BlockDiffusionConfig(**shape))
-    return init_random_weights(model, seed=0).to(dtype).eval()
+    # variance-preserving weights: the example's sharper default init makes a 28-layer bf16 forward chaotic
+    # (eager bf16 against fp32: relative error 1.0), so no variant's error against eager would mean anything
+    return init_random_weights(model, seed=0, scales={}).to(dtype).eval()
 
 
 def prepare_lm(steps, model, context, batch):

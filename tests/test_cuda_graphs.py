@@ -121,9 +121,15 @@ def test_exact_mode_replays_and_matches_eager(how, device):
 
 @gpu_only
 @torch.no_grad()
-def test_named_backend_reduce_overhead_reuses_under_replay():
+def test_named_backend_reduce_overhead_reuses_under_replay(monkeypatch):
     """``torch.compile(backend="fbcompile", mode="reduce-overhead")``: block mode, Inductor; the refresh
-    (first step) is exact, the other steps reuse, and replay."""
+    (first step) is exact, the other steps reuse, and replay. Run from a checkout that is not installed
+    (no entry point), the name is registered here as the entry point would."""
+    from torch._dynamo.backends import registry
+    if "fbcompile" not in torch._dynamo.list_backends(exclude_tags=()):
+        from fbcompile.backends.compiler import fbcompile_backend
+        monkeypatch.setitem(registry._BACKENDS, "fbcompile", None)
+        monkeypatch.setitem(registry._COMPILER_FNS, "fbcompile", fbcompile_backend)
     reference = lm("cuda")
     model = torch.compile(copy.deepcopy(reference), backend="fbcompile", mode="reduce-overhead")
     cache, pos = random_cache(reference, 3), positions(reference)
