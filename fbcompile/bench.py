@@ -268,20 +268,23 @@ def write_results(out: str, results: Mapping[str, dict], env: dict) -> list[str]
 
 def _plot(path: str, name: str, rows: list[dict], device: str) -> str:
     import matplotlib.pyplot as plt
-    fig, (ms_ax, ratio_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ms_ax, ratio_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
     done = [r for r in rows if "ms_per_block" in r]
+    variants = list(dict.fromkeys(r["variant"] for r in done))
+    batches = sorted({r["batch"] for r in done})
+    styles = ("-", "--", ":", "-.")  # per batch; one colour per variant
     for (variant, batch) in dict.fromkeys((r["variant"], r["batch"]) for r in done):
         mine = [r for r in done if r["variant"] == variant and r["batch"] == batch]
         xs = [r["context"] for r in mine]
-        label = f"{variant}, batch {batch}"
-        ms_ax.plot(xs, [r["ms_per_block"] for r in mine], marker="o", label=label)
-        ratio_ax.plot(xs, [r["roofline_ratio"] for r in mine], marker="o", label=label)
-    batches = sorted({r["batch"] for r in done})
+        style = dict(marker="o", color=plt.get_cmap("tab10")(variants.index(variant) % 10),
+                     linestyle=styles[batches.index(batch) % len(styles)], label=f"{variant}, batch {batch}")
+        ms_ax.plot(xs, [r["ms_per_block"] for r in mine], **style)
+        ratio_ax.plot(xs, [r["roofline_ratio"] for r in mine], **style)
     for (batch, reuse) in dict.fromkeys((r["batch"], r["variant"] in REUSING) for r in done):
         roof = {r["context"]: r["roofline_ms"] for r in done
                 if r["batch"] == batch and (r["variant"] in REUSING) == reuse}
-        ms_ax.plot(list(roof), list(roof.values()), linestyle=("--", ":", "-.")[batches.index(batch) % 3],
-                   color="gray" if reuse else "black",
+        ms_ax.plot(list(roof), list(roof.values()), linestyle=styles[batches.index(batch) % len(styles)],
+                   color="gray" if reuse else "black", linewidth=2.5, alpha=0.6,
                    label=f"roofline {'block' if reuse else 'exact'}, batch {batch}")
     for ax, ylabel in ((ms_ax, "ms per block"), (ratio_ax, "measured / roofline")):
         ax.set_xscale("log", base=2)
@@ -291,10 +294,10 @@ def _plot(path: str, name: str, rows: list[dict], device: str) -> str:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ratio_ax.axhline(1.0, color="black", linewidth=0.8)
-    ms_ax.legend(fontsize=7)
+    fig.legend(*ms_ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.suptitle(f"{name} on {device}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
