@@ -178,3 +178,56 @@ def test_growing_cache_captures_stay_bounded(device):
     assert stats.reuses == fbcompile.stats(plain).reuses > 0
     assert stats.cuda_graphs.get("captures", 0) <= 3, stats.cuda_graphs  # over 12 more blocks
     assert stats.cuda_graphs.get("replays", 0) >= 12 * 2, stats.cuda_graphs
+
+
+def grow_blocks(model, cache, blocks: int, steps: int, first: int = 0, write_at: int | None = None):
+    """``generate``'s loop by hand: ``steps`` denoising calls per block over the cache, then the block's
+    own keys/values (a ``use_cache`` call) joined to it by ``torch.cat`` (new tensors each block).
+    Block ``write_at`` writes the first layer's cached keys in place after its first step. Returns the
+    logits of every call and the grown cache."""
+    from examples.block_diffusion_lm import extend_cache
+
+    logits = []
+    for block in range(first, first + blocks):
+        pos = positions(model, context=cache[0][0].shape[-2])
+        for step in range(steps):
+            x = block_tokens(model, block * steps + step)
+            logits.append(model(x, past_key_values=cache, position_ids=pos)[0])
+            if block == write_at and step == 0:
+                cache[0][0].mul_(-1.0)
+        last, block_kv = model(x, past_key_values=cache, position_ids=pos, use_cache=True)
+        logits.append(last)
+        cache = extend_cache(cache, block_kv)
+    return logits, cache
+
+
+@pytest.mark.parametrize("refresh", ["block", "always"])
+@torch.no_grad()
+def test_growing_cache_refresh_runs_piecewise(refresh, device):
+    """A cache grown by ``torch.cat`` at every block: after two blocks the graphs that read it (the
+    refresh, the ``use_cache`` call; in exact mode every step) run piecewise - captured segments around
+    the uncaptured attention over the cache - and every call equals the model without CUDA graphs.
+    After the warm-up no capture is made over 10 blocks: the segments replay, and a write into the cache
+    in place still refreshes."""
+    reference = lm(device)
+    config = dict(refresh=refresh, compiler="eager" if device == "cpu" else "inductor")
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, **config))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(**config))
+    cache = random_cache(reference, 4, context=40)
+    warm, cache_after = grow_blocks(graphed, [tuple(t.clone() for t in kv) for kv in cache], 6, 3)
+    expected, plain_after = grow_blocks(plain, cache, 6, 3)
+    fbcompile.reset(graphed)
+    fbcompile.reset(plain)
+    got, _ = grow_blocks(graphed, cache_after, 10, 3, first=6, write_at=9)
+    more, _ = grow_blocks(plain, plain_after, 10, 3, first=6, write_at=9)
+    errors = [rel_error(g, e) for g, e in zip(warm + got, expected + more)]
+    assert max(errors) < tolerance(device) / 10, errors
+    stats, counts = fbcompile.stats(graphed), fbcompile.stats(graphed).cuda_graphs
+    assert (stats.refreshes, stats.reuses) == (fbcompile.stats(plain).refreshes, fbcompile.stats(plain).reuses)
+    if refresh == "block":
+        assert stats.refresh_reasons.get("kv written in place") == 1, stats.refresh_reasons
+    graph_calls = 10 * ((3 if refresh == "always" else 1) + 1)  # those reading the cache, and use_cache's
+    graph_calls += refresh == "block"  # the refresh after the write
+    assert counts.get("piecewise runs") == graph_calls, counts
+    assert not any("captures" in what or "uncaptured" in what for what in counts), counts
+    assert counts.get("segment replays", 0) >= graph_calls * 2, counts

@@ -52,9 +52,11 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from fbcompile.backends.piecewise import PiecewiseGraph
 from fbcompile.backends.session import Session
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
+PIECEWISE_AFTER = 2    # calls with moved keys/values after which a graph runs piecewise
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
 
@@ -78,10 +80,15 @@ class CapturedGraph:
     """A compiled graph run through CUDA graphs where it can be (see the module docstring).
 
     ``by_address``: argument indices known to hold cached keys/values (taken by address).
+    ``compile(gm, example_inputs)``: the compile function of ``run``, to compile the segments of a
+    piecewise run (:mod:`.piecewise`); without it the graph never runs piecewise (a segment's own capture).
+    ``counter``: prefix of this graph's counts in ``Stats.cuda_graphs``.
     """
 
-    def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int]):
-        self.run, self.session = run, session
+    def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int],
+                 compile: Callable | None = None, counter: str = ""):
+        self.run, self.gm, self.session, self.compile, self.counter = run, gm, session, compile, counter
+        self._kv = set(by_address)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if node.users]
         # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
@@ -95,6 +102,8 @@ class CapturedGraph:
         self.captures: OrderedDict = OrderedDict()
         self._seen: OrderedDict = OrderedDict()
         self.uncapturable: str | None = None
+        self._moves = 0                # calls whose keys/values moved (a new key, the rest of it seen)
+        self.piecewise: PiecewiseGraph | None = None
 
     def __call__(self, *args):
         if self.uncapturable is not None:
@@ -108,12 +117,36 @@ class CapturedGraph:
         if capture is not None:
             self.captures.move_to_end(key)
             return self._replay(capture, args)
+        if self.piecewise is not None:
+            self._count("piecewise runs")
+            return self.piecewise(*args)
         if key not in self._seen:
+            moved = self._rest(key) in {self._rest(seen) for seen in self._seen}
             self._seen[key] = None
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
+            self._moves += moved
+            if self._moves >= PIECEWISE_AFTER and self.compile is not None:
+                return self._split(args)
             return self._uncaptured(args, "first call with these shapes or addresses")
         return self._capture(key, args)
+
+    def _rest(self, key: tuple) -> tuple:
+        """``key`` without the addresses and sizes of the cached keys/values."""
+        addresses, sizes, others = key
+        return (tuple(a for i, a in zip(self._by_address, addresses) if i not in self._kv),
+                tuple(s for i, s in zip(self._sized, sizes) if i not in self._kv), others)
+
+    def _split(self, args):
+        """From now on, keys not captured yet run piecewise (see :mod:`.piecewise`); this call split."""
+        def wrap(run, gm, static):
+            return CapturedGraph(run, gm, self.session, static, counter="segment ")
+        self.piecewise = PiecewiseGraph(self.gm, args, self._kv, self._static, self.compile, wrap)
+        self._count("piecewise graphs")
+        return self.piecewise.outputs
+
+    def _count(self, what: str):
+        self.session.cuda_graph_counts[self.counter + what] += 1
 
     def _first_call(self, args):
         """Run uncaptured, and learn which inputs the graph writes (they are taken by address)."""
@@ -145,7 +178,7 @@ class CapturedGraph:
                 tuple(args[i] for i in self._others))
 
     def _uncaptured(self, args, reason: str):
-        self.session.cuda_graph_counts[f"uncaptured ({reason})"] += 1
+        self._count(f"uncaptured ({reason})")
         return self.run(*args)
 
     def _capture(self, key: tuple, args):
@@ -169,7 +202,7 @@ class CapturedGraph:
             self.uncapturable = "returns a view of an input"
             return outputs
         self.captures[key] = Capture(replay, buffers, captured)
-        self.session.cuda_graph_counts["captures"] += 1
+        self._count("captures")
         if len(self.captures) > MAX_CAPTURES:
             self.captures.popitem(last=False)
         return outputs
@@ -180,7 +213,7 @@ class CapturedGraph:
         capture.replay()
         for i in self._written:  # as the uncaptured graph would: guards and provenance read versions
             torch.autograd.graph.increment_version(args[i])
-        self.session.cuda_graph_counts["replays"] += 1
+        self._count("replays")
         return _copy_out(capture.outputs)
 
 
