@@ -25,19 +25,35 @@ refresh across calls. Here, per graph:
   key seen once - the refresh over a cache that grows by a ``torch.cat`` at each block - would never
   replay), and at most :data:`MAX_CAPTURES` captures are kept per graph (least recently used dropped).
   So a reuse graph, which does not read the cache, is captured once for all blocks; a refresh graph
-  over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once;
-  a refresh graph over tensors that are new at every block (a cache grown by ``torch.cat``, as HF
-  ``DynamicCache`` does) runs uncaptured, as Inductor compiled it (its Triton kernels launched from
-  Inductor's wrapper code), once per block: a capture costs more than one run and could never replay.
+  over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once.
   A write offset passed as a Python int (``cache[:, start:start + n] = k``) is baked into a capture, so
   such a graph is captured once per block, at its second step; passed as a tensor (HF ``StaticCache``'s
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
+* **Piecewise.** A refresh graph over tensors that are new at every block (a cache grown by
+  ``torch.cat``, as HF ``DynamicCache`` does) meets a new key at every block, which a capture could
+  never replay. After :data:`PIECEWISE_AFTER` calls whose key was new only in the cached keys/values
+  (their addresses and sizes; the rest of the key seen before), the graph is split (:mod:`.piecewise`,
+  compiled then, so a graph over a static cache pays nothing): the pieces that read the cached
+  keys/values (the external attention, a ``torch.cat`` of the cache) run uncaptured, the segments
+  between them (projections, norms, MLPs, merges) each as a :class:`CapturedGraph` of its own, whose key
+  holds no cached tensor. From then on a key already captured replays whole, every other call runs
+  piecewise, and no whole-graph capture is made. Over a cache that grows for 100 blocks, a refresh
+  graph runs uncaptured at its first two blocks (its first call, then the first move), splits at the
+  third, its segments (one per layer, plus one) run uncaptured at the fourth and are captured at the
+  fifth, then replay at every later block: as many captures as segments, whatever the number of
+  blocks. In exact mode the graph that runs every step is the one split: every step runs piecewise
+  (instead of a whole capture per block, at its second step, as before the split). An integer a segment
+  reads that changes per block (a length read from the cache's size) is part of its key: that segment
+  then runs uncaptured.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` into fresh tensors), so neither the caller nor the dispatcher's cache holds
   memory a later replay overwrites. A graph that returns a view of one of its inputs is not captured.
 * **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
   device (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host sync
-  inside the graph: a warning with the error).
+  inside the graph: a warning with the error), a split that fails (a warning with the error).
+
+``Stats.cuda_graphs`` counts captures, replays, uncaptured runs (and why), piecewise graphs (splits) and
+piecewise runs; a segment's own captures, replays and uncaptured runs under ``segment ...``.
 
 A replay bumps the version counters of the inputs the graph writes (``increment_version``), as the
 uncaptured graph does, so whatever reads versions after the call (the dispatcher's guards, the
@@ -52,7 +68,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fbcompile.backends.piecewise import PiecewiseGraph
+from fbcompile.backends.piecewise import PiecewiseGraph, node_values
 from fbcompile.backends.session import Session
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
@@ -138,12 +154,21 @@ class CapturedGraph:
                 tuple(s for i, s in zip(self._sized, sizes) if i not in self._kv), others)
 
     def _split(self, args):
-        """From now on, keys not captured yet run piecewise (see :mod:`.piecewise`); this call split."""
+        """This call run node by node, and split: from now on, keys not captured yet run piecewise (see
+        :mod:`.piecewise`). A graph that cannot be split runs uncaptured, with a warning."""
+        outputs, values = node_values(self.gm, args)
+
         def wrap(run, gm, static):
             return CapturedGraph(run, gm, self.session, static, counter="segment ")
-        self.piecewise = PiecewiseGraph(self.gm, args, self._kv, self._static, self.compile, wrap)
+        try:
+            self.piecewise = PiecewiseGraph(self.gm, values, self._kv, self._static, self.compile, wrap)
+        except Exception as error:
+            self.compile = None
+            warnings.warn(f"fbcompile: a compiled graph could not be split into CUDA graphs around its cached "
+                          f"keys/values ({type(error).__name__}: {error}); it runs without them", stacklevel=3)
+            return outputs
         self._count("piecewise graphs")
-        return self.piecewise.outputs
+        return outputs
 
     def _count(self, what: str):
         self.session.cuda_graph_counts[self.counter + what] += 1

@@ -40,7 +40,7 @@ class Piece:
 
 
 def node_values(gm: fx.GraphModule, args) -> tuple[object, dict[fx.Node, object]]:
-    """Run ``gm`` node by node on ``args``: its outputs, and every node's value."""
+    """Run ``gm`` node by node on ``args``: its outputs, and every node's value (placeholders included)."""
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
     outputs = interpreter.run(*args)
     return outputs, interpreter.env
@@ -111,17 +111,15 @@ def split_pieces(gm: fx.GraphModule, moving: set[fx.Node]) -> list[Piece]:
 class PiecewiseGraph:
     """``gm`` run as its pieces: moving pieces uncaptured, segments through ``wrap(compile(segment))``.
 
-    ``args``: the call that makes the split (run here, node by node: :attr:`outputs`); ``moving``: the
-    argument indices of the moving keys/values; ``static``: argument indices taken by address
-    (parameters, buffers); ``compile(gm, example_inputs)``: the graph's compile function;
+    ``values``: every node's value at the call that makes the split (:func:`node_values`, placeholders
+    included); ``moving``: the argument indices of the moving keys/values; ``static``: argument indices
+    taken by address (parameters, buffers); ``compile(gm, example_inputs)``: the graph's compile function;
     ``wrap(run, gm, static)``: the capture of a segment."""
 
-    def __init__(self, gm: fx.GraphModule, args, moving: set[int], static: set[int], compile: Callable,
+    def __init__(self, gm: fx.GraphModule, values: dict, moving: set[int], static: set[int], compile: Callable,
                  wrap: Callable):
-        self.outputs, values = node_values(gm, args)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        values.update(zip(placeholders, args))
-        kv = [args[i] for i in moving if isinstance(args[i], torch.Tensor)]
+        kv = [t for i in moving for t in _tensors(values[placeholders[i]])]
         self.pieces = split_pieces(gm, moving_nodes(gm, values, kv))
         static_nodes = {placeholders[i] for i in static}
         examples = _example_values(gm, placeholders, values)
@@ -153,5 +151,4 @@ def _example_values(gm: fx.GraphModule, placeholders: list[fx.Node], values: dic
         return values
     with fake_mode:
         _, fake_values = node_values(gm, fake_args)
-    fake_values.update(zip(placeholders, fake_args))
     return fake_values
