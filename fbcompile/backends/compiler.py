@@ -68,7 +68,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     run = _compile_run(gm, example_inputs, session)
     if not session.cuda_graphs:
         return run
-    return CapturedGraph(run, gm, session, kv, compile=lambda piece, inputs: _compile_run(piece, inputs, session))
+    return CapturedGraph(run, gm, session, kv,
+                         compile_segment=lambda segment, inputs: _compile_run(segment, inputs, session))
 
 
 def _compile_run(gm: fx.GraphModule, example_inputs: list, session: Session):

@@ -96,14 +96,15 @@ class CapturedGraph:
     """A compiled graph run through CUDA graphs where it can be (see the module docstring).
 
     ``by_address``: argument indices known to hold cached keys/values (taken by address).
-    ``compile(gm, example_inputs)``: the compile function of ``run``, to compile the segments of a
+    ``compile_segment(gm, example_inputs)``: the compile function of ``run``, to compile the segments of a
     piecewise run (:mod:`.piecewise`); without it the graph never runs piecewise (a segment's own capture).
     ``counter``: prefix of this graph's counts in ``Stats.cuda_graphs``.
     """
 
     def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int],
-                 compile: Callable | None = None, counter: str = ""):
-        self.run, self.gm, self.session, self.compile, self.counter = run, gm, session, compile, counter
+                 compile_segment: Callable | None = None, counter: str = ""):
+        self.run, self.gm, self.session, self.counter = run, gm, session, counter
+        self.compile_segment = compile_segment
         self._kv = set(by_address)
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if node.users]
@@ -142,7 +143,7 @@ class CapturedGraph:
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
             self._moves += moved
-            if self._moves >= PIECEWISE_AFTER and self.compile is not None:
+            if self._moves >= PIECEWISE_AFTER and self.compile_segment is not None:
                 return self._split(args)
             return self._uncaptured(args, "first call with these shapes or addresses")
         return self._capture(key, args)
@@ -161,9 +162,9 @@ class CapturedGraph:
         def wrap(run, gm, static):
             return CapturedGraph(run, gm, self.session, static, counter="segment ")
         try:
-            self.piecewise = PiecewiseGraph(self.gm, values, self._kv, self._static, self.compile, wrap)
+            self.piecewise = PiecewiseGraph(self.gm, values, self._kv, self._static, self.compile_segment, wrap)
         except Exception as error:
-            self.compile = None
+            self.compile_segment = None
             warnings.warn(f"fbcompile: a compiled graph could not be split into CUDA graphs around its cached "
                           f"keys/values ({type(error).__name__}: {error}); it runs without them", stacklevel=3)
             return outputs

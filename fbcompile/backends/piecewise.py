@@ -113,10 +113,10 @@ class PiecewiseGraph:
 
     ``values``: every node's value at the call that makes the split (:func:`node_values`, placeholders
     included); ``moving``: the argument indices of the moving keys/values; ``static``: argument indices
-    taken by address (parameters, buffers); ``compile(gm, example_inputs)``: the graph's compile function;
+    taken by address (parameters, buffers); ``compile_segment(gm, example_inputs)``: the graph's compile function;
     ``wrap(run, gm, static)``: the capture of a segment."""
 
-    def __init__(self, gm: fx.GraphModule, values: dict, moving: set[int], static: set[int], compile: Callable,
+    def __init__(self, gm: fx.GraphModule, values: dict, moving: set[int], static: set[int], compile_segment: Callable,
                  wrap: Callable):
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         kv = [t for i in moving for t in _tensors(values[placeholders[i]])]
@@ -127,13 +127,14 @@ class PiecewiseGraph:
             if piece.moving:
                 piece.run = piece.gm.forward
             else:
-                run = compile(piece.gm, [examples[n] for n in piece.inputs])
+                run = compile_segment(piece.gm, [examples[n] for n in piece.inputs])
                 piece.run = wrap(run, piece.gm, {i for i, n in enumerate(piece.inputs) if n in static_nodes})
         self._placeholders = placeholders
+        self._constants = {n: values[n] for n in gm.graph.find_nodes(op="get_attr")}
         self._output = next(iter(gm.graph.find_nodes(op="output"))).args[0]
 
     def __call__(self, *args):
-        env = dict(zip(self._placeholders, args))
+        env = dict(zip(self._placeholders, args), **self._constants)
         for piece in self.pieces:
             env.update(zip(piece.outputs, piece.run(*[env[n] for n in piece.inputs])))
         return map_arg(self._output, env.__getitem__)
