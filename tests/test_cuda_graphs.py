@@ -232,3 +232,47 @@ def test_growing_cache_refresh_runs_piecewise(refresh, device):
     assert counts.get("piecewise runs") == graph_calls, counts
     assert not any("captures" in what or "uncaptured" in what for what in counts), counts
     assert counts.get("segment replays", 0) >= graph_calls * 2, counts
+
+
+@torch.no_grad()
+def test_hf_dynamic_cache_runs_piecewise(device):
+    """HF Qwen2 over a ``DynamicCache`` that the graph itself grows (``torch.cat`` of the cached and the
+    block's keys, returned): each block's steps give the cache its prefix back but the last, which
+    commits the block. The graphs read new cache tensors at every block: after the warm-up they run
+    piecewise (the ``cat`` of the cache uncaptured with the attention), with no capture, and every step
+    equals the model without CUDA graphs."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    reference = transformers.Qwen2ForCausalLM(config).eval().to(device)
+    compiler = "eager" if device == "cpu" else "inductor"
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler=compiler))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler=compiler))
+    block, steps = 4, 3
+    caches = [transformers.DynamicCache(config=config) for _ in "ab"]
+    prompt = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1)).to(device)
+    for model, cache in zip((graphed, plain), caches):
+        model(prompt, past_key_values=cache, use_cache=True)
+    errors = []
+    for index in range(12):
+        if index == 6:
+            fbcompile.reset(graphed)
+        start = caches[0].get_seq_length()
+        pos = torch.arange(start, start + block, device=device)[None]
+        mask = torch.ones(1, 1, block, start + block, dtype=torch.bool, device=device)  # bidirectional block
+        for step in range(steps):
+            x = torch.randint(0, 64, (1, block), generator=torch.Generator().manual_seed(10 * index + step))
+            logits = []
+            for model, cache in zip((graphed, plain), caches):
+                prefix = [(layer.keys, layer.values) for layer in cache.layers]
+                logits.append(model(x.to(device), past_key_values=cache, position_ids=pos, attention_mask=mask,
+                                    use_cache=True).logits)
+                if step < steps - 1:
+                    for layer, (k, v) in zip(cache.layers, prefix):
+                        layer.keys, layer.values = k, v
+            errors.append(rel_error(*logits))
+    assert max(errors) < tolerance(device) / (10 if device == "cpu" else 1), errors
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert counts.get("piecewise runs", 0) >= 6, counts  # one refresh per block at least
+    assert not any("captures" in what or "uncaptured" in what for what in counts), counts

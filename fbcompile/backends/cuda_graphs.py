@@ -31,10 +31,11 @@ refresh across calls. Here, per graph:
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
 * **Piecewise.** A refresh graph over tensors that are new at every block (a cache grown by
   ``torch.cat``, as HF ``DynamicCache`` does) meets a new key at every block, which a capture could
-  never replay. After :data:`PIECEWISE_AFTER` calls whose key was new only in the cached keys/values
-  (their addresses and sizes; the rest of the key seen before), the graph is split (:mod:`.piecewise`,
-  compiled then, so a graph over a static cache pays nothing): the pieces that read the cached
-  keys/values (the external attention, a ``torch.cat`` of the cache) run uncaptured, the segments
+  never replay. After :data:`PIECEWISE_AFTER` calls with a new key whose cached keys/values moved
+  from the previous call's (new addresses or sizes, the integer arguments the same), the graph is split
+  (:mod:`.piecewise`, compiled then, so a graph over a static cache pays nothing): the pieces that read
+  the cached keys/values or an input that moved with them (an attention mask as long as the cache) run
+  uncaptured (the external attention, a ``torch.cat`` of the cache), the segments
   between them (projections, norms, MLPs, merges) each as a :class:`CapturedGraph` of its own, whose key
   holds no cached tensor. From then on a key already captured replays whole, every other call runs
   piecewise, and no whole-graph capture is made. Over a cache that grows for 100 blocks, a refresh
@@ -119,7 +120,9 @@ class CapturedGraph:
         self.captures: OrderedDict = OrderedDict()
         self._seen: OrderedDict = OrderedDict()
         self.uncapturable: str | None = None
-        self._moves = 0                # calls whose keys/values moved (a new key, the rest of it seen)
+        self._moves = 0                # calls at which cached keys/values moved (see _moved)
+        self._moving: set[int] = set()  # the inputs that moved with them
+        self._last_key: tuple | None = None
         self.piecewise: PiecewiseGraph | None = None
 
     def __call__(self, *args):
@@ -129,7 +132,8 @@ class CapturedGraph:
             return self._uncaptured(args, "grad mode")
         if self._by_address is None:
             return self._first_call(args)
-        key = self._key(args)
+        key, last = self._key(args), self._last_key
+        self._last_key = key
         capture = self.captures.get(key)
         if capture is not None:
             self.captures.move_to_end(key)
@@ -138,21 +142,27 @@ class CapturedGraph:
             self._count("piecewise runs")
             return self.piecewise(*args)
         if key not in self._seen:
-            moved = self._rest(key) in {self._rest(seen) for seen in self._seen}
             self._seen[key] = None
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
-            self._moves += moved
+            moved = self._moved(key, last)
+            if moved:
+                self._moves += 1
+                self._moving |= moved
             if self._moves >= PIECEWISE_AFTER and self.compile_segment is not None:
                 return self._split(args)
             return self._uncaptured(args, "first call with these shapes or addresses")
         return self._capture(key, args)
 
-    def _rest(self, key: tuple) -> tuple:
-        """``key`` without the addresses and sizes of the cached keys/values."""
-        addresses, sizes, others = key
-        return (tuple(a for i, a in zip(self._by_address, addresses) if i not in self._kv),
-                tuple(s for i, s in zip(self._sized, sizes) if i not in self._kv), others)
+    def _moved(self, key: tuple, last: tuple) -> set[int]:
+        """The tensor inputs whose address or sizes differ in ``key`` from ``last`` if cached keys/values
+        are among them and the other arguments are the same (the cache moved, and what follows its
+        length, an attention mask), else none."""
+        if key[2] != last[2]:
+            return set()
+        changed = {i for i, a, b in zip(self._by_address, key[0], last[0]) if a != b}
+        changed |= {i for i, a, b in zip(self._sized, key[1], last[1]) if a != b}
+        return changed if changed & self._kv else set()
 
     def _split(self, args):
         """This call run node by node, and split: from now on, keys not captured yet run piecewise (see
@@ -162,7 +172,7 @@ class CapturedGraph:
         def wrap(run, gm, static):
             return CapturedGraph(run, gm, self.session, static, counter="segment ")
         try:
-            self.piecewise = PiecewiseGraph(self.gm, values, self._kv, self._static, self.compile_segment, wrap)
+            self.piecewise = PiecewiseGraph(self.gm, values, self._kv | self._moving, self._static, self.compile_segment, wrap)
         except Exception as error:
             self.compile_segment = None
             warnings.warn(f"fbcompile: a compiled graph could not be split into CUDA graphs around its cached "
@@ -194,7 +204,8 @@ class CapturedGraph:
         self._copied = [i for i in tensors if i not in self._by_address]
         self._sized = [i for i in tensors if i in self._unguarded]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
-        self._seen[self._key(args)] = None
+        self._last_key = self._key(args)
+        self._seen[self._last_key] = None
         return outputs
 
     def _key(self, args) -> tuple:

@@ -4,13 +4,14 @@ segments around uncaptured pieces that read the moving tensors.
 A refresh graph over a cache that grows by a ``torch.cat`` per block (HF ``DynamicCache``) gets new
 key/value tensors - new addresses, new length - at every block, so a whole-graph capture, whose replay
 reads its inputs at fixed addresses, could never replay (:mod:`.cuda_graphs`). Such a graph is split
-(:func:`split_pieces`) at the nodes that read the moving tensors, found by what they read at the call
+(:func:`split_pieces`) at the nodes that read the moving tensors (the cached keys/values, and inputs
+that moved with them: an attention mask as long as the cache), found by what they read at the call
 that triggers the split (not by name):
 
-* **moving pieces**: each node one of whose arguments shares memory with a moving key/value input
-  (the external attention ``fbcompile::attention_lse(q, k_cache, v_cache, ...)``, a ``torch.cat`` of
-  the cache that a graph returns, a view of the cache and what reads it), with the ``getitem``\\ s of
-  its outputs. They run uncaptured, as the graph's own Python code: a couple of kernel launches per
+* **moving pieces**: each node one of whose arguments shares memory with a moving input (the external
+  attention ``fbcompile::attention_lse(q, k_cache, v_cache, ...)``, a ``torch.cat`` of the cache that a
+  graph returns, a view of the cache or mask and what reads it), with the ``getitem``\\ s of its
+  outputs. They run uncaptured, as the graph's own Python code: a couple of kernel launches per
   layer.
 * **segments**: the runs of nodes between them (projections, norms, MLPs, the merges: most kernels),
   each compiled with the graph's compile function (Inductor, or the FX graph with ``compiler="eager"``)
@@ -112,7 +113,7 @@ class PiecewiseGraph:
     """``gm`` run as its pieces: moving pieces uncaptured, segments through ``wrap(compile(segment))``.
 
     ``values``: every node's value at the call that makes the split (:func:`node_values`, placeholders
-    included); ``moving``: the argument indices of the moving keys/values; ``static``: argument indices
+    included); ``moving``: the argument indices of the moving inputs; ``static``: argument indices
     taken by address (parameters, buffers); ``compile_segment(gm, example_inputs)``: the graph's compile function;
     ``wrap(run, gm, static)``: the capture of a segment."""
 
