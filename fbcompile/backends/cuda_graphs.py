@@ -35,9 +35,9 @@ refresh across calls. Here, per graph:
   from the previous call's (new addresses or sizes, the integer arguments the same), the graph is split
   (:mod:`.piecewise`, compiled then, so a graph over a static cache pays nothing): the pieces that read
   the cached keys/values or an input that moved with them (an attention mask as long as the cache) run
-  uncaptured (the external attention, a ``torch.cat`` of the cache), the segments
-  between them (projections, norms, MLPs, merges) each as a :class:`CapturedGraph` of its own, whose key
-  holds no cached tensor. From then on a key already captured replays whole, every other call runs
+  uncaptured (the external attention, a ``torch.cat`` of the cache), the segments between them
+  (projections, norms, MLPs, merges) each as a :class:`CapturedGraph` of its own, whose key holds no
+  cached tensor. From then on a key already captured replays whole, every other call runs
   piecewise, and no whole-graph capture is made. Over a cache that grows for 100 blocks, a refresh
   graph runs uncaptured at its first two blocks (its first call, then the first move), splits at the
   third, its segments (one per layer, plus one) run uncaptured at the fourth and are captured at the
@@ -73,7 +73,7 @@ from fbcompile.backends.piecewise import PiecewiseGraph, node_values
 from fbcompile.backends.session import Session
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
-PIECEWISE_AFTER = 2    # calls with moved keys/values after which a graph runs piecewise
+PIECEWISE_AFTER = 2    # moves of the cached keys/values (see CapturedGraph._moved) at which a graph splits
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
 
@@ -172,7 +172,8 @@ class CapturedGraph:
         def wrap(run, gm, static):
             return CapturedGraph(run, gm, self.session, static, counter="segment ")
         try:
-            self.piecewise = PiecewiseGraph(self.gm, values, self._kv | self._moving, self._static, self.compile_segment, wrap)
+            self.piecewise = PiecewiseGraph(self.gm, values, self._kv | self._moving, self._static,
+                                            self.compile_segment, wrap)
         except Exception as error:
             self.compile_segment = None
             warnings.warn(f"fbcompile: a compiled graph could not be split into CUDA graphs around its cached "
