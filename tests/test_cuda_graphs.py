@@ -276,3 +276,19 @@ def test_hf_dynamic_cache_runs_piecewise(device):
     counts = fbcompile.stats(graphed).cuda_graphs
     assert counts.get("piecewise runs", 0) >= 6, counts  # one refresh per block at least
     assert not any("captures" in what or "uncaptured" in what for what in counts), counts
+
+
+@torch.no_grad()
+def test_failed_split_warns_and_runs_uncaptured(device, monkeypatch):
+    """A graph that cannot be split runs as compiled, uncaptured, after a warning; the calls are right."""
+    def cannot_split(*args, **kwargs):
+        raise NotImplementedError("a node the split does not know")
+    monkeypatch.setattr(cuda_graphs, "PiecewiseGraph", cannot_split)
+    reference = lm(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
+    with pytest.warns(UserWarning, match="could not be split.*a node the split does not know"):
+        error, _ = grow_blocks([graphed, plain], random_cache(reference, 5, context=40), 5, 2)
+    assert error < tolerance(device) / 10
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert "piecewise runs" not in counts and counts["uncaptured (first call with these shapes or addresses)"] >= 4
