@@ -1,6 +1,7 @@
 """CUDA graphs (``Config(cuda_graphs=True)``, ``mode="reduce-overhead"``): exact mode stays exact, replays
 follow the guards and never hand out memory a later replay overwrites, captures stay bounded while a
-cache grows. On the GPU with real CUDA graphs (bf16); on the CPU the same bookkeeping (which inputs are
+cache grows (graphs over a cache grown by ``torch.cat`` run piecewise: captured segments around the
+uncaptured attention over the cache). On the GPU with real CUDA graphs (bf16); on the CPU the same bookkeeping (which inputs are
 taken by address or copied, the replay key, copies in and out, capture bounds) runs with a stand-in for
 the capture that re-runs the graph on its recorded inputs (fp32). The CPU fallback itself (a warning,
 no graphs) is tested in test_runtime.py."""
