@@ -110,15 +110,15 @@ def split_pieces(gm: fx.GraphModule, moving: set[fx.Node]) -> list[Piece]:
 
 
 class PiecewiseGraph:
-    """``gm`` run as its pieces: moving pieces uncaptured, segments through ``wrap(compile(segment))``.
+    """``gm`` run as its pieces: moving pieces uncaptured, segments through ``wrap(compile_segment(...))``.
 
     ``values``: every node's value at the call that makes the split (:func:`node_values`, placeholders
     included); ``moving``: the argument indices of the moving inputs; ``static``: argument indices
-    taken by address (parameters, buffers); ``compile_segment(gm, example_inputs)``: the graph's compile function;
-    ``wrap(run, gm, static)``: the capture of a segment."""
+    taken by address (parameters, buffers); ``compile_segment(gm, example_inputs)``: the graph's compile
+    function; ``wrap(run, gm, static)``: the capture of a segment."""
 
-    def __init__(self, gm: fx.GraphModule, values: dict, moving: set[int], static: set[int], compile_segment: Callable,
-                 wrap: Callable):
+    def __init__(self, gm: fx.GraphModule, values: dict, moving: set[int], static: set[int],
+                 compile_segment: Callable, wrap: Callable):
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         kv = [t for i in moving for t in _tensors(values[placeholders[i]])]
         self.pieces = split_pieces(gm, moving_nodes(gm, values, kv))
@@ -135,22 +135,31 @@ class PiecewiseGraph:
         self._output = next(iter(gm.graph.find_nodes(op="output"))).args[0]
 
     def __call__(self, *args):
-        env = dict(zip(self._placeholders, args), **self._constants)
+        env = dict(zip(self._placeholders, args))
+        env.update(self._constants)
         for piece in self.pieces:
             env.update(zip(piece.outputs, piece.run(*[env[n] for n in piece.inputs])))
         return map_arg(self._output, env.__getitem__)
 
 
 def _example_values(gm: fx.GraphModule, placeholders: list[fx.Node], values: dict) -> dict:
-    """Example inputs to compile segments with: the fake values (symbolic sizes) of dynamo's fake mode,
-    propagated from the placeholders' ``example_value``, where the graph has them; else the values of
-    the splitting call."""
+    """Example inputs to compile segments with: fake values (symbolic sizes) in dynamo's fake mode,
+    propagated from the placeholders' ``example_value`` (a placeholder a pass added, without one: its
+    value at the splitting call, made fake); the splitting call's values where the graph has no fake
+    mode (not traced by dynamo)."""
     from torch._guards import detect_fake_mode
 
-    fake_args = [n.meta.get("example_value") for n in placeholders]
-    fake_mode = detect_fake_mode([a for a in fake_args if isinstance(a, torch.Tensor)])
-    if fake_mode is None or any(a is None for a in fake_args):
+    examples = [n.meta.get("example_value") for n in placeholders]
+    fake_mode = detect_fake_mode([a for a in examples if isinstance(a, torch.Tensor)])
+    if fake_mode is None:
         return values
+    fake_args = [example if example is not None else _made_fake(values[n], fake_mode)
+                 for n, example in zip(placeholders, examples)]
     with fake_mode:
         _, fake_values = node_values(gm, fake_args)
     return fake_values
+
+
+def _made_fake(value, fake_mode):
+    """``value`` in ``fake_mode`` (its sizes static) if a tensor."""
+    return fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
