@@ -69,8 +69,6 @@ def main():
     p.add_argument("--compiler", default="inductor")
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (a shorter compile)")
-    p.add_argument("--settings", default="piecewise,whole", help="piecewise capture on, off (whole), or both")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":  # the code path only: a stand-in capture, no timing that means anything
@@ -78,9 +76,7 @@ def main():
         cuda_graphs.DEVICE_TYPE = "cpu"
         cuda_graphs.record = _record_again
     context = int(args.context[:-1]) * 1024 if args.context.endswith("k") else int(args.context)
-    shape = dict(TINY_LM if args.tiny else QWEN_1_5B)
-    if args.layers:
-        shape["num_layers"] = args.layers
+    shape = TINY_LM if args.tiny else QWEN_1_5B
     built = build_lm(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = built.config
     gen = torch.Generator(device).manual_seed(1)
@@ -94,8 +90,8 @@ def main():
     print(f"{'variant':10} {'setting':10} {'ms/block':>9}  CUDA-graph counts of the timed blocks")
     with torch.no_grad():
         for variant in args.variants.split(","):
-            for setting in args.settings.split(","):
-                cuda_graphs.PIECEWISE_AFTER = {"whole": 10 ** 9, "piecewise": piecewise_after}[setting]
+            for setting, after in (("whole", 10 ** 9), ("piecewise", piecewise_after)):
+                cuda_graphs.PIECEWISE_AFTER = after
                 model = fbcompile.optimize(copy.deepcopy(built), fbcompile.Config(
                     refresh=VARIANTS[variant], cuda_graphs=True, compiler=args.compiler))
                 ms, counts = time_blocks(model, cache, args.warmup, args.blocks, device)
