@@ -1,7 +1,6 @@
 """CUDA graphs (``Config(cuda_graphs=True)``, ``mode="reduce-overhead"``): exact mode stays exact, replays
 follow the guards and never hand out memory a later replay overwrites, captures stay bounded while a
-cache grows (graphs over a cache grown by ``torch.cat`` run piecewise: captured segments around the
-uncaptured attention over the cache). On the GPU with real CUDA graphs (bf16); on the CPU the same bookkeeping (which inputs are
+cache grows. On the GPU with real CUDA graphs (bf16); on the CPU the same bookkeeping (which inputs are
 taken by address or copied, the replay key, copies in and out, capture bounds) runs with a stand-in for
 the capture that re-runs the graph on its recorded inputs (fp32). The CPU fallback itself (a warning,
 no graphs) is tested in test_runtime.py."""
@@ -170,8 +169,8 @@ def test_replays_follow_the_guards(device):
 @torch.no_grad()
 def test_growing_cache_captures_stay_bounded(device):
     """``generate`` grows its cache by a ``torch.cat`` per block: the reuse graphs are captured once for
-    all blocks, refreshes over the new tensors run piecewise (their segments counted apart); the tokens
-    are those of the model without CUDA graphs."""
+    all blocks, refreshes over the new tensors run uncaptured; the tokens are those of the model
+    without CUDA graphs."""
     reference = lm(device)
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
     plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
@@ -185,117 +184,3 @@ def test_growing_cache_captures_stay_bounded(device):
     assert stats.reuses == fbcompile.stats(plain).reuses > 0
     assert stats.cuda_graphs.get("captures", 0) <= 3, stats.cuda_graphs  # over 12 more blocks
     assert stats.cuda_graphs.get("replays", 0) >= 12 * 2, stats.cuda_graphs
-
-
-def grow_blocks(models, cache, blocks: int, steps: int, first: int = 0, write_at: int | None = None):
-    """``generate``'s loop by hand, each call made on every model (same inputs): ``steps`` denoising calls
-    per block over the cache, then a ``use_cache`` call whose keys/values (the last model's) are joined to
-    the cache by ``torch.cat`` (new tensors at every block). Block ``write_at`` writes the first layer's
-    cached keys in place after its first step. Returns the largest error of a model against the last
-    one, and the grown cache."""
-    from examples.block_diffusion_lm import extend_cache
-
-    errors = [0.0]
-    for block in range(first, first + blocks):
-        pos = positions(models[0], context=cache[0][0].shape[-2])
-        for step in range(steps):
-            x = block_tokens(models[0], block * steps + step)
-            logits = [model(x, past_key_values=cache, position_ids=pos)[0] for model in models]
-            errors += [rel_error(got, logits[-1]) for got in logits[:-1]]
-            if block == write_at and step == 0:
-                cache[0][0].mul_(-1.0)
-        outputs = [model(x, past_key_values=cache, position_ids=pos, use_cache=True) for model in models]
-        errors += [rel_error(got[0], outputs[-1][0]) for got in outputs[:-1]]
-        cache = extend_cache(cache, outputs[-1][1])
-    return max(errors), cache
-
-
-@pytest.mark.parametrize("refresh", ["block", "always"])
-@torch.no_grad()
-def test_growing_cache_refresh_runs_piecewise(refresh, device):
-    """A cache grown by ``torch.cat`` at every block: after two blocks the graphs that read it (the
-    refresh, the ``use_cache`` call; in exact mode every step) run piecewise - captured segments around
-    the uncaptured attention over the cache - and every call equals the model without CUDA graphs (on
-    the GPU with Inductor, whose segments fuse apart from the whole graph's: the bf16 bound). After the
-    warm-up no capture is made over 10 blocks: the segments replay; a write into the cache in place
-    still refreshes."""
-    reference = lm(device)
-    config = dict(refresh=refresh, compiler="eager" if device == "cpu" else "inductor")
-    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, **config))
-    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(**config))
-    models = [graphed, plain]
-    warm_error, cache = grow_blocks(models, random_cache(reference, 4, context=40), 6, 3)
-    fbcompile.reset(graphed)
-    fbcompile.reset(plain)
-    error, _ = grow_blocks(models, cache, 10, 3, first=6, write_at=9)
-    bound = tolerance(device) / (10 if device == "cpu" else 1)
-    assert max(warm_error, error) < bound, (warm_error, error)
-    stats, counts = fbcompile.stats(graphed), fbcompile.stats(graphed).cuda_graphs
-    assert (stats.refreshes, stats.reuses) == (fbcompile.stats(plain).refreshes, fbcompile.stats(plain).reuses)
-    if refresh == "block":
-        assert stats.refresh_reasons.get("kv written in place") == 1, stats.refresh_reasons
-    graph_calls = 10 * ((3 if refresh == "always" else 1) + 1)  # those reading the cache, and use_cache's
-    graph_calls += refresh == "block"  # the refresh after the write
-    assert counts.get("piecewise runs") == graph_calls, counts
-    assert not any("captures" in what or "uncaptured" in what for what in counts), counts
-    assert counts.get("segment replays", 0) >= graph_calls * 2, counts
-
-
-@torch.no_grad()
-def test_hf_dynamic_cache_runs_piecewise(device):
-    """HF Qwen2 over a ``DynamicCache`` that the graph itself grows (``torch.cat`` of the cached and the
-    block's keys, returned): each block's steps give the cache its prefix back but the last, which
-    commits the block. The graphs read new cache tensors at every block: after the warm-up they run
-    piecewise (the ``cat`` of the cache uncaptured with the attention), with no capture, and every step
-    equals the model without CUDA graphs."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    reference = transformers.Qwen2ForCausalLM(config).eval().to(device)
-    compiler = "eager" if device == "cpu" else "inductor"
-    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler=compiler))
-    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler=compiler))
-    block, steps = 4, 3
-    caches = [transformers.DynamicCache(config=config) for _ in "ab"]
-    prompt = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1)).to(device)
-    for model, cache in zip((graphed, plain), caches):
-        model(prompt, past_key_values=cache, use_cache=True)
-    errors = []
-    for index in range(12):
-        if index == 6:
-            fbcompile.reset(graphed)
-        start = caches[0].get_seq_length()
-        pos = torch.arange(start, start + block, device=device)[None]
-        mask = torch.ones(1, 1, block, start + block, dtype=torch.bool, device=device)  # bidirectional block
-        for step in range(steps):
-            x = torch.randint(0, 64, (1, block), generator=torch.Generator().manual_seed(10 * index + step))
-            logits = []
-            for model, cache in zip((graphed, plain), caches):
-                prefix = [(layer.keys, layer.values) for layer in cache.layers]
-                logits.append(model(x.to(device), past_key_values=cache, position_ids=pos, attention_mask=mask,
-                                    use_cache=True).logits)
-                if step < steps - 1:
-                    for layer, (k, v) in zip(cache.layers, prefix):
-                        layer.keys, layer.values = k, v
-            errors.append(rel_error(*logits))
-    assert max(errors) < tolerance(device) / (10 if device == "cpu" else 1), errors
-    counts = fbcompile.stats(graphed).cuda_graphs
-    assert counts.get("piecewise runs", 0) >= 6, counts  # one refresh per block at least
-    assert not any("captures" in what or "uncaptured" in what for what in counts), counts
-
-
-@torch.no_grad()
-def test_failed_split_warns_and_runs_uncaptured(device, monkeypatch):
-    """A graph that cannot be split runs as compiled, uncaptured, after a warning; the calls are right."""
-    def cannot_split(*args, **kwargs):
-        raise NotImplementedError("a node the split does not know")
-    monkeypatch.setattr(cuda_graphs, "PiecewiseGraph", cannot_split)
-    reference = lm(device)
-    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
-    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
-    with pytest.warns(UserWarning, match="could not be split.*a node the split does not know"):
-        error, _ = grow_blocks([graphed, plain], random_cache(reference, 5, context=40), 5, 2)
-    assert error < tolerance(device) / 10
-    counts = fbcompile.stats(graphed).cuda_graphs
-    assert "piecewise runs" not in counts and counts["uncaptured (first call with these shapes or addresses)"] >= 4

@@ -65,26 +65,19 @@ def last_shared_session() -> Session | None:
 def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set[int] = frozenset()):
     """``gm`` compiled, as a CUDA graph where it can be if the session asks for them (``kv``: argument
     indices of cached keys/values, which a captured graph reads in place)."""
-    run = _compile_run(gm, example_inputs, session)
-    if not session.cuda_graphs:
-        return run
-    return CapturedGraph(run, gm, session, kv,
-                         compile_segment=lambda segment, inputs: _compile_run(segment, inputs, session))
-
-
-def _compile_run(gm: fx.GraphModule, example_inputs: list, session: Session):
-    """``gm`` compiled by the session's compiler: Inductor, or the graph itself (``compiler="eager"``)."""
     if session.config.compiler == "eager":
-        return gm.forward
-    from torch._inductor import compile_fx
+        run = gm.forward
+    else:
+        from torch._inductor import compile_fx
 
-    try:
-        return compile_fx.compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
-    except Exception as error:  # an Inductor bug on a correct graph: run the graph as it is
-        warnings.warn(f"fbcompile: Inductor could not compile a graph ({type(error).__name__}: "
-                      f"{str(error).splitlines()[0] if str(error) else ''}); it runs without Inductor "
-                      "(Config(compiler='eager') avoids this warning)", stacklevel=2)
-        return gm.forward
+        try:
+            run = compile_fx.compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
+        except Exception as error:  # an Inductor bug on a correct graph: run the graph as it is
+            warnings.warn(f"fbcompile: Inductor could not compile a graph ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); it runs without Inductor "
+                          "(Config(compiler='eager') avoids this warning)", stacklevel=2)
+            run = gm.forward
+    return CapturedGraph(run, gm, session, kv) if session.cuda_graphs else run
 
 
 def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, kv: set[int]) -> CompiledGraph:

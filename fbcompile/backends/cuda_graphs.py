@@ -25,36 +25,19 @@ refresh across calls. Here, per graph:
   key seen once - the refresh over a cache that grows by a ``torch.cat`` at each block - would never
   replay), and at most :data:`MAX_CAPTURES` captures are kept per graph (least recently used dropped).
   So a reuse graph, which does not read the cache, is captured once for all blocks; a refresh graph
-  over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once.
+  over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once;
+  a refresh graph over tensors that are new at every block (a cache grown by ``torch.cat``, as HF
+  ``DynamicCache`` does) runs uncaptured, as Inductor compiled it (its Triton kernels launched from
+  Inductor's wrapper code), once per block: a capture costs more than one run and could never replay.
   A write offset passed as a Python int (``cache[:, start:start + n] = k``) is baked into a capture, so
   such a graph is captured once per block, at its second step; passed as a tensor (HF ``StaticCache``'s
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
-* **Piecewise.** A refresh graph over tensors that are new at every block (a cache grown by
-  ``torch.cat``, as HF ``DynamicCache`` does) meets a new key at every block, which a capture could
-  never replay. After :data:`PIECEWISE_AFTER` calls with a new key whose cached keys/values moved
-  from the previous call's (new addresses or sizes, the integer arguments the same), the graph is split
-  (:mod:`.piecewise`, compiled then, so a graph over a static cache pays nothing): the pieces that read
-  the cached keys/values or an input that moved with them (an attention mask as long as the cache) run
-  uncaptured (the external attention, a ``torch.cat`` of the cache), the segments between them
-  (projections, norms, MLPs, merges) each as a :class:`CapturedGraph` of its own, whose key holds no
-  cached tensor. From then on a key already captured replays whole, every other call runs
-  piecewise, and no whole-graph capture is made. Over a cache that grows for 100 blocks, a refresh
-  graph runs uncaptured at its first two blocks (its first call, then the first move), splits at the
-  third, its segments (one per layer, plus one) run uncaptured at the fourth and are captured at the
-  fifth, then replay at every later block: as many captures as segments, whatever the number of
-  blocks. In exact mode the graph that runs every step is the one split: every step runs piecewise
-  (instead of a whole capture per block, at its second step, as before the split). An integer a segment
-  reads that changes per block (a length read from the cache's size) is part of its key: that segment
-  then runs uncaptured.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` into fresh tensors), so neither the caller nor the dispatcher's cache holds
   memory a later replay overwrites. A graph that returns a view of one of its inputs is not captured.
 * **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
   device (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host sync
-  inside the graph: a warning with the error), a split that fails (a warning with the error).
-
-``Stats.cuda_graphs`` counts captures, replays, uncaptured runs (and why), piecewise graphs (splits) and
-piecewise runs; a segment's own captures, replays and uncaptured runs under ``segment ...``.
+  inside the graph: a warning with the error).
 
 A replay bumps the version counters of the inputs the graph writes (``increment_version``), as the
 uncaptured graph does, so whatever reads versions after the call (the dispatcher's guards, the
@@ -69,11 +52,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fbcompile.backends.piecewise import PiecewiseGraph, node_values
 from fbcompile.backends.session import Session
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
-PIECEWISE_AFTER = 2    # moves of the cached keys/values (see CapturedGraph._moved) at which a graph splits
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
 
@@ -97,16 +78,10 @@ class CapturedGraph:
     """A compiled graph run through CUDA graphs where it can be (see the module docstring).
 
     ``by_address``: argument indices known to hold cached keys/values (taken by address).
-    ``compile_segment(gm, example_inputs)``: the compile function of ``run``, to compile the segments of a
-    piecewise run (:mod:`.piecewise`); without it the graph never runs piecewise (a segment's own capture).
-    ``counter``: prefix of this graph's counts in ``Stats.cuda_graphs``.
     """
 
-    def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int],
-                 compile_segment: Callable | None = None, counter: str = ""):
-        self.run, self.gm, self.session, self.counter = run, gm, session, counter
-        self.compile_segment = compile_segment
-        self._kv = set(by_address)
+    def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int]):
+        self.run, self.session = run, session
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if node.users]
         # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
@@ -120,10 +95,6 @@ class CapturedGraph:
         self.captures: OrderedDict = OrderedDict()
         self._seen: OrderedDict = OrderedDict()
         self.uncapturable: str | None = None
-        self._moves = 0                # calls at which cached keys/values moved (see _moved)
-        self._moving: set[int] = set()  # the inputs that moved with them
-        self._last_key: tuple | None = None
-        self.piecewise: PiecewiseGraph | None = None
 
     def __call__(self, *args):
         if self.uncapturable is not None:
@@ -132,58 +103,17 @@ class CapturedGraph:
             return self._uncaptured(args, "grad mode")
         if self._by_address is None:
             return self._first_call(args)
-        key, last = self._key(args), self._last_key
-        self._last_key = key
+        key = self._key(args)
         capture = self.captures.get(key)
         if capture is not None:
             self.captures.move_to_end(key)
             return self._replay(capture, args)
-        if self.piecewise is not None:
-            self._count("piecewise runs")
-            return self.piecewise(*args)
         if key not in self._seen:
             self._seen[key] = None
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
-            moved = self._moved(key, last)
-            if moved:
-                self._moves += 1
-                self._moving |= moved
-            if self._moves >= PIECEWISE_AFTER and self.compile_segment is not None:
-                return self._split(args)
             return self._uncaptured(args, "first call with these shapes or addresses")
         return self._capture(key, args)
-
-    def _moved(self, key: tuple, last: tuple) -> set[int]:
-        """The tensor inputs whose address or sizes differ in ``key`` from ``last`` if cached keys/values
-        are among them and the other arguments are the same (the cache moved, and what follows its
-        length, an attention mask), else none."""
-        if key[2] != last[2]:
-            return set()
-        changed = {i for i, a, b in zip(self._by_address, key[0], last[0]) if a != b}
-        changed |= {i for i, a, b in zip(self._sized, key[1], last[1]) if a != b}
-        return changed if changed & self._kv else set()
-
-    def _split(self, args):
-        """This call run node by node, and split: from now on, keys not captured yet run piecewise (see
-        :mod:`.piecewise`). A graph that cannot be split runs uncaptured, with a warning."""
-        outputs, values = node_values(self.gm, args)
-
-        def wrap(run, gm, static):
-            return CapturedGraph(run, gm, self.session, static, counter="segment ")
-        try:
-            self.piecewise = PiecewiseGraph(self.gm, values, self._kv | self._moving, self._static,
-                                            self.compile_segment, wrap)
-        except Exception as error:
-            self.compile_segment = None
-            warnings.warn(f"fbcompile: a compiled graph could not be split into CUDA graphs around its cached "
-                          f"keys/values ({type(error).__name__}: {error}); it runs without them", stacklevel=3)
-            return outputs
-        self._count("piecewise graphs")
-        return outputs
-
-    def _count(self, what: str):
-        self.session.cuda_graph_counts[self.counter + what] += 1
 
     def _first_call(self, args):
         """Run uncaptured, and learn which inputs the graph writes (they are taken by address)."""
@@ -205,8 +135,7 @@ class CapturedGraph:
         self._copied = [i for i in tensors if i not in self._by_address]
         self._sized = [i for i in tensors if i in self._unguarded]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
-        self._last_key = self._key(args)
-        self._seen[self._last_key] = None
+        self._seen[self._key(args)] = None
         return outputs
 
     def _key(self, args) -> tuple:
@@ -216,7 +145,7 @@ class CapturedGraph:
                 tuple(args[i] for i in self._others))
 
     def _uncaptured(self, args, reason: str):
-        self._count(f"uncaptured ({reason})")
+        self.session.cuda_graph_counts[f"uncaptured ({reason})"] += 1
         return self.run(*args)
 
     def _capture(self, key: tuple, args):
@@ -240,7 +169,7 @@ class CapturedGraph:
             self.uncapturable = "returns a view of an input"
             return outputs
         self.captures[key] = Capture(replay, buffers, captured)
-        self._count("captures")
+        self.session.cuda_graph_counts["captures"] += 1
         if len(self.captures) > MAX_CAPTURES:
             self.captures.popitem(last=False)
         return outputs
@@ -251,7 +180,7 @@ class CapturedGraph:
         capture.replay()
         for i in self._written:  # as the uncaptured graph would: guards and provenance read versions
             torch.autograd.graph.increment_version(args[i])
-        self._count("replays")
+        self.session.cuda_graph_counts["replays"] += 1
         return _copy_out(capture.outputs)
 
 
