@@ -132,6 +132,7 @@ def test_named_backend_reduce_overhead_reuses_under_replay(monkeypatch):
         monkeypatch.setitem(registry._COMPILER_FNS, "fbcompile", fbcompile_backend)
     reference = lm("cuda")
     model = torch.compile(copy.deepcopy(reference), backend="fbcompile", mode="reduce-overhead")
+    reference = torch.compile(reference)  # Inductor's bf16 fusions, as in the exact-mode test
     cache, pos = random_cache(reference, 3), positions(reference)
     for step in range(5):
         x = block_tokens(reference, step)
