@@ -205,9 +205,10 @@ def test_example_model_generates_with_sparse_reuse_per_block():
 
 
 @torch.no_grad()
-def test_video_static_cache_with_sparse_reuse_equals_block_at_budget_0():
+def test_video_static_cache_with_sparse_reuse_equals_block_at_budget_0_and_exact_with_every_tile():
     """A static cache's first chunk has no cached keys: the tile scores over an empty range must work
-    (they crashed), and budget 0 must equal "block" through the video model's own loop."""
+    (they crashed), and so must gathering tiles from it (it crashed with a budget); budget 0 equals
+    "block" and a budget over every tile exact mode, through the video model's own loop."""
     from examples import video_ar_diffusion
 
     def generate(config):
@@ -217,6 +218,9 @@ def test_video_static_cache_with_sparse_reuse_equals_block_at_budget_0():
     block, _ = generate(fbcompile.Config(**EAGER))
     sparse, model = generate(_sparse(budget=0))
     assert torch.equal(sparse, block)
+    assert fbcompile.stats(model).reuses > 0
+    every, model = generate(_sparse(budget=4096))
+    assert rel_error(every, generate(fbcompile.Config(refresh="always", **EAGER))[0]) < 1e-5
     assert fbcompile.stats(model).reuses > 0
 
 

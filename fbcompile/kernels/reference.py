@@ -119,6 +119,8 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int):
     = unused) of its KV head. The selected keys are gathered, so the cost follows the budget; a tile
     listed twice counts twice (:func:`select_tiles` lists each once)."""
     N = k.shape[2]
+    if N == 0:  # nothing to gather from (a static cache's first chunk)
+        return attention_lse(q, k, v, mask, scale)
     pos, valid = tile_keys(idx, tile, N)
     k_sel = k.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
     v_sel = v.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))

@@ -22,9 +22,21 @@ Without residual reuse (plain MAGE) the refresh returns ``(O_e, L_e)`` in place 
 (the guards' reference; the reuse graph does not take it) and the reuse graph merges ``(O_s, L_s)``
 alone. Budget 0 selects nothing (``"block"`` mode); all tiles leave an empty residual (exact).
 
-Other split sites keep plain block reuse (:func:`sparse_reasons` says why): an external part merged
-from several key ranges (a dual cache), or keys/values the graph computes (a projection, RoPE, a
-cast) - the reuse graph would recompute them over the whole cache at every step.
+A dual cache (Fast-dLLM: a prefix and a suffix of the block, merged with ``merge_lse``) is one
+external part over several key ranges: their tiles are scored one range after another and selected
+jointly under one budget (KV entries over the whole external part, see :func:`_tiled`); each range
+attends to its own selected tiles, and the residual is the whole external part's.
+
+Keys/values computed from the cache position-wise after the cat (RoPE over ``cat(past_k, k)``:
+OLMo-style LLaDA and Dream in Fast-dLLM) would have the reuse graph recompute the transform over the
+whole cache at every step. :mod:`.positionwise` proves the ops between the cached rows and the
+attention position-wise (:func:`~.positionwise.positionwise_rows`); the reuse step then gathers the
+selected rows of the raw cache and of every position table (cos/sin), applies the same ops to them
+alone and attends densely over the result (:func:`_gathered_attention`).
+
+Other split sites keep plain block reuse and :func:`sparse_reasons` says why: keys/values computed
+in the graph in another form (a projection of the cache, a layout whose KV heads do not lead the key
+dim, ...), which sparse reuse would have to recompute over the whole cache at every step.
 """
 from __future__ import annotations
 
@@ -210,6 +222,8 @@ def _selected(graph: fx.Graph, merge: fx.Node, site: dict, sparse: Sparse) -> li
             chains = [_rows_chain(kv) for kv in (args.k, args.v)]
             if chains == [None, None]:
                 call = graph.call_function(torch.ops.fbcompile.sparse_attention_lse.default, (*args, idx, sparse.tile))
+            elif same_size(shape(args.k)[2], 0):  # no cached rows to gather (sizes 0 are static)
+                call = graph.call_function(torch.ops.fbcompile.attention_lse.default, tuple(args))
             else:
                 call = _gathered_attention(graph, args, chains, idx, sparse.tile, sparse.max_tiles * sparse.tile)
             parts.append(tuple(graph.call_function(operator.getitem, (call, i)) for i in range(2)))
