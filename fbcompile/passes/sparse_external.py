@@ -102,17 +102,35 @@ def _rows_chain(kv: fx.Node) -> PositionwiseChain | None:
         sizes = shape(node)
         if sizes is None:  # chunk / unbind: seen through their elements
             continue
-        name = op_name(node)
-        moved = ({d % len(sizes) for d in node.args[1:3]} & {0, 1} if name == "transpose" else
-                 [d % len(sizes) for d in node.args[1:3]] != [0, 1] if name == "permute" else False)
-        if dim != 2 or len(sizes) < 3 or moved or not all(same_size(a, b) for a, b in zip(sizes[:2], lead)):
-            raise LayoutError(f"'{name}' does not keep the keys/values' [B, Hkv] dims in front of the keys")
+        if dim != 2 or len(sizes) < 3 or _moves_lead(node) or not all(same_size(a, b) for a, b in zip(sizes[:2], lead)):
+            raise LayoutError(f"'{op_name(node)}' does not keep the keys/values' [B, Hkv] dims in front of the keys")
     for (consumer, table), use in chain.uses.items():
         if use.kind == "table":
             if op_name(consumer) not in _BROADCASTING or len(shape(consumer)) != 4:
                 raise LayoutError(f"a position table is read by '{op_name(consumer)}'")
             gatherable(table, use.dim)
     return chain
+
+
+def _moves_lead(node: fx.Node) -> bool:
+    """A transpose / permute that moves dim 0 or 1 (which an equal size could hide)."""
+    ndim = len(shape(node))
+    if op_name(node) == "transpose":
+        return bool({d % ndim for d in node.args[1:3]} & {0, 1})
+    if op_name(node) == "permute":
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return [d % ndim for d in perm[:2]] != [0, 1]
+    return False
+
+
+def _key_length(graph: fx.Graph, kv: fx.Node):
+    """The keys of an external ``kv`` (``[B, Hkv, n, D]``): an int, or the size of the cached rows it
+    is computed from (a node that reads no computed tensor, so the reuse graph computes nothing for it)."""
+    length = shape(kv)[2]
+    if isinstance(length, int):
+        return length
+    chain = _rows_chain(kv)
+    return graph.call_method("size", (kv, 2) if chain is None else (chain.cat, chain.cat_dim))
 
 
 def _fill_examples(node: fx.Node) -> None:
@@ -153,15 +171,6 @@ def sparse_reasons(gm: fx.GraphModule) -> list[str | None]:
     return reasons
 
 
-def _tile_count(graph: fx.Graph, k: fx.Node, tile: int):
-    """Tiles over the keys of ``k`` (``[B, Hkv, n, D]``): an int, or a node for a dynamic ``n``."""
-    length = shape(k)[2]
-    if isinstance(length, int):
-        return -(-length // tile)
-    length = graph.call_method("size", (k, 2))
-    return graph.call_function(operator.floordiv, (graph.call_function(operator.add, (length, tile - 1)), tile))
-
-
 def _tiled(graph: fx.Graph, merge: fx.Node, sparse: Sparse) -> dict:
     """Turn the site's external ``attention_lse`` calls into ``attention_lse_tiles`` and select the tiles.
 
@@ -200,18 +209,26 @@ def _tiled(graph: fx.Graph, merge: fx.Node, sparse: Sparse) -> dict:
         share = graph.call_function(operator.truediv, (
             graph.call_method("sum", (graph.call_function(operator.ge, (tiles, 0)),)),
             graph.call_method("numel", (mass,))))
-        indices, start = [], 0
+    indices = [tiles] if len(ranges) == 1 else _range_indices(graph, merge, tiles, ranges, sparse.tile)
+    return {"tiles": tiles, "tiles_read": share, "ranges": list(zip(ranges, indices))}
+
+
+def _range_indices(graph: fx.Graph, merge: fx.Node, tiles: fx.Node, ranges: list, tile: int) -> list[fx.Node]:
+    """Each key range's own tile indices in a joint selection over the ranges' tiles one after another."""
+    indices, start = [], 0
+    with graph.inserting_before(merge):
         for args in ranges:
-            count = _tile_count(graph, args.k, sparse.tile)
-            if len(ranges) == 1:
-                indices.append(tiles)
-                continue
-            end = graph.call_function(operator.add, (start, count))
+            length = _key_length(graph, args.k)
+            count = -(-length // tile) if isinstance(length, int) else graph.call_function(
+                operator.floordiv, (graph.call_function(operator.add, (length, tile - 1)), tile))
+            end = start + count if isinstance(start, int) and isinstance(count, int) else graph.call_function(
+                operator.add, (start, count))
             inside = graph.call_function(torch.logical_and, (graph.call_function(operator.ge, (tiles, start)),
                                                              graph.call_function(operator.lt, (tiles, end))))
-            indices.append(graph.call_function(torch.where, (inside, graph.call_function(operator.sub, (tiles, start)), -1)))
+            indices.append(graph.call_function(torch.where, (inside, graph.call_function(operator.sub, (tiles, start)),
+                                                             -1)))
             start = end
-    return {"tiles": tiles, "tiles_read": share, "ranges": list(zip(ranges, indices))}
+    return indices
 
 
 def _selected(graph: fx.Graph, merge: fx.Node, site: dict, sparse: Sparse) -> list[tuple[fx.Node, fx.Node]]:
@@ -243,10 +260,7 @@ def _gathered_attention(graph: fx.Graph, args: AttentionArgs, chains: list, idx:
     of the whole cache. Plain torch ops: the gathered keys/values and their mask are materialised
     (``rows`` per KV head; the mask ``[B, Hq, M, rows]``) and the dense kernel reads them - correct,
     but a copy and a launch more than the gather kernel over keys read straight from the inputs."""
-    chain = next(c for c in chains if c is not None)
-    length = shape(chain.cat)[chain.cat_dim]
-    if not isinstance(length, int):
-        length = graph.call_method("size", (chain.cat, chain.cat_dim))
+    length = _key_length(graph, args.k)
     keys = graph.call_function(reference.tile_keys, (idx, tile, length))
     pos, valid = (graph.call_function(operator.getitem, (keys, i)) for i in range(2))
     gather = lambda node, dim: _gather_rows(graph, node, dim, pos)  # noqa: E731
