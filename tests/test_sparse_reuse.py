@@ -133,16 +133,32 @@ def test_mass_target_selects_fewer_tiles_and_policies_compose():
     assert 0 < stats.sites[0].sparse_read < 1
 
 
+def _reads(node: torch.fx.Node):
+    """The users reading ``node``'s data, through ``narrow`` views (sizes are no reads)."""
+    for user in node.users:
+        if user.target == "narrow":
+            yield from _reads(user)
+        elif user.target != "size":
+            yield user
+
+
+@pytest.mark.parametrize("spec", [ROPE_AFTER_CAT, dataclasses.replace(ROPE_AFTER_CAT, suffix=8)],
+                         ids=["prefix", "dual"])
 @torch.no_grad()
-def test_rope_after_the_cat_transforms_only_the_gathered_rows_of_the_cache():
-    _, model = _run(ROPE_AFTER_CAT, _sparse(budget=16))
-    assert [row["sparse"] for row in fbcompile.explain(model).rewritten] == ["sparse (budget 16, tiles of 8, residual on)"]
-    reuse = fbcompile.explain(model).graphs[0].reuse_graph.graph
-    for name in ("l_past_k_", "l_past_v_"):  # read only to gather the selected rows, never whole
-        [cache] = [n for n in reuse.nodes if n.op == "placeholder" and n.name == name]
-        assert {user.target for user in cache.users} == {"expand"}, cache.users
-        [expand] = cache.users
-        assert {user.target for user in expand.users} <= {"gather", "size"}, expand.users
+def test_rope_after_the_cat_transforms_only_the_gathered_rows_of_the_cache(spec):
+    """Also once the cache length is dynamic (a second, longer cache)."""
+    model = fbcompile.optimize(build(spec), _sparse(budget=16))
+    for cache in (CACHE, CACHE + 8):
+        x, *rest = make_inputs(dataclasses.replace(spec, cache=cache), seed=1)
+        model(x, *rest)
+        model(x + 1, *rest)
+    report = fbcompile.explain(model)
+    assert {row["sparse"] for row in report.rewritten} == {"sparse (budget 16, tiles of 8, residual on)"}
+    assert len(report.graphs) == 2
+    for graph in report.graphs:  # the cache is read only to gather the selected rows, never whole
+        for cache in (n for n in graph.reuse_graph.graph.nodes if n.name in ("l_past_k_", "l_past_v_")):
+            for read in _reads(cache):
+                assert read.target == "expand" and {u.target for u in read.users} <= {"gather", "size"}, read
 
 
 @torch.no_grad()
