@@ -83,12 +83,7 @@ def _rows_chain(kv: fx.Node) -> PositionwiseChain | None:
     broadcasting op. Raises :class:`LayoutError` otherwise."""
     if _is_input(kv):
         return None
-    source = kv  # the cached rows: the first input of the first input ... that is a view of an input
-    while not _is_input(source):
-        if not source.all_input_nodes:
-            raise LayoutError(f"'{op_name(source)}' reads no cached keys/values")
-        source = source.all_input_nodes[0]
-    chain = positionwise_rows(kv, 2, source)
+    chain = positionwise_rows(kv, 2, _cached_rows(kv))
     lead = shape(kv)[:2]
 
     def gatherable(node: fx.Node, dim: int) -> None:  # what _gather_rows takes
@@ -97,7 +92,7 @@ def _rows_chain(kv: fx.Node) -> PositionwiseChain | None:
                 same_size(a, 1) or same_size(a, b) for a, b in zip(sizes[:-2], lead[4 - len(sizes):]))):
             raise LayoutError(f"'{op_name(node) or node.name}' is not laid out as [B, Hkv, keys, D]")
 
-    gatherable(source, chain.cat_dim)
+    gatherable(chain.cat, chain.cat_dim)
     for node, dim in chain.region.items():
         sizes = shape(node)
         if sizes is None:  # chunk / unbind: seen through their elements
@@ -110,6 +105,26 @@ def _rows_chain(kv: fx.Node) -> PositionwiseChain | None:
                 raise LayoutError(f"a position table is read by '{op_name(consumer)}'")
             gatherable(table, use.dim)
     return chain
+
+
+def _cached_rows(kv: fx.Node) -> fx.Node:
+    """The input (a view of one) ``kv`` is computed from that has the most dims: the cached keys, not a
+    position table or a weight (which sit beside them in the same ops, so either would do for the
+    rows, but only the keys lead to every op)."""
+    inputs, seen, stack = [], set(), [kv]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_input(node):
+            inputs.append(node)
+        else:
+            stack.extend(reversed(node.all_input_nodes))
+    tensors = [n for n in inputs if shape(n) is not None]
+    if not tensors:
+        raise LayoutError(f"'{op_name(kv)}' reads no cached keys/values")
+    return max(tensors, key=lambda n: len(shape(n)))
 
 
 def _moves_lead(node: fx.Node) -> bool:
