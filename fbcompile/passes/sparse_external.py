@@ -154,7 +154,8 @@ def _fill_examples(node: fx.Node) -> None:
     missing, stack = {}, [node]
     while stack:
         n = stack.pop()
-        if n not in missing and "example_value" not in n.meta and "val" not in n.meta:
+        if (n not in missing and n.op in ("call_function", "call_method") and "example_value" not in n.meta
+                and "val" not in n.meta):
             missing[n] = None
             stack.extend(n.all_input_nodes)
     if not missing:
@@ -166,7 +167,10 @@ def _fill_examples(node: fx.Node) -> None:
         for n in (n for n in node.graph.nodes if n in missing):
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
             target = getattr(args[0], n.target) if n.op == "call_method" else n.target
-            n.meta["example_value"] = target(*(args[1:] if n.op == "call_method" else args), **kwargs)
+            try:
+                n.meta["example_value"] = target(*(args[1:] if n.op == "call_method" else args), **kwargs)
+            except Exception as error:  # an op fake tensors cannot run: no shapes to prove anything with
+                raise LayoutError(f"no shape for '{n.name}' ({type(error).__name__})") from error
 
 
 def sparse_reasons(gm: fx.GraphModule) -> list[str | None]:
@@ -176,8 +180,8 @@ def sparse_reasons(gm: fx.GraphModule) -> list[str | None]:
         reason = None
         for call in _ranges(merge):
             for kv in AttentionArgs.of(call)[1:3]:
-                _fill_examples(kv)
                 try:
+                    _fill_examples(kv)
                     _rows_chain(kv)
                 except LayoutError as error:
                     reason = (f"its external keys/values are computed in the graph ({op_name(kv) or kv.target}) "
