@@ -241,6 +241,34 @@ def test_video_static_cache_with_sparse_reuse_equals_block_at_budget_0_and_exact
 
 
 @torch.no_grad()
+def test_olmo_style_llada_dual_cache_reuses_sparsely_and_its_extremes_hold():
+    """The example OLMo-style LLaDA (RoPE after the cat) with Fast-dLLM's dual cache, through its own
+    loop: every cached site reuses sparsely; the logits of every call are "block" mode's at budget 0
+    and exact mode's with every tile."""
+    from examples import olmo_llada_lm
+
+    prompt = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def logits(config):
+        model = fbcompile.optimize(olmo_llada_lm.make_tiny_model(num_layers=1), config)
+        outs = []
+        model.register_forward_hook(lambda module, args, out: outs.append(out[0]))
+        model.generate(prompt, cache="dual", gen_length=16, block_size=8, steps=6)
+        return outs, model
+
+    exact, _ = logits(fbcompile.Config(refresh="always", **EAGER))
+    block, _ = logits(fbcompile.Config(**EAGER))
+    none, _ = logits(_sparse(budget=0, tile=4))
+    every, model = logits(_sparse(budget=64, tile=4))
+    assert {row["sparse"] for row in fbcompile.explain(model).rewritten} == {"sparse (budget 64, tiles of 4, residual on)"}
+    assert fbcompile.stats(model).reuses > 0
+    assert max(rel_error(b, e) for b, e in zip(block, exact)) > 1e-3
+    for step in range(len(exact)):
+        assert rel_error(none[step], block[step]) < 1e-5, step
+        assert rel_error(every[step], exact[step]) < 1e-5, step
+
+
+@torch.no_grad()
 def test_diffusion_gemma_sites_are_sparse_and_the_extremes_hold():
     """transformers' DiffusionGemmaForBlockDiffusion (tiny, one block of 4 steps): every cached site
     reuses sparsely; the logits of every forward are "block" mode's at budget 0 and exact mode's with
