@@ -237,7 +237,7 @@ class ZooAttention(nn.Module):
         elif s.buffer != "none":
             k, v = self._write(past_k, k, positions, cat_dim), self._write(past_v, v, positions, cat_dim)
         elif s.suffix:  # dual cache (Fast-dLLM style): the block's slots sit inside the cache
-            P = s.cache - s.suffix
+            P = past_k.shape[cat_dim] - s.suffix
             k = torch.cat([past_k.narrow(cat_dim, 0, P), k, past_k.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
             v = torch.cat([past_v.narrow(cat_dim, 0, P), v, past_v.narrow(cat_dim, P, s.suffix)], dim=cat_dim)
         else:

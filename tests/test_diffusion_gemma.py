@@ -13,11 +13,12 @@ if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
 BLOCKS, STEPS, CANVAS = 3, 8, 16
 
 
-def make_model():
+def make_model(**text_overrides):
     torch.manual_seed(0)
     text = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=32, sliding_window=64,
                 max_position_embeddings=4096, num_experts=4, top_k_experts=2, moe_intermediate_size=64)
+    text.update(text_overrides)
     config = transformers.DiffusionGemmaConfig(text_config=text, canvas_length=CANVAS, boi_token_id=500,
                                                eoi_token_id=501, image_token_id=502)
     return transformers.DiffusionGemmaForBlockDiffusion(config).eval()

@@ -91,7 +91,7 @@ def select_tiles(tile_mass: torch.Tensor, max_tiles: int, mass: float) -> torch.
     return torch.where(order == torch.iinfo(torch.int32).max, -1, order).to(torch.int32)
 
 
-def _tile_keys(idx: torch.Tensor, tile: int, num_keys) -> tuple[torch.Tensor, torch.Tensor]:
+def tile_keys(idx: torch.Tensor, tile: int, num_keys) -> tuple[torch.Tensor, torch.Tensor]:
     """Key positions ``[B, Hkv, S * tile]`` of the selected tiles (clamped into range) and whether each
     is a real key (slot used and key inside the last, possibly partial, tile)."""
     pos = (idx.long().unsqueeze(-1) * tile + torch.arange(tile, device=idx.device)).flatten(-2)
@@ -99,25 +99,32 @@ def _tile_keys(idx: torch.Tensor, tile: int, num_keys) -> tuple[torch.Tensor, to
     return torch.where(valid, pos, 0), valid
 
 
+def tile_mask(q: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor, valid: torch.Tensor, num_keys):
+    """The mask of ``q`` over the keys gathered at ``pos`` (:func:`tile_keys`): the ``valid`` ones, as
+    ``mask`` (over all ``num_keys`` keys, or None) allows them; ``[B, Hq, M or 1, S * tile]``."""
+    B, Hq, M, _ = q.shape
+    group = Hq // pos.shape[1]
+    allowed = valid.repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S * tile]
+    if mask is None:
+        return allowed
+    pos_q = pos.repeat_interleave(group, dim=1).unsqueeze(2).expand(B, Hq, M, -1)
+    picked = mask.expand(B, Hq, M, num_keys).gather(-1, pos_q)
+    if picked.dtype == torch.bool:
+        return allowed & picked
+    return torch.where(allowed, picked.float(), float("-inf"))
+
+
 def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int):
     """:func:`attention_lse` of ``q`` over the keys of the tiles ``idx`` (int ``[B, Hkv, S]``, ``-1``
     = unused) of its KV head. The selected keys are gathered, so the cost follows the budget; a tile
     listed twice counts twice (:func:`select_tiles` lists each once)."""
-    B, Hq, M, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    pos, valid = _tile_keys(idx, tile, N)
+    N = k.shape[2]
+    if N == 0:  # nothing to gather from (a static cache's first chunk)
+        return attention_lse(q, k, v, mask, scale)
+    pos, valid = tile_keys(idx, tile, N)
     k_sel = k.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1]))
     v_sel = v.gather(2, pos.unsqueeze(-1).expand(-1, -1, -1, v.shape[-1]))
-    allowed = valid.repeat_interleave(group, dim=1).unsqueeze(2)  # [B, Hq, 1, S * tile]
-    if mask is not None:
-        pos_q = pos.repeat_interleave(group, dim=1).unsqueeze(2).expand(B, Hq, M, -1)
-        picked = mask.expand(B, Hq, M, N).gather(-1, pos_q)
-        if picked.dtype == torch.bool:
-            allowed = allowed & picked
-        else:
-            allowed = torch.where(allowed, picked.float(), float("-inf"))
-    return attention_lse(q, k_sel, v_sel, allowed, scale)
+    return attention_lse(q, k_sel, v_sel, tile_mask(q, mask, pos, valid, N), scale)
 
 
 def sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile: int, k_blk, v_blk, mask_blk, out_res, lse_res):

@@ -128,7 +128,13 @@ class PositionwiseChain:
 
     def emit(self, graph: fx.Graph, index: int, start, length) -> fx.Node:
         """Rows ``[start, start + length)`` of ``top``, computed from cat operand ``index`` alone."""
-        env = {self.cat: self.pieces[index]}
+        return self.emit_rows(graph, self.pieces[index],
+                              lambda table, dim: graph.call_method("narrow", (table, dim, start, length)), length)
+
+    def emit_rows(self, graph: fx.Graph, rows: fx.Node, table_rows, length) -> fx.Node:
+        """``top`` computed from ``rows`` (``length`` rows in place of the cat's) and, for every position
+        table, ``table_rows(table, dim)`` (the same rows of it)."""
+        env = {self.cat: rows}
         narrowed = {}
 
         def operand(node, value):
@@ -139,7 +145,7 @@ class PositionwiseChain:
             use = self.uses.get((node, value))
             if use is not None and use.kind == "table":
                 if value not in narrowed:
-                    narrowed[value] = graph.call_method("narrow", (value, use.dim, start, length))
+                    narrowed[value] = table_rows(value, use.dim)
                 return narrowed[value]
             return value
 
@@ -167,8 +173,10 @@ class PositionwiseChain:
 class _Tracer:
     """Walks back from ``top`` along the sequence dim (see the module docstring)."""
 
-    def __init__(self, top: fx.Node, seq_dim: int):
+    def __init__(self, top: fx.Node, seq_dim: int, source: fx.Node | None = None):
         self.top, self.length = top, shape(top)[seq_dim]
+        self.source = source  # stands for the cat (see positionwise_rows)
+        self.downstream = _descendants(source) if source is not None else set()
         self.chain: PositionwiseChain | None = None
         self.region: dict = {}
         self.uses: dict = {}
@@ -194,6 +202,14 @@ class _Tracer:
     def _visit(self, node: fx.Node, dim: int) -> bool:
         name = op_name(node) or node.op
         node_shape = shape(node)
+        if self.source is not None:
+            if node is self.source:
+                if self.chain is not None:
+                    raise LayoutError("keys/values read the cached rows along two dims")
+                self.chain = PositionwiseChain(top=self.top, cat=node, cat_dim=dim, pieces=[node])
+                return True
+            if node not in self.downstream:
+                return False  # a position table: taken as it is (the split proved its rows)
         if node.op == "placeholder":
             self.side_inputs.add(node)
             return False
@@ -264,6 +280,8 @@ class _Tracer:
             self.guarded_sizes.append(size)
 
     def _sequence_cat(self, node: fx.Node, tensors) -> bool:
+        if self.source is not None:
+            raise LayoutError("keys/values are concatenated along the key sequence after the cache")
         dim = _norm(arg(node, 1, "dim", 0), len(shape(node)))
         if self.chain is not None and self.chain.cat is not node:
             return self._table_cat(node, tensors, dim)
@@ -448,6 +466,17 @@ def _index_dim(index, dim: int, ndim: int) -> int | None:
     return src + dim - out
 
 
+def _descendants(node: fx.Node) -> set:
+    """The nodes computed from ``node``'s values (not through its sizes alone)."""
+    seen, stack = set(), [n for n in node.users if op_name(n) not in METADATA_OPS]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(u for u in n.users if op_name(u) not in METADATA_OPS)
+    return seen
+
+
 def _ancestors(node: fx.Node) -> set:
     seen, stack = set(), list(node.all_input_nodes)
     while stack:
@@ -503,7 +532,20 @@ class PositionwisePiece:
 
 def positionwise_pieces(top: fx.Node, seq_dim: int) -> list[PositionwisePiece]:
     """The pieces of ``top`` (sequence along ``seq_dim``) if it is position-wise of a sequence cat."""
-    tracer = _Tracer(top, seq_dim)
+    chain = _traced(_Tracer(top, seq_dim), seq_dim)
+    return [PositionwisePiece(chain, i) for i in range(len(chain.pieces))]
+
+
+def positionwise_rows(top: fx.Node, seq_dim: int, source: fx.Node) -> PositionwiseChain:
+    """The position-wise ops from ``source`` (its rows: the rows of ``top``) to ``top``, in a split
+    graph: the chain has ``source`` as its only piece, and every other operand with the key length is
+    a position table, not walked (the split proved its rows). Sparse reuse
+    (:mod:`.sparse_external`) emits it over gathered rows of ``source`` and of the tables."""
+    return _traced(_Tracer(top, seq_dim, source), seq_dim)
+
+
+def _traced(tracer: _Tracer, seq_dim: int) -> PositionwiseChain:
+    top = tracer.top
     if not tracer.visit(top, seq_dim) or tracer.chain is None:
         raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(top) or top.op}')")
     chain = tracer.chain
@@ -511,4 +553,4 @@ def positionwise_pieces(top: fx.Node, seq_dim: int) -> list[PositionwisePiece]:
     chain.guarded_sizes = tracer.guarded_sizes
     del chain.region[chain.cat]
     chain.order = [n for n in top.graph.nodes if n in chain.region]
-    return [PositionwisePiece(chain, i) for i in range(len(chain.pieces))]
+    return chain

@@ -22,79 +22,292 @@ Without residual reuse (plain MAGE) the refresh returns ``(O_e, L_e)`` in place 
 (the guards' reference; the reuse graph does not take it) and the reuse graph merges ``(O_s, L_s)``
 alone. Budget 0 selects nothing (``"block"`` mode); all tiles leave an empty residual (exact).
 
-Other split sites keep plain block reuse (:func:`sparse_reasons` says why): an external part merged
-from several key ranges (a dual cache), or keys/values the graph computes (a projection, RoPE, a
-cast) - the reuse graph would recompute them over the whole cache at every step.
+A dual cache (Fast-dLLM: a prefix and a suffix of the block, merged with ``merge_lse``) is one
+external part over several key ranges: their tiles are scored one range after another and selected
+jointly under one budget (KV entries over the whole external part, see :func:`_tiled`); each range
+attends to its own selected tiles, and the residual is the whole external part's.
+
+Keys/values computed from the cache position-wise after the cat (RoPE over ``cat(past_k, k)``:
+OLMo-style LLaDA and Dream in Fast-dLLM) would have the reuse graph recompute the transform over the
+whole cache at every step. :mod:`.positionwise` proves the ops between the cached rows and the
+attention position-wise (:func:`~.positionwise.positionwise_rows`); the reuse step then gathers the
+selected rows of the raw cache and of every position table (cos/sin), applies the same ops to them
+alone and attends densely over the result (:func:`_gathered_attention`).
+
+Other split sites keep plain block reuse and :func:`sparse_reasons` says why: keys/values computed
+in the graph in another form (a projection of the cache, a layout whose KV heads do not lead the key
+dim, ...), which sparse reuse would have to recompute over the whole cache at every step.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fbcompile.config import Sparse
+from fbcompile.kernels import reference
 from fbcompile.ops import AttentionArgs, MergeArgs
-from fbcompile.passes.graph_utils import example, op_name, view_base
+from fbcompile.passes.graph_utils import example, op_name, same_size, shape, view_base
+from fbcompile.passes.positionwise import LayoutError, PositionwiseChain, positionwise_rows
 from fbcompile.passes.reuse_external import (SpecializedGraph, cached_parts, copy_graph, merges, taking_cached,
                                              with_outputs)
 from fbcompile.passes.split_attention import is_impure
 
 
-def _external_call(merge: fx.Node) -> fx.Node:
-    """The call computing a site's ``(O_e, L_e)``: ``attention_lse``, or a dual cache's ``merge_lse``."""
-    return MergeArgs.of(merge).out_ext.args[0]
+def _ranges(merge: fx.Node) -> list[fx.Node]:
+    """The ``attention_lse`` calls of a site's external part, one per cached key range, in key order
+    (a dual cache merges a prefix's and a suffix's with ``merge_lse``)."""
+    def calls(part: fx.Node) -> list[fx.Node]:  # part: a getitem of the call
+        call = part.args[0]
+        if call.target is torch.ops.fbcompile.merge_lse.default:
+            return calls(call.args[0]) + calls(call.args[2])
+        return [call]
+    return calls(MergeArgs.of(merge).out_ext)
+
+
+def _is_input(node: fx.Node) -> bool:
+    return view_base(node).op in ("placeholder", "get_attr")
+
+
+_BROADCASTING = {"add", "sub", "mul", "div", "truediv", "where", "maximum", "minimum"}
+
+
+def _rows_chain(kv: fx.Node) -> PositionwiseChain | None:
+    """None for keys/values read straight from the graph's inputs; else the position-wise ops from the
+    cached rows to them (``kv``, ``[B, Hkv, n, D]``), in a form whose rows can be gathered per KV head:
+    every op keeps ``[B, Hkv]`` as its leading dims and the keys at dim 2, and the cached rows and every
+    position table are right-aligned to it (``cos[n, D]``, ``cos[B, 1, n, D]``), tables read through a
+    broadcasting op. Raises :class:`LayoutError` otherwise."""
+    if _is_input(kv):
+        return None
+    chain = positionwise_rows(kv, 2, _cached_rows(kv))
+    lead = shape(kv)[:2]
+
+    def gatherable(node: fx.Node, dim: int) -> None:  # what _gather_rows takes
+        sizes = shape(node)
+        if not (2 <= len(sizes) <= 4 and dim == len(sizes) - 2 and all(
+                same_size(a, 1) or same_size(a, b) for a, b in zip(sizes[:-2], lead[4 - len(sizes):]))):
+            raise LayoutError(f"'{op_name(node) or node.name}' is not laid out as [B, Hkv, keys, D]")
+
+    gatherable(chain.cat, chain.cat_dim)
+    for node, dim in chain.region.items():
+        sizes = shape(node)
+        if sizes is None:  # chunk / unbind: seen through their elements
+            continue
+        if dim != 2 or len(sizes) < 3 or _moves_lead(node) or not all(same_size(a, b) for a, b in zip(sizes[:2], lead)):
+            raise LayoutError(f"'{op_name(node)}' does not keep the keys/values' [B, Hkv] dims in front of the keys")
+    for (consumer, table), use in chain.uses.items():
+        if use.kind == "table":
+            if op_name(consumer) not in _BROADCASTING or len(shape(consumer)) != 4:
+                raise LayoutError(f"a position table is read by '{op_name(consumer)}'")
+            gatherable(table, use.dim)
+    return chain
+
+
+def _cached_rows(kv: fx.Node) -> fx.Node:
+    """The input (a view of one) ``kv`` is computed from that has the most dims: the cached keys, not a
+    position table or a weight (which sit beside them in the same ops, so either would do for the
+    rows, but only the keys lead to every op)."""
+    inputs, seen, stack = [], set(), [kv]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_input(node):
+            inputs.append(node)
+        else:
+            stack.extend(reversed(node.all_input_nodes))
+    tensors = [n for n in inputs if shape(n) is not None]
+    if not tensors:
+        raise LayoutError(f"'{op_name(kv)}' reads no cached keys/values")
+    return max(tensors, key=lambda n: len(shape(n)))
+
+
+def _moves_lead(node: fx.Node) -> bool:
+    """A transpose / permute that moves dim 0 or 1 (which an equal size could hide)."""
+    ndim = len(shape(node))
+    if op_name(node) == "transpose":
+        return bool({d % ndim for d in node.args[1:3]} & {0, 1})
+    if op_name(node) == "permute":
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return [d % ndim for d in perm[:2]] != [0, 1]
+    return False
+
+
+def _key_length(graph: fx.Graph, kv: fx.Node):
+    """The keys of an external ``kv`` (``[B, Hkv, n, D]``): an int, or the size of the cached rows it
+    is computed from (a node that reads no computed tensor, so the reuse graph computes nothing for it)."""
+    length = shape(kv)[2]
+    if isinstance(length, int):
+        return length
+    chain = _rows_chain(kv)
+    return graph.call_method("size", (kv, 2) if chain is None else (chain.cat, chain.cat_dim))
+
+
+def _fill_examples(node: fx.Node) -> None:
+    """Give ``node`` and its ancestors the example values the split pass did not record (the nodes it
+    emitted), run on the fake tensors of their inputs."""
+    missing, stack = {}, [node]
+    while stack:
+        n = stack.pop()
+        if (n not in missing and n.op in ("call_function", "call_method") and "example_value" not in n.meta
+                and "val" not in n.meta):
+            missing[n] = None
+            stack.extend(n.all_input_nodes)
+    if not missing:
+        return
+    value = lambda a: a.meta.get("example_value", a.meta.get("val"))  # noqa: E731
+    known = [value(a) for n in missing for a in n.all_input_nodes if a not in missing]
+    modes = [v.fake_mode for v in known if isinstance(v, FakeTensor)]
+    with modes[0] if modes else contextlib.nullcontext():
+        for n in (n for n in node.graph.nodes if n in missing):
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
+            target = getattr(args[0], n.target) if n.op == "call_method" else n.target
+            try:
+                n.meta["example_value"] = target(*(args[1:] if n.op == "call_method" else args), **kwargs)
+            except Exception as error:  # an op fake tensors cannot run: no shapes to prove anything with
+                raise LayoutError(f"no shape for '{n.name}' ({type(error).__name__})") from error
 
 
 def sparse_reasons(gm: fx.GraphModule) -> list[str | None]:
     """Per split site (graph order), why it keeps plain block reuse (None: sparse reuse applies)."""
     reasons = []
     for merge in merges(gm.graph):
-        call = _external_call(merge)
         reason = None
-        if call.target is not torch.ops.fbcompile.attention_lse.default:
-            reason = "its external part merges several key ranges (dual cache)"
-        else:
+        for call in _ranges(merge):
             for kv in AttentionArgs.of(call)[1:3]:
-                base = view_base(kv)
-                if base.op not in ("placeholder", "get_attr"):
-                    reason = (f"its external keys/values are computed in the graph ({op_name(base) or base.target}), "
-                              "which sparse reuse would redo over the whole cache at every step")
-                    break
+                try:
+                    _fill_examples(kv)
+                    _rows_chain(kv)
+                except LayoutError as error:
+                    reason = (f"its external keys/values are computed in the graph ({op_name(kv) or kv.target}) "
+                              f"in a form sparse reuse cannot gather: {error}")
         reasons.append(reason)
     return reasons
 
 
 def _tiled(graph: fx.Graph, merge: fx.Node, sparse: Sparse) -> dict:
-    """Turn the site's external ``attention_lse`` into ``attention_lse_tiles`` and select the tiles.
+    """Turn the site's external ``attention_lse`` calls into ``attention_lse_tiles`` and select the tiles.
 
-    Returns the nodes of the selection (``tiles``), its share of the tiles (``tiles_read``) and, for
-    :func:`_selected`, the attention's arguments (``args``)."""
-    call = _external_call(merge)
-    args = AttentionArgs.of(call)
-    with graph.inserting_before(call):
-        tiled = graph.call_function(torch.ops.fbcompile.attention_lse_tiles.default, (*args, sparse.tile))
-    call.replace_all_uses_with(tiled)
-    graph.erase_node(call)
+    A dual cache's ranges are selected jointly, under one budget: each range's tile mass (a share of
+    its own softmax) is weighed by the range's share of the whole external softmax, summed over the
+    query rows of each KV head (``sum exp(L_r - L_e)``) - exact per range, the split within a range
+    follows the range's own distribution. Returns the selection (``tiles``, over the ranges' tiles
+    one after another), its share of the tiles (``tiles_read``) and per range the attention's
+    arguments and its own tile indices (``ranges``: ``(args, idx)``, ``-1`` = unused)."""
+    calls = _ranges(merge)
+    heads = merge.meta["fbcompile_heads"]
+    lse_ext = MergeArgs.of(merge).lse_ext
+    ranges, masses = [], []
+    for call in calls:
+        args = AttentionArgs.of(call)
+        with graph.inserting_before(call):
+            tiled = graph.call_function(torch.ops.fbcompile.attention_lse_tiles.default, (*args, sparse.tile))
+        call.replace_all_uses_with(tiled)
+        graph.erase_node(call)
+        with graph.inserting_before(merge):
+            mass = graph.call_function(operator.getitem, (tiled, 2))
+            if len(calls) > 1:
+                share = graph.call_function(torch.exp, (graph.call_function(operator.sub, (
+                    graph.call_function(operator.getitem, (tiled, 1)), lse_ext)),))
+                share = graph.call_method("sum", (graph.call_method("flatten", (graph.call_method("unflatten", (
+                    graph.call_method("nan_to_num", (share, 0.0)), 1, (heads.kv, -1))), 2)), -1, True))
+                mass = graph.call_function(operator.mul, (mass, share))
+        ranges.append(args)
+        masses.append(mass)
     with graph.inserting_before(merge):
-        mass = graph.call_function(operator.getitem, (tiled, 2))
+        mass = masses[0] if len(masses) == 1 else graph.call_function(torch.cat, (masses, -1))
         tiles = graph.call_function(torch.ops.fbcompile.select_tiles.default,
                                     (mass, sparse.max_tiles, sparse.mass if sparse.mass is not None else 1.0))
         out = example(MergeArgs.of(merge).out_ext)  # [B, Hq, M, Dv]; emitted keys may have no example value
-        tiles.meta["example_value"] = out.new_empty((out.shape[0], merge.meta["fbcompile_heads"].kv, sparse.max_tiles),
-                                                    dtype=torch.int32)
+        tiles.meta["example_value"] = out.new_empty((out.shape[0], heads.kv, sparse.max_tiles), dtype=torch.int32)
         share = graph.call_function(operator.truediv, (
             graph.call_method("sum", (graph.call_function(operator.ge, (tiles, 0)),)),
             graph.call_method("numel", (mass,))))
-    return {"tiles": tiles, "tiles_read": share, "args": args}
+    indices = [tiles] if len(ranges) == 1 else _range_indices(graph, merge, tiles, ranges, sparse.tile)
+    return {"tiles": tiles, "tiles_read": share, "ranges": list(zip(ranges, indices))}
 
 
-def _selected(graph: fx.Graph, merge: fx.Node, site: dict, sparse: Sparse) -> tuple[fx.Node, fx.Node]:
-    """``(O_s, L_s)``: the site's query over the selected tiles of its external keys/values."""
+def _range_indices(graph: fx.Graph, merge: fx.Node, tiles: fx.Node, ranges: list, tile: int) -> list[fx.Node]:
+    """Each key range's own tile indices in a joint selection over the ranges' tiles one after another."""
+    indices, start = [], 0
     with graph.inserting_before(merge):
-        call = graph.call_function(torch.ops.fbcompile.sparse_attention_lse.default,
-                                   (*site["args"], site["tiles"], sparse.tile))
-        return tuple(graph.call_function(operator.getitem, (call, i)) for i in range(2))
+        for args in ranges:
+            length = _key_length(graph, args.k)
+            count = -(-length // tile) if isinstance(length, int) else graph.call_function(
+                operator.floordiv, (graph.call_function(operator.add, (length, tile - 1)), tile))
+            end = start + count if isinstance(start, int) and isinstance(count, int) else graph.call_function(
+                operator.add, (start, count))
+            inside = graph.call_function(torch.logical_and, (graph.call_function(operator.ge, (tiles, start)),
+                                                             graph.call_function(operator.lt, (tiles, end))))
+            indices.append(graph.call_function(torch.where, (inside, graph.call_function(operator.sub, (tiles, start)),
+                                                             -1)))
+            start = end
+    return indices
+
+
+def _selected(graph: fx.Graph, merge: fx.Node, site: dict, sparse: Sparse) -> list[tuple[fx.Node, fx.Node]]:
+    """Per key range, ``(O_s, L_s)``: the site's query over the selected tiles of its external keys/values."""
+    parts = []
+    with graph.inserting_before(merge):
+        for args, idx in site["ranges"]:
+            chains = [_rows_chain(kv) for kv in (args.k, args.v)]
+            if chains == [None, None]:
+                call = graph.call_function(torch.ops.fbcompile.sparse_attention_lse.default, (*args, idx, sparse.tile))
+            elif same_size(shape(args.k)[2], 0):  # no cached rows to gather (sizes 0 are static)
+                call = graph.call_function(torch.ops.fbcompile.attention_lse.default, tuple(args))
+            else:
+                call = _gathered_attention(graph, args, chains, idx, sparse.tile, sparse.max_tiles * sparse.tile)
+            parts.append(tuple(graph.call_function(operator.getitem, (call, i)) for i in range(2)))
+    return parts
+
+
+def _gathered_attention(graph: fx.Graph, args: AttentionArgs, chains: list, idx: fx.Node, tile: int,
+                        rows: int) -> fx.Node:
+    """``attention_lse`` of the query over the selected tiles ``idx`` of keys/values computed position-wise
+    from the cached rows (``chains``, :func:`_rows_chain`; None: read as they are), e.g. RoPE after the cat::
+
+        pos, valid = tile_keys(idx, tile, n)                   # [B, Hkv, rows] key positions
+        k_sel = rope(gather(past_k, pos), gather(cos, pos), gather(sin, pos))
+        O_s, L_s = fbcompile.attention_lse(q, k_sel, gather(past_v, pos), tile_mask(q, mask, pos, valid, n), scale)
+
+    Only the selected rows are transformed, each with the tables' rows of its own position, instead
+    of the whole cache. Plain torch ops: the gathered keys/values and their mask are materialised
+    (``rows`` per KV head; the mask ``[B, Hq, M, rows]``) and the dense kernel reads them - correct,
+    but a copy and a launch more than the gather kernel over keys read straight from the inputs."""
+    length = _key_length(graph, args.k)
+    keys = graph.call_function(reference.tile_keys, (idx, tile, length))
+    pos, valid = (graph.call_function(operator.getitem, (keys, i)) for i in range(2))
+    gather = lambda node, dim: _gather_rows(graph, node, dim, pos)  # noqa: E731
+    k, v = (gather(kv, 2) if chain is None else chain.emit_rows(graph, gather(chain.cat, chain.cat_dim), gather, rows)
+            for kv, chain in zip((args.k, args.v), chains))
+    mask = graph.call_function(reference.tile_mask, (args.q, args.mask, pos, valid, length))
+    return graph.call_function(torch.ops.fbcompile.attention_lse.default, (args.q, k, v, mask, args.scale))
+
+
+def _gather_rows(graph: fx.Graph, node: fx.Node, dim: int, pos: fx.Node) -> fx.Node:
+    """Rows ``pos`` (``[B, Hkv, R]``) of ``node`` along ``dim`` (its last but one, right-aligned to
+    ``[B, Hkv, n, x]``), per ``[B, Hkv]`` index: ``[B, Hkv, R, x]``."""
+    for _ in range(dim, 2):
+        node = graph.call_method("unsqueeze", (node, 0))
+    node = graph.call_method("expand", (node, graph.call_method("size", (pos, 0)),
+                                        graph.call_method("size", (pos, 1)), -1, -1))
+    index = graph.call_method("expand", (graph.call_method("unsqueeze", (pos, -1)), -1, -1, -1,
+                                         graph.call_method("size", (node, -1))))
+    return graph.call_method("gather", (node, 2, index))
+
+
+def _merged(graph: fx.Graph, parts: list[tuple[fx.Node, fx.Node]]) -> tuple[fx.Node, fx.Node]:
+    """One ``(O, L)`` of several over disjoint keys (``merge_lse`` in turn)."""
+    merged = parts[0]
+    for part in parts[1:]:
+        call = graph.call_function(torch.ops.fbcompile.merge_lse.default, (*merged, *part))
+        merged = tuple(graph.call_function(operator.getitem, (call, i)) for i in range(2))
+    return merged
 
 
 def _residual(graph: fx.Graph, merge: fx.Node, selected: tuple) -> tuple[fx.Node, fx.Node]:
@@ -123,7 +336,9 @@ def sparse_refresh_graph(gm: fx.GraphModule, sparse: Sparse, reasons: list, with
         if reason is None:
             site = _tiled(graph, merge, sparse)
             if sparse.residual:
-                parts["out_ext"], parts["lse_ext"] = _residual(graph, merge, _selected(graph, merge, site, sparse))
+                with graph.inserting_before(merge):
+                    selected = _merged(graph, _selected(graph, merge, site, sparse))
+                parts["out_ext"], parts["lse_ext"] = _residual(graph, merge, selected)
             parts.update(tiles=site["tiles"], tiles_read=site["tiles_read"])
         per_site.append(parts)
     return with_outputs(gm, per_site)
@@ -140,15 +355,18 @@ def sparse_reuse_graph(gm: fx.GraphModule, sparse: Sparse, reasons: list, with_q
         parts = cached_parts(merge, with_query)
         if reason is None:
             site = _tiled(graph, merge, sparse)
-            external = _selected(graph, merge, site, sparse)
+            selected = _selected(graph, merge, site, sparse)
             kept = {"tiles": site["tiles"]}
-            if sparse.residual:
-                residual = _residual(graph, merge, external)
-                kept.update(out_ext=residual[0], lse_ext=residual[1])
-                with graph.inserting_before(merge):
-                    merged = graph.call_function(torch.ops.fbcompile.merge_lse.default, (*residual, *external))
+            with graph.inserting_before(merge):
+                external = _merged(graph, selected)
+                if sparse.residual:  # the residual's nodes stand for the cached one (taking_cached)
+                    residual = _residual(graph, merge, external)
+                    kept.update(out_ext=residual[0], lse_ext=residual[1])
+                    rest = _merged(graph, [residual, *selected[:-1]])
+                    merged = graph.call_function(torch.ops.fbcompile.merge_lse.default, (*rest, *selected[-1]))
                     external = tuple(graph.call_function(operator.getitem, (merged, i)) for i in range(2))
-                fusable.append((merge, merged))
+                    if selected[-1][0].args[0].target is torch.ops.fbcompile.sparse_attention_lse.default:
+                        fusable.append((merge, merged))
             merge.args = MergeArgs.of(merge).with_external(*external)
             parts = {**kept, **({"query": parts["query"]} if with_query else {})}
         cached.append(parts)
@@ -170,6 +388,8 @@ def _fuse_reuse_step(graph: fx.Graph, merge: fx.Node, merged: fx.Node) -> None:
         O, L = fbcompile.attention_merge_lse(q, K_i, V_i, mask_i, scale, O_x, L_x)
     ->
         O, L = fbcompile.sparse_attention_merge_lse(q, K_e, V_e, mask_e, scale, tiles, tile, K_i, V_i, mask_i, O_r, L_r)
+
+    (a dual cache: ``K_e`` is the last key range, ``(O_r, L_r)`` the residual merged with the others').
     """
     out_res, lse_res, out_sel, _ = merged.args
     q, k, v, mask, scale, tiles, tile = out_sel.args[0].args
