@@ -28,7 +28,8 @@ refresh across calls. Here, per graph:
   over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once;
   a refresh graph over tensors that are new at every block (a cache grown by ``torch.cat``, as HF
   ``DynamicCache`` does) runs uncaptured, as Inductor compiled it (its Triton kernels launched from
-  Inductor's wrapper code), once per block: a capture costs more than one run and could never replay.
+  Inductor's wrapper code), once per block: a capture costs more than one run and could never replay;
+  ``Stats.cuda_graphs`` counts these runs as ``"uncaptured (new cached keys/values)"``.
   A write offset passed as a Python int (``cache[:, start:start + n] = k``) is baked into a capture, so
   such a graph is captured once per block, at its second step; passed as a tensor (HF ``StaticCache``'s
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
@@ -88,7 +89,10 @@ class CapturedGraph:
         self._unguarded = {i for i, node in enumerate(placeholders)
                            if not _static_sizes(node.meta.get("example_value"))}
         self._static = set(by_address) | {i for i, node in enumerate(placeholders) if _marked_static(node)}
+        self._kv = set(by_address)
         self._by_address: list[int] | None = None  # decided at the first call
+        self._kv_slots: list[int] = []  # positions of the cached keys/values among the key's addresses
+        self._last_key: tuple | None = None
         self._copied: list[int] = []
         self._sized: list[int] = []
         self._others: list[int] = []
@@ -104,6 +108,7 @@ class CapturedGraph:
         if self._by_address is None:
             return self._first_call(args)
         key = self._key(args)
+        last, self._last_key = self._last_key, key
         capture = self.captures.get(key)
         if capture is not None:
             self.captures.move_to_end(key)
@@ -112,8 +117,16 @@ class CapturedGraph:
             self._seen[key] = None
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
-            return self._uncaptured(args, "first call with these shapes or addresses")
+            return self._uncaptured(args, self._why_new(key, last))
         return self._capture(key, args)
+
+    def _why_new(self, key: tuple, last: tuple | None) -> str:
+        """Why ``key`` has not been seen: the cached keys/values are other tensors than at the last call
+        (a cache grown by ``torch.cat``: such a graph never replays; a preallocated cache, such as HF
+        ``StaticCache``, does), or anything else (shapes, other inputs, a first call)."""
+        if last is not None and any(key[0][j] != last[0][j] for j in self._kv_slots):
+            return "new cached keys/values"
+        return "first call with these shapes or addresses"
 
     def _first_call(self, args):
         """Run uncaptured, and learn which inputs the graph writes (they are taken by address)."""
@@ -132,10 +145,12 @@ class CapturedGraph:
         self._by_address = [i for i in tensors
                             if i in self._static or i in written or isinstance(args[i], torch.nn.Parameter)]
         self._written = [i for i in sorted(written) if _version(args[i]) is not None]
+        self._kv_slots = [j for j, i in enumerate(self._by_address) if i in self._kv]
         self._copied = [i for i in tensors if i not in self._by_address]
         self._sized = [i for i in tensors if i in self._unguarded]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
-        self._seen[self._key(args)] = None
+        self._last_key = self._key(args)
+        self._seen[self._last_key] = None
         return outputs
 
     def _key(self, args) -> tuple:
