@@ -13,6 +13,10 @@ by CausVid, LongLive and others) keep their self-attention cache in a way the ot
 * when the write would run past the capacity, the cache is rolled left in place (a copy inside the
   cache, the first ``sink`` tokens kept) before the write, evicting the oldest frames.
 
+``cache_mode="longlive"`` reproduces LongLive's variant of ``CausalWanSelfAttention``: the roll and the
+write go to a ``clone()`` of the cache, the attention reads ``cat([clone[:, :sink], clone[:, a:end]])``
+(the sink tokens, then the window after them), and only then is the real cache rolled and written.
+
 The inference loop (:func:`generate`, after Self-Forcing's ``CausalInferencePipeline.inference``)
 denoises one chunk of frames in a few steps, each step writing the noisy chunk into the cache slot
 (the indices do not move within a chunk: ``current_end == global_end_index``), then reruns the clean
@@ -45,6 +49,7 @@ class WanCausalConfig:
     cache_frames: int = 8        # cache capacity in frames (Self-Forcing: local_attn_size)
     window_frames: int | None = None  # frames the attention reads (None: the capacity)
     sink_frames: int = 0         # frames kept at the cache head when it rolls
+    cache_mode: str = "self_forcing"  # or "longlive": attend over a written clone, see CausalSelfAttention
     max_frames: int = 1024       # length of the RoPE frame table
 
     @property
@@ -107,6 +112,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
         self.sink_frames = cfg.sink_frames
+        self.longlive = cfg.cache_mode == "longlive"
         self.window = (cfg.window_frames or cfg.cache_frames) * cfg.frame_tokens
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
@@ -126,22 +132,39 @@ class CausalSelfAttention(nn.Module):
         capacity = kv_cache["k"].shape[1]
         global_end, local_end = kv_cache["global_end_index"].item(), kv_cache["local_end_index"].item()
         advance = current_end - global_end  # 0 at the later steps of a chunk: same slot again
-        if advance > 0 and local_end + s > capacity:  # roll left in place, keeping the sink
-            evicted = local_end + s - capacity
-            kept = local_end - evicted - sink
-            for name in ("k", "v"):
-                cache = kv_cache[name]
-                cache[:, sink:sink + kept] = cache[:, sink + evicted:sink + evicted + kept].clone()
-            local_end = local_end + advance - evicted
+        evicted = local_end + s - capacity if advance > 0 and local_end + s > capacity else 0
+        roll = (sink, evicted, local_end - evicted - sink)  # roll left in place, keeping the sink
+        local_end = local_end + advance - evicted
+        if self.longlive:
+            k_cache, v_cache = self._write(kv_cache["k"].clone(), kv_cache["v"].clone(), roped_k, v,
+                                           roll, local_end)
+            if sink > 0:  # the sink tokens, then the window after them
+                window_start = max(sink, local_end - (self.window - sink))
+                keys = torch.cat([k_cache[:, :sink], k_cache[:, window_start:local_end]], dim=1)
+                values = torch.cat([v_cache[:, :sink], v_cache[:, window_start:local_end]], dim=1)
+            else:
+                window_start = max(0, local_end - self.window)
+                keys, values = k_cache[:, window_start:local_end], v_cache[:, window_start:local_end]
+            out = attention(roped_q, keys, values)
+            self._write(kv_cache["k"], kv_cache["v"], roped_k, v, roll, local_end)
         else:
-            local_end = local_end + advance
-        kv_cache["k"][:, local_end - s:local_end] = roped_k
-        kv_cache["v"][:, local_end - s:local_end] = v
-        window_start = max(0, local_end - self.window)
-        out = attention(roped_q, kv_cache["k"][:, window_start:local_end], kv_cache["v"][:, window_start:local_end])
+            k_cache, v_cache = self._write(kv_cache["k"], kv_cache["v"], roped_k, v, roll, local_end)
+            window_start = max(0, local_end - self.window)
+            out = attention(roped_q, k_cache[:, window_start:local_end], v_cache[:, window_start:local_end])
         kv_cache["global_end_index"].fill_(current_end)
         kv_cache["local_end_index"].fill_(local_end)
         return self.o(out.flatten(2))
+
+    @staticmethod
+    def _write(k_cache, v_cache, k, v, roll: tuple, local_end: int):
+        """Roll (``(sink, evicted, kept)``: evict ``evicted`` tokens after the sink, if any), then write
+        the chunk ending at ``local_end``."""
+        sink, evicted, kept = roll
+        for cache, new in ((k_cache, k), (v_cache, v)):
+            if evicted:
+                cache[:, sink:sink + kept] = cache[:, sink + evicted:sink + evicted + kept].clone()
+            cache[:, local_end - new.shape[1]:local_end] = new
+        return k_cache, v_cache
 
 
 class CrossAttention(nn.Module):

@@ -105,3 +105,81 @@ def test_a_graph_writing_the_cache_outside_the_block_never_reuses():
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (2, 0), stats
     assert stats.refresh_reasons.get("cache written outside the block") == 2
+
+
+SINK, WINDOW = 2, 12
+
+
+class ClonedCacheAttention(torch.nn.Module):
+    """LongLive's form: writes the block into a clone of the cache, attends over ``cat(sinks, window)``
+    of the clone, then writes the real cache as it wrote the clone (unless ``variant`` says otherwise)."""
+
+    def __init__(self, variant="ok"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(H * D, 3 * H * D)
+        self.variant = variant
+        self.eval()
+
+    def forward(self, x, cache_k, cache_v, start: int):
+        B = x.shape[0]
+        q, k, v = self.proj(x).view(B, M, 3, H, D).unbind(2)
+        end = start + M
+        temp_k, temp_v = cache_k.clone(), cache_v.clone()
+        temp_k[:, start:end] = k
+        temp_v[:, start:end] = v
+        a = max(SINK, end - WINDOW)
+        keys = torch.cat([temp_k[:, :SINK], temp_k[:, a:end]], dim=1)
+        values = torch.cat([temp_v[:, :SINK], temp_v[:, a:end]], dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        if self.variant != "real_cache_unwritten":
+            cache_k[:, start:end] = k * 2 if self.variant == "real_cache_written_otherwise" else k
+            cache_v[:, start:end] = v
+        return out
+
+
+def _optimized_cloned(variant="ok", refresh="block"):
+    return ClonedCacheAttention(variant), fbcompile.optimize(
+        ClonedCacheAttention(variant), fbcompile.Config(refresh=refresh, compiler="eager"))
+
+
+@torch.no_grad()
+def test_cloned_cache_exact_mode_matches():
+    """Blocks inside the sinks (0), across them (1), after them (8, 13: the window starts later)."""
+    plain, model = _optimized_cloned(refresh="always")
+    for start in (0, 1, 8, 13):
+        x, ck, cv = _inputs(start)
+        expected = _exact(plain, x, ck, cv, start)
+        assert rel_error(model(x, ck, cv, start), expected) < 1e-5, start
+    decisions = [s["decision"] for s in fbcompile.explain(model).sites]
+    assert decisions and set(decisions) == {"rewritten"}, decisions
+
+
+@torch.no_grad()
+def test_cloned_cache_reuses_until_written_from_outside():
+    plain, model = _optimized_cloned()
+    x, ck, cv = _inputs(1)
+    start = 8
+    model(x, ck, cv, start)
+    x2 = torch.randn_like(x)
+    model(x2, ck, cv, start)  # the graph wrote cache[:, 8:12] itself, as it wrote the clone
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (1, 1), stats
+    ck[:, :SINK] += 1.0  # a write from outside into the sinks
+    x3 = torch.randn_like(x)
+    assert rel_error(model(x3, ck, cv, start), _exact(plain, x3, ck, cv, start)) < 1e-5
+    assert fbcompile.stats(model).refresh_reasons.get("kv written in place") == 1
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("variant", ["real_cache_unwritten", "real_cache_written_otherwise"])
+def test_cloned_cache_not_written_back_alike_is_skipped(variant):
+    """The clone's content outlives the call only if the cache is written as the clone was."""
+    plain, model = _optimized_cloned(variant)
+    x, ck, cv = _inputs(3)
+    for _ in range(2):
+        x = torch.randn_like(x)
+        assert rel_error(model(x, ck, cv, 8), _exact(plain, x, ck, cv, 8)) < 1e-6
+    sites = fbcompile.explain(model).sites
+    assert len(sites) == 1 and sites[0]["decision"].startswith("skipped")
+    assert "not written as the clone was" in sites[0]["decision"], sites[0]["decision"]

@@ -4,11 +4,13 @@ Every self-attention over the cache is rewritten although ``.item()`` breaks eac
 dynamo graphs (the write and the window read sit in the resumed graph, with symbolic bounds); exact
 mode equals eager; block mode refreshes once per chunk and reuses at the chunk's other calls; and
 no call reuses a stale external part: a write from outside, a roll of the cache, a moved window,
-a new request.
+a new request. LongLive's variant (attention over a written clone of the cache, sinks and window
+concatenated) is held to the same.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ from examples.wan_causal_video import WanCausalConfig, WanCausalVideo, generate,
 
 STEPS = (1000, 750, 500, 250)
 ROLLING = WanCausalConfig(cache_frames=6, window_frames=4, sink_frames=1)  # window < cache: the start moves
+LONGLIVE = replace(ROLLING, cache_mode="longlive")  # attends over cat(sinks, window) of a written clone
+CACHE_MODES = pytest.mark.parametrize("cfg", [ROLLING, LONGLIVE], ids=["self_forcing", "longlive"])
 
 
 def _models(cfg: WanCausalConfig, refresh="block", dtype=torch.float32):
@@ -79,6 +83,7 @@ def _self_attention_rewritten(model) -> int:
 @torch.no_grad()
 @pytest.mark.parametrize("cfg,dtype,tol", [
     (ROLLING, torch.float32, 1e-5),
+    (LONGLIVE, torch.float32, 1e-5),
     (WanCausalConfig(cache_frames=4, sink_frames=0), torch.bfloat16, 1e-2),  # Self-Forcing's: window = cache
 ])
 def test_exact_mode_equals_eager_through_the_loop(cfg, dtype, tol):
@@ -90,46 +95,49 @@ def test_exact_mode_equals_eager_through_the_loop(cfg, dtype, tol):
 
 
 @torch.no_grad()
-def test_block_mode_refreshes_once_per_chunk_and_compiles_stay_bounded():
-    plain, optimized = _models(ROLLING)
-    noise, context = _inputs(ROLLING, chunks=6)
+@CACHE_MODES
+def test_block_mode_refreshes_once_per_chunk_and_compiles_stay_bounded(cfg):
+    plain, optimized = _models(cfg)
+    noise, context = _inputs(cfg, chunks=6)
     checked = Checked(optimized, plain, check=lambda chunk, step: step == 0)
     out = generate(checked, noise, context, STEPS)
     assert checked.checked == 6  # every chunk's first call is exact (rolls included)
     assert rel_error(out, generate(plain, noise, context, STEPS)) < 1e-3
     stats = fbcompile.stats(optimized)
-    layers = ROLLING.num_layers
+    layers = cfg.num_layers
     assert (stats.refreshes, stats.reuses) == (6 * layers, 6 * layers * len(STEPS)), stats  # 3 steps + clean pass
     _self_attention_rewritten(optimized)
     compiles = stats.compiles
     fbcompile.new_request(optimized)
-    generate(optimized, *_inputs(ROLLING, chunks=12, seed=1), STEPS)
+    generate(optimized, *_inputs(cfg, chunks=12, seed=1), STEPS)
     assert fbcompile.stats(optimized).compiles == compiles  # twice the chunks, no new graph
 
 
 @torch.no_grad()
-def test_a_roll_of_the_cache_refreshes():
+@CACHE_MODES
+def test_a_roll_of_the_cache_refreshes(cfg):
     """Once the cache is full, every chunk rolls it and writes at the same range as the chunk before:
     only the roll itself (a write inside the graph, outside the block) tells the external part changed."""
-    plain, optimized = _models(ROLLING)
+    plain, optimized = _models(cfg)
     checked = Checked(optimized, plain, check=lambda chunk, step: chunk >= 2 and step == 0)
-    generate(checked, *_inputs(ROLLING, chunks=4), STEPS)
+    generate(checked, *_inputs(cfg, chunks=4), STEPS)
     assert checked.checked == 2
-    assert fbcompile.stats(optimized).refresh_reasons.get("cache written outside the block") == ROLLING.num_layers
+    assert fbcompile.stats(optimized).refresh_reasons.get("cache written outside the block") == cfg.num_layers
 
 
 @torch.no_grad()
-def test_a_write_outside_the_block_refreshes():
+@CACHE_MODES
+def test_a_write_outside_the_block_refreshes(cfg):
     def write(chunk, step, kv_cache):
         if (chunk, step) == (1, 2):
             for layer in kv_cache:
                 layer["k"][:, :4] += 1.0
 
-    plain, optimized = _models(ROLLING)
+    plain, optimized = _models(cfg)
     checked = Checked(optimized, plain, check=lambda chunk, step: (chunk, step) == (1, 2), before=write)
-    generate(checked, *_inputs(ROLLING, chunks=2), STEPS)
+    generate(checked, *_inputs(cfg, chunks=2), STEPS)
     assert checked.checked == 1
-    assert fbcompile.stats(optimized).refresh_reasons.get("kv written in place") == ROLLING.num_layers
+    assert fbcompile.stats(optimized).refresh_reasons.get("kv written in place") == cfg.num_layers
 
 
 @torch.no_grad()

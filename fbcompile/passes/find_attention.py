@@ -311,7 +311,9 @@ def _cache_inputs(deps: DependencyGraph, node) -> set[fx.Node]:
     the graph's write goes to the block's own range. A position-wise piece reads its cat operand's
     inputs and those of the ops' other operands.
     """
-    if isinstance(node, (CacheWindow, BufferExternal)):
+    if isinstance(node, CacheWindow):
+        return {node.source}
+    if isinstance(node, BufferExternal):
         return {node.base}
     if isinstance(node, BufferBlock):  # the buffer's rows at the written positions hold the block
         node = node.write.value
@@ -399,7 +401,8 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             try:
                 site.k_layout = trace_kv(site.k, tokens_first=site.tokens_first)
                 site.v_layout = trace_kv(site.v, tokens_first=site.tokens_first)
-                check_windows(site.cache_windows())
+                check_windows(*([p for p in layout.pieces if isinstance(p, CacheWindow)]
+                                for layout in (site.k_layout, site.v_layout)))
             except LayoutError as e:
                 raise NotSplittable(str(e)) from None
             _check_mask(site)

@@ -250,9 +250,15 @@ def _written_buffer(node: fx.Node):
 
 def _expand_piece(piece: fx.Node, cat_dim: int) -> list:
     """A cat operand that is itself position-wise ops of a cat along the sequence (RoPE, then zero
-    padding with a second cat) stands for that cat's pieces."""
+    padding with a second cat) stands for that cat's pieces; one that reads a written cache clone
+    (LongLive's sinks and window, see :mod:`.static_cache`) for its window and tail."""
     if piece.op == "placeholder":
         return [piece]
+    static = static_cache_read(piece)
+    if static is not None:
+        if static[0] != cat_dim:
+            raise LayoutError("a static-cache window is read along another dim than the cat's")
+        return static[1]
     try:
         return positionwise_pieces(piece, cat_dim)
     except LayoutError:
