@@ -15,7 +15,10 @@ by CausVid, LongLive and others) keep their self-attention cache in a way the ot
 
 ``cache_mode="longlive"`` reproduces LongLive's variant of ``CausalWanSelfAttention``: the roll and the
 write go to a ``clone()`` of the cache, the attention reads ``cat([clone[:, :sink], clone[:, a:end]])``
-(the sink tokens, then the window after them), and only then is the real cache rolled and written.
+(the sink tokens, then the window after them; the window alone without sinks), and only then is the
+real cache rolled and written the same way. (LongLive defers that write to the end of the model's
+forward, ``_apply_cache_updates``; here each layer does it right after its attention, in the same
+dynamo graph, which is what lets fbcompile prove the external rows outlive the call.)
 
 The inference loop (:func:`generate`, after Self-Forcing's ``CausalInferencePipeline.inference``)
 denoises one chunk of frames in a few steps, each step writing the noisy chunk into the cache slot

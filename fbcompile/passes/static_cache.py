@@ -44,10 +44,10 @@ written after the clone by exactly the clone's writes (same slices, same values,
 input holds what the clone held at the attention and the version guard below applies to it.
 
 Reuse is safe when the external range holds what it held at the refresh: the runtime compares ``a``
-and ``start`` (and a clone's read end) by value (symbolic ones are evaluated from the graph's int inputs and sizes, see
-:mod:`.guards`) and the cache's ``_version`` after the graph's own writes. A graph that also writes
-the cache elsewhere (a roll, a sink update) changes the external rows itself: it is split exactly,
-but always refreshes (:attr:`CacheWindow.rewrites`).
+and ``start`` (and a clone's read end) by value (symbolic ones are evaluated from the graph's int
+inputs and sizes, see :mod:`.guards`) and the cache's ``_version`` after the graph's own writes. A
+graph that also writes the cache elsewhere (a roll, a sink update) changes the external rows itself:
+it is split exactly, but always refreshes (:attr:`CacheWindow.rewrites`).
 """
 from __future__ import annotations
 
@@ -277,17 +277,18 @@ def _mirrored_writes(clone: fx.Node, source: fx.Node, writes: list[fx.Node], ord
     """The writes of ``source``, proven to repeat the writes of its ``clone`` in order after it was
     taken, so that after the graph ``source`` holds what ``clone`` held once written; LayoutError if not."""
     mirrors = _writes(source)
-    if len(mirrors) != len(writes):
-        raise LayoutError("a cache clone is read, but the cache is not written as the clone was")
     previous = {clone: order[clone], source: order[clone]}
-    for write, mirror in zip(writes, mirrors):
-        for tensor, w in ((clone, write), (source, mirror)):
-            if op_name(w) != "setitem" or w.args[0] is not tensor or order[w] < previous[tensor]:
-                raise LayoutError("a cache clone is read, but the cache is not written as the clone was")
-        if not (_same_index(write.args[1], mirror.args[1])
-                and _same_written_value(write.args[2], mirror.args[2], clone, source, previous, order)):
-            raise LayoutError("a cache clone is read, but the cache is not written as the clone was")
+    proven = len(mirrors) == len(writes)
+    for write, mirror in zip(writes, mirrors) if proven else ():
+        proven = all(op_name(w) == "setitem" and w.args[0] is tensor and order[w] > previous[tensor]
+                     for tensor, w in ((clone, write), (source, mirror))) \
+            and _same_index(write.args[1], mirror.args[1]) \
+            and _same_written_value(write.args[2], mirror.args[2], clone, source, previous, order)
+        if not proven:
+            break
         previous = {clone: order[write], source: order[mirror]}
+    if not proven:
+        raise LayoutError("a cache clone is read, but this graph does not write the cache as it wrote the clone")
     return tuple(mirrors)
 
 
@@ -302,8 +303,8 @@ def _same_index(a, b) -> bool:
 def _same_written_value(a, b, clone: fx.Node, source: fx.Node, previous: dict, order: dict) -> bool:
     """The same node, or ``x[i].clone()`` of each one's own tensor at the same index, taken after
     that tensor's previous write (a roll in place)."""
-    if a is b:
-        return isinstance(a, fx.Node)
+    if a is b:  # not a view of either tensor, which the writes between would change
+        return isinstance(a, fx.Node) and view_base(a) not in (clone, source)
     for value, tensor in ((a, clone), (b, source)):
         read = value.args[0] if isinstance(value, fx.Node) and op_name(value) == "clone" and value.args else None
         if not isinstance(read, fx.Node) or op_name(read) != "getitem" or read.args[0] is not tensor \
