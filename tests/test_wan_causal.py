@@ -85,6 +85,7 @@ def _self_attention_rewritten(model) -> int:
     (ROLLING, torch.float32, 1e-5),
     (LONGLIVE, torch.float32, 1e-5),
     (WanCausalConfig(cache_frames=4, sink_frames=0), torch.bfloat16, 1e-2),  # Self-Forcing's: window = cache
+    (replace(WanCausalConfig(cache_frames=4, sink_frames=0), cache_mode="longlive"), torch.bfloat16, 1e-2),
 ])
 def test_exact_mode_equals_eager_through_the_loop(cfg, dtype, tol):
     plain, optimized = _models(cfg, refresh="always", dtype=dtype)
