@@ -16,9 +16,10 @@ by CausVid, LongLive and others) keep their self-attention cache in a way the ot
 ``cache_mode="longlive"`` reproduces LongLive's variant of ``CausalWanSelfAttention``: the roll and the
 write go to a ``clone()`` of the cache, the attention reads ``cat([clone[:, :sink], clone[:, a:end]])``
 (the sink tokens, then the window after them; the window alone without sinks), and only then is the
-real cache rolled and written the same way. (LongLive defers that write to the end of the model's
-forward, ``_apply_cache_updates``; here each layer does it right after its attention, in the same
-dynamo graph, which is what lets fbcompile prove the external rows outlive the call.)
+real cache rolled and written the same way: right after the attention, in the same dynamo graph
+(which lets fbcompile prove the external rows outlive the call), or with ``"longlive_deferred"`` as
+LongLive itself does, after every layer ran (its ``_apply_cache_updates``; the layer hands the update
+over in ``kv_cache["update"]``, standing in for its returned ``cache_update_info``).
 
 The inference loop (:func:`generate`, after Self-Forcing's ``CausalInferencePipeline.inference``)
 denoises one chunk of frames in a few steps, each step writing the noisy chunk into the cache slot
@@ -52,7 +53,7 @@ class WanCausalConfig:
     cache_frames: int = 8        # cache capacity in frames (Self-Forcing: local_attn_size)
     window_frames: int | None = None  # frames the attention reads (None: the capacity)
     sink_frames: int = 0         # frames kept at the cache head when it rolls
-    cache_mode: str = "self_forcing"  # or "longlive": attend over a written clone, see CausalSelfAttention
+    cache_mode: str = "self_forcing"  # or "longlive"/"longlive_deferred": attend over a written clone
     max_frames: int = 1024       # length of the RoPE frame table
 
     @property
@@ -115,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
         self.sink_frames = cfg.sink_frames
-        self.longlive = cfg.cache_mode == "longlive"
+        self.longlive, self.deferred = cfg.cache_mode.startswith("longlive"), cfg.cache_mode == "longlive_deferred"
         self.window = (cfg.window_frames or cfg.cache_frames) * cfg.frame_tokens
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(cfg.dim), RMSNorm(cfg.dim)
@@ -149,7 +150,11 @@ class CausalSelfAttention(nn.Module):
                 window_start = max(0, local_end - self.window)
                 keys, values = k_cache[:, window_start:local_end], v_cache[:, window_start:local_end]
             out = attention(roped_q, keys, values)
-            self._write(kv_cache["k"], kv_cache["v"], roped_k, v, roll, local_end)
+            update = (kv_cache["k"], kv_cache["v"], roped_k, v, roll, local_end)
+            if self.deferred:
+                kv_cache["update"] = update
+            else:
+                self._write(*update)
         else:
             k_cache, v_cache = self._write(kv_cache["k"], kv_cache["v"], roped_k, v, roll, local_end)
             window_start = max(0, local_end - self.window)
@@ -259,6 +264,9 @@ class WanCausalVideo(nn.Module):
         context = self.text_embedding(context)
         for block, kv, cross in zip(self.blocks, kv_cache, crossattn_cache):
             tokens = block(tokens, e0, grid_sizes, self.angles, context, kv, cross, current_start)
+        for kv in kv_cache:  # LongLive's deferred cache writes (see the module docstring)
+            if "update" in kv:
+                CausalSelfAttention._write(*kv.pop("update"))
         shift, scale = (self.head_modulation.unsqueeze(1) + e.unflatten(0, t.shape).unsqueeze(2)).chunk(2, dim=2)
         out = self.head((self.head_norm(tokens).unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2))
         out = out.reshape(b, frames, hh // p, ww // p, c, p, p).permute(0, 1, 4, 2, 5, 3, 6)

@@ -142,6 +142,19 @@ def test_a_write_outside_the_block_refreshes(cfg):
 
 
 @torch.no_grad()
+def test_longlive_deferred_write_back_is_left_exact():
+    """LongLive writes the real cache after every layer ran, in another dynamo graph than the
+    attention's: nothing there proves the clone's rows outlive the call, so every site stays exact."""
+    cfg = replace(ROLLING, cache_mode="longlive_deferred")
+    plain, optimized = _models(cfg)
+    noise, context = _inputs(cfg, chunks=4)
+    assert rel_error(generate(optimized, noise, context, STEPS), generate(plain, noise, context, STEPS)) < 1e-6
+    sites = [s for g in fbcompile.explain(optimized).graphs if "l_kv_cache_k_" in g.code_before for s in g.sites]
+    assert sites and all("does not write the cache as it wrote the clone" in s["decision"] for s in sites), sites
+    assert fbcompile.stats(optimized).reuses == 0
+
+
+@torch.no_grad()
 def test_a_moved_window_refreshes():
     """A smaller window mid-chunk: dynamo recompiles, the new graph finds the chunk's entry, but its
     window starts later."""
