@@ -126,14 +126,14 @@ class ClonedCacheAttention(torch.nn.Module):
         q, k, v = self.proj(x).view(B, M, 3, H, D).unbind(2)
         end = start + M
         temp_k, temp_v = cache_k.clone(), cache_v.clone()
-        temp_k[:, start:end] = k
+        temp_k[:, start:end] = k[:, :M]  # sliced anew for the cache below, as LongLive's cache_update_info
         temp_v[:, start:end] = v
         a = max(SINK, end - WINDOW)
         keys = torch.cat([temp_k[:, :SINK], temp_k[:, a:end]], dim=1)
         values = torch.cat([temp_v[:, :SINK], temp_v[:, a:end]], dim=1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
         if self.variant != "real_cache_unwritten":
-            cache_k[:, start:end] = k * 2 if self.variant == "real_cache_written_otherwise" else k
+            cache_k[:, start:end] = k * 2 if self.variant == "real_cache_written_otherwise" else k[:, :M]
             cache_v[:, start:end] = v
         return out
 

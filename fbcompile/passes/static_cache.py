@@ -301,12 +301,16 @@ def _same_index(a, b) -> bool:
 
 
 def _same_written_value(a, b, clone: fx.Node, source: fx.Node, previous: dict, order: dict) -> bool:
-    """The same node, or ``x[i].clone()`` of each one's own tensor at the same index, taken after
-    that tensor's previous write (a roll in place)."""
-    if a is b:  # not a view of either tensor, which the writes between would change
-        return isinstance(a, fx.Node) and view_base(a) not in (clone, source)
+    """The same node, or the same slice of one (LongLive slices the block's keys anew for the cache
+    update), not a view of either cache, which the writes between would change; or ``x[i].clone()``
+    of each one's own tensor at the same index, taken after that tensor's previous write (a roll)."""
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    if a is b or (op_name(a) == op_name(b) == "getitem" and a.args[0] is b.args[0]
+                  and _same_index(a.args[1], b.args[1])):
+        return view_base(a) not in (clone, source)
     for value, tensor in ((a, clone), (b, source)):
-        read = value.args[0] if isinstance(value, fx.Node) and op_name(value) == "clone" and value.args else None
+        read = value.args[0] if op_name(value) == "clone" and value.args else None
         if not isinstance(read, fx.Node) or op_name(read) != "getitem" or read.args[0] is not tensor \
                 or order[value] < previous[tensor]:
             return False
