@@ -110,16 +110,9 @@ def test_a_graph_writing_the_cache_outside_the_block_never_reuses():
 SINK, WINDOW = 2, 12
 
 
-class ClonedCacheAttention(torch.nn.Module):
+class ClonedCacheAttention(StaticCacheAttention):
     """LongLive's form: writes the block into a clone of the cache, attends over ``cat(sinks, window)``
     of the clone, then writes the real cache as it wrote the clone (unless ``variant`` says otherwise)."""
-
-    def __init__(self, variant="ok"):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = torch.nn.Linear(H * D, 3 * H * D)
-        self.variant = variant
-        self.eval()
 
     def forward(self, x, cache_k, cache_v, start: int):
         B = x.shape[0]
