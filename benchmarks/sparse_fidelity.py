@@ -133,7 +133,8 @@ def _write(out: str, env: dict, rows: list[dict]) -> None:
     axes[0].legend()
     fig.suptitle(f"tiny trained model, {env['device']}, torch {env['torch']}\n{env['command']}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "sparse_fidelity_cpu.png"), dpi=120)
+    fig.savefig(os.path.join(out, "sparse_fidelity_cpu.png"), dpi=120,
+                metadata={"Description": f"{env['device']}, torch {env['torch']}: {env['command']}"})
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def _plot(path: str, name: str, rows: list[dict], device: str) -> str:
     fig.legend(*ms_ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     fig.suptitle(f"{name} on {device}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Description": f"{name} on {device}"})
     plt.close(fig)
     return path
 
