@@ -32,11 +32,11 @@ PEAK_HBM = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet HBM bandwidth, bytes/s
 HEADS = [(32, 8, 128), (12, 2, 128), (8, 4, 256), (8, 4, 512)]  # (query heads, KV heads, head dim)
 KEYS = [8192, 32768, 131072]
 BLOCKS = [32, 64, 256]
-SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at 32K keys for M 64 and 256
+SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at 32K keys (M >= 64; every M for wide heads)
     128: [{"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
           {"num_warps": 8}],
-    256: [{"BLOCK_N": 64}, {"BLOCK_R": 128, "num_warps": 8}, {"num_warps": 4}],
-    512: [{"BLOCK_N": 32}, {"BLOCK_R": 32, "num_warps": 4}, {"BLOCK_R": 128, "num_warps": 8}],
+    256: [{"num_warps": 8}, {"BLOCK_N": 64}, {"BLOCK_R": 32}, {"num_stages": 3}, {"BLOCK_N": 16}],
+    512: [{"BLOCK_N": 16, "num_warps": 8}, {"num_warps": 4}, {"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 4}],
 }
 
 
@@ -197,7 +197,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--old-tree", default=None, help="another checkout whose kernels to compare")
-    ap.add_argument("--sweep", action="store_true", help="time tile variants for M >= 64 at 32K keys")
+    ap.add_argument("--sweep", action="store_true", help="time tile variants at 32K keys (M >= 64, or head dims > 128)")
     ap.add_argument("--heads", default=None, help="subset, e.g. 32/8/128,8/4/512")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -217,7 +217,7 @@ def main():
         for m in BLOCKS:
             for n in KEYS:
                 rows.append(run_shape(hq, hkv, d, m, n, meta, old, sweep_rows,
-                                      args.sweep and m >= 64 and n == 32768))
+                                      args.sweep and (m >= 64 or d > 128) and n == 32768))
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     fp32_checks(fp32_rows)
     meta["bench_seconds"] = round(time.time() - t0, 1)
