@@ -46,13 +46,14 @@ def _attention_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
 
 @torch.library.custom_op("fbcompile::reference_attention_lse", mutates_args=())
 def reference_attention_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    key_count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fbcompile.kernels.reference.attention_lse` as an opaque op (the fallback path)."""
-    return reference.attention_lse(q, k, v, mask, scale)
+    return reference.attention_lse(q, k, v, mask, scale, key_count)
 
 
-reference_attention_lse.register_fake(lambda q, k, v, mask, scale: _attention_outputs(q, k, v))
+reference_attention_lse.register_fake(lambda q, k, v, mask, scale, key_count=None: _attention_outputs(q, k, v))
 
 
 @torch.library.custom_op("fbcompile::reference_merge_lse", mutates_args=())
@@ -74,17 +75,21 @@ reference_merge_lse.register_fake(_merge_outputs)
 
 @torch.library.triton_op("fbcompile::attention_lse", mutates_args=())
 def attention_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    key_count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of ``q`` attending over ``(k, v)``: the external part of a split attention."""
+    """``(out, lse)`` of ``q`` attending over ``(k, v)``: the external part of a split attention.
+
+    ``key_count`` (an integer tensor of one element on the device): only the first that many keys
+    count, the rest being spare capacity (see :mod:`fbcompile.passes.key_count`)."""
     _check_shapes(q, k, v)
-    if _use_triton(q, k, v, mask):
-        return triton_attention.attention_lse(q, k, v, mask, scale)
-    return reference_attention_lse(q, k, v, mask, scale)
+    if _use_triton(q, k, v, mask) and (key_count is None or triton_attention.supports_key_count(q, key_count)):
+        return triton_attention.attention_lse(q, k, v, mask, scale, key_count)
+    return reference_attention_lse(q, k, v, mask, scale, key_count)
 
 
 @attention_lse.register_fake
-def _(q, k, v, mask, scale):
+def _(q, k, v, mask, scale, key_count=None):
     return _attention_outputs(q, k, v)
 
 

@@ -189,6 +189,37 @@ def test_split_count_does_not_change_result(D, N, splits):
         torch.testing.assert_close(lse, outs[0][1], rtol=1e-5, atol=1e-6)
 
 
+# (dtype, Hq, Hkv, M, capacity, counts, D, mask, num_splits)
+KEY_COUNT_CASES = [
+    (torch.float32, 4, 2, 8, 300, (0, 1, 17, 64, 299, 300), 64, "none", None),
+    (torch.float32, 8, 2, 16, 260, (5, 130, 259), 128, "bool", 3),
+    (torch.float32, 4, 1, 5, 200, (77, 200), 96, "float", 41),  # more splits than key tiles
+    (torch.bfloat16, 8, 2, 32, 400, (33, 320), 128, "none", None),
+    (torch.float16, 4, 4, 8, 180, (90,), 64, "empty_rows", 2),
+    (torch.bfloat16, 4, 2, 8, 150, (100,), 256, "none", None),
+]
+
+
+@in_process
+@pytest.mark.parametrize("case", KEY_COUNT_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_attention_lse_key_count(case):
+    """Keys past ``key_count`` (a device tensor) are padding: the result equals attention over the
+    first ``key_count`` keys only, whatever the padding holds (here NaN and inf), for any split count."""
+    dtype, Hq, Hkv, M, capacity, counts, D, mask_kind, num_splits = case
+    q, k, v, mask = _inputs(dtype, 1, Hq, Hkv, M, capacity, D, D, mask_kind, seed=capacity)
+    for count in counts:
+        k_pad, v_pad = k.clone(), v.clone()
+        k_pad[:, :, count:] = float("nan")
+        v_pad[:, :, count:] = float("inf")
+        key_count = torch.tensor([count], device=DEVICE, dtype=torch.int32)
+        assert ta.supports_key_count(q, key_count)
+        out, lse = ta.attention_lse(q, k_pad, v_pad, mask, D**-0.5, key_count, num_splits=num_splits)
+        ref_mask = None if mask is None else mask[..., :count]
+        _check(out, lse, *reference.attention_lse(q, k[:, :, :count], v[:, :, :count], ref_mask, D**-0.5), dtype)
+        ref_out, ref_lse = reference.attention_lse(q, k_pad, v_pad, mask, D**-0.5, key_count)
+        _check(out, lse, ref_out, ref_lse, dtype)
+
+
 @in_process
 def test_empty_keys():
     q, k, v, _ = _inputs(torch.float32, 1, 4, 2, 4, 0, 64, 64, "none", seed=1)

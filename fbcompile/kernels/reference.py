@@ -53,9 +53,17 @@ def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p, lse
 
 
-def attention_lse(q, k, v, mask, scale):
-    """Attention of ``q`` over ``(k, v)`` returning ``(out, lse)``; see the module docstring."""
-    p, lse = _softmax(_scores(q, k, mask, scale))
+def attention_lse(q, k, v, mask, scale, key_count=None):
+    """Attention of ``q`` over ``(k, v)`` returning ``(out, lse)``; see the module docstring.
+
+    ``key_count`` (an integer tensor of one element): only the first that many keys count, the rest
+    being padding (masked on the device, no host sync)."""
+    s = _scores(q, k, mask, scale)
+    if key_count is not None:  # padding may hold anything, NaN included: its scores and values are dropped
+        padding = torch.arange(k.shape[2], device=s.device) >= key_count.reshape(()).to(s.device)
+        s = s.masked_fill(padding, float("-inf"))
+        v = v.masked_fill(padding[:, None], 0)
+    p, lse = _softmax(s)
     return _weighted_values(p, v).to(q.dtype), lse
 
 

@@ -127,7 +127,7 @@ def _log2_sum(p_sum, m):
 
 @triton.jit
 def _attn_kernel(
-    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse,
+    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse, KeyCount,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -138,13 +138,15 @@ def _attn_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr, HAS_COUNT: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
     key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
     (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
     of ``BLOCK_N``) also writes the log2-LSE of every chunk of ``CHUNK`` keys per row, ``[B*Hkv, NC, R]``,
-    from the probabilities the softmax computes anyway: the tile scores cost no second KV read."""
+    from the probabilities the softmax computes anyway: the tile scores cost no second KV read.
+    ``HAS_COUNT``: only the first ``KeyCount[0]`` of the ``N`` keys count (the rest is padding of a
+    buffer with spare capacity), and the splits divide those keys, read on the device, among them."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -166,6 +168,9 @@ def _attn_kernel(
     v_ptrs = V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd
     mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
 
+    if HAS_COUNT:
+        N = tl.minimum(tl.load(KeyCount).to(tl.int32), N)
+        keys_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1)) * BLOCK_N
     n_start = pid_s * keys_per_split
     n_end = tl.maximum(tl.minimum(n_start + keys_per_split, N), n_start)  # empty past the end
     k_ptrs += n_start.to(tl.int64) * skn
@@ -540,11 +545,13 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
     )
 
 
-def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, **overrides):
+def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, key_count=None,
+               **overrides):
     """Shared launcher; ``overrides`` (``num_splits`` and any of the tile/warp settings) exist for the
     tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)`` also fills ``tile_mass``
     ``[B, Hkv, ceil(N / tile)]``: the attention kernel stores per-row log2-LSEs of key chunks of
     ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch computes the masses).
+    ``key_count`` (an int tensor of one element, on the device): only the first that many keys count.
 
     Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
     in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
@@ -572,12 +579,12 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         mass = (chunk_lse, tiles[1], tiles[0] // chunk)
     grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
-        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse,
+        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse, q if key_count is None else key_count,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3],
         Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
         SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), CHUNK=chunk,
-        **cfg, **launch,
+        HAS_COUNT=key_count is not None, **cfg, **launch,
     )
     if split:
         _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass)
@@ -592,10 +599,18 @@ def _upcast_dot(q):
     return q.dtype == torch.bfloat16 and q.device.type != "cuda"
 
 
-def attention_lse(q, k, v, mask, scale, *, num_splits: int | None = None):
-    """``(out, lse)`` of ``q`` over a long ``(k, v)``: split-KV, GQA-packed; see the module docstring."""
+def attention_lse(q, k, v, mask, scale, key_count=None, *, num_splits: int | None = None):
+    """``(out, lse)`` of ``q`` over a long ``(k, v)``: split-KV, GQA-packed; see the module docstring.
+    ``key_count``: see :func:`supports_key_count`."""
     overrides = {} if num_splits is None else {"num_splits": num_splits}
-    return _attention(q, k, v, mask, scale, **overrides)
+    return _attention(q, k, v, mask, scale, key_count=key_count, **overrides)
+
+
+def supports_key_count(q, key_count) -> bool:
+    """Whether :func:`attention_lse` takes this ``key_count``: an integer tensor of one element on
+    ``q``'s device, read by the kernel (only the first ``key_count`` keys count), so that a buffer
+    with spare capacity behind the keys needs neither a host sync nor a new launch shape."""
+    return key_count.device == q.device and key_count.numel() == 1 and not key_count.is_floating_point()
 
 
 def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
