@@ -168,22 +168,79 @@ def test_replays_follow_the_guards(device):
 
 
 @torch.no_grad()
-def test_growing_cache_captures_stay_bounded(device):
-    """``generate`` grows its cache by a ``torch.cat`` per block: the reuse graphs are captured once for
-    all blocks, refreshes over the new tensors run uncaptured; the tokens are those of the model
-    without CUDA graphs."""
+def test_growing_cache_runs_from_spare_capacity(device):
+    """``generate`` grows its cache by a ``torch.cat`` per block: the graphs that read it switch to buffers
+    with spare capacity (one copy of each new cache, shared by the graphs that read it) and are captured
+    once per capacity, the reuse graphs once for all blocks; the tokens are those of the model without CUDA
+    graphs. Only the first block's graphs, which dynamo compiled for the prompt's static length, run
+    uncaptured."""
     reference = lm(device)
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
     plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
     prompt = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(0)).to(device)
     graphed.generate(prompt, num_blocks=4, steps=4)
+    assert fbcompile.stats(graphed).cuda_graphs.get("switched to spare capacity", 0) >= 1
     fbcompile.reset(graphed)  # counts from here
-    got = graphed.generate(prompt, num_blocks=12, steps=4)
-    expected = plain.generate(prompt, num_blocks=12, steps=4)
+    blocks = 12
+    got = graphed.generate(prompt, num_blocks=blocks, steps=4)
+    expected = plain.generate(prompt, num_blocks=blocks, steps=4)
     assert (got == expected).float().mean().item() > 0.98
     stats = fbcompile.stats(graphed)
     assert stats.reuses == fbcompile.stats(plain).reuses > 0
-    assert stats.cuda_graphs.get("captures", 0) <= 3, stats.cuda_graphs  # over 12 more blocks
-    assert stats.cuda_graphs.get("replays", 0) >= 12 * 2, stats.cuda_graphs
-    # the refresh of each block reads a new cache: counted as such, not as a first call
-    assert stats.cuda_graphs.get("uncaptured (new cached keys/values)", 0) >= 12, stats.cuda_graphs
+    capacities = {cuda_graphs.spare_capacity(40 + b * reference.config.block_size) for b in range(blocks)}
+    # per capacity the refresh graph and the graph that returns the block's keys/values; the reuse graphs
+    assert stats.cuda_graphs.get("captures", 0) <= 2 * len(capacities) + 2, stats.cuda_graphs
+    assert stats.cuda_graphs.get("cache copies into spare capacity", 0) == blocks - 1, stats.cuda_graphs
+    assert stats.cuda_graphs.get("replays", 0) >= blocks * 3, stats.cuda_graphs
+    assert stats.cuda_graphs.get("uncaptured (new cached keys/values)", 0) == 2, stats.cuda_graphs
+    assert len([key for key in stats.cuda_graphs if key.startswith("uncaptured")]) == 1, stats.cuda_graphs
+
+
+@torch.no_grad()
+def test_spare_capacity_sees_writes_and_new_tensors(device):
+    """Over a cache of spare capacity the graphs read what the cache holds now: the same tensors written
+    in place are copied again, other tensors of the same length too; each call agrees with the model
+    without CUDA graphs, and with the original model at the refreshes."""
+    reference = lm(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
+    for step in range(8):
+        context = CONTEXT + 4 * (step // 2)  # a new cache every other step; lengths within one capacity
+        if step % 2 == 0:
+            cache = random_cache(reference, step, context)
+        elif step == 5:
+            cache[1][1][:, :, 3].mul_(2.0)  # a written value, the same tensors
+        x, pos = block_tokens(reference, step), positions(reference, context)
+        got = graphed(x, past_key_values=cache, position_ids=pos)[0]
+        assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device)
+        if step % 2 == 0 or step == 5:
+            assert rel_error(got, reference(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device)
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert counts.get("switched to spare capacity", 0) == 1, counts
+    # the first dynamic-length graph switches at its second cache (the third): caches 3, 4 and the write
+    assert counts.get("cache copies into spare capacity", 0) == 3, counts
+    assert counts.get("replays", 0) >= 2, counts  # the refreshes over the written cache and over the last
+
+
+@torch.no_grad()
+def test_cache_length_used_elsewhere_keeps_the_cache_uncaptured(device):
+    """Without ``position_ids`` the model computes the positions from the cache's length: a padded cache
+    would move them, so the graph stays over the cache itself and runs uncaptured over each new one."""
+    reference = lm(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    for block in range(5):
+        cache = random_cache(reference, block, CONTEXT + 8 * block)
+        x = block_tokens(reference, block)
+        got = graphed(x, past_key_values=cache)[0]
+        assert rel_error(got, reference(x, past_key_values=cache)[0]) < tolerance(device)
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert "switched to spare capacity" not in counts, counts
+    assert counts.get("uncaptured (new cached keys/values)", 0) >= 2, counts
+
+
+def test_spare_capacity_sizes():
+    """8 capacities per doubling, at most 1/8 spare, never less than the length."""
+    for length in [1, 16, 17, 100, 255, 256, 257, 4095, 32768, 32800, 131072 + 32]:
+        capacity = cuda_graphs.spare_capacity(length)
+        assert capacity >= length and (capacity - length) <= max(16, length / 8), (length, capacity)
+    assert len({cuda_graphs.spare_capacity(n) for n in range(32768 + 1, 65536 + 1)}) == 8

@@ -27,12 +27,23 @@ refresh across calls. Here, per graph:
   So a reuse graph, which does not read the cache, is captured once for all blocks; a refresh graph
   over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once;
   a refresh graph over tensors that are new at every block (a cache grown by ``torch.cat``, as HF
-  ``DynamicCache`` does) runs uncaptured, as Inductor compiled it (its Triton kernels launched from
-  Inductor's wrapper code), once per block: a capture costs more than one run and could never replay;
-  ``Stats.cuda_graphs`` counts these runs as ``"uncaptured (new cached keys/values)"``.
+  ``DynamicCache`` does) would never replay: see *Spare capacity*.
   A write offset passed as a Python int (``cache[:, start:start + n] = k``) is baked into a capture, so
   such a graph is captured once per block, at its second step; passed as a tensor (HF ``StaticCache``'s
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
+* **Spare capacity.** When the cached keys/values are other tensors than at the last call and the
+  graph reads their (symbolic) length nowhere but in its external attention
+  (:mod:`fbcompile.passes.key_count` proves it and gives the attention a key count read on the
+  device), the graph switches to buffers with spare capacity: from then on each call copies the cache
+  into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same tensors,
+  unwritten since, copies nothing) and runs over them with the key count, so that one capture serves
+  every length up to the capacity. The capacities are 8 sizes per doubling of the length, at most
+  1/8 spare: a cache grown by one block per block is captured again every ~length/8 keys (every 128
+  blocks of 32 at 32K keys). Graphs over caches of the same layout share the buffers (an extra
+  ~1.1x the cache), freed with the last graph's move to a larger capacity, which also drops the
+  captures that read them. Graphs whose length reaches anything
+  else (positions computed from it, a mask over the cache) run uncaptured over new caches, counted in
+  ``Stats.cuda_graphs`` as ``"uncaptured (new cached keys/values)"``.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` into fresh tensors), so neither the caller nor the dispatcher's cache holds
   memory a later replay overwrites. A graph that returns a view of one of its inputs is not captured.
@@ -47,6 +58,7 @@ provenance records, another graph's guards) sees the same as without CUDA graphs
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Callable
 
@@ -54,10 +66,20 @@ import torch
 import torch.fx as fx
 
 from fbcompile.backends.session import Session
+from fbcompile.passes.key_count import KeyCountInputs
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
+NEW_KV = "new cached keys/values"
+
+
+def spare_capacity(length: int) -> int:
+    """The smallest ``m * 2^k >= length`` with ``8 <= m <= 16``: 8 sizes per doubling, at most 1/8 spare."""
+    if length <= 16:
+        return 16
+    shift = (length - 1).bit_length() - 4
+    return -(-length // (1 << shift)) << shift
 
 
 def record(run: Callable, args: list, session: Session) -> tuple[Callable[[], None], list]:
@@ -75,14 +97,34 @@ class Capture:
         self.replay, self.buffers, self.outputs = replay, buffers, outputs
 
 
+class SpareBuffers:
+    """Buffers with spare capacity for a cache's keys/values (one per padded input, in the graph's
+    order) and what they hold: the tensors last copied in, with their versions."""
+
+    def __init__(self, layout: tuple, buffers: list[torch.Tensor]):
+        self.layout, self.buffers = layout, buffers
+        self.sources: list | None = None  # (weakref, version) per buffer
+
+    def holds(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether the buffers hold ``tensors`` as they are now: the same tensor objects (alive, so their
+        memory is theirs), not written since the copy (inference tensors, without versions: never)."""
+        return self.sources is not None and all(
+            ref() is t and version is not None and version == _version(t) for (ref, version), t in zip(self.sources, tensors))
+
+
 class CapturedGraph:
     """A compiled graph run through CUDA graphs where it can be (see the module docstring).
 
     ``by_address``: argument indices known to hold cached keys/values (taken by address).
+    ``key_count``: set when ``gm`` takes a key count after its arguments (:mod:`fbcompile.passes.key_count`).
     """
 
-    def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int]):
+    def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int],
+                 key_count: KeyCountInputs | None = None):
         self.run, self.session = run, session
+        self.key_count = key_count
+        self.spare = False  # the cached keys/values run from buffers with spare capacity
+        self._spare: SpareBuffers | None = None
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if node.users]
         # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
@@ -100,7 +142,8 @@ class CapturedGraph:
         self._seen: OrderedDict = OrderedDict()
         self.uncapturable: str | None = None
 
-    def __call__(self, *args):
+    def __call__(self, *raw):
+        args = self._counted(raw)
         if self.uncapturable is not None:
             return self._uncaptured(args, self.uncapturable)
         if torch.is_grad_enabled():
@@ -113,19 +156,65 @@ class CapturedGraph:
         if capture is not None:
             self.captures.move_to_end(key)
             return self._replay(capture, args)
-        if key not in self._seen:
+        if key not in self._seen and not self.spare:  # spare-capacity keys recur by design: captured at once
+            reason = self._why_new(key, last)
+            if reason == NEW_KV and self.key_count is not None:
+                self.spare = True
+                self.session.cuda_graph_counts["switched to spare capacity"] += 1
+                return self(*raw)
             self._seen[key] = None
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
-            return self._uncaptured(args, self._why_new(key, last))
+            return self._uncaptured(args, reason)
         return self._capture(key, args)
+
+    def _counted(self, args) -> tuple:
+        """The arguments of the compiled graph: with a key count, appended (the cached length as a
+        device tensor), and in spare mode the cached keys/values replaced by their spare buffers."""
+        if self.key_count is None:
+            return args
+        lengths = {args[p.index].shape[p.dim] for p in self.key_count.padded}
+        length = max(lengths)  # any count >= the lengths: every key counts
+        if self.spare and len(lengths) == 1 and self.uncapturable is None and not torch.is_grad_enabled():
+            args = self._into_spare(args, length, spare_capacity(length))
+        device = args[self.key_count.padded[0].index].device
+        return (*args, torch.full((1,), length, dtype=torch.int32, device=device))
+
+    def _into_spare(self, args, length: int, capacity: int) -> tuple:
+        """``args`` with the cached keys/values in buffers of ``capacity`` (copied unless the buffers
+        hold the same tensors, unwritten since) and the integer inputs of the length set to it."""
+        padded = self.key_count.padded
+        sources = [args[p.index] for p in padded]
+        layout = (capacity, tuple((p.dim, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
+                                  for p, t in zip(padded, sources)))  # buffer strides follow from these
+        if self._spare is None or self._spare.layout != layout:
+            if self._spare is not None:  # the captures over the old buffers can never replay
+                pointers = {b.data_ptr() for b in self._spare.buffers}
+                for key in [key for key in self.captures if pointers & set(key[0])]:
+                    del self.captures[key]
+            self._spare = self.session.spare_buffers.get(layout)
+            if self._spare is None:
+                self._spare = SpareBuffers(layout, [
+                    torch.empty_strided(*p.layout(t.shape, capacity), dtype=t.dtype, device=t.device)
+                    for p, t in zip(padded, sources)])
+                self.session.spare_buffers[layout] = self._spare
+        if not self._spare.holds(sources):
+            torch._foreach_copy_([b.narrow(p.dim, 0, length) for b, p in zip(self._spare.buffers, padded)], sources)
+            self._spare.sources = [(weakref.ref(t), _version(t)) for t in sources]
+            self.session.cuda_graph_counts["cache copies into spare capacity"] += 1
+        args = list(args)
+        for p, buffer in zip(padded, self._spare.buffers):
+            args[p.index] = buffer
+        for i in self.key_count.sizes:
+            args[i] = capacity
+        return tuple(args)
 
     def _why_new(self, key: tuple, last: tuple | None) -> str:
         """Why ``key`` has not been seen: the cached keys/values are other tensors than at the last call
         (a cache grown by ``torch.cat``: such a graph never replays; a preallocated cache, such as HF
         ``StaticCache``, does), or anything else (shapes, other inputs, a first call)."""
         if last is not None and any(key[0][j] != last[0][j] for j in self._kv_slots):
-            return "new cached keys/values"
+            return NEW_KV
         return "first call with these shapes or addresses"
 
     def _first_call(self, args):

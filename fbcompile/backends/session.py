@@ -178,6 +178,8 @@ class Session:
         self.cuda_graphs = self.config.cuda_graphs or mode_uses_cuda_graphs(mode)
         self.cuda_graph_counts: Counter = Counter()  # captures, replays, uncaptured runs (and why)
         self._cuda_graph_pool = None
+        # layout -> SpareBuffers (cuda_graphs): graphs over the same cache share one copy of it
+        self.spare_buffers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._module = weakref.ref(module) if module is not None else None
         self.graphs: list[GraphRecord] = []
         self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence, computation) -> CacheEntry

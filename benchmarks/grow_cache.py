@@ -1,0 +1,154 @@
+"""ms per block under CUDA graphs over a cache that grows by a ``torch.cat`` at every block (HF
+``DynamicCache``, ``generate``), against the same cache kept as the same tensors.
+
+The example LM at Qwen2-1.5B shape (bf16, random weights), block 32, 8 steps; the cache starts at
+``--context`` tokens. Variants: ``block-ro`` (block mode) and ``exact-ro`` (exact mode), both with
+``cuda_graphs=True``; settings: ``grown`` (every block joins one block of keys/values: new tensors, a new
+length; the graphs switch to buffers with spare capacity) and ``same`` (the cache stays the same tensors:
+the refresh graph is captured over them). ``--warmup`` blocks (compiles, captures), then the median of
+``--blocks`` timed blocks with their CUDA-graph counts, and the relative error of the last timed block's
+first-step logits against the model without fbcompile on the same cache.
+
+    python benchmarks/grow_cache.py --context 32k
+    python benchmarks/grow_cache.py --tiny --device cpu --compiler eager   # the code path only
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import fbcompile  # noqa: E402
+from fbcompile.backends import cuda_graphs  # noqa: E402
+from benchmarks.e2e import QWEN_1_5B, TINY_LM, build_lm  # noqa: E402
+
+STEPS = 8
+VARIANTS = {"block-ro": "block", "exact-ro": "always"}
+
+
+def grow(cache, block: int):
+    """The cache with one more block of keys/values (its last block again): new tensors, as ``torch.cat``
+    in a ``DynamicCache`` makes them."""
+    return [tuple(torch.cat([t, t[:, :, -block:]], dim=-2) for t in kv) for kv in cache]
+
+
+def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, device) -> dict:
+    """Median ms of ``blocks`` blocks after ``warmup`` ones, the CUDA-graph counts of the timed ones and
+    the error of the last block's first step."""
+    cfg = model.config
+    times, error = [], None
+    for index in range(warmup + blocks):
+        if index == warmup:
+            fbcompile.reset(model)
+        x = torch.full((1, cfg.block_size), cfg.mask_token_id, device=device)
+        context = cache[0][0].shape[-2]
+        pos = torch.arange(context, context + cfg.block_size, device=device)[None]
+        last = index == warmup + blocks - 1
+        expected = reference(x, past_key_values=cache, position_ids=pos)[0].float() if last else None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for step in range(STEPS):
+            logits = model(x, past_key_values=cache, position_ids=pos)[0]
+            if step == 0 and last:
+                error = ((logits.float() - expected).norm() / expected.norm()).item()  # one sync, in the last block
+            x[:, step] = step + 1
+        if grown:
+            cache = grow(cache, cfg.block_size)
+        end.record()
+        end.synchronize()
+        if index >= warmup:
+            times.append(start.elapsed_time(end))
+    times.sort()
+    return dict(ms=times[len(times) // 2], rel_err_vs_eager=error, counts=dict(fbcompile.stats(model).cuda_graphs))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", default="32k")
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--blocks", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--settings", default="grown,same")
+    p.add_argument("--compiler", default="inductor")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (a shorter compile)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":  # the code path only: a stand-in capture, no timing that means anything
+        torch.cuda.Event = _WallClockEvent
+        cuda_graphs.DEVICE_TYPE = "cpu"
+        cuda_graphs.record = _record_again
+    context = int(args.context[:-1]) * 1024 if args.context.endswith("k") else int(args.context)
+    shape = dict(TINY_LM if args.tiny else QWEN_1_5B)
+    if args.layers:
+        shape["num_layers"] = args.layers
+    built = build_lm(shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = built.config
+    gen = torch.Generator(device).manual_seed(1)
+    kv_shape = (1, cfg.num_kv_heads, context, cfg.head_dim)
+    cache = [tuple(torch.randn(kv_shape, generator=gen, device=device, dtype=built.lm_head.weight.dtype)
+                   for _ in "kv") for _ in range(cfg.num_layers)]
+    for k, v in cache:  # one compiled graph for every length
+        torch._dynamo.mark_dynamic(k, 2)
+        torch._dynamo.mark_dynamic(v, 2)
+    rows = []
+    print(f"{'variant':10} {'setting':8} {'ms/block':>9} {'rel err':>8}  CUDA-graph counts of the timed blocks")
+    with torch.no_grad():
+        for variant in args.variants.split(","):
+            for setting in args.settings.split(","):
+                model = fbcompile.optimize(copy.deepcopy(built), fbcompile.Config(
+                    refresh=VARIANTS[variant], cuda_graphs=True, compiler=args.compiler))
+                t0 = time.time()
+                row = dict(variant=variant, setting=setting, context=context,
+                           **time_blocks(model, built, cache, args.warmup, args.blocks, setting == "grown", device))
+                row["seconds"] = round(time.time() - t0, 1)
+                rows.append(row)
+                print(f"{variant:10} {setting:8} {row['ms']:9.2f} {row['rel_err_vs_eager']:8.1e}  {row['counts']}",
+                      flush=True)
+                del model
+                torch._dynamo.reset()
+    if args.out:
+        meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                    command="python " + " ".join(sys.argv), shape=shape, block=cfg.block_size, steps=STEPS)
+        with open(args.out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+def _record_again(run, args, session):
+    """A stand-in for the capture on the CPU: its replay runs the graph again into the same outputs."""
+    outputs = run(*args)
+
+    def replay():
+        for old, new in zip(outputs, run(*args)):
+            if isinstance(old, torch.Tensor):
+                old.copy_(new)
+    return replay, outputs
+
+
+class _WallClockEvent:
+    """``torch.cuda.Event`` on the CPU."""
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return (end.t - self.t) * 1e3
+
+
+if __name__ == "__main__":
+    main()

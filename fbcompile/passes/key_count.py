@@ -1,0 +1,150 @@
+"""Let a graph run over cached keys/values held in buffers with spare capacity.
+
+A cache grown by ``torch.cat`` at every block (HF ``DynamicCache``) hands the graph new tensors of a new
+length each time, so a CUDA graph captured over one block's cache could never replay. If the length of
+the cached keys/values reaches nothing but the external attention, the graph can instead run over
+buffers of a fixed, larger capacity that the cache is copied into, with the number of keys that count
+read on the device. This pass proves that and adds the count as an input.
+
+Pattern (dynamo's graph after the split, the cached length a symbol ``s0``)::
+
+    def forward(self, L_past_k_: "bf16[1, 2, s0, 128]", L_past_v_: "bf16[1, 2, s0, 128]", s0: "Sym(s0)", ...):
+        ...
+        out_e, lse_e = torch.ops.fbcompile.attention_lse(q, L_past_k_, L_past_v_, None, 0.088)
+
+becomes::
+
+    def forward(self, L_past_k_, L_past_v_, s0, ..., cached_key_count: "i32[1]"):
+        ...
+        out_e, lse_e = torch.ops.fbcompile.attention_lse(q, L_past_k_, L_past_v_, None, 0.088, cached_key_count)
+
+``attention_lse`` attends to the first ``min(cached_key_count, keys)`` keys. Called with the cached
+inputs in buffers of capacity ``C >= s0`` along that dimension (their first ``s0`` rows the cache),
+``s0 = C`` and ``cached_key_count = [s0]``, the graph computes what it computed over the cache alone;
+called with the cache itself and any count at least its length, it computes the same.
+
+It applies when every cached key/value input with a symbolic size has exactly one, a bare symbol (dynamo
+gives each cached tensor its own: the caller checks that they agree before padding), and
+
+* is read only as the keys or values of ``attention_lse`` calls (no view, slice, size or other use:
+  any of them could see the padding);
+* no other input's sizes, strides or value involve these symbols, except integer inputs that are one of
+  them and have no users (dynamo passes sizes it saw as such inputs).
+
+So no other node can depend on the length. Run after every other pass (``attention_lse`` nodes gain
+a sixth argument that the other passes do not expect).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx as fx
+
+ATTENTION = torch.ops.fbcompile.attention_lse.default
+COUNT_NAME = "cached_key_count"
+
+
+@dataclass
+class PaddedInput:
+    """A cached key/value input: its argument index, the dimension of its length, the length's symbol
+    and its strides as expressions of it."""
+
+    index: int
+    dim: int
+    symbol: sympy.Symbol
+    strides: tuple
+
+    def layout(self, shape: torch.Size, capacity: int) -> tuple[list[int], list[int]]:
+        """Sizes and strides of a buffer of ``capacity`` along :attr:`dim`, laid out as the graph expects."""
+        sizes = list(shape)
+        sizes[self.dim] = capacity
+        return sizes, [int(sympy.sympify(s).subs(self.symbol, capacity)) for s in self.strides]
+
+
+@dataclass
+class KeyCountInputs:
+    """How to call a graph :func:`add_key_count` rewrote: the inputs that may be padded, the integer
+    inputs that carry their lengths (given the capacity), and the key count, appended after all
+    other arguments."""
+
+    padded: list[PaddedInput]
+    sizes: list[int]
+
+
+def _expr(value):
+    return value.node.expr if isinstance(value, torch.SymInt) else value
+
+
+def _symbols(value) -> set:
+    """Free symbols of a placeholder's value (a tensor's sizes and strides, or a SymInt)."""
+    if isinstance(value, torch.Tensor):
+        exprs = [_expr(x) for x in (*value.shape, *value.stride())]
+    elif isinstance(value, torch.SymInt):
+        exprs = [value.node.expr]
+    else:
+        return set()
+    return set().union(*(sympy.sympify(e).free_symbols for e in exprs)) if exprs else set()
+
+
+def _value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[fx.GraphModule | None, KeyCountInputs | None, str | None]:
+    """A copy of ``gm`` with the key-count input, if its cached keys/values (placeholder indices ``kv``)
+    may be padded (see the module docstring): ``(the copy, how to call it, None)``; else ``(None, None,
+    why not)`` where some cached input has a symbolic size, ``(None, None, None)`` where none has.
+    ``gm`` itself is left as it is (dynamo reads its placeholders after the backend returns)."""
+    gm = fx.GraphModule(gm, _copy(gm.graph))
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    padded = []
+    for i in sorted(kv):
+        node = placeholders[i]
+        value = _value(node)
+        if not node.users or not isinstance(value, torch.Tensor):
+            continue
+        dims = [d for d, size in enumerate(value.shape) if not isinstance(_expr(size), (int, sympy.Integer))]
+        if not dims:
+            continue
+        if len(dims) > 1:
+            return None, None, f"cached input {node.name} has {len(dims)} symbolic sizes"
+        symbol = _expr(value.shape[dims[0]])
+        if not isinstance(symbol, sympy.Symbol):
+            return None, None, f"the length of cached input {node.name} is {symbol}, not a symbol of its own"
+        if _symbols(value) - {symbol}:
+            return None, None, f"cached input {node.name} has other symbolic sizes or strides"
+        for user in node.users:
+            if user.target is not ATTENTION or len(user.args) != 5 or any(
+                    a is node for j, a in enumerate(user.args) if j not in (1, 2)):
+                return None, None, f"{user.name} reads cached input {node.name} other than as attention keys/values"
+        padded.append(PaddedInput(i, dims[0], symbol, tuple(_expr(s) for s in value.stride())))
+    if not padded:
+        return None, None, None
+    padded_indices, symbols = {p.index for p in padded}, {p.symbol for p in padded}
+    sizes = []
+    for i, node in enumerate(placeholders):
+        if i in padded_indices or not symbols & _symbols(_value(node)):
+            continue
+        if isinstance(_value(node), torch.SymInt) and _expr(_value(node)) in symbols and not node.users:
+            sizes.append(i)
+            continue
+        return None, None, f"input {node.name} depends on a cached length ({_expr(_value(node)) if isinstance(_value(node), torch.SymInt) else 'its sizes'})"
+    with gm.graph.inserting_after(placeholders[-1]):
+        count = gm.graph.placeholder(COUNT_NAME)
+    like = _value(placeholders[padded[0].index])
+    with like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext():
+        count.meta["example_value"] = torch.empty(1, dtype=torch.int32, device=like.device)
+    for user in {user for p in padded for user in placeholders[p.index].users}:
+        user.args = (*user.args, count)
+    gm.recompile()
+    return gm, KeyCountInputs(padded, sizes), None
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    """A copy of ``graph`` (its nodes' metadata shared)."""
+    copied = fx.Graph()
+    copied.output(copied.graph_copy(graph, {}))
+    return copied
