@@ -1,7 +1,12 @@
 #!/bin/bash
-# One device call that checks the GPU paths and measures what the CPU cannot: every file lands under
-# $OUT (the device tool's output folder), each step under its own time limit, so a cut-off call keeps
-# what finished. Usage on the device: bash benchmarks/device_session.sh  (about 9 minutes)
+# Device calls that check the GPU paths and measure what the CPU cannot: every file lands under $OUT (the
+# device tool's output folder), each step under its own time limit, so a cut-off call keeps what
+# finished. Usage on the device: bash benchmarks/device_session.sh STEP...  (default: tests grow)
+#   tests       the GPU tests: CUDA graphs, Triton kernels, sparse kernels              (<= 240 s)
+#   grow        a cache grown by torch.cat per block vs the same tensors, block mode, 32K (<= 300 s)
+#   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
+#   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
+#   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 300 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
 mkdir -p "$OUT"
@@ -11,8 +16,23 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt with its exi
     timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "rc=$?" >> "$OUT/$name.txt"
 }
-step tests_gpu 240 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py \
-    tests/test_sparse_kernels.py tests/test_triton_kernels.py
-step e2e_gemma 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
-    --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma"
-tail -n 3 "$OUT"/*.txt
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests grow)
+for name in "${steps[@]}"; do
+    case $name in
+    tests) step tests_gpu 240 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py \
+        tests/test_triton_kernels.py tests/test_sparse_kernels.py ;;
+    grow) step grow_32k 300 python benchmarks/grow_cache.py --context 32k --variants block-ro --warmup 4 \
+        --blocks 3 --out "$OUT/grow_32k.json" ;;
+    grow_more)
+        step grow_32k_exact 170 python benchmarks/grow_cache.py --context 32k --variants exact-ro --settings grown \
+            --warmup 4 --blocks 3 --out "$OUT/grow_32k_exact.json"
+        step grow_128k 160 python benchmarks/grow_cache.py --context 128k --variants block-ro --settings grown \
+            --warmup 4 --blocks 3 --out "$OUT/grow_128k.json" ;;
+    wide) step wide 240 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT" --heads 8/4/256,8/4/512 --sweep ;;
+    gemma) step e2e_gemma 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
+        --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
+    *) echo "unknown step $name" ;;
+    esac
+done
+tail -n 4 "$OUT"/*.txt
