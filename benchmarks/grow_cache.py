@@ -7,7 +7,8 @@ The example LM at Qwen2-1.5B shape (bf16, random weights), block 32, 8 steps; th
 length; the graphs switch to buffers with spare capacity) and ``same`` (the cache stays the same tensors:
 the refresh graph is captured over them). ``--warmup`` blocks (compiles, captures), then the median of
 ``--blocks`` timed blocks with their CUDA-graph counts, and the relative error of the last timed block's
-first-step logits against the model without fbcompile on the same cache.
+first-step logits against the model without fbcompile on the same cache; ``--profile`` adds the top
+operators (CUDA and CPU time) of one more block.
 
     python benchmarks/grow_cache.py --context 32k
     python benchmarks/grow_cache.py --tiny --device cpu --compiler eager   # the code path only
@@ -39,9 +40,29 @@ def grow(cache, block: int):
     return [tuple(torch.cat([t, t[:, :, -block:]], dim=-2) for t in kv) for kv in cache]
 
 
-def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, device) -> dict:
+def profile_block(model, cache, grown: bool, device) -> dict:
+    """The top operators of one more block by CUDA and by CPU time (torch.profiler tables)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.config
+    x = torch.full((1, cfg.block_size), cfg.mask_token_id, device=device)
+    context = cache[0][0].shape[-2]
+    pos = torch.arange(context, context + cfg.block_size, device=device)[None]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for step in range(STEPS):
+            model(x, past_key_values=cache, position_ids=pos)
+            x[:, step] = step + 1
+        if grown:
+            grow(cache, cfg.block_size)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    return dict(profile_cuda=table.table(sort_by="cuda_time_total", row_limit=12),
+                profile_cpu=table.table(sort_by="cpu_time_total", row_limit=12))
+
+
+def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, device) -> tuple[dict, list]:
     """Median ms of ``blocks`` blocks after ``warmup`` ones, the CUDA-graph counts of the timed ones and
-    the error of the last block's first step."""
+    the error of the last block's first step; and the cache after them."""
     cfg = model.config
     times, error = [], None
     for index in range(warmup + blocks):
@@ -66,7 +87,7 @@ def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, 
         if index >= warmup:
             times.append(start.elapsed_time(end))
     times.sort()
-    return dict(ms=times[len(times) // 2], rel_err_vs_eager=error, counts=dict(fbcompile.stats(model).cuda_graphs))
+    return dict(ms=times[len(times) // 2], rel_err_vs_eager=error, counts=dict(fbcompile.stats(model).cuda_graphs)), cache
 
 
 def main():
@@ -81,6 +102,7 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the shape's (a shorter compile)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--profile", action="store_true", help="profile one more block (CUDA)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":  # the code path only: a stand-in capture, no timing that means anything
@@ -108,9 +130,12 @@ def main():
                 model = fbcompile.optimize(copy.deepcopy(built), fbcompile.Config(
                     refresh=VARIANTS[variant], cuda_graphs=True, compiler=args.compiler))
                 t0 = time.time()
-                row = dict(variant=variant, setting=setting, context=context,
-                           **time_blocks(model, built, cache, args.warmup, args.blocks, setting == "grown", device))
+                timed, last_cache = time_blocks(model, built, cache, args.warmup, args.blocks, setting == "grown", device)
+                row = dict(variant=variant, setting=setting, context=context, **timed)
                 row["seconds"] = round(time.time() - t0, 1)
+                if args.profile and device.type == "cuda":
+                    row.update(profile_block(model, last_cache, setting == "grown", device))
+                    print(row["profile_cuda"], row["profile_cpu"], sep="\n", flush=True)
                 rows.append(row)
                 print(f"{variant:10} {setting:8} {row['ms']:9.2f} {row['rel_err_vs_eager']:8.1e}  {row['counts']}",
                       flush=True)

@@ -222,17 +222,24 @@ def test_spare_capacity_sees_writes_and_new_tensors(device):
     assert counts.get("replays", 0) >= 2, counts  # the refreshes over the written cache and over the last
 
 
+@pytest.mark.parametrize("form", ["positions from the length", "mask over cache and block"])
 @torch.no_grad()
-def test_cache_length_used_elsewhere_keeps_the_cache_uncaptured(device):
-    """Without ``position_ids`` the model computes the positions from the cache's length: a padded cache
-    would move them, so the graph stays over the cache itself and runs uncaptured over each new one."""
+def test_cache_length_used_elsewhere_keeps_the_cache_uncaptured(device, form):
+    """Without ``position_ids`` the model computes the positions from the cache's length; a mask over the
+    cache and the block has the cache's length too. A padded cache would move the positions or misalign
+    the mask, so the graph stays over the cache itself and runs uncaptured over each new one."""
     reference = lm(device)
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
     for block in range(5):
-        cache = random_cache(reference, block, CONTEXT + 8 * block)
+        context = CONTEXT + 8 * block
+        cache = random_cache(reference, block, context)
         x = block_tokens(reference, block)
-        got = graphed(x, past_key_values=cache)[0]
-        assert rel_error(got, reference(x, past_key_values=cache)[0]) < tolerance(device)
+        kwargs = {}
+        if form == "mask over cache and block":
+            mask = torch.rand(1, 1, x.shape[1], context + x.shape[1], generator=torch.Generator().manual_seed(block))
+            kwargs = dict(position_ids=positions(reference, context), attention_mask=(mask > 0.2).to(device))
+        got = graphed(x, past_key_values=cache, **kwargs)[0]
+        assert rel_error(got, reference(x, past_key_values=cache, **kwargs)[0]) < tolerance(device)
     counts = fbcompile.stats(graphed).cuda_graphs
     assert "switched to spare capacity" not in counts, counts
     assert counts.get("uncaptured (new cached keys/values)", 0) >= 2, counts

@@ -158,7 +158,7 @@ class CapturedGraph:
             return self._replay(capture, args)
         if key not in self._seen and not self.spare:  # spare-capacity keys recur by design: captured at once
             reason = self._why_new(key, last)
-            if reason == NEW_KV and self.key_count is not None:
+            if reason == NEW_KV and self.key_count is not None and self._may_pad(raw):
                 self.spare = True
                 self.session.cuda_graph_counts["switched to spare capacity"] += 1
                 return self(*raw)
@@ -167,6 +167,13 @@ class CapturedGraph:
                 self._seen.popitem(last=False)
             return self._uncaptured(args, reason)
         return self._capture(key, args)
+
+    def _may_pad(self, args) -> bool:
+        """Whether the cached keys/values may be read from copies: the pass proved that the graph only
+        reads them; no input it writes (or may write: an inference tensor) shares their memory."""
+        padded = {p.index for p in self.key_count.padded}
+        memory = {args[i].untyped_storage().data_ptr() for i in padded}
+        return not any(args[i].untyped_storage().data_ptr() in memory for i in self._writes if i not in padded)
 
     def _counted(self, args) -> tuple:
         """The arguments of the compiled graph: with a key count, appended (the cached length as a
@@ -234,6 +241,7 @@ class CapturedGraph:
         self._by_address = [i for i in tensors
                             if i in self._static or i in written or isinstance(args[i], torch.nn.Parameter)]
         self._written = [i for i in sorted(written) if _version(args[i]) is not None]
+        self._writes = sorted(written)
         self._kv_slots = [j for j, i in enumerate(self._by_address) if i in self._kv]
         self._copied = [i for i in tensors if i not in self._by_address]
         self._sized = [i for i in tensors if i in self._unguarded]

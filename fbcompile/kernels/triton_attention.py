@@ -426,11 +426,11 @@ def _config(B, Hq, M, D, Hkv, N, DV, itemsize, sms, split_keys) -> dict:
     if not split_keys:
         while block_r > 16 and B * Hkv * _cdiv(R, block_r) < sms:
             block_r //= 2
-    block_n = 128 if (small and wide <= 64) else 64 if (small and wide <= 128) else 32
+    block_n = 128 if (small and wide <= 64) else 64 if (small and wide <= 128) else 32 if (small or wide <= 256) else 16
     if N is not None:
         block_n = min(block_n, _pow2(N))
     # H200 sweep (attention_h200_notes.md): 256-wide heads ran 2.0-2.4x faster on 4 warps than on 8,
-    # 512-wide ones 1.4-1.6x faster with 32-key tiles than with 16
+    # 512-wide 16-bit ones 1.4-1.6x faster with 32-key tiles than with 16 (fp32 ones do not fit)
     big_tile = block_r * wide >= 128 * 128 and wide != 256
     return dict(
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,

@@ -29,7 +29,9 @@ gives each cached tensor its own: the caller checks that they agree before paddi
 * is read only as the keys or values of ``attention_lse`` calls (no view, slice, size or other use:
   any of them could see the padding);
 * no other input's sizes, strides or value involve these symbols, except integer inputs that are one of
-  them and have no users (dynamo passes sizes it saw as such inputs).
+  them and have no users (dynamo passes sizes it saw as such inputs);
+* the shape environment ties none of them to another expression (a replacement such as ``s3 = s0 + 32``
+  from a mask over the cache and the block would size that mask by the capacity).
 
 So no other node can depend on the length. Run after every other pass (``attention_lse`` nodes gain
 a sixth argument that the other passes do not expect).
@@ -124,6 +126,10 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[fx.GraphModule | No
     if not padded:
         return None, None, None
     padded_indices, symbols = {p.index for p in padded}, {p.symbol for p in padded}
+    env = next(iter(_value(placeholders[p.index]).shape[p.dim] for p in padded)).node.shape_env
+    for symbol, expr in env.replacements.items():
+        if symbol in symbols or symbols & sympy.sympify(expr).free_symbols:
+            return None, None, f"the shapes tie a cached length to another size ({symbol} = {expr})"
     sizes = []
     for i, node in enumerate(placeholders):
         if i in padded_indices or not symbols & _symbols(_value(node)):
