@@ -3,9 +3,10 @@
 
 The example LM at Qwen2-1.5B shape (bf16, random weights), block 32, 8 steps; the cache starts at
 ``--context`` tokens. Variants: ``block-ro`` (block mode) and ``exact-ro`` (exact mode), both with
-``cuda_graphs=True``; settings: ``grown`` (every block joins one block of keys/values: new tensors, a new
-length; the graphs switch to buffers with spare capacity) and ``same`` (the cache stays the same tensors:
-the refresh graph is captured over them). ``--warmup`` blocks (compiles, captures), then the median of
+``cuda_graphs=True``, and ``compile`` (``torch.compile``, default mode: the baseline); settings: ``grown`` (every block joins one block of keys/values: new tensors, a new
+length; the graphs switch to buffers with spare capacity) and ``same`` (the cache stays the same tensors,
+``fbcompile.new_request`` before each block so that each block refreshes: the refresh graph is captured
+over them). ``--warmup`` blocks (compiles, captures), then the median of
 ``--blocks`` timed blocks with their CUDA-graph counts, and the relative error of the last timed block's
 first-step logits against the model without fbcompile on the same cache; ``--profile`` adds the top
 operators (CUDA and CPU time) of one more block.
@@ -31,7 +32,7 @@ from fbcompile.backends import cuda_graphs  # noqa: E402
 from benchmarks.e2e import QWEN_1_5B, TINY_LM, build_lm  # noqa: E402
 
 STEPS = 8
-VARIANTS = {"block-ro": "block", "exact-ro": "always"}
+VARIANTS = {"block-ro": "block", "exact-ro": "always", "compile": None}
 
 
 def grow(cache, block: int):
@@ -48,6 +49,8 @@ def profile_block(model, cache, grown: bool, device) -> dict:
     x = torch.full((1, cfg.block_size), cfg.mask_token_id, device=device)
     context = cache[0][0].shape[-2]
     pos = torch.arange(context, context + cfg.block_size, device=device)[None]
+    if not grown:
+        fbcompile.new_request(model)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for step in range(STEPS):
             model(x, past_key_values=cache, position_ids=pos)
@@ -63,11 +66,14 @@ def profile_block(model, cache, grown: bool, device) -> dict:
 def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, device) -> tuple[dict, list]:
     """Median ms of ``blocks`` blocks after ``warmup`` ones, the CUDA-graph counts of the timed ones and
     the error of the last block's first step; and the cache after them."""
-    cfg = model.config
+    optimized = not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    cfg = built_config(model)
     times, error = [], None
     for index in range(warmup + blocks):
-        if index == warmup:
+        if index == warmup and optimized:
             fbcompile.reset(model)
+        if not grown and optimized:  # a new cache refreshes by itself; the same one must be told
+            fbcompile.new_request(model)
         x = torch.full((1, cfg.block_size), cfg.mask_token_id, device=device)
         context = cache[0][0].shape[-2]
         pos = torch.arange(context, context + cfg.block_size, device=device)[None]
@@ -87,7 +93,13 @@ def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, 
         if index >= warmup:
             times.append(start.elapsed_time(end))
     times.sort()
-    return dict(ms=times[len(times) // 2], rel_err_vs_eager=error, counts=dict(fbcompile.stats(model).cuda_graphs)), cache
+    counts = dict(fbcompile.stats(model).cuda_graphs) if optimized else {}
+    return dict(ms=times[len(times) // 2], rel_err_vs_eager=error, counts=counts), cache
+
+
+def built_config(model):
+    """The example LM's config, through a ``torch.compile`` wrapper too."""
+    return getattr(model, "_orig_mod", model).config
 
 
 def main():
@@ -127,13 +139,16 @@ def main():
     with torch.no_grad():
         for variant in args.variants.split(","):
             for setting in args.settings.split(","):
-                model = fbcompile.optimize(copy.deepcopy(built), fbcompile.Config(
-                    refresh=VARIANTS[variant], cuda_graphs=True, compiler=args.compiler))
+                if VARIANTS[variant] is None:
+                    model = torch.compile(copy.deepcopy(built), backend=args.compiler)
+                else:
+                    model = fbcompile.optimize(copy.deepcopy(built), fbcompile.Config(
+                        refresh=VARIANTS[variant], cuda_graphs=True, compiler=args.compiler))
                 t0 = time.time()
                 timed, last_cache = time_blocks(model, built, cache, args.warmup, args.blocks, setting == "grown", device)
                 row = dict(variant=variant, setting=setting, context=context, **timed)
                 row["seconds"] = round(time.time() - t0, 1)
-                if args.profile and device.type == "cuda":
+                if args.profile and device.type == "cuda" and VARIANTS[variant] is not None:
                     row.update(profile_block(model, last_cache, setting == "grown", device))
                     print(row["profile_cuda"], row["profile_cpu"], sep="\n", flush=True)
                 rows.append(row)
