@@ -251,3 +251,37 @@ def test_spare_capacity_sizes():
         capacity = cuda_graphs.spare_capacity(length)
         assert capacity >= length and (capacity - length) <= max(16, length / 8), (length, capacity)
     assert len({cuda_graphs.spare_capacity(n) for n in range(32768 + 1, 65536 + 1)}) == 8
+
+
+@torch.no_grad()
+def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch):
+    """HF ``DynamicCache`` updated inside the model and cropped after each denoising step: the cached keys
+    are new tensors (views of the last step's concatenation) at every step. The graphs return the block
+    and fbcompile joins it to the cache, so a reuse graph no longer reads the cache: it is captured once per
+    block (its mask over cache and block has the cache's length) and replays at the later steps, where all
+    steps ran uncaptured before. Every step's logits and the final cache equal the model without CUDA
+    graphs'. CPU stand-in for the capture (the model is HF's, on the CPU)."""
+    from test_graph_breaks import CropLoop, _tiny_qwen2
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    model, config = _tiny_qwen2(layers=2)
+    plain = copy.deepcopy(model)
+    fbcompile.optimize(model, fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    fbcompile.optimize(plain, fbcompile.Config(compiler="eager"))
+    loops = [CropLoop(m, config, commit=lambda m=m: fbcompile.commit(m)) for m in (model, plain)]
+    blocks, steps = 4, 5
+    for block in range(blocks + 2):
+        if block == 2:  # counts from here: the graphs are dynamic in the cache length by then
+            fbcompile.reset(model)
+        for loop in loops:
+            loop.block(steps)
+    for got, expected in zip(*(loop.logits for loop in loops), strict=True):
+        assert rel_error(got, expected) < 1e-6
+    for got, expected in zip(*(loop.cache.layers for loop in loops)):
+        assert torch.equal(got.keys, expected.keys) and torch.equal(got.values, expected.values)
+    counts = fbcompile.stats(model).cuda_graphs
+    assert fbcompile.stats(model).reuses == blocks * (steps - 1)
+    # per block: the refresh and the commit over new keys uncaptured, the reuse graph seen, captured, replayed
+    assert counts.get("uncaptured (new cached keys/values)", 0) == 2 * blocks, counts
+    assert counts.get("captures", 0) == blocks and counts.get("replays", 0) == blocks * (steps - 3), counts

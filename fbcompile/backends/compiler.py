@@ -26,6 +26,8 @@ from fbcompile.backends.session import Session, SiteCounters
 from fbcompile.config import Config
 from fbcompile.passes.cat_outputs import cat_outputs
 from fbcompile.passes.find_attention import find_attention_sites
+from fbcompile.passes.graph_utils import copy_module
+from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
 from fbcompile.passes.key_count import add_key_count
 from fbcompile.passes.reuse_external import SpecializedGraph
 from fbcompile.passes.specialize import specialize
@@ -66,17 +68,21 @@ def last_shared_session() -> Session | None:
 def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set[int] = frozenset()):
     """``gm`` compiled, as a CUDA graph where it can be if the session asks for them (``kv``: argument
     indices of cached keys/values, which a captured graph reads in place, or from buffers with spare
-    capacity where the pass :func:`add_key_count` proves the graph may)."""
-    key_count = None
-    if session.cuda_graphs and kv:
-        counted, key_count, why_not = add_key_count(gm, kv)
+    capacity where the pass :func:`add_key_count` proves the graph may; their concatenations with the
+    block, returned, are joined outside the graph: :func:`hoist_cache_cats`)."""
+    joins, key_count = [], None
+    if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
+        captured = copy_module(gm)
+        joins = hoist_cache_cats(captured, kv)
+        key_count, why_not = add_key_count(captured, kv)
         if key_count is not None:
-            gm = counted
             first = example_inputs[key_count.padded[0].index]
             length = first.shape[key_count.padded[0].dim]
             example_inputs = [*example_inputs, torch.full((1,), length, dtype=torch.int32, device=first.device)]
         elif why_not is not None:
             log.info("no spare capacity for the cached keys/values: %s", why_not)
+        if joins or key_count is not None:
+            gm = captured
     if session.config.compiler == "eager":
         run = gm.forward
     else:
@@ -89,7 +95,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
                           f"{str(error).splitlines()[0] if str(error) else ''}); it runs without Inductor "
                           "(Config(compiler='eager') avoids this warning)", stacklevel=2)
             run = gm.forward
-    return CapturedGraph(run, gm, session, kv, key_count) if session.cuda_graphs else run
+    return CapturedGraph(run, gm, session, kv, key_count, joins) if session.cuda_graphs else run
 
 
 def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, kv: set[int]) -> CompiledGraph:

@@ -18,7 +18,11 @@ refresh across calls. Here, per graph:
   counts as one). Every other tensor the graph reads (the block's
   tokens, positions, the cached ``(O_e, L_e)`` of a reuse graph) is *copied* into the capture's own
   buffers before each replay, all in one ``torch._foreach_copy_``: its address may change at every
-  call. Inputs the graph does not read (a reuse graph's cached keys/values) are neither.
+  call. Inputs the graph does not read, or reads only the sizes of (a reuse graph's cached keys/values)
+  are neither. A graph that returns ``cat(cached input, block)`` (an HF ``DynamicCache`` updated in
+  the model) is captured returning the block, and the concatenation is made after each run, from the
+  caller's cached input (:mod:`fbcompile.passes.hoist_cache_cats`): so a reuse graph in a loop that
+  crops the cache after each step does not read the cache, whose tensors are new at every step.
 * **Key.** Addresses of the by-address inputs; sizes, strides and dtypes of the inputs whose sizes
   dynamo's guards leave free (symbolic sizes, the cached ``(O_e, L_e)``); values of the other
   arguments (ints). A key is captured the second time it is seen (a
@@ -58,14 +62,16 @@ provenance records, another graph's guards) sees the same as without CUDA graphs
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections import OrderedDict
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
+from fbcompile.backends import provenance
 from fbcompile.backends.session import Session
+from fbcompile.passes.graph_utils import reads_data
+from fbcompile.passes.hoist_cache_cats import Join
 from fbcompile.passes.key_count import KeyCountInputs
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
@@ -103,13 +109,14 @@ class SpareBuffers:
 
     def __init__(self, layout: tuple, buffers: list[torch.Tensor]):
         self.layout, self.buffers = layout, buffers
-        self.sources: list | None = None  # (weakref, version) per buffer
+        self.sources: list | None = None  # the provenance content of each tensor copied in
 
     def holds(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether the buffers hold ``tensors`` as they are now: the same tensor objects (alive, so their
-        memory is theirs), not written since the copy (inference tensors, without versions: never)."""
+        """Whether the buffers hold what ``tensors`` hold now: the same content (:mod:`.provenance`: the
+        same tensors unwritten since the copy, or views that a ``DynamicCache.crop`` made of their
+        concatenation with a block); inference tensors, without versions: never."""
         return self.sources is not None and all(
-            ref() is t and version is not None and version == _version(t) for (ref, version), t in zip(self.sources, tensors))
+            held.version is not None and held == provenance.content(t) for held, t in zip(self.sources, tensors))
 
 
 class CapturedGraph:
@@ -117,16 +124,19 @@ class CapturedGraph:
 
     ``by_address``: argument indices known to hold cached keys/values (taken by address).
     ``key_count``: set when ``gm`` takes a key count after its arguments (:mod:`fbcompile.passes.key_count`).
+    ``joins``: outputs ``gm`` returns as the block alone, to join to the cached input
+    (:mod:`fbcompile.passes.hoist_cache_cats`).
     """
 
     def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int],
-                 key_count: KeyCountInputs | None = None):
+                 key_count: KeyCountInputs | None = None, joins: list[Join] = ()):
         self.run, self.session = run, session
-        self.key_count = key_count
+        self.key_count, self.joins = key_count, list(joins)
         self.spare = False  # the cached keys/values run from buffers with spare capacity
         self._spare: SpareBuffers | None = None
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
-        self._read = [i for i, node in enumerate(placeholders) if node.users]
+        self._read = [i for i, node in enumerate(placeholders) if reads_data(node)]
+        self._size_only = [i for i, node in enumerate(placeholders) if node.users and not reads_data(node)]
         # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
         self._unguarded = {i for i, node in enumerate(placeholders)
                            if not _static_sizes(node.meta.get("example_value"))}
@@ -143,6 +153,15 @@ class CapturedGraph:
         self.uncapturable: str | None = None
 
     def __call__(self, *raw):
+        outputs = self._call(raw)
+        if not self.joins:
+            return outputs
+        joined = list(outputs)
+        for join in self.joins:
+            joined[join.output] = torch.cat([raw[join.input], joined[join.output]], dim=join.dim)
+        return type(outputs)(joined)
+
+    def _call(self, raw: tuple):
         args = self._counted(raw)
         if self.uncapturable is not None:
             return self._uncaptured(args, self.uncapturable)
@@ -161,7 +180,7 @@ class CapturedGraph:
             if reason == NEW_KV and self.key_count is not None and self._may_pad(raw):
                 self.spare = True
                 self.session.cuda_graph_counts["switched to spare capacity"] += 1
-                return self(*raw)
+                return self._call(raw)
             self._seen[key] = None
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
@@ -207,7 +226,7 @@ class CapturedGraph:
                 self.session.spare_buffers[layout] = self._spare
         if not self._spare.holds(sources):
             torch._foreach_copy_([b.narrow(p.dim, 0, length) for b, p in zip(self._spare.buffers, padded)], sources)
-            self._spare.sources = [(weakref.ref(t), _version(t)) for t in sources]
+            self._spare.sources = [provenance.content(t) for t in sources]
             self.session.cuda_graph_counts["cache copies into spare capacity"] += 1
         args = list(args)
         for p, buffer in zip(padded, self._spare.buffers):
@@ -244,7 +263,7 @@ class CapturedGraph:
         self._writes = sorted(written)
         self._kv_slots = [j for j, i in enumerate(self._by_address) if i in self._kv]
         self._copied = [i for i in tensors if i not in self._by_address]
-        self._sized = [i for i in tensors if i in self._unguarded]
+        self._sized = [i for i in tensors + self._size_only if i in self._unguarded and isinstance(args[i], torch.Tensor)]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
         self._last_key = self._key(args)
         self._seen[self._last_key] = None

@@ -191,3 +191,20 @@ def view_base(node: fx.Node) -> fx.Node:
     while op_name(node) in VIEW_OPS and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
+
+
+_SIZE_QUERIES = {"size", "dim", "sym_size", "stride", "numel"}
+
+
+def reads_data(node: fx.Node) -> bool:
+    """Whether a graph reads ``node``'s elements, not only its sizes (``x.size(2)``, ``x.dim()``)."""
+    return any(op_name(user) not in _SIZE_QUERIES
+               and not (op_name(user) == "getattr" and user.args[1:] in (("shape",), ("ndim",)))
+               for user in node.users)
+
+
+def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` to rewrite (its nodes' metadata shared), ``gm`` left as it is."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)

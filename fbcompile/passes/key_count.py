@@ -95,12 +95,10 @@ def _value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[fx.GraphModule | None, KeyCountInputs | None, str | None]:
-    """A copy of ``gm`` with the key-count input, if its cached keys/values (placeholder indices ``kv``)
-    may be padded (see the module docstring): ``(the copy, how to call it, None)``; else ``(None, None,
-    why not)`` where some cached input has a symbolic size, ``(None, None, None)`` where none has.
-    ``gm`` itself is left as it is (dynamo reads its placeholders after the backend returns)."""
-    gm = fx.GraphModule(gm, _copy(gm.graph))
+def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[KeyCountInputs | None, str | None]:
+    """Add the key-count input to ``gm`` if its cached keys/values (placeholder indices ``kv``) may be
+    padded (see the module docstring): ``(how to call it, None)``; else ``gm`` is left as it is and
+    ``(None, why not)`` where some cached input has a symbolic size, ``(None, None)`` where none has."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     padded = []
     for i in sorted(kv):
@@ -112,24 +110,24 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[fx.GraphModule | No
         if not dims:
             continue
         if len(dims) > 1:
-            return None, None, f"cached input {node.name} has {len(dims)} symbolic sizes"
+            return None, f"cached input {node.name} has {len(dims)} symbolic sizes"
         symbol = _expr(value.shape[dims[0]])
         if not isinstance(symbol, sympy.Symbol):
-            return None, None, f"the length of cached input {node.name} is {symbol}, not a symbol of its own"
+            return None, f"the length of cached input {node.name} is {symbol}, not a symbol of its own"
         if _symbols(value) - {symbol}:
-            return None, None, f"cached input {node.name} has other symbolic sizes or strides"
+            return None, f"cached input {node.name} has other symbolic sizes or strides"
         for user in node.users:
             if user.target is not ATTENTION or len(user.args) != 5 or any(
                     a is node for j, a in enumerate(user.args) if j not in (1, 2)):
-                return None, None, f"{user.name} reads cached input {node.name} other than as attention keys/values"
+                return None, f"{user.name} reads cached input {node.name} other than as attention keys/values"
         padded.append(PaddedInput(i, dims[0], symbol, tuple(_expr(s) for s in value.stride())))
     if not padded:
-        return None, None, None
+        return None, None
     padded_indices, symbols = {p.index for p in padded}, {p.symbol for p in padded}
     env = next(iter(_value(placeholders[p.index]).shape[p.dim] for p in padded)).node.shape_env
     for symbol, expr in env.replacements.items():
         if symbol in symbols or symbols & sympy.sympify(expr).free_symbols:
-            return None, None, f"the shapes tie a cached length to another size ({symbol} = {expr})"
+            return None, f"the shapes tie a cached length to another size ({symbol} = {expr})"
     sizes = []
     for i, node in enumerate(placeholders):
         if i in padded_indices or not symbols & _symbols(_value(node)):
@@ -137,7 +135,7 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[fx.GraphModule | No
         if isinstance(_value(node), torch.SymInt) and _expr(_value(node)) in symbols and not node.users:
             sizes.append(i)
             continue
-        return None, None, f"input {node.name} depends on a cached length ({_expr(_value(node)) if isinstance(_value(node), torch.SymInt) else 'its sizes'})"
+        return None, f"input {node.name} depends on a cached length ({_expr(_value(node)) if isinstance(_value(node), torch.SymInt) else 'its sizes'})"
     with gm.graph.inserting_after(placeholders[-1]):
         count = gm.graph.placeholder(COUNT_NAME)
     like = _value(placeholders[padded[0].index])
@@ -146,11 +144,4 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[fx.GraphModule | No
     for user in {user for p in padded for user in placeholders[p.index].users}:
         user.args = (*user.args, count)
     gm.recompile()
-    return gm, KeyCountInputs(padded, sizes), None
-
-
-def _copy(graph: fx.Graph) -> fx.Graph:
-    """A copy of ``graph`` (its nodes' metadata shared)."""
-    copied = fx.Graph()
-    copied.output(copied.graph_copy(graph, {}))
-    return copied
+    return KeyCountInputs(padded, sizes), None
