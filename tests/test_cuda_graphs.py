@@ -285,3 +285,26 @@ def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch):
     # per block: the refresh and the commit over new keys uncaptured, the reuse graph seen, captured, replayed
     assert counts.get("uncaptured (new cached keys/values)", 0) == 2 * blocks, counts
     assert counts.get("captures", 0) == blocks and counts.get("replays", 0) == blocks * (steps - 3), counts
+
+
+@torch.no_grad()
+def test_hundred_blocks_of_growth_stay_bounded(monkeypatch):
+    """The bound stated in the README: ``generate`` for 100 blocks after a 2048-token prompt (the cache grown
+    by a ``torch.cat`` per block) compiles 5 graphs, captures each graph that reads the cache once per
+    spare capacity (5 capacities between 2048 and 2848 keys), copies each new cache once, and runs
+    nothing uncaptured after the graphs' first calls. CPU stand-in for the capture."""
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    reference = lm("cpu")
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    prompt = torch.randint(0, 200, (1, 2048), generator=torch.Generator().manual_seed(0))
+    blocks = 100
+    graphed.generate(prompt, num_blocks=blocks, steps=4)
+    stats = fbcompile.stats(graphed)
+    capacities = {cuda_graphs.spare_capacity(2048 + b * reference.config.block_size) for b in range(blocks)}
+    assert len(capacities) == 5 and stats.compiles <= 5, (capacities, stats.compiles)
+    counts = stats.cuda_graphs
+    assert counts.get("captures", 0) <= 2 * len(capacities) + 1, counts  # the refresh and commit graphs; a reuse graph
+    assert counts.get("cache copies into spare capacity", 0) <= blocks, counts
+    uncaptured = sum(n for key, n in counts.items() if key.startswith("uncaptured"))
+    assert uncaptured <= 8 and counts.get("replays", 0) >= blocks * 5 - 20, counts
