@@ -184,7 +184,6 @@ class VideoARDiffusion(nn.Module):
         frames = torch.arange(first_frame, first_frame + t, device=latents.device)
 
         x = self.patch_embed(self.patchify(latents))
-        b = x.shape[0]
         pos = sinusoid(frames, cfg.hidden_size).to(x.dtype)[:, None] + self.spatial_pos[None]
         x = x + pos.reshape(1, -1, cfg.hidden_size)
         temb = self.time_mlp(sinusoid(timestep * 1000.0, cfg.freq_dim).to(x.dtype))
