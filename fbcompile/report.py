@@ -37,6 +37,9 @@ class Report:
         if self.sites:
             lines.append(tabulate(self.sites, headers="keys"))
         for g in self.graphs:
+            for role, note in g.cuda_graphs.items():
+                lines.append(f"graph {g.index} {role}, CUDA graphs: {note}")
+        for g in self.graphs:
             if not g.rewritten:
                 continue
             lines.append(_diff(g.code_before, g.code_refresh, f"graph {g.index} before",

@@ -308,3 +308,21 @@ def test_hundred_blocks_of_growth_stay_bounded(monkeypatch):
     assert counts.get("cache copies into spare capacity", 0) <= blocks, counts
     uncaptured = sum(n for key, n in counts.items() if key.startswith("uncaptured"))
     assert uncaptured <= 8 and counts.get("replays", 0) >= blocks * 5 - 20, counts
+
+
+@torch.no_grad()
+def test_explain_says_how_graphs_run_over_a_moving_cache(device):
+    """``explain`` names, per compiled graph, whether it runs over a moving cache from spare capacity or
+    uncaptured, and why."""
+    reference = lm(device)
+    for kwargs, expected in ((dict(position_ids=True), "spare capacity"),
+                             ({}, "uncaptured over each new cache: input")):
+        graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+        for block in range(2):  # the second length makes the graphs dynamic in it
+            context = CONTEXT + 8 * block
+            extra = dict(position_ids=positions(reference, context)) if kwargs else {}
+            graphed(block_tokens(reference, block), past_key_values=random_cache(reference, block, context), **extra)
+        report = fbcompile.explain(graphed)
+        notes = report.graphs[-1].cuda_graphs
+        assert notes["refresh"].startswith(expected) and "reuse" in notes, notes
+        assert f"refresh, CUDA graphs: {expected}" in str(report)

@@ -65,11 +65,13 @@ def last_shared_session() -> Session | None:
     return next(reversed(_shared_sessions.values()), None)
 
 
-def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set[int] = frozenset()):
+def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set[int] = frozenset(),
+             notes: dict | None = None, role: str = "graph"):
     """``gm`` compiled, as a CUDA graph where it can be if the session asks for them (``kv``: argument
     indices of cached keys/values, which a captured graph reads in place, or from buffers with spare
     capacity where the pass :func:`add_key_count` proves the graph may; their concatenations with the
-    block, returned, are joined outside the graph: :func:`hoist_cache_cats`)."""
+    block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``notes[role]`` says how
+    the graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`)."""
     joins, key_count = [], None
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)
@@ -83,6 +85,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             log.info("no spare capacity for the cached keys/values: %s", why_not)
         if joins or key_count is not None:
             gm = captured
+        if notes is not None:
+            notes[role] = _capture_note(key_count, why_not, joins)
     if session.config.compiler == "eager":
         run = gm.forward
     else:
@@ -98,8 +102,20 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     return CapturedGraph(run, gm, session, kv, key_count, joins) if session.cuda_graphs else run
 
 
-def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, kv: set[int]) -> CompiledGraph:
-    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session, kv)
+def _capture_note(key_count, why_not: str | None, joins: list) -> str:
+    """How a captured graph runs over cached keys/values that are new tensors (``explain`` shows it)."""
+    if key_count is not None:
+        note = "spare capacity: the cache copied into buffers, its length read on the device"
+    elif why_not is not None:
+        note = f"uncaptured over each new cache: {why_not}"
+    else:
+        note = "does not read a cache of changing length"
+    return note + (f"; {len(joins)} cat(cache, block) output(s) joined outside the graph" if joins else "")
+
+
+def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, kv: set[int],
+              notes: dict | None = None, role: str = "graph") -> CompiledGraph:
+    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session, kv, notes, role)
     return CompiledGraph(run, graph.outputs, graph.cached_inputs)
 
 
@@ -149,13 +165,15 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
         row["sparse"] = f"{config.sparse}" if reason is None else f"block reuse: {reason}"
     if plan.no_reuse is not None:
         log.info("graph %d: no reuse (%s)", record.index, plan.no_reuse)
-        return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session, kv), plan.no_reuse)
+        return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session, kv,
+                                                         record.cuda_graphs, "exact"), plan.no_reuse)
     steps, compiled = [], {}
     for step in plan.reuse:
         if id(step) not in compiled:
             graph = None
             if step.graph is not None:
-                graph = _compiled(step.graph, example_inputs, session, kv)
+                graph = _compiled(step.graph, example_inputs, session, kv, record.cuda_graphs,
+                                  f"reuse, steps {', '.join(map(str, step.steps))}" if config.reuse_plan else "reuse")
                 if config.reuse_plan is not None:
                     record.plan_graphs[f"reuse, steps {', '.join(map(str, step.steps))}"] = step.graph.gm
                 if record.reuse_graph is None:
@@ -163,7 +181,8 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
             compiled[id(step)] = CompiledStep(graph, step.recompute, step.kv_read if any(step.kv_read) else None)
         steps.append(compiled[id(step)])
     dispatcher = ProbeDispatcher if session.observer is not None else SplitGraphDispatcher
-    return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session, kv), steps,
+    return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session, kv,
+                                                              record.cuda_graphs, "refresh"), steps,
                       policies, [h.kv for h in plan.heads], commits=plan.commits)
 
 
