@@ -326,3 +326,27 @@ def test_explain_says_how_graphs_run_over_a_moving_cache(device):
         notes = report.graphs[-1].cuda_graphs
         assert notes["refresh"].startswith(expected) and "reuse" in notes, notes
         assert f"refresh, CUDA graphs: {expected}" in str(report)
+
+
+def test_spare_buffers_hold_content_not_identity():
+    """What spare buffers hold is compared by provenance content: the tensor copied in, unwritten since, or
+    a crop view of a recorded ``cat(that tensor, block)`` (HF ``DynamicCache.crop``) - not a written
+    tensor, another tensor with equal values, or an inference tensor."""
+    from fbcompile.backends import provenance
+
+    cache = torch.randn(1, 2, 10, 4)
+    spare = cuda_graphs.SpareBuffers(layout=(), buffers=[torch.empty(1, 2, 16, 4)])
+    spare.sources = [provenance.content(cache)]
+    assert spare.holds([cache])
+    joined = torch.cat([cache, torch.randn(1, 2, 3, 4)], dim=2)
+    provenance.record(joined, cache, 2)
+    assert spare.holds([joined[:, :, :10]])  # the crop of the concatenation
+    assert not spare.holds([joined[:, :, :9]]) and not spare.holds([cache.clone()])
+    joined.add_(0)  # the concatenation written: its crop no longer vouches for the content
+    assert not spare.holds([joined[:, :, :10]])
+    cache.mul_(2)
+    assert not spare.holds([cache])
+    with torch.inference_mode():
+        frozen = torch.randn(1, 2, 10, 4)
+    spare.sources = [provenance.content(frozen)]
+    assert not spare.holds([frozen])

@@ -116,7 +116,8 @@ class SpareBuffers:
         same tensors unwritten since the copy, or views that a ``DynamicCache.crop`` made of their
         concatenation with a block); inference tensors, without versions: never."""
         return self.sources is not None and all(
-            held.version is not None and held == provenance.content(t) for held, t in zip(self.sources, tensors))
+            held.version is not None and (held.token, held.version) == (now.token, now.version)
+            for held, now in zip(self.sources, map(provenance.content, tensors)))
 
 
 class CapturedGraph:
