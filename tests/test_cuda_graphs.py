@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import fbcompile
 from fbcompile.backends import cuda_graphs
@@ -350,3 +352,49 @@ def test_spare_buffers_hold_content_not_identity():
         frozen = torch.randn(1, 2, 10, 4)
     spare.sources = [provenance.content(frozen)]
     assert not spare.holds([frozen])
+
+
+@st.composite
+def cache_histories(draw):
+    """Calls over a cache that moves: each op is 'step' (same cache), 'grow' (a cat of a new block: new,
+    longer tensors), 'write' (one layer's keys or values written in place), 'new' (other tensors of
+    another length) or 'crop' (views of the cache, one block shorter)."""
+    ops = draw(st.lists(st.sampled_from(["step", "step", "grow", "write", "new", "crop"]), min_size=4, max_size=10))
+    return ["new"] + ops, draw(st.integers(0, 2 ** 16))
+
+
+@settings(max_examples=12, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(history=cache_histories())
+@example(history=(["new", "step", "grow", "step", "grow", "write", "step", "grow", "step", "new", "grow", "step"], 0))
+@torch.no_grad()
+def test_spare_capacity_never_serves_a_stale_cache(monkeypatch, history):
+    """Differential: under CUDA graphs (CPU stand-in) with spare capacity, block mode's every call equals
+    block mode's without CUDA graphs, with the same refreshes and reuses, whatever moves the cache."""
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    torch._dynamo.reset()
+    ops, seed = history
+    gen = torch.Generator().manual_seed(seed)
+    reference = lm("cpu")
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
+    cfg, cache = reference.config, None
+    for op in ops:
+        if op == "new":
+            cache = random_cache(reference, int(torch.randint(0, 1000, (), generator=gen)),
+                                 CONTEXT + 8 * int(torch.randint(0, 6, (), generator=gen)))
+        elif op == "grow":
+            cache = [tuple(torch.cat([t, torch.randn(*t.shape[:2], cfg.block_size, t.shape[3], generator=gen)], 2)
+                           for t in kv) for kv in cache]
+        elif op == "write":
+            layer, which = int(torch.randint(0, cfg.num_layers, (), generator=gen)), int(torch.randint(0, 2, (), generator=gen))
+            cache[layer][which][:, :, int(torch.randint(0, cache[0][0].shape[2], (), generator=gen))] += 1.0
+        elif op == "crop":
+            cache = [tuple(t[:, :, :-cfg.block_size] for t in kv) for kv in cache]
+        x = torch.randint(0, 200, (1, cfg.block_size), generator=gen)
+        pos = positions(reference, cache[0][0].shape[2])
+        got = graphed(x, past_key_values=cache, position_ids=pos)[0]
+        assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < 1e-5, ops
+    mine, theirs = fbcompile.stats(graphed), fbcompile.stats(plain)
+    assert (mine.reuses, mine.refresh_reasons) == (theirs.reuses, theirs.refresh_reasons), ops
