@@ -105,7 +105,7 @@ class Capture:
 
 class SpareBuffers:
     """Buffers with spare capacity for a cache's keys/values (one per padded input, in the graph's
-    order) and what they hold: the tensors last copied in, with their versions."""
+    order) and what they hold: the provenance content of the tensors last copied in."""
 
     def __init__(self, layout: tuple, buffers: list[torch.Tensor]):
         self.layout, self.buffers = layout, buffers
@@ -163,7 +163,7 @@ class CapturedGraph:
         return type(outputs)(joined)
 
     def _call(self, raw: tuple):
-        args = self._counted(raw)
+        args, padded = self._counted(raw)
         if self.uncapturable is not None:
             return self._uncaptured(args, self.uncapturable)
         if torch.is_grad_enabled():
@@ -176,7 +176,7 @@ class CapturedGraph:
         if capture is not None:
             self.captures.move_to_end(key)
             return self._replay(capture, args)
-        if key not in self._seen and not self.spare:  # spare-capacity keys recur by design: captured at once
+        if key not in self._seen and not padded:  # spare-capacity keys recur by design: captured at once
             reason = self._why_new(key, last)
             if reason == NEW_KV and self.key_count is not None and self._may_pad(raw):
                 self.spare = True
@@ -195,21 +195,23 @@ class CapturedGraph:
         memory = {args[i].untyped_storage().data_ptr() for i in padded}
         return not any(args[i].untyped_storage().data_ptr() in memory for i in self._writes if i not in padded)
 
-    def _counted(self, args) -> tuple:
-        """The arguments of the compiled graph: with a key count, appended (the cached length as a
-        device tensor), and in spare mode the cached keys/values replaced by their spare buffers."""
+    def _counted(self, args) -> tuple[tuple, bool]:
+        """The arguments of the compiled graph - with a key count, appended (the cached length as a
+        device tensor), and in spare mode the cached keys/values replaced by their spare buffers - and
+        whether they were."""
         if self.key_count is None:
-            return args
+            return args, False
         lengths = {args[p.index].shape[p.dim] for p in self.key_count.padded}
         length = max(lengths)  # any count >= the lengths: every key counts
-        if self.spare and len(lengths) == 1 and self.uncapturable is None and not torch.is_grad_enabled():
+        padded = self.spare and len(lengths) == 1 and self.uncapturable is None and not torch.is_grad_enabled()
+        if padded:
             args = self._into_spare(args, length, spare_capacity(length))
         device = args[self.key_count.padded[0].index].device
-        return (*args, torch.full((1,), length, dtype=torch.int32, device=device))
+        return (*args, torch.full((1,), length, dtype=torch.int32, device=device)), padded
 
     def _into_spare(self, args, length: int, capacity: int) -> tuple:
         """``args`` with the cached keys/values in buffers of ``capacity`` (copied unless the buffers
-        hold the same tensors, unwritten since) and the integer inputs of the length set to it."""
+        hold their content already) and the integer inputs of the length set to it."""
         padded = self.key_count.padded
         sources = [args[p.index] for p in padded]
         layout = (capacity, tuple((p.dim, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)

@@ -1,7 +1,7 @@
 """Let a graph run over cached keys/values held in buffers with spare capacity.
 
-A cache grown by ``torch.cat`` at every block (HF ``DynamicCache``) hands the graph new tensors of a new
-length each time, so a CUDA graph captured over one block's cache could never replay. If the length of
+A cache grown by ``torch.cat`` at every block between calls (``generate`` loops, a cache extended
+outside the model) hands the graph new tensors of a new length each time, so a CUDA graph captured over one block's cache could never replay. If the length of
 the cached keys/values reaches nothing but the external attention, the graph can instead run over
 buffers of a fixed, larger capacity that the cache is copied into, with the number of keys that count
 read on the device. This pass proves that and adds the count as an input.
