@@ -358,8 +358,10 @@ def test_spare_buffers_hold_content_not_identity():
 def cache_histories(draw):
     """Calls over a cache that moves: each op is 'step' (same cache), 'grow' (a cat of a new block: new,
     longer tensors), 'write' (one layer's keys or values written in place), 'new' (other tensors of
-    another length) or 'crop' (views of the cache, one block shorter)."""
-    ops = draw(st.lists(st.sampled_from(["step", "step", "grow", "write", "new", "crop"]), min_size=4, max_size=10))
+    another length), 'crop' (views of the cache, one block shorter) or 'append' (a block written in place
+    into a preallocated buffer, the cache a longer view of it)."""
+    ops = draw(st.lists(st.sampled_from(["step", "step", "grow", "write", "new", "crop", "append"]),
+                        min_size=4, max_size=10))
     return ["new"] + ops, draw(st.integers(0, 2 ** 16))
 
 
@@ -379,7 +381,7 @@ def test_spare_capacity_never_serves_a_stale_cache(monkeypatch, history):
     reference = lm("cpu")
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
     plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
-    cfg, cache = reference.config, None
+    cfg, cache, buffers = reference.config, None, None
     for op in ops:
         if op == "new":
             cache = random_cache(reference, int(torch.randint(0, 1000, (), generator=gen)),
@@ -392,9 +394,51 @@ def test_spare_capacity_never_serves_a_stale_cache(monkeypatch, history):
             cache[layer][which][:, :, int(torch.randint(0, cache[0][0].shape[2], (), generator=gen))] += 1.0
         elif op == "crop":
             cache = [tuple(t[:, :, :-cfg.block_size] for t in kv) for kv in cache]
+        elif op == "append":
+            length = cache[0][0].shape[2]
+            if buffers is None or any(t._base is not b for kv, bs in zip(cache, buffers) for t, b in zip(kv, bs)):
+                buffers = [tuple(torch.cat([t, t.new_empty(*t.shape[:2], 12 * cfg.block_size, t.shape[3])], 2)
+                                 for t in kv) for kv in cache]  # room for 12 blocks, the cache copied in
+            for kv in buffers:
+                for b in kv:
+                    b[:, :, length:length + cfg.block_size] = torch.randn(*b.shape[:2], cfg.block_size, b.shape[3],
+                                                                          generator=gen)
+            cache = [tuple(b[:, :, :length + cfg.block_size] for b in kv) for kv in buffers]
         x = torch.randint(0, 200, (1, cfg.block_size), generator=gen)
         pos = positions(reference, cache[0][0].shape[2])
         got = graphed(x, past_key_values=cache, position_ids=pos)[0]
         assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < 1e-5, ops
     mine, theirs = fbcompile.stats(graphed), fbcompile.stats(plain)
     assert (mine.reuses, mine.refresh_reasons) == (theirs.reuses, theirs.refresh_reasons), ops
+
+
+@torch.no_grad()
+def test_views_of_a_preallocated_buffer_run_from_spare_capacity(monkeypatch):
+    """A cache kept in a preallocated buffer, the block's keys/values written in place after each block and
+    the filled part passed as a view: the views' strides are the buffer's (another symbol than the length).
+    The graphs switch to spare capacity at the first longer view, replay, and every call equals the model
+    without CUDA graphs. CPU stand-in for the capture."""
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    reference = lm("cpu")
+    cfg = reference.config
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
+    blocks, steps, gen = 8, 3, torch.Generator().manual_seed(0)
+    buffers = [tuple(torch.cat([t, t.new_zeros(*t.shape[:2], blocks * cfg.block_size, t.shape[3])], 2) for t in kv)
+               for kv in random_cache(reference, 0)]
+    for block in range(blocks):
+        length = CONTEXT + block * cfg.block_size
+        cache, pos = [tuple(b[:, :, :length] for b in kv) for kv in buffers], positions(reference, length)
+        for step in range(steps):
+            x = torch.randint(0, 200, (1, cfg.block_size), generator=gen)
+            got = graphed(x, past_key_values=cache, position_ids=pos)[0]
+            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < 1e-5
+        for kv in buffers:  # the block committed in place
+            for b in kv:
+                b[:, :, length:length + cfg.block_size] = torch.randn(*b.shape[:2], cfg.block_size, b.shape[3],
+                                                                      generator=gen)
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert fbcompile.stats(graphed).reuses == fbcompile.stats(plain).reuses == blocks * (steps - 1)
+    assert counts.get("switched to spare capacity", 0) == 1, counts
+    assert counts.get("replays", 0) >= (blocks - 3) * steps, counts

@@ -35,8 +35,9 @@ refresh across calls. Here, per graph:
   A write offset passed as a Python int (``cache[:, start:start + n] = k``) is baked into a capture, so
   such a graph is captured once per block, at its second step; passed as a tensor (HF ``StaticCache``'s
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
-* **Spare capacity.** When the cached keys/values are other tensors than at the last call and the
-  graph reads their (symbolic) length nowhere but in its external attention
+* **Spare capacity.** When the cached keys/values are other tensors than at the last call, or longer
+  views of the same memory (a preallocated buffer's filled part), and the graph reads their (symbolic)
+  length nowhere but in its external attention
   (:mod:`fbcompile.passes.key_count` proves it and gives the attention a key count read on the
   device), the graph switches to buffers with spare capacity: from then on each call copies the cache
   into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same tensors,
@@ -78,6 +79,7 @@ MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
 NEW_KV = "new cached keys/values"
+NEW_LENGTH = "cached keys/values of a new length"
 
 
 def spare_capacity(length: int) -> int:
@@ -178,7 +180,7 @@ class CapturedGraph:
             return self._replay(capture, args)
         if key not in self._seen and not padded:  # spare-capacity keys recur by design: captured at once
             reason = self._why_new(key, last)
-            if reason == NEW_KV and self.key_count is not None and self._may_pad(raw):
+            if reason in (NEW_KV, NEW_LENGTH) and self.key_count is not None and self._may_pad(raw):
                 self.spare = True
                 self.session.cuda_graph_counts["switched to spare capacity"] += 1
                 return self._call(raw)
@@ -234,16 +236,19 @@ class CapturedGraph:
         args = list(args)
         for p, buffer in zip(padded, self._spare.buffers):
             args[p.index] = buffer
-        for i in self.key_count.sizes:
-            args[i] = capacity
+        for i, value in self.key_count.size_values(capacity):
+            args[i] = value
         return tuple(args)
 
     def _why_new(self, key: tuple, last: tuple | None) -> str:
         """Why ``key`` has not been seen: the cached keys/values are other tensors than at the last call
         (a cache grown by ``torch.cat``: such a graph never replays; a preallocated cache, such as HF
-        ``StaticCache``, does), or anything else (shapes, other inputs, a first call)."""
+        ``StaticCache``, does) or longer views of the same memory (a preallocated buffer, a view of its
+        filled part passed in), or anything else (shapes, other inputs, a first call)."""
         if last is not None and any(key[0][j] != last[0][j] for j in self._kv_slots):
             return NEW_KV
+        if last is not None and any(key[1][j] != last[1][j] for j in self._kv_sized_slots):
+            return NEW_LENGTH
         return "first call with these shapes or addresses"
 
     def _first_call(self, args):
@@ -267,6 +272,7 @@ class CapturedGraph:
         self._kv_slots = [j for j, i in enumerate(self._by_address) if i in self._kv]
         self._copied = [i for i in tensors if i not in self._by_address]
         self._sized = [i for i in tensors + self._size_only if i in self._unguarded and isinstance(args[i], torch.Tensor)]
+        self._kv_sized_slots = [j for j, i in enumerate(self._sized) if i in self._kv]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
         self._last_key = self._key(args)
         self._seen[self._last_key] = None

@@ -24,7 +24,9 @@ inputs in buffers of capacity ``C >= s0`` along that dimension (their first ``s0
 called with the cache itself and any count at least its length, it computes the same.
 
 It applies when every cached key/value input with a symbolic size has exactly one, a bare symbol (dynamo
-gives each cached tensor its own: the caller checks that they agree before padding), and
+gives each cached tensor its own: the caller checks that they agree before padding), strides that a
+dense buffer of the capacity can have (those of a tensor of its own; or of a view of the filled part of
+a larger buffer, whose strides dynamo makes other symbols: they then take the buffer's values), and
 
 * is read only as the keys or values of ``attention_lse`` calls (no view, slice, size or other use:
   any of them could see the padding);
@@ -39,41 +41,52 @@ a sixth argument that the other passes do not expect).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
 import torch.fx as fx
 
+from fbcompile.passes.graph_utils import traced_value
+
 ATTENTION = torch.ops.fbcompile.attention_lse.default
 COUNT_NAME = "cached_key_count"
 
 
+CAPACITY = sympy.Symbol("capacity", integer=True, positive=True)
+
+
 @dataclass
 class PaddedInput:
-    """A cached key/value input: its argument index, the dimension of its length, the length's symbol
-    and its strides as expressions of it."""
+    """A cached key/value input: its argument index, the dimension of its length and the strides of its
+    buffer as expressions of :data:`CAPACITY`."""
 
     index: int
     dim: int
-    symbol: sympy.Symbol
     strides: tuple
 
     def layout(self, shape: torch.Size, capacity: int) -> tuple[list[int], list[int]]:
         """Sizes and strides of a buffer of ``capacity`` along :attr:`dim`, laid out as the graph expects."""
         sizes = list(shape)
         sizes[self.dim] = capacity
-        return sizes, [int(sympy.sympify(s).subs(self.symbol, capacity)) for s in self.strides]
+        return sizes, [int(sympy.sympify(s).subs(CAPACITY, capacity)) for s in self.strides]
 
 
 @dataclass
 class KeyCountInputs:
     """How to call a graph :func:`add_key_count` rewrote: the inputs that may be padded, the integer
-    inputs that carry their lengths (given the capacity), and the key count, appended after all
-    other arguments."""
+    inputs that carry their sizes or strides (``(index, value as an expression of CAPACITY)``), and the
+    key count, appended after all other arguments."""
 
     padded: list[PaddedInput]
-    sizes: list[int]
+    sizes: list[tuple]
+    _values: dict = field(default_factory=dict, repr=False)  # capacity -> size_values (sympy is slow)
+
+    def size_values(self, capacity: int) -> list[tuple[int, int]]:
+        """``(index, value)`` of the integer inputs for buffers of ``capacity``."""
+        if capacity not in self._values:
+            self._values[capacity] = [(i, int(sympy.sympify(expr).subs(CAPACITY, capacity))) for i, expr in self.sizes]
+        return self._values[capacity]
 
 
 def _expr(value):
@@ -95,12 +108,38 @@ def _value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def _buffer_layout(value: torch.Tensor, dim: int) -> tuple[tuple, dict] | None:
+    """The strides of a dense buffer of :data:`CAPACITY` rows along ``dim``, its dimensions in the order
+    of ``value``'s strides, as expressions of the capacity, and the value each symbol of ``value`` then
+    takes - if the graph's strides for ``value`` can be those (a cache of its own, or a view of the
+    filled part of a larger buffer, whose strides are other symbols); else None."""
+    hints = [traced_value(s) for s in value.stride()]
+    order = sorted(range(value.dim()), key=lambda i: (hints[i], -i))  # innermost first
+    dense, step = [0] * value.dim(), sympy.Integer(1)
+    for i in order:
+        dense[i] = step
+        step = step * (CAPACITY if i == dim else _expr(value.shape[i]))
+    values = {_expr(value.shape[dim]): CAPACITY}
+    equations = [sympy.Eq(sympy.sympify(_expr(have)).subs(values), want) for have, want in zip(value.stride(), dense)]
+    if any(e is sympy.false for e in equations):
+        return None
+    others = sorted(_symbols(value) - set(values), key=str)
+    if others:
+        solved = sympy.solve([e for e in equations if e is not sympy.true], others, dict=True)
+        if len(solved) != 1 or set(solved[0]) != set(others):
+            return None
+        values.update(solved[0])
+    if any(sympy.simplify(sympy.sympify(_expr(have)).subs(values) - want) != 0 for have, want in zip(value.stride(), dense)):
+        return None
+    return tuple(dense), values
+
+
 def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[KeyCountInputs | None, str | None]:
     """Add the key-count input to ``gm`` if its cached keys/values (placeholder indices ``kv``) may be
     padded (see the module docstring): ``(how to call it, None)``; else ``gm`` is left as it is and
     ``(None, why not)`` where some cached input has a symbolic size, ``(None, None)`` where none has."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    padded = []
+    padded, symbol_values = [], {}
     for i in sorted(kv):
         node = placeholders[i]
         value = _value(node)
@@ -114,16 +153,22 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[KeyCountInputs | No
         symbol = _expr(value.shape[dims[0]])
         if not isinstance(symbol, sympy.Symbol):
             return None, f"the length of cached input {node.name} is {symbol}, not a symbol of its own"
-        if _symbols(value) - {symbol}:
-            return None, f"cached input {node.name} has other symbolic sizes or strides"
+        layout = _buffer_layout(value, dims[0])
+        if layout is None:
+            return None, f"cached input {node.name} has strides a buffer with spare capacity cannot take"
+        strides, values = layout
+        for known, expr in values.items():
+            if known in symbol_values and sympy.simplify(symbol_values[known] - expr) != 0:
+                return None, f"cached inputs give {known} two values in buffers with spare capacity"
+        symbol_values.update(values)
         for user in node.users:
             if user.target is not ATTENTION or len(user.args) != 5 or any(
                     a is node for j, a in enumerate(user.args) if j not in (1, 2)):
                 return None, f"{user.name} reads cached input {node.name} other than as attention keys/values"
-        padded.append(PaddedInput(i, dims[0], symbol, tuple(_expr(s) for s in value.stride())))
+        padded.append(PaddedInput(i, dims[0], strides))
     if not padded:
         return None, None
-    padded_indices, symbols = {p.index for p in padded}, {p.symbol for p in padded}
+    padded_indices, symbols = {p.index for p in padded}, set(symbol_values)
     env = next(iter(_value(placeholders[p.index]).shape[p.dim] for p in padded)).node.shape_env
     for symbol, expr in env.replacements.items():
         if symbol in symbols or symbols & sympy.sympify(expr).free_symbols:
@@ -133,7 +178,7 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[KeyCountInputs | No
         if i in padded_indices or not symbols & _symbols(_value(node)):
             continue
         if isinstance(_value(node), torch.SymInt) and _expr(_value(node)) in symbols and not node.users:
-            sizes.append(i)
+            sizes.append((i, symbol_values[_expr(_value(node))]))
             continue
         return None, f"input {node.name} depends on a cached length ({_expr(_value(node)) if isinstance(_value(node), torch.SymInt) else 'its sizes'})"
     with gm.graph.inserting_after(placeholders[-1]):
