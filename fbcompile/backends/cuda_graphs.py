@@ -213,7 +213,7 @@ class CapturedGraph:
 
     def _into_spare(self, args, length: int, capacity: int) -> tuple:
         """``args`` with the cached keys/values in buffers of ``capacity`` (copied unless the buffers
-        hold their content already) and the integer inputs of the length set to it."""
+        hold their content already) and the integer inputs of their sizes and strides set for it."""
         padded = self.key_count.padded
         sources = [args[p.index] for p in padded]
         layout = (capacity, tuple((p.dim, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
