@@ -8,6 +8,8 @@
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 300 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
+#   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
+#   sparse      sparse attention kernels at tile 32 (with the sweep) and 64, fbcompile.Sparse's default (<= 200 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
 mkdir -p "$OUT"
@@ -34,6 +36,10 @@ for name in "${steps[@]}"; do
     gemma) step e2e_gemma 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
+    linear) step small_m_linear 300 python benchmarks/small_m_linear.py --rows 32,256 --out "$OUT/small_m_linear.json" ;;
+    sparse)
+        step sparse_32 120 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --sweep
+        step sparse_64 80 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 ;;
     *) echo "unknown step $name" ;;
     esac
 done

@@ -171,7 +171,8 @@ def versions(device) -> dict:
 def write(out_dir, meta, rows):
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, "sparse_attention_" + ("cpu_tiny" if meta["tiny"] else
-                                                         meta["device"].replace("NVIDIA ", "").split()[0].lower()))
+                                                         meta["device"].replace("NVIDIA ", "").split()[0].lower())
+                        + ("" if TILE == 32 else f"_tile{TILE}"))
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     lines = [f"# Sparse external attention with residual reuse on {meta['device']}", "",
@@ -214,12 +215,15 @@ def write(out_dir, meta, rows):
 
 
 def main():
+    global TILE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tiny", action="store_true", help="small shapes on the CPU: a smoke check of the script")
     ap.add_argument("--keys", default=None, help="comma-separated cached-key counts (default 32K,128K)")
     ap.add_argument("--sweep", action="store_true", help="also time variants of the fused reuse step at 512")
+    ap.add_argument("--tile", type=int, default=TILE, help=f"keys per KV tile (default {TILE}; fbcompile.Sparse's: 64)")
     args = ap.parse_args()
+    TILE = args.tile
     device = "cpu" if args.tiny else "cuda"
     torch.manual_seed(0)
     keys = [int(x) for x in args.keys.split(",")] if args.keys else TINY_KEYS if args.tiny else KEYS
