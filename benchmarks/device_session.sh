@@ -9,7 +9,7 @@
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 300 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
-#   sparse      sparse attention kernels at tile 32 (with the sweep) and 64, fbcompile.Sparse's default (<= 200 s)
+#   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
 mkdir -p "$OUT"
@@ -38,8 +38,7 @@ for name in "${steps[@]}"; do
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
     linear) step small_m_linear 300 python benchmarks/small_m_linear.py --rows 32,256 --out "$OUT/small_m_linear.json" ;;
     sparse)
-        step sparse_32 120 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --sweep
-        step sparse_64 80 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 ;;
+        step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;
     esac
 done

@@ -63,6 +63,26 @@ def time_us(fn, sets) -> float:
     return statistics.median(times) * 1e6
 
 
+def kernel_us(fn, sets, rounds=5) -> dict:
+    """GPU µs per call of each kernel ``fn`` launches (``torch.profiler``; plain launches, no graph)."""
+    for s in sets:
+        fn(*s)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            for s in sets:
+                fn(*s)
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] = per.get(e.name, 0.0) + e.time_range.elapsed_us() / (rounds * len(sets))
+    return {name: round(us, 2) for name, us in per.items()}
+
+
+TILES_SWEEP = [dict(BLOCK_R=r, num_warps=w, num_stages=st) for r in (32, 64) for w in (4, 8) for st in (2, 3)]
+
+
 def make_sets(n, device, tiny):
     """Input sets ``(q, k, v, k_blk, v_blk, idx per budget, residual)``, enough to exceed the L2 4x."""
     kv_bytes = 2 * HKV * n * D * 2
@@ -107,6 +127,23 @@ def run_keys(n, device, tiny, sweep):
     row["external_us"] = t(lambda q, k, v, *_: OPS.attention_lse(q, k, v, None, scale))
     row["tiles_us"] = t(lambda q, k, v, *_: OPS.attention_lse_tiles(q, k, v, None, scale, TILE))
     row["tiles_overhead_pct"] = 100 * (row["tiles_us"] / row["external_us"] - 1)
+    if sweep and device == "cuda":  # where the tile masses' time goes, and kernel settings for them
+        row["external_kernels"] = kernel_us(lambda q, k, v, *_: OPS.attention_lse(q, k, v, None, scale), sets)
+        row["tiles_kernels"] = kernel_us(lambda q, k, v, *_: OPS.attention_lse_tiles(q, k, v, None, scale, TILE), sets)
+        row["tiles_sweep"] = []
+        for ov in TILES_SWEEP:
+            with set_wrap_triton_enabled(False):
+                plain = t(lambda q, k, v, *_: ta._attention(q, k, v, None, scale, **ov))
+                tiles = t(lambda q, k, v, *_: ta._attention(
+                    q, k, v, None, scale, tiles=(TILE, torch.empty(1, HKV, -(-n // TILE), device=q.device)), **ov))
+            row["tiles_sweep"].append(dict(ov, plain_us=plain, tiles_us=tiles, overhead_pct=100 * (tiles / plain - 1)))
+        default_block_t, row["mass_sweep"] = ta._MASS_BLOCK_T, []
+        for block_t in (8, 16, 32, 64):  # KV tiles per tile-mass program
+            ta._MASS_BLOCK_T = block_t
+            tiles = t(lambda q, k, v, *_: OPS.attention_lse_tiles(q, k, v, None, scale, TILE))
+            row["mass_sweep"].append(dict(block_t=block_t, tiles_us=tiles,
+                                          overhead_pct=100 * (tiles / row["external_us"] - 1)))
+        ta._MASS_BLOCK_T = default_block_t
     row["select_512_us"] = t(lambda *s: OPS.select_tiles(s[9], 512 // TILE, 1.0))
     row["select_mass90_us"] = t(lambda *s: OPS.select_tiles(s[9], 4096 // TILE, 0.9))
     row["residual_512_us"] = t(lambda q, k, v, kb, vb, idx, res, out, lse, tm: OPS.subtract_lse(
@@ -206,6 +243,16 @@ def write(out_dir, meta, rows):
     if sweep:
         lines += ["", "| keys | fused step at 512, variant | µs | x FB |", "|---|---|---|---|"]
         lines += [f"| {n // 1024}K | {k[len('fused_step_'):-3]} | {us:.1f} | {x:.2f}x |" for n, k, us, x in sweep]
+    for r in rows:
+        if "tiles_kernels" in r:
+            lines += ["", f"{r['keys'] // 1024}K, GPU µs per call by kernel (profiler, plain launches): external "
+                      + ", ".join(f"`{k[:40]}` {v}" for k, v in r["external_kernels"].items()) + "; with tile masses "
+                      + ", ".join(f"`{k[:40]}` {v}" for k, v in r["tiles_kernels"].items()), "",
+                      "| settings | plain µs | with tile masses µs | overhead |", "|---|---|---|---|"]
+            lines += [f"| R{v['BLOCK_R']} w{v['num_warps']} s{v['num_stages']} | {v['plain_us']:.1f} | "
+                      f"{v['tiles_us']:.1f} | {v['overhead_pct']:+.1f}% |" for v in r["tiles_sweep"]]
+            lines += ["", "| KV tiles per tile-mass program | with tile masses µs | overhead |", "|---|---|---|"]
+            lines += [f"| {v['block_t']} | {v['tiles_us']:.1f} | {v['overhead_pct']:+.1f}% |" for v in r["mass_sweep"]]
     lines += ["", "Relative errors vs the PyTorch reference on the same inputs: "
               + "; ".join(f"{r['keys'] // 1024}K " + ", ".join(f"{k} {v:.1e}" for k, v in r["errors"].items())
                           for r in rows), ""]

@@ -359,6 +359,7 @@ TRITON_CASES = [
     ((1, 4, 1, 32, 90, 64, 48, "float_inf"), torch.float32, 2),  # 128 rows per KV head
     ((1, 2, 2, 64, 70, 256, 32, "empty_rows"), torch.float32, 1),
     ((1, 2, 2, 1, 2100, 64, 32, "none"), torch.float32, 70),  # more splits than one reduction block
+    ((1, 16, 1, 20, 150, 64, 32, "none"), torch.float32, 2),  # 320 rows: more than one tile-mass row block
 ]
 
 
