@@ -40,9 +40,15 @@ def stand_in_record(run, args, session):
 
 
 @pytest.fixture
-def device(monkeypatch) -> str:
-    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:  # torch < 2.13: the models of
-        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)         # a test share dynamo's budget
+def shared_compile_budget(monkeypatch):
+    """torch < 2.13 has no per-model compile budget: the models of a test share dynamo's (8 by default,
+    which the crop loop's recompiles for its views' strides exceed on torch 2.11)."""
+    if "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+
+
+@pytest.fixture
+def device(monkeypatch, shared_compile_budget) -> str:
     if CUDA:
         return "cuda"
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
@@ -256,7 +262,7 @@ def test_spare_capacity_sizes():
 
 
 @torch.no_grad()
-def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch):
+def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch, shared_compile_budget):
     """HF ``DynamicCache`` updated inside the model and cropped after each denoising step: the cached keys
     are new tensors (views of the last step's concatenation) at every step. The graphs return the block
     and fbcompile joins it to the cache, so a reuse graph no longer reads the cache: it is captured once per
