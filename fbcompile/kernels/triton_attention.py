@@ -99,8 +99,7 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
                  D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """One online-softmax step over a tile of keys (``key_ok`` marks the real ones): returns the new
-    ``(m, l, acc)`` state, the tile's probabilities ``p`` relative to ``m_safe``, their row sums and
-    ``m_safe``."""
+    ``(m, l, acc)`` state, the tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``."""
     k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
     if HAS_MASK:
@@ -115,11 +114,10 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
-    p_sum = tl.sum(p, 1)
-    l_i = l_i * alpha + p_sum
+    l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-    return m_new, l_i, acc, p, p_sum, m_safe
+    return m_new, l_i, acc, p, m_safe
 
 
 @triton.jit
@@ -188,16 +186,15 @@ def _attn_kernel(
     # partial one), cause not found: see benchmarks/results/attention_h200_notes.md.
     for n0 in range(n_start, n_end, BLOCK_N):
         key_ok = (n0 + offs_n) < n_end
-        m_i, l_i, acc, p, tile_sum, m_safe = _attend_tile(
+        m_i, l_i, acc, p, m_safe = _attend_tile(
             q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
             D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
-        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass: the softmax's own row sums
-        # when a chunk is the whole key tile, else masked row sums (a reshape would move ``p`` out of
-        # the dot's register layout).
+        # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass. Masked row sums rather
+        # than a reshape, which would move ``p`` out of the dot's register layout.
         if CHUNK > 0:
             for j in tl.static_range(BLOCK_N // CHUNK):
                 if BLOCK_N == CHUNK:
-                    p_sum = tile_sum
+                    p_sum = tl.sum(p, 1)
                 else:
                     p_sum = tl.sum(tl.where((offs_n // CHUNK == j)[None, :], p, 0.0), 1)
                 chunk = n0 // CHUNK + j + 0 * rows  # per row: the interpreter cannot `&` a scalar condition
@@ -376,7 +373,7 @@ def _sparse_attn_kernel(
             n = t * TILE + c0 + offs_n
             key_ok = (c0 + offs_n < TILE) & (n < N) & (n >= 0)
             n = tl.where(key_ok, n, 0)
-            m_i, l_i, acc, _, _, _ = _attend_tile(
+            m_i, l_i, acc, p, m_safe = _attend_tile(
                 q, k_base + n[:, None] * skn, v_base + n[:, None] * svn, mask_base + n[None, :] * smn,
                 key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
                 D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
@@ -387,7 +384,7 @@ def _sparse_attn_kernel(
             vb_ptrs = VB + b * svbb + hkv * svbh + offs_n[:, None] * svbn + offs_dv[None, :] * svbd
             maskb_ptrs = MaskB + b * smbb + h[:, None] * smbh + m[:, None] * smbm + offs_n[None, :] * smbn
             for n0 in range(0, NB, BLOCK_N):
-                m_i, l_i, acc, _, _, _ = _attend_tile(
+                m_i, l_i, acc, p, m_safe = _attend_tile(
                     q, kb_ptrs, vb_ptrs, maskb_ptrs, (n0 + offs_n) < NB, row_ok, offs_d, offs_dv, m_i, l_i, acc,
                     qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
                 kb_ptrs += BLOCK_N * skbn
