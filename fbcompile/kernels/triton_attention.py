@@ -31,20 +31,16 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from fbcompile.kernels.triton_common import cdiv as _cdiv
+from fbcompile.kernels.triton_common import dot as _dot
+from fbcompile.kernels.triton_common import num_sms as _num_sms
+from fbcompile.kernels.triton_common import upcast_dot
+
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 512
 _MIN_TILES_PER_SPLIT = 4  # below ~256 keys per program the split overhead outweighs the parallelism
 _MASS_BLOCK_T = 16  # KV tiles per tile-mass program of the split reduction
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``tl.dot`` with fp32 accumulation; ``UPCAST`` (CPU interpreter only, whose bf16 dot is broken)
-    does the same arithmetic on fp32 copies of the already-rounded operands."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -395,18 +391,6 @@ def _sparse_attn_kernel(
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # interpreter (CPU tensors): small, so tests still exercise several splits
-
-
-# Plain-int helpers: triton.cdiv / next_power_of_2 cost ~3 us per call, too much on the launch path.
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, x - 1).bit_length())
 
@@ -587,7 +571,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3],
         Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
-        SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), CHUNK=chunk,
+        SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), CHUNK=chunk,
         HAS_COUNT=key_count is not None, **cfg, **launch,
     )
     if split:
@@ -597,10 +581,6 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
 
 def _dot_precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
-def _upcast_dot(q):
-    return q.dtype == torch.bfloat16 and q.device.type != "cuda"
 
 
 def attention_lse(q, k, v, mask, scale, key_count=None, *, num_splits: int | None = None):
@@ -700,7 +680,7 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
         Hkv, group, M, N, NB, R, S, slots_per_split, scale * _LOG2E,
         TILE=tile, D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_BLOCK=block is not None,
         HAS_MASK_B=mask_blk is not None, MASK_B_BOOL=maskb_bool, HAS_EXT=ext[4], SPLIT=num_splits > 1,
-        DOT_PRECISION=_dot_precision(q), UPCAST_DOT=_upcast_dot(q), **cfg, **launch,
+        DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), **cfg, **launch,
     )
     if num_splits > 1:
         _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"])

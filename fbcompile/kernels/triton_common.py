@@ -1,0 +1,34 @@
+"""Helpers the Triton kernel modules share."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; ``UPCAST`` (CPU interpreter only, whose bf16 dot is
+    broken) does the same arithmetic on fp32 copies of the already-rounded operands."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+def upcast_dot(t: torch.Tensor) -> bool:
+    """Whether ``dot`` must upcast: bf16 operands in the CPU interpreter."""
+    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # interpreter (CPU tensors): small, so tests still exercise several splits
+
+
+# Plain-int helper: triton.cdiv costs ~3 us per call, too much on the launch path.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
