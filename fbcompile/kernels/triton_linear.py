@@ -1,0 +1,181 @@
+"""A Triton GEMM for the weight projections of a block step: ``y = x @ w.T + b`` with few rows.
+
+A block step multiplies a block's few rows (batch x block: 32-256) by every weight matrix, so its
+GEMMs are bound by reading the weights once from HBM. cuBLAS reaches 27-39% of the bandwidth there
+(``benchmarks/results/small_m_linear_h200.md``): its tiles are shaped for many rows, so a 1536-wide
+projection becomes a dozen programs that cannot keep the memory system busy. This kernel tiles the
+*weight rows* instead (the operands swapped: ``y.T = w @ x.T``), in narrow tiles so that even small
+projections spread over all SMs, and splits long reductions (``K``) over programs whose fp32
+partials a second small kernel sums (with the bias and the cast).
+
+Configs are a function of ``(M, N, K)`` and the SM count only: no autotuning, no host syncs, so the
+launches trace (``torch.library.triton_op``) and are captured in CUDA graphs.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from fbcompile.kernels.triton_common import cdiv, dot, num_sms, upcast_dot
+
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class LinearConfig(NamedTuple):
+    """One launch shape: weight rows per program, rows of ``x`` per program, the reduction tile, how
+    many programs share one reduction, and Triton's warps and pipeline stages."""
+
+    block_n: int
+    block_m: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@triton.jit
+def _linear_kernel(X, W0, W1, W2, B0, B1, B2, Y, sxm, sxk, swn, swk, sym, syn, M, N, N1, N2, K, k_per_split,
+                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``Y[m, n] = sum_k X[m, k] W[n, k] (+ B[n])`` over the ``k`` range ``pid_k`` owns, where ``W``
+    and ``B`` stack up to three weights and biases (rows ``[0, N1)``, ``[N1, N2)``, ``[N2, N)``; the
+    boundaries are multiples of ``BLOCK_N``, so each program reads one). With ``PARTIAL`` it stores
+    the fp32 partial at ``Y[pid_k]`` instead (no bias)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    n_start = pid_n * BLOCK_N
+    if n_start < N1:
+        W, B, n_lo, n_hi = W0, B0, 0, N1
+    elif n_start < N2:
+        W, B, n_lo, n_hi = W1, B1, N1, N2
+    else:
+        W, B, n_lo, n_hi = W2, B2, N2, N
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < n_hi
+    m_ok = offs_m < M
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_ptrs = W + (offs_n - n_lo)[:, None] * swn + (k_lo + offs_k)[None, :] * swk
+    x_ptrs = X + offs_m[None, :] * sxm + (k_lo + offs_k)[:, None] * sxk
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
+        else:
+            k_ok = (k + offs_k) < k_hi
+            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+        acc += dot(w, x, "ieee", UPCAST_DOT)
+        w_ptrs += BLOCK_K * swk
+        x_ptrs += BLOCK_K * sxk
+    y_mask = n_ok[:, None] & m_ok[None, :]
+    if PARTIAL:
+        y_ptrs = Y + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
+        tl.store(y_ptrs, acc, mask=y_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n - n_lo, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        tl.store(Y + offs_m[None, :] * sym + offs_n[:, None] * syn, acc.to(Y.dtype.element_ty), mask=y_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(P, B0, B1, B2, Y, MN, N, N1, N2, sym, syn, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """``Y = sum_s P[s] (+ B)``: the fp32 partials of a split reduction, cast to ``Y``'s dtype; ``B``
+    stacks up to three biases as in :func:`_linear_kernel`."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(P + s * MN + offs, mask=ok, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(B0 + n, mask=ok & (n < N1), other=0.0).to(tl.float32)
+        acc += tl.load(B1 + n - N1, mask=ok & (n >= N1) & (n < N2), other=0.0).to(tl.float32)
+        acc += tl.load(B2 + n - N2, mask=ok & (n >= N2), other=0.0).to(tl.float32)
+    tl.store(Y + (offs // N) * sym + n * syn, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+MAX_GROUP = 3  # weights one launch can stack: a q/k/v projection
+
+
+def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = ()) -> LinearConfig:
+    """The launch shape for ``M`` rows over an ``[N, K]`` weight (stacked at ``boundaries``).
+
+    From the H200 sweep (``benchmarks/results/skinny_linear_h200.md``, 32 rows): 64-row weight tiles,
+    narrowed to 16 (dividing the boundaries) while they make fewer than half as many programs as SMs,
+    unless the reduction is long (K >= 4096: wide tiles read better, and a split finds the programs),
+    then a split reduction while the programs still fit the SMs once; five stages.
+    """
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    m_tiles = cdiv(M, block_m)
+    block_n = 64
+    while block_n > 16 and ((cdiv(N, block_n) * m_tiles < sms // 2 and K < 4096)
+                            or any(b % block_n for b in boundaries)):
+        block_n //= 2
+    programs = cdiv(N, block_n) * m_tiles
+    block_k = 128
+    split_k = 1
+    while 2 * programs * split_k <= sms and K // (2 * split_k) >= 2 * block_k:
+        split_k *= 2
+    return LinearConfig(block_n, block_m, block_k, split_k, 4, 5 if block_m <= 32 else 3)
+
+
+def supports(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
+    """Half-precision operands of one dtype; up to :data:`MAX_GROUP` 2-D weights over ``x``'s last
+    dim with the same strides, the inner ones with multiples of 16 rows; biases for all or none."""
+    K = x.shape[-1] if x.dim() >= 1 else -1
+    return (x.dtype in _DTYPES and 1 <= len(weights) <= MAX_GROUP and len(biases) == len(weights)
+            and all(w.dtype == x.dtype and w.dim() == 2 and w.shape[1] == K and w.stride() == weights[0].stride()
+                    for w in weights)
+            and all(w.shape[0] % 16 == 0 for w in weights[:-1])
+            and (all(b is None for b in biases)
+                 or all(b is not None and b.dtype == x.dtype and b.shape == (w.shape[0],) and b.stride() == (1,)
+                        for w, b in zip(weights, biases))))
+
+
+def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], *,
+           config: LinearConfig | None = None) -> torch.Tensor:
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one launch (two with
+    a split reduction) through :func:`_linear_kernel`. Traceable host code (shapes must be static for
+    the config choice)."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    sizes = [w.shape[0] for w in weights]
+    N = sum(sizes)
+    N1 = sizes[0] if len(sizes) > 1 else N
+    N2 = N1 + sizes[1] if len(sizes) > 2 else N
+    cfg = config or config_for(M, N, K, num_sms(x.device), (N1, N2))
+    torch._check(N1 % cfg.block_n == 0 and N2 % cfg.block_n == 0 or len(sizes) == 1,
+                 lambda: f"stacked weights {sizes} must split at multiples of {cfg.block_n} rows")
+    ws = (weights + [weights[-1]] * MAX_GROUP)[:MAX_GROUP]
+    has_bias = biases[0] is not None
+    bs = (list(biases) + [biases[-1]] * MAX_GROUP)[:MAX_GROUP] if has_bias else ws
+    y = x.new_empty(M, N)
+    k_per_split = cdiv(cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = cdiv(K, k_per_split)
+    grid = (cdiv(N, cfg.block_n), split_k, cdiv(M, cfg.block_m))
+    partial = split_k > 1
+    out = x.new_empty(split_k, M, N, dtype=torch.float32) if partial else y
+    wrap_triton(_linear_kernel)[grid](
+        x2, *ws, *bs, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1), y.stride(0), y.stride(1),
+        M, N, N1, N2, K, k_per_split,
+        HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x),
+        EVEN_K=K % k_per_split == 0 and k_per_split % cfg.block_k == 0,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if partial:
+        block = 1024
+        wrap_triton(_sum_splits_kernel)[(cdiv(M * N, block),)](
+            out, *bs, y, M * N, N, N1, N2, y.stride(0), y.stride(1),
+            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+    return y.reshape(*x.shape[:-1], N)

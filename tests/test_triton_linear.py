@@ -1,0 +1,107 @@
+"""The skinny-GEMM Triton kernel (``fbcompile.kernels.triton_linear``) against ``F.linear`` in fp64.
+
+Shapes cover the block-step range (a few to a few hundred rows), partial tiles on every axis, split
+reductions with and without a ragged last split, bias or none, and non-contiguous operands. The
+kernel runs natively on a GPU, otherwise in Triton's CPU interpreter (:mod:`triton_interpreter`).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton_interpreter
+
+IN_PROCESS = triton_interpreter.enable()
+triton = pytest.importorskip("triton")
+
+from fbcompile.kernels import triton_linear as tlin  # noqa: E402
+
+DEVICE = "cuda" if triton_interpreter.CUDA else "cpu"
+in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton imported uncompiled: see test_in_subprocess")
+
+# (dtype, M, N (a list: stacked weights), K, bias, config or None for the default, layout)
+CASES = [
+    (torch.bfloat16, 32, [64, 32, 32], 256, True, None, "contiguous"),  # q/k/v in one launch
+    (torch.float16, 20, [48, 16, 40], 192, True, tlin.LinearConfig(16, 32, 64, 2), "contiguous"),  # + split
+    (torch.bfloat16, 9, [32, 32], 128, False, tlin.LinearConfig(32, 16, 64, 1), "transposed_weight"),  # gate/up
+    (torch.bfloat16, 32, 96, 256, True, None, "contiguous"),
+    (torch.bfloat16, 5, 40, 200, False, None, "contiguous"),  # every axis ragged
+    (torch.float16, 48, 64, 512, True, tlin.LinearConfig(16, 32, 64, 3), "contiguous"),  # ragged last split
+    (torch.bfloat16, 32, 128, 512, True, tlin.LinearConfig(32, 32, 64, 4), "transposed_weight"),
+    (torch.float16, 70, 48, 160, False, tlin.LinearConfig(16, 64, 32, 2), "strided_x"),
+    (torch.bfloat16, 16, 16, 64, True, tlin.LinearConfig(16, 16, 64, 1), "contiguous"),
+    (torch.bfloat16, 33, 80, 384, True, tlin.LinearConfig(64, 16, 128, 2), "contiguous"),
+]
+
+
+def _operands(dtype, M, N, K, bias, layout, seed):
+    """``x`` and lists of weights and biases (one per entry of ``N``, an int or a list)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen)
+    if layout == "strided_x":  # rows of a wider activation
+        x = torch.randn(M, 2 * K, generator=gen)[:, ::2]
+    ws, bs = [], []
+    for n in N if isinstance(N, list) else [N]:
+        w = torch.randn(n, K, generator=gen) / K ** 0.5
+        if layout == "transposed_weight":  # a [K, N] parameter used as w.T
+            w = w.t().contiguous().t()
+        ws.append(w)
+        bs.append(torch.randn(n, generator=gen) if bias else None)
+    to = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    return to(x), [to(w) for w in ws], [to(b) for b in bs]
+
+
+@in_process
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c[:5]) + f"-{c[6]}")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_triton_linear_matches_fp64(case, seed):
+    dtype, M, N, K, bias, config, layout = case
+    x, ws, bs = _operands(dtype, M, N, K, bias, layout, seed)
+    assert tlin.supports(x, ws, bs)
+    y = tlin.linear(x, ws, bs, config=config)
+    ref = torch.cat([F.linear(x.double(), w.double(), None if b is None else b.double()) for w, b in zip(ws, bs)], -1)
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < 5e-3, f"rel err {err:.2e}"
+
+
+@in_process
+def test_triton_linear_keeps_leading_dims():
+    x, ws, bs = _operands(torch.bfloat16, 24, 32, 64, True, "contiguous", 2)
+    y = tlin.linear(x.reshape(2, 3, 4, 64), ws, bs)
+    assert y.shape == (2, 3, 4, 32)
+    torch.testing.assert_close(y.reshape(24, 32), tlin.linear(x, ws, bs))
+
+
+def test_triton_linear_default_configs_are_the_measured_best():
+    """At a block's 32 rows the default configs for a 1.5B model's weights are the H200 sweep's best
+    (``benchmarks/results/skinny_linear_h200.md``); stacked weights split at tile boundaries."""
+    best = {(1536, 1536): (16, 1), (256, 1536): (16, 4), (8960, 1536): (64, 1), (1536, 8960): (64, 4)}
+    for (N, K), (block_n, split_k) in best.items():
+        cfg = tlin.config_for(32, N, K, 132)
+        assert (cfg.block_n, cfg.split_k, cfg.block_k, cfg.num_stages) == (block_n, split_k, 128, 5), (N, K, cfg)
+    for N, bounds in ((2048, (1536, 1792)), (17920, (8960,)), (96, (48, 80))):
+        cfg = tlin.config_for(32, N, 1536, 132, bounds)
+        assert all(b % cfg.block_n == 0 for b in bounds), (N, bounds, cfg)
+
+
+def test_triton_linear_supports():
+    bf = dict(dtype=torch.bfloat16)
+    w, w16, x, b = torch.randn(8, 16, **bf), torch.randn(16, 16, **bf), torch.randn(4, 16, **bf), torch.zeros(8, **bf)
+    assert tlin.supports(x, [w], [None]) and tlin.supports(x, [w], [b])
+    assert tlin.supports(x, [w16, w16, w], [None] * 3)
+    assert not tlin.supports(x.float(), [w.float()], [None])
+    assert not tlin.supports(x.half(), [w], [None])
+    assert not tlin.supports(torch.randn(4, 8, **bf), [w], [None])
+    assert not tlin.supports(x, [w], [torch.zeros(8)])
+    assert not tlin.supports(x, [w, w16], [None, None])  # an inner group of 8 rows
+    assert not tlin.supports(x, [w16, w16], [torch.zeros(16, **bf), None])  # biases for some only
+    assert not tlin.supports(x, [w16, w16.t().contiguous().t()], [None, None])  # strides differ
+    assert not tlin.supports(x, [w16] * 4, [None] * 4)
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="kernels tested in this process")
+def test_in_subprocess():
+    """``triton`` was imported before this module could switch on the interpreter: rerun here."""
+    triton_interpreter.rerun_in_subprocess(__file__, "test_triton_linear")
