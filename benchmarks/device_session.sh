@@ -9,6 +9,9 @@
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 300 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
+#   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
+#   skinny_forms  the layer only: cuBLAS separate / fused vs the Triton kernel separate / grouped     (<= 150 s)
+#   group       the LM's block mode at 32K, batch 1, with and without grouped linears (Config.group_linears) (<= 400 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
@@ -24,7 +27,8 @@ steps=("$@")
 for name in "${steps[@]}"; do
     case $name in
     tests) step tests_gpu 420 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py \
-        tests/test_triton_kernels.py tests/test_sparse_kernels.py ;;
+        tests/test_triton_kernels.py tests/test_sparse_kernels.py tests/test_triton_linear.py \
+        tests/test_group_linears.py ;;
     grow) step grow_32k 300 python benchmarks/grow_cache.py --context 32k --variants block-ro --warmup 4 \
         --blocks 3 --out "$OUT/grow_32k.json" ;;
     grow_more)
@@ -37,6 +41,16 @@ for name in "${steps[@]}"; do
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
     linear) step small_m_linear 300 python benchmarks/small_m_linear.py --rows 32,256 --out "$OUT/small_m_linear.json" ;;
+    skinny) step skinny_linear 480 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 --sweep \
+        --forms separate,fused,triton,triton-best --out "$OUT/skinny_linear.json" ;;
+    skinny_forms) step skinny_forms 150 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 \
+        --forms separate,fused,triton,triton-grouped --out "$OUT/skinny_forms.json" ;;
+    group)
+        step lm_32k_b1_grouped 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro --repeats 3 --out "$OUT/lm_32k_b1_grouped"
+        step lm_32k_b1_separate 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro --repeats 3 --config group_linears=False \
+            --out "$OUT/lm_32k_b1_separate" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;

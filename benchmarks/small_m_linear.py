@@ -10,22 +10,35 @@ under CUDA-graph replay:
 * ``separate``: seven ``F.linear`` calls, as the model issues them (cuBLAS);
 * ``fused``: q/k/v as one linear over concatenated weights, gate/up as one: five calls (cuBLAS);
 * ``separate-autotune`` / ``fused-autotune``: the same functions under
-  ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Inductor's Triton GEMM templates against cuBLAS).
+  ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Inductor's Triton GEMM templates against cuBLAS);
+* ``triton``: seven calls of fbcompile's skinny GEMM (``fbcompile.kernels.triton_linear``) at its
+  default configs; ``triton-best``: at the best configs of ``--sweep``; ``triton-grouped``: five
+  calls, q/k/v in one launch and gate/up in one (the kernel stacks weights without copying them).
+
+``--sweep`` first times each of the layer's GEMM shapes alone (cuBLAS against a grid of the Triton
+kernel's configs), over as many weight copies as make 150 MB.
 
 Per form: µs per layer, the bandwidth (weight bytes / time), and the compile time. Results are checked
 against ``separate`` (relative error).
 
     python benchmarks/small_m_linear.py --rows 32,256 --out benchmarks/results/small_m_linear_h200.json
+    python benchmarks/small_m_linear.py --rows 32,256 --forms separate,triton,triton-best --sweep \
+        --out benchmarks/results/skinny_linear_h200.json
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
 import time
+
+import itertools
 
 import torch
 import torch.nn.functional as F
+
+from fbcompile.kernels import triton_linear as tlin
 
 HIDDEN, INTER, Q_OUT, KV_OUT = 1536, 8960, 1536, 256
 LAYERS = 4
@@ -60,6 +73,72 @@ def fused(x, w):
     return F.linear(gate * up, w["down"]) + k.sum() + v.sum()
 
 
+def grouped(x, w):
+    """q/k/v and gate/up each in one launch of the Triton kernel, over the separate weights."""
+    q, k, v = tlin.linear(x, [w["q"], w["k"], w["v"]], [w["bq"], w["bk"], w["bv"]]).split([Q_OUT, KV_OUT, KV_OUT], -1)
+    o = tlin.linear(q, [w["o"]], [None])
+    gate, up = tlin.linear(x + o, [w["gate"], w["up"]], [None, None]).split([INTER, INTER], -1)
+    return tlin.linear(gate * up, [w["down"]], [None]) + k.sum() + v.sum()
+
+
+def with_linear(linear):
+    """``separate`` with ``linear`` in place of ``F.linear``."""
+    def form(x, w):
+        q, k, v = linear(x, w["q"], w["bq"]), linear(x, w["k"], w["bk"]), linear(x, w["v"], w["bv"])
+        o = linear(q, w["o"])
+        h = linear(x + o, w["gate"]) * linear(x + o, w["up"])
+        return linear(h, w["down"]) + k.sum() + v.sum()
+    return form
+
+
+SHAPES = {"q/o": (Q_OUT, HIDDEN), "k/v": (KV_OUT, HIDDEN), "gate/up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
+SWEEP = dict(block_n=(16, 32, 64), block_k=(64, 128, 256), split_k=(1, 2, 4, 8), num_stages=(3, 5))
+
+
+def sweep(m, device, dtype, rows):
+    """µs per GEMM of each layer shape: cuBLAS, the default Triton config, and the config grid; returns
+    the best config per shape (``{(N, K): LinearConfig}``)."""
+    from triton.testing import do_bench_cudagraph
+
+    best = {}
+    for name, (n, k) in SHAPES.items():
+        copies = max(4, -(-150_000_000 // (n * k * 2)))
+        ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        ref = F.linear(x, ws[0]).float()
+
+        def bench(fn):
+            return do_bench_cudagraph(lambda: [fn(x, w) for w in ws], rep=10, return_mode="median") * 1e3 / copies
+
+        block_m = tlin.config_for(m, n, k, 132).block_m
+        grid = [tlin.LinearConfig(bn, block_m, bk, sk, 4, st) for bn, bk, sk, st in itertools.product(*SWEEP.values())
+                if k // sk >= bk]
+        results = [("cublas", bench(F.linear))]
+        default = tlin.config_for(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+        for cfg in [default] + grid:
+            fn = lambda x, w, cfg=cfg: tlin.linear(x, [w], [None], config=cfg)  # noqa: E731
+            try:
+                err = ((fn(x, ws[0]).float() - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, f"rel err {err}"
+                results.append((cfg, bench(fn)))
+            except Exception as e:  # configs that exceed shared memory or registers
+                print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+        cublas_us = results[0][1]
+        mb = n * k * 2 / 1e6
+        triton_rows = sorted(results[1:], key=lambda r: r[1])
+        for label, (cfg, us) in [("default", results[1])] + [(f"best{i + 1}", r) for i, r in enumerate(triton_rows[:3])]:
+            row = dict(rows=m, shape=name, N=n, K=k, config=label, **cfg._asdict(), us=round(us, 2),
+                       GBps=round(mb * 1e3 / us, 1), vs_cublas=round(cublas_us / us, 2))
+            print(row, flush=True)
+            rows.append(row)
+        rows.append(dict(rows=m, shape=name, N=n, K=k, config="cublas", us=round(cublas_us, 2),
+                         GBps=round(mb * 1e3 / cublas_us, 1), vs_cublas=1.0))
+        print(rows[-1], flush=True)
+        best[(n, k)] = triton_rows[0][0]
+        del ws
+    return best
+
+
 def weight_bytes(w) -> int:
     return sum(w[n].numel() * w[n].element_size() for n in ("q", "k", "v", "bq", "bk", "bv", "o", "gate", "up", "down"))
 
@@ -75,16 +154,24 @@ def time_us(fn, xs, layers) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="32,256", help="block rows M (batch x block), comma-separated")
+    ap.add_argument("--forms", default="separate,fused,separate-autotune,fused-autotune",
+                    help="of: separate, fused, separate-autotune, fused-autotune, triton, triton-best, triton-grouped")
+    ap.add_argument("--sweep", action="store_true", help="time each GEMM shape over the Triton config grid first")
     ap.add_argument("--out", default="benchmarks/results/small_m_linear.json")
     args = ap.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     layers = make_layers(device, dtype)
-    forms = {"separate": separate, "fused": fused}
-    rows = []
+    rows, sweep_rows = [], []
     for m in (int(r) for r in args.rows.split(",")):
+        best = sweep(m, device, dtype, sweep_rows) if args.sweep else {}
+        forms = {"separate": separate, "fused": fused, "separate-autotune": separate, "fused-autotune": fused,
+                 "triton": with_linear(lambda x, w, b=None: tlin.linear(x, [w], [b])),
+                 "triton-best": with_linear(lambda x, w, b=None: tlin.linear(x, [w], [b], config=best.get(tuple(w.shape)))),
+                 "triton-grouped": grouped}
         xs = [torch.randn(m, HIDDEN, device=device, dtype=dtype) for _ in layers]
         ref = separate(xs[0], layers[0]).float()
-        for name, fn in list(forms.items()) + [(n + "-autotune", f) for n, f in forms.items()]:
+        for name in args.forms.split(","):
+            fn = forms[name]
             compile_s = 0.0
             if name.endswith("-autotune"):
                 torch._dynamo.reset()
@@ -103,9 +190,9 @@ def main():
 
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), layer_weight_bytes=weight_bytes(layers[0]),
-                command="python benchmarks/small_m_linear.py --rows " + args.rows)
+                command=" ".join(["python benchmarks/small_m_linear.py", *sys.argv[1:]]))
     with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        json.dump(dict(meta=meta, rows=rows, sweep=sweep_rows), f, indent=1)
 
 
 if __name__ == "__main__":
