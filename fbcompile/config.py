@@ -165,6 +165,9 @@ class Config:
         more than dynamo's default of 8. The per-layer part is for graph breaks inside a layer
         (SDAR-style remote code): dynamo counts per code object, and the layer's frames after the
         break are compiled per layer (about 7 graphs per layer there).
+    group_linears: run the linears that read one input (q/k/v, gate/up) in one launch of fbcompile's
+        skinny-GEMM kernel, where that was measured faster (CUDA on Hopper, at most 32 rows:
+        :mod:`fbcompile.passes.group_linears`); ``False`` leaves every linear to Inductor (cuBLAS).
     scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
         all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
         in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the
@@ -184,6 +187,7 @@ class Config:
     recompile_limit: int = 64
     scope: str = "model"
     cuda_graphs: bool = False
+    group_linears: bool = True
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -209,8 +213,9 @@ class Config:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"Config.cuda_graphs must be a bool, got {self.cuda_graphs!r}")
+        for flag in ("cuda_graphs", "group_linears"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"Config.{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:
             raise ValueError(f"Config.recompile_limit must be an int >= 1, got {self.recompile_limit!r}")
         if self.scope not in SCOPES:

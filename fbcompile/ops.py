@@ -16,13 +16,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from fbcompile.kernels import reference
 
 try:  # Triton kernels are optional: CPU-only installs run the reference.
-    from fbcompile.kernels import triton_attention
+    from fbcompile.kernels import triton_attention, triton_linear
 except ImportError:  # pragma: no cover - depends on the installed triton
-    triton_attention = None
+    triton_attention = triton_linear = None
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -309,6 +310,25 @@ def subtract_lse(
 
 
 subtract_lse.register_fake(_subtract_outputs)
+
+
+def linear_group_supported(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
+    """Whether :func:`linear_group` runs these operands in one launch (on CUDA), not as separate linears."""
+    return triton_linear is not None and triton_linear.supports(x, weights, biases)
+
+
+@torch.library.triton_op("fbcompile::linear_group", mutates_args=())
+def linear_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)``: linears over one input in one
+    launch of the skinny-GEMM kernel on CUDA where it applies; elsewhere the plain linears."""
+    if x.is_cuda and linear_group_supported(x, weights, biases):
+        return triton_linear.linear(x, weights, biases)
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
+
+
+@linear_group.register_fake
+def _(x, weights, biases):
+    return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
 class AttentionArgs(NamedTuple):

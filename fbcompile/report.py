@@ -39,6 +39,9 @@ class Report:
         for g in self.graphs:
             for role, note in g.cuda_graphs.items():
                 lines.append(f"graph {g.index} {role}, CUDA graphs: {note}")
+            for role, groups in g.linear_groups.items():
+                lines.append(f"graph {g.index} {role}: {len(groups)} groups of linears in one launch each "
+                             f"(first: {groups[0]})")
         for g in self.graphs:
             if not g.rewritten:
                 continue

@@ -20,13 +20,14 @@ import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
 from fbcompile.backends.cuda_graphs import CapturedGraph
 from fbcompile.backends.dispatcher import (CompiledGraph, CompiledStep, ExactDispatcher, ProbeDispatcher,
                                            SplitGraphDispatcher)
-from fbcompile.backends import provenance
+from fbcompile.backends import kernel_analysis, provenance
 from fbcompile.backends.policies import policies_for
-from fbcompile.backends.session import Session, SiteCounters
+from fbcompile.backends.session import GraphRecord, Session, SiteCounters
 from fbcompile.config import Config
 from fbcompile.passes.cat_outputs import cat_outputs
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import copy_module
+from fbcompile.passes.group_linears import group_linears
 from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
 from fbcompile.passes.key_count import add_key_count
 from fbcompile.passes.reuse_external import SpecializedGraph
@@ -34,6 +35,7 @@ from fbcompile.passes.specialize import specialize
 from fbcompile.passes.split_joined_inputs import split_joined_inputs
 
 log = logging.getLogger("fbcompile")
+kernel_analysis.install()
 
 _shared_sessions: dict[tuple, Session] = {}
 
@@ -66,12 +68,22 @@ def last_shared_session() -> Session | None:
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set[int] = frozenset(),
-             notes: dict | None = None, role: str = "graph"):
+             record: GraphRecord | None = None, role: str = "graph"):
     """``gm`` compiled, as a CUDA graph where it can be if the session asks for them (``kv``: argument
     indices of cached keys/values, which a captured graph reads in place, or from buffers with spare
     capacity where the pass :func:`add_key_count` proves the graph may; their concatenations with the
-    block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``notes[role]`` says how
-    the graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`)."""
+    block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``record`` notes how the
+    graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`) and which linears it groups
+    (:func:`group_linears`), under ``role``."""
+    notes = record.cuda_graphs if record is not None else None
+    if session.config.group_linears:
+        grouped = copy_module(gm)
+        groups = group_linears(grouped)
+        if groups:
+            gm = grouped
+            log.info("%s: %d groups of linears in one launch each", role, len(groups))
+            if record is not None:
+                record.linear_groups[role] = groups
     joins, key_count = [], None
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)
@@ -114,8 +126,8 @@ def _capture_note(key_count, why_not: str | None, joins: list) -> str:
 
 
 def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, kv: set[int],
-              notes: dict | None = None, role: str = "graph") -> CompiledGraph:
-    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session, kv, notes, role)
+              record: GraphRecord | None = None, role: str = "graph") -> CompiledGraph:
+    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session, kv, record, role)
     return CompiledGraph(run, graph.outputs, graph.cached_inputs)
 
 
@@ -154,7 +166,7 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
                       with_query=any(p.with_query for p in policies), probe=session.observer is not None,
                       reuse_plan=config.reuse_plan, sparse=config.sparse)
     if plan is None:
-        return _compile(gm, example_inputs, session)
+        return _compile(gm, example_inputs, session, record=record)
     record.code_refresh, record.split_graph, record.no_reuse = gm.code, gm, plan.no_reuse
     if any(reason is None for reason in plan.sparse):  # show where the tiles are scored and selected
         record.code_refresh = plan.refresh.gm.code
@@ -166,13 +178,13 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
     if plan.no_reuse is not None:
         log.info("graph %d: no reuse (%s)", record.index, plan.no_reuse)
         return ExactDispatcher(session, record, _compile(plan.refresh.gm, example_inputs, session, kv,
-                                                         record.cuda_graphs, "exact"), plan.no_reuse)
+                                                         record, "exact"), plan.no_reuse)
     steps, compiled = [], {}
     for step in plan.reuse:
         if id(step) not in compiled:
             graph = None
             if step.graph is not None:
-                graph = _compiled(step.graph, example_inputs, session, kv, record.cuda_graphs,
+                graph = _compiled(step.graph, example_inputs, session, kv, record,
                                   f"reuse, steps {', '.join(map(str, step.steps))}" if config.reuse_plan else "reuse")
                 if config.reuse_plan is not None:
                     record.plan_graphs[f"reuse, steps {', '.join(map(str, step.steps))}"] = step.graph.gm
@@ -182,7 +194,7 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
         steps.append(compiled[id(step)])
     dispatcher = ProbeDispatcher if session.observer is not None else SplitGraphDispatcher
     return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session, kv,
-                                                              record.cuda_graphs, "refresh"), steps,
+                                                              record, "refresh"), steps,
                       policies, [h.kv for h in plan.heads], commits=plan.commits)
 
 

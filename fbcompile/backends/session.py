@@ -75,6 +75,7 @@ class GraphRecord:
     plan_graphs: dict = field(default_factory=dict)  # reuse plan: "reuse, steps 1, 2" -> its graph
     no_reuse: str | None = None       # why the graph never reuses (exact mode, save pass, ...)
     cuda_graphs: dict = field(default_factory=dict)  # with CUDA graphs: role -> how it runs over a moving cache
+    linear_groups: dict = field(default_factory=dict)  # role -> the linears it runs in one launch per group
     split_sites: list[SiteCounters] = field(default_factory=list)  # per split site, graph order
     refreshes: int = 0
     reuses: int = 0

@@ -1,0 +1,165 @@
+"""The pass that runs linears over one input in one launch (``fbcompile.passes.group_linears``).
+
+On the CPU the grouped op runs the plain linears, so a rewritten graph must equal the original
+exactly; the tests force the pass on (``where``) to check which linears it groups and which it must
+leave alone. On a GPU the Triton path is checked against eager through ``fbcompile.optimize``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fbcompile
+from fbcompile.passes import group_linears as gl
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from examples.block_diffusion_lm import make_tiny_model  # noqa: E402
+
+BF16 = torch.bfloat16
+ALWAYS = lambda x: True  # noqa: E731
+
+
+class Layer(nn.Module):
+    """q/k/v with bias over one input, o; gate/up without bias over another, down."""
+
+    def __init__(self, h=64, q=64, kv=32, inter=96, v_bias=True):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(h, q), nn.Linear(h, kv), nn.Linear(h, kv, bias=v_bias)
+        self.o = nn.Linear(q, h, bias=False)
+        self.gate, self.up = nn.Linear(h, inter, bias=False), nn.Linear(h, inter, bias=False)
+        self.down = nn.Linear(inter, h, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        h = x + self.o(q * k.sum(-1, keepdim=True) + v.mean(-1, keepdim=True))
+        return h + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def _traced(model, *inputs):
+    """The dynamo graph of ``model`` and its example inputs."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append((gm, example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    return seen[0]
+
+
+def _grouped(model, x, where=ALWAYS):
+    gm, example_inputs = _traced(model, x)
+    before = gm(*example_inputs)
+    groups = gl.group_linears(gm, where)
+    return gm, groups, before, gm(*example_inputs)
+
+
+def _count(gm, target):
+    return sum(n.op == "call_function" and n.target in target for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 64), (16, 64), (1, 32, 64)])
+def test_qkv_and_gate_up_grouped_exactly(shape):
+    model = Layer().to(BF16)
+    gm, groups, before, after = _grouped(model, torch.randn(*shape, dtype=BF16))
+    assert len(groups) == 2 and groups[0].startswith("3 linears") and groups[1].startswith("2 linears"), groups
+    assert _count(gm, (torch.ops.fbcompile.linear_group.default,)) == 2
+    assert _count(gm, gl._LINEARS) == 2  # o and down: each alone over its input
+    assert torch.equal(before[0] if isinstance(before, tuple) else before, after[0] if isinstance(after, tuple) else after)
+    assert "linear_group" in gm.code
+
+
+def test_bias_and_no_bias_grouped_apart():
+    model = Layer(v_bias=False).to(BF16)
+    gm, groups, before, after = _grouped(model, torch.randn(8, 64, dtype=BF16))
+    assert sorted(g.split(" ")[0] for g in groups) == ["2", "2"], groups  # q+k (biased), gate+up; v alone
+    assert _count(gm, gl._LINEARS) == 3
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_left_alone_where_it_does_not_pay_or_apply():
+    x = torch.randn(8, 64, dtype=BF16)
+    assert gl.group_linears(_traced(Layer().to(BF16), x)[0]) == []  # default rule: CPU tensors
+    assert gl.group_linears(_traced(Layer().to(BF16), x)[0], lambda x: False) == []
+    assert gl.group_linears(_traced(Layer(), x.float())[0], ALWAYS) == []  # fp32: the kernel takes half only
+    # an inner weight of 40 rows cannot end on a 16-row tile: only gate/up group
+    gm, groups, before, after = _grouped(Layer(q=40).to(BF16), x)
+    assert len(groups) == 1 and "gate" in groups[0], groups
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+class LateWeight(nn.Module):
+    """The second linear's weight is computed after the first linear: grouping must not move it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Parameter(torch.randn(32, 64)), nn.Parameter(torch.randn(32, 64))
+
+    def forward(self, x):
+        first = F.linear(x, self.a)
+        return first, F.linear(x, self.b * first.mean())
+
+
+def test_operand_computed_after_first_linear_not_grouped():
+    gm, groups, before, after = _grouped(LateWeight().to(BF16), torch.randn(4, 64, dtype=BF16))
+    assert groups == []
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_dynamic_rows_not_grouped():
+    model = Layer().to(BF16)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, dynamic=True)(torch.randn(8, 64, dtype=BF16))
+    assert gl.group_linears(seen[0], ALWAYS) == []
+
+
+def test_optimize_reports_groups_and_computes_the_same(monkeypatch):
+    """Through the backend, forced on: the report lists the groups, and the model computes what it
+    computes without them (on the CPU the grouped op runs the same linears; the projections, now
+    column slices of one output, may take other bf16 kernels downstream: bf16 tolerance)."""
+    monkeypatch.setattr(gl, "pays", ALWAYS)
+    prompt = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for group in (True, False):
+        model = fbcompile.optimize(make_tiny_model(dtype=BF16),
+                                   fbcompile.Config(refresh="always", compiler="eager", group_linears=group))
+        logits = []
+        model.register_forward_hook(lambda module, args, out: logits.append(out[0].clone()))
+        model.generate(prompt, num_blocks=2)
+        runs[group] = (logits, str(fbcompile.explain(model)))
+    (logits, report), (logits_off, report_off) = runs[True], runs[False]
+    assert "groups of linears in one launch each" in report, report[-2000:]
+    assert "groups of linears" not in report_off
+    assert len(logits) == len(logits_off) > 0
+    for a, b in zip(logits, logits_off):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_config_rejects_bad_group_linears(value):
+    with pytest.raises(ValueError, match="Config.group_linears"):
+        fbcompile.Config(group_linears=value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_rule_and_triton_path():
+    """The measured rule (Hopper, <= 32 rows) and the Triton path against the separate linears."""
+    x = torch.randn(32, 64, device="cuda", dtype=BF16)
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert gl.pays(x) == hopper and not gl.pays(torch.randn(33, 64, device="cuda", dtype=BF16))
+    model = Layer().to("cuda", BF16)
+    gm, groups, before, after = _grouped(model, torch.randn(2, 16, 64, device="cuda", dtype=BF16))
+    assert len(groups) == 2
+    torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-2)
