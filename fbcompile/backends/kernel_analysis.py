@@ -1,0 +1,88 @@
+"""Memoise Inductor's analysis of what fbcompile's Triton kernels write.
+
+Inductor learns which tensors a ``wrap_triton`` launch writes by compiling the kernel to TTIR and
+reading its stores (``identify_accessed_tensors``): twice per launch site (functionalization, then
+the Inductor IR) and without a cache. A 28-layer model has a few hundred launch sites of fbcompile's
+kernels across its refresh and reuse graphs, nearly all with the same arguments, so the same
+analysis ran hundreds of times (the grouped linears alone added 43 s to the first call of the
+Qwen2-1.5B-shaped LM on an H200: ``benchmarks/results/skinny_linear_h200.md``).
+
+The analysis depends on the kernel and on its arguments' types, dtypes, sizes, strides and values
+(and the TMA descriptors') only; :func:`install` caches it under exactly those, for kernels defined in ``fbcompile`` (other
+kernels are analysed as before). Arguments it cannot key exactly bypass the cache.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+log = logging.getLogger("fbcompile")
+
+_MAX_ENTRIES = 4096
+
+
+def _argument_key(value):
+    """A hashable description of one kernel argument that determines its analysis; None if unknown."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(map(str, value.shape)), tuple(map(str, value.stride())))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return (type(value).__name__, value)
+    if isinstance(value, torch.SymInt):
+        return ("symint", str(value))
+    get_dtype, get_size, get_stride = (getattr(value, n, None) for n in ("get_dtype", "get_size", "get_stride"))
+    if get_dtype and get_size and get_stride:  # an Inductor IR buffer
+        try:
+            return (type(value).__name__, get_dtype(), tuple(map(str, get_size())), tuple(map(str, get_stride())))
+        except Exception:  # a layout without fixed strides yet
+            return None
+    return None
+
+
+def _key(kernel, kwargs: dict, rest: tuple):
+    fn = getattr(kernel, "fn", kernel)
+    if not (getattr(fn, "__module__", None) or "").startswith("fbcompile."):
+        return None
+    parts = []
+    for name in sorted(kwargs):
+        part = _argument_key(kwargs[name])
+        if part is None:
+            return None
+        parts.append((name, part))
+    try:
+        return (id(fn), tuple(parts), repr(rest))
+    except Exception:
+        return None
+
+
+# The analysis' name: torch >= 2.10 (reads and writes), and before (writes only); same arguments.
+_ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
+
+
+def install() -> None:
+    """Wrap the analysis this torch has with the cache; idempotent."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    name = next((n for n in _ANALYSES if hasattr(triton_kernel_wrap, n)), None)
+    if name is None:
+        log.info("no Triton kernel analysis found in this torch: not cached")
+        return
+    original = getattr(triton_kernel_wrap, name)
+    if getattr(original, "fbcompile_memo", None) is not None:
+        return
+    cache: dict = {}
+
+    @functools.wraps(original)
+    def analysis(kernel, kwargs, *rest):
+        key = _key(kernel, kwargs, rest)
+        if key is None:
+            return original(kernel, kwargs, *rest)
+        if key not in cache:
+            if len(cache) >= _MAX_ENTRIES:
+                cache.clear()
+            cache[key] = original(kernel, kwargs, *rest)
+        return cache[key]
+
+    analysis.fbcompile_memo = cache
+    setattr(triton_kernel_wrap, name, analysis)
