@@ -22,6 +22,7 @@ memory is recorded as skipped. Results are rewritten after each variant, so a cu
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import os
@@ -93,14 +94,15 @@ def roofline_ms(weights: int, kv: int, steps: int, reuse: bool, bandwidth: float
     return read / bandwidth * 1e3
 
 
-def make_variant(name: str, model: torch.nn.Module, compiler: str) -> torch.nn.Module:
-    """Wrap ``model.forward`` in place (the module keeps its attributes for the workload's loop)."""
+def make_variant(name: str, model: torch.nn.Module, compiler: str, options: dict | None = None) -> torch.nn.Module:
+    """Wrap ``model.forward`` in place (the module keeps its attributes for the workload's loop);
+    ``options``: more :class:`Config` fields for the fbcompile variants."""
     if name == "compile":
         model.forward = torch.compile(model.forward)
     elif name == "compile-ro":
         model.forward = torch.compile(model.forward, mode="reduce-overhead")
     elif name in FBCOMPILE_VARIANTS:
-        optimize(model, Config(compiler=compiler, **FBCOMPILE_VARIANTS[name]))
+        optimize(model, Config(compiler=compiler, **FBCOMPILE_VARIANTS[name], **(options or {})))
     elif name != "eager":
         raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
     return model
@@ -143,11 +145,11 @@ def time_block(run: Callable[[], Any], before: Callable[[], None], repeats: int,
 
 def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, contexts: Sequence[int],
                   batches: Sequence[int], *, device: torch.device, repeats: int, bandwidth: float,
-                  compiler: str, progress=None) -> list[dict]:
+                  compiler: str, options: dict | None = None, progress=None) -> list[dict]:
     """Rows for one variant of one workload: a copy of the ``built`` model, all contexts and batches
     (largest last, so that running out of memory skips only what does not fit)."""
     weights = (workload.weight_bytes or weight_bytes)(built)
-    model = make_variant(variant, copy.deepcopy(built), compiler)
+    model = make_variant(variant, copy.deepcopy(built), compiler, options)
     before = (lambda: new_request(model)) if variant in FBCOMPILE_VARIANTS else (lambda: None)
     rows = []
     for batch in batches:
@@ -227,7 +229,25 @@ def environment(device: torch.device, bandwidth_note: str, args: argparse.Namesp
         name = cpu_name()
     return dict(device=name, torch=torch.__version__, triton=triton_version,
                 python=platform.python_version(), bandwidth=bandwidth_note, dtype=args.dtype,
-                compiler=args.compiler, repeats=args.repeats, command="python " + " ".join(sys.argv))
+                compiler=args.compiler, config=args.config, repeats=args.repeats, command="python " + " ".join(sys.argv))
+
+
+def _config_options(items: Sequence[str]) -> dict:
+    """``["group_linears=False", ...]`` as Config fields (values are Python literals); checked by Config."""
+    options = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--config takes FIELD=VALUE, got {item!r}")
+        try:
+            options[field] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[field] = value
+    try:
+        Config(**options)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"--config: {error}")
+    return options
 
 
 def cpu_name() -> str:
@@ -319,6 +339,8 @@ def parser(prog: str | None = None, add_help: bool = True) -> argparse.ArgumentP
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on the GPU, float32 on the CPU")
     p.add_argument("--compiler", default="inductor", help="fbcompile's graph compiler (inductor or eager)")
+    p.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a further fbcompile.Config field for the fbcompile variants, e.g. group_linears=False")
     p.add_argument("--tiny", action="store_true", help="the workloads' small shapes (CPU, tests)")
     p.add_argument("--out", default="benchmarks/results/e2e")
     return p
@@ -346,6 +368,7 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
         if v not in VARIANTS:
             raise SystemExit(f"unknown variant {v!r}; choose from {VARIANTS}")
     contexts, batches = sorted(_ints(args.contexts)), sorted(_ints(args.batches))
+    options = _config_options(args.config)
     bandwidth, note = resolve_bandwidth(args.bandwidth, device)
     env = environment(device, note, args)
     results = {}
@@ -360,7 +383,8 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
             for variant in variants:
                 progress.set_description(f"{name} {variant}")
                 rows += bench_variant(w, built, variant, contexts, batches, device=device, repeats=args.repeats,
-                                      bandwidth=bandwidth, compiler=args.compiler, progress=progress)
+                                      bandwidth=bandwidth, compiler=args.compiler, options=options,
+                                      progress=progress)
                 results[name] = dict(description=w.description, steps=w.steps, block_size=w.block_size,
                                      unit=w.unit, rows=rows)
                 paths = write_results(args.out, results, env)  # after each variant: a cut-off run keeps its rows

@@ -74,3 +74,10 @@ def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp
     table = (out / "e2e.md").read_text()
     assert "fbcompile block" in table and f"- torch: {torch.__version__}" in table
     assert (out / "e2e_lm.png").stat().st_size > 1000
+
+
+def test_config_options_parsed_and_checked():
+    assert bench._config_options(["group_linears=False", "refresh=2"]) == {"group_linears": False, "refresh": 2}
+    for bad in (["group_linears"], ["group_linears=maybe"], ["no_such_field=1"]):
+        with pytest.raises(SystemExit):
+            bench._config_options(bad)
