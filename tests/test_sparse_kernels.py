@@ -11,16 +11,14 @@ else the ``test_triton_*`` cases rerun once in a subprocess with ``TRITON_INTERP
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-IN_PROCESS = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+import triton_interpreter
+
+CUDA = triton_interpreter.CUDA
+IN_PROCESS = triton_interpreter.enable()
 
 import fbcompile  # noqa: E402,F401  (registers torch.ops.fbcompile.*)
 from fbcompile import ops as fbops  # noqa: E402
@@ -458,9 +456,4 @@ def test_cuda_host_code_traces_with_symbolic_keys(monkeypatch):
 @pytest.mark.skipif(IN_PROCESS or fbops.triton_attention is None, reason="kernels tested in this process")
 def test_in_subprocess():
     """``triton`` was imported before this module could switch on the interpreter: rerun the kernel tests."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_triton_",
-                           __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    triton_interpreter.rerun_in_subprocess(__file__, "test_triton_")

@@ -9,16 +9,14 @@ within CI time; ``FBCOMPILE_SLOW=1`` adds larger ones.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-IN_PROCESS = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+import triton_interpreter
+
+CUDA = triton_interpreter.CUDA
+IN_PROCESS = triton_interpreter.enable()
 
 triton = pytest.importorskip("triton")
 
@@ -243,9 +241,4 @@ def test_supports_rejects_unsupported():
 @pytest.mark.skipif(IN_PROCESS, reason="kernels already tested in this process")
 def test_in_subprocess():
     """``triton`` was imported before this module could switch on the interpreter: rerun here."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    triton_interpreter.rerun_in_subprocess(__file__)
