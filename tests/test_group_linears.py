@@ -49,15 +49,17 @@ def _traced(model, *inputs):
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(model, backend=backend, fullgraph=True)(*inputs)
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(*inputs)
     return seen[0]
 
 
 def _grouped(model, x, where=ALWAYS):
     gm, example_inputs = _traced(model, x)
-    before = gm(*example_inputs)
-    groups = gl.group_linears(gm, where)
-    return gm, groups, before, gm(*example_inputs)
+    with torch.no_grad():
+        before = gm(*example_inputs)
+        groups = gl.group_linears(gm, where)
+        return gm, groups, before, gm(*example_inputs)
 
 
 def _count(gm, target):
@@ -121,8 +123,22 @@ def test_dynamic_rows_not_grouped():
         return gm.forward
 
     torch._dynamo.reset()
-    torch.compile(model, backend=backend, dynamic=True)(torch.randn(8, 64, dtype=BF16))
+    with torch.no_grad():
+        torch.compile(model, backend=backend, dynamic=True)(torch.randn(8, 64, dtype=BF16))
     assert gl.group_linears(seen[0], ALWAYS) == []
+
+
+def test_grad_mode_not_grouped_and_backward_works(monkeypatch):
+    """Traced with autograd on, the linears keep their backward (the grouped op has none)."""
+    monkeypatch.setattr(gl, "pays", ALWAYS)
+    model, reference = Layer().to(BF16), Layer().to(BF16)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(8, 64, dtype=BF16)
+    opt = fbcompile.optimize(model, fbcompile.Config(compiler="eager"))
+    opt(x).float().sum().backward()
+    reference(x).float().sum().backward()
+    assert "groups of linears" not in str(fbcompile.explain(opt))
+    torch.testing.assert_close(model.q.weight.grad, reference.q.weight.grad)
 
 
 def test_optimize_reports_groups_and_computes_the_same(monkeypatch):

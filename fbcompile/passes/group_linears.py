@@ -79,6 +79,8 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
 def _rewrite(gm: fx.GraphModule, x: fx.Node, xv: torch.Tensor, group: list[fx.Node], order: dict) -> bool:
     weights = [_operands(n)[1] for n in group]
     biases = [_operands(n)[2] for n in group]
+    if any(getattr(example(n), "requires_grad", True) for n in group):
+        return False  # traced with autograd on: keep the linears' backward
     wv, bv = [example(w) for w in weights], [example(b) if b is not None else None for b in biases]
     if any(v is None or not _static(v) for v in wv) or any(b is not None and (v is None or not _static(v))
                                                           for b, v in zip(biases, bv)):
