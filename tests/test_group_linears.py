@@ -179,3 +179,21 @@ def test_gpu_rule_and_triton_path():
     gm, groups, before, after = _grouped(model, torch.randn(2, 16, 64, device="cuda", dtype=BF16))
     assert len(groups) == 2
     torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-2)
+
+
+def test_hf_qwen2_projections_grouped(monkeypatch):
+    """transformers' Qwen2 as it is: per layer q/k/v (with bias) and gate/up in one launch each."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(gl, "pays", ALWAYS)
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).to(BF16).eval()
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager"))
+        got = opt(ids).logits
+    groups = [line for g in fbcompile.explain(opt).graphs for lines in g.linear_groups.values() for line in lines]
+    assert sorted(line.split(" ")[0] for line in groups) == ["2", "2", "3", "3"], groups
+    assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2
