@@ -32,7 +32,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fbcompile.kernels.triton_common import cdiv as _cdiv
-from fbcompile.kernels.triton_common import dot as _dot
+from fbcompile.kernels.triton_common import dot
 from fbcompile.kernels.triton_common import num_sms as _num_sms
 from fbcompile.kernels.triton_common import upcast_dot
 
@@ -97,7 +97,7 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
     """One online-softmax step over a tile of keys (``key_ok`` marks the real ones): returns the new
     ``(m, l, acc)`` state, the tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``."""
     k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    s = _dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
+    s = dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
     if HAS_MASK:
         if MASK_BOOL:
             attend = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0)
@@ -112,7 +112,7 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     return m_new, l_i, acc, p, m_safe
 
 
