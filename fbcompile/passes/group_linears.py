@@ -15,7 +15,8 @@ weight read; one launch over all three weights (the kernel reads them where they
 concatenated copy) saved 11% of a Qwen2-1.5B layer's GEMM time at 32 rows on an H200, and cost 74%
 at 256 rows (``benchmarks/results/skinny_linear_h200.md``). Hence :func:`pays`: CUDA, Hopper (the
 only architecture measured), at most :data:`MAX_ROWS` rows. Linears with some other input, a
-dynamic shape, or operands the kernel does not take are left as they are.
+dynamic shape, operands the kernel does not take, or outputs that autograd records (the grouped op
+has no backward) are left as they are.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ _MAX_GROUP = 3  # the kernel stacks up to three weights
 def pays(x: torch.Tensor) -> bool:
     """Where one grouped launch was measured faster than the separate cuBLAS calls (for input ``x``)."""
     rows = x.shape.numel() // max(1, x.shape[-1])
-    return x.device.type == "cuda" and rows <= MAX_ROWS and torch.cuda.get_device_capability(x.device)[0] == 9
+    return x.device.type == "cuda" and 0 < rows <= MAX_ROWS and torch.cuda.get_device_capability(x.device)[0] == 9
 
 
 def _operands(node: fx.Node):
