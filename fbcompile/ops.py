@@ -312,6 +312,9 @@ def subtract_lse(
 subtract_lse.register_fake(_subtract_outputs)
 
 
+MAX_LINEAR_GROUP = triton_linear.MAX_GROUP if triton_linear is not None else 1  # weights one launch stacks
+
+
 def linear_group_supported(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
     """Whether :func:`linear_group` runs these operands in one launch (on CUDA), not as separate linears."""
     return triton_linear is not None and triton_linear.supports(x, weights, biases)

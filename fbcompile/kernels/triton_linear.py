@@ -170,7 +170,7 @@ def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tens
         x2, *ws, *bs, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1), y.stride(0), y.stride(1),
         M, N, N1, N2, K, k_per_split,
         HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x),
-        EVEN_K=K % k_per_split == 0 and k_per_split % cfg.block_k == 0,
+        EVEN_K=K % k_per_split == 0,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:

@@ -26,12 +26,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fbcompile.ops import linear_group_supported
+from fbcompile.ops import MAX_LINEAR_GROUP, linear_group_supported
 from fbcompile.passes.graph_utils import arg, example
 
 MAX_ROWS = 32  # measured faster at 32 rows, slower at 256: skinny_linear_h200.md
 _LINEARS = (torch._C._nn.linear, F.linear)
-_MAX_GROUP = 3  # the kernel stacks up to three weights
 
 
 def pays(x: torch.Tensor) -> bool:
@@ -65,8 +64,8 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
             continue
         for with_bias in (False, True):
             same = [n for n in linears if (_operands(n)[2] is not None) == with_bias]
-            for start in range(0, len(same) - 1, _MAX_GROUP):
-                group = same[start:start + _MAX_GROUP]
+            for start in range(0, len(same) - 1, MAX_LINEAR_GROUP):
+                group = same[start:start + MAX_LINEAR_GROUP]
                 line = (f"{len(group)} linears over {x.name} in one launch: "
                         + ", ".join(str(_operands(n)[1]) for n in group))
                 if len(group) > 1 and _rewrite(gm, x, xv, group, order):
