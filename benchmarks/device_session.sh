@@ -11,7 +11,7 @@
 #   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
 #   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
 #   skinny_forms  the layer only: cuBLAS separate / fused vs the Triton kernel separate / grouped     (<= 150 s)
-#   group       the LM's block mode at 32K, batch 1, with and without grouped linears (Config.group_linears) (<= 400 s)
+#   group       the LM's block and exact mode at 32K, batch 1, with and without grouped linears (Config.group_linears) (<= 600 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
@@ -46,10 +46,10 @@ for name in "${steps[@]}"; do
     skinny_forms) step skinny_forms 150 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 \
         --forms separate,fused,triton,triton-grouped --out "$OUT/skinny_forms.json" ;;
     group)
-        step lm_32k_b1_grouped 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 3 --out "$OUT/lm_32k_b1_grouped"
-        step lm_32k_b1_separate 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 3 --config group_linears=False \
+        step lm_32k_b1_grouped 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro,exact-ro --repeats 10 --out "$OUT/lm_32k_b1_grouped"
+        step lm_32k_b1_separate 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro,exact-ro --repeats 10 --config group_linears=False \
             --out "$OUT/lm_32k_b1_separate" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
