@@ -175,6 +175,8 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
                     counts = stats(model)
                     row.update(refreshes_per_block=round(counts.refreshes / (repeats + 2), 2),
                                reuses_per_block=round(counts.reuses / (repeats + 2), 2))
+                    if counts.uncompiled:  # timed, but not what a working install runs
+                        row.update(uncompiled_graphs=counts.uncompiled)
                     if counts.cuda_graphs:  # graphs replayed per block, and captures in all
                         row.update(replays_per_block=round(counts.cuda_graphs.get("replays", 0) / (repeats + 2), 2),
                                    captures=counts.cuda_graphs.get("captures", 0))

@@ -39,6 +39,8 @@ class Report:
         for g in self.graphs:
             for role, note in g.cuda_graphs.items():
                 lines.append(f"graph {g.index} {role}, CUDA graphs: {note}")
+            for role, why in g.uncompiled.items():
+                lines.append(f"graph {g.index} {role}: runs without Inductor, which could not compile it ({why})")
             for role, groups in g.linear_groups.items():
                 lines.append(f"graph {g.index} {role}: {len(groups)} groups of linears in one launch each "
                              f"(first: {groups[0]})")

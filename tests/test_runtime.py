@@ -308,3 +308,5 @@ def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
         want = eager(block, past_key_values=cache, position_ids=pos)[0]
     assert_exact(got, want)
     assert fbcompile.stats(model).refreshes >= 1  # the split graph ran, without Inductor
+    assert fbcompile.stats(model).uncompiled >= 1 and "without Inductor" in str(fbcompile.stats(model))
+    assert "runs without Inductor, which could not compile it (RuntimeError: simulated" in str(fbcompile.explain(model))

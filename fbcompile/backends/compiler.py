@@ -73,8 +73,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     indices of cached keys/values, which a captured graph reads in place, or from buffers with spare
     capacity where the pass :func:`add_key_count` proves the graph may; their concatenations with the
     block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``record`` notes how the
-    graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`) and which linears it groups
-    (:func:`group_linears`), under ``role``."""
+    graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`), which linears it groups
+    (:func:`group_linears`) and whether Inductor failed on it, under ``role``."""
     notes = record.cuda_graphs if record is not None else None
     if session.config.group_linears:
         grouped = copy_module(gm)
@@ -107,9 +107,11 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         try:
             run = compile_fx.compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
         except Exception as error:  # an Inductor bug on a correct graph: run the graph as it is
-            warnings.warn(f"fbcompile: Inductor could not compile a graph ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); it runs without Inductor "
+            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            warnings.warn(f"fbcompile: Inductor could not compile a graph ({why}); it runs without Inductor "
                           "(Config(compiler='eager') avoids this warning)", stacklevel=2)
+            if record is not None:
+                record.uncompiled[role] = why
             run = gm.forward
     return CapturedGraph(run, gm, session, kv, key_count, joins) if session.cuda_graphs else run
 

@@ -76,6 +76,7 @@ class GraphRecord:
     no_reuse: str | None = None       # why the graph never reuses (exact mode, save pass, ...)
     cuda_graphs: dict = field(default_factory=dict)  # with CUDA graphs: role -> how it runs over a moving cache
     linear_groups: dict = field(default_factory=dict)  # role -> the linears it runs in one launch per group
+    uncompiled: dict = field(default_factory=dict)  # role -> why Inductor could not compile it (runs as FX)
     split_sites: list[SiteCounters] = field(default_factory=list)  # per split site, graph order
     refreshes: int = 0
     reuses: int = 0
@@ -149,6 +150,7 @@ class Stats:
     sites: list[SiteStats] = field(default_factory=list)
     external_fraction: float = 1.0  # external KV read (KV heads; sparse: x tiles) / what exact mode would read
     cuda_graphs: dict = field(default_factory=dict)  # captures, replays, uncaptured runs (and why)
+    uncompiled: int = 0  # graphs Inductor could not compile, which run uncompiled (correct, slow)
 
     @property
     def guard_failures(self) -> dict:
@@ -167,6 +169,9 @@ class Stats:
             lines.append("refresh reasons: " + ", ".join(f"{k}: {v}" for k, v in self.refresh_reasons.items()))
         if self.cuda_graphs:
             lines.append("CUDA graphs: " + ", ".join(f"{k}: {v}" for k, v in self.cuda_graphs.items()))
+        if self.uncompiled:
+            lines.append(f"{self.uncompiled} graph(s) run without Inductor, which could not compile them "
+                         "(explain(model) says why)")
         return "\n".join(lines)
 
 
@@ -266,4 +271,5 @@ class Session:
         return Stats(compiles=len(self.graphs), refreshes=sum(r.refreshes for r in split_graphs),
                      reuses=sum(r.reuses for r in split_graphs), refresh_reasons=dict(self.refresh_reasons),
                      sites=sites, external_fraction=read / exact if exact else 1.0,
-                     cuda_graphs=dict(self.cuda_graph_counts))
+                     cuda_graphs=dict(self.cuda_graph_counts),
+                     uncompiled=sum(len(r.uncompiled) for r in self.graphs))
