@@ -12,6 +12,7 @@
 #   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
 #   skinny_forms  the layer only: cuBLAS separate / fused vs the Triton kernel separate / grouped     (<= 150 s)
 #   group       the LM's block and exact mode at 32K, batch 1, with and without grouped linears (Config.group_linears) (<= 600 s)
+#   profile     where one block's time goes: block mode at 32K, batch 1, top 40 kernels (benchmarks/profile_block.py) (<= 240 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
@@ -51,6 +52,8 @@ for name in "${steps[@]}"; do
         step lm_32k_b1_separate 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
             --contexts 32k --batches 1 --variants block-ro,exact-ro --repeats 10 --config group_linears=False \
             --out "$OUT/lm_32k_b1_separate" ;;
+    profile) step profile_32k_b1 240 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
+        --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;

@@ -45,7 +45,8 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
-def profile_variant(workload, built, variant: str, context: int, batch: int, warmup: int, top: int) -> dict:
+def profile_variant(workload, built, variant: str, context: int, batch: int, warmup: int, top: int,
+                    sequence: int = 0) -> dict:
     model = make_variant(variant, copy.deepcopy(built), "inductor")
     fb = variant in FBCOMPILE_VARIANTS
     block = workload.prepare(model, context, batch)
@@ -80,10 +81,14 @@ def profile_variant(workload, built, variant: str, context: int, batch: int, war
         k[0] += 1
         k[1] += e.time_range.elapsed_us() / 1e3
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
+    ordered = sorted(gpu, key=lambda e: e.time_range.start)[-sequence:] if sequence else []
+    ends = [ordered[0].time_range.start] + [e.time_range.end for e in ordered[:-1]] if ordered else []
     row = dict(variant=variant, context=context, batch=batch, warmup_s=round(warm_s, 1),
                block_ms=round(wall * 1e3, 2), host_issue_ms=round(issued * 1e3, 2),
                gpu_busy_ms=round(busy_ms(intervals), 2), gpu_span_ms=round(span, 2), kernels=len(gpu),
-               top=[dict(kernel=name, count=c, ms=round(ms, 3)) for name, (c, ms) in ranked])
+               top=[dict(kernel=name, count=c, ms=round(ms, 3)) for name, (c, ms) in ranked],
+               sequence=[dict(kernel=e.name[:90], us=round(e.time_range.elapsed_us(), 2),
+                              gap_us=round(e.time_range.start - end, 2)) for e, end in zip(ordered, ends)])
     if fb:
         s = stats(model)
         row.update(refreshes=s.refreshes, reuses=s.reuses, cuda_graphs=dict(s.cuda_graphs or {}))
@@ -100,6 +105,8 @@ def main(argv=None):
     p.add_argument("--variants", default="block,exact,block-ro,exact-ro")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--sequence", type=int, default=0,
+                   help="also list the block's last N GPU events in order, with the idle gap before each")
     p.add_argument("--tiny", action="store_true", help="small shapes, on the CPU (a check of the script)")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
@@ -113,9 +120,10 @@ def main(argv=None):
     with torch.no_grad():
         built = w.build(device, dtype)
         for variant in args.variants.split(","):
-            rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup, args.top))
+            rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup, args.top,
+                                        args.sequence))
             write(args.out, env, args, rows)
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "top"}), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("top", "sequence")}), flush=True)
 
 
 def write(out: str, env: dict, args, rows: list[dict]) -> None:
@@ -125,10 +133,14 @@ def write(out: str, env: dict, args, rows: list[dict]) -> None:
     lines = [f"# Where one block's time goes: {args.model}, context {args.context}, batch {args.batch}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     for r in rows:
-        head = {k: v for k, v in r.items() if k != "top"}
+        head = {k: v for k, v in r.items() if k not in ("top", "sequence")}
         lines += [f"## {r['variant']}", "", "    " + json.dumps(head), ""]
         lines += ["| kernel | count | ms |", "|---|---|---|"]
         lines += [f"| `{t['kernel']}` | {t['count']} | {t['ms']} |" for t in r["top"]] + [""]
+        if r.get("sequence"):
+            lines += [f"The block's last {len(r['sequence'])} GPU events in order:", "",
+                      "| kernel | µs | idle before, µs |", "|---|---|---|"]
+            lines += [f"| `{t['kernel']}` | {t['us']} | {t['gap_us']} |" for t in r["sequence"]] + [""]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines))
 
