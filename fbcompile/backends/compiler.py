@@ -68,13 +68,14 @@ def last_shared_session() -> Session | None:
 
 
 def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set[int] = frozenset(),
-             record: GraphRecord | None = None, role: str = "graph"):
+             record: GraphRecord | None = None, role: str = "graph", kept: tuple[set[int], set[int]] = ((), ())):
     """``gm`` compiled, as a CUDA graph where it can be if the session asks for them (``kv``: argument
     indices of cached keys/values, which a captured graph reads in place, or from buffers with spare
     capacity where the pass :func:`add_key_count` proves the graph may; their concatenations with the
     block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``record`` notes how the
     graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`), which linears it groups
-    (:func:`group_linears`) and whether Inductor failed on it, under ``role``."""
+    (:func:`group_linears`) and whether Inductor failed on it, under ``role``. ``kept``: the indices of
+    the cached parts the graph takes and of those it returns for the dispatcher to keep."""
     notes = record.cuda_graphs if record is not None else None
     if session.config.group_linears:
         grouped = copy_module(gm)
@@ -113,7 +114,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             if record is not None:
                 record.uncompiled[role] = why
             run = gm.forward
-    return CapturedGraph(run, gm, session, kv, key_count, joins) if session.cuda_graphs else run
+    if not session.cuda_graphs:
+        return run
+    return CapturedGraph(run, gm, session, kv, key_count, joins, kept_inputs=set(kept[0]), kept_outputs=set(kept[1]))
 
 
 def _capture_note(key_count, why_not: str | None, joins: list) -> str:
@@ -129,7 +132,9 @@ def _capture_note(key_count, why_not: str | None, joins: list) -> str:
 
 def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, kv: set[int],
               record: GraphRecord | None = None, role: str = "graph") -> CompiledGraph:
-    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session, kv, record, role)
+    cached = range(len(example_inputs), len(example_inputs) + len(graph.cached_examples))
+    run = _compile(graph.gm, list(example_inputs) + list(graph.cached_examples), session, kv, record, role,
+                   kept=(set(cached), graph.outputs.kept))
     return CompiledGraph(run, graph.outputs, graph.cached_inputs)
 
 

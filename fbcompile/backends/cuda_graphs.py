@@ -50,8 +50,18 @@ refresh across calls. Here, per graph:
   else (positions computed from it, a mask over the cache) run uncaptured over new caches, counted in
   ``Stats.cuda_graphs`` as ``"uncaptured (new cached keys/values)"``.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
-  ``torch._foreach_copy_`` into fresh tensors), so neither the caller nor the dispatcher's cache holds
-  memory a later replay overwrites. A graph that returns a view of one of its inputs is not captured.
+  ``torch._foreach_copy_``), so neither the caller nor the dispatcher's cache holds memory a later
+  replay overwrites. A graph that returns a view of one of its inputs is not captured. The user's
+  outputs go to fresh tensors. The parts the dispatcher keeps (a refresh's ``(O_e, L_e)``) go to
+  *recycled* buffers: the first of this output's buffers that nothing holds any more (no tensor, no
+  view: the storage's use count), else a new one (at most :data:`MAX_RECYCLED`, then fresh tensors).
+  The dispatcher drops a site's stale entry before it refreshes, so a site refreshed once per block
+  gets the same buffer back every block, and the reuse graph takes its cached parts *by address*:
+  captured once, it reads them in place, where each replay would otherwise copy ~2 tensors per site
+  in (56 small copies per step for a 28-layer model). A buffer still held (an entry of another
+  request, as classifier-free guidance keeps two) is never written: the refresh takes another. A reuse
+  graph that meets its kept parts at more than :data:`MAX_KEPT_ADDRESSES` addresses (entries kept alive
+  elsewhere) copies them in from then on, as every other input.
 * **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
   device (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host sync
   inside the graph: a warning with the error).
@@ -76,6 +86,8 @@ from fbcompile.passes.hoist_cache_cats import Join
 from fbcompile.passes.key_count import KeyCountInputs
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
+MAX_RECYCLED = 8       # recycled buffers per kept output
+MAX_KEPT_ADDRESSES = 2  # addresses of a reuse graph's kept parts before it copies them in instead
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
 NEW_KV = "new cached keys/values"
@@ -90,18 +102,21 @@ def spare_capacity(length: int) -> int:
     return -(-length // (1 << shift)) << shift
 
 
-def record(run: Callable, args: list, session: Session) -> tuple[Callable[[], None], list]:
-    """Capture ``run(*args)`` in a CUDA graph (in the session's pool): its replay and its outputs."""
+def record(run: Callable, args: list, session: Session) -> tuple[Callable[[tuple], None], list]:
+    """Capture ``run(*args)`` in a CUDA graph (in the session's pool): its replay and its outputs. The
+    replay is called with each call's arguments, which the graph does not need (it reads its own
+    buffers, where the copied inputs were copied, and the memory of the by-address ones); a capture
+    keeps no reference to ``args``, so buffers it read by address can be freed and recycled."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=session.cuda_graph_pool(), capture_error_mode="thread_local"):
         outputs = run(*args)
-    return graph.replay, outputs
+    return lambda call_args: graph.replay(), outputs
 
 
 class Capture:
     """One captured variant of a graph: its replay, input buffers and outputs."""
 
-    def __init__(self, replay: Callable[[], None], buffers: list[torch.Tensor], outputs):
+    def __init__(self, replay: Callable[[tuple], None], buffers: list[torch.Tensor], outputs):
         self.replay, self.buffers, self.outputs = replay, buffers, outputs
 
 
@@ -129,11 +144,16 @@ class CapturedGraph:
     ``key_count``: set when ``gm`` takes a key count after its arguments (:mod:`fbcompile.passes.key_count`).
     ``joins``: outputs ``gm`` returns as the block alone, to join to the cached input
     (:mod:`fbcompile.passes.hoist_cache_cats`).
+    ``kept_inputs``: argument indices of the cached parts the dispatcher passes in (taken by address);
+    ``kept_outputs``: output indices of the parts it keeps (copied out into recycled buffers).
     """
 
     def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int],
-                 key_count: KeyCountInputs | None = None, joins: list[Join] = ()):
+                 key_count: KeyCountInputs | None = None, joins: list[Join] = (),
+                 kept_inputs: set[int] = frozenset(), kept_outputs: set[int] = frozenset()):
         self.run, self.session = run, session
+        self.kept_outputs = set(kept_outputs)
+        self._recycled: dict[int, list[torch.Tensor]] = {}  # per kept output, its buffers
         self.key_count, self.joins = key_count, list(joins)
         self.spare = False  # the cached keys/values run from buffers with spare capacity
         self._spare: SpareBuffers | None = None
@@ -143,10 +163,14 @@ class CapturedGraph:
         # inputs whose sizes dynamo does not guard (symbolic ones, our cached inputs): sizes in the key
         self._unguarded = {i for i, node in enumerate(placeholders)
                            if not _static_sizes(node.meta.get("example_value"))}
-        self._static = set(by_address) | {i for i, node in enumerate(placeholders) if _marked_static(node)}
+        self._kept_inputs = set(kept_inputs)
+        self._kept_addresses: set[tuple] = set()  # the kept parts' addresses seen, while taken by address
+        self._static = set(by_address) | self._kept_inputs | {
+            i for i, node in enumerate(placeholders) if _marked_static(node)}
         self._kv = set(by_address)
         self._by_address: list[int] | None = None  # decided at the first call
         self._kv_slots: list[int] = []  # positions of the cached keys/values among the key's addresses
+        self._kept_slots: list[int] = []  # positions of the kept parts among them
         self._last_key: tuple | None = None
         self._copied: list[int] = []
         self._sized: list[int] = []
@@ -171,13 +195,15 @@ class CapturedGraph:
         if torch.is_grad_enabled():
             return self._uncaptured(args, "grad mode")
         if self._by_address is None:
-            return self._first_call(args)
+            return self._recycle(self._first_call(args))
         key = self._key(args)
         last, self._last_key = self._last_key, key
         capture = self.captures.get(key)
         if capture is not None:
             self.captures.move_to_end(key)
             return self._replay(capture, args)
+        if self._kept_slots and self._kept_moved(key, args):
+            key = self._last_key
         if key not in self._seen and not padded:  # spare-capacity keys recur by design: captured at once
             reason = self._why_new(key, last)
             if reason in (NEW_KV, NEW_LENGTH) and self.key_count is not None and self._may_pad(raw):
@@ -187,8 +213,8 @@ class CapturedGraph:
             self._seen[key] = None
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
-            return self._uncaptured(args, reason)
-        return self._capture(key, args)
+            return self._recycle(self._uncaptured(args, reason))
+        return self._recycle(self._capture(key, args))
 
     def _may_pad(self, args) -> bool:
         """Whether the cached keys/values may be read from copies: the pass proved that the graph only
@@ -264,19 +290,41 @@ class CapturedGraph:
             return self._uncaptured(args, self.uncapturable)
         before = [_version(args[i]) for i in tensors]
         outputs = self._uncaptured(args, "first call")
-        written = {i for i, v in zip(tensors, before) if v is None or _version(args[i]) != v}
+        self._written_inputs = {i for i, v in zip(tensors, before) if v is None or _version(args[i]) != v}
+        self._lay_out(args)
+        return outputs
+
+    def _lay_out(self, args) -> None:
+        """Decide which inputs are taken by address and which copied (from the first call's arguments)."""
+        tensors = [i for i in self._read if isinstance(args[i], torch.Tensor)]
+        written = self._written_inputs
         self._by_address = [i for i in tensors
                             if i in self._static or i in written or isinstance(args[i], torch.nn.Parameter)]
         self._written = [i for i in sorted(written) if _version(args[i]) is not None]
         self._writes = sorted(written)
         self._kv_slots = [j for j, i in enumerate(self._by_address) if i in self._kv]
+        self._kept_slots = [j for j, i in enumerate(self._by_address) if i in self._kept_inputs]
         self._copied = [i for i in tensors if i not in self._by_address]
         self._sized = [i for i in tensors + self._size_only if i in self._unguarded and isinstance(args[i], torch.Tensor)]
         self._kv_sized_slots = [j for j, i in enumerate(self._sized) if i in self._kv]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
         self._last_key = self._key(args)
         self._seen[self._last_key] = None
-        return outputs
+
+    def _kept_moved(self, key: tuple, args) -> bool:
+        """Count the addresses of the kept parts in ``key``; past :data:`MAX_KEPT_ADDRESSES`, take them by
+        copy from now on (the captures, keyed on them, are dropped): whatever holds their buffers, a reuse
+        graph then never captures more than it did with copies."""
+        self._kept_addresses.add(tuple(key[0][j] for j in self._kept_slots))
+        if len(self._kept_addresses) <= MAX_KEPT_ADDRESSES:
+            return False
+        self._static -= self._kept_inputs
+        self._kept_inputs, self._kept_addresses = set(), set()
+        self.captures.clear()
+        self._seen.clear()
+        self._lay_out(args)
+        self.session.cuda_graph_counts["kept parts copied in (their buffers moved too often)"] += 1
+        return True
 
     def _key(self, args) -> tuple:
         """Addresses of the by-address inputs, sizes of those dynamo's guards leave free, other arguments."""
@@ -317,11 +365,50 @@ class CapturedGraph:
     def _replay(self, capture: Capture, args):
         if capture.buffers:
             torch._foreach_copy_(capture.buffers, [_stored(args[i]) for i in self._copied])
-        capture.replay()
+        capture.replay(args)
         for i in self._written:  # as the uncaptured graph would: guards and provenance read versions
             torch.autograd.graph.increment_version(args[i])
         self.session.cuda_graph_counts["replays"] += 1
-        return _copy_out(capture.outputs)
+        return self._copy_out(capture.outputs)
+
+    def _copy_out(self, outputs):
+        """``outputs`` copied (one foreach copy): the kept parts into recycled buffers, the rest into fresh
+        tensors."""
+        destinations = [(self._recycled_buffer(i, t) if i in self.kept_outputs else torch.empty_like(t))
+                        if isinstance(t, torch.Tensor) else t for i, t in enumerate(outputs)]
+        pairs = [(d, t) for d, t in zip(destinations, outputs) if isinstance(t, torch.Tensor)]
+        if pairs:
+            torch._foreach_copy_(*map(list, zip(*pairs)))
+        return type(outputs)(destinations)
+
+    def _recycle(self, outputs):
+        """Outputs of a call that did not replay, with the kept parts moved into recycled buffers (so a
+        reuse graph captured after it sees the addresses later replays give)."""
+        if not self.kept_outputs or not any(i in self.kept_outputs for i, t in enumerate(outputs)
+                                            if isinstance(t, torch.Tensor) and t.device.type == DEVICE_TYPE):
+            return outputs
+        kept = [i for i, t in enumerate(outputs) if i in self.kept_outputs and isinstance(t, torch.Tensor)]
+        buffers = [self._recycled_buffer(i, outputs[i]) for i in kept]
+        torch._foreach_copy_(buffers, [outputs[i] for i in kept])
+        moved = list(outputs)
+        for i, buffer in zip(kept, buffers):
+            moved[i] = buffer
+        return type(outputs)(moved)
+
+    def _recycled_buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """A tensor for kept output ``index``: an alias of the first of its buffers with ``like``'s layout
+        that nothing else holds, or of a new one (a fresh tensor once there are :data:`MAX_RECYCLED`)."""
+        pool = self._recycled.setdefault(index, [])
+        layout = (like.shape, like.stride(), like.dtype, like.device)
+        for buffer in pool:
+            if (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) == layout and _unheld(buffer):
+                return buffer.detach()
+        buffer = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
+        if len(pool) >= MAX_RECYCLED:
+            return buffer
+        pool.append(buffer)
+        self.session.cuda_graph_counts["recycled buffers"] += 1
+        return buffer.detach()
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -339,14 +426,10 @@ def _buffer_like(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(stored.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
 
 
-def _copy_out(outputs):
-    """``outputs`` with every tensor copied into a fresh one (one foreach copy)."""
-    tensors = [t for t in outputs if isinstance(t, torch.Tensor)]
-    fresh = [torch.empty_like(t) for t in tensors]
-    if fresh:
-        torch._foreach_copy_(fresh, tensors)
-    it = iter(fresh)
-    return type(outputs)(next(it) if isinstance(t, torch.Tensor) else t for t in outputs)
+def _unheld(buffer: torch.Tensor) -> bool:
+    """Whether nothing but ``buffer`` itself holds its memory: no other tensor or view of it (the
+    storage's use count: ``buffer`` and the wrapper made to ask)."""
+    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) == 2
 
 
 def _marked_static(node: fx.Node) -> bool:

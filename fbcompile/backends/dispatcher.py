@@ -151,11 +151,13 @@ class SplitGraphDispatcher:
                 self._count_step(args, memo.entries)
                 memo.signature = self._signature(args)
             return outputs
+        memo = None  # what it holds may be stale: free for a refresh
         keys, entries, reason = self._lookup(args)
         if self.commits and not self._cropped(args):
             reason = "save pass"
         if reason is None:
             return self._reuse(args, entries)
+        del entries  # stale: the memory they hold is free for the refresh's results
         return self._refresh(args, keys, reason)
 
     def _cropped(self, args) -> bool:
@@ -215,6 +217,8 @@ class SplitGraphDispatcher:
 
     def _refresh(self, args, keys: list, reason: str):
         positions = [_positions(guard, args) for guard in self.guards]  # before the graph advances them
+        self._memo = None
+        self.session.drop(keys)  # their buffers free: a captured refresh writes its results there again
         outputs = self.refresh.run(*args)
         self._keep(args, keys, reason, self.refresh.outputs.parts(outputs), positions)
         return self.refresh.outputs.user_outputs(outputs)

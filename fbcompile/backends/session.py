@@ -229,10 +229,18 @@ class Session:
         for key, entry in entries:
             cache[key] = entry
             cache.move_to_end(key)
-        for old in [k for k, e in cache.items() if any(ref() is None for ref in e.sources)]:
-            del cache[old]
+        self.drop()
         while len(cache) > self.config.max_cache_entries:
             cache.popitem(last=False)
+
+    def drop(self, keys=()) -> None:
+        """Drop the entries of ``keys`` (stale: a refresh replaces them) and those whose KV tensors are gone,
+        so that the memory they held is free for the refresh's results (:mod:`.cuda_graphs` recycles it)."""
+        cache = self.cache
+        for key in keys:
+            cache.pop(key, None)
+        for old in [k for k, e in cache.items() if any(ref() is None for ref in e.sources)]:
+            del cache[old]
         self.generation += 1
 
     @property

@@ -76,6 +76,11 @@ class OutputLayout:
     def user_outputs(self, outputs) -> tuple:
         return tuple(outputs[: self.user])
 
+    @cached_property
+    def kept(self) -> set[int]:
+        """Indices of the outputs beyond the user's that the dispatcher keeps (every site part; not the drift)."""
+        return {i for indices in self._indices for i in indices if i >= 0}
+
     def parts(self, outputs) -> list[SiteParts]:
         padded = (*outputs, None)  # index -1: a part the graph does not return
         return [SiteParts._make(map(padded.__getitem__, indices)) for indices in self._indices]
