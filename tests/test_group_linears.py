@@ -18,7 +18,7 @@ import fbcompile
 from fbcompile.passes import group_linears as gl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from examples.block_diffusion_lm import make_tiny_model  # noqa: E402
+from examples.block_diffusion_lm import BlockDiffusionConfig, BlockDiffusionLM, init_random_weights  # noqa: E402
 
 BF16 = torch.bfloat16
 ALWAYS = lambda x: True  # noqa: E731
@@ -144,12 +144,15 @@ def test_grad_mode_not_grouped_and_backward_works(monkeypatch):
 def test_optimize_reports_groups_and_computes_the_same(monkeypatch):
     """Through the backend, forced on: the report lists the groups, and the model computes what it
     computes without them (on the CPU the grouped op runs the same linears; the projections, now
-    column slices of one output, may take other bf16 kernels downstream: bf16 tolerance)."""
+    column slices of one output, may take other bf16 kernels downstream: bf16 tolerance). Variance-
+    preserving weights: the example's sharper default init amplifies bf16 rounding through the layers
+    (1.2e-2 between the two on torch 2.11)."""
     monkeypatch.setattr(gl, "pays", ALWAYS)
     prompt = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(0))
     runs = {}
     for group in (True, False):
-        model = fbcompile.optimize(make_tiny_model(dtype=BF16),
+        tiny = init_random_weights(BlockDiffusionLM(BlockDiffusionConfig(dtype=BF16)), 0, scales={})
+        model = fbcompile.optimize(tiny.to(BF16).eval(),
                                    fbcompile.Config(refresh="always", compiler="eager", group_linears=group))
         logits = []
         model.register_forward_hook(lambda module, args, out: logits.append(out[0].clone()))
@@ -159,8 +162,8 @@ def test_optimize_reports_groups_and_computes_the_same(monkeypatch):
     assert "groups of linears in one launch each" in report, report[-2000:]
     assert "groups of linears" not in report_off
     assert len(logits) == len(logits_off) > 0
-    for a, b in zip(logits, logits_off):
-        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+    errors = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip(logits, logits_off)]
+    assert max(errors) < 1e-2, errors
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
