@@ -239,7 +239,10 @@ class CapturedGraph:
 
     def _into_spare(self, args, length: int, capacity: int) -> tuple:
         """``args`` with the cached keys/values in buffers of ``capacity`` (copied unless the buffers
-        hold their content already) and the integer inputs of their sizes and strides set for it."""
+        hold their content already) and the integer inputs of their sizes and strides set for it.
+
+        One ``copy_`` per tensor: on the H200 it copies at 3.8-4.2 TB/s where one ``_foreach_copy_`` into
+        the (strided) narrowed buffers reached 2.7-2.9 (``benchmarks/results/spare_copy_h200.md``)."""
         padded = self.key_count.padded
         sources = [args[p.index] for p in padded]
         layout = (capacity, tuple((p.dim, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
@@ -256,7 +259,8 @@ class CapturedGraph:
                     for p, t in zip(padded, sources)])
                 self.session.spare_buffers[layout] = self._spare
         if not self._spare.holds(sources):
-            torch._foreach_copy_([b.narrow(p.dim, 0, length) for b, p in zip(self._spare.buffers, padded)], sources)
+            for buffer, p, source in zip(self._spare.buffers, padded, sources):  # one copy_ each: see below
+                buffer.narrow(p.dim, 0, length).copy_(source)
             self._spare.sources = [provenance.content(t) for t in sources]
             self.session.cuda_graph_counts["cache copies into spare capacity"] += 1
         args = list(args)
