@@ -212,6 +212,44 @@ def test_reuse_graph_reads_the_kept_parts_in_place(device, monkeypatch):
     assert not set(reuse[0]._copied) & reuse[0]._kept_inputs  # taken by address, never copied in
 
 
+def _plan(sites: int, heads: int) -> fbcompile.ReusePlan:
+    """Steps 1-3 since a refresh: half the heads recomputed, none, the other half."""
+    half = heads // 2
+    return fbcompile.ReusePlan([[[True] * half + [False] * half, [True] * heads, [False] * half + [True] * half]]
+                               * sites)
+
+
+@pytest.mark.parametrize("setting", ["plan", "sparse", "sparse-no-residual", "sparse-mass", "refresh-2"])
+@torch.no_grad()
+def test_reuse_variants_replay_as_they_run_uncaptured(setting, device):
+    """Reuse plans (reuse graphs that return recomputed heads for the dispatcher to keep), sparse reuse
+    (selected tiles kept, read by the reuse graph) and a step policy, under CUDA graphs over a static
+    cache and a CFG-like second cache: every call equals the same model without CUDA graphs, the counts
+    agree, and the graphs replay."""
+    reference = lm(device)
+    cfg = reference.config
+    options = {"plan": dict(reuse_plan=_plan(cfg.num_layers, cfg.num_heads)),
+               "sparse": dict(sparse=fbcompile.Sparse(budget=48, tile=16)),
+               "sparse-no-residual": dict(sparse=fbcompile.Sparse(budget=48, tile=16, residual=False)),
+               "sparse-mass": dict(sparse=fbcompile.Sparse(budget=96, tile=16, mass=0.5)),
+               "refresh-2": dict(refresh=2)}[setting]
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager", **options))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager", **options))
+    caches, pos = [random_cache(reference, 4), random_cache(reference, 5)], positions(reference)
+    for block in range(3):
+        for model in (graphed, plain):
+            fbcompile.new_request(model)
+        for step in range(4):
+            x = block_tokens(reference, 10 * block + step)
+            for cache in caches:
+                got = graphed(x, past_key_values=cache, position_ids=pos)[0]
+                expected = plain(x, past_key_values=cache, position_ids=pos)[0]
+                assert rel_error(got, expected) < tolerance(device) / 10, (block, step)
+    mine, theirs = fbcompile.stats(graphed), fbcompile.stats(plain)
+    assert (mine.refreshes, mine.reuses) == (theirs.refreshes, theirs.reuses) and mine.reuses > 0, mine
+    assert mine.cuda_graphs.get("replays", 0) >= 8, mine.cuda_graphs
+
+
 @torch.no_grad()
 def test_growing_cache_runs_from_spare_capacity(device):
     """``generate`` grows its cache by a ``torch.cat`` per block: the graphs that read it switch to buffers
