@@ -45,6 +45,15 @@ def _attention_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tup
     return q.new_empty(B, Hq, M, v.shape[-1]), q.new_empty(B, Hq, M, dtype=torch.float32)
 
 
+def _merged_outputs(q, k, v, on_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty ``(out, lse)`` of a merged result, ``out`` laid out as the kernel that makes it lays it out
+    (block-major from the Triton kernels: :func:`fbcompile.kernels.triton_attention.result_buffer`)."""
+    out, lse = _attention_outputs(q, k, v)
+    if on_triton:
+        out = triton_attention.result_buffer(q, v.shape[-1], merged=True)
+    return out, lse
+
+
 @torch.library.custom_op("fbcompile::reference_attention_lse", mutates_args=())
 def reference_attention_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -114,7 +123,7 @@ def attention_merge_lse(
 
 @attention_merge_lse.register_fake
 def _(q, k, v, mask, scale, out_ext, lse_ext):
-    return _attention_outputs(q, k, v)
+    return _merged_outputs(q, k, v, _use_triton(q, k, v, mask))
 
 
 @torch.library.triton_op("fbcompile::merge_lse", mutates_args=())
@@ -269,15 +278,21 @@ def sparse_attention_merge_lse(
     _check_shapes(q, k_blk, v_blk)
     _check_tile(tile)
     _check_idx(k, idx)
-    if (_use_triton(q, k, v, mask) and triton_attention.supports_sparse(q, k, v, mask, idx)
-            and triton_attention.supports(q, k_blk, v_blk, mask_blk) and out_res.device == lse_res.device == q.device):
+    if _sparse_merge_on_triton(q, k, v, mask, idx, k_blk, v_blk, mask_blk, out_res, lse_res):
         return triton_attention.sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
                                                            out_res, lse_res)
     return reference_sparse_attention_merge_lse(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk,
                                                 out_res, lse_res)
 
 
-sparse_attention_merge_lse.register_fake(lambda q, k, v, *args: _attention_outputs(q, k, v))
+@sparse_attention_merge_lse.register_fake
+def _(q, k, v, mask, scale, idx, tile, k_blk, v_blk, mask_blk, out_res, lse_res):
+    return _merged_outputs(q, k, v, _sparse_merge_on_triton(q, k, v, mask, idx, k_blk, v_blk, mask_blk, out_res, lse_res))
+
+
+def _sparse_merge_on_triton(q, k, v, mask, idx, k_blk, v_blk, mask_blk, out_res, lse_res) -> bool:
+    return (_use_triton(q, k, v, mask) and triton_attention.supports_sparse(q, k, v, mask, idx)
+            and triton_attention.supports(q, k_blk, v_blk, mask_blk) and out_res.device == lse_res.device == q.device)
 
 
 @torch.library.custom_op("fbcompile::reference_subtract_lse", mutates_args=())

@@ -453,6 +453,39 @@ def test_cuda_host_code_traces_with_symbolic_keys(monkeypatch):
         assert all(bool(guard.expr.subs(symbol, keys)) for guard in env.guards), env.guards
 
 
+@pytest.mark.skipif(fbops.triton_attention is None or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="no triton, or interpreted kernels (which do not trace): run after another module")
+def test_merged_results_are_block_major_in_fake_and_real_host_code(monkeypatch):
+    """On fake CUDA tensors, a merged result (a split site's whole output) has the same strides from the
+    ops' fake implementations as from the host code Inductor traces: block-major, so that the model's
+    ``out.transpose(1, 2)`` is contiguous and its reshape for the output projection copies nothing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ta = fbops.triton_attention
+    monkeypatch.setattr(ta, "_num_sms", lambda device: 132)
+
+    def merges(q, k, v, k_blk, v_blk, idx, out_res, lse_res):
+        return (*ta.attention_merge_lse(q, k_blk, v_blk, None, 0.1, out_res.to(q.dtype), lse_res),
+                *ta.sparse_attention_merge_lse(q, k, v, None, 0.1, idx, 32, k_blk, v_blk, None, out_res, lse_res))
+
+    with FakeTensorMode():
+        cuda = dict(device="cuda", dtype=torch.bfloat16)
+        q, k_blk, v_blk = (torch.empty(2, 12, 32, 128, **cuda), torch.empty(2, 2, 32, 128, **cuda),
+                           torch.empty(2, 2, 32, 128, **cuda))
+        k, v = torch.empty(2, 2, 1000, 128, **cuda), torch.empty(2, 2, 1000, 128, **cuda)
+        idx = torch.empty(2, 2, 16, device="cuda", dtype=torch.int32)
+        out_res, lse_res = torch.empty(2, 12, 32, 128, device="cuda"), torch.empty(2, 12, 32, device="cuda")
+        args = (q, k, v, k_blk, v_blk, idx, out_res, lse_res)
+        traced = [n.meta["val"] for n in make_fx(merges)(*args).graph.find_nodes(op="output")[0].args[0]]
+        faked = [*OPS.attention_merge_lse(q, k_blk, v_blk, None, 0.1, out_res.to(q.dtype), lse_res),
+                 *OPS.sparse_attention_merge_lse(q, k, v, None, 0.1, idx, 32, k_blk, v_blk, None, out_res, lse_res)]
+    for got, fake in zip(traced, faked):
+        assert (got.shape, got.stride()) == (fake.shape, fake.stride())
+    for out in traced[::2]:
+        assert out.transpose(1, 2).is_contiguous(), out.stride()
+
+
 @pytest.mark.skipif(IN_PROCESS or fbops.triton_attention is None, reason="kernels tested in this process")
 def test_in_subprocess():
     """``triton`` was imported before this module could switch on the interpreter: rerun the kernel tests."""

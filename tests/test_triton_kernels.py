@@ -165,6 +165,8 @@ def test_attention_merge_lse(case, n_keys):
     out, lse = ta.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
     ref = reference.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
     _check(out, lse, *ref, dtype)
+    # block-major, as flash attention's output: the model's transpose(1, 2) before its projection is free
+    assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous(), (out.stride(), lse.stride())
 
 
 @in_process

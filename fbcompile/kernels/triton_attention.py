@@ -55,20 +55,21 @@ def _merge_partial(m, l, acc, lse2, o):
 
 
 @triton.jit
-def _store_final(Out, Lse, row_off, row_ok, offs_dv, m, l, acc, DV: tl.constexpr):
-    """Normalise and write ``out`` (its dtype) and the natural-log ``lse``; empty rows get 0 / -inf."""
+def _store_final(Out, Lse, out_off, lse_off, row_ok, offs_dv, m, l, acc, DV: tl.constexpr):
+    """Normalise and write ``out`` (its dtype; rows at ``out_off``, the head dim contiguous) and the
+    natural-log ``lse`` (at ``lse_off``); empty rows get 0 / -inf."""
     has = l > 0.0
     l_safe = tl.where(has, l, 1.0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     out = tl.where(has[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(has, (m_safe + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(Out + row_off[:, None] * DV + offs_dv[None, :], out.to(Out.dtype.element_ty),
+    tl.store(Out + out_off[:, None] + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(Lse + row_off, lse, mask=row_ok)
+    tl.store(Lse + lse_off, lse, mask=row_ok)
 
 
 @triton.jit
-def _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+def _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc,
                   DV: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr):
     """End of a split-attention program: ``SPLIT`` writes the normalised partial and its log2-LSE for
@@ -87,7 +88,7 @@ def _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, sl
                           mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0).to(tl.float32)
             lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
             m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
-        _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+        _store_final(Out, Lse, b * sob + h * soh + m * som, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
 
 
 @triton.jit
@@ -131,6 +132,7 @@ def _attn_kernel(
     smb, smh, smm, smn,
     seb, seh, sem, sed,
     slb, slh, slm,
+    sob, soh, som,
     Hkv, GROUP, M, N, R, keys_per_split, qk_scale, NC,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -201,13 +203,13 @@ def _attn_kernel(
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
 
-    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
 
 
 @triton.jit
 def _reduce_rows(
-    OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+    OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
     Hkv, GROUP, M, R, num_splits, pid_r, pid_bh,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_EXT: tl.constexpr,
@@ -239,15 +241,15 @@ def _reduce_rows(
         l_i = l_i * alpha + tl.sum(w, 1)
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
         m_i = m_new
+    b = pid_bh // Hkv
+    h = ((pid_bh % Hkv) * GROUP + rows // M).to(tl.int64)
+    m = (rows % M).to(tl.int64)
     if HAS_EXT:
-        b = pid_bh // Hkv
-        h = ((pid_bh % Hkv) * GROUP + rows // M).to(tl.int64)
-        m = (rows % M).to(tl.int64)
         o_e = tl.load(OutExt + b * seb + h[:, None] * seh + m[:, None] * sem + offs_dv[None, :] * sed,
                       mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
         m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
-    _store_final(Out, Lse, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
+    _store_final(Out, Lse, b * sob + h * soh + m * som, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
 
 
 @triton.jit
@@ -292,6 +294,7 @@ def _reduce_kernel(
     OPart, LPart, OutExt, LseExt, Out, Lse, ChunkLse, TileMass,
     seb, seh, sem, sed,
     slb, slh, slm,
+    sob, soh, som,
     Hkv, GROUP, M, R, num_splits, row_programs, NC, T, CPT,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_EXT: tl.constexpr, MASS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr,
@@ -303,13 +306,13 @@ def _reduce_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     if MASS:
         if pid_r < row_programs:
-            _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+            _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                          Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
         else:
             _tile_mass(LPart, ChunkLse, TileMass, R, num_splits, NC, T, CPT, pid_r - row_programs, pid_bh,
                        BLOCK_T, BLOCK_RR, MASS_BLOCK_S)
     else:
-        _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm,
+        _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                      Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
 
 
@@ -326,6 +329,7 @@ def _sparse_attn_kernel(
     smbb, smbh, smbm, smbn,
     seb, seh, sem, sed,
     slb, slh, slm,
+    sob, soh, som,
     Hkv, GROUP, M, N, NB, R, S, slots_per_split, qk_scale,
     TILE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -387,7 +391,7 @@ def _sparse_attn_kernel(
                 vb_ptrs += BLOCK_N * svbn
                 maskb_ptrs += BLOCK_N * smbn
 
-    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm,
+    _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
 
 
@@ -505,6 +509,17 @@ def _ext_args(q, out_ext, lse_ext):
     return out_ext, lse_ext, out_ext.stride(), lse_ext.stride(), True
 
 
+def result_buffer(q: torch.Tensor, dv: int, merged: bool) -> torch.Tensor:
+    """The output ``[B, Hq, M, dv]`` of an attention. A merged one (a split site's whole result) is laid
+    out block-major, ``[B, M, Hq, dv]`` in memory, as flash attention's output is: the model's usual
+    ``out.transpose(1, 2).reshape(B, M, Hq * dv)`` is then a view, where a head-major result needs a
+    copy kernel per layer before the output projection. Partial results stay head-major."""
+    B, Hq, M = q.shape[:3]
+    if merged:
+        return torch.empty(B, M, Hq, dv, device=q.device, dtype=q.dtype).transpose(1, 2)
+    return torch.empty(B, Hq, M, dv, device=q.device, dtype=q.dtype)
+
+
 def _partials(q, B, Hkv, num_splits, R, DV):
     """fp32 per-split partials ``(out, log2-lse)`` for :func:`_reduce_kernel`."""
     return (torch.empty(B * Hkv, num_splits, R, DV, device=q.device, dtype=torch.float32),
@@ -525,7 +540,7 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
     # [rows, splits] tile of <= 16K values) and few tiles, so that there are many such programs.
     block_rr = min(_pow2(R), 256)
     wrap_triton(_reduce_kernel)[(row_programs + _cdiv(num_tiles, _MASS_BLOCK_T), B * Hkv)](
-        o_part, l_part, ext_o, ext_l, out, lse, chunk_lse, tile_mass, *estr, *lstr,
+        o_part, l_part, ext_o, ext_l, out, lse, chunk_lse, tile_mass, *estr, *lstr, *out.stride()[:3],
         Hkv, group, M, R, num_splits, row_programs, chunk_lse.shape[1], num_tiles, cpt,
         DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, MASS=mass is not None,
         BLOCK_T=_MASS_BLOCK_T, BLOCK_RR=block_rr, MASS_BLOCK_S=min(_pow2(num_splits, 2), max(2, 16384 // block_rr)),
@@ -549,7 +564,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
     R = group * M
-    out = torch.empty(B, Hq, M, DV, device=q.device, dtype=q.dtype)
+    out = result_buffer(q, DV, merged=out_ext is not None)
     lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:
         return out, lse
@@ -568,7 +583,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
         q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse, q if key_count is None else key_count,
-        *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3],
+        *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3], *out.stride()[:3],
         Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
         SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), CHUNK=chunk,
@@ -651,7 +666,7 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     S = int(idx.shape[2])
     group = Hq // Hkv
     R = group * M
-    out = torch.empty(B, Hq, M, DV, device=q.device, dtype=q.dtype)
+    out = result_buffer(q, DV, merged=out_ext is not None)
     lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:
         return out, lse
@@ -676,7 +691,7 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
         *q.stride(), *k.stride(), *v.stride(), *mstr, *idx.stride(),
         *(k_blk.stride() if block is not None else (0,) * 4),
         *(v_blk.stride() if block is not None else (0,) * 4), *mbstr,
-        *ext[2], *ext[3],
+        *ext[2], *ext[3], *out.stride()[:3],
         Hkv, group, M, N, NB, R, S, slots_per_split, scale * _LOG2E,
         TILE=tile, D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_BLOCK=block is not None,
         HAS_MASK_B=mask_blk is not None, MASK_B_BOOL=maskb_bool, HAS_EXT=ext[4], SPLIT=num_splits > 1,
