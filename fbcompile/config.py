@@ -168,6 +168,9 @@ class Config:
     group_linears: run the linears that read one input (q/k/v, gate/up) in one launch of fbcompile's
         skinny-GEMM kernel, where that was measured faster (CUDA on Hopper, at most 32 rows:
         :mod:`fbcompile.passes.group_linears`); ``False`` leaves every linear to Inductor (cuBLAS).
+    gated_linears: run a gated MLP's output projection, ``linear(act(gate) * up)`` (SiLU or tanh-GELU),
+        as one launch of that kernel computing ``act(gate) * up`` as it loads it, where ``group_linears``
+        applies (:mod:`fbcompile.passes.gated_linears`); ``False`` leaves it to Inductor.
     scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
         all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
         in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the
@@ -188,6 +191,7 @@ class Config:
     scope: str = "model"
     cuda_graphs: bool = False
     group_linears: bool = True
+    gated_linears: bool = True
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -213,7 +217,7 @@ class Config:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
-        for flag in ("cuda_graphs", "group_linears"):
+        for flag in ("cuda_graphs", "group_linears", "gated_linears"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"Config.{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:

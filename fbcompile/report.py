@@ -44,6 +44,9 @@ class Report:
             for role, groups in g.linear_groups.items():
                 lines.append(f"graph {g.index} {role}: {len(groups)} groups of linears in one launch each "
                              f"(first: {groups[0]})")
+            for role, gated in g.gated_linears.items():
+                lines.append(f"graph {g.index} {role}: {len(gated)} gated linears computing act(gate) * up in "
+                             f"their GEMM (first: {gated[0]})")
         for g in self.graphs:
             if not g.rewritten:
                 continue

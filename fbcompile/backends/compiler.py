@@ -27,6 +27,7 @@ from fbcompile.config import Config
 from fbcompile.passes.cat_outputs import cat_outputs
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import copy_module
+from fbcompile.passes.gated_linears import gated_linears
 from fbcompile.passes.group_linears import group_linears
 from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
 from fbcompile.passes.key_count import add_key_count
@@ -74,17 +75,22 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     capacity where the pass :func:`add_key_count` proves the graph may; their concatenations with the
     block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``record`` notes how the
     graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`), which linears it groups
-    (:func:`group_linears`) and whether Inductor failed on it, under ``role``. ``kept``: the indices of
+    (:func:`group_linears`), which output projections compute their gate (:func:`gated_linears`) and
+    whether Inductor failed on it, under ``role``. ``kept``: the indices of
     the cached parts the graph takes and of those it returns for the dispatcher to keep."""
     notes = record.cuda_graphs if record is not None else None
-    if session.config.group_linears:
-        grouped = copy_module(gm)
-        groups = group_linears(grouped)
-        if groups:
-            gm = grouped
-            log.info("%s: %d groups of linears in one launch each", role, len(groups))
-            if record is not None:
-                record.linear_groups[role] = groups
+    config = session.config
+    if config.group_linears or config.gated_linears:
+        rewritten = copy_module(gm)
+        groups = group_linears(rewritten) if config.group_linears else []
+        gated = gated_linears(rewritten) if config.gated_linears else []
+        if groups or gated:
+            gm = rewritten
+            log.info("%s: %d groups of linears in one launch each, %d gated linears", role, len(groups), len(gated))
+        if record is not None and groups:
+            record.linear_groups[role] = groups
+        if record is not None and gated:
+            record.gated_linears[role] = gated
     joins, key_count = [], None
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)

@@ -38,13 +38,27 @@ class LinearConfig(NamedTuple):
 
 
 @triton.jit
-def _linear_kernel(X, W0, W1, W2, B0, B1, B2, Y, sxm, sxk, swn, swk, sym, syn, M, N, N1, N2, K, k_per_split,
-                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr,
+def _gate(x, up, ACT: tl.constexpr):
+    """``act(x) * up`` in fp32, rounded once to ``x``'s dtype (as Inductor's fused kernel for it does);
+    ``ACT``: 1 SiLU, 2 GELU with the tanh approximation (``tanh(y) = 2 sigmoid(2y) - 1``)."""
+    xf = x.to(tl.float32)
+    if ACT == 1:
+        g = xf * tl.sigmoid(xf)
+    else:
+        g = xf * tl.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))
+    return (g * up.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _linear_kernel(X, Up, W0, W1, W2, B0, B1, B2, Y, sxm, sxk, supm, supk, swn, swk, sym, syn, M, N, N1, N2, K,
+                   k_per_split, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, ACT: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``Y[m, n] = sum_k X[m, k] W[n, k] (+ B[n])`` over the ``k`` range ``pid_k`` owns, where ``W``
     and ``B`` stack up to three weights and biases (rows ``[0, N1)``, ``[N1, N2)``, ``[N2, N)``; the
     boundaries are multiples of ``BLOCK_N``, so each program reads one). With ``PARTIAL`` it stores
-    the fp32 partial at ``Y[pid_k]`` instead (no bias)."""
+    the fp32 partial at ``Y[pid_k]`` instead (no bias). ``ACT > 0``: the input is ``act(X) * Up``, a
+    gated MLP's, computed as it is loaded (:func:`_gate`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -64,15 +78,20 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, Y, sxm, sxk, swn, swk, sym, syn, M
     k_hi = tl.minimum(k_lo + k_per_split, K)
     w_ptrs = W + (offs_n - n_lo)[:, None] * swn + (k_lo + offs_k)[None, :] * swk
     x_ptrs = X + offs_m[None, :] * sxm + (k_lo + offs_k)[:, None] * sxk
+    u_ptrs = Up + offs_m[None, :] * supm + (k_lo + offs_k)[:, None] * supk
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
+            x_ok = m_ok[None, :]
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            x = tl.load(x_ptrs, mask=m_ok[None, :], other=0.0)
         else:
             k_ok = (k + offs_k) < k_hi
+            x_ok = m_ok[None, :] & k_ok[:, None]
             w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=m_ok[None, :] & k_ok[:, None], other=0.0)
+        x = tl.load(x_ptrs, mask=x_ok, other=0.0)
+        if ACT != 0:
+            x = _gate(x, tl.load(u_ptrs, mask=x_ok, other=0.0), ACT)
+            u_ptrs += BLOCK_K * supk
         acc += dot(w, x, "ieee", UPCAST_DOT)
         w_ptrs += BLOCK_K * swk
         x_ptrs += BLOCK_K * sxk
@@ -105,6 +124,7 @@ def _sum_splits_kernel(P, B0, B1, B2, Y, MN, N, N1, N2, sym, syn, SPLIT_K: tl.co
 
 
 MAX_GROUP = 3  # weights one launch can stack: a q/k/v projection
+ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gates the kernel computes in its prologue (ACT)
 
 
 def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = ()) -> LinearConfig:
@@ -142,13 +162,31 @@ def supports(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Te
                         for w, b in zip(weights, biases))))
 
 
+def supports_gate(x: torch.Tensor, up: torch.Tensor, act: str) -> bool:
+    """Whether :func:`linear` takes ``act(x) * up`` as its input: a known activation, ``up`` of ``x``'s
+    shape and dtype, both viewable as rows."""
+    return act in ACTIVATIONS and up.shape == x.shape and up.dtype == x.dtype and x.dim() >= 1 and _rows_view(
+        x) is not None and _rows_view(up) is not None
+
+
+def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as ``[rows, K]`` without a copy, or None."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return None
+
+
 def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], *,
-           config: LinearConfig | None = None) -> torch.Tensor:
+           config: LinearConfig | None = None, up: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
     """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one launch (two with
-    a split reduction) through :func:`_linear_kernel`. Traceable host code (shapes must be static for
-    the config choice)."""
+    a split reduction) through :func:`_linear_kernel`; with ``act`` (:data:`ACTIVATIONS`) and ``up``,
+    of ``act(x) * up`` instead of ``x`` (a gated MLP's output projection, its gate computed as the
+    kernel loads its input: no kernel of its own). Traceable host code (shapes must be static for the
+    config choice)."""
     K = x.shape[-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(-1, K) if act is None else _rows_view(x)
+    u2 = x2 if act is None else _rows_view(up)
     M = x2.shape[0]
     sizes = [w.shape[0] for w in weights]
     N = sum(sizes)
@@ -167,9 +205,9 @@ def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tens
     partial = split_k > 1
     out = x.new_empty(split_k, M, N, dtype=torch.float32) if partial else y
     wrap_triton(_linear_kernel)[grid](
-        x2, *ws, *bs, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1), y.stride(0), y.stride(1),
-        M, N, N1, N2, K, k_per_split,
-        HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x),
+        x2, u2, *ws, *bs, out, x2.stride(0), x2.stride(1), u2.stride(0), u2.stride(1), ws[0].stride(0), ws[0].stride(1),
+        y.stride(0), y.stride(1), M, N, N1, N2, K, k_per_split,
+        HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x), ACT=0 if act is None else ACTIVATIONS[act],
         EVEN_K=K % k_per_split == 0,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

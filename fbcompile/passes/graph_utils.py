@@ -58,6 +58,19 @@ def example(node) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)  # how dynamo records a linear
+
+
+def linear_operands(node: fx.Node):
+    """``(input, weight, bias)`` of a linear call node."""
+    return arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+
+
+def static_layout(t: torch.Tensor | None) -> bool:
+    """``t`` (an example value) has static sizes and strides (None counts as static)."""
+    return t is None or all(isinstance(d, int) for d in (*t.shape, *t.stride()))
+
+
 def shape(node) -> tuple | None:
     value = example(node)
     return tuple(value.shape) if value is not None else None

@@ -24,28 +24,17 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from fbcompile.ops import MAX_LINEAR_GROUP, linear_group_supported
-from fbcompile.passes.graph_utils import arg, example
+from fbcompile.passes.graph_utils import LINEARS, example, linear_operands, static_layout
 
 MAX_ROWS = 32  # measured faster at 32 rows, slower at 256: skinny_linear_h200.md
-_LINEARS = (torch._C._nn.linear, F.linear)
 
 
 def pays(x: torch.Tensor) -> bool:
     """Where one grouped launch was measured faster than the separate cuBLAS calls (for input ``x``)."""
     rows = x.shape.numel() // max(1, x.shape[-1])
     return x.device.type == "cuda" and 0 < rows <= MAX_ROWS and torch.cuda.get_device_capability(x.device)[0] == 9
-
-
-def _operands(node: fx.Node):
-    """``(input, weight, bias)`` of a linear call node."""
-    return arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
-
-
-def _static(t: torch.Tensor | None) -> bool:
-    return t is None or all(isinstance(d, int) for d in (*t.shape, *t.stride()))
 
 
 def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
@@ -55,19 +44,19 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     by_input: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _LINEARS and isinstance(_operands(node)[0], fx.Node):
-            by_input.setdefault(_operands(node)[0], []).append(node)
+        if node.op == "call_function" and node.target in LINEARS and isinstance(linear_operands(node)[0], fx.Node):
+            by_input.setdefault(linear_operands(node)[0], []).append(node)
     made = []
     for x, linears in by_input.items():
         xv = example(x)
-        if xv is None or not _static(xv) or not where(xv):
+        if xv is None or not static_layout(xv) or not where(xv):
             continue
         for with_bias in (False, True):
-            same = [n for n in linears if (_operands(n)[2] is not None) == with_bias]
+            same = [n for n in linears if (linear_operands(n)[2] is not None) == with_bias]
             for start in range(0, len(same) - 1, MAX_LINEAR_GROUP):
                 group = same[start:start + MAX_LINEAR_GROUP]
                 line = (f"{len(group)} linears over {x.name} in one launch: "
-                        + ", ".join(str(_operands(n)[1]) for n in group))
+                        + ", ".join(str(linear_operands(n)[1]) for n in group))
                 if len(group) > 1 and _rewrite(gm, x, xv, group, order):
                     made.append(line)
     if made:
@@ -77,12 +66,12 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
 
 
 def _rewrite(gm: fx.GraphModule, x: fx.Node, xv: torch.Tensor, group: list[fx.Node], order: dict) -> bool:
-    weights = [_operands(n)[1] for n in group]
-    biases = [_operands(n)[2] for n in group]
+    weights = [linear_operands(n)[1] for n in group]
+    biases = [linear_operands(n)[2] for n in group]
     if any(getattr(example(n), "requires_grad", True) for n in group):
         return False  # traced with autograd on: keep the linears' backward
     wv, bv = [example(w) for w in weights], [example(b) if b is not None else None for b in biases]
-    if any(v is None or not _static(v) for v in wv) or any(b is not None and (v is None or not _static(v))
+    if any(v is None or not static_layout(v) for v in wv) or any(b is not None and (v is None or not static_layout(v))
                                                           for b, v in zip(biases, bv)):
         return False
     if not linear_group_supported(xv, wv, bv):

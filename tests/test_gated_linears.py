@@ -1,0 +1,146 @@
+"""The gated-linear pass (``fbcompile.passes.gated_linears``): a gated MLP's output projection,
+``linear(act(gate) * up)``, becomes one ``fbcompile::gated_linear`` that computes the gate in its GEMM.
+
+On the CPU the op runs the model's own activation, product and linear, so a rewrite is checked bit for
+bit; on a GPU its Triton path against the separate ops. Forms: SiLU (Llama, Qwen2), tanh-GELU (Gemma),
+either operand order, grouped gate/up projections (the two halves of one output), and the cases the
+pass must leave alone."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fbcompile
+from fbcompile.passes import gated_linears as gt
+from fbcompile.passes import group_linears as gl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_group_linears import ALWAYS, BF16, _count, _traced  # noqa: E402
+
+GATED = (torch.ops.fbcompile.gated_linear.default,)
+
+
+class MLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``, in the forms model code writes it."""
+
+    def __init__(self, act="silu", order="act_first", bias=False, h=64, inter=96):
+        super().__init__()
+        self.gate, self.up = nn.Linear(h, inter, bias=False), nn.Linear(h, inter, bias=False)
+        self.down = nn.Linear(inter, h, bias=bias)
+        self.act = {"silu": nn.SiLU(), "gelu_tanh": nn.GELU(approximate="tanh"), "gelu": nn.GELU(),
+                    "relu": nn.ReLU()}[act]
+        self.order = order
+
+    def forward(self, x):
+        gate, up = self.act(self.gate(x)), self.up(x)
+        return self.down(gate * up if self.order == "act_first" else up * gate)
+
+
+def _rewritten(model, x, where=ALWAYS, group=False):
+    gm, example_inputs = _traced(model, x)
+    with torch.no_grad():
+        before = gm(*example_inputs)
+        if group:
+            gl.group_linears(gm, where)
+        lines = gt.gated_linears(gm, where)
+        return gm, lines, before, gm(*example_inputs)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("order", ["act_first", "up_first"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("group", [False, True])
+def test_gated_projection_rewritten_exactly(act, order, bias, group):
+    model = MLP(act, order, bias).to(BF16)
+    gm, lines, before, after = _rewritten(model, torch.randn(2, 8, 64, dtype=BF16), group=group)
+    assert len(lines) == 1 and f"{act}(" in lines[0], lines
+    assert _count(gm, GATED) == 1
+    assert not any(n.op == "call_function" and n.target in (F.silu, F.gelu) for n in gm.graph.nodes), gm.code
+    assert torch.equal(before[0], after[0])
+
+
+class Shared(nn.Module):
+    """The gated product (or the activation) also used elsewhere: it must stay computed."""
+
+    def __init__(self, reuse):
+        super().__init__()
+        self.mlp, self.reuse = MLP(), reuse
+
+    def forward(self, x):
+        m = self.mlp
+        gate, up = F.silu(m.gate(x)), m.up(x)
+        product = gate * up
+        extra = product.sum() if self.reuse == "product" else gate.sum()
+        return m.down(product) + extra
+
+
+@pytest.mark.parametrize("model", [MLP("relu"), MLP("gelu"), Shared("product"), Shared("activation")],
+                         ids=["relu", "gelu_erf", "product_shared", "activation_shared"])
+def test_left_alone_where_it_does_not_apply(model):
+    gm, lines, before, after = _rewritten(model.to(BF16), torch.randn(4, 64, dtype=BF16))
+    assert lines == [] and _count(gm, GATED) == 0
+    assert torch.equal(before[0], after[0])
+
+
+def test_left_alone_where_it_does_not_pay():
+    x = torch.randn(4, 64, dtype=BF16)
+    assert gt.gated_linears(_traced(MLP().to(BF16), x)[0]) == []  # the default rule: CPU tensors
+    assert gt.gated_linears(_traced(MLP(), x.float())[0], ALWAYS) == []  # fp32: the kernel takes half only
+
+
+def test_grad_mode_keeps_the_ops():
+    """Traced with autograd on, the projection keeps its backward (the gated op has none)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(MLP().to(BF16), backend=backend)(torch.randn(4, 64, dtype=BF16))
+    assert gt.gated_linears(seen[0], ALWAYS) == []
+
+
+def test_optimize_reports_gated_linears_and_computes_the_same(monkeypatch):
+    """transformers' Qwen2 as it is, through the backend with the rule forced on: every layer's down_proj
+    computes its gate in the GEMM (after gate/up are grouped), the report says so, the logits are the
+    model's; with ``gated_linears=False`` nothing is gated."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(gl, "pays", ALWAYS)
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = transformers.Qwen2ForCausalLM(config).to(BF16).eval()
+        with torch.no_grad():
+            expected = model(ids).logits
+            opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager", gated_linears=on))
+            got = opt(ids).logits
+        report = fbcompile.explain(opt)
+        gated = [line for g in report.graphs for lines in g.gated_linears.values() for line in lines]
+        assert len(gated) == (2 if on else 0), gated
+        assert ("gated linears" in str(report)) == on
+        assert all("down_proj" in line and "silu(" in line for line in gated), gated
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_config_rejects_bad_gated_linears(value):
+    with pytest.raises(ValueError, match="Config.gated_linears"):
+        fbcompile.Config(gated_linears=value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gpu_triton_path(act):
+    """The Triton path (gate/up grouped, then the gated down projection) against the separate ops."""
+    model = MLP(act).to("cuda", BF16)
+    gm, lines, before, after = _rewritten(model, torch.randn(2, 16, 64, device="cuda", dtype=BF16), group=True)
+    assert len(lines) == 1
+    torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-2)
