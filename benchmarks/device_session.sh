@@ -12,6 +12,7 @@
 #   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
 #   skinny_forms  the layer only: cuBLAS separate / fused vs the Triton kernel separate / grouped     (<= 150 s)
 #   group       the LM's block and exact mode at 32K, batch 1, with and without grouped linears (Config.group_linears) (<= 600 s)
+#   gated       the LM's block mode at 32K, batch 1, with and without Config.gated_linears; then the profile (<= 560 s)
 #   profile     where one block's time goes: block mode at 32K, batch 1, top 40 kernels (benchmarks/profile_block.py) (<= 240 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 set -u
@@ -29,7 +30,7 @@ for name in "${steps[@]}"; do
     case $name in
     tests) step tests_gpu 420 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py \
         tests/test_triton_kernels.py tests/test_sparse_kernels.py tests/test_triton_linear.py \
-        tests/test_group_linears.py ;;
+        tests/test_group_linears.py tests/test_gated_linears.py ;;
     grow) step grow_32k 300 python benchmarks/grow_cache.py --context 32k --variants block-ro --warmup 4 \
         --blocks 3 --out "$OUT/grow_32k.json" ;;
     grow_more)
@@ -52,6 +53,14 @@ for name in "${steps[@]}"; do
         step lm_32k_b1_separate 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
             --contexts 32k --batches 1 --variants block-ro,exact-ro --repeats 10 --config group_linears=False \
             --out "$OUT/lm_32k_b1_separate" ;;
+    gated)
+        step lm_32k_b1_gated 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro --repeats 10 --out "$OUT/lm_32k_b1_gated"
+        step lm_32k_b1_ungated 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro --repeats 10 --config gated_linears=False \
+            --out "$OUT/lm_32k_b1_ungated"
+        step profile_32k_b1 160 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
+            --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
     profile) step profile_32k_b1 240 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
         --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
     sparse)
