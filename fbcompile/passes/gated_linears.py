@@ -39,7 +39,7 @@ def _activation(node) -> str | None:
     """The :data:`fbcompile.ops.GATES` name of the activation ``node`` computes, or None."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
-    if node.target is F.silu and not arg(node, 1, "inplace", False):
+    if (node.target is F.silu and not arg(node, 1, "inplace", False)) or node.target is torch._C._nn.silu:
         return "silu"
     if node.target is F.gelu and arg(node, 1, "approximate", "none") == "tanh":
         return "gelu_tanh"
