@@ -212,6 +212,25 @@ def test_reuse_graph_reads_the_kept_parts_in_place(device, monkeypatch):
     assert not set(reuse[0]._copied) & reuse[0]._kept_inputs  # taken by address, never copied in
 
 
+@torch.no_grad()
+def test_kept_parts_at_many_addresses_are_copied_in_instead(device):
+    """Three requests in turn through the same graphs (three live entries, so three buffers per kept part):
+    past ``MAX_KEPT_ADDRESSES`` the reuse graph copies its kept parts in, as every other input, rather than
+    capturing once per address; every call still equals the model without CUDA graphs."""
+    reference = lm(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager"))
+    caches, pos = [random_cache(reference, 20 + i) for i in range(3)], positions(reference)
+    for step in range(6):
+        x = block_tokens(reference, step)
+        for cache in caches:
+            got = graphed(x, past_key_values=cache, position_ids=pos)[0]
+            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device) / 10
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert counts.get("kept parts copied in (their buffers moved too often)") == 1, counts
+    assert counts.get("captures", 0) <= 4 and counts.get("replays", 0) >= 8, counts
+
+
 def _plan(sites: int, heads: int) -> fbcompile.ReusePlan:
     """Steps 1-3 since a refresh: half the heads recomputed, none, the other half."""
     half = heads // 2

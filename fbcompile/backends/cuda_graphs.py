@@ -388,10 +388,10 @@ class CapturedGraph:
     def _recycle(self, outputs):
         """Outputs of a call that did not replay, with the kept parts moved into recycled buffers (so a
         reuse graph captured after it sees the addresses later replays give)."""
-        if not self.kept_outputs or not any(i in self.kept_outputs for i, t in enumerate(outputs)
-                                            if isinstance(t, torch.Tensor) and t.device.type == DEVICE_TYPE):
+        kept = [i for i, t in enumerate(outputs)
+                if i in self.kept_outputs and isinstance(t, torch.Tensor) and t.device.type == DEVICE_TYPE]
+        if not kept:
             return outputs
-        kept = [i for i, t in enumerate(outputs) if i in self.kept_outputs and isinstance(t, torch.Tensor)]
         buffers = [self._recycled_buffer(i, outputs[i]) for i in kept]
         torch._foreach_copy_(buffers, [outputs[i] for i in kept])
         moved = list(outputs)
