@@ -13,10 +13,17 @@ under CUDA-graph replay:
   ``torch.compile(mode="max-autotune-no-cudagraphs")`` (Inductor's Triton GEMM templates against cuBLAS);
 * ``triton``: seven calls of fbcompile's skinny GEMM (``fbcompile.kernels.triton_linear``) at its
   default configs; ``triton-best``: at the best configs of ``--sweep``; ``triton-grouped``: five
-  calls, q/k/v in one launch and gate/up in one (the kernel stacks weights without copying them).
+  calls, q/k/v in one launch and gate/up in one (the kernel stacks weights without copying them);
+  ``triton-gated``: the same, the down projection computing ``silu(gate) * up`` as it loads its input
+  (``Config.gated_linears``), so the activation has no kernel of its own.
 
-``--sweep`` first times each of the layer's GEMM shapes alone (cuBLAS against a grid of the Triton
-kernel's configs), over as many weight copies as make 150 MB.
+Every form computes the MLP as models do, ``down(silu(gate) * up)`` (before the seventh session's
+``triton-gated`` the forms had no activation: results files older than that time one kernel less).
+
+``--sweep`` first times GEMMs alone (cuBLAS against a grid of the Triton kernel's configs), over as many
+weight copies as make 150 MB: each of the layer's shapes, or with ``--sweep-cases`` also the launches
+fbcompile makes of them: ``qkv`` and ``gate+up`` stacked, ``down-gated`` with its gate (cuBLAS: the
+separate calls, and the activation).
 
 Per form: µs per layer, the bandwidth (weight bytes / time), and the compile time. Results are checked
 against ``separate`` (relative error).
@@ -62,7 +69,7 @@ def make_layers(device, dtype):
 def separate(x, w):
     q, k, v = F.linear(x, w["q"], w["bq"]), F.linear(x, w["k"], w["bk"]), F.linear(x, w["v"], w["bv"])
     o = F.linear(q, w["o"])  # stands in for attention's output (same shape)
-    h = F.linear(x + o, w["gate"]) * F.linear(x + o, w["up"])
+    h = F.silu(F.linear(x + o, w["gate"])) * F.linear(x + o, w["up"])
     return F.linear(h, w["down"]) + k.sum() + v.sum()
 
 
@@ -70,15 +77,18 @@ def fused(x, w):
     q, k, v = F.linear(x, w["qkv"], w["bqkv"]).split([Q_OUT, KV_OUT, KV_OUT], dim=-1)
     o = F.linear(q, w["o"])
     gate, up = F.linear(x + o, w["gate_up"]).split([INTER, INTER], dim=-1)
-    return F.linear(gate * up, w["down"]) + k.sum() + v.sum()
+    return F.linear(F.silu(gate) * up, w["down"]) + k.sum() + v.sum()
 
 
-def grouped(x, w):
-    """q/k/v and gate/up each in one launch of the Triton kernel, over the separate weights."""
+def grouped(x, w, gated=False):
+    """q/k/v and gate/up each in one launch of the Triton kernel, over the separate weights; ``gated``:
+    the down projection computes ``silu(gate) * up`` itself."""
     q, k, v = tlin.linear(x, [w["q"], w["k"], w["v"]], [w["bq"], w["bk"], w["bv"]]).split([Q_OUT, KV_OUT, KV_OUT], -1)
     o = tlin.linear(q, [w["o"]], [None])
     gate, up = tlin.linear(x + o, [w["gate"], w["up"]], [None, None]).split([INTER, INTER], -1)
-    return tlin.linear(gate * up, [w["down"]], [None]) + k.sum() + v.sum()
+    down = (tlin.linear(gate, [w["down"]], [None], up=up, act="silu") if gated
+            else tlin.linear(F.silu(gate) * up, [w["down"]], [None]))
+    return down + k.sum() + v.sum()
 
 
 def with_linear(linear):
@@ -86,39 +96,55 @@ def with_linear(linear):
     def form(x, w):
         q, k, v = linear(x, w["q"], w["bq"]), linear(x, w["k"], w["bk"]), linear(x, w["v"], w["bv"])
         o = linear(q, w["o"])
-        h = linear(x + o, w["gate"]) * linear(x + o, w["up"])
+        h = F.silu(linear(x + o, w["gate"])) * linear(x + o, w["up"])
         return linear(h, w["down"]) + k.sum() + v.sum()
     return form
 
 
-SHAPES = {"q/o": (Q_OUT, HIDDEN), "k/v": (KV_OUT, HIDDEN), "gate/up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
+# GEMM cases of --sweep: weight rows (several: stacked in one launch), K, and the gate the input carries
+CASES = {"q/o": ((Q_OUT,), HIDDEN, None), "k/v": ((KV_OUT,), HIDDEN, None), "gate/up": ((INTER,), HIDDEN, None),
+         "down": ((HIDDEN,), INTER, None), "qkv": ((Q_OUT, KV_OUT, KV_OUT), HIDDEN, None),
+         "gate+up": ((INTER, INTER), HIDDEN, None), "down-gated": ((HIDDEN,), INTER, "silu")}
 SWEEP = dict(block_n=(16, 32, 64), block_k=(64, 128, 256), split_k=(1, 2, 4, 8), num_stages=(3, 5))
+SWEEP_BYTES = 150_000_000  # weights per timed case: copies enough that they come from HBM, not L2
 
 
-def sweep(m, device, dtype, rows):
-    """µs per GEMM of each layer shape: cuBLAS, the default Triton config, and the config grid; returns
-    the best config per shape (``{(N, K): LinearConfig}``)."""
+def _case_cublas(act):
+    """The case as cuBLAS runs it: one ``F.linear`` per weight (after the activation and product)."""
+    def run(x, ws, up):
+        x = x if act is None else F.silu(x) * up
+        return [F.linear(x, w) for w in ws]
+    return run
+
+
+def sweep(m, device, dtype, rows, cases):
+    """µs per launch of each case: cuBLAS, the default Triton config, and the config grid; returns the
+    best config per case name."""
     from triton.testing import do_bench_cudagraph
 
     best = {}
-    for name, (n, k) in SHAPES.items():
-        copies = max(4, -(-150_000_000 // (n * k * 2)))
-        ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+    for name in cases:
+        sizes, k, act = CASES[name]
+        n = sum(sizes)
+        bounds = tuple(itertools.accumulate(sizes))[:-1]
+        copies = max(4, -(-SWEEP_BYTES // (n * k * 2)))
+        ws = [[torch.randn(s, k, device=device, dtype=dtype) * 0.02 for s in sizes] for _ in range(copies)]
         x = torch.randn(m, k, device=device, dtype=dtype)
-        ref = F.linear(x, ws[0]).float()
+        up = torch.randn(m, k, device=device, dtype=dtype) if act else None
+        ref = torch.cat(_case_cublas(act)(x, ws[0], up), -1).float()
 
         def bench(fn):
-            return do_bench_cudagraph(lambda: [fn(x, w) for w in ws], rep=10, return_mode="median") * 1e3 / copies
+            return do_bench_cudagraph(lambda: [fn(x, w, up) for w in ws], rep=10, return_mode="median") * 1e3 / copies
 
         block_m = tlin.config_for(m, n, k, 132).block_m
         grid = [tlin.LinearConfig(bn, block_m, bk, sk, 4, st) for bn, bk, sk, st in itertools.product(*SWEEP.values())
-                if k // sk >= bk]
-        results = [("cublas", bench(F.linear))]
-        default = tlin.config_for(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count)
+                if k // sk >= bk and all(b % bn == 0 for b in bounds)]
+        results = [("cublas", bench(_case_cublas(act)))]
+        default = tlin.config_for(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count, bounds)
         for cfg in [default] + grid:
-            fn = lambda x, w, cfg=cfg: tlin.linear(x, [w], [None], config=cfg)  # noqa: E731
+            fn = lambda x, w, up, cfg=cfg: tlin.linear(x, w, [None] * len(w), config=cfg, up=up, act=act)  # noqa: E731
             try:
-                err = ((fn(x, ws[0]).float() - ref).norm() / ref.norm()).item()
+                err = ((fn(x, ws[0], up).float() - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, f"rel err {err}"
                 results.append((cfg, bench(fn)))
             except Exception as e:  # configs that exceed shared memory or registers
@@ -134,7 +160,7 @@ def sweep(m, device, dtype, rows):
         rows.append(dict(rows=m, shape=name, N=n, K=k, config="cublas", us=round(cublas_us, 2),
                          GBps=round(mb * 1e3 / cublas_us, 1), vs_cublas=1.0))
         print(rows[-1], flush=True)
-        best[(n, k)] = triton_rows[0][0]
+        best[name] = triton_rows[0][0]
         del ws
     return best
 
@@ -155,19 +181,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="32,256", help="block rows M (batch x block), comma-separated")
     ap.add_argument("--forms", default="separate,fused,separate-autotune,fused-autotune",
-                    help="of: separate, fused, separate-autotune, fused-autotune, triton, triton-best, triton-grouped")
-    ap.add_argument("--sweep", action="store_true", help="time each GEMM shape over the Triton config grid first")
+                    help="of: separate, fused, separate-autotune, fused-autotune, triton, triton-best, triton-grouped, "
+                         "triton-gated")
+    ap.add_argument("--sweep", action="store_true", help="time each GEMM case over the Triton config grid first")
+    ap.add_argument("--sweep-cases", default="q/o,k/v,gate/up,down", help=f"of: {', '.join(CASES)}")
     ap.add_argument("--out", default="benchmarks/results/small_m_linear.json")
     args = ap.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     layers = make_layers(device, dtype)
     rows, sweep_rows = [], []
     for m in (int(r) for r in args.rows.split(",")):
-        best = sweep(m, device, dtype, sweep_rows) if args.sweep else {}
+        best = sweep(m, device, dtype, sweep_rows, args.sweep_cases.split(",")) if args.sweep else {}
+        by_shape = {(CASES[name][0][0], CASES[name][1]): cfg for name, cfg in best.items() if len(CASES[name][0]) == 1
+                    and CASES[name][2] is None}
         forms = {"separate": separate, "fused": fused, "separate-autotune": separate, "fused-autotune": fused,
                  "triton": with_linear(lambda x, w, b=None: tlin.linear(x, [w], [b])),
-                 "triton-best": with_linear(lambda x, w, b=None: tlin.linear(x, [w], [b], config=best.get(tuple(w.shape)))),
-                 "triton-grouped": grouped}
+                 "triton-best": with_linear(lambda x, w, b=None: tlin.linear(x, [w], [b], config=by_shape.get(tuple(w.shape)))),
+                 "triton-grouped": grouped, "triton-gated": lambda x, w: grouped(x, w, gated=True)}
         xs = [torch.randn(m, HIDDEN, device=device, dtype=dtype) for _ in layers]
         ref = separate(xs[0], layers[0]).float()
         for name in args.forms.split(","):
