@@ -10,7 +10,7 @@
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
 #   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
-#   skinny_cases  config sweep of fbcompile's launches at 32 rows (qkv, gate+up stacked, down gated), then the
+#   skinny_cases  config sweep of fbcompile's launches at 32 rows (qkv, gate+up stacked, gate+up gated), then the
 #               layer grouped with and without the gated down projection                              (<= 300 s)
 #   skinny_forms  the layer only: cuBLAS separate / fused vs the Triton kernel separate / grouped     (<= 150 s)
 #   group       the LM's block and exact mode at 32K, batch 1, with and without grouped linears (Config.group_linears) (<= 600 s)
@@ -48,7 +48,7 @@ for name in "${steps[@]}"; do
     skinny) step skinny_linear 480 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 --sweep \
         --forms separate,fused,triton,triton-best --out "$OUT/skinny_linear.json" ;;
     skinny_cases) step skinny_cases 300 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32 --sweep \
-        --sweep-cases qkv,gate+up,down,down-gated --forms separate,triton-grouped,triton-gated \
+        --sweep-cases qkv,gate+up,down,gate+up-gated --forms separate,triton-grouped,triton-gated \
         --out "$OUT/skinny_cases.json" ;;
     skinny_forms) step skinny_forms 150 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 \
         --forms separate,fused,triton,triton-grouped --out "$OUT/skinny_forms.json" ;;

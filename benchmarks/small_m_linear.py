@@ -14,16 +14,17 @@ under CUDA-graph replay:
 * ``triton``: seven calls of fbcompile's skinny GEMM (``fbcompile.kernels.triton_linear``) at its
   default configs; ``triton-best``: at the best configs of ``--sweep``; ``triton-grouped``: five
   calls, q/k/v in one launch and gate/up in one (the kernel stacks weights without copying them);
-  ``triton-gated``: the same, the down projection computing ``silu(gate) * up`` as it loads its input
-  (``Config.gated_linears``), so the activation has no kernel of its own.
+  ``triton-gated``: the same, the gate/up launch applying ``silu(gate) * up`` as it stores
+  (``Config.gated_linears``), so the activation has no kernel of its own. (In the seventh session the
+  down projection computed it as it loaded its input instead: 36 µs per launch, ``gated_linears_h200.md``.)
 
 Every form computes the MLP as models do, ``down(silu(gate) * up)`` (before the seventh session's
 ``triton-gated`` the forms had no activation: results files older than that time one kernel less).
 
 ``--sweep`` first times GEMMs alone (cuBLAS against a grid of the Triton kernel's configs), over as many
 weight copies as make 150 MB: each of the layer's shapes, or with ``--sweep-cases`` also the launches
-fbcompile makes of them: ``qkv`` and ``gate+up`` stacked, ``down-gated`` with its gate (cuBLAS: the
-separate calls, and the activation).
+fbcompile makes of them: ``qkv`` and ``gate+up`` stacked, ``gate+up-gated`` with its gate (cuBLAS: the
+separate calls, and the activation and product).
 
 Per form: µs per layer, the bandwidth (weight bytes / time), and the compile time. Results are checked
 against ``separate`` (relative error).
@@ -82,13 +83,15 @@ def fused(x, w):
 
 def grouped(x, w, gated=False):
     """q/k/v and gate/up each in one launch of the Triton kernel, over the separate weights; ``gated``:
-    the down projection computes ``silu(gate) * up`` itself."""
+    the gate/up launch applies ``silu(gate) * up`` itself."""
     q, k, v = tlin.linear(x, [w["q"], w["k"], w["v"]], [w["bq"], w["bk"], w["bv"]]).split([Q_OUT, KV_OUT, KV_OUT], -1)
     o = tlin.linear(q, [w["o"]], [None])
-    gate, up = tlin.linear(x + o, [w["gate"], w["up"]], [None, None]).split([INTER, INTER], -1)
-    down = (tlin.linear(gate, [w["down"]], [None], up=up, act="silu") if gated
-            else tlin.linear(F.silu(gate) * up, [w["down"]], [None]))
-    return down + k.sum() + v.sum()
+    if gated:
+        h = tlin.linear(x + o, [w["gate"], w["up"]], [None, None], act="silu")
+    else:
+        gate, up = tlin.linear(x + o, [w["gate"], w["up"]], [None, None]).split([INTER, INTER], -1)
+        h = F.silu(gate) * up
+    return tlin.linear(h, [w["down"]], [None]) + k.sum() + v.sum()
 
 
 def with_linear(linear):
@@ -104,16 +107,16 @@ def with_linear(linear):
 # GEMM cases of --sweep: weight rows (several: stacked in one launch), K, and the gate the input carries
 CASES = {"q/o": ((Q_OUT,), HIDDEN, None), "k/v": ((KV_OUT,), HIDDEN, None), "gate/up": ((INTER,), HIDDEN, None),
          "down": ((HIDDEN,), INTER, None), "qkv": ((Q_OUT, KV_OUT, KV_OUT), HIDDEN, None),
-         "gate+up": ((INTER, INTER), HIDDEN, None), "down-gated": ((HIDDEN,), INTER, "silu")}
+         "gate+up": ((INTER, INTER), HIDDEN, None), "gate+up-gated": ((INTER, INTER), HIDDEN, "silu")}
 SWEEP = dict(block_n=(16, 32, 64), block_k=(64, 128, 256), split_k=(1, 2, 4, 8), num_stages=(3, 5))
 SWEEP_BYTES = 150_000_000  # weights per timed case: copies enough that they come from HBM, not L2
 
 
 def _case_cublas(act):
-    """The case as cuBLAS runs it: one ``F.linear`` per weight (after the activation and product)."""
-    def run(x, ws, up):
-        x = x if act is None else F.silu(x) * up
-        return [F.linear(x, w) for w in ws]
+    """The case as cuBLAS runs it: one ``F.linear`` per weight (gated: the activation and product after)."""
+    def run(x, ws):
+        ys = [F.linear(x, w) for w in ws]
+        return ys if act is None else [F.silu(ys[0]) * ys[1]]
     return run
 
 
@@ -126,25 +129,25 @@ def sweep(m, device, dtype, rows, cases):
     for name in cases:
         sizes, k, act = CASES[name]
         n = sum(sizes)
-        bounds = tuple(itertools.accumulate(sizes))[:-1]
+        bounds = () if act else tuple(itertools.accumulate(sizes))[:-1]  # a gated pair is not stacked
         copies = max(4, -(-SWEEP_BYTES // (n * k * 2)))
         ws = [[torch.randn(s, k, device=device, dtype=dtype) * 0.02 for s in sizes] for _ in range(copies)]
         x = torch.randn(m, k, device=device, dtype=dtype)
-        up = torch.randn(m, k, device=device, dtype=dtype) if act else None
-        ref = torch.cat(_case_cublas(act)(x, ws[0], up), -1).float()
+        ref = torch.cat(_case_cublas(act)(x, ws[0]), -1).float()
 
         def bench(fn):
-            return do_bench_cudagraph(lambda: [fn(x, w, up) for w in ws], rep=10, return_mode="median") * 1e3 / copies
+            return do_bench_cudagraph(lambda: [fn(x, w) for w in ws], rep=10, return_mode="median") * 1e3 / copies
 
         block_m = tlin.config_for(m, n, k, 132).block_m
         grid = [tlin.LinearConfig(bn, block_m, bk, sk, 4, st) for bn, bk, sk, st in itertools.product(*SWEEP.values())
                 if k // sk >= bk and all(b % bn == 0 for b in bounds)]
         results = [("cublas", bench(_case_cublas(act)))]
-        default = tlin.config_for(m, n, k, torch.cuda.get_device_properties(device).multi_processor_count, bounds)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        default = tlin.gated_config_for(m, sizes[0], k, sms) if act else tlin.config_for(m, n, k, sms, bounds)
         for cfg in [default] + grid:
-            fn = lambda x, w, up, cfg=cfg: tlin.linear(x, w, [None] * len(w), config=cfg, up=up, act=act)  # noqa: E731
+            fn = lambda x, w, cfg=cfg: tlin.linear(x, w, [None] * len(w), config=cfg, act=act)  # noqa: E731
             try:
-                err = ((fn(x, ws[0], up).float() - ref).norm() / ref.norm()).item()
+                err = ((fn(x, ws[0]).float() - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, f"rel err {err}"
                 results.append((cfg, bench(fn)))
             except Exception as e:  # configs that exceed shared memory or registers

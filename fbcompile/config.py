@@ -168,9 +168,10 @@ class Config:
     group_linears: run the linears that read one input (q/k/v, gate/up) in one launch of fbcompile's
         skinny-GEMM kernel, where that was measured faster (CUDA on Hopper, at most 32 rows:
         :mod:`fbcompile.passes.group_linears`); ``False`` leaves every linear to Inductor (cuBLAS).
-    gated_linears: run a gated MLP's output projection, ``linear(act(gate) * up)`` (SiLU or tanh-GELU),
-        as one launch of that kernel computing ``act(gate) * up`` as it loads it, where ``group_linears``
-        applies (:mod:`fbcompile.passes.gated_linears`); ``False`` leaves it to Inductor.
+    gated_linears: run a gated MLP's input projections and gate, ``act(gate(h)) * up(h)`` (SiLU or
+        tanh-GELU), as one launch of that kernel that applies the gate as it stores, where
+        ``group_linears`` applies (:mod:`fbcompile.passes.gated_linears`); ``False`` leaves the gate to
+        Inductor (the projections are then grouped as any others).
     scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
         all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
         in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the

@@ -352,28 +352,29 @@ def _(x, weights, biases):
 GATES = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}  # act -> the model's function
 
 
-def gated_linear_supported(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                           act: str) -> bool:
-    """Whether :func:`gated_linear` runs in one launch (on CUDA), not as the activation, product and linear."""
-    return (triton_linear is not None and triton_linear.supports(gate, [weight], [bias])
-            and triton_linear.supports_gate(gate, up, act))
+def gated_linear_supported(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+                           gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, act: str) -> bool:
+    """Whether :func:`gated_linear` runs in one launch (on CUDA), not as two linears, activation and product."""
+    return triton_linear is not None and triton_linear.supports_gate(x, [gate_weight, up_weight], [gate_bias, up_bias],
+                                                                     act)
 
 
 @torch.library.triton_op("fbcompile::gated_linear", mutates_args=())
-def gated_linear(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 act: str) -> torch.Tensor:
-    """``F.linear(act(gate) * up, weight, bias)``, a gated MLP's output projection: on CUDA one launch of
-    the skinny-GEMM kernel, which computes ``act(gate) * up`` as it loads its input (rounded once, as
-    Inductor's fused kernel for it is); elsewhere the model's own ops."""
+def gated_linear(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, gate_bias: torch.Tensor | None,
+                 up_bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """``act(F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)``, a gated MLP's
+    input projections: on CUDA one launch of the skinny-GEMM kernel, which reads both weights' rows in
+    each program and applies the gate as it stores the result (rounded as the model's linears and
+    Inductor's fused kernel for the product round); elsewhere the model's own ops."""
     torch._check(act in GATES, lambda: f"gated_linear: unknown activation {act!r}")
-    if gate.is_cuda and gated_linear_supported(gate, up, weight, bias, act):
-        return triton_linear.linear(gate, [weight], [bias], up=up, act=act)
-    return F.linear(GATES[act](gate) * up, weight, bias)
+    if x.is_cuda and gated_linear_supported(x, gate_weight, up_weight, gate_bias, up_bias, act):
+        return triton_linear.linear(x, [gate_weight, up_weight], [gate_bias, up_bias], act=act)
+    return GATES[act](F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)
 
 
 @gated_linear.register_fake
-def _(gate, up, weight, bias, act):
-    return gate.new_empty(*gate.shape[:-1], weight.shape[0])
+def _(x, gate_weight, up_weight, gate_bias, up_bias, act):
+    return x.new_empty(*x.shape[:-1], gate_weight.shape[0])
 
 
 class AttentionArgs(NamedTuple):

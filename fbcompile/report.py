@@ -45,8 +45,8 @@ class Report:
                 lines.append(f"graph {g.index} {role}: {len(groups)} groups of linears in one launch each "
                              f"(first: {groups[0]})")
             for role, gated in g.gated_linears.items():
-                lines.append(f"graph {g.index} {role}: {len(gated)} gated linears computing act(gate) * up in "
-                             f"their GEMM (first: {gated[0]})")
+                lines.append(f"graph {g.index} {role}: {len(gated)} gated MLPs applying act(gate) * up in their "
+                             f"gate/up GEMM (first: {gated[0]})")
         for g in self.graphs:
             if not g.rewritten:
                 continue

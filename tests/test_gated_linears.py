@@ -1,10 +1,10 @@
-"""The gated-linear pass (``fbcompile.passes.gated_linears``): a gated MLP's output projection,
-``linear(act(gate) * up)``, becomes one ``fbcompile::gated_linear`` that computes the gate in its GEMM.
+"""The gated-linear pass (``fbcompile.passes.gated_linears``): a gated MLP's ``act(gate(h)) * up(h)``
+becomes one ``fbcompile::gated_linear`` that applies the gate where its GEMM stores.
 
-On the CPU the op runs the model's own activation, product and linear, so a rewrite is checked bit for
+On the CPU the op runs the model's own linears, activation and product, so a rewrite is checked bit for
 bit; on a GPU its Triton path against the separate ops. Forms: SiLU (Llama, Qwen2), tanh-GELU (Gemma),
-either operand order, grouped gate/up projections (the two halves of one output), and the cases the
-pass must leave alone."""
+either operand order, with biases, with the linear grouping pass after it, and the cases the pass must
+leave alone."""
 from __future__ import annotations
 
 import os
@@ -18,11 +18,13 @@ import torch.nn.functional as F
 import fbcompile
 from fbcompile.passes import gated_linears as gt
 from fbcompile.passes import group_linears as gl
+from fbcompile.passes.graph_utils import LINEARS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_group_linears import ALWAYS, BF16, _count, _traced  # noqa: E402
 
 GATED = (torch.ops.fbcompile.gated_linear.default,)
+GROUPED = (torch.ops.fbcompile.linear_group.default,)
 
 
 class MLP(nn.Module):
@@ -42,12 +44,13 @@ class MLP(nn.Module):
 
 
 def _rewritten(model, x, where=ALWAYS, group=False):
+    """The passes as the backend runs them: gated first, then (``group``) the grouping."""
     gm, example_inputs = _traced(model, x)
     with torch.no_grad():
         before = gm(*example_inputs)
+        lines = gt.gated_linears(gm, where)
         if group:
             gl.group_linears(gm, where)
-        lines = gt.gated_linears(gm, where)
         return gm, lines, before, gm(*example_inputs)
 
 
@@ -59,14 +62,17 @@ def test_gated_projection_rewritten_exactly(act, order, bias, group):
     model = MLP(act, order, bias).to(BF16)
     gm, lines, before, after = _rewritten(model, torch.randn(2, 8, 64, dtype=BF16), group=group)
     assert len(lines) == 1 and f"{act.replace('_builtin', '')}(" in lines[0], lines
-    assert _count(gm, GATED) == 1
+    assert _count(gm, GATED) == 1 and _count(gm, GROUPED) == 0  # gate/up taken: nothing left to group
     assert not any(n.op == "call_function" and n.target in (F.silu, torch._C._nn.silu, F.gelu)
                    for n in gm.graph.nodes), gm.code
+    assert _count(gm, LINEARS) == 1  # the down projection
     assert torch.equal(before[0], after[0])
 
 
 class Shared(nn.Module):
-    """The gated product (or the activation) also used elsewhere: it must stay computed."""
+    """A part of the gated product also used elsewhere: the product itself (its users take the fused
+    result), or the activation or a projection (which must stay computed, so nothing is fused); or
+    ``inputs``: gate and up over different inputs."""
 
     def __init__(self, reuse):
         super().__init__()
@@ -74,14 +80,22 @@ class Shared(nn.Module):
 
     def forward(self, x):
         m = self.mlp
-        gate, up = F.silu(m.gate(x)), m.up(x)
-        product = gate * up
-        extra = product.sum() if self.reuse == "product" else gate.sum()
-        return m.down(product) + extra
+        projected = {"gate": m.gate(x), "up": m.up(x if self.reuse != "inputs" else 2 * x)}
+        activated = F.silu(projected["gate"])
+        product = activated * projected["up"]
+        extra = {"product": product, "activation": activated}.get(self.reuse, projected.get(self.reuse))
+        return m.down(product) + (extra.sum() if extra is not None else 0)
 
 
-@pytest.mark.parametrize("model", [MLP("relu"), MLP("gelu"), Shared("product"), Shared("activation")],
-                         ids=["relu", "gelu_erf", "product_shared", "activation_shared"])
+def test_product_used_elsewhere_takes_the_fused_result():
+    gm, lines, before, after = _rewritten(Shared("product").to(BF16), torch.randn(4, 64, dtype=BF16))
+    assert len(lines) == 1 and _count(gm, GATED) == 1
+    assert torch.equal(before[0], after[0])
+
+
+@pytest.mark.parametrize("model", [MLP("relu"), MLP("gelu"), Shared("activation"), Shared("gate"), Shared("up"),
+                                   Shared("inputs")],
+                         ids=["relu", "gelu_erf", "activation_shared", "gate_shared", "up_shared", "two_inputs"])
 def test_left_alone_where_it_does_not_apply(model):
     gm, lines, before, after = _rewritten(model.to(BF16), torch.randn(4, 64, dtype=BF16))
     assert lines == [] and _count(gm, GATED) == 0
@@ -108,9 +122,9 @@ def test_grad_mode_keeps_the_ops():
 
 
 def test_optimize_reports_gated_linears_and_computes_the_same(monkeypatch):
-    """transformers' Qwen2 as it is, through the backend with the rule forced on: every layer's down_proj
-    computes its gate in the GEMM (after gate/up are grouped), the report says so, the logits are the
-    model's; with ``gated_linears=False`` nothing is gated."""
+    """transformers' Qwen2 as it is, through the backend with the rule forced on: every layer's gate_proj
+    and up_proj apply the gate in their GEMM, the report says so, the logits are the model's; with
+    ``gated_linears=False`` nothing is gated."""
     transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(gl, "pays", ALWAYS)
     config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -126,15 +140,15 @@ def test_optimize_reports_gated_linears_and_computes_the_same(monkeypatch):
         report = fbcompile.explain(opt)
         gated = [line for g in report.graphs for lines in g.gated_linears.values() for line in lines]
         assert len(gated) == (2 if on else 0), gated
-        assert ("gated linears" in str(report)) == on
-        assert all("down_proj" in line and "silu(" in line for line in gated), gated
+        assert ("gated MLPs" in str(report)) == on
+        assert all("gate_proj" in line and "up_proj" in line and "silu(" in line for line in gated), gated
         assert torch.equal(got, expected)
 
 
-def test_diffusion_gemma_down_projections_gated(monkeypatch):
+def test_diffusion_gemma_mlps_gated(monkeypatch):
     """transformers' DiffusionGemma as it is (tanh-GELU, the self-conditioning MLP, MoE layers), bf16, the
-    rule forced on: each dense MLP's down projection is gated, and generation is token for token the
-    same as without the pass (the CPU op runs the model's ops)."""
+    rule forced on: each dense MLP's gate is applied in its gate/up GEMM, and generation is token for
+    token the same as without the pass (the CPU op runs the model's ops)."""
     from test_diffusion_gemma import generate, make_model
     monkeypatch.setattr(gl, "pays", ALWAYS)
     ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -160,7 +174,7 @@ def test_config_rejects_bad_gated_linears(value):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_gpu_triton_path(act):
-    """The Triton path (gate/up grouped, then the gated down projection) against the separate ops."""
+    """The Triton path (the gated gate/up launch, then the down projection) against the separate ops."""
     model = MLP(act).to("cuda", BF16)
     gm, lines, before, after = _rewritten(model, torch.randn(2, 16, 64, device="cuda", dtype=BF16), group=True)
     assert len(lines) == 1

@@ -75,15 +75,15 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     capacity where the pass :func:`add_key_count` proves the graph may; their concatenations with the
     block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``record`` notes how the
     graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`), which linears it groups
-    (:func:`group_linears`), which output projections compute their gate (:func:`gated_linears`) and
+    (:func:`group_linears`), which gated MLPs apply their gate in their GEMM (:func:`gated_linears`) and
     whether Inductor failed on it, under ``role``. ``kept``: the indices of
     the cached parts the graph takes and of those it returns for the dispatcher to keep."""
     notes = record.cuda_graphs if record is not None else None
     config = session.config
     if config.group_linears or config.gated_linears:
         rewritten = copy_module(gm)
+        gated = gated_linears(rewritten) if config.gated_linears else []  # first: it takes gate/up pairs
         groups = group_linears(rewritten) if config.group_linears else []
-        gated = gated_linears(rewritten) if config.gated_linears else []
         if groups or gated:
             gm = rewritten
             log.info("%s: %d groups of linears in one launch each, %d gated linears", role, len(groups), len(gated))

@@ -38,27 +38,30 @@ class LinearConfig(NamedTuple):
 
 
 @triton.jit
-def _gate(x, up, ACT: tl.constexpr):
-    """``act(x) * up`` in fp32, rounded once to ``x``'s dtype (as Inductor's fused kernel for it does);
-    ``ACT``: 1 SiLU, 2 GELU with the tanh approximation (``tanh(y) = 2 sigmoid(2y) - 1``)."""
-    xf = x.to(tl.float32)
+def _gate(g, up, ACT: tl.constexpr):
+    """``act(g) * up`` in fp32 from the two projections rounded to ``g``'s dtype (as the model's linears
+    round them), rounded once (as Inductor's fused kernel for it does); ``ACT``: 1 SiLU, 2 GELU with
+    the tanh approximation (``tanh(y) = 2 sigmoid(2y) - 1``)."""
+    gf = g.to(tl.float32)
     if ACT == 1:
-        g = xf * tl.sigmoid(xf)
+        a = gf * tl.sigmoid(gf)
     else:
-        g = xf * tl.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))
-    return (g * up.to(tl.float32)).to(x.dtype)
+        a = gf * tl.sigmoid(1.5957691216057308 * (gf + 0.044715 * gf * gf * gf))
+    return (a * up.to(tl.float32)).to(g.dtype)
 
 
 @triton.jit
-def _linear_kernel(X, Up, W0, W1, W2, B0, B1, B2, Y, sxm, sxk, supm, supk, swn, swk, sym, syn, M, N, N1, N2, K,
+def _linear_kernel(X, W0, W1, W2, B0, B1, B2, Y, sxm, sxk, swn, swk, sym, syn, M, N, N1, N2, K,
                    k_per_split, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, ACT: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``Y[m, n] = sum_k X[m, k] W[n, k] (+ B[n])`` over the ``k`` range ``pid_k`` owns, where ``W``
     and ``B`` stack up to three weights and biases (rows ``[0, N1)``, ``[N1, N2)``, ``[N2, N)``; the
-    boundaries are multiples of ``BLOCK_N``, so each program reads one). With ``PARTIAL`` it stores
-    the fp32 partial at ``Y[pid_k]`` instead (no bias). ``ACT > 0``: the input is ``act(X) * Up``, a
-    gated MLP's, computed as it is loaded (:func:`_gate`)."""
+    boundaries are multiples of ``BLOCK_N``, so each program reads one). ``ACT > 0``: a gated MLP's
+    ``act(X W0^T + B0) * (X W1^T + B1)`` instead (``N1 = N2 = N``), each program reading the same rows of
+    both weights, the gate applied in the epilogue (:func:`_gate`). With ``PARTIAL`` it stores the
+    fp32 partials at ``Y[pid_k]`` instead (no bias, no gate; with ``ACT`` the up projection's after the
+    gate's, ``2 N`` per row)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -76,55 +79,79 @@ def _linear_kernel(X, Up, W0, W1, W2, B0, B1, B2, Y, sxm, sxk, supm, supk, swn, 
     m_ok = offs_m < M
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    w_ptrs = W + (offs_n - n_lo)[:, None] * swn + (k_lo + offs_k)[None, :] * swk
+    w_offs = (offs_n - n_lo)[:, None] * swn + (k_lo + offs_k)[None, :] * swk
+    w_ptrs = W + w_offs
+    u_ptrs = W1 + w_offs  # the up projection's rows (ACT)
     x_ptrs = X + offs_m[None, :] * sxm + (k_lo + offs_k)[:, None] * sxk
-    u_ptrs = Up + offs_m[None, :] * supm + (k_lo + offs_k)[:, None] * supk
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x_ok = m_ok[None, :]
-            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            w_ok = n_ok[:, None]
         else:
             k_ok = (k + offs_k) < k_hi
             x_ok = m_ok[None, :] & k_ok[:, None]
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w_ok = n_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptrs, mask=x_ok, other=0.0)
+        acc += dot(tl.load(w_ptrs, mask=w_ok, other=0.0), x, "ieee", UPCAST_DOT)
         if ACT != 0:
-            x = _gate(x, tl.load(u_ptrs, mask=x_ok, other=0.0), ACT)
-            u_ptrs += BLOCK_K * supk
-        acc += dot(w, x, "ieee", UPCAST_DOT)
+            acc_up += dot(tl.load(u_ptrs, mask=w_ok, other=0.0), x, "ieee", UPCAST_DOT)
+            u_ptrs += BLOCK_K * swk
         w_ptrs += BLOCK_K * swk
         x_ptrs += BLOCK_K * sxk
     y_mask = n_ok[:, None] & m_ok[None, :]
     if PARTIAL:
-        y_ptrs = Y + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
+        row = 2 * N if ACT != 0 else N
+        y_ptrs = Y + pid_k * M * row + offs_m[None, :] * row + offs_n[:, None]
         tl.store(y_ptrs, acc, mask=y_mask)
+        if ACT != 0:
+            tl.store(y_ptrs + N, acc_up, mask=y_mask)
     else:
         if HAS_BIAS:
             acc += tl.load(B + offs_n - n_lo, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(Y + offs_m[None, :] * sym + offs_n[:, None] * syn, acc.to(Y.dtype.element_ty), mask=y_mask)
+            if ACT != 0:
+                acc_up += tl.load(B1 + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        y = acc.to(Y.dtype.element_ty)
+        if ACT != 0:
+            y = _gate(y, acc_up.to(Y.dtype.element_ty), ACT)
+        tl.store(Y + offs_m[None, :] * sym + offs_n[:, None] * syn, y, mask=y_mask)
 
 
 @triton.jit
-def _sum_splits_kernel(P, B0, B1, B2, Y, MN, N, N1, N2, sym, syn, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _sum_splits_kernel(P, B0, B1, B2, Y, M, N, N1, N2, sym, syn, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       ACT: tl.constexpr, BLOCK: tl.constexpr):
     """``Y = sum_s P[s] (+ B)``: the fp32 partials of a split reduction, cast to ``Y``'s dtype; ``B``
-    stacks up to three biases as in :func:`_linear_kernel`."""
+    stacks up to three biases as in :func:`_linear_kernel`. ``ACT > 0``: ``P`` holds the gate's and the
+    up projection's partials side by side, and ``Y`` is the gated product."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < MN
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(P + s * MN + offs, mask=ok, other=0.0)
+    ok = offs < M * N
+    m = offs // N
     n = offs % N
+    row = 2 * N if ACT != 0 else N
+    p = P + m * row + n
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p + s * M * row, mask=ok, other=0.0)
+        if ACT != 0:
+            acc_up += tl.load(p + s * M * row + N, mask=ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(B0 + n, mask=ok & (n < N1), other=0.0).to(tl.float32)
-        acc += tl.load(B1 + n - N1, mask=ok & (n >= N1) & (n < N2), other=0.0).to(tl.float32)
-        acc += tl.load(B2 + n - N2, mask=ok & (n >= N2), other=0.0).to(tl.float32)
-    tl.store(Y + (offs // N) * sym + n * syn, acc.to(Y.dtype.element_ty), mask=ok)
+        if ACT != 0:
+            acc += tl.load(B0 + n, mask=ok, other=0.0).to(tl.float32)
+            acc_up += tl.load(B1 + n, mask=ok, other=0.0).to(tl.float32)
+        else:
+            acc += tl.load(B0 + n, mask=ok & (n < N1), other=0.0).to(tl.float32)
+            acc += tl.load(B1 + n - N1, mask=ok & (n >= N1) & (n < N2), other=0.0).to(tl.float32)
+            acc += tl.load(B2 + n - N2, mask=ok & (n >= N2), other=0.0).to(tl.float32)
+    y = acc.to(Y.dtype.element_ty)
+    if ACT != 0:
+        y = _gate(y, acc_up.to(Y.dtype.element_ty), ACT)
+    tl.store(Y + m * sym + n * syn, y, mask=ok)
 
 
 MAX_GROUP = 3  # weights one launch can stack: a q/k/v projection
-ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gates the kernel computes in its prologue (ACT)
+ACTIVATIONS = {"silu": 1, "gelu_tanh": 2}  # the gates the kernel applies in its epilogue (ACT)
 
 
 def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = ()) -> LinearConfig:
@@ -149,6 +176,13 @@ def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = (
     return LinearConfig(block_n, block_m, block_k, split_k, 4, 5 if block_m <= 32 else 3)
 
 
+def gated_config_for(M: int, N: int, K: int, sms: int) -> LinearConfig:
+    """The launch shape of a gated pair of ``[N, K]`` weights: that of the two stacked, each program's
+    rows split between them (the same bytes per program, the same number of programs)."""
+    cfg = config_for(M, 2 * N, K, sms, (N,))
+    return cfg._replace(block_n=max(16, cfg.block_n // 2))
+
+
 def supports(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
     """Half-precision operands of one dtype; up to :data:`MAX_GROUP` 2-D weights over ``x``'s last
     dim with the same strides, the inner ones with multiples of 16 rows; biases for all or none."""
@@ -162,58 +196,55 @@ def supports(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Te
                         for w, b in zip(weights, biases))))
 
 
-def supports_gate(x: torch.Tensor, up: torch.Tensor, act: str) -> bool:
-    """Whether :func:`linear` takes ``act(x) * up`` as its input: a known activation, ``up`` of ``x``'s
-    shape and dtype, both viewable as rows."""
-    return act in ACTIVATIONS and up.shape == x.shape and up.dtype == x.dtype and x.dim() >= 1 and _rows_view(
-        x) is not None and _rows_view(up) is not None
-
-
-def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` as ``[rows, K]`` without a copy, or None."""
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return None
+def supports_gate(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], act: str) -> bool:
+    """Whether :func:`linear` computes ``act(x @ weights[0].T) * (x @ weights[1].T)`` (with the
+    biases): a known activation and two weights of one shape and layout, each of which :func:`supports`
+    (any number of rows: the two are not stacked), biases for both or neither."""
+    return (act in ACTIVATIONS and len(weights) == len(biases) == 2 and weights[0].shape == weights[1].shape
+            and weights[0].stride() == weights[1].stride() and (biases[0] is None) == (biases[1] is None)
+            and all(supports(x, [w], [b]) for w, b in zip(weights, biases)))
 
 
 def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], *,
-           config: LinearConfig | None = None, up: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+           config: LinearConfig | None = None, act: str | None = None) -> torch.Tensor:
     """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one launch (two with
-    a split reduction) through :func:`_linear_kernel`; with ``act`` (:data:`ACTIVATIONS`) and ``up``,
-    of ``act(x) * up`` instead of ``x`` (a gated MLP's output projection, its gate computed as the
-    kernel loads its input: no kernel of its own). Traceable host code (shapes must be static for the
-    config choice)."""
+    a split reduction) through :func:`_linear_kernel`. With ``act`` (:data:`ACTIVATIONS`) and a gate
+    and an up weight, a gated MLP's ``act(F.linear(x, w0, b0)) * F.linear(x, w1, b1)``: the gate
+    applied where the GEMM stores its result, so it has no kernel of its own (``config.block_n``: the
+    rows of each weight per program). Traceable host code (shapes must be static for the config choice)."""
     K = x.shape[-1]
-    x2 = x.reshape(-1, K) if act is None else _rows_view(x)
-    u2 = x2 if act is None else _rows_view(up)
+    x2 = x.reshape(-1, K)
     M = x2.shape[0]
     sizes = [w.shape[0] for w in weights]
-    N = sum(sizes)
-    N1 = sizes[0] if len(sizes) > 1 else N
-    N2 = N1 + sizes[1] if len(sizes) > 2 else N
-    cfg = config or config_for(M, N, K, num_sms(x.device), (N1, N2))
-    torch._check(N1 % cfg.block_n == 0 and N2 % cfg.block_n == 0 or len(sizes) == 1,
-                 lambda: f"stacked weights {sizes} must split at multiples of {cfg.block_n} rows")
+    if act is not None:
+        N = N1 = N2 = sizes[0]
+        cfg = config or gated_config_for(M, N, K, num_sms(x.device))
+    else:
+        N = sum(sizes)
+        N1 = sizes[0] if len(sizes) > 1 else N
+        N2 = N1 + sizes[1] if len(sizes) > 2 else N
+        cfg = config or config_for(M, N, K, num_sms(x.device), (N1, N2))
+        torch._check(N1 % cfg.block_n == 0 and N2 % cfg.block_n == 0 or len(sizes) == 1,
+                     lambda: f"stacked weights {sizes} must split at multiples of {cfg.block_n} rows")
     ws = (weights + [weights[-1]] * MAX_GROUP)[:MAX_GROUP]
     has_bias = biases[0] is not None
     bs = (list(biases) + [biases[-1]] * MAX_GROUP)[:MAX_GROUP] if has_bias else ws
+    gate = 0 if act is None else ACTIVATIONS[act]
     y = x.new_empty(M, N)
     k_per_split = cdiv(cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = cdiv(K, k_per_split)
     grid = (cdiv(N, cfg.block_n), split_k, cdiv(M, cfg.block_m))
     partial = split_k > 1
-    out = x.new_empty(split_k, M, N, dtype=torch.float32) if partial else y
+    out = x.new_empty(split_k, M, 2 * N if gate else N, dtype=torch.float32) if partial else y
     wrap_triton(_linear_kernel)[grid](
-        x2, u2, *ws, *bs, out, x2.stride(0), x2.stride(1), u2.stride(0), u2.stride(1), ws[0].stride(0), ws[0].stride(1),
+        x2, *ws, *bs, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1),
         y.stride(0), y.stride(1), M, N, N1, N2, K, k_per_split,
-        HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x), ACT=0 if act is None else ACTIVATIONS[act],
-        EVEN_K=K % k_per_split == 0,
+        HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x), ACT=gate, EVEN_K=K % k_per_split == 0,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         block = 1024
         wrap_triton(_sum_splits_kernel)[(cdiv(M * N, block),)](
-            out, *bs, y, M * N, N, N1, N2, y.stride(0), y.stride(1),
-            SPLIT_K=split_k, HAS_BIAS=has_bias, BLOCK=block, num_warps=4)
+            out, *bs, y, M, N, N1, N2, y.stride(0), y.stride(1),
+            SPLIT_K=split_k, HAS_BIAS=has_bias, ACT=gate, BLOCK=block, num_warps=4)
     return y.reshape(*x.shape[:-1], N)

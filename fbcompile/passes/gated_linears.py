@@ -1,24 +1,27 @@
-"""Compute a gated MLP's gate in its output projection's GEMM: ``fbcompile::gated_linear``.
+"""Apply a gated MLP's gate where its input projections' GEMM stores: ``fbcompile::gated_linear``.
 
-A gated MLP (Llama, Qwen2, Gemma: ``down(act(gate(h)) * up(h))``) ends with what dynamo records as::
+A gated MLP (Llama, Qwen2, Gemma: ``down(act(gate(h)) * up(h))``) begins with what dynamo records as::
 
+    gate = torch._C._nn.linear(h, w_gate, b_gate)
     silu = torch.nn.functional.silu(gate, inplace=False)      # or gelu(gate, approximate="tanh")
-    mul = silu * up
-    down = torch._C._nn.linear(mul, w_down, b_down)
+    up = torch._C._nn.linear(h, w_up, b_up)
+    mul = silu * up                                            # either operand order
 
 which becomes::
 
-    down = torch.ops.fbcompile.gated_linear(gate, up, w_down, b_down, "silu")
+    mul = torch.ops.fbcompile.gated_linear(h, w_gate, w_up, b_gate, b_up, "silu")
 
-Inductor runs the activation and product as an elementwise kernel of its own before the GEMM; at a
+Inductor runs the activation and product as an elementwise kernel of its own after the GEMMs; at a
 block step's few rows that kernel is a launch of its own (1.6 us per layer and step for a 1.5B model
-on the H200, ``benchmarks/results/profile_lm_32k_b1_grouped_h200.md``), and cuBLAS splits the down
-projection's long reduction into a second launch anyway. The skinny-GEMM kernel computes
-``act(gate) * up`` as it loads its input, rounded once as Inductor's fused kernel rounds it; its down
-projection alone was 1.09x cuBLAS at 32 rows (``skinny_linear_h200.md``). Where it applies is
-`fbcompile.passes.group_linears.pays`, the rule measured for that kernel; the product or the
-activation used elsewhere, dynamic shapes, unsupported operands and autograd-recorded outputs are left
-as they are.
+on the H200, ``benchmarks/results/profile_lm_32k_b1_grouped_h200.md``). The skinny-GEMM kernel reads
+the same rows of both weights in each program (one launch, as the grouped gate/up projections were)
+and applies ``act(gate) * up`` to its two accumulators before it stores: the gate is computed once per
+output, and half as much is written. (Computing it instead as the down projection loads its input
+recomputes it once per program of that GEMM: measured 36 us against 13, ``gated_linears_h200.md``.)
+Where it applies is :func:`fbcompile.passes.group_linears.pays`, the rule measured for that kernel;
+the projections, activation or product used elsewhere, dynamic shapes, unsupported operands and
+autograd-recorded outputs are left as they are. Run it before :func:`group_linears`, which would
+otherwise group the two projections without their gate.
 """
 from __future__ import annotations
 
@@ -46,45 +49,60 @@ def _activation(node) -> str | None:
     return None
 
 
-def _gate_and_up(product: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, str] | None:
-    """``(activation node, gate, up, act)`` of ``act(gate) * up`` (either order), or None."""
+def _is_linear(node, x=None) -> bool:
+    """``node`` is a linear call used once (over ``x`` where given)."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in LINEARS
+            and len(node.users) == 1 and (x is None or linear_operands(node)[0] is x))
+
+
+def _gated_pair(product: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, str] | None:
+    """``(gate linear, activation, up linear, act)`` of ``act(linear(h)) * linear(h)`` (either order),
+    each used only there, or None."""
     if product.op != "call_function" or product.target not in _PRODUCTS or len(product.args) != 2 or product.kwargs:
         return None
     for activated, up in (product.args, reversed(product.args)):
         act = _activation(activated)
-        if act is not None and isinstance(up, fx.Node) and len(activated.users) == 1:
-            return activated, arg(activated, 0, "input"), up, act
+        if act is None or len(activated.users) != 1:
+            continue
+        gate = arg(activated, 0, "input")
+        if _is_linear(gate) and _is_linear(up, linear_operands(gate)[0]) and up is not gate:
+            return gate, activated, up, act
     return None
 
 
 def gated_linears(gm: fx.GraphModule, where=None) -> list[str]:
-    """Rewrite ``gm`` in place where ``where(gate)`` (default :func:`fbcompile.passes.group_linears.pays`)
-    holds; returns one line per linear rewritten."""
+    """Rewrite ``gm`` in place where ``where(input)`` (default :func:`fbcompile.passes.group_linears.pays`)
+    holds; returns one line per gated pair rewritten."""
     where = where or group_linears.pays
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     made = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in LINEARS:
-            continue
-        product, weight, bias = linear_operands(node)
-        if not isinstance(product, fx.Node) or len(product.users) != 1:
-            continue
-        found = _gate_and_up(product)
+    for product in list(gm.graph.nodes):
+        found = _gated_pair(product)
         if found is None:
             continue
-        activated, gate, up, act = found
-        values = [example(n) for n in (gate, up, weight, node)]
-        bias_value = example(bias) if bias is not None else None
-        if (any(v is None or not static_layout(v) for v in values) or (bias is not None and bias_value is None)
-                or getattr(values[3], "requires_grad", True) or not where(values[0])
-                or not gated_linear_supported(values[0], values[1], values[2], bias_value, act)):
+        gate, activated, up, act = found
+        x, w_gate, b_gate = linear_operands(gate)
+        _, w_up, b_up = linear_operands(up)
+        values = [example(n) for n in (x, w_gate, w_up, product)]
+        biases = [example(b) if b is not None else None for b in (b_gate, b_up)]
+        if (any(v is None or not static_layout(v) for v in values)
+                or any(b is not None and (v is None or not static_layout(v)) for b, v in zip((b_gate, b_up), biases))
+                or any(getattr(example(n), "requires_grad", True) for n in (gate, up, product))
+                or not where(values[0])
+                or not gated_linear_supported(values[0], values[1], values[2], *biases, act)):
             continue
-        with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(torch.ops.fbcompile.gated_linear.default, (gate, up, weight, bias, act))
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        for dead in (node, product, activated):
+        # operands defined after the first projection (a weight read late) would be used before defined
+        first = min(gate, up, key=order.__getitem__)
+        if any(isinstance(n, fx.Node) and order[n] > order[first] for n in (w_gate, w_up, b_gate, b_up)):
+            continue
+        with gm.graph.inserting_before(first):
+            fused = gm.graph.call_function(torch.ops.fbcompile.gated_linear.default,
+                                           (x, w_gate, w_up, b_gate, b_up, act))
+        fused.meta.update(product.meta)
+        product.replace_all_uses_with(fused)
+        for dead in (product, activated, gate, up):
             gm.graph.erase_node(dead)
-        made.append(f"{weight}: {act}({gate}) * {up} computed in the GEMM")
+        made.append(f"{w_gate}, {w_up}: {act}(gate) * up applied in their GEMM")
     if made:
         gm.graph.lint()
         gm.recompile()
