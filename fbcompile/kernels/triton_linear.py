@@ -177,10 +177,13 @@ def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = (
 
 
 def gated_config_for(M: int, N: int, K: int, sms: int) -> LinearConfig:
-    """The launch shape of a gated pair of ``[N, K]`` weights: that of the two stacked, each program's
-    rows split between them (the same bytes per program, the same number of programs)."""
+    """The launch shape of a gated pair of ``[N, K]`` weights: that of the two stacked, each program
+    reading its rows of both weights over half the reduction tile (the same shared memory per stage,
+    half as many programs). At Qwen2-1.5B's gate/up (32 rows) that took 17.6 us against 21.7 for the
+    rows split between the weights at the full tile, and 23.8 for cuBLAS and the gate's own kernel
+    (``benchmarks/results/gated_linears_h200.md``)."""
     cfg = config_for(M, 2 * N, K, sms, (N,))
-    return cfg._replace(block_n=max(16, cfg.block_n // 2))
+    return cfg._replace(block_k=max(16, cfg.block_k // 2))
 
 
 def supports(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
