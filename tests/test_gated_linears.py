@@ -28,18 +28,26 @@ GROUPED = (torch.ops.fbcompile.linear_group.default,)
 
 
 class MLP(nn.Module):
-    """``down(act(gate(x)) * up(x))``, in the forms model code writes it."""
+    """``down(act(gate(x)) * up(x))``, in the forms model code writes it; ``fused``: gate and up stored
+    as one weight whose output is chunked (Phi-3's ``gate_up_proj``)."""
 
-    def __init__(self, act="silu", order="act_first", bias=False, h=64, inter=96):
+    def __init__(self, act="silu", order="act_first", bias=False, h=64, inter=96, fused=False):
         super().__init__()
-        self.gate, self.up = nn.Linear(h, inter, bias=False), nn.Linear(h, inter, bias=False)
+        if fused:
+            self.gate_up = nn.Linear(h, 2 * inter, bias=bias)
+        else:
+            self.gate, self.up = nn.Linear(h, inter, bias=bias), nn.Linear(h, inter, bias=bias)
         self.down = nn.Linear(inter, h, bias=bias)
         self.act = {"silu": nn.SiLU(), "silu_builtin": torch._C._nn.silu, "gelu_tanh": nn.GELU(approximate="tanh"),
                     "gelu": nn.GELU(), "relu": nn.ReLU()}[act]
-        self.order = order
+        self.order, self.fused = order, fused
 
     def forward(self, x):
-        gate, up = self.act(self.gate(x)), self.up(x)
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            gate = self.act(gate)
+        else:
+            gate, up = self.act(self.gate(x)), self.up(x)
         return self.down(gate * up if self.order == "act_first" else up * gate)
 
 
@@ -58,8 +66,9 @@ def _rewritten(model, x, where=ALWAYS, group=False):
 @pytest.mark.parametrize("order", ["act_first", "up_first"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("group", [False, True])
-def test_gated_projection_rewritten_exactly(act, order, bias, group):
-    model = MLP(act, order, bias).to(BF16)
+@pytest.mark.parametrize("fused", [False, True], ids=["two_weights", "one_weight_chunked"])
+def test_gated_projection_rewritten_exactly(act, order, bias, group, fused):
+    model = MLP(act, order, bias, fused=fused).to(BF16)
     gm, lines, before, after = _rewritten(model, torch.randn(2, 8, 64, dtype=BF16), group=group)
     assert len(lines) == 1 and f"{act.replace('_builtin', '')}(" in lines[0], lines
     assert _count(gm, GATED) == 1 and _count(gm, GROUPED) == 0  # gate/up taken: nothing left to group
@@ -93,9 +102,31 @@ def test_product_used_elsewhere_takes_the_fused_result():
     assert torch.equal(before[0], after[0])
 
 
+class OtherChunks(nn.Module):
+    """One weight's output chunked in ways that are not a gate/up pair: over the rows (not the features),
+    in three, or the gate taken from the second half."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.mlp, self.how = MLP(fused=True), how
+
+    def forward(self, x):
+        m = self.mlp
+        y = m.gate_up(x)
+        if self.how == "rows":
+            gate, up = y.chunk(2, dim=0)
+        elif self.how == "three":
+            gate, up, _ = y[..., :-2].chunk(3, dim=-1)
+        else:
+            up, gate = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 @pytest.mark.parametrize("model", [MLP("relu"), MLP("gelu"), Shared("activation"), Shared("gate"), Shared("up"),
-                                   Shared("inputs")],
-                         ids=["relu", "gelu_erf", "activation_shared", "gate_shared", "up_shared", "two_inputs"])
+                                   Shared("inputs"), OtherChunks("rows"), OtherChunks("three"),
+                                   OtherChunks("swapped")],
+                         ids=["relu", "gelu_erf", "activation_shared", "gate_shared", "up_shared", "two_inputs",
+                              "chunked_rows", "chunked_in_three", "halves_swapped"])
 def test_left_alone_where_it_does_not_apply(model):
     gm, lines, before, after = _rewritten(model.to(BF16), torch.randn(4, 64, dtype=BF16))
     assert lines == [] and _count(gm, GATED) == 0
@@ -177,9 +208,10 @@ def test_config_rejects_bad_gated_linears(value):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_gpu_triton_path(act):
+@pytest.mark.parametrize("fused", [False, True], ids=["two_weights", "one_weight_chunked"])
+def test_gpu_triton_path(act, fused):
     """The Triton path (the gated gate/up launch, then the down projection) against the separate ops."""
-    model = MLP(act).to("cuda", BF16)
+    model = MLP(act, bias=fused, fused=fused).to("cuda", BF16)
     gm, lines, before, after = _rewritten(model, torch.randn(2, 16, 64, device="cuda", dtype=BF16), group=True)
     assert len(lines) == 1
     torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-2)

@@ -7,9 +7,17 @@ A gated MLP (Llama, Qwen2, Gemma: ``down(act(gate(h)) * up(h))``) begins with wh
     up = torch._C._nn.linear(h, w_up, b_up)
     mul = silu * up                                            # either operand order
 
+or, with the two projections' weights stored as one (Phi-3's ``gate_up_proj``)::
+
+    gate_up = torch._C._nn.linear(h, w_gate_up, b_gate_up)
+    chunk = gate_up.chunk(2, dim=-1);  gate = chunk[0];  up = chunk[1]
+    mul = up * torch.nn.functional.silu(gate)
+
 which becomes::
 
     mul = torch.ops.fbcompile.gated_linear(h, w_gate, w_up, b_gate, b_up, "silu")
+
+(the halves of a stored pair as views: ``w_gate = w_gate_up[:N]``, ``w_up = w_gate_up[N:]``).
 
 Inductor runs the activation and product as an elementwise kernel of its own after the GEMMs; at a
 block step's few rows that kernel is a launch of its own (1.6 us per layer and step for a 1.5B model
@@ -26,13 +34,14 @@ otherwise group the two projections without their gate.
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from fbcompile.ops import gated_linear_supported
-from fbcompile.passes.graph_utils import LINEARS, arg, example, linear_operands, static_layout
+from fbcompile.passes.graph_utils import LINEARS, arg, example, linear_operands, op_name, static_layout
 from fbcompile.passes import group_linears
 
 _PRODUCTS = (operator.mul, torch.mul)
@@ -55,9 +64,39 @@ def _is_linear(node, x=None) -> bool:
             and len(node.users) == 1 and (x is None or linear_operands(node)[0] is x))
 
 
-def _gated_pair(product: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, str] | None:
-    """``(gate linear, activation, up linear, act)`` of ``act(linear(h)) * linear(h)`` (either order),
-    each used only there, or None."""
+class _Pair(NamedTuple):
+    """A matched gated pair: the activation, its name, the projections' input, the ``(weight, bias,
+    rows)`` of the gate and up projections (``rows``: the half of a stored pair, or None for the whole
+    weight), and the nodes the fused op replaces besides the product."""
+
+    activated: fx.Node
+    act: str
+    x: fx.Node
+    gate: tuple
+    up: tuple
+    replaced: tuple
+
+
+def _halves(gate, up) -> fx.Node | None:
+    """The linear whose output ``gate`` and ``up`` are the two halves of (``chunk(2, dim=-1)``), or None."""
+    if not all(isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem
+               for n in (gate, up)) or gate.args[1:] != (0,) or up.args[1:] != (1,) or gate.args[0] is not up.args[0]:
+        return None
+    chunk = gate.args[0]
+    if op_name(chunk) != "chunk" or len(chunk.users) != 2 or len(gate.users) != 1 or len(up.users) != 1:
+        return None
+    gate_up = arg(chunk, 0, "input")
+    value = example(gate_up)
+    dim = arg(chunk, 2, "dim", 0)
+    if (arg(chunk, 1, "chunks") != 2 or value is None or dim not in (-1, value.dim() - 1)
+            or not _is_linear(gate_up) or value.shape[-1] % 2):
+        return None
+    return gate_up
+
+
+def _gated_pair(product: fx.Node) -> _Pair | None:
+    """The pair of ``act(linear(h)) * linear(h)`` (either order), or of the two halves of one linear,
+    each part used only there, or None."""
     if product.op != "call_function" or product.target not in _PRODUCTS or len(product.args) != 2 or product.kwargs:
         return None
     for activated, up in (product.args, reversed(product.args)):
@@ -66,8 +105,30 @@ def _gated_pair(product: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, str] | Non
             continue
         gate = arg(activated, 0, "input")
         if _is_linear(gate) and _is_linear(up, linear_operands(gate)[0]) and up is not gate:
-            return gate, activated, up, act
+            (x, wg, bg), (_, wu, bu) = linear_operands(gate), linear_operands(up)
+            return _Pair(activated, act, x, (wg, bg, None), (wu, bu, None), (gate, up))
+        gate_up = _halves(gate, up)
+        if gate_up is not None:
+            x, w, b = linear_operands(gate_up)
+            n = example(gate_up).shape[-1] // 2
+            return _Pair(activated, act, x, (w, b, slice(None, n)), (w, b, slice(n, None)),
+                         (gate, up, gate.args[0], gate_up))
     return None
+
+
+def _rows_example(node, rows: slice | None) -> torch.Tensor | None:
+    """The example value of ``node`` (a weight or bias), or of its ``rows``; None if it has none."""
+    value = example(node)
+    return value if value is None or rows is None else value[rows]
+
+
+def _operand(gm: fx.GraphModule, node, rows: slice | None):
+    """``node`` (a weight or bias, or None), or its ``rows`` as a view inserted in the graph."""
+    if node is None or rows is None:
+        return node
+    view = gm.graph.call_function(operator.getitem, (node, rows))
+    view.meta["example_value"] = _rows_example(node, rows)
+    return view
 
 
 def gated_linears(gm: fx.GraphModule, where=None) -> list[str]:
@@ -77,32 +138,33 @@ def gated_linears(gm: fx.GraphModule, where=None) -> list[str]:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     made = []
     for product in list(gm.graph.nodes):
-        found = _gated_pair(product)
-        if found is None:
+        pair = _gated_pair(product)
+        if pair is None:
             continue
-        gate, activated, up, act = found
-        x, w_gate, b_gate = linear_operands(gate)
-        _, w_up, b_up = linear_operands(up)
-        values = [example(n) for n in (x, w_gate, w_up, product)]
-        biases = [example(b) if b is not None else None for b in (b_gate, b_up)]
-        if (any(v is None or not static_layout(v) for v in values)
-                or any(b is not None and (v is None or not static_layout(v)) for b, v in zip((b_gate, b_up), biases))
-                or any(getattr(example(n), "requires_grad", True) for n in (gate, up, product))
-                or not where(values[0])
-                or not gated_linear_supported(values[0], values[1], values[2], *biases, act)):
+        (w_gate, b_gate, gate_rows), (w_up, b_up, up_rows) = pair.gate, pair.up
+        xv = example(pair.x)
+        wv = [_rows_example(w_gate, gate_rows), _rows_example(w_up, up_rows)]
+        bv = [_rows_example(b_gate, gate_rows), _rows_example(b_up, up_rows)]
+        if (xv is None or any(v is None or not static_layout(v) for v in wv)
+                or any(b is not None and (v is None or not static_layout(v)) for b, v in zip((b_gate, b_up), bv))
+                or not static_layout(xv)
+                or getattr(example(product), "requires_grad", True)  # traced with autograd on: keep the ops
+                or not where(xv) or not gated_linear_supported(xv, *wv, *bv, pair.act)):
             continue
         # operands defined after the first projection (a weight read late) would be used before defined
-        first = min(gate, up, key=order.__getitem__)
+        first = min(pair.replaced, key=order.__getitem__)
         if any(isinstance(n, fx.Node) and order[n] > order[first] for n in (w_gate, w_up, b_gate, b_up)):
             continue
         with gm.graph.inserting_before(first):
-            fused = gm.graph.call_function(torch.ops.fbcompile.gated_linear.default,
-                                           (x, w_gate, w_up, b_gate, b_up, act))
+            operands = [_operand(gm, n, rows) for n, rows in
+                        ((w_gate, gate_rows), (w_up, up_rows), (b_gate, gate_rows), (b_up, up_rows))]
+            fused = gm.graph.call_function(torch.ops.fbcompile.gated_linear.default, (pair.x, *operands, pair.act))
         fused.meta.update(product.meta)
         product.replace_all_uses_with(fused)
-        for dead in (product, activated, gate, up):
+        for dead in (product, pair.activated, *pair.replaced):
             gm.graph.erase_node(dead)
-        made.append(f"{w_gate}, {w_up}: {act}(gate) * up applied in their GEMM")
+        names = f"{w_gate}" if gate_rows is not None else f"{w_gate}, {w_up}"
+        made.append(f"{names}: {pair.act}(gate) * up applied in their GEMM")
     if made:
         gm.graph.lint()
         gm.recompile()
