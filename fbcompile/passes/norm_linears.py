@@ -29,7 +29,6 @@ are left as they are.
 """
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple
 
 import torch
