@@ -145,6 +145,33 @@ def test_triton_linear_norm_and_residual_match_fp64(case):
         assert ((plain - ref).norm() / ref.norm()).item() > 0.1
 
 
+@in_process
+@pytest.mark.parametrize("act", [None, "silu"])
+@pytest.mark.parametrize("split", [1, 3])
+def test_triton_linear_scaled_output_feeds_the_next_norm(act, split):
+    """A residual GEMM that also stores its result times the next norm's scale, and the next GEMM taking
+    that as its input with the row sums from the unscaled result (``rms_of``), against fp64: the
+    pair computes ``linear(RMSNorm(x0 + linear(a)))``."""
+    dtype, M, K, N = torch.bfloat16, 24, 192, [64, 64]
+    gen = torch.Generator().manual_seed(split)
+    a = torch.randn(M, 128, generator=gen).to(DEVICE, dtype)
+    wo = (torch.randn(K, 128, generator=gen) / 128 ** 0.5).to(DEVICE, dtype)
+    x0 = (torch.randn(M, K, generator=gen) * 3).to(DEVICE, dtype)
+    scale = (torch.rand(K, generator=gen) + 0.5).to(DEVICE, dtype)
+    x, ws, bs = _operands(dtype, M, N, K, True, "contiguous", seed=5)
+    cfg = tlin.LinearConfig(16, 32, 64, split)
+    h, hs = tlin.linear(a, [wo], [None], config=cfg, residual=x0, scaled_by=scale)
+    y = tlin.linear(hs, ws, bs, act=act, norm=(scale, 1e-6), rms_of=h)
+    href = (F.linear(a.double(), wo.double()).to(dtype).double() + x0.double()).to(dtype).double()
+    assert ((h.double() - href).norm() / href.norm()).item() < 2e-2
+    assert ((hs.double() - h.double() * scale.double()).norm() / hs.double().norm()).item() < 1e-2
+    hn = (h.double() * torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + 1e-6) * scale.double())
+    outs = [F.linear(hn, w.double(), b.double()).to(dtype).double() for w, b in zip(ws, bs)]
+    ref = _act(act, outs[0]) * outs[1] if act else torch.cat(outs, -1)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < (5e-3 if triton_interpreter.CUDA else 2e-2), err
+
+
 def test_triton_linear_supports_norm_and_residual():
     x = torch.randn(4, 16, dtype=torch.bfloat16)
     assert tlin.supports_norm(x, torch.ones(16)) and tlin.supports_norm(x, torch.ones(16, dtype=torch.bfloat16))
