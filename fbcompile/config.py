@@ -172,10 +172,10 @@ class Config:
         tanh-GELU), as one launch of that kernel that applies the gate as it stores, where
         ``group_linears`` applies (:mod:`fbcompile.passes.gated_linears`); ``False`` leaves the gate to
         Inductor (the projections are then grouped as any others).
-    norm_linears: where ``group_linears`` applies, add a residual stream in the store of the linear
-        before it (``h + o_proj(a)``: :mod:`fbcompile.passes.residual_linears`) and apply an RMSNorm in
-        the load of the grouped or gated linears after it (:mod:`fbcompile.passes.norm_linears`), so
-        that a pre-norm layer's add-and-normalise kernels are gone; ``False`` leaves both to Inductor.
+    residual_linears: where ``group_linears`` applies, add a residual stream as the linear before it
+        stores (``h + o_proj(a)``, ``h + down(m)``: :mod:`fbcompile.passes.residual_linears`), so those
+        projections run on that kernel; ``False`` leaves the add to Inductor (with the RMSNorm after it)
+        and the projections to cuBLAS.
     scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
         all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
         in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the
@@ -197,7 +197,7 @@ class Config:
     cuda_graphs: bool = False
     group_linears: bool = True
     gated_linears: bool = True
-    norm_linears: bool = True
+    residual_linears: bool = True
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -223,7 +223,7 @@ class Config:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
-        for flag in ("cuda_graphs", "group_linears", "gated_linears", "norm_linears"):
+        for flag in ("cuda_graphs", "group_linears", "gated_linears", "residual_linears"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"Config.{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:

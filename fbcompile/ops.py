@@ -330,40 +330,27 @@ subtract_lse.register_fake(_subtract_outputs)
 MAX_LINEAR_GROUP = triton_linear.MAX_GROUP if triton_linear is not None else 1  # weights one launch stacks
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x * rsqrt(mean(x^2, -1) + eps) * scale`` in fp32, rounded once to ``x``'s dtype: the
-    normalisation :func:`linear_group` and :func:`gated_linear` apply to their input where they are
-    given a ``norm_scale`` (the model's own RMSNorm rounds at most once more)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale.float()).to(x.dtype)
-
-
 def linear_group_supported(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                           residual: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None) -> bool:
+                           residual: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear_group` runs these operands in one launch (on CUDA), not as separate linears."""
     return (triton_linear is not None and triton_linear.supports(x, weights, biases)
-            and (residual is None or triton_linear.supports_residual(x, sum(w.shape[0] for w in weights), residual))
-            and (norm_scale is None or triton_linear.supports_norm(x, norm_scale)))
+            and (residual is None or triton_linear.supports_residual(x, sum(w.shape[0] for w in weights), residual)))
 
 
 @torch.library.triton_op("fbcompile::linear_group", mutates_args=())
 def linear_group(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-                 residual: torch.Tensor | None = None, norm_scale: torch.Tensor | None = None,
-                 eps: float = 0.0) -> torch.Tensor:
-    """``residual + cat([F.linear(rms_norm(x), w, b) for w, b in zip(weights, biases)], -1)`` (without
-    the residual or the normalisation where they are None: :func:`rms_norm`): linears over one input
-    in one launch of the skinny-GEMM kernel on CUDA where it applies, the normalisation applied as it
-    loads ``x`` and the residual added as it stores; elsewhere the plain ops."""
-    if x.is_cuda and linear_group_supported(x, weights, biases, residual, norm_scale):
-        norm = (norm_scale, eps) if norm_scale is not None else None
-        return triton_linear.linear(x, weights, biases, norm=norm, residual=residual)
-    h = rms_norm(x, norm_scale, eps) if norm_scale is not None else x
-    y = torch.cat([F.linear(h, w, b) for w, b in zip(weights, biases)], dim=-1)
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` (plus ``residual`` where given):
+    linears over one input in one launch of the skinny-GEMM kernel on CUDA where it applies, the
+    residual added as it stores; elsewhere the plain ops."""
+    if x.is_cuda and linear_group_supported(x, weights, biases, residual):
+        return triton_linear.linear(x, weights, biases, residual=residual)
+    y = torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], dim=-1)
     return y if residual is None else residual + y
 
 
 @linear_group.register_fake
-def _(x, weights, biases, residual=None, norm_scale=None, eps=0.0):
+def _(x, weights, biases, residual=None):
     return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
@@ -371,33 +358,27 @@ GATES = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}  
 
 
 def gated_linear_supported(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
-                           gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, act: str,
-                           norm_scale: torch.Tensor | None = None) -> bool:
+                           gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None, act: str) -> bool:
     """Whether :func:`gated_linear` runs in one launch (on CUDA), not as two linears, activation and product."""
-    return (triton_linear is not None
-            and triton_linear.supports_gate(x, [gate_weight, up_weight], [gate_bias, up_bias], act)
-            and (norm_scale is None or triton_linear.supports_norm(x, norm_scale)))
+    return triton_linear is not None and triton_linear.supports_gate(x, [gate_weight, up_weight], [gate_bias, up_bias],
+                                                                     act)
 
 
 @torch.library.triton_op("fbcompile::gated_linear", mutates_args=())
 def gated_linear(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor, gate_bias: torch.Tensor | None,
-                 up_bias: torch.Tensor | None, act: str, norm_scale: torch.Tensor | None = None,
-                 eps: float = 0.0) -> torch.Tensor:
-    """``act(F.linear(h, gate_weight, gate_bias)) * F.linear(h, up_weight, up_bias)`` with ``h = x`` or,
-    given ``norm_scale``, :func:`rms_norm` of ``x``: a gated MLP's input projections. On CUDA one launch
-    of the skinny-GEMM kernel, which reads both weights' rows in each program and applies the gate as
-    it stores the result (rounded as the model's linears and Inductor's fused kernel for the product
-    round); elsewhere the model's own ops."""
+                 up_bias: torch.Tensor | None, act: str) -> torch.Tensor:
+    """``act(F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)``, a gated MLP's
+    input projections: on CUDA one launch of the skinny-GEMM kernel, which reads both weights' rows in
+    each program and applies the gate as it stores the result (rounded as the model's linears and
+    Inductor's fused kernel for the product round); elsewhere the model's own ops."""
     torch._check(act in GATES, lambda: f"gated_linear: unknown activation {act!r}")
-    if x.is_cuda and gated_linear_supported(x, gate_weight, up_weight, gate_bias, up_bias, act, norm_scale):
-        norm = (norm_scale, eps) if norm_scale is not None else None
-        return triton_linear.linear(x, [gate_weight, up_weight], [gate_bias, up_bias], act=act, norm=norm)
-    h = rms_norm(x, norm_scale, eps) if norm_scale is not None else x
-    return GATES[act](F.linear(h, gate_weight, gate_bias)) * F.linear(h, up_weight, up_bias)
+    if x.is_cuda and gated_linear_supported(x, gate_weight, up_weight, gate_bias, up_bias, act):
+        return triton_linear.linear(x, [gate_weight, up_weight], [gate_bias, up_bias], act=act)
+    return GATES[act](F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)
 
 
 @gated_linear.register_fake
-def _(x, gate_weight, up_weight, gate_bias, up_bias, act, norm_scale=None, eps=0.0):
+def _(x, gate_weight, up_weight, gate_bias, up_bias, act):
     return x.new_empty(*x.shape[:-1], gate_weight.shape[0])
 
 

@@ -47,10 +47,9 @@ class Report:
             for role, gated in g.gated_linears.items():
                 lines.append(f"graph {g.index} {role}: {len(gated)} gated MLPs applying act(gate) * up in their "
                              f"gate/up GEMM (first: {gated[0]})")
-            for role, (residuals, norms) in g.norm_linears.items():
-                lines.append(f"graph {g.index} {role}: {len(residuals)} residual adds in the GEMM before them, "
-                             f"{len(norms)} RMSNorms in the GEMMs after them"
-                             + (f" (first: {norms[0]})" if norms else ""))
+            for role, residuals in g.residual_linears.items():
+                lines.append(f"graph {g.index} {role}: {len(residuals)} residual adds in the GEMM before them "
+                             f"(first: {residuals[0]})")
         for g in self.graphs:
             if not g.rewritten:
                 continue

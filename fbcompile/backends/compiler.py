@@ -29,7 +29,6 @@ from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import copy_module
 from fbcompile.passes.gated_linears import gated_linears
 from fbcompile.passes.group_linears import group_linears
-from fbcompile.passes.norm_linears import norm_linears
 from fbcompile.passes.residual_linears import residual_linears
 from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
 from fbcompile.passes.key_count import add_key_count
@@ -78,28 +77,26 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``record`` notes how the
     graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`), which linears it groups
     (:func:`group_linears`), which gated MLPs apply their gate in their GEMM (:func:`gated_linears`), which
-    residual adds and RMSNorms move into GEMMs (:func:`residual_linears`, :func:`norm_linears`) and
+    residual adds move into GEMM stores (:func:`residual_linears`) and
     whether Inductor failed on it, under ``role``. ``kept``: the indices of
     the cached parts the graph takes and of those it returns for the dispatcher to keep."""
     notes = record.cuda_graphs if record is not None else None
     config = session.config
-    if config.group_linears or config.gated_linears or config.norm_linears:
+    if config.group_linears or config.gated_linears or config.residual_linears:
         rewritten = copy_module(gm)
         gated = gated_linears(rewritten) if config.gated_linears else []  # first: it takes gate/up pairs
         groups = group_linears(rewritten) if config.group_linears else []
-        # then the norms, into the ops made above and the residual sums' linears
-        residuals = residual_linears(rewritten) if config.norm_linears else []
-        norms = norm_linears(rewritten) if config.norm_linears else []
-        if groups or gated or residuals or norms:
+        residuals = residual_linears(rewritten) if config.residual_linears else []
+        if groups or gated or residuals:
             gm = rewritten
-            log.info("%s: %d groups of linears in one launch each, %d gated linears, %d residual adds and %d "
-                     "RMSNorms in GEMMs", role, len(groups), len(gated), len(residuals), len(norms))
+            log.info("%s: %d groups of linears in one launch each, %d gated linears, %d residual adds in GEMMs",
+                     role, len(groups), len(gated), len(residuals))
         if record is not None and groups:
             record.linear_groups[role] = groups
         if record is not None and gated:
             record.gated_linears[role] = gated
-        if record is not None and (residuals or norms):
-            record.norm_linears[role] = (residuals, norms)
+        if record is not None and residuals:
+            record.residual_linears[role] = residuals
     joins, key_count = [], None
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)

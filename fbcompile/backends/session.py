@@ -77,7 +77,7 @@ class GraphRecord:
     cuda_graphs: dict = field(default_factory=dict)  # with CUDA graphs: role -> how it runs over a moving cache
     linear_groups: dict = field(default_factory=dict)  # role -> the linears it runs in one launch per group
     gated_linears: dict = field(default_factory=dict)  # role -> the gated MLPs whose GEMM applies their gate
-    norm_linears: dict = field(default_factory=dict)  # role -> the residual adds and RMSNorms moved into GEMMs
+    residual_linears: dict = field(default_factory=dict)  # role -> the residual adds moved into GEMM stores
     uncompiled: dict = field(default_factory=dict)  # role -> why Inductor could not compile it (runs as FX)
     split_sites: list[SiteCounters] = field(default_factory=list)  # per split site, graph order
     refreshes: int = 0

@@ -51,10 +51,9 @@ def _gate(g, up, ACT: tl.constexpr):
 
 
 @triton.jit
-def _linear_kernel(X, W0, W1, W2, B0, B1, B2, G, H, R, GS, Y, S, sxm, sxk, swn, swk, shm, shk, srm, srn, sym, syn,
-                   M, N, N1, N2, K, k_per_split, eps, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                   EVEN_K: tl.constexpr, UPCAST_DOT: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
-                   RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
+def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn, sym, syn, M, N, N1, N2, K,
+                   k_per_split, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
+                   UPCAST_DOT: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``Y[m, n] = sum_k X[m, k] W[n, k] (+ B[n])`` over the ``k`` range ``pid_k`` owns, where ``W``
     and ``B`` stack up to three weights and biases (rows ``[0, N1)``, ``[N1, N2)``, ``[N2, N)``; the
@@ -62,12 +61,8 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, G, H, R, GS, Y, S, sxm, sxk, swn, 
     ``act(X W0^T + B0) * (X W1^T + B1)`` instead (``N1 = N2 = N``), each program reading the same rows of
     both weights, the gate applied in the epilogue (:func:`_gate`). With ``PARTIAL`` it stores the
     fp32 partials at ``Y[pid_k]`` instead (no bias, no gate; with ``ACT`` the up projection's after the
-    gate's, ``2 N`` per row). ``NORM``: ``X`` RMS-normalised first, ``X[m] * rsqrt(mean(X[m]^2) + eps) * G``
-    (1: each row's sum of squares taken from the tiles the reduction loads anyway, ``G`` applied to them
-    before the dot; 2: ``X`` given already scaled by ``G``, the sums of squares from ``H``, the unscaled
-    rows), the row's scale applied to the result (one split only). ``RESIDUAL``: ``R`` added to the
-    result, rounded as the model's ``residual + linear(...)`` rounds. ``SCALED``: the result also stored
-    scaled by ``GS`` (per output feature) at ``S``: the next RMSNorm's input for ``NORM == 2``."""
+    gate's, ``2 N`` per row). ``RESIDUAL``: ``R`` added to the result, rounded as the model's
+    ``residual + linear(...)`` rounds."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -89,10 +84,8 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, G, H, R, GS, Y, S, sxm, sxk, swn, 
     w_ptrs = W + w_offs
     u_ptrs = W1 + w_offs  # the up projection's rows (ACT)
     x_ptrs = X + offs_m[None, :] * sxm + (k_lo + offs_k)[:, None] * sxk
-    h_ptrs = H + offs_m[None, :] * shm + (k_lo + offs_k)[:, None] * shk
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    squares = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)  # summed over K after the loop
     for k in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x_ok = m_ok[None, :]
@@ -102,15 +95,6 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, G, H, R, GS, Y, S, sxm, sxk, swn, 
             x_ok = m_ok[None, :] & k_ok[:, None]
             w_ok = n_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptrs, mask=x_ok, other=0.0)
-        if NORM == 1:
-            xf = x.to(tl.float32)
-            squares += xf * xf
-            g = tl.load(G + k + offs_k, mask=(k + offs_k) < k_hi, other=0.0).to(tl.float32)
-            x = (xf * g[:, None]).to(x.dtype)
-        elif NORM == 2:
-            hf = tl.load(h_ptrs, mask=x_ok, other=0.0).to(tl.float32)
-            squares += hf * hf
-            h_ptrs += BLOCK_K * shk
         acc += dot(tl.load(w_ptrs, mask=w_ok, other=0.0), x, "ieee", UPCAST_DOT)
         if ACT != 0:
             acc_up += dot(tl.load(u_ptrs, mask=w_ok, other=0.0), x, "ieee", UPCAST_DOT)
@@ -118,10 +102,6 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, G, H, R, GS, Y, S, sxm, sxk, swn, 
         w_ptrs += BLOCK_K * swk
         x_ptrs += BLOCK_K * sxk
     y_mask = n_ok[:, None] & m_ok[None, :]
-    if NORM != 0:
-        scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)[None, :]
-        acc *= scale
-        acc_up *= scale
     if PARTIAL:
         row = 2 * N if ACT != 0 else N
         y_ptrs = Y + pid_k * M * row + offs_m[None, :] * row + offs_n[:, None]
@@ -140,20 +120,15 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, G, H, R, GS, Y, S, sxm, sxk, swn, 
             r = tl.load(R + offs_m[None, :] * srm + offs_n[:, None] * srn, mask=y_mask, other=0.0)
             y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
         tl.store(Y + offs_m[None, :] * sym + offs_n[:, None] * syn, y, mask=y_mask)
-        if SCALED:
-            gs = tl.load(GS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(S + offs_m[None, :] * sym + offs_n[:, None] * syn, (y.to(tl.float32) * gs).to(y.dtype),
-                     mask=y_mask)
 
 
 @triton.jit
-def _sum_splits_kernel(P, B0, B1, B2, R, GS, Y, S, M, N, N1, N2, srm, srn, sym, syn, SPLIT_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, SCALED: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _sum_splits_kernel(P, B0, B1, B2, R, Y, M, N, N1, N2, srm, srn, sym, syn, SPLIT_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     """``Y = sum_s P[s] (+ B)``: the fp32 partials of a split reduction, cast to ``Y``'s dtype; ``B``
     stacks up to three biases as in :func:`_linear_kernel`. ``ACT > 0``: ``P`` holds the gate's and the
     up projection's partials side by side, and ``Y`` is the gated product. ``RESIDUAL``: ``R`` added
-    after the cast; ``SCALED``: ``Y`` also stored scaled by ``GS`` at ``S``."""
+    after the cast."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     m = offs // N
@@ -181,9 +156,7 @@ def _sum_splits_kernel(P, B0, B1, B2, R, GS, Y, S, M, N, N1, N2, srm, srn, sym, 
         r = tl.load(R + m * srm + n * srn, mask=ok, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
     tl.store(Y + m * sym + n * syn, y, mask=ok)
-    if SCALED:
-        gs = tl.load(GS + n, mask=ok, other=0.0).to(tl.float32)
-        tl.store(S + m * sym + n * syn, (y.to(tl.float32) * gs).to(y.dtype), mask=ok)
+
 
 
 MAX_GROUP = 3  # weights one launch can stack: a q/k/v projection
@@ -244,13 +217,6 @@ def supports_gate(x: torch.Tensor, weights: list[torch.Tensor], biases: list[tor
             and all(supports(x, [w], [b]) for w, b in zip(weights, biases)))
 
 
-def supports_norm(x: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Whether :func:`linear` can RMS-normalise ``x`` with ``scale`` on the way in: one contiguous
-    float scale per feature of ``x``."""
-    return (scale.dim() == 1 and scale.shape[0] == x.shape[-1] and scale.stride() == (1,)
-            and scale.dtype in (*_DTYPES, torch.float32) and scale.device == x.device)
-
-
 def supports_residual(x: torch.Tensor, rows: int, residual: torch.Tensor) -> bool:
     """Whether :func:`linear` can add ``residual`` to its ``[..., rows]`` result over ``x``: the result's
     shape (no broadcasting) and dtype."""
@@ -260,17 +226,13 @@ def supports_residual(x: torch.Tensor, rows: int, residual: torch.Tensor) -> boo
 
 def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], *,
            config: LinearConfig | None = None, act: str | None = None,
-           norm: tuple[torch.Tensor, float] | None = None, rms_of: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, scaled_by: torch.Tensor | None = None):
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` in one launch (two with
     a split reduction) through :func:`_linear_kernel`. With ``act`` (:data:`ACTIVATIONS`) and a gate
     and an up weight, a gated MLP's ``act(F.linear(x, w0, b0)) * F.linear(x, w1, b1)``: the gate
     applied where the GEMM stores its result, so it has no kernel of its own (``config.block_n``: the
-    rows of each weight per program). ``norm = (scale, eps)``: of ``x`` RMS-normalised first,
-    ``x * rsqrt(mean(x^2, -1) + eps) * scale`` (one split: each program needs whole rows' sums), or,
-    with ``rms_of``, of ``rms_of`` so normalised where ``x`` is ``rms_of * scale`` already (``scale`` then
-    unused here). ``residual``: added to the result. ``scaled_by``: also returns the result times it (per
-    feature): ``(y, y * scaled_by)``. Traceable host code (shapes must be static for the config choice)."""
+    rows of each weight per program). ``residual``: added to the result as it is stored. Traceable
+    host code (shapes must be static for the config choice)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -285,35 +247,27 @@ def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tens
         cfg = config or config_for(M, N, K, num_sms(x.device), (N1, N2))
         torch._check(N1 % cfg.block_n == 0 and N2 % cfg.block_n == 0 or len(sizes) == 1,
                      lambda: f"stacked weights {sizes} must split at multiples of {cfg.block_n} rows")
-    if norm is not None:
-        cfg = cfg._replace(split_k=1)
     ws = (weights + [weights[-1]] * MAX_GROUP)[:MAX_GROUP]
     has_bias = biases[0] is not None
     bs = (list(biases) + [biases[-1]] * MAX_GROUP)[:MAX_GROUP] if has_bias else ws
     gate = 0 if act is None else ACTIVATIONS[act]
     y = x.new_empty(M, N)
-    s = x.new_empty(M, N) if scaled_by is not None else y
     k_per_split = cdiv(cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = cdiv(K, k_per_split)
     grid = (cdiv(N, cfg.block_n), split_k, cdiv(M, cfg.block_m))
     partial = split_k > 1
     out = x.new_empty(split_k, M, 2 * N if gate else N, dtype=torch.float32) if partial else y
-    scale, eps = norm if norm is not None else (x2, 0.0)
-    h2 = rms_of.reshape(M, K) if rms_of is not None else x2
     r2 = residual.reshape(M, N) if residual is not None else y
-    gs = scaled_by if scaled_by is not None else x2
-    flags = dict(HAS_BIAS=has_bias, ACT=gate, RESIDUAL=residual is not None, SCALED=scaled_by is not None)
+    flags = dict(HAS_BIAS=has_bias, ACT=gate, RESIDUAL=residual is not None)
     wrap_triton(_linear_kernel)[grid](
-        x2, *ws, *bs, scale, h2, r2, gs, out, s, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1),
-        h2.stride(0), h2.stride(1), r2.stride(0), r2.stride(1), y.stride(0), y.stride(1), M, N, N1, N2, K,
-        k_per_split, eps, PARTIAL=partial, UPCAST_DOT=upcast_dot(x), EVEN_K=K % k_per_split == 0,
-        NORM=0 if norm is None else 2 if rms_of is not None else 1, **flags,
+        x2, *ws, *bs, r2, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1),
+        r2.stride(0), r2.stride(1), y.stride(0), y.stride(1), M, N, N1, N2, K, k_per_split,
+        PARTIAL=partial, UPCAST_DOT=upcast_dot(x), EVEN_K=K % k_per_split == 0, **flags,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if partial:
         block = 1024
         wrap_triton(_sum_splits_kernel)[(cdiv(M * N, block),)](
-            out, *bs, r2, gs, y, s, M, N, N1, N2, r2.stride(0), r2.stride(1), y.stride(0), y.stride(1),
+            out, *bs, r2, y, M, N, N1, N2, r2.stride(0), r2.stride(1), y.stride(0), y.stride(1),
             SPLIT_K=split_k, **flags, BLOCK=block, num_warps=4)
-    y = y.reshape(*x.shape[:-1], N)
-    return (y, s.reshape(*x.shape[:-1], N)) if scaled_by is not None else y
+    return y.reshape(*x.shape[:-1], N)

@@ -9,12 +9,13 @@ which becomes::
 
     h = torch.ops.fbcompile.linear_group(x, [w], [b], residual)
 
-Inductor fuses the add with the RMSNorm that follows it into one kernel of its own (2.1-2.4 us per
-layer and step for a 1.5B model on the H200, ``benchmarks/results/profile_lm_32k_b1_gated_h200.md``);
-with the add in the GEMM's epilogue the norm can in turn move into the next GEMM's prologue
-(:mod:`fbcompile.passes.norm_linears`), and the kernel is gone. Where it applies is
-:func:`fbcompile.passes.group_linears.pays`, the rule measured for the skinny-GEMM kernel; a residual of
-another shape or dtype (a broadcast), a linear used elsewhere, dynamic shapes, unsupported operands and
+Inductor fuses the add with the RMSNorm after it into one kernel, so the add costs no launch of its
+own; what this buys is the projection itself: at a block step's 32 rows fbcompile's skinny-GEMM kernel
+read the down projection in 11.7 us with the add against cuBLAS's 12.6 without, and o_proj in 5.6
+against 5.3 (H200, ``benchmarks/results/norm_linears_h200.md``). (Moving the RMSNorm too, into the
+next GEMM's load, was measured slower: same file.) Where it applies is
+:func:`fbcompile.passes.group_linears.pays`, the rule measured for that kernel; a residual of another
+shape or dtype (a broadcast), a linear used elsewhere, dynamic shapes, unsupported operands and
 autograd-recorded outputs are left as they are.
 """
 from __future__ import annotations
