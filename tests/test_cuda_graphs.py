@@ -478,7 +478,7 @@ def cache_histories(draw):
     return ["new"] + ops, draw(st.integers(0, 2 ** 16))
 
 
-@settings(max_examples=12, derandomize=True, database=None, deadline=None,
+@settings(max_examples=8, derandomize=True, database=None, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(history=cache_histories())
 @example(history=(["new", "step", "grow", "step", "grow", "write", "step", "grow", "step", "new", "grow", "step"], 0))
