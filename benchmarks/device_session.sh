@@ -15,7 +15,9 @@
 #   skinny_forms  the layer only: cuBLAS separate / fused vs the Triton kernel separate / grouped     (<= 150 s)
 #   group       the LM's block and exact mode at 32K, batch 1, with and without grouped linears (Config.group_linears) (<= 600 s)
 #   gated       the LM's block mode at 32K, batch 1, with and without Config.gated_linears; then the profile (<= 560 s)
-#   residual    the linear GPU tests; the LM's block mode at 32K, batch 1, with and without Config.residual_linears; the profile (<= 670 s)
+#   residual    the linear and CUDA-graph GPU tests; the LM's block mode at 32K, batch 1, with and without
+#               Config.residual_linears; the profile (<= 820 s)
+#   table       the LM's block and exact mode with CUDA graphs at 32K and 128K, batch 1 and 8 (the README's table) (<= 480 s)
 #   profile     where one block's time goes: block mode at 32K, batch 1, top 40 kernels (benchmarks/profile_block.py) (<= 240 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 set -u
@@ -68,8 +70,8 @@ for name in "${steps[@]}"; do
         step profile_32k_b1 160 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
             --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
     residual)
-        step tests_linear 150 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_triton_linear.py \
-            tests/test_residual_linears.py tests/test_gated_linears.py tests/test_group_linears.py
+        step tests_linear 300 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_triton_linear.py \
+            tests/test_residual_linears.py tests/test_gated_linears.py tests/test_group_linears.py tests/test_cuda_graphs.py
         step lm_32k_b1_residual 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
             --contexts 32k --batches 1 --variants block-ro --repeats 10 --out "$OUT/lm_32k_b1_residual"
         step lm_32k_b1_no_residual 170 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
@@ -77,6 +79,8 @@ for name in "${steps[@]}"; do
             --out "$OUT/lm_32k_b1_no_residual"
         step profile_32k_b1 150 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
             --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
+    table) step e2e_lm_table 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+        --contexts 32k,128k --batches 1,8 --variants block-ro,exact-ro --repeats 3 --out "$OUT/e2e_lm_table" ;;
     profile) step profile_32k_b1 240 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
         --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
     sparse)
