@@ -69,12 +69,39 @@ def lm(device: str):
 
 
 def tolerance(device: str) -> float:
-    """The exactness bound against the original model: fp32 on the CPU; on the GPU, bf16 on a model
-    whose bf16 forward is itself 1.0-1.6e-2 from its fp32 forward (measured on the CPU over seeds and 1-3
-    layers), so that two bf16 computations of it rounding differently (Inductor's fusions against eager:
-    1.1e-2) meet 1e-2 only by chance; 2e-2 there. A stale reuse or a wrong kernel is far outside it, and
-    replays are held to :func:`replay_tolerance` against the same model uncaptured."""
+    """The bound between two fbcompile runs that may round differently (graphs over a padded cache
+    against the same model without graphs): fp32 on the CPU, bf16 on the GPU (see :func:`exactness`)."""
     return 2e-2 if device == "cuda" else 1e-5
+
+
+_TWINS: dict = {}
+
+
+def truth_of(reference, x, cache, **kwargs):
+    """The original model's output in fp32 (its weights, cache and floating inputs upcast) on the same
+    inputs, or None where the reference is fp32 already (it is its own truth)."""
+    base = getattr(reference, "_orig_mod", reference)  # torch.compile's wrapper
+    if next(base.parameters()).dtype == torch.float32:
+        return None
+    twin = _TWINS.get(id(base))
+    if twin is None or twin[0] is not base:
+        twin = _TWINS[id(base)] = (base, copy.deepcopy(base).float())
+    up = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t  # noqa: E731
+    return twin[1](x, past_key_values=[tuple(up(t) for t in kv) for kv in cache],
+                   **{k: up(v) for k, v in kwargs.items()})[0]
+
+
+def exactness(got, expected, truth) -> tuple[float, float]:
+    """``(error, bound)`` of an exact-mode output against the original model's output ``expected``.
+    fp32 (``truth`` None): the relative error and 1e-5. bf16: this model's bf16 forward is itself
+    1.0-1.6e-2 from its fp32 forward (measured on the CPU over seeds and 1-3 layers), so two bf16
+    computations of it that round differently (Inductor's fusions against eager: 1.1e-2; fbcompile's
+    GEMMs against cuBLAS: 1.03e-2, measured) meet 1e-2 only by chance. Held instead to the fp32 truth:
+    no further from it than 1.5x the original's own distance plus 1e-3. A stale reuse or a wrong
+    kernel is far outside that (0.1-1)."""
+    if truth is None:
+        return rel_error(got, expected), 1e-5
+    return rel_error(got, truth), 1.5 * rel_error(expected, truth) + 1e-3
 
 
 def replay_tolerance(device: str) -> float:
@@ -127,13 +154,14 @@ def test_exact_mode_replays_and_matches_eager(how, device):
     else:
         model = torch.compile(model, backend=fbcompile.backend(mode="reduce-overhead", refresh="always"))
     cache, pos = random_cache(model, 0, batch=2), positions(model, batch=2)
-    got, expected = [], []
+    got, expected, truths = [], [], []
     for step in range(5):
         x = block_tokens(model, step, batch=2)
         got.append(model(x, past_key_values=cache, position_ids=pos)[0])
         expected.append(reference(x, past_key_values=cache, position_ids=pos)[0])
-    errors = [rel_error(g, e) for g, e in zip(got, expected)]
-    assert max(errors) < tolerance(device), errors
+        truths.append(truth_of(reference, x, cache, position_ids=pos))
+    checks = [exactness(g, e, t) for g, e, t in zip(got, expected, truths)]
+    assert all(err < bound for err, bound in checks), checks
     counts = fbcompile.stats(model).cuda_graphs
     assert counts.get("captures") == 1 and counts.get("replays") == 3, counts
 
@@ -157,7 +185,9 @@ def test_named_backend_reduce_overhead_reuses_under_replay(monkeypatch):
         x = block_tokens(reference, step)
         got = model(x, past_key_values=cache, position_ids=pos)[0]
         if step == 0:
-            assert rel_error(got, reference(x, past_key_values=cache, position_ids=pos)[0]) < 1e-2
+            err, bound = exactness(got, reference(x, past_key_values=cache, position_ids=pos)[0],
+                                   truth_of(reference, x, cache, position_ids=pos))
+            assert err < bound, (err, bound)
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (1, 4), stats
     assert stats.cuda_graphs.get("replays", 0) >= 2, stats.cuda_graphs
@@ -179,7 +209,9 @@ def test_replays_follow_the_guards(device):
             got = graphed(x, past_key_values=cache, position_ids=pos)[0]
             assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < replay_tolerance(device)
             if (step, which) in ((0, 0), (0, 1), (4, 0)):  # the refreshes: exact
-                assert rel_error(got, reference(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device)
+                err, bound = exactness(got, reference(x, past_key_values=cache, position_ids=pos)[0],
+                                       truth_of(reference, x, cache, position_ids=pos))
+                assert err < bound, (step, which, err, bound)
     stats = fbcompile.stats(graphed)
     assert stats.reuses == fbcompile.stats(plain).reuses == 9, stats
     assert stats.refresh_reasons == {"new kv": 2, "kv written in place": 1}, stats
@@ -329,7 +361,9 @@ def test_spare_capacity_sees_writes_and_new_tensors(device):
         got = graphed(x, past_key_values=cache, position_ids=pos)[0]
         assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device)
         if step % 2 == 0 or step == 5:
-            assert rel_error(got, reference(x, past_key_values=cache, position_ids=pos)[0]) < tolerance(device)
+            err, bound = exactness(got, reference(x, past_key_values=cache, position_ids=pos)[0],
+                                   truth_of(reference, x, cache, position_ids=pos))
+            assert err < bound, (step, err, bound)
     counts = fbcompile.stats(graphed).cuda_graphs
     assert counts.get("switched to spare capacity", 0) == 1, counts
     # the first dynamic-length graph switches at its second cache (the third): caches 3, 4 and the write
@@ -354,7 +388,9 @@ def test_cache_length_used_elsewhere_keeps_the_cache_uncaptured(device, form):
             mask = torch.rand(1, 1, x.shape[1], context + x.shape[1], generator=torch.Generator().manual_seed(block))
             kwargs = dict(position_ids=positions(reference, context), attention_mask=(mask > 0.2).to(device))
         got = graphed(x, past_key_values=cache, **kwargs)[0]
-        assert rel_error(got, reference(x, past_key_values=cache, **kwargs)[0]) < tolerance(device)
+        err, bound = exactness(got, reference(x, past_key_values=cache, **kwargs)[0],
+                               truth_of(reference, x, cache, **kwargs))
+        assert err < bound, (block, err, bound)
     counts = fbcompile.stats(graphed).cuda_graphs
     assert "switched to spare capacity" not in counts, counts
     assert counts.get("uncaptured (new cached keys/values)", 0) >= 2, counts
