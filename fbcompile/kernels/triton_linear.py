@@ -185,6 +185,26 @@ def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = (
     return LinearConfig(block_n, block_m, block_k, split_k, 4, 5 if block_m <= 32 else 3)
 
 
+def partials_splits(M: int, N: int, K: int, sms: int) -> int:
+    """How many slices of the reduction :func:`linear_partials` should take at ``M`` rows over an
+    ``[N, K]`` weight: enough that 64-row weight tiles fill the SMs about twice, each slice at least two
+    128-wide reduction tiles, at most 8 (Inductor's unrolled sum)."""
+    programs = cdiv(N, 64) * cdiv(M, 32)
+    splits = 1
+    while splits < 8 and programs * splits * 2 <= 2 * sms and K // (2 * splits) >= 2 * 128:
+        splits *= 2
+    return splits
+
+
+def partials_config_for(M: int, N: int, K: int, splits: int, sms: int, boundaries: tuple[int, ...] = ()) -> LinearConfig:
+    """The launch shape of :func:`linear_partials`: 64-row weight tiles (dividing the boundaries)."""
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n = 64
+    while block_n > 16 and any(b % block_n for b in boundaries):
+        block_n //= 2
+    return LinearConfig(block_n, block_m, 128, splits, 4, 5 if block_m <= 32 else 3)
+
+
 def gated_config_for(M: int, N: int, K: int, sms: int) -> LinearConfig:
     """The launch shape of a gated pair of ``[N, K]`` weights: that of the two stacked, each program
     reading its rows of both weights over half the reduction tile (the same shared memory per stage,
@@ -224,6 +244,33 @@ def supports_residual(x: torch.Tensor, rows: int, residual: torch.Tensor) -> boo
             and tuple(residual.shape) == (*x.shape[:-1], rows))
 
 
+def _launch(x2, weights, biases, out, y, residual, cfg, gate, split_k, N, N1, N2, partial):
+    """One launch of :func:`_linear_kernel` over ``split_k`` slices of the reduction: the result into
+    ``y``, or (``partial``) the fp32 partials into ``out``."""
+    M, K = x2.shape
+    ws = (weights + [weights[-1]] * MAX_GROUP)[:MAX_GROUP]
+    has_bias = biases[0] is not None
+    bs = (list(biases) + [biases[-1]] * MAX_GROUP)[:MAX_GROUP] if has_bias else ws
+    k_per_split = cdiv(cdiv(K, split_k), cfg.block_k) * cfg.block_k
+    r2 = residual if residual is not None else y
+    flags = dict(HAS_BIAS=has_bias, ACT=gate, RESIDUAL=residual is not None)
+    wrap_triton(_linear_kernel)[(cdiv(N, cfg.block_n), split_k, cdiv(M, cfg.block_m))](
+        x2, *ws, *bs, r2, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1),
+        r2.stride(0), r2.stride(1), y.stride(0), y.stride(1), M, N, N1, N2, K, k_per_split,
+        PARTIAL=partial, UPCAST_DOT=upcast_dot(x2), EVEN_K=K % k_per_split == 0, **flags,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return bs, r2, flags
+
+
+def _stack_bounds(sizes: list[int]) -> tuple[int, int, int]:
+    """``N`` and the boundaries ``N1``, ``N2`` of up to three stacked weights of ``sizes`` rows."""
+    N = sum(sizes)
+    N1 = sizes[0] if len(sizes) > 1 else N
+    N2 = N1 + sizes[1] if len(sizes) > 2 else N
+    return N, N1, N2
+
+
 def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None], *,
            config: LinearConfig | None = None, act: str | None = None,
            residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,33 +288,40 @@ def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tens
         N = N1 = N2 = sizes[0]
         cfg = config or gated_config_for(M, N, K, num_sms(x.device))
     else:
-        N = sum(sizes)
-        N1 = sizes[0] if len(sizes) > 1 else N
-        N2 = N1 + sizes[1] if len(sizes) > 2 else N
+        N, N1, N2 = _stack_bounds(sizes)
         cfg = config or config_for(M, N, K, num_sms(x.device), (N1, N2))
         torch._check(N1 % cfg.block_n == 0 and N2 % cfg.block_n == 0 or len(sizes) == 1,
                      lambda: f"stacked weights {sizes} must split at multiples of {cfg.block_n} rows")
-    ws = (weights + [weights[-1]] * MAX_GROUP)[:MAX_GROUP]
-    has_bias = biases[0] is not None
-    bs = (list(biases) + [biases[-1]] * MAX_GROUP)[:MAX_GROUP] if has_bias else ws
     gate = 0 if act is None else ACTIVATIONS[act]
     y = x.new_empty(M, N)
-    k_per_split = cdiv(cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k
-    split_k = cdiv(K, k_per_split)
-    grid = (cdiv(N, cfg.block_n), split_k, cdiv(M, cfg.block_m))
+    split_k = cdiv(K, cdiv(cdiv(K, cfg.split_k), cfg.block_k) * cfg.block_k)
     partial = split_k > 1
     out = x.new_empty(split_k, M, 2 * N if gate else N, dtype=torch.float32) if partial else y
-    r2 = residual.reshape(M, N) if residual is not None else y
-    flags = dict(HAS_BIAS=has_bias, ACT=gate, RESIDUAL=residual is not None)
-    wrap_triton(_linear_kernel)[grid](
-        x2, *ws, *bs, r2, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1),
-        r2.stride(0), r2.stride(1), y.stride(0), y.stride(1), M, N, N1, N2, K, k_per_split,
-        PARTIAL=partial, UPCAST_DOT=upcast_dot(x), EVEN_K=K % k_per_split == 0, **flags,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    r2 = residual.reshape(M, N) if residual is not None else None
+    bs, r2, flags = _launch(x2, weights, biases, out, y, r2, cfg, gate, split_k, N, N1, N2, partial)
     if partial:
         block = 1024
         wrap_triton(_sum_splits_kernel)[(cdiv(M * N, block),)](
             out, *bs, r2, y, M, N, N1, N2, r2.stride(0), r2.stride(1), y.stride(0), y.stride(1),
             SPLIT_K=split_k, **flags, BLOCK=block, num_warps=4)
     return y.reshape(*x.shape[:-1], N)
+
+
+def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int, *,
+                    config: LinearConfig | None = None) -> torch.Tensor:
+    """``torch.cat([F.linear(x, w) for w in weights], -1)`` as fp32 partial sums over ``splits`` slices
+    of the reduction (of whole ``block_k`` tiles), ``[splits, *x.shape[:-1], N]``, in one launch and
+    without the kernel that sums them: the caller's compiler sums them where it reads the result
+    (Inductor fuses a sum of up to 8 terms into the consumer's kernel), so a split reduction costs no
+    launch of its own. Slices past ``K`` hold zeros."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    sizes = [w.shape[0] for w in weights]
+    N, N1, N2 = _stack_bounds(sizes)
+    cfg = config or partials_config_for(M, N, K, splits, num_sms(x.device), (N1, N2))
+    torch._check(N1 % cfg.block_n == 0 and N2 % cfg.block_n == 0 or len(sizes) == 1,
+                 lambda: f"stacked weights {sizes} must split at multiples of {cfg.block_n} rows")
+    out = x.new_empty(splits, M, N, dtype=torch.float32)
+    _launch(x2, weights, [None], out, out[0], None, cfg._replace(split_k=splits), 0, splits, N, N1, N2, True)
+    return out.reshape(splits, *x.shape[:-1], N)

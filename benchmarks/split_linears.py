@@ -1,0 +1,169 @@
+"""Split reductions whose sum Inductor fuses into the consumer: is a skinny GEMM faster as fp32 partials?
+
+At a block's 32 rows a small projection costs ~5 µs however small (``skinny_linear_h200.md``): each
+program streams its weight rows through a long serial reduction. Splitting the reduction shortens that
+chain but needs a sum; as a kernel of its own (``_sum_splits_kernel``, ~1.9 µs in a graph) it ate the
+gain, except at the down projection. ``fbcompile::linear_partials`` leaves the sum to the graph, where
+Inductor folds a sum of up to 8 terms into the kernel that reads the result anyway (RoPE, add + RMSNorm).
+
+Two measurements, Qwen2-1.5B shapes, bf16, CUDA-graph replays over weight copies (read from HBM):
+
+1. the GEMM alone: ``linear`` at its default config (with its sum kernel where it splits) against
+   ``linear_partials`` over a grid of configs;
+2. the GEMM and its consumer under ``torch.compile``, as a block step runs them: q/k/v with RoPE into
+   the block's attention; o_proj and down with the residual add and the next RMSNorm. Today's form
+   (``linear_group``, the residual added in the store) against partials summed by Inductor.
+
+    PYTHONPATH=. python benchmarks/split_linears.py --out benchmarks/results/split_linears_h200.json
+    (TORCH_LOGS=output_code shows whether each sum fused)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+
+import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile)
+from fbcompile.kernels import triton_linear as tlin
+
+HIDDEN, INTER, Q_OUT, KV_OUT, HEADS, KV_HEADS, HEAD_DIM = 1536, 8960, 1536, 256, 12, 2, 128
+CASES = {"qkv": ((Q_OUT, KV_OUT, KV_OUT), HIDDEN), "o": ((HIDDEN,), Q_OUT), "down": ((HIDDEN,), INTER)}
+GRID = dict(block_n=(16, 32, 64), block_k=(64, 128), splits=(1, 2, 4, 8), num_stages=(5,))
+COPY_BYTES = 150_000_000  # weights per timed case: enough copies that they come from HBM, not L2
+
+
+def bench_us(fn, calls: int) -> float:
+    from triton.testing import do_bench_cudagraph
+    return do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3 / calls
+
+
+def weight_copies(sizes, k, dtype, device):
+    copies = max(4, -(-COPY_BYTES // (sum(sizes) * k * 2)))
+    return [[torch.randn(s, k, device=device, dtype=dtype) * 0.02 for s in sizes] for _ in range(copies)]
+
+
+def gemm_alone(m, dtype, device, rows):
+    for name, (sizes, k) in CASES.items():
+        ws = weight_copies(sizes, k, dtype, device)
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        ref = torch.cat([F.linear(x, w) for w in ws[0]], -1).float()
+        n = sum(sizes)
+        bounds = tuple(itertools.accumulate(sizes))[:-1]
+        none = [None] * len(sizes)
+        today = bench_us(lambda: [tlin.linear(x, w, none) for w in ws], len(ws))
+        cfg = tlin.config_for(m, n, k, 132, bounds)
+        rows.append(dict(part="gemm", case=name, form="linear (today)", config=cfg._asdict(), us=round(today, 2)))
+        print(rows[-1], flush=True)
+        results = []
+        for bn, bk, sp, st in itertools.product(*GRID.values()):
+            if any(b % bn for b in bounds) or k // sp < bk:
+                continue
+            c = tlin.LinearConfig(bn, 32 if m > 16 else 16, bk, sp, 4, st)
+            try:
+                err = ((tlin.linear_partials(x, ws[0], sp, config=c).sum(0) - ref).norm() / ref.norm()).item()
+                assert err < 1e-2, err
+                results.append((bench_us(lambda: [tlin.linear_partials(x, w, sp, config=c) for w in ws], len(ws)), c))
+            except Exception as e:  # configs over the shared memory or registers
+                print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+        results.sort(key=lambda r: r[0])
+        default = tlin.partials_config_for(m, n, k, tlin.partials_splits(m, n, k, 132), 132, bounds)
+        for us, c in results[:5] + [r for r in results if r[1] == default]:
+            rows.append(dict(part="gemm", case=name, form="partials", config=c._asdict(), us=round(us, 2),
+                             default=c == default))
+            print(rows[-1], flush=True)
+        del ws
+
+
+def rope(t, cos, sin):
+    t1, t2 = t.chunk(2, dim=-1)
+    return t * cos + torch.cat([-t2, t1], dim=-1) * sin
+
+
+def qkv_chain(partials: int):
+    """q/k/v (one launch, biases), RoPE from position ids, the block's attention over itself."""
+    def run(x, ws, bs, pos, inv_freq):
+        if partials:
+            y = (torch.ops.fbcompile.linear_partials(x, ws, partials).sum(0) + torch.cat(bs)).to(x.dtype)
+        else:
+            y = torch.ops.fbcompile.linear_group(x, ws, bs)
+        freqs = pos[:, :, None].float() * inv_freq
+        emb = torch.cat([freqs, freqs], -1)
+        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+        b, m = x.shape[:2]
+        q, k, v = y.split([Q_OUT, KV_OUT, KV_OUT], -1)
+        q = q.view(b, m, HEADS, HEAD_DIM).transpose(1, 2)
+        k = k.view(b, m, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        v = v.view(b, m, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        return torch.ops.fbcompile.attention_lse(rope(q, cos, sin), rope(k, cos, sin), v, None, HEAD_DIM ** -0.5)[0]
+    return run
+
+
+def norm_chain(partials: int):
+    """A projection, the residual add and the next RMSNorm (both outputs kept, as the layer keeps them)."""
+    def run(x, ws, h, norm_w):
+        if partials:
+            h = h + torch.ops.fbcompile.linear_partials(x, ws, partials).sum(0).to(x.dtype)
+        else:
+            h = torch.ops.fbcompile.linear_group(x, ws, [None], h)
+        hf = h.float()
+        return h, (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype) * norm_w
+    return run
+
+
+def chains(m, dtype, device, rows):
+    torch._dynamo.config.cache_size_limit = 64
+    for name, (sizes, k) in CASES.items():
+        ws = weight_copies(sizes, k, dtype, device)
+        x = torch.randn(1, m, k, device=device, dtype=dtype)
+        n = sum(sizes)
+        default = tlin.partials_splits(m, n, k, 132)
+        if name == "qkv":
+            bs = [torch.randn(s, device=device, dtype=dtype) * 0.02 for s in sizes]
+            pos = torch.arange(32768, 32768 + m, device=device)[None]
+            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
+            args = lambda w: (x, w, bs, pos, inv_freq)  # noqa: E731
+            make = qkv_chain
+        else:
+            h = torch.randn(1, m, HIDDEN, device=device, dtype=dtype)
+            norm_w = torch.randn(HIDDEN, device=device, dtype=dtype)
+            args = lambda w: (x, w, h, norm_w)  # noqa: E731
+            make = norm_chain
+        ref = None
+        for splits in [0] + sorted({2, 4, 8, default}):
+            fn = torch.compile(make(splits), fullgraph=True)
+            out = fn(*args(ws[0]))
+            out = out[-1] if isinstance(out, tuple) else out
+            ref = out.float() if ref is None else ref
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            us = bench_us(lambda: [fn(*args(w)) for w in ws], len(ws))
+            rows.append(dict(part="chain", case=name, form="today" if not splits else f"partials {splits}",
+                             default=splits == default, us=round(us, 2), rel_err_vs_today=err))
+            print(rows[-1], flush=True)
+        del ws
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--parts", default="gemm,chain")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    device, dtype = "cuda", torch.bfloat16
+    rows = []
+    if "gemm" in a.parts:
+        gemm_alone(a.rows, dtype, device, rows)
+    if "chain" in a.parts:
+        chains(a.rows, dtype, device, rows)
+    import triton
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                python=platform.python_version(), rows=a.rows, dtype="bfloat16")
+    with open(a.out, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
