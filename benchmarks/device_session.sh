@@ -17,6 +17,8 @@
 #   gated       the LM's block mode at 32K, batch 1, with and without Config.gated_linears; then the profile (<= 560 s)
 #   residual    the linear and CUDA-graph GPU tests; the LM's block mode at 32K, batch 1, with and without
 #               Config.residual_linears; the profile (<= 820 s)
+#   partials    the LM's block mode at 32K, batch 1, with and without Config.linear_partials; the profile (<= 520 s)
+#   tests_partials  the GPU tests of the linear passes, CUDA graphs and the attention kernels            (<= 360 s)
 #   table       the LM's block and exact mode with CUDA graphs at 32K and 128K, batch 1 and 8 (the README's table) (<= 480 s)
 #   profile     where one block's time goes: block mode at 32K, batch 1, top 40 kernels (benchmarks/profile_block.py) (<= 240 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
@@ -79,6 +81,17 @@ for name in "${steps[@]}"; do
             --out "$OUT/lm_32k_b1_no_residual"
         step profile_32k_b1 150 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
             --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
+    partials)
+        step lm_32k_b1_partials 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro --repeats 10 --out "$OUT/lm_32k_b1_partials"
+        step lm_32k_b1_no_partials 170 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+            --contexts 32k --batches 1 --variants block-ro --repeats 10 --config linear_partials=False \
+            --out "$OUT/lm_32k_b1_no_partials"
+        step profile_32k_b1 150 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
+            --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
+    tests_partials) step tests_partials 360 python -m pytest -q -p no:cacheprovider -p no:logging \
+        tests/test_linear_partials.py tests/test_triton_linear.py tests/test_residual_linears.py tests/test_cuda_graphs.py \
+        tests/test_triton_kernels.py tests/test_sparse_kernels.py ;;
     table) step e2e_lm_table 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
         --contexts 32k,128k --batches 1,8 --variants block-ro,exact-ro --repeats 3 --out "$OUT/e2e_lm_table" ;;
     profile) step profile_32k_b1 240 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \

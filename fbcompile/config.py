@@ -176,6 +176,10 @@ class Config:
         stores (``h + o_proj(a)``, ``h + down(m)``: :mod:`fbcompile.passes.residual_linears`), so those
         projections run on that kernel; ``False`` leaves the add to Inductor (with the RMSNorm after it)
         and the projections to cuBLAS.
+    linear_partials: where ``group_linears`` applies, split the reduction of those launches (not the
+        gated one) over more programs and leave the sum of their fp32 partials to the kernel that reads
+        the result (Inductor fuses it into the RoPE or the add + RMSNorm after it:
+        :mod:`fbcompile.passes.linear_partials`); ``False`` keeps one launch per GEMM with the sum in it.
     scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
         all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
         in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the
@@ -198,6 +202,7 @@ class Config:
     group_linears: bool = True
     gated_linears: bool = True
     residual_linears: bool = True
+    linear_partials: bool = True
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -223,7 +228,7 @@ class Config:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
-        for flag in ("cuda_graphs", "group_linears", "gated_linears", "residual_linears"):
+        for flag in ("cuda_graphs", "group_linears", "gated_linears", "residual_linears", "linear_partials"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"Config.{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:

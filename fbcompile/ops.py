@@ -359,6 +359,14 @@ def linear_partials_supported(x: torch.Tensor, weights: list[torch.Tensor]) -> b
     return triton_linear is not None and triton_linear.supports(x, weights, [None] * len(weights))
 
 
+def linear_partials_splits(x: torch.Tensor, weights: list[torch.Tensor]) -> int:
+    """How many partial sums :func:`linear_partials` should take for these operands (1: do not split)."""
+    if triton_linear is None or not x.is_cuda:
+        return 1
+    return triton_linear.partials_splits(x.shape.numel() // max(1, x.shape[-1]), sum(w.shape[0] for w in weights),
+                                         x.shape[-1], triton_linear.num_sms(x.device))
+
+
 @torch.library.triton_op("fbcompile::linear_partials", mutates_args=())
 def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int) -> torch.Tensor:
     """``cat([F.linear(x, w) for w in weights], -1)`` as fp32 partial sums over ``splits`` slices of

@@ -50,6 +50,9 @@ class Report:
             for role, residuals in g.residual_linears.items():
                 lines.append(f"graph {g.index} {role}: {len(residuals)} residual adds in the GEMM before them "
                              f"(first: {residuals[0]})")
+            for role, partials in g.linear_partials.items():
+                lines.append(f"graph {g.index} {role}: {len(partials)} GEMMs split, their partial sums added by "
+                             f"the kernels that read them (first: {partials[0]})")
         for g in self.graphs:
             if not g.rewritten:
                 continue

@@ -29,6 +29,7 @@ from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import copy_module
 from fbcompile.passes.gated_linears import gated_linears
 from fbcompile.passes.group_linears import group_linears
+from fbcompile.passes.linear_partials import linear_partials
 from fbcompile.passes.residual_linears import residual_linears
 from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
 from fbcompile.passes.key_count import add_key_count
@@ -77,7 +78,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     block, returned, are joined outside the graph: :func:`hoist_cache_cats`). ``record`` notes how the
     graph runs over a cache that moves (:attr:`GraphRecord.cuda_graphs`), which linears it groups
     (:func:`group_linears`), which gated MLPs apply their gate in their GEMM (:func:`gated_linears`), which
-    residual adds move into GEMM stores (:func:`residual_linears`) and
+    residual adds move into GEMM stores (:func:`residual_linears`), which split reductions their consumers
+    sum (:func:`linear_partials`) and
     whether Inductor failed on it, under ``role``. ``kept``: the indices of
     the cached parts the graph takes and of those it returns for the dispatcher to keep."""
     notes = record.cuda_graphs if record is not None else None
@@ -87,16 +89,20 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         gated = gated_linears(rewritten) if config.gated_linears else []  # first: it takes gate/up pairs
         groups = group_linears(rewritten) if config.group_linears else []
         residuals = residual_linears(rewritten) if config.residual_linears else []
-        if groups or gated or residuals:
+        partials = linear_partials(rewritten) if config.linear_partials else []  # last: it takes their launches
+        if groups or gated or residuals or partials:
             gm = rewritten
-            log.info("%s: %d groups of linears in one launch each, %d gated linears, %d residual adds in GEMMs",
-                     role, len(groups), len(gated), len(residuals))
+            log.info("%s: %d groups of linears in one launch each, %d gated linears, %d residual adds in GEMMs, "
+                     "%d split reductions summed by their consumers", role, len(groups), len(gated), len(residuals),
+                     len(partials))
         if record is not None and groups:
             record.linear_groups[role] = groups
         if record is not None and gated:
             record.gated_linears[role] = gated
         if record is not None and residuals:
             record.residual_linears[role] = residuals
+        if record is not None and partials:
+            record.linear_partials[role] = partials
     joins, key_count = [], None
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)

@@ -78,6 +78,7 @@ class GraphRecord:
     linear_groups: dict = field(default_factory=dict)  # role -> the linears it runs in one launch per group
     gated_linears: dict = field(default_factory=dict)  # role -> the gated MLPs whose GEMM applies their gate
     residual_linears: dict = field(default_factory=dict)  # role -> the residual adds moved into GEMM stores
+    linear_partials: dict = field(default_factory=dict)  # role -> the GEMMs whose split sum their consumer takes
     uncompiled: dict = field(default_factory=dict)  # role -> why Inductor could not compile it (runs as FX)
     split_sites: list[SiteCounters] = field(default_factory=list)  # per split site, graph order
     refreshes: int = 0

@@ -490,10 +490,17 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     return True
 
 
+def _unused(q: torch.Tensor) -> torch.Tensor:
+    """A placeholder for a pointer argument the kernel does not touch. Not ``q`` itself: under Inductor
+    each argument that names an uncomputed value (``q`` after RoPE) is realized as a buffer of its
+    own, so ``q`` in seven slots made its RoPE kernel store it eight times (measured on the H200)."""
+    return q.new_empty(1)
+
+
 def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
     """The mask as a strided ``[B, Hq, M, N]`` view (broadcast dims get stride 0, nothing is copied)."""
     if mask is None:
-        return q, (0, 0, 0, 0), False
+        return _unused(q), (0, 0, 0, 0), False
     B, Hq, M, _ = q.shape
     full = mask.expand(B, Hq, M, N)
     if full.dtype == torch.bool:
@@ -502,10 +509,11 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
 
 
 def _ext_args(q, out_ext, lse_ext):
-    """Pointers and strides of the optional external result to merge (``q`` when absent), and whether
-    there is one."""
+    """Pointers and strides of the optional external result to merge (placeholders when absent), and
+    whether there is one."""
     if out_ext is None:
-        return q, q, (0, 0, 0, 0), (0, 0, 0), False
+        unused = _unused(q)
+        return unused, unused, (0, 0, 0, 0), (0, 0, 0), False
     return out_ext, lse_ext, out_ext.stride(), lse_ext.stride(), True
 
 
@@ -558,7 +566,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
 
     Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
     in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
-    shapes, dtypes and devices only. Unused pointer arguments get ``q``, which no kernel writes.
+    shapes, dtypes and devices only. Unused pointer arguments get :func:`_unused`.
     """
     B, Hq, M, D = q.shape
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -574,15 +582,16 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
     ext = _ext_args(q, out_ext, lse_ext)
     split = num_splits > 1 or tiles is not None
-    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if split else (q, q)
-    chunk, chunk_lse, mass = 0, q, None
+    unused = _unused(q)
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if split else (unused, unused)
+    chunk, chunk_lse, mass = 0, unused, None
     if tiles is not None:
         chunk = math.gcd(tiles[0], cfg["BLOCK_N"])
         chunk_lse = torch.empty(B * Hkv, _cdiv(N, chunk), R, device=q.device, dtype=torch.float32)
         mass = (chunk_lse, tiles[1], tiles[0] // chunk)
     grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
-        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse, q if key_count is None else key_count,
+        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse, unused if key_count is None else key_count,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3], *out.stride()[:3],
         Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
@@ -681,11 +690,12 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
     num_splits = max(1, _cdiv(S, slots_per_split))
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
-    k_blk, v_blk, mask_blk = (q, q, None) if block is None else block
+    unused = _unused(q)
+    k_blk, v_blk, mask_blk = (unused, unused, None) if block is None else block
     NB = 0 if block is None else k_blk.shape[2]
     maskb_t, mbstr, maskb_bool = _mask_args(mask_blk, q, NB)
     ext = _ext_args(q, out_ext, lse_ext)
-    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if num_splits > 1 else (q, q)
+    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if num_splits > 1 else (unused, unused)
     wrap_triton(_sparse_attn_kernel)[(_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)](
         q, k, v, mask_t, idx, k_blk, v_blk, maskb_t, ext[0], ext[1], out, lse, o_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *idx.stride(),

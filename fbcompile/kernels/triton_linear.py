@@ -187,11 +187,13 @@ def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = (
 
 def partials_splits(M: int, N: int, K: int, sms: int) -> int:
     """How many slices of the reduction :func:`linear_partials` should take at ``M`` rows over an
-    ``[N, K]`` weight: enough that 64-row weight tiles fill the SMs about twice, each slice at least two
-    128-wide reduction tiles, at most 8 (Inductor's unrolled sum)."""
+    ``[N, K]`` weight: enough that 64-row weight tiles fill the SMs about once, each slice at least two
+    128-wide reduction tiles, at most 4 (Inductor unrolls a sum of up to 4 terms into the consumer's
+    kernel; 8 became a kernel of its own). At Qwen2-1.5B's q/k/v, o_proj and down: 4, the H200's best
+    (``benchmarks/results/split_linears_h200.md``)."""
     programs = cdiv(N, 64) * cdiv(M, 32)
     splits = 1
-    while splits < 8 and programs * splits * 2 <= 2 * sms and K // (2 * splits) >= 2 * 128:
+    while splits < 4 and programs * splits * 2 <= 2 * sms and K // (2 * splits) >= 2 * 128:
         splits *= 2
     return splits
 

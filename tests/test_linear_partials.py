@@ -1,0 +1,152 @@
+"""The partial-sums pass (``fbcompile.passes.linear_partials``): a grouped or residual GEMM becomes
+``fbcompile::linear_partials`` (fp32 partial sums over slices of the reduction) plus the sum, bias, cast
+and residual add as graph ops, for Inductor to fold into the kernel that reads the result.
+
+On the CPU the op computes each slice's product in fp32, so a rewrite is checked against the original
+graph within rounding (fp32: 1e-5; bf16: the cast of a sum taken in another order); on a GPU its
+Triton path. Forms: q/k/v with biases, o_proj and down with their residual, after the grouping,
+gating and residual passes; and what the pass must leave alone."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+import fbcompile
+from fbcompile.passes import gated_linears as gt
+from fbcompile.passes import group_linears as gl
+from fbcompile.passes import linear_partials as lp
+from fbcompile.passes import residual_linears as rl
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_group_linears import ALWAYS, BF16, _count, _traced  # noqa: E402
+from test_residual_linears import Layer  # noqa: E402
+
+GROUPED = (torch.ops.fbcompile.linear_group.default,)
+PARTIALS = (torch.ops.fbcompile.linear_partials.default,)
+GATED = (torch.ops.fbcompile.gated_linear.default,)
+
+
+def _rewritten(model, x, splits=4):
+    """The passes in the backend's order, forced on with ``splits`` partial sums: the graph, the pass's
+    lines, and the outputs before and after."""
+    gm, example_inputs = _traced(model, x)
+    with torch.no_grad():
+        before = gm(*example_inputs)
+        gt.gated_linears(gm, ALWAYS)
+        gl.group_linears(gm, ALWAYS)
+        rl.residual_linears(gm, ALWAYS)
+        lines = lp.linear_partials(gm, ALWAYS, lambda x, w: splits)
+        return gm, lines, before[0], gm(*example_inputs)[0], example_inputs
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape, splits", [((2, 8, 64), 4), ((1, 32, 64), 2), ((1, 5, 64), 3)])
+def test_grouped_and_residual_gemms_become_partial_sums(bias, shape, splits):
+    """bf16 (the kernels take half precision only: fp32 graphs keep their linears): within the rounding
+    of a bf16 forward, here <= 1.5x the original's own distance to the fp32 forward (+1e-3)."""
+    torch.manual_seed(sum(shape) + splits)
+    model = Layer("residual_second", bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        truth = model(x)
+    gm, lines, before, after, inputs = _rewritten(model.to(BF16), x.to(BF16), splits)
+    # q/k grouped (with their biases), o and down with their residual; the gated gate/up launch stays whole
+    assert len(lines) == 3 and all(f"over {splits} partial sums" in line for line in lines), lines
+    assert _count(gm, PARTIALS) == 3 and _count(gm, GROUPED) == 0 and _count(gm, GATED) == 1
+    assert after.dtype == before.dtype == BF16 and after.shape == before.shape
+    assert _rel(after, truth) <= 1.5 * _rel(before, truth) + 1e-3, (_rel(after, truth), _rel(before, truth))
+    # the sums matter: the first partial sum alone in place of each sum is far off
+    for node in gm.graph.find_nodes(op="call_function", target=torch.sum):
+        with gm.graph.inserting_before(node):
+            first = gm.graph.call_function(torch.select, (node.args[0], 0, 0))
+        node.replace_all_uses_with(first)
+    gm.recompile()
+    with torch.no_grad():
+        assert _rel(gm(*inputs)[0], truth) > 0.05
+
+
+def test_new_nodes_carry_example_values():
+    """Later passes (the CUDA-graph ones) read each node's example value."""
+    gm, lines, _, _, _ = _rewritten(Layer(bias=True).to(BF16), torch.randn(2, 8, 64, dtype=BF16))
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in PARTIALS:
+            assert node.meta["example_value"].shape == (4, 2, 8, node.meta["example_value"].shape[-1])
+            assert node.meta["example_value"].dtype == torch.float32
+            total = next(iter(node.users))
+            assert total.meta["example_value"].shape == node.meta["example_value"].shape[1:]
+
+
+def test_left_alone_where_it_does_not_split_or_pay():
+    """One partial sum (nothing to split), the default rule (CPU tensors: no), grad mode."""
+    x = torch.randn(2, 8, 64, dtype=BF16)
+    gm, lines, before, after, _ = _rewritten(Layer().to(BF16), x, splits=1)
+    assert lines == [] and _count(gm, PARTIALS) == 0 and torch.equal(after, before)
+    gm = _traced(Layer().to(BF16), x)[0]
+    gl.group_linears(gm, ALWAYS)
+    assert lp.linear_partials(gm) == []  # CPU: group_linears.pays says no, and the op would not split
+    seen = []
+    torch._dynamo.reset()
+    torch.compile(Layer().to(BF16), backend=lambda gm, _: seen.append(gm) or gm.forward)(x)
+    gl.group_linears(seen[0], ALWAYS)
+    assert lp.linear_partials(seen[0], ALWAYS, lambda x, w: 4) == []
+
+
+def test_optimize_reports_and_computes_the_same(monkeypatch):
+    """transformers' Qwen2 as it is, through the backend with the rules forced on (4 partial sums): per
+    layer q/k/v, o_proj and down split, the report says so, the logits are the model's within bf16
+    rounding; with ``linear_partials=False`` nothing splits."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(gl, "pays", ALWAYS)
+    monkeypatch.setattr(lp, "linear_partials_splits", lambda x, w: 4)
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    for on in (True, False):
+        torch.manual_seed(0)
+        model = transformers.Qwen2ForCausalLM(config).to(BF16).eval()
+        with torch.no_grad():
+            expected = model(ids).logits
+            opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager", linear_partials=on))
+            got = opt(ids).logits
+        report = fbcompile.explain(opt)
+        split = [line for g in report.graphs for lines in g.linear_partials.values() for line in lines]
+        assert len(split) == (6 if on else 0), split
+        assert ("their partial sums added by the kernels that read them" in str(report)) == on
+        assert _rel(got, expected) < 1e-2
+        if not on:
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_config_rejects_bad_linear_partials(value):
+    with pytest.raises(ValueError, match="Config.linear_partials"):
+        fbcompile.Config(linear_partials=value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_triton_path(bias):
+    """The Triton path (fp32 partials summed by the graph) against the original graph, at the default
+    number of partial sums for a 1.5B layer's shapes."""
+    model = Layer(bias=bias, h=1536, inter=8960).to("cuda", BF16)
+    x = torch.randn(1, 32, 1536, device="cuda", dtype=BF16)
+    gm, example_inputs = _traced(model, x)
+    with torch.no_grad():
+        before = gm(*example_inputs)[0]
+        gt.gated_linears(gm)
+        gl.group_linears(gm)
+        rl.residual_linears(gm)
+        lines = lp.linear_partials(gm)
+        after = gm(*example_inputs)[0]
+    if torch.cuda.get_device_capability()[0] != 9:
+        assert lines == []
+        return
+    assert len(lines) == 3 and all("over 4 partial sums" in line for line in lines), lines
+    assert _rel(after, before) < 1e-2
