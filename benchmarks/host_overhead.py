@@ -9,7 +9,7 @@ whose replay does nothing (the captured outputs stay as they were): what is time
 fbcompile's dispatcher and CUDA-graph bookkeeping, and the workload's own sampling ops.
 
 Per step kind (a block's refresh, its reuse steps): median µs per forward over ``--blocks`` blocks,
-and with ``--profile`` the top functions by own time (``cProfile``) over the reuse steps.
+and with ``--profile [reuse|refresh]`` the top functions by own time (``cProfile``) over those steps.
 
     PYTHONPATH=. python benchmarks/host_overhead.py --layers 28 --blocks 20 --profile
 """
@@ -39,7 +39,8 @@ def main():
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--blocks", type=int, default=20)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", nargs="?", const="reuse", choices=("reuse", "refresh"),
+                    help="profile the reuse steps (default) or the refresh steps")
     ap.add_argument("--sort", default="tottime", help="cProfile sort key (tottime, cumulative)")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -59,10 +60,11 @@ def main():
             for step in range(args.steps):
                 timed = block >= 3
                 t0 = time.perf_counter()
-                if timed and step and profiler:
+                profiled = timed and profiler and (step == 0) == (args.profile == "refresh")
+                if profiled:
                     profiler.enable()
                 model(x, past_key_values=cache, position_ids=pos)
-                if timed and step and profiler:
+                if profiled:
                     profiler.disable()
                 if timed:
                     times["refresh" if step == 0 else "reuse"].append((time.perf_counter() - t0) * 1e6)

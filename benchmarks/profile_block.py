@@ -46,7 +46,7 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
 
 
 def profile_variant(workload, built, variant: str, context: int, batch: int, warmup: int, top: int,
-                    sequence: int = 0) -> dict:
+                    sequence: int = 0, gaps: int = 0) -> dict:
     model = make_variant(variant, copy.deepcopy(built), "inductor")
     fb = variant in FBCOMPILE_VARIANTS
     block = workload.prepare(model, context, batch)
@@ -83,12 +83,23 @@ def profile_variant(workload, built, variant: str, context: int, batch: int, war
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:top]
     ordered = sorted(gpu, key=lambda e: e.time_range.start)[-sequence:] if sequence else []
     ends = [ordered[0].time_range.start] + [e.time_range.end for e in ordered[:-1]] if ordered else []
+    by_start = sorted(gpu, key=lambda e: e.time_range.start)
+    idle, busy_until = [], float("-inf")
+    for a, b in zip(by_start, by_start[1:]):
+        busy_until = max(busy_until, a.time_range.end)
+        idle.append((b.time_range.start - busy_until, a.name[:60], b.name[:60]))
+    idle = sorted(idle, reverse=True)[:gaps]
+    cpu_start = min((e.time_range.start for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU),
+                    default=None)
     row = dict(variant=variant, context=context, batch=batch, warmup_s=round(warm_s, 1),
                block_ms=round(wall * 1e3, 2), host_issue_ms=round(issued * 1e3, 2),
                gpu_busy_ms=round(busy_ms(intervals), 2), gpu_span_ms=round(span, 2), kernels=len(gpu),
                top=[dict(kernel=name, count=c, ms=round(ms, 3)) for name, (c, ms) in ranked],
                sequence=[dict(kernel=e.name[:90], us=round(e.time_range.elapsed_us(), 2),
-                              gap_us=round(e.time_range.start - end, 2)) for e, end in zip(ordered, ends)])
+                              gap_us=round(e.time_range.start - end, 2)) for e, end in zip(ordered, ends)],
+               gaps=[dict(idle_us=round(g, 1), after=a, before=b) for g, a, b in idle],
+               host_lead_ms=round((by_start[0].time_range.start - cpu_start) / 1e3, 3)
+               if by_start and cpu_start is not None else None)
     if fb:
         s = stats(model)
         row.update(refreshes=s.refreshes, reuses=s.reuses, cuda_graphs=dict(s.cuda_graphs or {}))
@@ -107,6 +118,8 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--sequence", type=int, default=0,
                    help="also list the block's last N GPU events in order, with the idle gap before each")
+    p.add_argument("--gaps", type=int, default=0,
+                   help="also list the block's N longest idle gaps on the GPU (and the host's lead before its first kernel)")
     p.add_argument("--tiny", action="store_true", help="small shapes, on the CPU (a check of the script)")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
@@ -121,9 +134,9 @@ def main(argv=None):
         built = w.build(device, dtype)
         for variant in args.variants.split(","):
             rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup, args.top,
-                                        args.sequence))
+                                        args.sequence, args.gaps))
             write(args.out, env, args, rows)
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("top", "sequence")}), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("top", "sequence", "gaps")}), flush=True)
 
 
 def write(out: str, env: dict, args, rows: list[dict]) -> None:
@@ -133,7 +146,7 @@ def write(out: str, env: dict, args, rows: list[dict]) -> None:
     lines = [f"# Where one block's time goes: {args.model}, context {args.context}, batch {args.batch}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     for r in rows:
-        head = {k: v for k, v in r.items() if k not in ("top", "sequence")}
+        head = {k: v for k, v in r.items() if k not in ("top", "sequence", "gaps")}
         lines += [f"## {r['variant']}", "", "    " + json.dumps(head), ""]
         lines += ["| kernel | count | ms |", "|---|---|---|"]
         lines += [f"| `{t['kernel']}` | {t['count']} | {t['ms']} |" for t in r["top"]] + [""]
@@ -141,6 +154,10 @@ def write(out: str, env: dict, args, rows: list[dict]) -> None:
             lines += [f"The block's last {len(r['sequence'])} GPU events in order:", "",
                       "| kernel | µs | idle before, µs |", "|---|---|---|"]
             lines += [f"| `{t['kernel']}` | {t['us']} | {t['gap_us']} |" for t in r["sequence"]] + [""]
+        if r.get("gaps"):
+            lines += [f"The block's {len(r['gaps'])} longest idle gaps on the GPU (the host's lead before its first "
+                      f"kernel: {r['host_lead_ms']} ms):", "", "| idle µs | after | before |", "|---|---|---|"]
+            lines += [f"| {g['idle_us']} | `{g['after']}` | `{g['before']}` |" for g in r["gaps"]] + [""]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines))
 
