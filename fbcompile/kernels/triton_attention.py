@@ -128,9 +128,12 @@ def _log2_sum(p_sum, m):
 def _store_in_register_layout(ptrs, values, mask):
     """``tl.store(ptrs, values, mask=mask, eviction_policy="evict_last")`` of fp32 ``values`` as an
     inline PTX store: Triton gives every ``tl.store`` a blocked layout of its own, so row values of a
-    ``tl.dot`` (a slice of the MMA layout) cross warps through shared memory first, with a barrier,
-    in the key loop; an elementwise asm op keeps the values where they are. Threads that hold the same
-    row store the same value to the same address. NVIDIA GPUs only (no interpreter)."""
+    ``tl.dot`` (a slice of the MMA layout) cross warps through shared memory in the key loop, where
+    ptxas then serialises the asynchronous MMAs (warning C7515 for sm90: ``benchmarks/chunk_lse_ttgir.py``);
+    an elementwise asm op keeps the values where they are. Threads that hold the same
+    row store the same value to the same address. NVIDIA GPUs only (no interpreter). Torch's analysis of
+    what a kernel writes cannot read it: :mod:`fbcompile.backends.kernel_analysis` has it analyse the
+    ``tl.store`` form."""
     tl.inline_asm_elementwise(
         """{
         .reg .pred ok;
