@@ -17,8 +17,11 @@ input sets of >= 240 MB, so the KV comes from HBM):
 Bandwidth: bytes of K/V read (all keys, or the selected tiles) per second. ``--tiny`` runs small
 shapes on the CPU (the reference path, wall-clock medians) as a smoke check of the script; with
 ``TRITON_INTERPRET=1`` the ``--sweep`` variants run the Triton kernels in the interpreter.
+``--chunk-store ptx,tl.store`` (GPU) times the refresh with tile masses once per way the attention kernel
+stores its chunk LSEs (inline PTX, the default on NVIDIA GPUs; ``tl.store``), against the plain kernel,
+in the graph and per kernel.
 
-    PYTHONPATH=. python benchmarks/sparse_attention.py --out DIR [--tiny] [--sweep]
+    PYTHONPATH=. python benchmarks/sparse_attention.py --out DIR [--tiny] [--sweep] [--chunk-store ptx,tl.store]
 """
 from __future__ import annotations
 
@@ -81,6 +84,7 @@ def kernel_us(fn, sets, rounds=5) -> dict:
 
 
 TILES_SWEEP = [dict(BLOCK_R=r, num_warps=w, num_stages=st) for r in (32, 64) for w in (4, 8) for st in (2, 3)]
+CHUNK_STORES = {"ptx": True, "tl.store": False}  # --chunk-store name -> the launcher's CHUNK_STORE_PTX
 
 
 def make_sets(n, device, tiny):
@@ -118,7 +122,29 @@ def checks(s) -> dict:
                 step512_out=err(step_out, rstep_out), step512_lse=err(step_lse, rstep_lse))
 
 
-def run_keys(n, device, tiny, sweep):
+def chunk_store_rows(sets, ta, external_us, stores) -> list:
+    """The refresh with tile masses per chunk-LSE store (plain launches): its time in the graph, its
+    overhead over the plain external attention, GPU µs per kernel and the tile masses' error."""
+    q, k, v = sets[0][:3]
+    scale = D**-0.5
+    ref_mass = fbops.reference.attention_lse_tiles(q, k, v, None, scale, TILE)[2]
+    rows = []
+    for store in stores:
+        def tiles(q, k, v, *_, ptx=CHUNK_STORES[store]):
+            tile_mass = torch.empty(q.shape[0], HKV, -(-k.shape[2] // TILE), device=q.device)
+            with set_wrap_triton_enabled(False):
+                ta._attention(q, k, v, None, scale, tiles=(TILE, tile_mass), CHUNK_STORE_PTX=ptx)
+            return tile_mass
+
+        mass = tiles(q, k, v)
+        us = time_us(tiles, sets)
+        rows.append(dict(store=store, tiles_us=us, overhead_pct=100 * (us / external_us - 1),
+                         kernels=kernel_us(tiles, sets),
+                         tile_mass_err=((mass.double() - ref_mass.double()).norm() / ref_mass.double().norm()).item()))
+    return rows
+
+
+def run_keys(n, device, tiny, sweep, chunk_stores=()):
     scale = D**-0.5
     sets = make_sets(n, device, tiny)
     row = dict(keys=n, sets=len(sets), errors=checks(sets[0]))
@@ -127,6 +153,9 @@ def run_keys(n, device, tiny, sweep):
     row["external_us"] = t(lambda q, k, v, *_: OPS.attention_lse(q, k, v, None, scale))
     row["tiles_us"] = t(lambda q, k, v, *_: OPS.attention_lse_tiles(q, k, v, None, scale, TILE))
     row["tiles_overhead_pct"] = 100 * (row["tiles_us"] / row["external_us"] - 1)
+    if chunk_stores and device == "cuda":
+        row["external_kernels"] = kernel_us(lambda q, k, v, *_: OPS.attention_lse(q, k, v, None, scale), sets)
+        row["chunk_stores"] = chunk_store_rows(sets, ta, row["external_us"], chunk_stores)
     if sweep and device == "cuda":  # where the tile masses' time goes, and kernel settings for them
         row["external_kernels"] = kernel_us(lambda q, k, v, *_: OPS.attention_lse(q, k, v, None, scale), sets)
         row["tiles_kernels"] = kernel_us(lambda q, k, v, *_: OPS.attention_lse_tiles(q, k, v, None, scale, TILE), sets)
@@ -243,6 +272,21 @@ def write(out_dir, meta, rows):
     if sweep:
         lines += ["", "| keys | fused step at 512, variant | µs | x FB |", "|---|---|---|---|"]
         lines += [f"| {n // 1024}K | {k[len('fused_step_'):-3]} | {us:.1f} | {x:.2f}x |" for n, k, us, x in sweep]
+    store_rows = [r for r in rows if "chunk_stores" in r]
+    if store_rows:
+        lines += ["", "Chunk-LSE stores of the tile masses (`--chunk-store`; plain launches; GPU µs per call by "
+                  "kernel from the profiler; overhead in the graph against the plain external attention):", "",
+                  "| keys | chunk store | in the graph µs (overhead) | `_attn_kernel` µs | `_reduce_kernel` µs "
+                  "| tile mass rel. error |", "|---|---|---|---|---|---|"]
+        for r in store_rows:
+            ext = r["external_kernels"]
+            lines.append(f"| {r['keys'] // 1024}K | none (plain kernel) | {r['external_us']:.1f} | "
+                         f"{ext.get('_attn_kernel', float('nan')):.2f} | {ext.get('_reduce_kernel', float('nan')):.2f} "
+                         "| - |")
+            lines += [f"| {r['keys'] // 1024}K | {c['store']} | {c['tiles_us']:.1f} ({c['overhead_pct']:+.1f}%) | "
+                      f"{c['kernels'].get('_attn_kernel', float('nan')):.2f} | "
+                      f"{c['kernels'].get('_reduce_kernel', float('nan')):.2f} | {c['tile_mass_err']:.1e} |"
+                      for c in r["chunk_stores"]]
     for r in rows:
         if "tiles_kernels" in r:
             lines += ["", f"{r['keys'] // 1024}K, GPU µs per call by kernel (profiler, plain launches): external "
@@ -269,14 +313,19 @@ def main():
     ap.add_argument("--keys", default=None, help="comma-separated cached-key counts (default 32K,128K)")
     ap.add_argument("--sweep", action="store_true", help="also time variants of the fused reuse step at 512")
     ap.add_argument("--tile", type=int, default=TILE, help=f"keys per KV tile (default {TILE}; fbcompile.Sparse's: 64)")
+    ap.add_argument("--chunk-store", default="", help="comma-separated chunk-LSE stores to time with the tile masses "
+                    f"(GPU): {', '.join(CHUNK_STORES)}")
     args = ap.parse_args()
+    chunk_stores = [x for x in args.chunk_store.split(",") if x]
+    if set(chunk_stores) - set(CHUNK_STORES):
+        ap.error(f"--chunk-store takes {', '.join(CHUNK_STORES)}")
     TILE = args.tile
     device = "cpu" if args.tiny else "cuda"
     torch.manual_seed(0)
     keys = [int(x) for x in args.keys.split(",")] if args.keys else TINY_KEYS if args.tiny else KEYS
     meta = dict(versions(device), tiny=args.tiny)
     t0 = time.time()
-    rows = [run_keys(n, device, args.tiny, SWEEP if args.sweep else []) for n in keys]
+    rows = [run_keys(n, device, args.tiny, SWEEP if args.sweep else [], chunk_stores) for n in keys]
     meta["seconds"] = round(time.time() - t0, 1)
     write(args.out, meta, rows)
 

@@ -377,6 +377,28 @@ def test_triton_attention_lse_tiles(tcase):
     torch.testing.assert_close(tile_mass.double().cpu(), dense_tile_mass(p, k.shape[1], tile), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not CUDA or fbops.triton_attention is None, reason="needs a GPU: Inductor compiles the kernels")
+def test_inductor_refresh_copies_no_input():
+    """The refresh compiled by Inductor launches its two kernels on the inputs themselves: the attention
+    kernel's chunk-LSE store by inline PTX is analysed as a ``tl.store`` (``fbcompile.backends.
+    kernel_analysis``); unread, it would count as writing every argument, and q, k, v be copied first."""
+    from torch._inductor.utils import run_and_get_code
+
+    case = (1, 12, 2, 32, 1000, 128, 64, "none")
+    q, k, v, _ = make_inputs(case, torch.bfloat16, DEVICE)
+    compiled = torch.compile(lambda q, k, v: OPS.attention_lse_tiles(q, k, v, None, 0.1, 64), backend="inductor",
+                             fullgraph=True)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        (out, lse, tile_mass), code = run_and_get_code(compiled, q, k, v)
+    src = "\n".join(code)
+    assert "_attn_kernel" in src and "_reduce_kernel" in src
+    assert "triton_poi" not in src and "clone" not in src and "copy_" not in src, src
+    exp_out, exp_lse, p = dense_attention(q.cpu(), k.cpu(), v.cpu(), None, 0.1)
+    check_attention(out, lse, exp_out, exp_lse, torch.bfloat16)
+    torch.testing.assert_close(tile_mass.double().cpu(), dense_tile_mass(p, k.shape[1], 64), rtol=1e-4, atol=1e-5)
+
+
 @in_process
 @pytest.mark.parametrize("tcase", TRITON_CASES, ids=triton_id)
 def test_triton_sparse_attention_lse(tcase):

@@ -10,6 +10,11 @@ Qwen2-1.5B-shaped LM on an H200: ``benchmarks/results/skinny_linear_h200.md``).
 The analysis depends on the kernel and on its arguments' types, dtypes, sizes, strides and values
 (and the TMA descriptors') only; :func:`install` caches it under exactly those, for kernels defined in ``fbcompile`` (other
 kernels are analysed as before). Arguments it cannot key exactly bypass the cache.
+
+The analysis cannot read stores made by inline PTX (``tl.inline_asm_elementwise``): it then takes every
+argument as written, and functionalization clones them all before the launch (the KV cache included).
+fbcompile kernels that store through inline PTX switch it with a constexpr (``_PTX_STORES``) between
+that and ``tl.store`` with the same accesses: they are analysed in their ``tl.store`` form.
 """
 from __future__ import annotations
 
@@ -40,9 +45,24 @@ def _argument_key(value):
     return None
 
 
+# Constexprs of fbcompile kernels that store through inline PTX instead of ``tl.store``.
+_PTX_STORES = ("CHUNK_STORE_PTX",)
+
+
+def _in_fbcompile(kernel) -> bool:
+    return (getattr(getattr(kernel, "fn", kernel), "__module__", None) or "").startswith("fbcompile.")
+
+
+def _as_tl_stores(kernel, kwargs: dict) -> dict:
+    """``kwargs`` with the kernel's inline-PTX stores switched to ``tl.store`` (same accesses)."""
+    if not _in_fbcompile(kernel) or not any(kwargs.get(name) for name in _PTX_STORES):
+        return kwargs
+    return dict(kwargs, **{name: False for name in _PTX_STORES if name in kwargs})
+
+
 def _key(kernel, kwargs: dict, rest: tuple):
     fn = getattr(kernel, "fn", kernel)
-    if not (getattr(fn, "__module__", None) or "").startswith("fbcompile."):
+    if not _in_fbcompile(kernel):
         return None
     parts = []
     for name in sorted(kwargs):
@@ -61,7 +81,7 @@ _ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")
 
 
 def install() -> None:
-    """Wrap the analysis this torch has with the cache; idempotent."""
+    """Wrap the analysis this torch has with the cache (and the ``tl.store`` forms); idempotent."""
     from torch._higher_order_ops import triton_kernel_wrap
 
     name = next((n for n in _ANALYSES if hasattr(triton_kernel_wrap, n)), None)
@@ -75,6 +95,7 @@ def install() -> None:
 
     @functools.wraps(original)
     def analysis(kernel, kwargs, *rest):
+        kwargs = _as_tl_stores(kernel, kwargs)
         key = _key(kernel, kwargs, rest)
         if key is None:
             return original(kernel, kwargs, *rest)

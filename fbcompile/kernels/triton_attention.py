@@ -34,6 +34,7 @@ from torch.library import wrap_triton
 from fbcompile.kernels.triton_common import cdiv as _cdiv
 from fbcompile.kernels.triton_common import dot
 from fbcompile.kernels.triton_common import num_sms as _num_sms
+from fbcompile.kernels.triton_common import ptx_asm
 from fbcompile.kernels.triton_common import upcast_dot
 
 _LOG2E = 1.4426950408889634
@@ -124,6 +125,28 @@ def _log2_sum(p_sum, m):
 
 
 @triton.jit
+def _store_in_register_layout(ptrs, values, mask):
+    """``tl.store(ptrs, values, mask=mask, eviction_policy="evict_last")`` of fp32 ``values`` as an
+    inline PTX store: Triton gives every ``tl.store`` a blocked layout of its own, so row values of a
+    ``tl.dot`` (a slice of the MMA layout) cross warps through shared memory in the key loop, where
+    ptxas then serialises the asynchronous MMAs (warning C7515 for sm90: ``benchmarks/chunk_lse_ttgir.py``);
+    an elementwise asm op keeps the values where they are. Threads that hold the same
+    row store the same value to the same address. NVIDIA GPUs only (no interpreter). Torch's analysis of
+    what a kernel writes cannot read it: :mod:`fbcompile.backends.kernel_analysis` has it analyse the
+    ``tl.store`` form."""
+    tl.inline_asm_elementwise(
+        """{
+        .reg .pred ok;
+        .reg .b64 policy;
+        setp.ne.b32 ok, $3, 0;
+        createpolicy.fractional.L2::evict_last.b64 policy, 1.0;
+        @ok st.global.L1::evict_last.L2::cache_hint.f32 [$1], $2, policy;
+        mov.b32 $0, 0;
+        }""",
+        "=r,l,f,r", [ptrs.to(tl.int64), values, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _attn_kernel(
     Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse, KeyCount,
     sqb, sqh, sqm, sqd,
@@ -137,13 +160,15 @@ def _attn_kernel(
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr, HAS_COUNT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr, CHUNK_STORE_PTX: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
     key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
     (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
     of ``BLOCK_N``) also writes the log2-LSE of every chunk of ``CHUNK`` keys per row, ``[B*Hkv, NC, R]``,
-    from the probabilities the softmax computes anyway: the tile scores cost no second KV read.
+    from the probabilities the softmax computes anyway: the tile scores cost no second KV read;
+    ``CHUNK_STORE_PTX`` stores them by :func:`_store_in_register_layout`, else by ``tl.store``.
     ``HAS_COUNT``: only the first ``KeyCount[0]`` of the ``N`` keys count (the rest is padding of a
     buffer with spare capacity), and the splits divide those keys, read on the device, among them."""
     pid_r = tl.program_id(0)
@@ -196,8 +221,12 @@ def _attn_kernel(
                 else:
                     p_sum = tl.sum(tl.where((offs_n // CHUNK == j)[None, :], p, 0.0), 1)
                 chunk = n0 // CHUNK + j + 0 * rows  # per row: the interpreter cannot `&` a scalar condition
-                tl.store(ChunkLse + (pid_bh * NC + chunk) * R + rows, _log2_sum(p_sum, m_safe),
-                         mask=row_ok & (chunk < NC), eviction_policy="evict_last")
+                chunk_ptrs = ChunkLse + (pid_bh * NC + chunk) * R + rows
+                if CHUNK_STORE_PTX:
+                    _store_in_register_layout(chunk_ptrs, _log2_sum(p_sum, m_safe), row_ok & (chunk < NC))
+                else:
+                    tl.store(chunk_ptrs, _log2_sum(p_sum, m_safe), mask=row_ok & (chunk < NC),
+                             eviction_policy="evict_last")
         if HAS_MASK:
             mask_ptrs += BLOCK_N * smn
         k_ptrs += BLOCK_N * skn
@@ -558,15 +587,17 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
 
 def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, key_count=None,
                **overrides):
-    """Shared launcher; ``overrides`` (``num_splits`` and any of the tile/warp settings) exist for the
-    tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)`` also fills ``tile_mass``
-    ``[B, Hkv, ceil(N / tile)]``: the attention kernel stores per-row log2-LSEs of key chunks of
-    ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch computes the masses).
+    """Shared launcher; ``overrides`` (``num_splits``, any of the tile/warp settings and
+    ``CHUNK_STORE_PTX``) exist for the tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)``
+    also fills ``tile_mass`` ``[B, Hkv, ceil(N / tile)]``: the attention kernel stores per-row log2-LSEs
+    of key chunks of ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch
+    computes the masses), through inline PTX where the device runs it (see :func:`_attn_kernel`).
     ``key_count`` (an int tensor of one element, on the device): only the first that many keys count.
 
     Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
     in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
-    shapes, dtypes and devices only. Unused pointer arguments get :func:`_unused`.
+    shapes, dtypes and devices only (and whether Triton interprets). Unused pointer arguments get
+    :func:`_unused`.
     """
     B, Hq, M, D = q.shape
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -577,6 +608,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     if B * Hq * M == 0:
         return out, lse
 
+    chunk_store_ptx = overrides.pop("CHUNK_STORE_PTX", ptx_asm(q))
     cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     mask_t, mstr, mask_bool = _mask_args(mask, q, N)
@@ -596,7 +628,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
         SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), CHUNK=chunk,
-        HAS_COUNT=key_count is not None, **cfg, **launch,
+        CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None, **cfg, **launch,
     )
     if split:
         _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass)
