@@ -31,6 +31,17 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.txt with its exi
     timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "rc=$?" >> "$OUT/$name.txt"
 }
+on_off() {  # on_off ON_NAME OFF_NAME CONFIG_FLAG VARIANTS SECONDS: the LM at 32K, batch 1, with the flag on and off
+    local on=$1 off=$2 flag=$3 variants=$4 limit=$5
+    step "$on" "$limit" python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+        --contexts 32k --batches 1 --variants "$variants" --repeats 10 --out "$OUT/$on"
+    step "$off" "$limit" python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
+        --contexts 32k --batches 1 --variants "$variants" --repeats 10 --config "$flag=False" --out "$OUT/$off"
+}
+profile() {  # profile SECONDS: where one block's time goes, block mode at 32K, batch 1
+    step profile_32k_b1 "$1" python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
+        --variants block-ro --top 40 --sequence 120 --gaps 20 --out "$OUT/profile_lm_32k_b1"
+}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests grow)
 for name in "${steps[@]}"; do
@@ -57,45 +68,22 @@ for name in "${steps[@]}"; do
         --out "$OUT/skinny_cases.json" ;;
     skinny_forms) step skinny_forms 150 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 \
         --forms separate,fused,triton,triton-grouped --out "$OUT/skinny_forms.json" ;;
-    group)
-        step lm_32k_b1_grouped 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro,exact-ro --repeats 10 --out "$OUT/lm_32k_b1_grouped"
-        step lm_32k_b1_separate 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro,exact-ro --repeats 10 --config group_linears=False \
-            --out "$OUT/lm_32k_b1_separate" ;;
-    gated)
-        step lm_32k_b1_gated 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 10 --out "$OUT/lm_32k_b1_gated"
-        step lm_32k_b1_ungated 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 10 --config gated_linears=False \
-            --out "$OUT/lm_32k_b1_ungated"
-        step profile_32k_b1 160 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
-            --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
+    group) on_off lm_32k_b1_grouped lm_32k_b1_separate group_linears block-ro,exact-ro 300 ;;
+    gated) on_off lm_32k_b1_gated lm_32k_b1_ungated gated_linears block-ro 200
+        profile 160 ;;
     residual)
         step tests_linear 300 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_triton_linear.py \
             tests/test_residual_linears.py tests/test_gated_linears.py tests/test_group_linears.py tests/test_cuda_graphs.py
-        step lm_32k_b1_residual 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 10 --out "$OUT/lm_32k_b1_residual"
-        step lm_32k_b1_no_residual 170 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 10 --config residual_linears=False \
-            --out "$OUT/lm_32k_b1_no_residual"
-        step profile_32k_b1 150 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
-            --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
-    partials)
-        step lm_32k_b1_partials 200 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 10 --out "$OUT/lm_32k_b1_partials"
-        step lm_32k_b1_no_partials 170 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-            --contexts 32k --batches 1 --variants block-ro --repeats 10 --config linear_partials=False \
-            --out "$OUT/lm_32k_b1_no_partials"
-        step profile_32k_b1 150 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
-            --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
+        on_off lm_32k_b1_residual lm_32k_b1_no_residual residual_linears block-ro 200
+        profile 150 ;;
+    partials) on_off lm_32k_b1_partials lm_32k_b1_no_partials linear_partials block-ro 200
+        profile 150 ;;
     tests_partials) step tests_partials 360 python -m pytest -q -p no:cacheprovider -p no:logging \
         tests/test_linear_partials.py tests/test_triton_linear.py tests/test_residual_linears.py tests/test_cuda_graphs.py \
         tests/test_triton_kernels.py tests/test_sparse_kernels.py ;;
     table) step e2e_lm_table 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
         --contexts 32k,128k --batches 1,8 --variants block-ro,exact-ro --repeats 3 --out "$OUT/e2e_lm_table" ;;
-    profile) step profile_32k_b1 240 python benchmarks/profile_block.py --model lm --context 32k --batch 1 \
-        --variants block-ro --top 40 --sequence 120 --out "$OUT/profile_lm_32k_b1" ;;
+    profile) profile 240 ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;

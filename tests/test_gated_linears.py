@@ -21,7 +21,7 @@ from fbcompile.passes import group_linears as gl
 from fbcompile.passes.graph_utils import LINEARS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_group_linears import ALWAYS, BF16, _count, _traced  # noqa: E402
+from test_group_linears import ALWAYS, BF16, _count, _traced, optimized_qwen2  # noqa: E402
 
 GATED = (torch.ops.fbcompile.gated_linear.default,)
 GROUPED = (torch.ops.fbcompile.linear_group.default,)
@@ -156,19 +156,9 @@ def test_optimize_reports_gated_linears_and_computes_the_same(monkeypatch):
     """transformers' Qwen2 as it is, through the backend with the rule forced on: every layer's gate_proj
     and up_proj apply the gate in their GEMM, the report says so, the logits are the model's; with
     ``gated_linears=False`` nothing is gated."""
-    transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(gl, "pays", ALWAYS)
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     for on in (True, False):
-        torch.manual_seed(0)
-        model = transformers.Qwen2ForCausalLM(config).to(BF16).eval()
-        with torch.no_grad():
-            expected = model(ids).logits
-            opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager", gated_linears=on))
-            got = opt(ids).logits
-        report = fbcompile.explain(opt)
+        expected, got, report = optimized_qwen2(gated_linears=on)
         gated = [line for g in report.graphs for lines in g.gated_linears.values() for line in lines]
         assert len(gated) == (2 if on else 0), gated
         assert ("gated MLPs" in str(report)) == on

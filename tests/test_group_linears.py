@@ -185,11 +185,10 @@ def test_gpu_rule_and_triton_path():
     torch.testing.assert_close(after, before, rtol=1e-2, atol=1e-2)
 
 
-def test_hf_qwen2_projections_grouped(monkeypatch):
-    """transformers' Qwen2 as it is: per layer q/k/v (with bias) and gate/up in one launch each (the gate left
-    to Inductor: with it, gate/up are the gated pass's, test_gated_linears)."""
+def optimized_qwen2(**fields):
+    """transformers' Qwen2 as it is (2 small layers, bf16, seeded): its logits, those of the model
+    optimized with ``Config(refresh="always", compiler="eager", **fields)``, and the report."""
     transformers = pytest.importorskip("transformers")
-    monkeypatch.setattr(gl, "pays", ALWAYS)
     config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
@@ -197,8 +196,16 @@ def test_hf_qwen2_projections_grouped(monkeypatch):
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).logits
-        opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager", gated_linears=False))
+        opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager", **fields))
         got = opt(ids).logits
-    groups = [line for g in fbcompile.explain(opt).graphs for lines in g.linear_groups.values() for line in lines]
+    return expected, got, fbcompile.explain(opt)
+
+
+def test_hf_qwen2_projections_grouped(monkeypatch):
+    """transformers' Qwen2 as it is: per layer q/k/v (with bias) and gate/up in one launch each (the gate left
+    to Inductor: with it, gate/up are the gated pass's, test_gated_linears)."""
+    monkeypatch.setattr(gl, "pays", ALWAYS)
+    expected, got, report = optimized_qwen2(gated_linears=False)
+    groups = [line for g in report.graphs for lines in g.linear_groups.values() for line in lines]
     assert sorted(line.split(" ")[0] for line in groups) == ["2", "2", "3", "3"], groups
     assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2

@@ -21,7 +21,7 @@ from fbcompile.passes import linear_partials as lp
 from fbcompile.passes import residual_linears as rl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_group_linears import ALWAYS, BF16, _count, _traced  # noqa: E402
+from test_group_linears import ALWAYS, BF16, _count, _traced, optimized_qwen2  # noqa: E402
 from test_residual_linears import Layer  # noqa: E402
 
 GROUPED = (torch.ops.fbcompile.linear_group.default,)
@@ -102,20 +102,10 @@ def test_optimize_reports_and_computes_the_same(monkeypatch):
     """transformers' Qwen2 as it is, through the backend with the rules forced on (4 partial sums): per
     layer q/k/v, o_proj and down split, the report says so, the logits are the model's within bf16
     rounding; with ``linear_partials=False`` nothing splits."""
-    transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(gl, "pays", ALWAYS)
     monkeypatch.setattr(lp, "linear_partials_splits", lambda x, w: 4)
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     for on in (True, False):
-        torch.manual_seed(0)
-        model = transformers.Qwen2ForCausalLM(config).to(BF16).eval()
-        with torch.no_grad():
-            expected = model(ids).logits
-            opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager", linear_partials=on))
-            got = opt(ids).logits
-        report = fbcompile.explain(opt)
+        expected, got, report = optimized_qwen2(linear_partials=on)
         split = [line for g in report.graphs for lines in g.linear_partials.values() for line in lines]
         assert len(split) == (6 if on else 0), split
         assert ("their partial sums added by the kernels that read them" in str(report)) == on

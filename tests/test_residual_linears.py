@@ -21,7 +21,7 @@ from fbcompile.passes import residual_linears as rl
 from fbcompile.passes.graph_utils import LINEARS
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_group_linears import ALWAYS, BF16, _count, _traced  # noqa: E402
+from test_group_linears import ALWAYS, BF16, _count, _traced, optimized_qwen2  # noqa: E402
 
 GROUPED = (torch.ops.fbcompile.linear_group.default,)
 
@@ -120,19 +120,9 @@ def test_optimize_reports_and_computes_the_same(monkeypatch):
     """transformers' Qwen2 as it is, through the backend with the rule forced on: per layer the o_proj
     and down_proj sums move, the report says so, the logits are the model's; with
     ``residual_linears=False`` nothing moves."""
-    transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(gl, "pays", ALWAYS)
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     for on in (True, False):
-        torch.manual_seed(0)
-        model = transformers.Qwen2ForCausalLM(config).to(BF16).eval()
-        with torch.no_grad():
-            expected = model(ids).logits
-            opt = fbcompile.optimize(model, fbcompile.Config(refresh="always", compiler="eager", residual_linears=on))
-            got = opt(ids).logits
-        report = fbcompile.explain(opt)
+        expected, got, report = optimized_qwen2(residual_linears=on)
         moved = [line for g in report.graphs for lines in g.residual_linears.values() for line in lines]
         assert len(moved) == (4 if on else 0), moved
         assert sorted(line.split("linear(")[1].split("_parameters")[0].rsplit("_", 1)[-1] for line in moved) == \
