@@ -6,7 +6,8 @@ GEMMs are bound by reading the weights once from HBM. cuBLAS reaches 27-39% of t
 projection becomes a dozen programs that cannot keep the memory system busy. This kernel tiles the
 *weight rows* instead (the operands swapped: ``y.T = w @ x.T``), in narrow tiles so that even small
 projections spread over all SMs, and splits long reductions (``K``) over programs whose fp32
-partials a second small kernel sums (with the bias and the cast).
+partials a second small kernel sums (with the bias and the cast), or (:func:`linear_partials`) the
+caller's graph sums where it reads the result.
 
 Configs are a function of ``(M, N, K)`` and the SM count only: no autotuning, no host syncs, so the
 launches trace (``torch.library.triton_op``) and are captured in CUDA graphs.
