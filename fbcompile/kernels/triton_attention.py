@@ -526,10 +526,11 @@ def _unused(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(1)
 
 
-def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
-    """The mask as a strided ``[B, Hq, M, N]`` view (broadcast dims get stride 0, nothing is copied)."""
+def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int, unused: torch.Tensor):
+    """The mask as a strided ``[B, Hq, M, N]`` view (broadcast dims get stride 0, nothing is copied);
+    ``unused`` (:func:`_unused`) when there is none."""
     if mask is None:
-        return _unused(q), (0, 0, 0, 0), False
+        return unused, (0, 0, 0, 0), False
     B, Hq, M, _ = q.shape
     full = mask.expand(B, Hq, M, N)
     if full.dtype == torch.bool:
@@ -537,11 +538,10 @@ def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int):
     return full, full.stride(), mask.dtype == torch.bool
 
 
-def _ext_args(q, out_ext, lse_ext):
-    """Pointers and strides of the optional external result to merge (placeholders when absent), and
+def _ext_args(out_ext, lse_ext, unused: torch.Tensor):
+    """Pointers and strides of the optional external result to merge (``unused`` when absent), and
     whether there is one."""
     if out_ext is None:
-        unused = _unused(q)
         return unused, unused, (0, 0, 0, 0), (0, 0, 0), False
     return out_ext, lse_ext, out_ext.stride(), lse_ext.stride(), True
 
@@ -611,10 +611,10 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     chunk_store_ptx = overrides.pop("CHUNK_STORE_PTX", ptx_asm(q))
     cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-    mask_t, mstr, mask_bool = _mask_args(mask, q, N)
-    ext = _ext_args(q, out_ext, lse_ext)
+    unused = _unused(q)  # one placeholder for every pointer argument this launch leaves unused
+    mask_t, mstr, mask_bool = _mask_args(mask, q, N, unused)
+    ext = _ext_args(out_ext, lse_ext, unused)
     split = num_splits > 1 or tiles is not None
-    unused = _unused(q)
     o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if split else (unused, unused)
     chunk, chunk_lse, mass = 0, unused, None
     if tiles is not None:
@@ -721,12 +721,12 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
         num_splits = max(1, 2 * _num_sms(q.device) // (B * Hkv * _cdiv(R, cfg["BLOCK_R"])))
     slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
     num_splits = max(1, _cdiv(S, slots_per_split))
-    mask_t, mstr, mask_bool = _mask_args(mask, q, N)
-    unused = _unused(q)
+    unused = _unused(q)  # one placeholder for every pointer argument this launch leaves unused
+    mask_t, mstr, mask_bool = _mask_args(mask, q, N, unused)
     k_blk, v_blk, mask_blk = (unused, unused, None) if block is None else block
     NB = 0 if block is None else k_blk.shape[2]
-    maskb_t, mbstr, maskb_bool = _mask_args(mask_blk, q, NB)
-    ext = _ext_args(q, out_ext, lse_ext)
+    maskb_t, mbstr, maskb_bool = _mask_args(mask_blk, q, NB, unused)
+    ext = _ext_args(out_ext, lse_ext, unused)
     o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if num_splits > 1 else (unused, unused)
     wrap_triton(_sparse_attn_kernel)[(_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)](
         q, k, v, mask_t, idx, k_blk, v_blk, maskb_t, ext[0], ext[1], out, lse, o_part, l_part,
