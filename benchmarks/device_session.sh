@@ -21,6 +21,8 @@
 #   tests_partials  the GPU tests of the linear passes, CUDA graphs and the attention kernels            (<= 360 s)
 #   table       the LM's block and exact mode with CUDA graphs at 32K and 128K, batch 1 and 8 (the README's table) (<= 480 s)
 #   profile     where one block's time goes: block mode at 32K, batch 1, top 40 kernels (benchmarks/profile_block.py) (<= 240 s)
+#   host        host time per forward, a block's refresh apart, with cProfile (block mode, 32K, batch 1); then
+#               where one block's time goes at batch 8                                              (<= 480 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
@@ -84,6 +86,11 @@ for name in "${steps[@]}"; do
     table) step e2e_lm_table 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
         --contexts 32k,128k --batches 1,8 --variants block-ro,exact-ro --repeats 3 --out "$OUT/e2e_lm_table" ;;
     profile) profile 240 ;;
+    host)
+        step host_32k_b1 240 python benchmarks/profile_block.py --model lm --context 32k --batch 1 --variants block-ro \
+            --host 10 --top 40 --out "$OUT/host_lm_32k_b1"
+        step profile_32k_b8 240 python benchmarks/profile_block.py --model lm --context 32k --batch 8 \
+            --variants block-ro --top 30 --gaps 10 --out "$OUT/profile_lm_32k_b8" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;

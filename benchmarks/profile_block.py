@@ -7,12 +7,18 @@ the kernels listed). One block of a workload of ``benchmarks/e2e.py`` after warm
 
     python benchmarks/profile_block.py --model lm --context 32k --batch 8 --variants block,exact,block-ro \
         --out benchmarks/results/profile_lm
+
+``--host BLOCKS`` measures the host instead: time per forward (a block's first apart) and cProfile.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import io
 import json
+import pstats
+import statistics
 import os
 import sys
 import time
@@ -108,6 +114,65 @@ def profile_variant(workload, built, variant: str, context: int, batch: int, war
     return row
 
 
+def host_variant(workload, built, variant: str, context: int, batch: int, warmup: int, blocks: int,
+                 top: int) -> dict:
+    """Host time per forward, a block's first (the refresh in block mode) apart from the others: from
+    the module's forward pre-hook to its forward hook (dynamo's guards, fbcompile's dispatcher, the
+    replay's bookkeeping; the GPU is not waited for). ``blocks`` timed blocks, then as many under
+    ``cProfile`` (own time per function, per kind of forward)."""
+    model = make_variant(variant, copy.deepcopy(built), "inductor")
+    fb = variant in FBCOMPILE_VARIANTS
+    block = workload.prepare(model, context, batch)
+    for _ in range(warmup):
+        if fb:
+            new_request(model)
+        block.run()
+    _sync()
+    times: dict[str, list[float]] = {"first": [], "other": []}
+    profiles = {"first": cProfile.Profile(), "other": cProfile.Profile()}
+    state = dict(index=0, t0=0.0, profile=False)
+
+    def kind() -> str:
+        return "first" if state["index"] == 0 else "other"
+
+    def before(module, args, kwargs=None):
+        if state["profile"]:
+            profiles[kind()].enable()
+        state["t0"] = time.perf_counter()
+
+    def after(module, args, output, kwargs=None):
+        elapsed = time.perf_counter() - state["t0"]
+        if state["profile"]:
+            profiles[kind()].disable()
+        else:
+            times[kind()].append(elapsed * 1e6)
+        state["index"] += 1
+
+    handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    try:
+        for profiled in (False, True):
+            state["profile"] = profiled
+            for _ in range(blocks):
+                if fb:
+                    new_request(model)
+                state["index"] = 0
+                block.run()
+                _sync()
+    finally:
+        for h in handles:
+            h.remove()
+    row = dict(variant=variant, context=context, batch=batch, blocks=blocks,
+               first_forward_us=round(statistics.median(times["first"]), 1),
+               other_forwards_us=round(statistics.median(times["other"]), 1))
+    for name, prof in profiles.items():
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+        row[f"profile_{name}"] = text.getvalue()
+    del model, block
+    torch._dynamo.reset()
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="lm")
@@ -120,6 +185,8 @@ def main(argv=None):
                    help="also list the block's last N GPU events in order, with the idle gap before each")
     p.add_argument("--gaps", type=int, default=0,
                    help="also list the block's N longest idle gaps on the GPU (and the host's lead before its first kernel)")
+    p.add_argument("--host", type=int, default=0, metavar="BLOCKS",
+                   help="instead: host time per forward (a block's first apart) over BLOCKS blocks, then cProfile")
     p.add_argument("--tiny", action="store_true", help="small shapes, on the CPU (a check of the script)")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
@@ -133,6 +200,12 @@ def main(argv=None):
     with torch.no_grad():
         built = w.build(device, dtype)
         for variant in args.variants.split(","):
+            if args.host:
+                rows.append(host_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup,
+                                         args.host, args.top))
+                write_host(args.out, env, args, rows)
+                print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("profile")}), flush=True)
+                continue
             rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup, args.top,
                                         args.sequence, args.gaps))
             write(args.out, env, args, rows)
@@ -158,6 +231,22 @@ def write(out: str, env: dict, args, rows: list[dict]) -> None:
             lines += [f"The block's {len(r['gaps'])} longest idle gaps on the GPU (the host's lead before its first "
                       f"kernel: {r['host_lead_ms']} ms):", "", "| idle µs | after | before |", "|---|---|---|"]
             lines += [f"| {g['idle_us']} | `{g['after']}` | `{g['before']}` |" for g in r["gaps"]] + [""]
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_host(out: str, env: dict, args, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(dict(env=env, model=args.model, rows=rows), f, indent=1)
+    lines = [f"# Host time per forward: {args.model}, context {args.context}, batch {args.batch}", ""]
+    lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
+    for r in rows:
+        lines += [f"## {r['variant']}", "", "    " + json.dumps({k: v for k, v in r.items()
+                                                              if not k.startswith("profile")}), ""]
+        for name in ("first", "other"):
+            lines += [f"cProfile, own time, the blocks' {name} forwards:", "", "```", r[f"profile_{name}"].strip(),
+                      "```", ""]
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines))
 
