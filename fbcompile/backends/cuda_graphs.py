@@ -17,7 +17,7 @@ refresh across calls. Here, per graph:
   place (seen at its first call from ``_version``; an inference tensor, whose writes cannot be seen,
   counts as one). Every other tensor the graph reads (the block's
   tokens, positions, the cached ``(O_e, L_e)`` of a reuse graph) is *copied* into the capture's own
-  buffers before each replay, all in one ``torch._foreach_copy_``: its address may change at every
+  buffers before each replay, in one ``torch._foreach_copy_`` per dtype: its address may change at every
   call. Inputs the graph does not read, or reads only the sizes of (a reuse graph's cached keys/values)
   are neither. A graph that returns ``cat(cached input, block)`` (an HF ``DynamicCache`` updated in
   the model) is captured returning the block, and the concatenation is made after each run, from the
@@ -50,7 +50,7 @@ refresh across calls. Here, per graph:
   else (positions computed from it, a mask over the cache) run uncaptured over new caches, counted in
   ``Stats.cuda_graphs`` as ``"uncaptured (new cached keys/values)"``.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
-  ``torch._foreach_copy_``), so neither the caller nor the dispatcher's cache holds memory a later
+  ``torch._foreach_copy_`` per dtype), so neither the caller nor the dispatcher's cache holds memory a later
   replay overwrites. A graph that returns a view of one of its inputs is not captured. The user's
   outputs go to fresh tensors. The parts the dispatcher keeps (a refresh's ``(O_e, L_e)``) go to
   *recycled* buffers: the first of this output's buffers that nothing holds any more (no tensor, no
@@ -292,9 +292,9 @@ class CapturedGraph:
                 warnings.warn(f"fbcompile: CUDA graphs were asked for, but the inputs are on "
                               f"{', '.join(sorted(devices))}: running without CUDA graphs", stacklevel=4)
             return self._uncaptured(args, self.uncapturable)
-        before = [_version(args[i]) for i in tensors]
+        before = [provenance.version(args[i]) for i in tensors]
         outputs = self._uncaptured(args, "first call")
-        self._written_inputs = {i for i, v in zip(tensors, before) if v is None or _version(args[i]) != v}
+        self._written_inputs = {i for i, v in zip(tensors, before) if v is None or provenance.version(args[i]) != v}
         self._lay_out(args)
         return outputs
 
@@ -304,7 +304,7 @@ class CapturedGraph:
         written = self._written_inputs
         self._by_address = [i for i in tensors
                             if i in self._static or i in written or isinstance(args[i], torch.nn.Parameter)]
-        self._written = [i for i in sorted(written) if _version(args[i]) is not None]
+        self._written = [i for i in sorted(written) if provenance.version(args[i]) is not None]
         self._writes = sorted(written)
         self._kv_slots = [j for j, i in enumerate(self._by_address) if i in self._kv]
         self._kept_slots = [j for j, i in enumerate(self._by_address) if i in self._kept_inputs]
@@ -344,8 +344,7 @@ class CapturedGraph:
         """Run ``args`` uncaptured (this call's result), then capture the graph over its own input buffers."""
         outputs = self.run(*args)
         buffers = [_buffer_like(args[i]) for i in self._copied]
-        if buffers:
-            torch._foreach_copy_(buffers, [_stored(args[i]) for i in self._copied])
+        _copy_all(buffers, [_stored(args[i]) for i in self._copied])
         static = list(args)
         for i, buffer in zip(self._copied, buffers):
             static[i] = buffer.expand(args[i].shape)
@@ -367,11 +366,10 @@ class CapturedGraph:
         return outputs
 
     def _replay(self, capture: Capture, args):
-        if capture.buffers:
-            torch._foreach_copy_(capture.buffers, [_stored(args[i]) for i in self._copied])
+        _copy_all(capture.buffers, [_stored(args[i]) for i in self._copied])
         capture.replay(args)
         for i in self._written:  # as the uncaptured graph would: guards and provenance read versions
-            torch.autograd.graph.increment_version(args[i])
+            torch.autograd.graph.incrementprovenance.version(args[i])
         self.session.cuda_graph_counts["replays"] += 1
         return self._copy_out(capture.outputs)
 
@@ -380,9 +378,8 @@ class CapturedGraph:
         tensors."""
         destinations = [(self._recycled_buffer(i, t) if i in self.kept_outputs else torch.empty_like(t))
                         if isinstance(t, torch.Tensor) else t for i, t in enumerate(outputs)]
-        pairs = [(d, t) for d, t in zip(destinations, outputs) if isinstance(t, torch.Tensor)]
-        if pairs:
-            torch._foreach_copy_(*map(list, zip(*pairs)))
+        tensors = [i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)]
+        _copy_all([destinations[i] for i in tensors], [outputs[i] for i in tensors])
         return type(outputs)(destinations)
 
     def _recycle(self, outputs):
@@ -393,7 +390,7 @@ class CapturedGraph:
         if not kept:
             return outputs
         buffers = [self._recycled_buffer(i, outputs[i]) for i in kept]
-        torch._foreach_copy_(buffers, [outputs[i] for i in kept])
+        _copy_all(buffers, [outputs[i] for i in kept])
         moved = list(outputs)
         for i, buffer in zip(kept, buffers):
             moved[i] = buffer
@@ -413,6 +410,20 @@ class CapturedGraph:
         pool.append(buffer)
         self.session.cuda_graph_counts["recycled buffers"] += 1
         return buffer.detach()
+
+
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for each pair, one ``torch._foreach_copy_`` per dtype: the foreach kernel takes all
+    tensors in one launch only if they share a dtype; a mixed list (a refresh's kept ``O_e`` in bf16 and
+    ``L_e`` in fp32) falls back to one copy per tensor, each a driver call (on the H200, ~7 µs of host
+    time each: 56 of them per refresh of a 28-layer model, ``host_lm_32k_b1_h200.md``)."""
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    for destination, source in zip(destinations, sources):
+        group = groups.setdefault(source.dtype, ([], []))
+        group[0].append(destination)
+        group[1].append(source)
+    for group in groups.values():
+        torch._foreach_copy_(*group)
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
@@ -446,10 +457,3 @@ def _static_sizes(example) -> bool:
     dynamo's guards check before the graph runs."""
     return isinstance(example, torch.Tensor) and all(
         isinstance(n, int) for n in (*example.shape, *example.stride()))
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return tensor._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None

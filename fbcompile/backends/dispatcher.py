@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from fbcompile.backends.policies import RefreshPolicy
-from fbcompile.backends.provenance import Content, external_contents
+from fbcompile.backends.provenance import Content, external_contents, version
 from fbcompile.backends.session import CacheEntry, GraphRecord, Session
 from fbcompile.passes.guards import SiteGuard
 from fbcompile.passes.reuse_external import OutputLayout
@@ -139,7 +139,8 @@ class SplitGraphDispatcher:
             session.refresh_reasons["training or grad mode"] += 1
             return self.refresh.outputs.user_outputs(self.refresh.run(*args))
         if session.committing:
-            return self._refresh(args, self._lookup(args)[0], "commit")
+            keys, _, _, seen = self._lookup(args)
+            return self._refresh(args, keys, "commit", seen)
         memo = self._memo
         if memo is not None and memo.generation == session.generation and \
                 all(ref() is args[i] for i, ref in memo.refs) and memo.signature == self._signature(args):
@@ -152,13 +153,13 @@ class SplitGraphDispatcher:
                 memo.signature = self._signature(args)
             return outputs
         memo = None  # what it holds may be stale: free for a refresh
-        keys, entries, reason = self._lookup(args)
+        keys, entries, reason, seen = self._lookup(args)
         if self.commits and not self._cropped(args):
             reason = "save pass"
         if reason is None:
             return self._reuse(args, entries)
         del entries  # stale: the memory they hold is free for the refresh's results
-        return self._refresh(args, keys, reason)
+        return self._refresh(args, keys, reason, seen)
 
     def _cropped(self, args) -> bool:
         """Is every cached tensor a crop of a concatenation an earlier call returned (HF ``DynamicCache``:
@@ -167,13 +168,15 @@ class SplitGraphDispatcher:
         marks it with :func:`fbcompile.commit`. Otherwise returning the block's keys/values commits it."""
         return all(c.inherited for guard in self.guards for c in external_contents(guard, args))
 
-    def _lookup(self, args) -> tuple[list, list[CacheEntry], str | None]:
-        """Every site's cache key and entry, and why a refresh is needed (None: every entry serves)."""
+    def _lookup(self, args) -> tuple[list, list[CacheEntry], str | None, list]:
+        """Every site's cache key and entry, why a refresh is needed (None: every entry serves), and
+        what was seen: per site, the contents of its KV tensors and their versions (:meth:`_keep`)."""
         cache = self.session.cache
-        keys, entries = [], []
+        keys, entries, seen = [], [], []
         reason = None
         for guard in self.guards:
             contents = external_contents(guard, args)
+            seen.append((contents, [version(args[j]) for j in guard.external]))
             key = (tuple(id(c.token) for c in contents), guard.occurrence, guard.computation)
             keys.append(key)
             if reason is not None:
@@ -185,7 +188,7 @@ class SplitGraphDispatcher:
                 if reason is not None:
                     break
             entries.append(entry)
-        return keys, entries, reason
+        return keys, entries, reason, seen
 
     def _step(self, entries: list[CacheEntry]) -> CompiledStep:
         return self.steps[min(entries[0].steps, len(self.steps) - 1)]
@@ -215,12 +218,12 @@ class SplitGraphDispatcher:
             self._memo = FastPathMemo(self.session.generation, self._signature(args), refs, cached, entries, shares)
         return layout.user_outputs(outputs)
 
-    def _refresh(self, args, keys: list, reason: str):
+    def _refresh(self, args, keys: list, reason: str, seen: list):
         positions = [_positions(guard, args) for guard in self.guards]  # before the graph advances them
         self._memo = None
         self.session.drop(keys)  # their buffers free: a captured refresh writes its results there again
         outputs = self.refresh.run(*args)
-        self._keep(args, keys, reason, self.refresh.outputs.parts(outputs), positions)
+        self._keep(args, keys, reason, self.refresh.outputs.parts(outputs), positions, seen)
         return self.refresh.outputs.user_outputs(outputs)
 
     def _signature(self, args) -> tuple:
@@ -233,15 +236,18 @@ class SplitGraphDispatcher:
             entry.steps += 1
             entry.versions = [c.version for c in external_contents(guard, args)]
 
-    def _keep(self, args, keys: list, reason: str, parts: list, positions: list) -> list[CacheEntry]:
-        """Count a refresh and keep every site's fresh external part."""
+    def _keep(self, args, keys: list, reason: str, parts: list, positions: list, seen: list) -> list[CacheEntry]:
+        """Count a refresh and keep every site's fresh external part, under the contents of its KV tensors
+        after the call: those ``seen`` by :meth:`_lookup` if their versions did not change since (a
+        content is a function of the tensor's identity and version), else read again."""
         session = self.session
         self.record.refreshes += 1
         session.refresh_reasons[reason] += 1
         log.debug("graph %d: refresh (%s)", self.record.index, reason)
         entries, unversioned = [], False
-        for guard, part, written_at in zip(self.guards, parts, positions):
-            contents = external_contents(guard, args)
+        for guard, part, written_at, (contents, before) in zip(self.guards, parts, positions, seen):
+            if any(version(args[j]) != v for j, v in zip(guard.external, before)):
+                contents = external_contents(guard, args)
             versions = [c.version for c in contents]
             unversioned = unversioned or None in versions  # inference tensors have no version counter
             entries.append(CacheEntry(sources=[weakref.ref(c.token) for c in contents], versions=versions,
@@ -265,13 +271,13 @@ class ProbeDispatcher(SplitGraphDispatcher):
     """Fidelity measurements: exact outputs (the refresh graph is a probe graph); the policy's
     refresh/reuse decision is simulated and every site's parts are shown to ``session.observer``."""
 
-    def _refresh(self, args, keys, reason):
+    def _refresh(self, args, keys, reason, seen):
         positions = [_positions(guard, args) for guard in self.guards]
         outputs = self.refresh.run(*args)
         parts = self.refresh.outputs.parts(outputs)
         for i, part in enumerate(parts):
             self.session.observer(self.record.index, i, 0, part, None, self.kv_heads[i])
-        self._keep(args, keys, reason, parts, positions)
+        self._keep(args, keys, reason, parts, positions, seen)
         return self.refresh.outputs.user_outputs(outputs)
 
     def _reuse(self, args, entries):
@@ -316,12 +322,12 @@ def _stale(entry: CacheEntry | None, contents: list[Content], guard: SiteGuard, 
         return guard.rewrites
     if entry is None:
         return "new kv"
-    for ref, version, shape, now, index in zip(entry.sources, entry.versions, entry.shapes, contents, guard.external):
+    for ref, kept, shape, now, index in zip(entry.sources, entry.versions, entry.shapes, contents, guard.external):
         if ref() is not now.token:  # the entry's content died and its token's id was recycled
             return "new kv"
-        if version is None:
+        if kept is None:
             return "kv is an inference tensor"
-        if now.version != version:
+        if now.version != kept:
             return "kv written in place"
         if args[index].shape != shape:
             return "kv shape changed"

@@ -76,7 +76,8 @@ def _own_token(tensor: torch.Tensor) -> ContentToken:
     return token
 
 
-def _version(tensor: torch.Tensor) -> int | None:
+def version(tensor: torch.Tensor) -> int | None:
+    """``tensor._version``; None for an inference tensor, which has no version counter."""
     try:
         return tensor._version
     except RuntimeError:  # inference tensors have no version counter
@@ -90,7 +91,7 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
 def _record_of(tensor: torch.Tensor) -> _CatRecord | None:
     """The live record of the concatenation ``tensor`` is a leading range of (None: none, or written since)."""
     record = _lookup(_records, _root(tensor))
-    if record is None or _version(tensor) != record.version:
+    if record is None or version(tensor) != record.version:
         return None
     size, dim = tuple(tensor.shape), record.dim
     if (tensor.storage_offset() != record.storage_offset or tensor.stride() != record.stride
@@ -106,7 +107,7 @@ def content(tensor: torch.Tensor, prefix: tuple[int, int] | None = None) -> Cont
         length = prefix[1] if prefix is not None and prefix[0] % tensor.dim() == record.dim else tensor.shape[record.dim]
         if length == record.offset:
             return record.source
-    return Content(_own_token(tensor), _version(tensor))
+    return Content(_own_token(tensor), version(tensor))
 
 
 def record(output, source, dim: int) -> None:
@@ -114,13 +115,13 @@ def record(output, source, dim: int) -> None:
     if not (isinstance(output, torch.Tensor) and isinstance(source, torch.Tensor)) or source.dim() != output.dim():
         return
     dim %= output.dim()
-    version = _version(output)
-    if version is None or source.shape[dim] == 0:
+    written = version(output)
+    if written is None or source.shape[dim] == 0:
         return
     found = content(source)
     _remember(_records, _root(output), _CatRecord(
         source=Content(found.token, found.version, inherited=True), dim=dim, offset=source.shape[dim],
-        version=version, storage_offset=output.storage_offset(), size=tuple(output.shape), stride=output.stride()))
+        version=written, storage_offset=output.storage_offset(), size=tuple(output.shape), stride=output.stride()))
 
 
 def split_hint(tensor) -> tuple[int, int] | None:
