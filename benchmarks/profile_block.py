@@ -114,12 +114,23 @@ def profile_variant(workload, built, variant: str, context: int, batch: int, war
     return row
 
 
+def _host_sections():
+    """``(class, method)`` pairs whose host time ``--host`` reports per kind of forward: the dispatcher's
+    steps, the CUDA-graph wrapper's, the session cache's, and the replay itself."""
+    from fbcompile.backends.cuda_graphs import CapturedGraph
+    from fbcompile.backends.dispatcher import SplitGraphDispatcher
+    from fbcompile.backends.session import Session
+    return ([(SplitGraphDispatcher, m) for m in ("__call__", "_lookup", "_refresh", "_keep", "_reuse", "_count_step")]
+            + [(CapturedGraph, m) for m in ("__call__", "_counted", "_key", "_replay", "_copy_out", "_recycle")]
+            + [(Session, m) for m in ("drop", "store")] + [(torch.cuda.CUDAGraph, "replay")])
+
+
 def host_variant(workload, built, variant: str, context: int, batch: int, warmup: int, blocks: int,
                  top: int) -> dict:
     """Host time per forward, a block's first (the refresh in block mode) apart from the others: from
     the module's forward pre-hook to its forward hook (dynamo's guards, fbcompile's dispatcher, the
-    replay's bookkeeping; the GPU is not waited for). ``blocks`` timed blocks, then as many under
-    ``cProfile`` (own time per function, per kind of forward)."""
+    replay's bookkeeping; the GPU is not waited for). ``blocks`` timed blocks; as many with the time
+    of each of :func:`_host_sections` summed; as many under ``cProfile`` (own time per function)."""
     model = make_variant(variant, copy.deepcopy(built), "inductor")
     fb = variant in FBCOMPILE_VARIANTS
     block = workload.prepare(model, context, batch)
@@ -129,41 +140,63 @@ def host_variant(workload, built, variant: str, context: int, batch: int, warmup
         block.run()
     _sync()
     times: dict[str, list[float]] = {"first": [], "other": []}
+    sections: dict[str, dict[str, float]] = {"first": {}, "other": {}}
     profiles = {"first": cProfile.Profile(), "other": cProfile.Profile()}
-    state = dict(index=0, t0=0.0, profile=False)
+    state = dict(index=0, t0=0.0, mode="plain")
 
     def kind() -> str:
         return "first" if state["index"] == 0 else "other"
 
     def before(module, args, kwargs=None):
-        if state["profile"]:
+        if state["mode"] == "profile":
             profiles[kind()].enable()
         state["t0"] = time.perf_counter()
 
     def after(module, args, output, kwargs=None):
         elapsed = time.perf_counter() - state["t0"]
-        if state["profile"]:
+        if state["mode"] == "profile":
             profiles[kind()].disable()
-        else:
+        elif state["mode"] == "plain":
             times[kind()].append(elapsed * 1e6)
         state["index"] += 1
 
+    def timed(name, method):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                into = sections[kind()]
+                into[name] = into.get(name, 0.0) + time.perf_counter() - t0
+        return run
+
     handles = [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
+    originals = [(cls, name, cls.__dict__[name]) for cls, name in _host_sections()]
     try:
-        for profiled in (False, True):
-            state["profile"] = profiled
+        for mode in ("plain", "sections", "profile"):
+            state["mode"] = mode
+            if mode == "sections":
+                for cls, name, method in originals:
+                    setattr(cls, name, timed(f"{cls.__name__}.{name}", method))
             for _ in range(blocks):
                 if fb:
                     new_request(model)
                 state["index"] = 0
                 block.run()
                 _sync()
+            for cls, name, method in originals:
+                setattr(cls, name, method)
     finally:
+        for cls, name, method in originals:
+            setattr(cls, name, method)
         for h in handles:
             h.remove()
+    per_block = {"first": blocks, "other": blocks * max(len(times["other"]) // max(len(times["first"]), 1), 1)}
     row = dict(variant=variant, context=context, batch=batch, blocks=blocks,
                first_forward_us=round(statistics.median(times["first"]), 1),
-               other_forwards_us=round(statistics.median(times["other"]), 1))
+               other_forwards_us=round(statistics.median(times["other"]), 1),
+               sections_us={k: {name: round(t / per_block[k] * 1e6, 1) for name, t in sorted(v.items())}
+                            for k, v in sections.items()})
     for name, prof in profiles.items():
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
@@ -243,7 +276,11 @@ def write_host(out: str, env: dict, args, rows: list[dict]) -> None:
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     for r in rows:
         lines += [f"## {r['variant']}", "", "    " + json.dumps({k: v for k, v in r.items()
-                                                              if not k.startswith("profile")}), ""]
+                                                              if not k.startswith("profile") and k != "sections_us"}), ""]
+        lines += ["Host µs per forward in each section (inclusive; nested sections counted in each):", "",
+                  "| section | block's first forward | each other forward |", "|---|---|---|"]
+        lines += [f"| `{name}` | {r['sections_us']['first'].get(name, 0)} | {r['sections_us']['other'].get(name, 0)} |"
+                  for name in sorted({*r["sections_us"]["first"], *r["sections_us"]["other"]})] + [""]
         for name in ("first", "other"):
             lines += [f"cProfile, own time, the blocks' {name} forwards:", "", "```", r[f"profile_{name}"].strip(),
                       "```", ""]
