@@ -72,6 +72,7 @@ provenance records, another graph's guards) sees the same as without CUDA graphs
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import OrderedDict
 from typing import Callable
@@ -153,8 +154,9 @@ class CapturedGraph:
                  kept_inputs: set[int] = frozenset(), kept_outputs: set[int] = frozenset()):
         self.run, self.session = run, session
         self.kept_outputs = set(kept_outputs)
-        self._recycled: dict[int, list[torch.Tensor]] = {}  # per kept output, its buffers
+        self._recycled: dict[int, list[RecycledBuffer]] = {}  # per kept output, its buffers
         self.key_count, self.joins = key_count, list(joins)
+        self._count: tuple | None = None  # ((length, device), the key count tensor of that length)
         self.spare = False  # the cached keys/values run from buffers with spare capacity
         self._spare: SpareBuffers | None = None
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -235,7 +237,9 @@ class CapturedGraph:
         if padded:
             args = self._into_spare(args, length, spare_capacity(length))
         device = args[self.key_count.padded[0].index].device
-        return (*args, torch.full((1,), length, dtype=torch.int32, device=device)), padded
+        if self._count is None or self._count[0] != (length, device):  # the graphs only read it
+            self._count = ((length, device), torch.full((1,), length, dtype=torch.int32, device=device))
+        return (*args, self._count[1]), padded
 
     def _into_spare(self, args, length: int, capacity: int) -> tuple:
         """``args`` with the cached keys/values in buffers of ``capacity`` (copied unless the buffers
@@ -312,6 +316,7 @@ class CapturedGraph:
         self._sized = [i for i in tensors + self._size_only if i in self._unguarded and isinstance(args[i], torch.Tensor)]
         self._kv_sized_slots = [j for j, i in enumerate(self._sized) if i in self._kv]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
+        self._pick = tuple(map(_picker, (self._by_address, self._sized, self._others)))
         self._last_key = self._key(args)
         self._seen[self._last_key] = None
 
@@ -332,9 +337,10 @@ class CapturedGraph:
 
     def _key(self, args) -> tuple:
         """Addresses of the by-address inputs, sizes of those dynamo's guards leave free, other arguments."""
-        return (tuple(args[i].data_ptr() for i in self._by_address),
-                tuple((a.shape, a.stride(), a.dtype) for a in map(args.__getitem__, self._sized)),
-                tuple(args[i] for i in self._others))
+        by_address, sized, others = self._pick
+        return (tuple(map(torch.Tensor.data_ptr, by_address(args))),
+                tuple((a.shape, a.stride(), a.dtype) for a in sized(args)),
+                others(args))
 
     def _uncaptured(self, args, reason: str):
         self.session.cuda_graph_counts[f"uncaptured ({reason})"] += 1
@@ -374,7 +380,7 @@ class CapturedGraph:
         return self._copy_out(capture.outputs)
 
     def _copy_out(self, outputs):
-        """``outputs`` copied (one foreach copy): the kept parts into recycled buffers, the rest into fresh
+        """``outputs`` copied (one foreach copy per dtype): the kept parts into recycled buffers, the rest into fresh
         tensors."""
         destinations = [(self._recycled_buffer(i, t) if i in self.kept_outputs else torch.empty_like(t))
                         if isinstance(t, torch.Tensor) else t for i, t in enumerate(outputs)]
@@ -401,22 +407,50 @@ class CapturedGraph:
         that nothing else holds, or of a new one (a fresh tensor once there are :data:`MAX_RECYCLED`)."""
         pool = self._recycled.setdefault(index, [])
         layout = (like.shape, like.stride(), like.dtype, like.device)
-        for buffer in pool:
-            if (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) == layout and _unheld(buffer):
-                return buffer.detach()
+        for recycled in pool:
+            if recycled.layout == layout and recycled.unheld():
+                return recycled.buffer.detach()
         buffer = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=like.device)
         if len(pool) >= MAX_RECYCLED:
             return buffer
-        pool.append(buffer)
+        pool.append(RecycledBuffer(layout, buffer))
         self.session.cuda_graph_counts["recycled buffers"] += 1
         return buffer.detach()
+
+
+class RecycledBuffer:
+    """A buffer for a kept output, handed out as aliases (``detach()``) while nothing else holds it."""
+
+    __slots__ = ("layout", "buffer", "_storage", "_alone")
+
+    def __init__(self, layout: tuple, buffer: torch.Tensor):
+        self.layout, self.buffer = layout, buffer
+        self._storage = buffer.untyped_storage()._cdata  # valid while ``buffer`` lives
+        # the storage's use count with nothing but the buffer (and, where torch keeps it, the storage's
+        # Python object made just now) holding it
+        self._alone = torch._C._storage_Use_Count(self._storage)
+
+    def unheld(self) -> bool:
+        """Whether nothing but the buffer holds its memory: no alias, view or storage object of it (the
+        storage's use count, read by address: making a storage object to ask costs more than the rest)."""
+        return torch._C._storage_Use_Count(self._storage) == self._alone
+
+
+def _picker(indices: list[int]) -> Callable[[tuple], tuple]:
+    """``lambda args: tuple(args[i] for i in indices)``, iterating in C (the key reads ~340 arguments of a
+    28-layer model per call)."""
+    if len(indices) == 1:
+        index = indices[0]
+        return lambda args: (args[index],)
+    return operator.itemgetter(*indices) if indices else (lambda args: ())
 
 
 def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     """``d.copy_(s)`` for each pair, one ``torch._foreach_copy_`` per dtype: the foreach kernel takes all
     tensors in one launch only if they share a dtype; a mixed list (a refresh's kept ``O_e`` in bf16 and
-    ``L_e`` in fp32) falls back to one copy per tensor, each a driver call (on the H200, ~7 µs of host
-    time each: 56 of them per refresh of a 28-layer model, ``host_lm_32k_b1_h200.md``)."""
+    ``L_e`` in fp32) falls back to one copy per tensor, each a driver call (a 28-layer model's refresh on
+    the H200: 56 copies, ~400 µs of host time, against ~100 µs for two foreach launches;
+    ``benchmarks/results/host_lm_32k_b1_h200.md``)."""
     groups: dict[torch.dtype, tuple[list, list]] = {}
     for destination, source in zip(destinations, sources):
         group = groups.setdefault(source.dtype, ([], []))
@@ -439,12 +473,6 @@ def _buffer_like(tensor: torch.Tensor) -> torch.Tensor:
     sizes and strides the graph was compiled for."""
     stored = _stored(tensor)
     return torch.empty_strided(stored.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
-
-
-def _unheld(buffer: torch.Tensor) -> bool:
-    """Whether nothing but ``buffer`` itself holds its memory: no other tensor or view of it (the
-    storage's use count: ``buffer`` and the wrapper made to ask)."""
-    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata) == 2
 
 
 def _marked_static(node: fx.Node) -> bool:

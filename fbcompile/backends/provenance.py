@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +33,9 @@ class ContentToken:
     __slots__ = ("__weakref__",)
 
 
-@dataclass(frozen=True, slots=True)
-class Content:
-    """A content token at a version (None: an inference tensor, which has no version counter)."""
+class Content(NamedTuple):
+    """A content token at a version (None: an inference tensor, which has no version counter); a
+    named tuple, as one is made per cached tensor per call."""
 
     token: ContentToken
     version: int | None
@@ -102,7 +103,7 @@ def _record_of(tensor: torch.Tensor) -> _CatRecord | None:
 
 def content(tensor: torch.Tensor, prefix: tuple[int, int] | None = None) -> Content:
     """The content of ``tensor`` (``prefix = (dim, length)``: of its first ``length`` positions along ``dim``)."""
-    record = _record_of(tensor)
+    record = _record_of(tensor) if _records else None
     if record is not None:
         length = prefix[1] if prefix is not None and prefix[0] % tensor.dim() == record.dim else tensor.shape[record.dim]
         if length == record.offset:
