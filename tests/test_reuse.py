@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fbcompile
+from fbcompile.backends.compiler import AUTOGRAD
 from fbcompile.kernels import reference
 from attention_zoo import ZooSpec, build, make_inputs, rel_error
 
@@ -191,6 +192,28 @@ def test_train_mode_and_grad_never_reuse():
     got = model(x2, past_k, past_v)  # grad enabled
     assert rel_error(got, plain(x2, past_k, past_v)) < 1e-5
     assert fbcompile.stats(model).reuses == 0
+
+
+def test_autograd_calls_run_unsplit_and_differentiate():
+    """A call with autograd on (fine-tuning through an optimized model, or a forgotten torch.no_grad())
+    runs the graph as it is, so a backward works and gives the plain model's gradients; the report says
+    why the sites were skipped; calls under no_grad still split and reuse."""
+    spec = ZooSpec(mask="none")
+    plain, model = _layer(spec)
+    x, past_k, past_v, _ = make_inputs(spec, seed=13)
+    for m in (plain, model):
+        m(x, past_k, past_v).square().sum().backward()
+    grads = [(name, p.grad, q.grad) for (name, p), q in zip(plain.named_parameters(), model.parameters())]
+    assert any(g is not None for _, g, _ in grads)
+    for name, expected, got in grads:
+        assert (got is None) == (expected is None) and (got is None or rel_error(got, expected) < 1e-5), name
+    report = fbcompile.explain(model)
+    assert report.sites and all(s["decision"] == f"skipped: {AUTOGRAD}" for s in report.sites)
+    with torch.no_grad():
+        got = model(x, past_k, past_v)  # a refresh of the split graph: exact
+        assert rel_error(got, plain(x, past_k, past_v)) < 1e-5
+        model(x + 0.01, past_k, past_v)
+    assert fbcompile.stats(model).reuses == 1 and fbcompile.explain(model).rewritten
 
 
 @torch.no_grad()

@@ -176,9 +176,14 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats)
 
 
+AUTOGRAD = "autograd on (training, or called without torch.no_grad()): the graph compiled as it is"
+
+
 def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, returns_cat: bool):
     config = session.config
     code_before = gm.code
+    if torch.is_grad_enabled():
+        return _compile_for_autograd(session, gm, example_inputs)
     sites = _sites(gm, example_inputs)
     record = session.new_graph([s.describe() for s in sites], code_before)
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
@@ -221,6 +226,24 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
     return dispatcher(session, record, plan.guards, _compiled(plan.refresh, example_inputs, session, kv,
                                                               record, "refresh"), steps,
                       policies, [h.kv for h in plan.heads], commits=plan.commits)
+
+
+def _compile_for_autograd(session: Session, gm: fx.GraphModule, example_inputs: list):
+    """A graph dynamo traced with autograd on, which it only calls with autograd on (it guards on the
+    grad mode): nothing is reused there, and a backward may follow, which fbcompile's ops do not have.
+    So no pass touches it: Inductor compiles it as ``torch.compile`` would, and the report shows its
+    attention sites as skipped, with :data:`AUTOGRAD` as the reason."""
+    sites = find_attention_sites(gm)
+    for site in sites:
+        site.reason = site.reason or AUTOGRAD
+    record = session.new_graph([s.describe() for s in sites], gm.code)
+    record.no_reuse = AUTOGRAD
+    log.info("graph %d: %s", record.index, AUTOGRAD)
+    if session.config.compiler == "eager":
+        return gm.forward
+    from torch._inductor import compile_fx
+
+    return compile_fx.compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
 
 
 RECOMPILES_PER_LAYER = 8  # dynamo's own default budget per frame
