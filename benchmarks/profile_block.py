@@ -236,54 +236,58 @@ def main(argv=None):
             if args.host:
                 rows.append(host_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup,
                                          args.host, args.top))
-                write_host(args.out, env, args, rows)
-                print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("profile")}), flush=True)
-                continue
-            rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup, args.top,
-                                        args.sequence, args.gaps))
+            else:
+                rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup,
+                                            args.top, args.sequence, args.gaps))
             write(args.out, env, args, rows)
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("top", "sequence", "gaps")}), flush=True)
+            print(json.dumps(summary(rows[-1])), flush=True)
+
+
+SUMMARY_SKIPS = ("top", "sequence", "gaps", "sections_us", "profile_first", "profile_other")  # long fields
+
+
+def summary(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in SUMMARY_SKIPS}
+
+
+def block_lines(r: dict) -> list[str]:
+    """A profiled variant's markdown: its summary, top kernels, event sequence and idle gaps."""
+    lines = [f"## {r['variant']}", "", "    " + json.dumps(summary(r)), ""]
+    lines += ["| kernel | count | ms |", "|---|---|---|"]
+    lines += [f"| `{t['kernel']}` | {t['count']} | {t['ms']} |" for t in r["top"]] + [""]
+    if r.get("sequence"):
+        lines += [f"The block's last {len(r['sequence'])} GPU events in order:", "",
+                  "| kernel | µs | idle before, µs |", "|---|---|---|"]
+        lines += [f"| `{t['kernel']}` | {t['us']} | {t['gap_us']} |" for t in r["sequence"]] + [""]
+    if r.get("gaps"):
+        lines += [f"The block's {len(r['gaps'])} longest idle gaps on the GPU (the host's lead before its first "
+                  f"kernel: {r['host_lead_ms']} ms):", "", "| idle µs | after | before |", "|---|---|---|"]
+        lines += [f"| {g['idle_us']} | `{g['after']}` | `{g['before']}` |" for g in r["gaps"]] + [""]
+    return lines
+
+
+def host_lines(r: dict) -> list[str]:
+    """A ``--host`` variant's markdown: its summary, host time per section, cProfile listings."""
+    first, other = r["sections_us"]["first"], r["sections_us"]["other"]
+    lines = [f"## {r['variant']}", "", "    " + json.dumps(summary(r)), ""]
+    lines += ["Host µs per forward in each section (inclusive; nested sections counted in each):", "",
+              "| section | block's first forward | each other forward |", "|---|---|---|"]
+    lines += [f"| `{name}` | {first.get(name, 0)} | {other.get(name, 0)} |" for name in sorted({*first, *other})]
+    for name in ("first", "other"):
+        lines += ["", f"cProfile, own time, the blocks' {name} forwards:", "", "```", r[f"profile_{name}"].strip(), "```"]
+    return lines + [""]
 
 
 def write(out: str, env: dict, args, rows: list[dict]) -> None:
+    """``rows`` as ``out.json`` and ``out.md``."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump(dict(env=env, model=args.model, rows=rows), f, indent=1)
-    lines = [f"# Where one block's time goes: {args.model}, context {args.context}, batch {args.batch}", ""]
+    title = "Host time per forward" if args.host else "Where one block's time goes"
+    lines = [f"# {title}: {args.model}, context {args.context}, batch {args.batch}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     for r in rows:
-        head = {k: v for k, v in r.items() if k not in ("top", "sequence", "gaps")}
-        lines += [f"## {r['variant']}", "", "    " + json.dumps(head), ""]
-        lines += ["| kernel | count | ms |", "|---|---|---|"]
-        lines += [f"| `{t['kernel']}` | {t['count']} | {t['ms']} |" for t in r["top"]] + [""]
-        if r.get("sequence"):
-            lines += [f"The block's last {len(r['sequence'])} GPU events in order:", "",
-                      "| kernel | µs | idle before, µs |", "|---|---|---|"]
-            lines += [f"| `{t['kernel']}` | {t['us']} | {t['gap_us']} |" for t in r["sequence"]] + [""]
-        if r.get("gaps"):
-            lines += [f"The block's {len(r['gaps'])} longest idle gaps on the GPU (the host's lead before its first "
-                      f"kernel: {r['host_lead_ms']} ms):", "", "| idle µs | after | before |", "|---|---|---|"]
-            lines += [f"| {g['idle_us']} | `{g['after']}` | `{g['before']}` |" for g in r["gaps"]] + [""]
-    with open(out + ".md", "w") as f:
-        f.write("\n".join(lines))
-
-
-def write_host(out: str, env: dict, args, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(dict(env=env, model=args.model, rows=rows), f, indent=1)
-    lines = [f"# Host time per forward: {args.model}, context {args.context}, batch {args.batch}", ""]
-    lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
-    for r in rows:
-        lines += [f"## {r['variant']}", "", "    " + json.dumps({k: v for k, v in r.items()
-                                                              if not k.startswith("profile") and k != "sections_us"}), ""]
-        lines += ["Host µs per forward in each section (inclusive; nested sections counted in each):", "",
-                  "| section | block's first forward | each other forward |", "|---|---|---|"]
-        lines += [f"| `{name}` | {r['sections_us']['first'].get(name, 0)} | {r['sections_us']['other'].get(name, 0)} |"
-                  for name in sorted({*r["sections_us"]["first"], *r["sections_us"]["other"]})] + [""]
-        for name in ("first", "other"):
-            lines += [f"cProfile, own time, the blocks' {name} forwards:", "", "```", r[f"profile_{name}"].strip(),
-                      "```", ""]
+        lines += host_lines(r) if args.host else block_lines(r)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines))
 
