@@ -169,15 +169,20 @@ class SplitGraphDispatcher:
         return all(c.inherited for guard in self.guards for c in external_contents(guard, args))
 
     def _lookup(self, args) -> tuple[list, list[CacheEntry], str | None, list]:
-        """Every site's cache key and entry, why a refresh is needed (None: every entry serves), and
-        what was seen: per site, the contents of its KV tensors and their versions (:meth:`_keep`)."""
+        """The sites' cache keys and entries, why a refresh is needed (None: every entry serves), and
+        what was seen: per site, the contents of its KV tensors and their versions (:meth:`_keep`).
+
+        A refresh drops the stale entries before it runs (their buffers are then free for its results),
+        so the keys of every site are read here; but once a site's KV has no entry at all (new keys and
+        values: a new block, a new request), the later sites' keys are left to :meth:`_keep`, after the
+        graph was launched: the GPU waits for this host work, and their entries, if any, are not these."""
         cache = self.session.cache
         keys, entries, seen = [], [], []
         reason = None
         for guard in self.guards:
             contents = external_contents(guard, args)
             seen.append((contents, [version(args[j]) for j in guard.external]))
-            key = (tuple(id(c.token) for c in contents), guard.occurrence, guard.computation)
+            key = _site_key(guard, contents)
             keys.append(key)
             if reason is not None:
                 continue
@@ -188,6 +193,8 @@ class SplitGraphDispatcher:
                 if reason is not None:
                     break
             entries.append(entry)
+            if reason == NEW_KV:
+                break
         return keys, entries, reason, seen
 
     def _step(self, entries: list[CacheEntry]) -> CompiledStep:
@@ -244,10 +251,14 @@ class SplitGraphDispatcher:
         self.record.refreshes += 1
         session.refresh_reasons[reason] += 1
         log.debug("graph %d: refresh (%s)", self.record.index, reason)
-        entries, unversioned = [], False
-        for guard, part, written_at, (contents, before) in zip(self.guards, parts, positions, seen):
-            if any(version(args[j]) != v for j, v in zip(guard.external, before)):
+        entries, unversioned, keys = [], False, list(keys)
+        for i, (guard, part, written_at) in enumerate(zip(self.guards, parts, positions)):
+            if i < len(seen) and all(version(args[j]) == v for j, v in zip(guard.external, seen[i][1])):
+                contents = seen[i][0]
+            else:
                 contents = external_contents(guard, args)
+            if i == len(keys):  # left by the lookup (a new KV before it)
+                keys.append(_site_key(guard, contents))
             versions = [c.version for c in contents]
             unversioned = unversioned or None in versions  # inference tensors have no version counter
             entries.append(CacheEntry(sources=[weakref.ref(c.token) for c in contents], versions=versions,
@@ -316,15 +327,23 @@ def _relative_change(now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     return (now.float() - before.float()).norm() / before.float().norm().clamp_min(1e-30)
 
 
+NEW_KV = "new kv"
+
+
+def _site_key(guard: SiteGuard, contents: list[Content]) -> tuple:
+    """A site's key in the session cache: its KV's contents and how the cached part is computed."""
+    return tuple(id(c.token) for c in contents), guard.occurrence, guard.computation
+
+
 def _stale(entry: CacheEntry | None, contents: list[Content], guard: SiteGuard, args) -> str | None:
     """Why ``entry`` cannot serve this call by the guards (None: it can)."""
     if guard.rewrites is not None:
         return guard.rewrites
     if entry is None:
-        return "new kv"
+        return NEW_KV
     for ref, kept, shape, now, index in zip(entry.sources, entry.versions, entry.shapes, contents, guard.external):
         if ref() is not now.token:  # the entry's content died and its token's id was recycled
-            return "new kv"
+            return NEW_KV
         if kept is None:
             return "kv is an inference tensor"
         if now.version != kept:
