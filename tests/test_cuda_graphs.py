@@ -404,6 +404,33 @@ def test_spare_capacity_sizes():
     assert len({cuda_graphs.spare_capacity(n) for n in range(32768 + 1, 65536 + 1)}) == 8
 
 
+def test_copies_are_grouped_by_dtype(monkeypatch):
+    """Each destination gets its own source's values, in one foreach copy per dtype (the foreach kernel
+    takes one launch for a list of one dtype; a mixed list falls back to a copy per tensor)."""
+    sources = [torch.randn(3, dtype=torch.bfloat16), torch.randn(2, 4), torch.randn(5, dtype=torch.bfloat16),
+               torch.arange(4)]
+    destinations = [torch.empty_like(t) for t in sources]
+    calls = []
+    foreach = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (calls.append({t.dtype for t in d}), foreach(d, s)))
+    cuda_graphs._copy_all(destinations, sources)
+    assert all(torch.equal(d, s) for d, s in zip(destinations, sources))
+    assert sorted(map(str, calls)) == sorted(map(str, [{torch.bfloat16}, {torch.float32}, {torch.int64}]))
+
+
+def test_recycled_buffer_is_free_only_when_nothing_holds_it():
+    """An alias or a view of a recycled buffer (a cache entry's ``O_e``) keeps it from being written."""
+    recycled = cuda_graphs.RecycledBuffer(None, torch.zeros(4, 8))
+    assert recycled.unheld()
+    alias = recycled.buffer.detach()
+    assert not recycled.unheld()
+    view = alias[:, :2]
+    del alias
+    assert not recycled.unheld()
+    del view
+    assert recycled.unheld()
+
+
 @torch.no_grad()
 def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch, shared_compile_budget):
     """HF ``DynamicCache`` updated inside the model and cropped after each denoising step: the cached keys
