@@ -31,8 +31,13 @@ def stand_in_record(run, args, session):
     """As :func:`fbcompile.backends.cuda_graphs.record`, without a GPU: the outputs of a first run, and a
     replay that recomputes them into the same output tensors from the call's arguments (what a capture
     reads: its copies of them, and the memory of those it takes by address). Like a capture it keeps no
-    reference to ``args``."""
+    reference to ``args``, and leaves the inputs the graph writes as they were (a capture records the
+    writes, it does not make them)."""
+    before = [a.clone() if isinstance(a, torch.Tensor) else None for a in args]
     outputs = run(*args)
+    for arg, kept in zip(args, before):
+        if kept is not None and not torch.equal(arg, kept):
+            arg.copy_(kept)
 
     def replay(call_args):
         for old, new in zip(outputs, run(*call_args)):
@@ -402,6 +407,27 @@ def test_spare_capacity_sizes():
         capacity = cuda_graphs.spare_capacity(length)
         assert capacity >= length and (capacity - length) <= max(16, length / 8), (length, capacity)
     assert len({cuda_graphs.spare_capacity(n) for n in range(32768 + 1, 65536 + 1)}) == 8
+
+
+class Accumulates(torch.nn.Module):
+    """A graph that writes one of its inputs in place (as a static cache's update does)."""
+
+    def forward(self, x, total):
+        total.add_(x.sum(0))
+        return x * 2
+
+
+@torch.no_grad()
+def test_replays_bump_the_versions_of_written_inputs(device):
+    """A replay writes what the graph writes, and bumps those inputs' version counters as the uncaptured
+    graph would (guards and provenance read versions): captured at the second call, replayed after."""
+    model = fbcompile.optimize(Accumulates(), fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    total, x = torch.zeros(4, device=device), torch.ones(3, 4, device=device)
+    for call in range(1, 5):
+        before = total._version
+        assert torch.equal(model(x, total), 2 * x)
+        assert total._version > before and torch.equal(total, torch.full_like(total, 3.0 * call)), call
+    assert fbcompile.stats(model).cuda_graphs.get("replays", 0) == 2
 
 
 def test_copies_are_grouped_by_dtype(monkeypatch):

@@ -375,7 +375,7 @@ class CapturedGraph:
         _copy_all(capture.buffers, [_stored(args[i]) for i in self._copied])
         capture.replay(args)
         for i in self._written:  # as the uncaptured graph would: guards and provenance read versions
-            torch.autograd.graph.incrementprovenance.version(args[i])
+            torch.autograd.graph.increment_version(args[i])
         self.session.cuda_graph_counts["replays"] += 1
         return self._copy_out(capture.outputs)
 
