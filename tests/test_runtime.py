@@ -148,6 +148,43 @@ def test_new_request_in_a_hand_written_loop():
     assert_exact(got[1][0], expected[1][0])
 
 
+def test_new_kv_reads_one_site_before_the_refresh_runs(monkeypatch):
+    """Over new keys/values (a new request or block) the dispatcher reads the first site's cache key
+    before it runs the refresh and the other sites' after (on a GPU the launch waits for the host work
+    before it); every site's part is kept all the same, and the next step reuses them all."""
+    from fbcompile.backends import dispatcher
+
+    lm = make_tiny_model(num_layers=3)
+    model = fbcompile.optimize(make_tiny_model(num_layers=3), BLOCK)
+    model.load_state_dict(lm.state_dict())
+    cache = _prefix_cache(lm)
+    read = {"in lookup": 0}
+    contents, lookup = dispatcher.external_contents, dispatcher.SplitGraphDispatcher._lookup
+
+    def counted_contents(guard, args):
+        read["in lookup"] += read.get("inside", False)
+        return contents(guard, args)
+
+    def counted_lookup(self, args):
+        read["inside"] = True
+        try:
+            return lookup(self, args)
+        finally:
+            read["inside"] = False
+
+    monkeypatch.setattr(dispatcher, "external_contents", counted_contents)
+    monkeypatch.setattr(dispatcher.SplitGraphDispatcher, "_lookup", counted_lookup)
+    x = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(12, 20)[None]
+    with torch.no_grad():
+        model(x, past_key_values=cache, position_ids=pos)
+        assert read["in lookup"] == 1
+        model(x, past_key_values=cache, position_ids=pos)
+    assert read["in lookup"] == 1 + 3  # the reuse looked up all three sites' entries
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses, len(stats.sites)) == (1, 1, 3), stats
+
+
 # --------------------------------------------------------------------------- HF DynamicCache
 
 
