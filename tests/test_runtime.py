@@ -247,6 +247,29 @@ def test_fresh_dynamic_cache_layer_is_skipped_with_a_reason():
                              for d in decisions), decisions
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_fine_tuning_through_an_optimized_hf_model(attn):
+    """Autograd on, an HF model over a DynamicCache prefix (as a LoRA-style fine-tune of a block diffusion
+    model runs it): the graph runs unsplit, a backward works and its gradients are the plain model's."""
+    from transformers import DynamicCache
+
+    plain, config = _tiny_qwen2(attn)
+    model, _ = _tiny_qwen2(attn)
+    fbcompile.optimize(model, BLOCK)
+    prompt = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(2))
+    for m in (plain, model):
+        cache = DynamicCache(config=config)
+        with torch.no_grad():
+            m(prompt, past_key_values=cache, use_cache=True)
+        m(x, past_key_values=cache, position_ids=torch.arange(8, 12)[None], use_cache=True).logits.square().sum().backward()
+    for (name, want), got in zip(plain.named_parameters(), model.parameters()):
+        assert (want.grad is None) == (got.grad is None), name
+        if want.grad is not None:
+            assert_exact(got.grad, want.grad)
+    assert any(s["decision"].endswith("the graph compiled as it is") for s in fbcompile.explain(model).sites)
+
+
 # --------------------------------------------------------------------------- inference mode
 
 
