@@ -12,7 +12,8 @@ input sets of >= 240 MB, so the KV comes from HBM):
   (sparse + ``merge_lse`` with the residual + ``attention_merge_lse``) and as the one op
   ``sparse_attention_merge_lse`` (the block's keys as one more split of the sparse kernel, the
   residual merged in its reduction), each as a multiple of ``attention_merge_lse`` (issue target:
-  <= 1.3x at 512 entries).
+  <= 1.3x at 512 entries); and ``attention_merge_lse`` over the selected keys gathered beforehand into
+  one contiguous KV with the block's (``dense``: the step if the refresh gathered them).
 
 Bandwidth: bytes of K/V read (all keys, or the selected tiles) per second. ``--tiny`` runs small
 shapes on the CPU (the reference path, wall-clock medians) as a smoke check of the script; with
@@ -84,7 +85,16 @@ def kernel_us(fn, sets, rounds=5) -> dict:
 
 
 TILES_SWEEP = [dict(BLOCK_R=r, num_warps=w, num_stages=st) for r in (32, 64) for w in (4, 8) for st in (2, 3)]
+DENSE_SWEEP = [dict(BLOCK_R=r, num_stages=st) for r in (16, 32) for st in (2, 3, 4)]  # --sweep: dense step at 512
 CHUNK_STORES = {"ptx": True, "tl.store": False}  # --chunk-store name -> the launcher's CHUNK_STORE_PTX
+
+
+def _compact(k, idx, k_blk):
+    """The keys of the selected tiles ``idx`` (all selected: a top-k budget), gathered in tile order,
+    then the block's own: the contiguous KV a reuse step would read if its refresh had gathered them."""
+    rows = (idx.long().clamp(min=0)[..., None] * TILE + torch.arange(TILE, device=k.device)).flatten(2)
+    gathered = k.gather(2, rows[..., None].expand(-1, -1, -1, k.shape[-1]))
+    return torch.cat([gathered, k_blk], dim=2).contiguous()
 
 
 def make_sets(n, device, tiny):
@@ -100,13 +110,15 @@ def make_sets(n, device, tiny):
         idx = {b: OPS.select_tiles(tile_mass, b // TILE, 1.0) for b in BUDGETS}
         residual = {b: OPS.subtract_lse(out, lse, *OPS.sparse_attention_lse(q, k, v, None, scale, i, TILE))
                     for b, i in idx.items()}
-        sets.append((q, k, v, mk(1, HKV, BLOCK, D), mk(1, HKV, BLOCK, D), idx, residual, out, lse, tile_mass))
+        kb, vb = mk(1, HKV, BLOCK, D), mk(1, HKV, BLOCK, D)
+        compact = {b: (_compact(k, i, kb), _compact(v, i, vb)) for b, i in idx.items()}
+        sets.append((q, k, v, kb, vb, idx, residual, out, lse, tile_mass, compact))
     return sets
 
 
 def checks(s) -> dict:
     """Relative errors of the kernels' results against the plain PyTorch reference (same device)."""
-    q, k, v, kb, vb, idx, res, out, lse, tile_mass = s
+    q, k, v, kb, vb, idx, res, out, lse, tile_mass, compact = s
     scale = D**-0.5
     ref_out, ref_lse, ref_mass = fbops.reference.attention_lse_tiles(q, k, v, None, scale, TILE)
     plain_out, plain_lse = OPS.attention_lse(q, k, v, None, scale)
@@ -116,10 +128,12 @@ def checks(s) -> dict:
     step_out, step_lse = OPS.sparse_attention_merge_lse(q, k, v, None, scale, idx[512], TILE, kb, vb, None, *res[512])
     rstep_out, rstep_lse = fbops.reference.sparse_attention_merge_lse(q, k, v, None, scale, idx[512], TILE, kb, vb,
                                                                       None, *res[512])
+    dense_out, dense_lse = OPS.attention_merge_lse(q, *compact[512], None, scale, *res[512])
     return dict(tiles_out=err(out, ref_out), tiles_lse=err(lse, ref_lse), tile_mass=err(tile_mass, ref_mass),
                 tiles_vs_plain_out=err(out, plain_out), tiles_vs_plain_lse=err(lse, plain_lse),
                 sparse512_out=err(sp_out, rs_out), sparse512_lse=err(sp_lse, rs_lse),
-                step512_out=err(step_out, rstep_out), step512_lse=err(step_lse, rstep_lse))
+                step512_out=err(step_out, rstep_out), step512_lse=err(step_lse, rstep_lse),
+                dense512_out=err(dense_out, rstep_out), dense512_lse=err(dense_lse, rstep_lse))
 
 
 def chunk_store_rows(sets, ta, external_us, stores) -> list:
@@ -175,10 +189,10 @@ def run_keys(n, device, tiny, sweep, chunk_stores=()):
         ta._MASS_BLOCK_T = default_block_t
     row["select_512_us"] = t(lambda *s: OPS.select_tiles(s[9], 512 // TILE, 1.0))
     row["select_mass90_us"] = t(lambda *s: OPS.select_tiles(s[9], 4096 // TILE, 0.9))
-    row["residual_512_us"] = t(lambda q, k, v, kb, vb, idx, res, out, lse, tm: OPS.subtract_lse(
+    row["residual_512_us"] = t(lambda q, k, v, kb, vb, idx, res, out, lse, tm, _: OPS.subtract_lse(
         out, lse, *OPS.sparse_attention_lse(q, k, v, None, scale, idx[512], TILE)))
     row["internal_us"] = t(lambda q, k, v, kb, vb, *_: OPS.attention_lse(q, kb, vb, None, scale))
-    row["flashblock_step_us"] = t(lambda q, k, v, kb, vb, idx, res, out, lse, tm: OPS.attention_merge_lse(
+    row["flashblock_step_us"] = t(lambda q, k, v, kb, vb, idx, res, out, lse, tm, _: OPS.attention_merge_lse(
         q, kb, vb, None, scale, out, lse))
     kv_bytes = 2 * HKV * n * D * 2
     row["external_GBps"] = kv_bytes / row["external_us"] / 1e3
@@ -201,8 +215,21 @@ def run_keys(n, device, tiny, sweep, chunk_stores=()):
                 return ta.sparse_attention_merge_lse(q, k, v, None, scale, idx[b], TILE, kb, vb, None, *res[b],
                                                      **overrides)
 
+        def dense_step(q, k, v, kb, vb, idx, res, out, lse, tm, compact, **overrides):
+            if not overrides:
+                return OPS.attention_merge_lse(q, *compact[b], None, scale, *res[b])
+            with set_wrap_triton_enabled(False):
+                return ta._attention(q, *compact[b], None, scale, *res[b], split_keys=False, **overrides)
+
         br["ops_step_us"] = t(ops_step)
         br["fused_step_us"] = t(fused_step)
+        br["dense_step_us"] = t(dense_step)
+        for ov in DENSE_SWEEP if sweep and ta is not None and b == 512 else []:
+            name = "dense_step_" + "_".join(f"{k.replace('BLOCK_', '').replace('num_', '')}{v}" for k, v in ov.items())
+            try:
+                br[name + "_us"] = t(lambda *a, ov=ov: dense_step(*a, **ov))
+            except Exception as e:  # noqa: BLE001 - a variant may exceed shared memory or registers
+                print("dense variant failed", ov, type(e).__name__, flush=True)
         for ov in sweep if ta is not None and b == 512 else []:
             name = "fused_step_" + "_".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in ov.items()) + "_us"
             try:
@@ -257,8 +284,11 @@ def write(out_dir, meta, rows):
     step_keys = [k for k in rows[0]["budgets"][0] if k.endswith("_x_flashblock")]
     lines += ["", "Per budget (KV entries attended fresh); `x FB` = reuse step time / FlashBlock reuse step "
               "(`attention_merge_lse`); `ops` = sparse_attention_lse + merge_lse + attention_merge_lse, `fused` = "
-              "sparse_attention_merge_lse (one kernel + its reduction; one launch with 1 split); `--sweep` adds "
-              "variants of the fused step at 512 (N splits, M rows per program), in a table of their own.",
+              "sparse_attention_merge_lse (one kernel + its reduction; one launch with 1 split); `dense` = "
+              "attention_merge_lse over the selected tiles' keys gathered beforehand into one contiguous KV with "
+              "the block's (what a reuse step costs if the refresh gathers them); `--sweep` adds variants of the "
+              "fused step (N splits, M rows per program) and of the dense step (rows, stages) at 512, in a table "
+              "of their own.",
               "", "| keys | budget | sparse µs | sparse GB/s | " + " | ".join(
                   k.replace("_x_flashblock", "").replace("_step", "") + " µs (x FB)" for k in step_keys) + " |",
               "|---|---|---|---|" + "---|" * len(step_keys)]
@@ -268,10 +298,11 @@ def write(out_dir, meta, rows):
                          + " | ".join(f"{b[k.replace('_x_flashblock', '_us')]:.1f} ({b[k]:.2f}x)" for k in step_keys)
                          + " |")
     sweep = [(r["keys"], k, b[k], b[k.replace("_us", "_x_flashblock")]) for r in rows for b in r["budgets"]
-             for k in b if k.startswith("fused_step_") and k.endswith("_us") and k != "fused_step_us"]
+             for k in b if k.startswith(("fused_step_", "dense_step_")) and k.endswith("_us")
+             and k not in ("fused_step_us", "dense_step_us")]
     if sweep:
-        lines += ["", "| keys | fused step at 512, variant | µs | x FB |", "|---|---|---|---|"]
-        lines += [f"| {n // 1024}K | {k[len('fused_step_'):-3]} | {us:.1f} | {x:.2f}x |" for n, k, us, x in sweep]
+        lines += ["", "| keys | step at 512, variant | µs | x FB |", "|---|---|---|---|"]
+        lines += [f"| {n // 1024}K | {k[:-3]} | {us:.1f} | {x:.2f}x |" for n, k, us, x in sweep]
     store_rows = [r for r in rows if "chunk_stores" in r]
     if store_rows:
         lines += ["", "Chunk-LSE stores of the tile masses (`--chunk-store`; plain launches; GPU µs per call by "
