@@ -180,6 +180,10 @@ class Config:
         gated one) over more programs and leave the sum of their fp32 partials to the kernel that reads
         the result (Inductor fuses it into the RoPE or the add + RMSNorm after it:
         :mod:`fbcompile.passes.linear_partials`); ``False`` keeps one launch per GEMM with the sum in it.
+    combo_kernels: on CUDA, have Inductor launch independent kernels of a compiled graph as one (its
+        ``combo_kernels`` option): the RoPE of a layer's queries and that of its keys, which differ in
+        shape, become one launch (measured on the H200: ``benchmarks/results/combo_kernels_h200.md``);
+        ``False`` keeps Inductor's default (off).
     scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
         all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
         in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the
@@ -203,6 +207,7 @@ class Config:
     gated_linears: bool = True
     residual_linears: bool = True
     linear_partials: bool = True
+    combo_kernels: bool = True
 
     def __post_init__(self):
         if isinstance(self.refresh, bool) or not (
@@ -228,7 +233,8 @@ class Config:
             raise ValueError(f"Config.compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
-        for flag in ("cuda_graphs", "group_linears", "gated_linears", "residual_linears", "linear_partials"):
+        for flag in ("cuda_graphs", "group_linears", "gated_linears", "residual_linears", "linear_partials",
+                     "combo_kernels"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"Config.{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:

@@ -59,6 +59,29 @@ def test_config_rejects_bad_cuda_graphs(cuda_graphs):
         fbcompile.Config(cuda_graphs=cuda_graphs)
 
 
+@pytest.mark.parametrize("combo", [1, None, "yes"])
+def test_config_rejects_bad_combo_kernels(combo):
+    with pytest.raises(ValueError, match="combo_kernels"):
+        fbcompile.Config(combo_kernels=combo)
+
+
+def test_inductor_gets_combo_kernels_for_cuda_graphs_only():
+    """``Config.combo_kernels`` reaches Inductor, beside the mode's options, for a graph on CUDA (a fake
+    CUDA tensor stands for one here); a CPU graph, or the option off, patches nothing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fbcompile.backends.compiler import inductor_options
+    from fbcompile.backends.session import Session
+
+    with FakeTensorMode():
+        on_cuda = [3, torch.empty(2, device="cuda")]
+    assert inductor_options(Session(fbcompile.Config()), on_cuda) == {"combo_kernels": True}
+    assert inductor_options(Session(fbcompile.Config(combo_kernels=False)), on_cuda) is None
+    assert inductor_options(Session(fbcompile.Config()), [torch.ones(2)]) is None
+    options = inductor_options(Session(fbcompile.Config(), mode="max-autotune-no-cudagraphs"), on_cuda)
+    assert options["combo_kernels"] and options["max_autotune"] and "triton.cudagraphs" not in options
+
+
 def test_config_from_options():
     assert fbcompile.Config.from_options(None) == fbcompile.Config()
     assert fbcompile.Config.from_options({"refresh": 2, "compiler": "eager"}) == fbcompile.Config(refresh=2,

@@ -55,6 +55,15 @@ def check_mode(mode: str | None) -> dict:
     return options
 
 
+def inductor_options(session: Session, example_inputs: list) -> dict | None:
+    """Inductor's config patches for a graph fbcompile compiles: the mode's (:func:`check_mode`) and,
+    for a graph on CUDA, combo kernels (:attr:`Config.combo_kernels`)."""
+    options = check_mode(session.mode)
+    if session.config.combo_kernels and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        options["combo_kernels"] = True
+    return options or None
+
+
 def shared_session(config: Config | None = None, mode: str | None = None) -> Session:
     """The session of plain ``torch.compile(..., backend="fbcompile")`` calls, one per Config and mode.
 
@@ -124,7 +133,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         from torch._inductor import compile_fx
 
         try:
-            run = compile_fx.compile_fx(gm, example_inputs, config_patches=check_mode(session.mode) or None)
+            run = compile_fx.compile_fx(gm, example_inputs, config_patches=inductor_options(session, example_inputs))
         except Exception as error:  # an Inductor bug on a correct graph: run the graph as it is
             why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             warnings.warn(f"fbcompile: Inductor could not compile a graph ({why}); it runs without Inductor "
