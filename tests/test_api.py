@@ -65,7 +65,7 @@ def test_config_rejects_bad_combo_kernels(combo):
         fbcompile.Config(combo_kernels=combo)
 
 
-def test_inductor_gets_combo_kernels_for_cuda_graphs_only():
+def test_inductor_gets_combo_kernels_for_graphs_on_cuda_only():
     """``Config.combo_kernels`` reaches Inductor, beside the mode's options, for a graph on CUDA (a fake
     CUDA tensor stands for one here); a CPU graph, or the option off, patches nothing."""
     from torch._subclasses.fake_tensor import FakeTensorMode
