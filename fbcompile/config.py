@@ -183,7 +183,8 @@ class Config:
     combo_kernels: on CUDA, have Inductor launch independent kernels of a compiled graph as one (its
         ``combo_kernels`` option): the RoPE of a layer's queries and that of its keys, which differ in
         shape, become one launch (measured on the H200: ``benchmarks/results/combo_kernels_h200.md``);
-        ``False`` keeps Inductor's default (off).
+        a graph Inductor fails to compile with them is compiled without. ``False`` keeps Inductor's
+        default (off).
     scope: what :func:`fbcompile.optimize` compiles. ``"model"``: the model's forward, one graph over
         all layers. ``"blocks"``: the forward of each repeated block (regional compilation: the classes
         in the model's ``_repeated_blocks``, diffusers', else ``_no_split_modules``, transformers'), the

@@ -349,6 +349,37 @@ def test_fidelity_leaves_other_compiled_models_alone():
     assert fbcompile.stats(model).compiles == compiles  # nothing was recompiled
 
 
+def test_a_graph_inductor_cannot_compile_with_combo_kernels_compiles_without_them(monkeypatch):
+    """Combo kernels are an experimental Inductor option (on by default for graphs on CUDA): a graph
+    Inductor fails to compile with them is compiled again without them, with no warning."""
+    from torch._inductor import compile_fx
+
+    from fbcompile.backends import compiler
+
+    real, patches = compile_fx.compile_fx, []
+
+    def failing_with_combo(gm, example_inputs, config_patches=None):
+        patches.append(dict(config_patches or {}))
+        if (config_patches or {}).get("combo_kernels"):
+            raise RuntimeError("simulated combo-kernel failure")
+        return real(gm, example_inputs, config_patches=config_patches)
+
+    monkeypatch.setattr(compile_fx, "compile_fx", failing_with_combo)
+    monkeypatch.setattr(compiler, "inductor_options", lambda session, inputs: {"combo_kernels": True})
+    eager = make_tiny_model()
+    model = fbcompile.optimize(make_tiny_model(), fbcompile.Config(refresh="always"))
+    cache = _prefix_cache(eager)
+    block = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(PROMPT.shape[1], PROMPT.shape[1] + 8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error", UserWarning)
+        got = model(block, past_key_values=cache, position_ids=pos)[0]
+        want = eager(block, past_key_values=cache, position_ids=pos)[0]
+    assert_exact(got, want)
+    assert patches[:2] == [{"combo_kernels": True}, {}], patches
+    assert fbcompile.stats(model).uncompiled == 0
+
+
 def test_a_graph_inductor_cannot_compile_runs_without_it(monkeypatch):
     """An Inductor failure on a (correct) rewritten graph is a warning and the graph runs as it is."""
     from torch._inductor import compile_fx

@@ -64,6 +64,19 @@ def inductor_options(session: Session, example_inputs: list) -> dict | None:
     return options or None
 
 
+def _inductor(compile_fx, gm: fx.GraphModule, example_inputs: list, session: Session):
+    """``compile_fx`` with :func:`inductor_options`; if it fails with combo kernels (an experimental
+    Inductor option), once more without them, so that the graph still runs compiled."""
+    options = inductor_options(session, example_inputs)
+    try:
+        return compile_fx(gm, example_inputs, config_patches=options)
+    except Exception as error:
+        if not (options and options.pop("combo_kernels", False)):
+            raise
+        log.info("Inductor failed with combo kernels (%s: %s); compiling without them", type(error).__name__, error)
+        return compile_fx(gm, example_inputs, config_patches=options or None)
+
+
 def shared_session(config: Config | None = None, mode: str | None = None) -> Session:
     """The session of plain ``torch.compile(..., backend="fbcompile")`` calls, one per Config and mode.
 
@@ -133,7 +146,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         from torch._inductor import compile_fx
 
         try:
-            run = compile_fx.compile_fx(gm, example_inputs, config_patches=inductor_options(session, example_inputs))
+            run = _inductor(compile_fx.compile_fx, gm, example_inputs, session)
         except Exception as error:  # an Inductor bug on a correct graph: run the graph as it is
             why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             warnings.warn(f"fbcompile: Inductor could not compile a graph ({why}); it runs without Inductor "
