@@ -24,6 +24,8 @@
 #   host        host time per forward, a block's refresh apart, with cProfile (block mode, 32K, batch 1); then
 #               where one block's time goes at batch 8                                              (<= 480 s)
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
+#   combo       the LM's block mode at 32K, batch 1, with and without Config.combo_kernels            (<= 400 s)
+#   video       the 1.3B video DiT end to end at 8K and 32K cached tokens: torch.compile, exact, block  (<= 420 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
 mkdir -p "$OUT"
@@ -91,6 +93,9 @@ for name in "${steps[@]}"; do
             --host 10 --top 40 --out "$OUT/host_lm_32k_b1"
         step profile_32k_b8 240 python benchmarks/profile_block.py --model lm --context 32k --batch 8 \
             --variants block-ro --top 30 --gaps 10 --out "$OUT/profile_lm_32k_b8" ;;
+    combo) on_off lm_32k_b1_combo lm_32k_b1_no_combo combo_kernels block-ro 200 ;;
+    video) step e2e_video 420 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model video \
+        --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;
