@@ -93,6 +93,19 @@ def _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, sl
 
 
 @triton.jit
+def _packed_rows(pid_r, pid_bh, Hkv, GROUP, M, R, BLOCK_R: tl.constexpr):
+    """Row tile ``pid_r`` of (batch, KV head) ``pid_bh``: ``BLOCK_R`` packed rows, row ``r`` being query
+    ``r % M`` of query head ``hkv * GROUP + r // M`` (GQA packing). Returns ``(b, hkv, rows, row_ok, h, m)``."""
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    h = (hkv * GROUP + rows // M).to(tl.int64)
+    m = (rows % M).to(tl.int64)
+    return b, hkv, rows, row_ok, h, m
+
+
+@triton.jit
 def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
                  D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -175,19 +188,14 @@ def _attn_kernel(
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
     qk_scale = tl.full([], qk_scale, tl.float32)  # Inductor passes Python floats as fp64
-    b = pid_bh // Hkv
-    hkv = pid_bh % Hkv
-
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    h = (hkv * GROUP + rows // M).to(tl.int64)
-    m = (rows % M).to(tl.int64)
+    b, hkv, rows, row_ok, h, m = _packed_rows(pid_r, pid_bh, Hkv, GROUP, M, R, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
 
     q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
     k_ptrs = K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd
     mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
@@ -374,19 +382,14 @@ def _sparse_attn_kernel(
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
     qk_scale = tl.full([], qk_scale, tl.float32)
-    b = pid_bh // Hkv
-    hkv = pid_bh % Hkv
-
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    h = (hkv * GROUP + rows // M).to(tl.int64)
-    m = (rows % M).to(tl.int64)
+    b, hkv, rows, row_ok, h, m = _packed_rows(pid_r, pid_bh, Hkv, GROUP, M, R, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
 
     q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+
     k_base = K + b * skb + hkv * skh + offs_d[None, :] * skd
     v_base = V + b * svb + hkv * svh + offs_dv[None, :] * svd
     mask_base = Mask + b * smb + h[:, None] * smh + m[:, None] * smm
