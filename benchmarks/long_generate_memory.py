@@ -8,8 +8,8 @@ graphs must be bounded (the cache length is dynamic). The example model keeps it
 (it grows by one block per block - the model's own memory), so that is measured separately and
 subtracted from the process RSS.
 
-The loop below is the example's ``BlockDiffusionLM.generate`` written out (same helpers, imported
-from ``examples/block_diffusion_lm.py``) so that the KV cache is visible at every block.
+The example's ``BlockDiffusionLM.generate`` hands its KV cache to a callback after every block,
+where the state is sampled.
 
 Run from the repository root::
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import sys
@@ -32,13 +31,7 @@ import torch
 
 import fbcompile
 from benchmarks.machine import cpu_name
-from examples.block_diffusion_lm import (
-    default_position_ids,
-    extend_cache,
-    greedy_confidence,
-    make_tiny_model,
-    unmask_topk,
-)
+from examples.block_diffusion_lm import make_tiny_model
 
 
 def rss_bytes() -> int:
@@ -54,15 +47,13 @@ def kv_bytes(cache) -> int:
 @torch.no_grad()
 def run(model, prompt, num_blocks: int, every: int, log=print):
     """``model.generate`` with a sample of fbcompile's state every ``every`` blocks."""
-    cfg = model.config
     session = model.__dict__.get("_fbcompile")  # None: plain model (control run)
-    steps, bs = cfg.denoising_steps, cfg.block_size
-    b, p = prompt.shape
-    per_step = math.ceil(bs / steps)
     samples = []
     t0 = time.perf_counter()
 
     def sample(blocks_done, cache):
+        if blocks_done % every and blocks_done not in (0, num_blocks):
+            return
         gc.collect()
         st = fbcompile.stats(model) if session is not None else None
         rss, kv = rss_bytes(), kv_bytes(cache)
@@ -85,25 +76,7 @@ def run(model, prompt, num_blocks: int, every: int, log=print):
             f"kv {kv / 2**20:8.2f} MiB  rss-kv {row['rss_minus_kv_bytes'] / 2**20:8.2f} MiB  "
             f"t {row['elapsed_s']:.1f}s")
 
-    _, cache = model(prompt, use_cache=True)
-    sample(0, cache)
-    for blk in range(num_blocks):
-        pos = default_position_ids(p + blk * bs, b, bs, prompt.device)
-        x = torch.full((b, bs), cfg.mask_token_id, dtype=prompt.dtype)
-        masked = torch.ones(b, bs, dtype=torch.bool)
-        remaining = bs
-        for s in range(steps):
-            if remaining == 0:
-                break
-            logits = model(x, past_key_values=cache, position_ids=pos)[0]
-            conf, tok = greedy_confidence(logits, cfg.mask_token_id)
-            k = remaining if s == steps - 1 else min(per_step, remaining)
-            x, masked = unmask_topk(x, masked, conf, tok, k)
-            remaining -= k
-        _, block_kv = model(x, past_key_values=cache, position_ids=pos, use_cache=True)
-        cache = extend_cache(cache, block_kv)
-        if (blk + 1) % every == 0 or blk + 1 == num_blocks:
-            sample(blk + 1, cache)
+    model.generate(prompt, num_blocks, on_block=sample)
     return samples
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -297,8 +297,10 @@ class BlockDiffusionLM(nn.Module):
         return logits, (new_kv if use_cache else None)
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, num_blocks: int, steps: Optional[int] = None):
-        """Greedy block-wise diffusion decoding; returns [B, P + num_blocks * block_size]."""
+    def generate(self, prompt_ids: torch.Tensor, num_blocks: int, steps: Optional[int] = None,
+                 on_block: Optional[Callable[[int, list], None]] = None):
+        """Greedy block-wise diffusion decoding; returns [B, P + num_blocks * block_size].
+        ``on_block(blocks_done, cache)`` runs after the prefill (0) and after each block's commit."""
         cfg = self.config
         steps = steps or cfg.denoising_steps
         bs = cfg.block_size
@@ -307,6 +309,8 @@ class BlockDiffusionLM(nn.Module):
         per_step = math.ceil(bs / steps)
 
         _, cache = self(prompt_ids, use_cache=True)
+        if on_block is not None:
+            on_block(0, cache)
         pieces = [prompt_ids]
         for blk in range(num_blocks):
             start = p + blk * bs
@@ -325,6 +329,8 @@ class BlockDiffusionLM(nn.Module):
             _, block_kv = self(x, past_key_values=cache, position_ids=pos, use_cache=True)
             cache = extend_cache(cache, block_kv)
             pieces.append(x)
+            if on_block is not None:
+                on_block(blk + 1, cache)
         return torch.cat(pieces, dim=1)
 
 
