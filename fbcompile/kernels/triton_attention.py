@@ -195,7 +195,6 @@ def _attn_kernel(
 
     q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-
     k_ptrs = K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :] * skd
     v_ptrs = V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd
     mask_ptrs = Mask + b * smb + h[:, None] * smh + m[:, None] * smm + offs_n[None, :] * smn
@@ -389,7 +388,6 @@ def _sparse_attn_kernel(
 
     q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-
     k_base = K + b * skb + hkv * skh + offs_d[None, :] * skd
     v_base = V + b * svb + hkv * svh + offs_dv[None, :] * svd
     mask_base = Mask + b * smb + h[:, None] * smh + m[:, None] * smm
