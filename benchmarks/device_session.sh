@@ -26,6 +26,8 @@
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 #   combo       the LM's block mode at 32K, batch 1, with and without Config.combo_kernels            (<= 400 s)
 #   video       the 1.3B video DiT end to end at 8K and 32K cached tokens: torch.compile, exact, block  (<= 420 s)
+#   tune        the linear launches of a layer (q/k/v, o, down as partials; gate/up gated) over configs with
+#               warps and 5-7 splits, each against a read-only launch of its bytes (the ceiling)       (<= 560 s)
 set -u
 OUT=${OUT:-benchmarks/results/device_session}
 mkdir -p "$OUT"
@@ -63,6 +65,12 @@ for name in "${steps[@]}"; do
     wide) step wide 240 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT" --heads 8/4/256,8/4/512 --sweep ;;
     gemma) step e2e_gemma 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
+    tune)
+        step split_tune 340 env PYTHONPATH=. python benchmarks/split_linears.py --parts gemm --cases qkv,o,down \
+            --grid "block_n=32,64 block_k=64,128 splits=2,4,5,6,7 num_warps=4,8" --out "$OUT/split_tune.json"
+        step gated_tune 220 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32 --sweep \
+            --sweep-cases gate+up-gated --forms triton-gated --out "$OUT/gated_tune.json" \
+            --grid "block_n=32,64 block_k=32,64,128 split_k=1 num_warps=4,8 num_stages=4,5,6" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
     linear) step small_m_linear 300 python benchmarks/small_m_linear.py --rows 32,256 --out "$OUT/small_m_linear.json" ;;
     skinny) step skinny_linear 480 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 --sweep \

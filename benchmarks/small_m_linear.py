@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from fbcompile.kernels import triton_linear as tlin
+from gemm_sweep import parse_grid, read_us
 
 HIDDEN, INTER, Q_OUT, KV_OUT = 1536, 8960, 1536, 256
 LAYERS = 4
@@ -108,7 +109,7 @@ def with_linear(linear):
 CASES = {"q/o": ((Q_OUT,), HIDDEN, None), "k/v": ((KV_OUT,), HIDDEN, None), "gate/up": ((INTER,), HIDDEN, None),
          "down": ((HIDDEN,), INTER, None), "qkv": ((Q_OUT, KV_OUT, KV_OUT), HIDDEN, None),
          "gate+up": ((INTER, INTER), HIDDEN, None), "gate+up-gated": ((INTER, INTER), HIDDEN, "silu")}
-SWEEP = dict(block_n=(16, 32, 64), block_k=(64, 128, 256), split_k=(1, 2, 4, 8), num_stages=(3, 5))
+SWEEP = dict(block_n=(16, 32, 64), block_k=(64, 128, 256), split_k=(1, 2, 4, 8), num_warps=(4,), num_stages=(3, 5))
 SWEEP_BYTES = 150_000_000  # weights per timed case: copies enough that they come from HBM, not L2
 
 
@@ -120,7 +121,7 @@ def _case_cublas(act):
     return run
 
 
-def sweep(m, device, dtype, rows, cases):
+def sweep(m, device, dtype, rows, cases, grid):
     """µs per launch of each case: cuBLAS, the default Triton config, and the config grid; returns the
     best config per case name."""
     from triton.testing import do_bench_cudagraph
@@ -139,12 +140,17 @@ def sweep(m, device, dtype, rows, cases):
             return do_bench_cudagraph(lambda: [fn(x, w) for w in ws], rep=10, return_mode="median") * 1e3 / copies
 
         block_m = tlin.config_for(m, n, k, 132).block_m
-        grid = [tlin.LinearConfig(bn, block_m, bk, sk, 4, st) for bn, bk, sk, st in itertools.product(*SWEEP.values())
-                if k // sk >= bk and all(b % bn == 0 for b in bounds)]
+        configs = [tlin.LinearConfig(bn, block_m, bk, sk, nw, st)
+                   for bn, bk, sk, nw, st in itertools.product(*grid.values())
+                   if k // sk >= bk and all(b % bn == 0 for b in bounds)]
+        read, programs = read_us(n * k, copies, device, dtype)
+        rows.append(dict(rows=m, shape=name, N=n, K=k, config="read only (ceiling)", programs=programs,
+                         us=round(read, 2), GBps=round(n * k * 2 / 1e3 / read, 1)))
+        print(rows[-1], flush=True)
         results = [("cublas", bench(_case_cublas(act)))]
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         default = tlin.gated_config_for(m, sizes[0], k, sms) if act else tlin.config_for(m, n, k, sms, bounds)
-        for cfg in [default] + grid:
+        for cfg in [default] + configs:
             fn = lambda x, w, cfg=cfg: tlin.linear(x, w, [None] * len(w), config=cfg, act=act)  # noqa: E731
             try:
                 err = ((fn(x, ws[0]).float() - ref).norm() / ref.norm()).item()
@@ -155,7 +161,7 @@ def sweep(m, device, dtype, rows, cases):
         cublas_us = results[0][1]
         mb = n * k * 2 / 1e6
         triton_rows = sorted(results[1:], key=lambda r: r[1])
-        for label, (cfg, us) in [("default", results[1])] + [(f"best{i + 1}", r) for i, r in enumerate(triton_rows[:3])]:
+        for label, (cfg, us) in [("default", results[1])] + [(f"best{i + 1}", r) for i, r in enumerate(triton_rows)]:
             row = dict(rows=m, shape=name, N=n, K=k, config=label, **cfg._asdict(), us=round(us, 2),
                        GBps=round(mb * 1e3 / us, 1), vs_cublas=round(cublas_us / us, 2))
             print(row, flush=True)
@@ -188,13 +194,15 @@ def main():
                          "triton-gated")
     ap.add_argument("--sweep", action="store_true", help="time each GEMM case over the Triton config grid first")
     ap.add_argument("--sweep-cases", default="q/o,k/v,gate/up,down", help=f"of: {', '.join(CASES)}")
+    ap.add_argument("--grid", default="", help="the sweep's config grid, e.g. 'num_warps=4,8 num_stages=4,5' "
+                    f"(each key's values replace the default's: {SWEEP})")
     ap.add_argument("--out", default="benchmarks/results/small_m_linear.json")
     args = ap.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     layers = make_layers(device, dtype)
     rows, sweep_rows = [], []
     for m in (int(r) for r in args.rows.split(",")):
-        best = sweep(m, device, dtype, sweep_rows, args.sweep_cases.split(",")) if args.sweep else {}
+        best = sweep(m, device, dtype, sweep_rows, args.sweep_cases.split(","), parse_grid(SWEEP, args.grid)) if args.sweep else {}
         by_shape = {(CASES[name][0][0], CASES[name][1]): cfg for name, cfg in best.items() if len(CASES[name][0]) == 1
                     and CASES[name][2] is None}
         forms = {"separate": separate, "fused": fused, "separate-autotune": separate, "fused-autotune": fused,

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile)
 from fbcompile.kernels import triton_linear as tlin
+from gemm_sweep import parse_grid, read_us
 
 HIDDEN, INTER, Q_OUT, KV_OUT, HEADS, KV_HEADS, HEAD_DIM = 1536, 8960, 1536, 256, 12, 2, 128
 CASES = {"qkv": ((Q_OUT, KV_OUT, KV_OUT), HIDDEN), "o": ((HIDDEN,), Q_OUT), "down": ((HIDDEN,), INTER)}
-GRID = dict(block_n=(16, 32, 64), block_k=(64, 128), splits=(1, 2, 4, 8), num_stages=(5,))
+GRID = dict(block_n=(16, 32, 64), block_k=(64, 128), splits=(1, 2, 4, 8), num_warps=(4,), num_stages=(5,))
 COPY_BYTES = 150_000_000  # weights per timed case: enough copies that they come from HBM, not L2
 
 
@@ -46,8 +47,9 @@ def weight_copies(sizes, k, dtype, device):
     return [[torch.randn(s, k, device=device, dtype=dtype) * 0.02 for s in sizes] for _ in range(copies)]
 
 
-def gemm_alone(m, dtype, device, rows):
-    for name, (sizes, k) in CASES.items():
+def gemm_alone(m, dtype, device, rows, cases, grid):
+    for name in cases:
+        sizes, k = CASES[name]
         ws = weight_copies(sizes, k, dtype, device)
         x = torch.randn(m, k, device=device, dtype=dtype)
         ref = torch.cat([F.linear(x, w) for w in ws[0]], -1).float()
@@ -58,11 +60,14 @@ def gemm_alone(m, dtype, device, rows):
         cfg = tlin.config_for(m, n, k, 132, bounds)
         rows.append(dict(part="gemm", case=name, form="linear (today)", config=cfg._asdict(), us=round(today, 2)))
         print(rows[-1], flush=True)
+        read, programs = read_us(n * k, len(ws), device, dtype)
+        rows.append(dict(part="gemm", case=name, form="read only (ceiling)", programs=programs, us=round(read, 2)))
+        print(rows[-1], flush=True)
         results = []
-        for bn, bk, sp, st in itertools.product(*GRID.values()):
+        for bn, bk, sp, nw, st in itertools.product(*grid.values()):
             if any(b % bn for b in bounds) or k // sp < bk:
                 continue
-            c = tlin.LinearConfig(bn, 32 if m > 16 else 16, bk, sp, 4, st)
+            c = tlin.LinearConfig(bn, 32 if m > 16 else 16, bk, sp, nw, st)
             try:
                 err = ((tlin.linear_partials(x, ws[0], sp, config=c).sum(0) - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, err
@@ -71,7 +76,7 @@ def gemm_alone(m, dtype, device, rows):
                 print(f"  skip {c}: {type(e).__name__}: {str(e)[:80]}", flush=True)
         results.sort(key=lambda r: r[0])
         default = tlin.partials_config_for(m, n, k, tlin.partials_splits(m, n, k, 132), 132, bounds)
-        for us, c in results[:5] + [r for r in results if r[1] == default]:
+        for us, c in results:
             rows.append(dict(part="gemm", case=name, form="partials", config=c._asdict(), us=round(us, 2),
                              default=c == default))
             print(rows[-1], flush=True)
@@ -150,12 +155,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--parts", default="gemm,chain")
+    p.add_argument("--cases", default=",".join(CASES), help=f"GEMMs of the gemm part, of: {', '.join(CASES)}")
+    p.add_argument("--grid", default="", help="config grid of the gemm part, e.g. 'splits=4,5 num_warps=4,8' "
+                   f"(each key's values replace the default's: {GRID})")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     device, dtype = "cuda", torch.bfloat16
     rows = []
     if "gemm" in a.parts:
-        gemm_alone(a.rows, dtype, device, rows)
+        gemm_alone(a.rows, dtype, device, rows, a.cases.split(","), parse_grid(GRID, a.grid))
     if "chain" in a.parts:
         chains(a.rows, dtype, device, rows)
     import triton
