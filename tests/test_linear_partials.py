@@ -138,8 +138,31 @@ def test_gpu_triton_path(bias):
     if torch.cuda.get_device_capability()[0] != 9:
         assert lines == []
         return
-    assert len(lines) == 3 and all("over 4 partial sums" in line for line in lines), lines
+    assert len(lines) == 3 and sorted(int(line.split("over ")[1].split()[0]) for line in lines) == [4, 4, 5], lines
     assert _rel(after, before) < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("splits, kernels", [(2, 1), (5, 1), (7, 1), (8, 2)])
+def test_gpu_inductor_folds_fewer_than_8_partial_sums_into_the_consumer(splits, kernels):
+    """What :func:`fbcompile.kernels.triton_linear.partials_splits` relies on: Inductor sums up to 7
+    partials inside the kernel that reads them (here the residual add and RMSNorm after o_proj/down);
+    8 become a reduction kernel of their own."""
+    from torch._inductor.utils import run_and_get_code
+
+    def add_norm(p, r, w):
+        h = r + p.sum(0).to(r.dtype)
+        hf = h.float()
+        return h, (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(h.dtype) * w
+
+    p = torch.randn(splits, 32, 1536, device="cuda")
+    r = torch.randn(32, 1536, device="cuda", dtype=BF16)
+    w = torch.randn(1536, device="cuda", dtype=BF16)
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(add_norm, dynamic=False), p, r, w)
+    assert sum(c.count("@triton.jit") for c in code) == kernels
+    for got, ref in zip(out, add_norm(p, r, w)):
+        assert _rel(got, ref) < 1e-2
 
 
 def test_diffusion_gemma_projections_split(monkeypatch):

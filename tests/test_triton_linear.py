@@ -6,6 +6,8 @@ kernel runs natively on a GPU, otherwise in Triton's CPU interpreter (:mod:`trit
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,6 +190,18 @@ def test_gated_config_is_the_measured_best():
         pair, stacked = tlin.gated_config_for(M, N, K, 132), tlin.config_for(M, 2 * N, K, 132, (N,))
         assert pair.block_n == stacked.block_n and 2 * pair.block_k == stacked.block_k
     assert tlin.gated_config_for(32, 8960, 1536, 132) == tlin.LinearConfig(64, 32, 64, 1, 4, 5)
+
+
+def test_partials_splits_are_the_measured_best_and_fuse():
+    """At Qwen2-1.5B's 32 rows the split counts the H200 sweep found best (linear_tune_h200.md); any shape:
+    fewer than 8 (a sum Inductor unrolls into its consumer), each slice at least two whole 128-wide tiles
+    and none empty, at most one 64-row program per SM."""
+    assert [tlin.partials_splits(32, N, K, 132) for N, K in ((2048, 1536), (1536, 1536), (1536, 8960))] == [4, 4, 5]
+    for M, N, K, sms in itertools.product((8, 32), (64, 256, 1536, 4096), (256, 640, 1536, 8960, 20000), (78, 132)):
+        s = tlin.partials_splits(M, N, K, sms)
+        tiles = tlin.cdiv(K, 128)
+        assert 1 <= s <= 7 and (s == 1 or tlin.cdiv(N, 64) * tlin.cdiv(M, 32) * s <= sms), (M, N, K, sms, s)
+        assert s == 1 or tlin.cdiv(tiles, s) >= 2 and tlin.cdiv(tiles, tlin.cdiv(tiles, s)) == s, (M, N, K, sms, s)
 
 
 @in_process

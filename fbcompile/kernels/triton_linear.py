@@ -188,15 +188,17 @@ def config_for(M: int, N: int, K: int, sms: int, boundaries: tuple[int, ...] = (
 
 def partials_splits(M: int, N: int, K: int, sms: int) -> int:
     """How many slices of the reduction :func:`linear_partials` should take at ``M`` rows over an
-    ``[N, K]`` weight: enough that 64-row weight tiles fill the SMs about once, each slice at least two
-    128-wide reduction tiles, at most 4 (Inductor unrolls a sum of up to 4 terms into the consumer's
-    kernel; 8 became a kernel of its own). At Qwen2-1.5B's q/k/v, o_proj and down: 4, the H200's best
-    (``benchmarks/results/split_linears_h200.md``)."""
+    ``[N, K]`` weight: as many as keep 64-row weight tiles within one program per SM, each slice at least
+    two 128-wide reduction tiles, at most 7 (Inductor unrolls a sum of fewer than 8 terms into the
+    consumer's kernel; 8 became a kernel of its own), counting only slices that hold a tile. At Qwen2-1.5B's
+    32 rows: q/k/v 4 (128 programs), o_proj 4 (5 would leave one empty), down 5 (120 programs: 9.42 us
+    against 9.89 at 4, ``benchmarks/results/linear_tune_h200.md``)."""
     programs = cdiv(N, 64) * cdiv(M, 32)
     splits = 1
-    while splits < 4 and programs * splits * 2 <= 2 * sms and K // (2 * splits) >= 2 * 128:
-        splits *= 2
-    return splits
+    while splits < 7 and programs * (splits + 1) <= sms and K // (splits + 1) >= 2 * 128:
+        splits += 1
+    tiles = cdiv(K, 128)
+    return cdiv(tiles, cdiv(tiles, splits))
 
 
 def partials_config_for(M: int, N: int, K: int, splits: int, sms: int, boundaries: tuple[int, ...] = ()) -> LinearConfig:
