@@ -124,7 +124,7 @@ def test_config_rejects_bad_linear_partials(value):
 @pytest.mark.parametrize("bias", [False, True])
 def test_gpu_triton_path(bias):
     """The Triton path (fp32 partials summed by the graph) against the original graph, at the default
-    number of partial sums for a 1.5B layer's shapes."""
+    numbers of partial sums for a 1.5B layer's shapes."""
     model = Layer(bias=bias, h=1536, inter=8960).to("cuda", BF16)
     x = torch.randn(1, 32, 1536, device="cuda", dtype=BF16)
     gm, example_inputs = _traced(model, x)
@@ -138,7 +138,8 @@ def test_gpu_triton_path(bias):
     if torch.cuda.get_device_capability()[0] != 9:
         assert lines == []
         return
-    assert len(lines) == 3 and sorted(int(line.split("over ")[1].split()[0]) for line in lines) == [4, 4, 5], lines
+    # q+k (3072 rows: 48 programs per slice) 2, o 4, down 5: as many as keep one program per SM
+    assert len(lines) == 3 and [int(line.split("over ")[1].split()[0]) for line in lines] == [2, 4, 5], lines
     assert _rel(after, before) < 1e-2
 
 
