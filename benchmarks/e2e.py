@@ -79,7 +79,8 @@ def prepare_lm(steps, model, context, batch):
     def first_step(m):
         x.fill_(cfg.mask_token_id)
         return m(x, past_key_values=cache, position_ids=pos)[0]
-    return Block(run, sum(t.nbytes for kv in cache for t in kv), first_step)
+    external = 4 * batch * cfg.num_heads * cfg.block_size * context * cfg.head_dim * cfg.num_layers
+    return Block(run, sum(t.nbytes for kv in cache for t in kv), first_step, external)
 
 
 # --------------------------------------------------------------------------- gemma
@@ -159,7 +160,8 @@ def prepare_video(steps, model, context, batch):
 
     def first_step(m):
         return m(noise, torch.full((batch,), times[0], device=p.device, dtype=p.dtype), past_key_values=cache)[0]
-    return Block(run, sum(t.nbytes for kv in cache for t in kv), first_step)
+    external = 4 * batch * cfg.num_heads * cfg.chunk_tokens * cached * cfg.head_dim * cfg.num_layers
+    return Block(run, sum(t.nbytes for kv in cache for t in kv), first_step, external)
 
 
 def workloads(tiny: bool = False) -> dict[str, Workload]:

@@ -88,18 +88,25 @@ def rope(t, cos, sin):
     return t * cos + torch.cat([-t2, t1], dim=-1) * sin
 
 
-def qkv_chain(partials: int):
-    """q/k/v (one launch, biases), RoPE from position ids, the block's attention over itself."""
+def qkv_chain(partials: int, per_weight: bool = False):
+    """q/k/v (one launch, biases), RoPE from position ids, the block's attention over itself.
+    ``per_weight``: each projection's partials summed on their own (``p[..., a:b].sum(0) + b_i``) instead
+    of the whole group's sum split afterwards, so no consumer reads a slice of one summed buffer."""
     def run(x, ws, bs, pos, inv_freq):
-        if partials:
-            y = (torch.ops.fbcompile.linear_partials(x, ws, partials).sum(0) + torch.cat(bs)).to(x.dtype)
+        if partials and per_weight:
+            p = torch.ops.fbcompile.linear_partials(x, ws, partials)
+            bounds = [0, Q_OUT, Q_OUT + KV_OUT, Q_OUT + 2 * KV_OUT]
+            q, k, v = ((p[..., a:e].sum(0) + b).to(x.dtype) for a, e, b in zip(bounds, bounds[1:], bs))
         else:
-            y = torch.ops.fbcompile.linear_group(x, ws, bs)
+            if partials:
+                y = (torch.ops.fbcompile.linear_partials(x, ws, partials).sum(0) + torch.cat(bs)).to(x.dtype)
+            else:
+                y = torch.ops.fbcompile.linear_group(x, ws, bs)
+            q, k, v = y.split([Q_OUT, KV_OUT, KV_OUT], -1)
         freqs = pos[:, :, None].float() * inv_freq
         emb = torch.cat([freqs, freqs], -1)
         cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
         b, m = x.shape[:2]
-        q, k, v = y.split([Q_OUT, KV_OUT, KV_OUT], -1)
         q = q.view(b, m, HEADS, HEAD_DIM).transpose(1, 2)
         k = k.view(b, m, KV_HEADS, HEAD_DIM).transpose(1, 2)
         v = v.view(b, m, KV_HEADS, HEAD_DIM).transpose(1, 2)
@@ -119,9 +126,15 @@ def norm_chain(partials: int):
     return run
 
 
-def chains(m, dtype, device, rows):
+def chains(m, dtype, device, rows, cases, combo):
+    """µs per chain under ``torch.compile`` (``combo``: with Inductor's combo kernels, as fbcompile compiles
+    for CUDA), and how many kernels Inductor generated for it."""
+    from torch._inductor.utils import run_and_get_code
+
     torch._dynamo.config.cache_size_limit = 64
-    for name, (sizes, k) in CASES.items():
+    torch._inductor.config.combo_kernels = combo
+    for name in cases:
+        sizes, k = CASES[name]
         ws = weight_copies(sizes, k, dtype, device)
         x = torch.randn(1, m, k, device=device, dtype=dtype)
         n = sum(sizes)
@@ -138,15 +151,18 @@ def chains(m, dtype, device, rows):
             args = lambda w: (x, w, h, norm_w)  # noqa: E731
             make = norm_chain
         ref = None
-        for splits in [0] + sorted({2, 4, 8, default}):
-            fn = torch.compile(make(splits), fullgraph=True, dynamic=False)
-            out = fn(*args(ws[0]))
+        forms = [(s, False) for s in [0] + sorted({2, 4, 8, default})] + ([(default, True)] if name == "qkv" else [])
+        for splits, per_weight in forms:
+            fn = torch.compile(make(splits, per_weight) if per_weight else make(splits), fullgraph=True, dynamic=False)
+            out, code = run_and_get_code(fn, *args(ws[0]))
             out = out[-1] if isinstance(out, tuple) else out
             ref = out.float() if ref is None else ref
             err = ((out.float() - ref).norm() / ref.norm()).item()
             us = bench_us(lambda: [fn(*args(w)) for w in ws], len(ws))
-            rows.append(dict(part="chain", case=name, form="today" if not splits else f"partials {splits}",
-                             default=splits == default, us=round(us, 2), rel_err_vs_today=err))
+            form = "today" if not splits else f"partials {splits}" + (", per-weight sums" if per_weight else "")
+            rows.append(dict(part="chain", case=name, form=form, combo_kernels=combo, default=splits == default,
+                             us=round(us, 2), inductor_kernels=sum(c.count("@triton.jit") for c in code),
+                             rel_err_vs_today=err))
             print(rows[-1], flush=True)
         del ws
 
@@ -155,9 +171,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=32)
     p.add_argument("--parts", default="gemm,chain")
-    p.add_argument("--cases", default=",".join(CASES), help=f"GEMMs of the gemm part, of: {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(CASES), help=f"GEMMs of both parts, of: {', '.join(CASES)}")
     p.add_argument("--grid", default="", help="config grid of the gemm part, e.g. 'splits=4,5 num_warps=4,8' "
                    f"(each key's values replace the default's: {GRID})")
+    p.add_argument("--combo", action="store_true", help="chains with Inductor's combo kernels (fbcompile's default on CUDA)")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     device, dtype = "cuda", torch.bfloat16
@@ -165,7 +182,7 @@ def main():
     if "gemm" in a.parts:
         gemm_alone(a.rows, dtype, device, rows, a.cases.split(","), parse_grid(GRID, a.grid))
     if "chain" in a.parts:
-        chains(a.rows, dtype, device, rows)
+        chains(a.rows, dtype, device, rows, a.cases.split(","), a.combo)
     import triton
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), rows=a.rows, dtype="bfloat16")

@@ -10,7 +10,12 @@ loads them by name, as ``fidelity`` loads ``--model``. So the library never impo
 
 Roofline of one block of ``steps`` forwards = bytes that must be read / HBM bandwidth: the weights
 at every step, plus the cached keys/values once per block (fbcompile block mode: one refresh, the
-other steps reuse the external attention) or at every step (every other variant, exact).
+other steps reuse the external attention) or at every step (every other variant, exact). Where the
+workload states its external attention's FLOPs, also a FLOP floor: one forward's matmul and attention
+FLOPs (torch's FLOP counter over the eager model's first step) at every step, less the external
+attention at all but one step in block mode, at the GPU's datasheet bf16 rate. Many rows per key (a
+video chunk's thousands of queries, a batch of 256 rows) make a block compute-bound: the byte roofline
+alone would then put any implementation many times above it. ``floor_ratio`` = measured / the larger.
 
 Per row: the median ms per block over ``--repeats`` blocks (CUDA events on the GPU, wall clock on the
 CPU) after the first call (``first_call_s``: compile and CUDA-graph capture included; a later context
@@ -37,8 +42,9 @@ import torch
 from .api import new_request, optimize, reset, stats
 from .config import Config
 
-# Datasheet HBM bandwidths, bytes/s (SXM parts).
+# Datasheet HBM bandwidths, bytes/s, and dense bf16/fp16 tensor FLOP/s (SXM parts).
 BANDWIDTHS = {"h100": 3.35e12, "h200": 4.8e12}
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12}
 VARIANTS = ("eager", "compile", "compile-ro", "exact", "block", "exact-ro", "block-ro")
 VARIANT_NAMES = {"eager": "eager", "compile": "torch.compile", "compile-ro": "torch.compile reduce-overhead",
                  "exact": "fbcompile exact", "block": "fbcompile block",
@@ -58,6 +64,9 @@ class Block:
     # one forward of the block's first step through the given model, its main output (e.g. logits):
     # each variant's is compared with the eager model's (``rel_err_vs_eager``)
     first_step: Callable[[torch.nn.Module], torch.Tensor] | None = None
+    # FLOPs of one forward's attention over the cached keys (4 x batch x query heads x block queries x
+    # cached keys x head dim x layers); 0: not stated, no FLOP floor
+    external_flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,26 @@ def roofline_ms(weights: int, kv: int, steps: int, reuse: bool, bandwidth: float
     """Milliseconds to read what one block must read at ``bandwidth`` bytes/s."""
     read = steps * weights + (kv if reuse else steps * kv)
     return read / bandwidth * 1e3
+
+
+def forward_flops(block: Block, eager: torch.nn.Module) -> float | None:
+    """FLOPs of one forward (the block's first step through the eager model) as torch's FLOP counter
+    counts them: matmuls and attention, not elementwise work; None where the counter cannot."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            block.first_step(eager)
+    except Exception:  # an op the counter's formulas reject (e.g. grouped K/V shapes)
+        return None
+    return float(counter.get_total_flops())
+
+
+def flop_floor_ms(forward: float, external: float, steps: int, reuse: bool, peak: float) -> float:
+    """Milliseconds one block's counted FLOPs take at ``peak`` FLOP/s: ``forward`` at every step, of which
+    block mode (``reuse``) computes the ``external`` attention at one step only."""
+    flops = steps * forward - ((steps - 1) * external if reuse else 0.0)
+    return flops / peak * 1e3
 
 
 def make_variant(name: str, model: torch.nn.Module, compiler: str, options: dict | None = None) -> torch.nn.Module:
@@ -145,7 +174,8 @@ def time_block(run: Callable[[], Any], before: Callable[[], None], repeats: int,
 
 def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, contexts: Sequence[int],
                   batches: Sequence[int], *, device: torch.device, repeats: int, bandwidth: float,
-                  compiler: str, options: dict | None = None, progress=None) -> list[dict]:
+                  compiler: str, options: dict | None = None, progress=None,
+                  peak_flops: float | None = None) -> list[dict]:
     """Rows for one variant of one workload: a copy of the ``built`` model, all contexts and batches
     (largest last, so that running out of memory skips only what does not fit)."""
     weights = (workload.weight_bytes or weight_bytes)(built)
@@ -171,6 +201,13 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
                                         if device.type == "cuda" else None),
                            roofline_ms=float(f"{roof:.4g}"), roofline_ratio=float(f"{ms / roof:.3g}"),
                            weight_bytes=weights, kv_bytes=block.kv_bytes)
+                forward = (forward_flops(block, built) if peak_flops and block.external_flops and block.first_step
+                           else None)
+                if forward:
+                    floor = flop_floor_ms(forward, block.external_flops, workload.steps,
+                                          VARIANT_NAMES[variant] in REUSING, peak_flops)
+                    row.update(forward_tflop=float(f"{forward / 1e12:.4g}"), flop_floor_ms=float(f"{floor:.4g}"),
+                               floor_ratio=float(f"{ms / max(floor, roof):.3g}"))
                 if variant in FBCOMPILE_VARIANTS:  # what the timed blocks did: 1 refresh per block in block mode
                     counts = stats(model)
                     row.update(refreshes_per_block=round(counts.refreshes / (repeats + 2), 2),
@@ -218,6 +255,20 @@ def resolve_bandwidth(value: str, device: torch.device) -> tuple[float, str]:
     return float(value), f"{float(value) / 1e12:.3g} TB/s (given)"
 
 
+def resolve_peak_flops(value: str, device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """``auto`` (the datasheet bf16/fp16 rate of the H100/H200 it runs on, for those dtypes; else no FLOP
+    floor), ``none``, or FLOP/s."""
+    if value == "none":
+        return None, "none"
+    if value != "auto":
+        return float(value), f"{float(value) / 1e12:.4g} TFLOP/s (given)"
+    name = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
+    key = next((k for k in PEAK_FLOPS if k in name), None)
+    if key is None or dtype not in (torch.bfloat16, torch.float16):
+        return None, "none (no datasheet rate for this device and dtype)"
+    return PEAK_FLOPS[key], f"{key.upper()} datasheet, {PEAK_FLOPS[key] / 1e12:.0f} TFLOP/s dense bf16"
+
+
 def environment(device: torch.device, bandwidth_note: str, args: argparse.Namespace) -> dict:
     """Device, versions and the command, for the results files."""
     try:
@@ -230,7 +281,8 @@ def environment(device: torch.device, bandwidth_note: str, args: argparse.Namesp
     else:
         name = cpu_name()
     return dict(device=name, torch=torch.__version__, triton=triton_version,
-                python=platform.python_version(), bandwidth=bandwidth_note, dtype=args.dtype,
+                python=platform.python_version(), bandwidth=bandwidth_note, peak_flops=args.peak_flops_note,
+                dtype=args.dtype,
                 compiler=args.compiler, config=args.config, repeats=args.repeats, command="python " + " ".join(sys.argv))
 
 
@@ -338,6 +390,8 @@ def parser(prog: str | None = None, add_help: bool = True) -> argparse.ArgumentP
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=5, help="timed blocks per row (the median is reported)")
     p.add_argument("--bandwidth", default="auto", help="auto, h100, h200, or bytes/s")
+    p.add_argument("--peak-flops", default="auto", help="auto (H100/H200 datasheet bf16 rate), none, or FLOP/s: "
+                   "the FLOP floor's rate")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on the GPU, float32 on the CPU")
     p.add_argument("--compiler", default="inductor", help="fbcompile's graph compiler (inductor or eager)")
@@ -372,6 +426,7 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
     contexts, batches = sorted(_ints(args.contexts)), sorted(_ints(args.batches))
     options = _config_options(args.config)
     bandwidth, note = resolve_bandwidth(args.bandwidth, device)
+    peak_flops, args.peak_flops_note = resolve_peak_flops(args.peak_flops, device, dtype)
     env = environment(device, note, args)
     results = {}
     total = len(names) * len(variants) * len(contexts) * len(batches)
@@ -386,7 +441,7 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
                 progress.set_description(f"{name} {variant}")
                 rows += bench_variant(w, built, variant, contexts, batches, device=device, repeats=args.repeats,
                                       bandwidth=bandwidth, compiler=args.compiler, options=options,
-                                      progress=progress)
+                                      progress=progress, peak_flops=peak_flops)
                 results[name] = dict(description=w.description, steps=w.steps, block_size=w.block_size,
                                      unit=w.unit, rows=rows)
                 paths = write_results(args.out, results, env)  # after each variant: a cut-off run keeps its rows

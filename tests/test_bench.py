@@ -52,9 +52,9 @@ def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp
     out = tmp_path / "e2e"
     assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", "lm", "--contexts", "64",
                 "--batches", "1", "--variants", "eager,block", "--compiler", "eager", "--device", "cpu",
-                "--repeats", "1", "--bandwidth", "1e9", "--out", str(out)]) == 0
+                "--repeats", "1", "--bandwidth", "1e9", "--peak-flops", "1e9", "--out", str(out)]) == 0
     result = json.loads((out / "e2e.json").read_text())
-    assert result["env"]["bandwidth"] == "0.001 TB/s (given)"
+    assert result["env"]["bandwidth"] == "0.001 TB/s (given)" and result["env"]["peak_flops"] == "0.001 TFLOP/s (given)"
     rows = result["models"]["lm"]["rows"]
     assert [r["variant"] for r in rows] == ["eager", "fbcompile block"]
     # hand count of the tiny LM's fp32 parameters, the embedding table left out
@@ -69,11 +69,28 @@ def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp
         assert row["roofline_ms"] == pytest.approx(roofline, rel=1e-3)
         assert row["roofline_ratio"] == pytest.approx(row["ms_per_block"] / row["roofline_ms"], rel=1e-2)
         assert row["tokens_per_s"] > 0 and row["peak_mem_gb"] is None
+        # the FLOP floor: the external attention (4 x heads x block x cached keys x head dim x layers) once
+        # per block in block mode; the forward's count covers it and the block's attention over itself
+        external = 4 * TINY_LM["num_heads"] * TINY_LM["block_size"] * 64 * 16 * layers
+        forward = row["forward_tflop"] * 1e12
+        assert external < forward and row["flop_floor_ms"] == pytest.approx(
+            (steps * forward - ((steps - 1) * external if reuse else 0)) / 1e9 * 1e3, rel=1e-3)
+        assert row["floor_ratio"] == pytest.approx(
+            row["ms_per_block"] / max(row["flop_floor_ms"], row["roofline_ms"]), rel=1e-2)
     assert rows[1]["refreshes_per_block"] == 1 and rows[1]["reuses_per_block"] == steps - 1  # a new block each time
     assert rows[0]["rel_err_vs_eager"] == 0 and rows[1]["rel_err_vs_eager"] < 1e-5  # the first step refreshes
     table = (out / "e2e.md").read_text()
     assert "fbcompile block" in table and f"- torch: {torch.__version__}" in table
     assert (out / "e2e_lm.png").stat().st_size > 1000
+
+
+def test_flop_floor_rate_is_the_datasheet_only_where_known():
+    cpu = torch.device("cpu")
+    assert bench.resolve_peak_flops("auto", cpu, torch.bfloat16)[0] is None
+    assert bench.resolve_peak_flops("none", cpu, torch.bfloat16) == (None, "none")
+    assert bench.resolve_peak_flops("2e12", cpu, torch.float32)[0] == 2e12
+    assert bench.flop_floor_ms(10e12, 4e12, 8, reuse=True, peak=1e15) == pytest.approx((80 - 28) / 1e3 * 1e3)
+    assert bench.flop_floor_ms(10e12, 4e12, 8, reuse=False, peak=1e15) == pytest.approx(80.0)
 
 
 def test_config_options_parsed_and_checked():
