@@ -88,8 +88,10 @@ def prepare_lm(steps, model, context, batch):
 
 def build_gemma(text, canvas, device, dtype):
     import transformers
+    # the vision tower given explicitly: some transformers versions default it to None and then fail to
+    # build the encoder (the benchmark never runs it: gemma_weight_bytes leaves the encoder out)
     config = transformers.DiffusionGemmaConfig(text_config=dict(text, max_position_embeddings=262144),
-                                               canvas_length=canvas)
+                                               vision_config=transformers.Gemma4VisionConfig(), canvas_length=canvas)
     torch.manual_seed(0)
     with torch.device(device):
         model = transformers.DiffusionGemmaForBlockDiffusion(config)
