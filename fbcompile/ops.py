@@ -38,36 +38,6 @@ def _use_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return triton_attention is not None and q.is_cuda and triton_attention.supports(q, k, v, mask)
 
 
-# Query rows per head from which PyTorch's flash attention, not the Triton kernels, computes an unmasked
-# split part without grouped heads: a video chunk's thousands of queries make attention compute-bound,
-# where flash attention's tiles beat the Triton kernel's (benchmarks/results/flash_path_h200.md), while a
-# text block's 4-256 rows are what the split-KV Triton kernels are for.
-FLASH_MIN_ROWS = 1024
-
-
-def _flash_capable(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def _use_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether ``aten._scaled_dot_product_flash_attention`` (which also returns the log-sum-exp) computes
-    this part: CUDA, half precision, no mask, one KV head per query head, one head dim of at most 256,
-    at least one key and :data:`FLASH_MIN_ROWS` queries. Static facts only (a symbolic key count of a
-    dynamic dim is at least 2), so the choice traces."""
-    D = q.shape[-1]
-    return (q.is_cuda and mask is None and q.dtype in (torch.float16, torch.bfloat16)
-            and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[1] == k.shape[1]
-            and v.shape[-1] == D and D % 8 == 0 and D <= 256 and q.shape[2] >= FLASH_MIN_ROWS and k.shape[2] >= 1
-            and _flash_capable(q.device))
-
-
-def _flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """``(out, lse)`` as :func:`fbcompile.kernels.reference.attention_lse` returns them (natural-log LSE,
-    contiguous output), from PyTorch's flash attention."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
-    return out.contiguous(), lse[..., :q.shape[2]].float().contiguous()
-
-
 def _attention_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Empty ``(out, lse)``; also where the shape contract is checked (at trace and at run time)."""
     _check_shapes(q, k, v)
@@ -123,8 +93,6 @@ def attention_lse(
     ``key_count`` (an integer tensor of one element on the device): only the first that many keys
     count, the rest being spare capacity (see :mod:`fbcompile.passes.key_count`)."""
     _check_shapes(q, k, v)
-    if key_count is None and _use_flash(q, k, v, mask):
-        return _flash_attention_lse(q, k, v, scale)
     if _use_triton(q, k, v, mask) and (key_count is None or triton_attention.supports_key_count(q, key_count)):
         return triton_attention.attention_lse(q, k, v, mask, scale, key_count)
     return reference_attention_lse(q, k, v, mask, scale, key_count)
@@ -147,9 +115,6 @@ def attention_merge_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Internal attention over ``(k, v)`` merged with the external ``(out_ext, lse_ext)``: the full result."""
     _check_shapes(q, k, v)
-    if _use_flash(q, k, v, mask):  # the merge in plain PyTorch: Inductor makes it one elementwise kernel
-        out, lse = reference.merge_lse(out_ext, lse_ext, *_flash_attention_lse(q, k, v, scale))
-        return out.to(q.dtype).contiguous(), lse.contiguous()
     if _use_triton(q, k, v, mask):
         return triton_attention.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
     out, lse = reference_merge_lse(out_ext, lse_ext, *reference_attention_lse(q, k, v, mask, scale))
@@ -158,7 +123,7 @@ def attention_merge_lse(
 
 @attention_merge_lse.register_fake
 def _(q, k, v, mask, scale, out_ext, lse_ext):
-    return _merged_outputs(q, k, v, _use_triton(q, k, v, mask) and not _use_flash(q, k, v, mask))
+    return _merged_outputs(q, k, v, _use_triton(q, k, v, mask))
 
 
 @torch.library.triton_op("fbcompile::merge_lse", mutates_args=())

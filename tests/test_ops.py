@@ -460,59 +460,6 @@ def test_inductor_launches_the_triton_kernels(dtype):
     assert counter.frame_count == 1
 
 
-# --------------------------------------------------------------------------- PyTorch's flash attention
-
-
-def test_flash_path_only_for_long_unmasked_ungrouped_half_precision_parts(monkeypatch):
-    """Which parts :func:`fbcompile.ops._use_flash` gives to PyTorch's flash attention (fake CUDA tensors
-    stand for real ones; the capability check is the device's): a video chunk's queries, not a text
-    block's; never with a mask, grouped KV heads, fp32, wide or mismatched head dims, or no keys."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    monkeypatch.setattr(fbops, "_flash_capable", lambda device: True)
-    rows = fbops.FLASH_MIN_ROWS
-    with FakeTensorMode():
-        def qkv(M=rows, N=4096, Hq=12, Hkv=12, D=128, Dv=128, dtype=torch.bfloat16, device="cuda"):
-            return (torch.empty(1, Hq, M, D, dtype=dtype, device=device), torch.empty(1, Hkv, N, D, dtype=dtype, device=device),
-                    torch.empty(1, Hkv, N, Dv, dtype=dtype, device=device))
-        assert fbops._use_flash(*qkv(), None) and fbops._use_flash(*qkv(dtype=torch.float16), None)
-        assert fbops._use_flash(*qkv(D=256, Dv=256), None)
-        mask = torch.empty(1, 1, rows, 4096, dtype=torch.bool, device="cuda")
-        for args, m in [(qkv(M=rows - 1), None), (qkv(Hkv=4), None), (qkv(dtype=torch.float32), None),
-                        (qkv(D=512, Dv=512), None), (qkv(Dv=64), None), (qkv(N=0), None), (qkv(), mask),
-                        (qkv(device="cpu"), None)]:
-            assert not fbops._use_flash(*args, m)
-    monkeypatch.setattr(fbops, "_flash_capable", lambda device: False)
-    with FakeTensorMode():
-        assert not fbops._use_flash(*qkv(), None)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: PyTorch's flash attention")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("M, N, D", [(fbops.FLASH_MIN_ROWS, 777, 64), (1560, 4680, 128), (1100, 2048, 256)])
-def test_flash_path_matches_the_reference(dtype, M, N, D):
-    """The flash path of the external op and of the merged internal op against float64, eager and
-    traced into an Inductor graph (with a symbolic key count, as a growing cache has)."""
-    if not fbops._use_flash(*(t.cuda() for t in make_qkv(1, 2, 2, M, N, D, D, torch.Generator(), dtype)), None):
-        pytest.skip("this GPU has no flash attention path")
-    gen = torch.Generator().manual_seed(M + N)
-    q, k, v = make_qkv(1, 2, 2, M, N, D, D, gen, dtype)
-    _, ki, vi = make_qkv(1, 2, 2, M, M, D, D, gen, dtype)
-    scale = D ** -0.5
-    ref_out, ref_lse = ref_merge(*ref_attention(q, k, v, None, scale), *ref_attention(q, ki, vi, None, scale))
-
-    def split(q, k, v, ki, vi):
-        return OPS.attention_merge_lse(q, ki, vi, None, scale, *OPS.attention_lse(q, k, v, None, scale))
-
-    args = [t.cuda() for t in (q, k, v, ki, vi)]
-    torch._dynamo.mark_dynamic(args[1], 2)
-    torch._dynamo.mark_dynamic(args[2], 2)
-    for fn in (split, torch.compile(split, fullgraph=True)):
-        out, lse = fn(*args)
-        check_out(out.cpu(), ref_out, dtype)
-        check_lse(lse.cpu(), ref_lse, dtype)
-
-
 # --------------------------------------------------------------------------- shape errors
 
 
