@@ -84,6 +84,20 @@ def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp
     assert (out / "e2e_lm.png").stat().st_size > 1000
 
 
+def test_tiny_video_has_a_flop_floor_and_gemma_none(tmp_path):
+    """The video and DiffusionGemma workloads run through the harness at tiny shapes; the video DiT states
+    its external attention's FLOPs (a floor row), DiffusionGemma (layers of several head shapes) does not."""
+    out = tmp_path / "e2e"
+    assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", "video,gemma", "--contexts",
+                "64", "--batches", "1", "--variants", "eager", "--compiler", "eager", "--device", "cpu", "--repeats",
+                "1", "--bandwidth", "1e9", "--peak-flops", "1e9", "--out", str(out)]) == 0
+    models = json.loads((out / "e2e.json").read_text())["models"]
+    video, gemma = models["video"]["rows"][0], models["gemma"]["rows"][0]
+    assert video["flop_floor_ms"] == pytest.approx(workloads(tiny=True)["video"].steps * video["forward_tflop"] * 1e12
+                                                   / 1e9 * 1e3, rel=1e-3)  # eager: the external part at every step
+    assert "flop_floor_ms" not in gemma and gemma["ms_per_block"] > 0
+
+
 def test_flop_floor_rate_is_the_datasheet_only_where_known():
     cpu = torch.device("cpu")
     assert bench.resolve_peak_flops("auto", cpu, torch.bfloat16)[0] is None
