@@ -282,8 +282,8 @@ def environment(device: torch.device, bandwidth_note: str, args: argparse.Namesp
         name = cpu_name()
     return dict(device=name, torch=torch.__version__, triton=triton_version,
                 python=platform.python_version(), bandwidth=bandwidth_note, peak_flops=args.peak_flops_note,
-                dtype=args.dtype,
-                compiler=args.compiler, config=args.config, repeats=args.repeats, command="python " + " ".join(sys.argv))
+                dtype=args.dtype, compiler=args.compiler, config=args.config, repeats=args.repeats,
+                command="python " + " ".join(sys.argv))
 
 
 def _config_options(items: Sequence[str]) -> dict:
