@@ -269,7 +269,8 @@ def resolve_peak_flops(value: str, device: torch.device, dtype: torch.dtype) -> 
     return PEAK_FLOPS[key], f"{key.upper()} datasheet, {PEAK_FLOPS[key] / 1e12:.0f} TFLOP/s dense bf16"
 
 
-def environment(device: torch.device, bandwidth_note: str, args: argparse.Namespace) -> dict:
+def environment(device: torch.device, bandwidth_note: str, args: argparse.Namespace,
+                peak_flops_note: str = "none") -> dict:
     """Device, versions and the command, for the results files."""
     try:
         import triton
@@ -281,7 +282,7 @@ def environment(device: torch.device, bandwidth_note: str, args: argparse.Namesp
     else:
         name = cpu_name()
     return dict(device=name, torch=torch.__version__, triton=triton_version,
-                python=platform.python_version(), bandwidth=bandwidth_note, peak_flops=args.peak_flops_note,
+                python=platform.python_version(), bandwidth=bandwidth_note, peak_flops=peak_flops_note,
                 dtype=args.dtype, compiler=args.compiler, config=args.config, repeats=args.repeats,
                 command="python " + " ".join(sys.argv))
 
@@ -426,8 +427,8 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
     contexts, batches = sorted(_ints(args.contexts)), sorted(_ints(args.batches))
     options = _config_options(args.config)
     bandwidth, note = resolve_bandwidth(args.bandwidth, device)
-    peak_flops, args.peak_flops_note = resolve_peak_flops(args.peak_flops, device, dtype)
-    env = environment(device, note, args)
+    peak_flops, peak_note = resolve_peak_flops(args.peak_flops, device, dtype)
+    env = environment(device, note, args, peak_note)
     results = {}
     total = len(names) * len(variants) * len(contexts) * len(batches)
     progress = _progress(total)
