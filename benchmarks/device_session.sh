@@ -26,6 +26,8 @@
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 #   combo       the LM's block mode at 32K, batch 1, with and without Config.combo_kernels            (<= 400 s)
 #   video       the 1.3B video DiT end to end at 8K and 32K cached tokens: torch.compile, exact, block  (<= 420 s)
+#   backends    fbcompile's external-attention kernel against PyTorch's flash and cuDNN attention (with LSE) and
+#               SDPA, over 64-4680 queries per head (benchmarks/attention_backends.py)                (<= 120 s)
 #   tune        the linear launches of a layer (q/k/v, o, down as partials; gate/up gated) over configs with
 #               warps and 5-7 splits, each against a read-only launch of its bytes (the ceiling)       (<= 560 s)
 set -u
@@ -65,6 +67,8 @@ for name in "${steps[@]}"; do
     wide) step wide 240 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT" --heads 8/4/256,8/4/512 --sweep ;;
     gemma) step e2e_gemma 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
+    backends) step attention_backends 120 env PYTHONPATH=. python benchmarks/attention_backends.py \
+        --out "$OUT/attention_backends.json" ;;
     tune)
         step split_tune 340 env PYTHONPATH=. python benchmarks/split_linears.py --parts gemm --cases qkv,o,down \
             --grid "block_n=32,64 block_k=64,128 splits=2,4,5,6,7 num_warps=4,8" --out "$OUT/split_tune.json"
