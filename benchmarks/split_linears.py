@@ -9,10 +9,12 @@ Inductor folds a sum of up to 8 terms into the kernel that reads the result anyw
 Two measurements, Qwen2-1.5B shapes, bf16, CUDA-graph replays over weight copies (read from HBM):
 
 1. the GEMM alone: ``linear`` at its default config (with its sum kernel where it splits) against
-   ``linear_partials`` over a grid of configs;
-2. the GEMM and its consumer under ``torch.compile``, as a block step runs them: q/k/v with RoPE into
-   the block's attention; o_proj and down with the residual add and the next RMSNorm. Today's form
-   (``linear_group``, the residual added in the store) against partials summed by Inductor.
+   ``linear_partials`` over a grid of configs (``--grid``), and a read-only launch of the same bytes;
+2. the GEMM and its consumer under ``torch.compile`` (``--combo``: with Inductor's combo kernels, as
+   fbcompile compiles for CUDA), as a block step runs them: q/k/v with RoPE into the block's attention
+   (also with each projection's partials summed on their own); o_proj and down with the residual add and
+   the next RMSNorm. Today's form (``linear_group``, the residual added in the store) against partials
+   summed by Inductor, with the number of kernels Inductor generated.
 
     PYTHONPATH=. python benchmarks/split_linears.py --out benchmarks/results/split_linears_h200.json
     (TORCH_LOGS=output_code shows whether each sum fused)
