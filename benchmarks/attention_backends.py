@@ -6,8 +6,11 @@ chunk attends with thousands of queries per head (3 latent frames of 30 x 52 pat
 attention is compute-bound and the Triton split-KV kernels, tuned for a text block's 4-256 rows, may
 lose. Per shape (bf16, 12 heads, one KV head per query head, head dim 128): µs of each, medians of
 CUDA-graph replays, the FLOP rate, and each backend's output / LSE difference from the Triton kernel's.
+The ``*_count`` rows take the keys' count as a device tensor, as a graph over buffers with spare capacity
+does (the Triton kernel reads it; fbcompile's cuDNN path turns it into a ``-inf`` bias over the padding).
 
     PYTHONPATH=. python benchmarks/attention_backends.py --out benchmarks/results/attention_backends_h200.json
+    PYTHONPATH=. python benchmarks/attention_backends.py --layout bshd --rows 256,1024,4096,4680 --out ...
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
+from fbcompile import ops
 from fbcompile.kernels import triton_attention
 
 HEADS, HEAD_DIM = 12, 128
@@ -37,22 +41,36 @@ def backends(scale):
                                                                       scale=scale)[:2]
         return out, lse.reshape(q.shape[:3])
 
+    def counted(fn):  # the form of a graph over buffers with spare capacity: a key count on the device
+        return lambda q, k, v: fn(q, k, v, torch.full((1,), k.shape[2], dtype=torch.int32, device=k.device))
+
     return {"triton": lambda q, k, v: triton_attention.attention_lse(q, k, v, None, scale),
+            "triton_count": counted(lambda q, k, v, n: triton_attention.attention_lse(q, k, v, None, scale, n)),
             "flash": flash, "cudnn": cudnn,
+            "cudnn_count": counted(lambda q, k, v, n: ops.cudnn_attention_lse(q, k, v, scale, n)),
             "sdpa (no LSE)": lambda q, k, v: (torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--rows", default=",".join(map(str, ROWS)), help="queries per head, comma-separated")
+    p.add_argument("--keys", default=",".join(map(str, KEYS)), help="keys per head, comma-separated")
+    p.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",
+                   help="memory order of q/k/v: bshd is a [B, S, H, D] tensor seen as [B, H, S, D] (the video DiT's)")
     a = p.parse_args()
     rows = []
     gen = torch.Generator("cuda").manual_seed(0)
     scale = HEAD_DIM ** -0.5
-    for n in KEYS:
-        k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv")
-        for m in ROWS:
-            q = torch.randn(1, HEADS, m, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    def randn(length):
+        shape = (1, HEADS, length, HEAD_DIM) if a.layout == "bhsd" else (1, length, HEADS, HEAD_DIM)
+        t = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+        return t if a.layout == "bhsd" else t.transpose(1, 2)
+
+    for n in map(int, a.keys.split(",")):
+        k, v = randn(n), randn(n)
+        for m in map(int, a.rows.split(",")):
+            q = randn(m)
             flops = 4 * HEADS * m * n * HEAD_DIM
             row = dict(rows=m, keys=n)
             ref_out, ref_lse = triton_attention.attention_lse(q, k, v, None, scale)
@@ -70,7 +88,7 @@ def main():
             print(row, flush=True)
             rows.append(row)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), heads=HEADS, head_dim=HEAD_DIM, dtype="bfloat16")
+                python=platform.python_version(), heads=HEADS, head_dim=HEAD_DIM, dtype="bfloat16", layout=a.layout)
     with open(a.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
