@@ -22,7 +22,6 @@ import torch
 import triton
 from triton.testing import do_bench_cudagraph
 
-from fbcompile import ops
 from fbcompile.kernels import triton_attention
 
 HEADS, HEAD_DIM = 12, 128
@@ -36,10 +35,15 @@ def backends(scale):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
         return out, lse[..., :q.shape[2]]
 
-    def cudnn(q, k, v):
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+    def cudnn(q, k, v, bias=None):
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, 0.0, False, False,
                                                                       scale=scale)[:2]
         return out, lse.reshape(q.shape[:3])
+
+    def cudnn_bias(q, k, v, key_count):  # -inf over the keys past the count
+        padding = torch.arange(k.shape[2], device=k.device) >= key_count.reshape(())
+        bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device).masked_fill(padding, float("-inf"))
+        return cudnn(q, k, v, bias)
 
     def counted(fn):  # the form of a graph over buffers with spare capacity: a key count on the device
         return lambda q, k, v: fn(q, k, v, torch.full((1,), k.shape[2], dtype=torch.int32, device=k.device))
@@ -47,7 +51,7 @@ def backends(scale):
     return {"triton": lambda q, k, v: triton_attention.attention_lse(q, k, v, None, scale),
             "triton_count": counted(lambda q, k, v, n: triton_attention.attention_lse(q, k, v, None, scale, n)),
             "flash": flash, "cudnn": cudnn,
-            "cudnn_count": counted(lambda q, k, v, n: ops.cudnn_attention_lse(q, k, v, scale, n)),
+            "cudnn_count": counted(cudnn_bias),
             "sdpa (no LSE)": lambda q, k, v: (torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None)}
 
 
