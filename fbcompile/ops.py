@@ -4,7 +4,8 @@ They are registered with ``torch.library.triton_op``: eager calls run the op bod
 AOT/Inductor trace *through* it, so a compiled graph launches the Triton kernels itself (wrapped with
 ``torch.library.wrap_triton`` in :mod:`fbcompile.kernels.triton_attention`), with no Python op call
 between them: Inductor can fuse around them and CUDA graphs capture them. The body picks the Triton
-kernels where they apply (CUDA tensors, supported shapes) and otherwise the plain PyTorch reference,
+kernels where they apply (CUDA tensors, supported shapes), cuDNN's fused attention for parts of
+thousands of rows per head, and otherwise the plain PyTorch reference (:func:`attention_kernel` says which),
 behind the opaque ops ``fbcompile::reference_*``: Inductor would compile the traced reference into
 C++ for CPU graphs, which costs far more compile time than it saves on a path that has no kernels.
 The choice depends on devices, dtypes and static sizes only, never on tensor values, so it is
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fbcompile.kernels import reference
 
@@ -36,6 +38,55 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _use_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     return triton_attention is not None and q.is_cuda and triton_attention.supports(q, k, v, mask)
+
+
+# A part with a thousand query rows per head or more (a video chunk: 1560 per latent frame) is compute-bound,
+# and there cuDNN's fused attention (SDPA's backend on Hopper) runs ~1.5x faster than the split-KV Triton
+# kernels, which are tuned for a text block's tens of rows. cuDNN gives each 128 rows of a head one program
+# that walks all the keys, so with fewer programs than the GPU has SMs it idles: measured at 12 heads, 1024
+# rows (96 programs) 1.5x faster, 512 rows 0.85-0.93x, 256 rows 0.37-0.49x. A key count read on the device
+# could only reach it as a -inf bias over the padding, which costs it its lead.
+# (benchmarks/results/attention_backends_h200.md)
+CUDNN_MIN_ROWS = 1024
+CUDNN_MIN_PROGRAMS = 96
+
+
+def _use_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               key_count: torch.Tensor | None = None) -> bool:
+    """Whether a part runs on cuDNN: unmasked bf16/fp16 attention over all its keys (no key count), one
+    KV head per query head, head dims <= 128, at least :data:`CUDNN_MIN_ROWS` rows per head and
+    :data:`CUDNN_MIN_PROGRAMS` tiles of 128 rows in all (known at trace time), on an sm90 GPU."""
+    B, H, M, D = q.shape
+    return (key_count is None and mask is None and _use_triton(q, k, v, mask) and q.dtype != torch.float32
+            and k.shape[1] == H and D <= 128 and v.shape[-1] == D and all(map(_cudnn_layout, (q, k, v)))
+            and statically_known_true(M >= CUDNN_MIN_ROWS)
+            and statically_known_true(B * H * ((M + 127) // 128) >= CUDNN_MIN_PROGRAMS)
+            and torch.cuda.get_device_capability(q.device) == (9, 0))
+
+
+def _cudnn_layout(t: torch.Tensor) -> bool:
+    """Rows cuDNN reads as they are: unit stride along the head dim, 16-byte aligned steps elsewhere
+    (SDPA checks the same before it picks cuDNN; called directly, the op would fail on others)."""
+    return t.stride(-1) == 1 and all(statically_known_true(s % 8 == 0) for s in t.stride()[:-1])
+
+
+def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     key_count: torch.Tensor | None = None) -> str:
+    """What runs an attention part (``attention_lse``; ``attention_merge_lse`` without a key count) on
+    these inputs: ``"cuDNN"``, ``"Triton"`` or ``"reference"`` (the plain PyTorch ops)."""
+    if _use_cudnn(q, k, v, mask, key_count):
+        return "cuDNN"
+    if _use_triton(q, k, v, mask) and (key_count is None or triton_attention.supports_key_count(q, key_count)):
+        return "Triton"
+    return "reference"
+
+
+def cudnn_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` from cuDNN, both contiguous (its output follows the query's layout)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                  scale=scale)[:2]
+    return out.contiguous(), lse.reshape(q.shape[:3]).contiguous()
 
 
 def _attention_outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +144,10 @@ def attention_lse(
     ``key_count`` (an integer tensor of one element on the device): only the first that many keys
     count, the rest being spare capacity (see :mod:`fbcompile.passes.key_count`)."""
     _check_shapes(q, k, v)
-    if _use_triton(q, k, v, mask) and (key_count is None or triton_attention.supports_key_count(q, key_count)):
+    kernel = attention_kernel(q, k, v, mask, key_count)
+    if kernel == "cuDNN":
+        return cudnn_attention_lse(q, k, v, scale)
+    if kernel == "Triton":
         return triton_attention.attention_lse(q, k, v, mask, scale, key_count)
     return reference_attention_lse(q, k, v, mask, scale, key_count)
 
@@ -115,7 +169,11 @@ def attention_merge_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Internal attention over ``(k, v)`` merged with the external ``(out_ext, lse_ext)``: the full result."""
     _check_shapes(q, k, v)
-    if _use_triton(q, k, v, mask):
+    kernel = attention_kernel(q, k, v, mask)
+    if kernel == "cuDNN":
+        out, lse = reference.merge_lse(out_ext, lse_ext, *cudnn_attention_lse(q, k, v, scale))
+        return out.to(q.dtype).contiguous(), lse.contiguous()
+    if kernel == "Triton":
         return triton_attention.attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext)
     out, lse = reference_merge_lse(out_ext, lse_ext, *reference_attention_lse(q, k, v, mask, scale))
     return out.to(q.dtype), lse
@@ -123,7 +181,7 @@ def attention_merge_lse(
 
 @attention_merge_lse.register_fake
 def _(q, k, v, mask, scale, out_ext, lse_ext):
-    return _merged_outputs(q, k, v, _use_triton(q, k, v, mask))
+    return _merged_outputs(q, k, v, attention_kernel(q, k, v, mask) == "Triton")
 
 
 @torch.library.triton_op("fbcompile::merge_lse", mutates_args=())

@@ -460,6 +460,94 @@ def test_inductor_launches_the_triton_kernels(dtype):
     assert counter.frame_count == 1
 
 
+# --------------------------------------------------------------------------- cuDNN for parts of many rows
+
+
+CUDNN_CASES = [  # (q shape, k shape, dtype, masked, key count, capability, takes cuDNN): one change from the first each
+    ((1, 12, 4680, 128), (1, 12, 999, 128), torch.bfloat16, False, False, (9, 0), True),
+    ((2, 4, 4096, 64), (2, 4, 99, 64), torch.float16, False, False, (9, 0), True),
+    ((1, 12, 1024, 128), (1, 12, 999, 128), torch.bfloat16, False, False, (9, 0), True),
+    ((1, 12, 1023, 128), (1, 12, 999, 128), torch.bfloat16, False, False, (9, 0), False),   # too few rows
+    ((1, 2, 4096, 128), (1, 2, 999, 128), torch.bfloat16, False, False, (9, 0), False),     # 64 programs
+    ((2, 2, 3072, 128), (2, 2, 999, 128), torch.bfloat16, False, False, (9, 0), True),      # 96 programs
+    ((1, 12, 4680, 128), (1, 4, 999, 128), torch.bfloat16, False, False, (9, 0), False),    # grouped KV heads
+    ((1, 12, 4680, 128), (1, 12, 999, 128), torch.bfloat16, True, False, (9, 0), False),    # a mask
+    ((1, 12, 4680, 128), (1, 12, 999, 128), torch.bfloat16, False, True, (9, 0), False),    # a key count
+    ((1, 12, 4680, 128), (1, 12, 999, 128), torch.float32, False, False, (9, 0), False),    # fp32
+    ((1, 12, 4680, 256), (1, 12, 999, 256), torch.bfloat16, False, False, (9, 0), False),   # head dim 256
+    ((1, 12, 4680, 128), (1, 12, 999, 128), torch.bfloat16, False, False, (8, 0), False),   # not Hopper
+    ((1, 12, 4680, 128), (1, 12, 999, 256), torch.bfloat16, False, False, (9, 0), False),   # keys a strided view
+    ((1, 12, 4680, 128), (1, 12, 999, 132), torch.bfloat16, False, False, (9, 0), False),   # rows not 16-byte aligned
+]
+
+
+@pytest.mark.parametrize("qs,ks,dtype,masked,counted,capability,takes", CUDNN_CASES)
+def test_cudnn_takes_parts_of_thousands_of_rows_on_hopper(monkeypatch, qs, ks, dtype, masked, counted, capability,
+                                                          takes):
+    """The selection rule on fake CUDA tensors, and the merged result's layout that the fake
+    implementation promises follows it (cuDNN's contiguous, the Triton kernel's block-major)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with FakeTensorMode():
+        q = torch.empty(qs, dtype=dtype, device="cuda")
+        # the keys' rows are ks[-1] elements apart; where that is twice the head dim, every other element
+        step = ks[-1] // qs[-1] if ks[-1] % qs[-1] == 0 else 1
+        k = torch.empty_strided((*ks[:3], qs[-1]), (ks[1] * ks[2] * ks[3], ks[2] * ks[3], ks[3], step),
+                                dtype=dtype, device="cuda")
+        mask = torch.zeros(qs[2], ks[2], dtype=torch.bool, device="cuda") if masked else None
+        key_count = torch.tensor([ks[2]], device="cuda") if counted else None
+        assert fbops._use_cudnn(q, k, k, mask, key_count) is takes
+        if not counted:
+            lse_ext = torch.empty(qs[:3], device="cuda")
+            out, lse = OPS.attention_merge_lse(q, k, k, mask, 0.1, torch.empty_like(q), lse_ext)
+            assert out.is_contiguous() is (takes or not fbops._use_triton(q, k, k, mask))
+            assert lse.shape == qs[:3]
+
+
+def _cudnn_capable() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not _cudnn_capable(), reason="needs a Hopper GPU: the cuDNN path")
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_gpu_cudnn_path_matches_the_reference(layout):
+    """Parts of 4100 rows (4 heads: 132 programs) on cuDNN, the external part over a cache of any length and the internal part
+    merged, eager and compiled with a symbolic key count (one graph, cuDNN in its output code and no
+    Triton attention kernel), against float64; in both memory orders of q/k/v."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._inductor.utils import run_and_get_code
+
+    def block_step(q, k, v, k_blk, v_blk):
+        o_e, l_e = OPS.attention_lse(q, k, v, None, 0.125)
+        return OPS.attention_merge_lse(q, k_blk, v_blk, None, 0.125, o_e, l_e)
+
+    def placed(t):  # bshd: the video DiT's [B, S, H, D] tensors seen as [B, H, S, D]
+        return t.cuda() if layout == "bhsd" else t.transpose(1, 2).contiguous().transpose(1, 2).cuda()
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(block_step, backend=counter, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(5)
+    for n in (777, 1500):
+        q, k, v = make_qkv(1, 4, 4, 4100, n + 64, 64, 64, gen, torch.bfloat16)
+        ref_out, ref_lse = ref_attention(q, k, v, None, 0.125)
+        args = tuple(map(placed, (q, k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:])))
+        torch._dynamo.mark_dynamic(args[1], 2)
+        torch._dynamo.mark_dynamic(args[2], 2)
+        if counter.frame_count == 0:  # run_and_get_code resets dynamo: only for the first compile
+            with _no_compile_caches():
+                from_graph, code = run_and_get_code(compiled, *args)
+            src = "\n".join(code)
+            assert "_scaled_dot_product_cudnn_attention" in src and "_attn_kernel" not in src
+        else:
+            from_graph = compiled(*args)
+        for got in (block_step(*args), from_graph):
+            assert got[0].is_contiguous()
+            check_out(got[0].cpu(), ref_out, torch.bfloat16)
+            check_lse(got[1].cpu(), ref_lse, torch.bfloat16)
+    assert counter.frame_count == 1
+
+
 # --------------------------------------------------------------------------- shape errors
 
 
