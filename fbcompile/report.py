@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tabulate import tabulate
 
 from fbcompile.backends.session import GraphRecord
+from fbcompile.passes.attention_kernels import attention_kernels
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Report:
         for g in self.graphs:
             for role, note in g.cuda_graphs.items():
                 lines.append(f"graph {g.index} {role}, CUDA graphs: {note}")
+            for role, (gm, mode, inputs) in g.attention_graphs.items():
+                lines.append(f"graph {g.index} {role}: attention parts: {_kernels(gm, mode, inputs)}")
             for role, why in g.uncompiled.items():
                 lines.append(f"graph {g.index} {role}: runs without Inductor, which could not compile it ({why})")
             for role, groups in g.linear_groups.items():
@@ -68,6 +71,15 @@ class Report:
         lines.append("(full code: report.graphs[i].code_before / code_refresh / code_reuse; "
                      "a reuse plan's graphs: .plan_graphs)")
         return "\n".join(lines)
+
+
+def _kernels(gm, mode, inputs) -> str:
+    """``"4 on Triton, 2 on cuDNN"`` (:func:`fbcompile.passes.attention_kernels.attention_kernels`)."""
+    try:
+        kernels = attention_kernels(gm, mode, inputs)
+    except Exception as error:  # a graph fake tensors cannot run: say so, the rest of the report stands
+        return f"on kernels not known ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return ", ".join(f"{count} on {kernel}" for kernel, count in sorted(kernels.items()))
 
 
 def _diff(a: str, b: str, name_a: str, name_b: str) -> str:

@@ -186,6 +186,7 @@ def test_explain_with_inputs_leaves_model_alone():
     assert "+++ graph 0 refresh" in text                        # the diff
     assert any(line.startswith("+") and "fbcompile.attention_lse" in line for line in text.splitlines())
     assert any(line.startswith("-") and "scaled_dot_product_attention" in line for line in text.splitlines())
+    assert "graph 0 exact: attention parts: 2 on reference" in text  # CPU tensors: no kernels
 
     # the model is as it was: not compiled, no fbcompile state
     assert model.forward == forward
@@ -195,6 +196,22 @@ def test_explain_with_inputs_leaves_model_alone():
         fbcompile.stats(model)
     with torch.no_grad():
         model(*inputs)  # still runs eagerly
+
+
+def test_explain_says_when_it_cannot_tell_the_kernels(monkeypatch):
+    """The kernel counts come from running the graph on fake tensors; where that fails the line says
+    so and the rest of the report stands."""
+    from fbcompile.passes import attention_kernels
+
+    class Failing:
+        def __init__(self, *args):
+            raise RuntimeError("no fake kernel")
+
+    monkeypatch.setattr(attention_kernels, "FakeTensorProp", Failing)
+    spec = ZooSpec(mask="window", gqa="expand")
+    text = str(fbcompile.explain(build(spec), *make_inputs(spec, seed=6)))
+    assert "graph 0 exact: attention parts: on kernels not known (RuntimeError: no fake kernel)" in text
+    assert "+++ graph 0 refresh" in text
 
 
 # --------------------------------------------------------------------------- no cached attention

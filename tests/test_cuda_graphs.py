@@ -348,6 +348,34 @@ def test_growing_cache_runs_from_spare_capacity(device):
         "uncaptured (new cached keys/values)", "uncaptured (first call with these shapes or addresses)"}, stats.cuda_graphs
 
 
+@gpu_only
+@torch.no_grad()
+@pytest.mark.parametrize("graphs", [False, True], ids=["uncaptured", "cuda_graphs"])
+def test_video_chunks_of_4096_tokens_run_on_cudnn(monkeypatch, shared_compile_budget, graphs):
+    """A video DiT whose chunks hold 4096 tokens per head (4 heads) runs every attention part on cuDNN
+    (``ops.attention_kernel``), with and without CUDA graphs (whose graphs run uncaptured over this
+    model's new caches: see ``test_cache_length_used_elsewhere_keeps_the_cache_uncaptured``), and explain
+    says so; exact mode generates what the original model does, its cache grown per chunk."""
+    from examples.video_ar_diffusion import make_tiny_model
+    from fbcompile import ops
+
+    on_cudnn, on_triton = [], []  # the parts as Inductor traces the ops' bodies
+    cudnn = ops.cudnn_attention_lse
+    monkeypatch.setattr(ops, "cudnn_attention_lse", lambda *a: on_cudnn.append(a) or cudnn(*a))
+    for name in ("attention_lse", "attention_merge_lse"):
+        kernel = getattr(ops.triton_attention, name)
+        monkeypatch.setattr(ops.triton_attention, name, lambda *a, kernel=kernel: on_triton.append(a) or kernel(*a))
+    reference = make_tiny_model(seed=0, height=64, width=64, patch_size=1, chunk_frames=1, hidden_size=128,
+                                num_heads=4, head_dim=32, dtype=torch.bfloat16).cuda()
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=graphs, refresh="always"))
+    got = graphed.generate(num_chunks=4, steps=2, generator=torch.Generator().manual_seed(1))
+    expected = reference.generate(num_chunks=4, steps=2, generator=torch.Generator().manual_seed(1))
+    assert rel_error(got, expected) < tolerance("cuda"), rel_error(got, expected)
+    assert on_cudnn and not on_triton
+    kernels = [line for line in str(fbcompile.explain(graphed)).splitlines() if "attention parts" in line]
+    assert kernels and all(line.endswith(" on cuDNN") for line in kernels), kernels
+
+
 @torch.no_grad()
 def test_spare_capacity_sees_writes_and_new_tensors(device):
     """Over a cache of spare capacity the graphs read what the cache holds now: the same tensors written

@@ -24,6 +24,7 @@ from fbcompile.backends import kernel_analysis, provenance
 from fbcompile.backends.policies import policies_for
 from fbcompile.backends.session import GraphRecord, Session, SiteCounters
 from fbcompile.config import Config
+from fbcompile.passes.attention_kernels import attention_parts, fake_inputs
 from fbcompile.passes.cat_outputs import cat_outputs
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import copy_module
@@ -140,6 +141,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             gm = captured
         if notes is not None:
             notes[role] = _capture_note(key_count, why_not, joins)
+    if record is not None and attention_parts(gm):
+        record.attention_graphs[role] = (gm, *fake_inputs(example_inputs))
     if session.config.compiler == "eager":
         run = gm.forward
     else:

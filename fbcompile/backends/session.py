@@ -80,6 +80,8 @@ class GraphRecord:
     residual_linears: dict = field(default_factory=dict)  # role -> the residual adds moved into GEMM stores
     linear_partials: dict = field(default_factory=dict)  # role -> the GEMMs whose split sum their consumer takes
     uncompiled: dict = field(default_factory=dict)  # role -> why Inductor could not compile it (runs as FX)
+    # role -> (the graph as compiled, a fake mode, fake example inputs): what explain's kernel counts run on
+    attention_graphs: dict = field(default_factory=dict)
     split_sites: list[SiteCounters] = field(default_factory=list)  # per split site, graph order
     refreshes: int = 0
     reuses: int = 0

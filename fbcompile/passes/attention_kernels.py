@@ -1,0 +1,51 @@
+"""Which implementation runs each attention part of a compiled graph (``fbcompile.explain`` shows it).
+
+The ops pick the Triton kernels, cuDNN or the plain PyTorch reference from their inputs' devices, dtypes
+and static sizes (:func:`fbcompile.ops.attention_kernel`); the nodes of a rewritten graph carry no
+example values, so the graph is first run on fake tensors of its example inputs. An analysis only: the
+graph is not changed, apart from the example values it leaves in the nodes' ``meta["val"]``.
+
+    out_e, lse_e = torch.ops.fbcompile.attention_lse(q, past_k, past_v, None, 0.088)          # -> "Triton"
+    out, lse = torch.ops.fbcompile.attention_merge_lse(q, k, v, None, 0.088, out_e, lse_e)    # -> "Triton"
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fbcompile.ops import attention_kernel
+
+# Both ops start (q, k, v, mask, scale); attention_lse may end with the key count (fbcompile.passes.key_count).
+_OPS = (torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.attention_merge_lse.default)
+
+
+def fake_inputs(example_inputs: list) -> tuple[FakeTensorMode, list]:
+    """Fake copies of a graph's example inputs (sizes, strides, dtypes, devices; no data kept alive)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)  # constants the graph holds (get_attr) stay real
+    return mode, [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+                  for x in example_inputs]
+
+
+def attention_parts(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ``attention_lse`` / ``attention_merge_lse`` calls of ``gm``."""
+    return [node for node in gm.graph.nodes if node.op == "call_function" and node.target in _OPS]
+
+
+def attention_kernels(gm: fx.GraphModule, mode: FakeTensorMode, inputs: list) -> Counter:
+    """Attention parts of ``gm`` per implementation, ``{"Triton": 56, ...}``; raises if the graph cannot
+    run on the fake inputs."""
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+    def value(arg):
+        return arg.meta["val"] if isinstance(arg, fx.Node) else arg
+
+    kernels = Counter()
+    for node in attention_parts(gm):
+        q, k, v, mask = map(value, node.args[:4])
+        key_count = value(node.args[5]) if node.target is _OPS[0] and len(node.args) > 5 else None
+        kernels[attention_kernel(q, k, v, mask, key_count)] += 1
+    return kernels
