@@ -22,6 +22,8 @@ rows that do not fit in memory are recorded as skipped. ``--tiny`` uses small sh
 """
 from __future__ import annotations
 
+import inspect
+
 import os
 import sys
 from functools import partial
@@ -117,15 +119,18 @@ def prepare_gemma(steps, model, context, batch):
     canvas = torch.randint(0, model.config.text_config.vocab_size, (batch, length), generator=gen, device=p.device)
     pos = torch.arange(context, context + length, device=p.device)[None].expand(batch, -1)
 
+    # transformers releases name the cache argument ``cache`` or ``past_key_values``
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    inputs = {cache_kw: cache, "decoder_input_ids": canvas, "decoder_position_ids": pos}
+
     def run():
         logits = None
         for _ in range(steps):
             torch.compiler.cudagraph_mark_step_begin()  # as HF's generate does
-            logits = model(cache=cache, decoder_input_ids=canvas, decoder_position_ids=pos,
-                           self_conditioning_logits=logits).logits
+            logits = model(**inputs, self_conditioning_logits=logits).logits
 
     def first_step(m):
-        return m(cache=cache, decoder_input_ids=canvas, decoder_position_ids=pos).logits
+        return m(**inputs).logits
     return Block(run, sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)), first_step)
 
 
