@@ -6,7 +6,7 @@
 #   grow        a cache grown by torch.cat per block vs the same tensors, block mode, 32K (<= 300 s)
 #   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
-#   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 300 s)
+#   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 480 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
 #   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
@@ -26,8 +26,11 @@
 #   sparse      sparse attention kernels at tile 64 (fbcompile.Sparse's default), with the sweeps      (<= 150 s)
 #   combo       the LM's block mode at 32K, batch 1, with and without Config.combo_kernels            (<= 400 s)
 #   video       the 1.3B video DiT end to end at 8K and 32K cached tokens: torch.compile, exact, block  (<= 420 s)
+#   video_32k   the same at 32K, fbcompile exact and block mode with and without CUDA graphs         (<= 420 s)
 #   backends    fbcompile's external-attention kernel against PyTorch's flash and cuDNN attention (with LSE) and
-#               SDPA, over 64-4680 queries per head (benchmarks/attention_backends.py)                (<= 120 s)
+#               SDPA, over 64-4680 queries per head (benchmarks/attention_backends.py), then at the video's
+#               [B, S, H, D] layout                                                                   (<= 220 s)
+#   cudnn       the cuDNN path's GPU tests (the ops, the video DiT with and without CUDA graphs)      (<= 200 s)
 #   tune        the linear launches of a layer (q/k/v, o, down as partials; gate/up gated) over configs with
 #               warps and 5-7 splits, each against a read-only launch of its bytes (the ceiling)       (<= 560 s)
 set -u
@@ -65,10 +68,14 @@ for name in "${steps[@]}"; do
         step grow_128k 160 python benchmarks/grow_cache.py --context 128k --variants block-ro --settings grown \
             --warmup 4 --blocks 3 --out "$OUT/grow_128k.json" ;;
     wide) step wide 240 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT" --heads 8/4/256,8/4/512 --sweep ;;
-    gemma) step e2e_gemma 300 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
+    gemma) step e2e_gemma 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
     backends) step attention_backends 120 env PYTHONPATH=. python benchmarks/attention_backends.py \
-        --out "$OUT/attention_backends.json" ;;
+        --out "$OUT/attention_backends.json"
+        step attention_backends_bshd 100 env PYTHONPATH=. python benchmarks/attention_backends.py --layout bshd \
+            --rows 256,1024,4096,4680 --out "$OUT/attention_backends_bshd.json" ;;
+    cudnn) step tests_cudnn 200 python -m pytest -q -p no:cacheprovider -p no:logging --tb=long tests/test_ops.py \
+        tests/test_cuda_graphs.py -k cudnn ;;
     tune)
         step split_tune 340 env PYTHONPATH=. python benchmarks/split_linears.py --parts gemm --cases qkv,o,down \
             --grid "block_n=32,64 block_k=64,128 splits=2,4,5,6,7 num_warps=4,8" --out "$OUT/split_tune.json"
@@ -108,6 +115,8 @@ for name in "${steps[@]}"; do
     combo) on_off lm_32k_b1_combo lm_32k_b1_no_combo combo_kernels block-ro 200 ;;
     video) step e2e_video 420 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model video \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video" ;;
+    video_32k) step e2e_video_32k 420 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model video \
+        --contexts 32k --batches 1 --variants exact,block,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video_32k" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;
