@@ -7,6 +7,7 @@ no graphs) is tested in test_runtime.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import os
 import sys
@@ -402,6 +403,57 @@ def test_spare_capacity_sees_writes_and_new_tensors(device):
     # the first dynamic-length graph switches at its second cache (the third): caches 3, 4 and the write
     assert counts.get("cache copies into spare capacity", 0) == 3, counts
     assert counts.get("replays", 0) >= 2, counts  # the refreshes over the written cache and over the last
+
+
+def bshd_attention(device: str):
+    """Self-Forcing's cache layout (``attention_zoo``'s ``layout="bshd"``): [B, S, H, D] tensors joined
+    with the block on dim 1, attended to through a transpose to [B, H, S, D]; with its inputs per cache
+    length. bf16 on the GPU, fp32 on the CPU."""
+    from attention_zoo import ZooSpec, build, make_inputs
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    spec = ZooSpec(layout="bshd", head_dim=32)
+    inputs = lambda cache: tuple(t.to(device) for t in make_inputs(  # noqa: E731
+        dataclasses.replace(spec, cache=cache), seed=cache, dtype=dtype)[:3])
+    return build(spec, dtype=dtype).to(device), inputs
+
+
+def run_growing(device, graphed, reference, inputs) -> None:
+    """Calls over caches of six lengths, the last four within one spare capacity (36), each against the
+    original module."""
+    for cache in (20, 28, 33, 34, 35, 36):
+        x, past_k, past_v = inputs(cache)
+        got, expected = graphed(x, past_k, past_v), reference(x, past_k, past_v)
+        assert rel_error(got, expected) < (2e-2 if device == "cuda" else 1e-5), (cache, rel_error(got, expected))
+
+
+@torch.no_grad()
+def test_a_cache_seen_through_a_transpose_runs_from_spare_capacity(device):
+    """The key count reaches the attention through the transpose, so the graph switches to buffers with
+    spare capacity and replays."""
+    reference, inputs = bshd_attention(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always"))
+    run_growing(device, graphed, reference, inputs)
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert counts.get("switched to spare capacity", 0) == 1 and counts.get("replays", 0) >= 1, counts
+    assert "exact, CUDA graphs: spare capacity" in str(fbcompile.explain(graphed))
+
+
+@torch.no_grad()
+def test_attention_on_cudnn_keeps_its_cache_unpadded(device, monkeypatch):
+    """cuDNN reads no key count (as a bias it loses its lead over the Triton kernel): a graph whose cached
+    keys reach an attention part on cuDNN runs uncaptured over each new cache instead, and explain says
+    why. The parts are declared on cuDNN here (on a GPU it takes video chunks of >= 1024 tokens)."""
+    from fbcompile.backends import compiler
+    from fbcompile.passes.attention_kernels import attention_parts
+
+    monkeypatch.setattr(compiler, "_on_cudnn", lambda gm, inputs: frozenset(n.name for n in attention_parts(gm)))
+    reference, inputs = bshd_attention(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always"))
+    run_growing(device, graphed, reference, inputs)
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert "switched to spare capacity" not in counts and counts.get("uncaptured (new cached keys/values)"), counts
+    assert "runs on cuDNN, which reads no key count" in str(fbcompile.explain(graphed))
 
 
 @pytest.mark.parametrize("form", ["positions from the length", "mask over cache and block"])

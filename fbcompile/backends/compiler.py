@@ -24,7 +24,7 @@ from fbcompile.backends import kernel_analysis, provenance
 from fbcompile.backends.policies import policies_for
 from fbcompile.backends.session import GraphRecord, Session, SiteCounters
 from fbcompile.config import Config
-from fbcompile.passes.attention_kernels import attention_parts, fake_inputs
+from fbcompile.passes.attention_kernels import attention_parts, fake_inputs, kernels_of
 from fbcompile.passes.cat_outputs import cat_outputs
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import copy_module
@@ -130,7 +130,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)
         joins = hoist_cache_cats(captured, kv)
-        key_count, why_not = add_key_count(captured, kv)
+        key_count, why_not = add_key_count(captured, kv, _on_cudnn(captured, example_inputs))
         if key_count is not None:
             first = example_inputs[key_count.padded[0].index]
             length = first.shape[key_count.padded[0].dim]
@@ -160,6 +160,19 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     if not session.cuda_graphs:
         return run
     return CapturedGraph(run, gm, session, kv, key_count, joins, kept_inputs=set(kept[0]), kept_outputs=set(kept[1]))
+
+
+def _on_cudnn(gm: fx.GraphModule, example_inputs: list) -> frozenset[str]:
+    """Names of the attention calls of ``gm`` that run on cuDNN (only CUDA inputs can: elsewhere the
+    graph is not run on fake inputs to find out)."""
+    if not any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        return frozenset()
+    try:
+        kernels = kernels_of(gm, *fake_inputs(example_inputs))
+    except Exception as error:  # a key count then at worst moves a cuDNN part to the Triton kernel
+        log.info("could not tell which attention parts run on cuDNN: %s", error)
+        return frozenset()
+    return frozenset(name for name, kernel in kernels.items() if kernel == "cuDNN")
 
 
 def _capture_note(key_count, why_not: str | None, joins: list) -> str:

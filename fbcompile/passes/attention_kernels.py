@@ -2,8 +2,9 @@
 
 The ops pick the Triton kernels, cuDNN or the plain PyTorch reference from their inputs' devices, dtypes
 and static sizes (:func:`fbcompile.ops.attention_kernel`); the nodes of a rewritten graph carry no
-example values, so the graph is first run on fake tensors of its example inputs. An analysis only: the
-graph is not changed, apart from the example values it leaves in the nodes' ``meta["val"]``.
+example values, so a copy of the graph is first run on fake tensors of its example inputs. An analysis
+only: the graph is not changed. :func:`fbcompile.passes.key_count.add_key_count` reads it too (a part on
+cuDNN takes no key count).
 
     out_e, lse_e = torch.ops.fbcompile.attention_lse(q, past_k, past_v, None, 0.088)          # -> "Triton"
     out, lse = torch.ops.fbcompile.attention_merge_lse(q, k, v, None, 0.088, out_e, lse_e)    # -> "Triton"
@@ -18,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fbcompile.ops import attention_kernel
+from fbcompile.passes.graph_utils import copy_module
 
 # Both ops start (q, k, v, mask, scale); attention_lse may end with the key count (fbcompile.passes.key_count).
 _OPS = (torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.attention_merge_lse.default)
@@ -35,17 +37,24 @@ def attention_parts(gm: fx.GraphModule) -> list[fx.Node]:
     return [node for node in gm.graph.nodes if node.op == "call_function" and node.target in _OPS]
 
 
-def attention_kernels(gm: fx.GraphModule, mode: FakeTensorMode, inputs: list) -> Counter:
-    """Attention parts of ``gm`` per implementation, ``{"Triton": 56, ...}``; raises if the graph cannot
-    run on the fake inputs."""
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+def kernels_of(gm: fx.GraphModule, mode: FakeTensorMode, inputs: list) -> dict[str, str]:
+    """The implementation of each attention part of ``gm``, by node name (``{"attention_lse": "Triton",
+    ...}``), from a copy of ``gm`` run on the fake inputs (``gm``'s nodes stay as they are); raises if
+    the graph cannot run on them."""
+    copy = copy_module(gm)
+    FakeTensorProp(copy, mode).propagate_dont_convert_inputs(*inputs)
 
     def value(arg):
         return arg.meta["val"] if isinstance(arg, fx.Node) else arg
 
-    kernels = Counter()
-    for node in attention_parts(gm):
+    kernels = {}
+    for node in attention_parts(copy):
         q, k, v, mask = map(value, node.args[:4])
         key_count = value(node.args[5]) if node.target is _OPS[0] and len(node.args) > 5 else None
-        kernels[attention_kernel(q, k, v, mask, key_count)] += 1
+        kernels[node.name] = attention_kernel(q, k, v, mask, key_count)
     return kernels
+
+
+def attention_kernels(gm: fx.GraphModule, mode: FakeTensorMode, inputs: list) -> Counter:
+    """Attention parts of ``gm`` per implementation, ``{"Triton": 56, ...}`` (see :func:`kernels_of`)."""
+    return Counter(kernels_of(gm, mode, inputs).values())

@@ -28,8 +28,11 @@ gives each cached tensor its own: the caller checks that they agree before paddi
 dense buffer of the capacity can have (those of a tensor of its own; or of a view of the filled part of
 a larger buffer, whose strides dynamo makes other symbols: they then take the buffer's values), and
 
-* is read only as the keys or values of ``attention_lse`` calls (no view, slice, size or other use:
-  any of them could see the padding);
+* is read only as the keys or values of ``attention_lse`` calls, along their key axis, directly or
+  through ``permute``/``transpose`` views read only so (a ``[B, S, H, D]`` cache seen as ``[B, H, S, D]``;
+  no slice, size or other use: any of them could see the padding), and none of these calls runs on cuDNN
+  (:func:`fbcompile.ops.attention_kernel`), which takes no key count (as a bias over the padding it
+  loses its 1.5x lead over the Triton kernel: ``benchmarks/results/attention_backends_h200.md``);
 * no other input's sizes, strides or value involve these symbols, except integer inputs that are one of
   them and have no users (dynamo passes sizes it saw as such inputs);
 * the shape environment ties none of them to another expression (a replacement such as ``s3 = s0 + 32``
@@ -47,7 +50,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import traced_value
+from fbcompile.passes.graph_utils import op_name, traced_value
 
 ATTENTION = torch.ops.fbcompile.attention_lse.default
 COUNT_NAME = "cached_key_count"
@@ -134,12 +137,57 @@ def _buffer_layout(value: torch.Tensor, dim: int) -> tuple[tuple, dict] | None:
     return tuple(dense), values
 
 
-def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[KeyCountInputs | None, str | None]:
+def _view_axis(view: fx.Node, dim: int, ndim: int) -> int | None:
+    """Where dimension ``dim`` of a ``permute``/``transpose`` view's input lands in the view (None: not
+    known statically)."""
+    if view.kwargs:
+        return None
+    args = view.args[1:]
+    if op_name(view) == "permute":
+        order = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+        if not all(isinstance(d, int) for d in order) or sorted(d % ndim for d in order) != list(range(ndim)):
+            return None
+        return [d % ndim for d in order].index(dim)
+    if len(args) != 2 or not all(isinstance(d, int) for d in args):
+        return None
+    a, b = (d % ndim for d in args)
+    return b if dim == a else a if dim == b else dim
+
+
+def _key_readers(node: fx.Node, dim: int, ndim: int, name: str) -> tuple[list[fx.Node], str | None]:
+    """The ``attention_lse`` calls that read cached input ``name`` (``node``, or a view of it) as their
+    keys or values with its dimension ``dim`` as their key axis, directly or through ``permute`` /
+    ``transpose`` views that nothing else reads (a [B, S, H, D] cache seen as [B, H, S, D]); else
+    ``([], why not)``."""
+    readers = []
+    for user in node.users:
+        if op_name(user) in ("permute", "transpose") and user.args[0] is node:
+            axis = _view_axis(user, dim, ndim)
+            if axis is None:
+                return [], f"{user.name} views cached input {name} in a way not known statically"
+            inner, why = _key_readers(user, axis, ndim, name)
+            if why is not None:
+                return [], why
+            readers += inner
+        elif user.target is ATTENTION and len(user.args) == 5 and all(
+                a is not node for j, a in enumerate(user.args) if j not in (1, 2)):
+            if dim != 2:
+                return [], f"{user.name} reads the length of cached input {name} along another axis than its keys'"
+            readers.append(user)
+        else:
+            return [], f"{user.name} reads cached input {name} other than as attention keys/values"
+    return readers, None
+
+
+def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = frozenset()
+                  ) -> tuple[KeyCountInputs | None, str | None]:
     """Add the key-count input to ``gm`` if its cached keys/values (placeholder indices ``kv``) may be
     padded (see the module docstring): ``(how to call it, None)``; else ``gm`` is left as it is and
-    ``(None, why not)`` where some cached input has a symbolic size, ``(None, None)`` where none has."""
+    ``(None, why not)`` where some cached input has a symbolic size, ``(None, None)`` where none has.
+    ``on_cudnn``: names of the attention calls that run on cuDNN (:mod:`fbcompile.passes.attention_kernels`),
+    which takes no key count: a graph whose cache they read keeps it unpadded."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    padded, symbol_values = [], {}
+    padded, symbol_values, readers = [], {}, []
     for i in sorted(kv):
         node = placeholders[i]
         value = _value(node)
@@ -161,10 +209,14 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[KeyCountInputs | No
             if known in symbol_values and sympy.simplify(symbol_values[known] - expr) != 0:
                 return None, f"cached inputs give {known} two values in buffers with spare capacity"
         symbol_values.update(values)
-        for user in node.users:
-            if user.target is not ATTENTION or len(user.args) != 5 or any(
-                    a is node for j, a in enumerate(user.args) if j not in (1, 2)):
-                return None, f"{user.name} reads cached input {node.name} other than as attention keys/values"
+        reads, why = _key_readers(node, dims[0], value.dim(), node.name)
+        if why is not None:
+            return None, why
+        cudnn = [r.name for r in reads if r.name in on_cudnn]
+        if cudnn:
+            return None, (f"{cudnn[0]} runs on cuDNN, which reads no key count (with one it would take the "
+                          "Triton kernel, slower there)")
+        readers += reads
         padded.append(PaddedInput(i, dims[0], strides))
     if not padded:
         return None, None
@@ -186,7 +238,7 @@ def add_key_count(gm: fx.GraphModule, kv: set[int]) -> tuple[KeyCountInputs | No
     like = _value(placeholders[padded[0].index])
     with like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext():
         count.meta["example_value"] = torch.empty(1, dtype=torch.int32, device=like.device)
-    for user in {user for p in padded for user in placeholders[p.index].users}:
-        user.args = (*user.args, count)
+    for reader in dict.fromkeys(readers):
+        reader.args = (*reader.args, count)
     gm.recompile()
     return KeyCountInputs(padded, sizes), None
