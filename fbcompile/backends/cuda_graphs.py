@@ -37,7 +37,7 @@ refresh across calls. Here, per graph:
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
 * **Spare capacity.** When the cached keys/values are other tensors than at the last call, or longer
   views of the same memory (a preallocated buffer's filled part), and the graph reads their (symbolic)
-  length nowhere but in its external attention
+  length nowhere but in its external attention, not on cuDNN
   (:mod:`fbcompile.passes.key_count` proves it and gives the attention a key count read on the
   device), the graph switches to buffers with spare capacity: from then on each call copies the cache
   into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same tensors,
