@@ -67,7 +67,7 @@ def _use_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 def _cudnn_layout(t: torch.Tensor) -> bool:
     """Rows cuDNN reads as they are: unit stride along the head dim, 16-byte aligned steps elsewhere
     (SDPA checks the same before it picks cuDNN; called directly, the op would fail on others)."""
-    return t.stride(-1) == 1 and all(statically_known_true(s % 8 == 0) for s in t.stride()[:-1])
+    return statically_known_true(t.stride(-1) == 1) and all(statically_known_true(s % 8 == 0) for s in t.stride()[:-1])
 
 
 def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
