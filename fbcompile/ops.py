@@ -51,13 +51,14 @@ CUDNN_MIN_ROWS = 1024
 CUDNN_MIN_PROGRAMS = 96
 
 
-def _use_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-               key_count: torch.Tensor | None = None) -> bool:
-    """Whether a part runs on cuDNN: unmasked bf16/fp16 attention over all its keys (no key count), one
-    KV head per query head, head dims <= 128, at least :data:`CUDNN_MIN_ROWS` rows per head and
-    :data:`CUDNN_MIN_PROGRAMS` tiles of 128 rows in all (known at trace time), on an sm90 GPU."""
+def _cudnn_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   key_count: torch.Tensor | None) -> bool:
+    """Whether a part the Triton kernels take runs on cuDNN instead: unmasked bf16/fp16 attention over
+    all its keys (no key count), one KV head per query head, head dims <= 128, at least
+    :data:`CUDNN_MIN_ROWS` rows per head and :data:`CUDNN_MIN_PROGRAMS` tiles of 128 rows in all (known
+    at trace time), on an sm90 GPU."""
     B, H, M, D = q.shape
-    return (key_count is None and mask is None and _use_triton(q, k, v, mask) and q.dtype != torch.float32
+    return (key_count is None and mask is None and q.dtype != torch.float32
             and k.shape[1] == H and D <= 128 and v.shape[-1] == D and all(map(_cudnn_layout, (q, k, v)))
             and statically_known_true(M >= CUDNN_MIN_ROWS)
             and statically_known_true(B * H * ((M + 127) // 128) >= CUDNN_MIN_PROGRAMS)
@@ -74,11 +75,10 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      key_count: torch.Tensor | None = None) -> str:
     """What runs an attention part (``attention_lse``; ``attention_merge_lse`` without a key count) on
     these inputs: ``"cuDNN"``, ``"Triton"`` or ``"reference"`` (the plain PyTorch ops)."""
-    if _use_cudnn(q, k, v, mask, key_count):
-        return "cuDNN"
-    if _use_triton(q, k, v, mask) and (key_count is None or triton_attention.supports_key_count(q, key_count)):
-        return "Triton"
-    return "reference"
+    counted = key_count is None or (triton_attention is not None and triton_attention.supports_key_count(q, key_count))
+    if not (_use_triton(q, k, v, mask) and counted):
+        return "reference"
+    return "cuDNN" if _cudnn_applies(q, k, v, mask, key_count) else "Triton"
 
 
 def cudnn_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
