@@ -439,6 +439,20 @@ def test_a_cache_seen_through_a_transpose_runs_from_spare_capacity(device):
     assert "exact, CUDA graphs: spare capacity" in str(fbcompile.explain(graphed))
 
 
+def test_key_count_follows_views_to_the_key_axis():
+    """Where a cached tensor's dimension 1 (its length, [B, S, H, D]) lands through each form of view
+    that ``add_key_count`` follows; None where the view's dimensions are not constants."""
+    from fbcompile.passes.key_count import _view_axis
+
+    def views(x, d):
+        return (x.permute(0, 2, 1, 3), x.permute([3, 2, 1, 0]), torch.permute(x, (0, 2, 1, 3)), x.transpose(1, 2),
+                x.transpose(-3, -2), torch.transpose(x, 2, 3), x.permute(0, d, 1, 3))
+
+    gm = torch.fx.symbolic_trace(views)
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_method", "call_function") and n.target is not getattr]
+    assert [_view_axis(n, 1, 4) for n in nodes] == [2, 2, 2, 2, 2, 1, None]
+
+
 @torch.no_grad()
 def test_attention_on_cudnn_keeps_its_cache_unpadded(device, monkeypatch):
     """cuDNN reads no key count (as a bias it loses its lead over the Triton kernel): a graph whose cached
