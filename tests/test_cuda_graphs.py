@@ -355,7 +355,7 @@ def test_growing_cache_runs_from_spare_capacity(device):
 def test_video_chunks_of_4096_tokens_run_on_cudnn(monkeypatch, shared_compile_budget, graphs):
     """A video DiT whose chunks hold 4096 tokens per head (4 heads) runs every attention part on cuDNN
     (``ops.attention_kernel``), with and without CUDA graphs (whose graphs run uncaptured over this
-    model's new caches: see ``test_cache_length_used_elsewhere_keeps_the_cache_uncaptured``), and explain
+    model's new caches: see ``test_positions_from_the_cache_length_keep_the_cache_uncaptured``), and explain
     says so; exact mode generates what the original model does, its cache grown per chunk."""
     from examples.video_ar_diffusion import make_tiny_model
     from fbcompile import ops
@@ -470,29 +470,118 @@ def test_attention_on_cudnn_keeps_its_cache_unpadded(device, monkeypatch):
     assert "runs on cuDNN, which reads no key count" in str(fbcompile.explain(graphed))
 
 
-@pytest.mark.parametrize("form", ["positions from the length", "mask over cache and block"])
 @torch.no_grad()
-def test_cache_length_used_elsewhere_keeps_the_cache_uncaptured(device, form):
-    """Without ``position_ids`` the model computes the positions from the cache's length; a mask over the
-    cache and the block has the cache's length too. A padded cache would move the positions or misalign
-    the mask, so the graph stays over the cache itself and runs uncaptured over each new one."""
+def test_positions_from_the_cache_length_keep_the_cache_uncaptured(device):
+    """Without ``position_ids`` the model computes the positions from the cache's length: a padded cache
+    would move them, so the graph stays over the cache itself and runs uncaptured over each new one."""
     reference = lm(device)
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
     for block in range(5):
         context = CONTEXT + 8 * block
         cache = random_cache(reference, block, context)
         x = block_tokens(reference, block)
-        kwargs = {}
-        if form == "mask over cache and block":
-            mask = torch.rand(1, 1, x.shape[1], context + x.shape[1], generator=torch.Generator().manual_seed(block))
-            kwargs = dict(position_ids=positions(reference, context), attention_mask=(mask > 0.2).to(device))
-        got = graphed(x, past_key_values=cache, **kwargs)[0]
-        err, bound = exactness(got, reference(x, past_key_values=cache, **kwargs)[0],
-                               truth_of(reference, x, cache, **kwargs))
+        got = graphed(x, past_key_values=cache)[0]
+        err, bound = exactness(got, reference(x, past_key_values=cache)[0], truth_of(reference, x, cache))
         assert err < bound, (block, err, bound)
     counts = fbcompile.stats(graphed).cuda_graphs
     assert "switched to spare capacity" not in counts, counts
     assert counts.get("uncaptured (new cached keys/values)", 0) >= 2, counts
+    assert "uncaptured over each new cache" in str(fbcompile.explain(graphed))
+
+
+def mask_over(context: int, block: int, seed: int, device: str, kind: str = "bool") -> torch.Tensor:
+    """A random ``[1, 1, block, context + block]`` attention mask (a fifth of the keys hidden): bool, or
+    additive (0 / -inf)."""
+    hidden = torch.rand(1, 1, block, context + block, generator=torch.Generator().manual_seed(seed)) < 0.2
+    mask = ~hidden if kind == "bool" else torch.zeros(hidden.shape).masked_fill(hidden, float("-inf"))
+    return mask.to(device)
+
+
+@pytest.mark.parametrize("refresh", ["always", "block"])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@torch.no_grad()
+def test_a_mask_over_cache_and_block_runs_from_spare_capacity(device, refresh, kind):
+    """A mask over the cache and the block (``[..., cached + 16]``, a new tensor at every step) goes into
+    a buffer of the capacity with the cache: its cached keys first, the block's after the capacity, so the
+    refresh and the reuse graphs replay across blocks instead of running uncaptured (refresh) or being
+    captured again (reuse) at each new length. Every call equals the model without CUDA graphs, and in
+    exact mode the original model."""
+    reference = lm(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager",
+                                                                            refresh=refresh))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager", refresh=refresh))
+    steps, size = 3, reference.config.block_size
+    contexts = [CONTEXT + 4 * block for block in range(6)]  # one spare capacity from the second on
+    assert len({cuda_graphs.spare_capacity(c) for c in contexts[1:]}) == 1
+    for block, context in enumerate(contexts):
+        if block == len(contexts) - 2:
+            before = dict(fbcompile.stats(graphed).cuda_graphs)
+        cache, pos = random_cache(reference, block, context), positions(reference, context)
+        for step in range(steps):
+            x = block_tokens(reference, 10 * block + step)
+            kwargs = dict(position_ids=pos, attention_mask=mask_over(context, size, block, device, kind))
+            got = graphed(x, past_key_values=cache, **kwargs)[0]
+            assert rel_error(got, plain(x, past_key_values=cache, **kwargs)[0]) < tolerance(device), (block, step)
+            if refresh == "always" or step == 0:
+                err, bound = exactness(got, reference(x, past_key_values=cache, **kwargs)[0],
+                                       truth_of(reference, x, cache, **kwargs))
+                assert err < bound, (block, step, err, bound)
+    stats = fbcompile.stats(graphed)
+    assert (stats.refreshes, stats.reuses) == (fbcompile.stats(plain).refreshes, fbcompile.stats(plain).reuses)
+    counts = stats.cuda_graphs
+    # the graphs dynamic in the length (compiled at the second block) switch at their second length
+    assert counts.get("switched to spare capacity", 0) == (2 if refresh == "block" else 1), counts
+    assert counts.get("cache copies into spare capacity", 0) == len(contexts) - 2, counts
+    assert not any(key.startswith("uncaptured (new") for key in counts), counts
+    last = {key: n - before.get(key, 0) for key, n in counts.items() if n != before.get(key, 0)}
+    assert last == {"replays": 2 * steps, "cache copies into spare capacity": 2,
+                    "inputs over cache and block copied into spare capacity": 2 * steps}, last  # the last two blocks
+    assert "uncaptured over each new cache" not in str(fbcompile.explain(graphed))
+
+
+class MaskedCacheAttention(torch.nn.Module):
+    """Attention of a block over ``cat(cache, block)`` under a mask over both, the mask also read
+    elsewhere as ``use`` says."""
+
+    def __init__(self, use: str):
+        super().__init__()
+        self.use = use
+
+    def forward(self, x, past_k, past_v, mask):
+        k, v = torch.cat([past_k, x], dim=2), torch.cat([past_v, x], dim=2)
+        out = torch.nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=mask)
+        if self.use == "summed":  # reads the cached part of the mask (its padding) elsewhere
+            return out + mask.float().mean()
+        if self.use == "its length":
+            return out * mask.shape[-1]
+        if self.use == "its tail":  # the block's part of the mask, read where it is
+            return out + mask[..., -x.shape[2]:].float().mean(-1, keepdim=True)
+        return out
+
+
+@pytest.mark.parametrize("use, why", [
+    ("attention only", None),
+    ("its tail", "over the cache and the block other than as its split parts"),
+    ("summed", "over the cache and the block other than as its split parts"),
+    ("its length", "reads a cached length other than to split an input over the cache and the block")])
+@torch.no_grad()
+def test_a_mask_read_elsewhere_keeps_the_cache_uncaptured(device, use, why):
+    """Only a mask the split alone reads (its cached keys as the external part's mask, the block's as the
+    internal part's) goes into spare capacity; read elsewhere, where the padding would show, the graph
+    runs uncaptured over each new cache and ``explain`` says which node reads it."""
+    reference = MaskedCacheAttention(use)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always",
+                                                                            compiler="eager"))
+    gen = torch.Generator().manual_seed(0)
+    for cache in (20, 28, 33, 34, 35, 36):
+        x, past_k, past_v = (torch.randn(2, 4, n, 16, generator=gen).to(device) for n in (8, cache, cache))
+        mask = (torch.rand(2, 1, 8, cache + 8, generator=gen) > 0.2).to(device)
+        got, expected = graphed(x, past_k, past_v, mask), reference(x, past_k, past_v, mask)
+        assert rel_error(got, expected) < (2e-2 if device == "cuda" else 1e-5), (cache, rel_error(got, expected))
+    counts, report = fbcompile.stats(graphed).cuda_graphs, str(fbcompile.explain(graphed))
+    assert ("switched to spare capacity" in counts) == (why is None), counts
+    assert ("uncaptured over each new cache" in report) == (why is not None), report
+    assert why is None or why in report, report
 
 
 def test_spare_capacity_sizes():
@@ -554,11 +643,13 @@ def test_recycled_buffer_is_free_only_when_nothing_holds_it():
 @torch.no_grad()
 def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch, shared_compile_budget):
     """HF ``DynamicCache`` updated inside the model and cropped after each denoising step: the cached keys
-    are new tensors (views of the last step's concatenation) at every step. The graphs return the block
-    and fbcompile joins it to the cache, so a reuse graph no longer reads the cache: it is captured once per
-    block (its mask over cache and block has the cache's length) and replays at the later steps, where all
-    steps ran uncaptured before. Every step's logits and the final cache equal the model without CUDA
-    graphs'. CPU stand-in for the capture (the model is HF's, on the CPU)."""
+    are new tensors (views of the last step's concatenation) at every step, and the mask covers cache and
+    block. The graphs return the block and fbcompile joins it to the cache, so a reuse graph reads
+    nothing of the cache but its length, which it takes from the mask; the cache and the mask go into
+    buffers with spare capacity, so every graph replays across blocks (before: the refresh and the
+    commit ran uncaptured over each new cache, the reuse graph was captured once per block). Every
+    step's logits and the final cache equal the model without CUDA graphs' (up to the summation order
+    over a padded cache). CPU stand-in for the capture (the model is HF's, on the CPU)."""
     from test_graph_breaks import CropLoop, _tiny_qwen2
 
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
@@ -567,22 +658,28 @@ def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch, shared_compile
     plain = copy.deepcopy(model)
     fbcompile.optimize(model, fbcompile.Config(cuda_graphs=True, compiler="eager"))
     fbcompile.optimize(plain, fbcompile.Config(compiler="eager"))
-    loops = [CropLoop(m, config, commit=lambda m=m: fbcompile.commit(m)) for m in (model, plain)]
+    # a prompt of 124 tokens: the counted blocks' caches (132-144 tokens) share one spare capacity
+    loops = [CropLoop(m, config, commit=lambda m=m: fbcompile.commit(m), prompt_len=124) for m in (model, plain)]
     blocks, steps = 4, 5
     for block in range(blocks + 2):
         if block == 2:  # counts from here: the graphs are dynamic in the cache length by then
             fbcompile.reset(model)
+        if block == blocks:
+            before = dict(fbcompile.stats(model).cuda_graphs)
         for loop in loops:
             loop.block(steps)
     for got, expected in zip(*(loop.logits for loop in loops), strict=True):
         assert rel_error(got, expected) < 1e-6
     for got, expected in zip(*(loop.cache.layers for loop in loops)):
-        assert torch.equal(got.keys, expected.keys) and torch.equal(got.values, expected.values)
-    counts = fbcompile.stats(model).cuda_graphs
-    assert fbcompile.stats(model).reuses == blocks * (steps - 1)
-    # per block: the refresh and the commit over new keys uncaptured, the reuse graph seen, captured, replayed
-    assert counts.get("uncaptured (new cached keys/values)", 0) == 2 * blocks, counts
-    assert counts.get("captures", 0) == blocks and counts.get("replays", 0) == blocks * (steps - 3), counts
+        assert rel_error(got.keys, expected.keys) < 1e-6 and rel_error(got.values, expected.values) < 1e-6
+    stats = fbcompile.stats(model)
+    assert stats.reuses == blocks * (steps - 1)
+    counts = stats.cuda_graphs
+    assert not any(key.startswith("uncaptured") for key in counts), counts
+    assert counts.get("captures", 0) <= 3, counts  # the refresh, reuse and commit graphs switching to buffers
+    last = {key: n - before.get(key, 0) for key, n in counts.items() if n != before.get(key, 0)}
+    assert last == {"replays": 2 * (steps + 1), "cache copies into spare capacity": 2,  # the last two blocks
+                    "inputs over cache and block copied into spare capacity": 2 * (steps + 1)}, last
 
 
 @torch.no_grad()
@@ -614,7 +711,7 @@ def test_explain_says_how_graphs_run_over_a_moving_cache(device):
     uncaptured, and why."""
     reference = lm(device)
     for kwargs, expected in ((dict(position_ids=True), "spare capacity"),
-                             ({}, "uncaptured over each new cache: input")):
+                             ({}, "uncaptured over each new cache: add reads a cached length")):
         graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
         for block in range(2):  # the second length makes the graphs dynamic in it
             context = CONTEXT + 8 * block
@@ -635,19 +732,19 @@ def test_spare_buffers_hold_content_not_identity():
     cache = torch.randn(1, 2, 10, 4)
     spare = cuda_graphs.SpareBuffers(layout=(), buffers=[torch.empty(1, 2, 16, 4)])
     spare.sources = [provenance.content(cache)]
-    assert spare.holds([cache])
+    assert spare.holds(0, cache)
     joined = torch.cat([cache, torch.randn(1, 2, 3, 4)], dim=2)
     provenance.record(joined, cache, 2)
-    assert spare.holds([joined[:, :, :10]])  # the crop of the concatenation
-    assert not spare.holds([joined[:, :, :9]]) and not spare.holds([cache.clone()])
+    assert spare.holds(0, joined[:, :, :10])  # the crop of the concatenation
+    assert not spare.holds(0, joined[:, :, :9]) and not spare.holds(0, cache.clone())
     joined.add_(0)  # the concatenation written: its crop no longer vouches for the content
-    assert not spare.holds([joined[:, :, :10]])
+    assert not spare.holds(0, joined[:, :, :10])
     cache.mul_(2)
-    assert not spare.holds([cache])
+    assert not spare.holds(0, cache)
     with torch.inference_mode():
         frozen = torch.randn(1, 2, 10, 4)
     spare.sources = [provenance.content(frozen)]
-    assert not spare.holds([frozen])
+    assert not spare.holds(0, frozen)
 
 
 @st.composite
@@ -655,24 +752,32 @@ def cache_histories(draw):
     """Calls over a cache that moves: each op is 'step' (same cache), 'grow' (a cat of a new block: new,
     longer tensors), 'write' (one layer's keys or values written in place), 'new' (other tensors of
     another length), 'crop' (views of the cache, one block shorter) or 'append' (a block written in place
-    into a preallocated buffer, the cache a longer view of it)."""
-    ops = draw(st.lists(st.sampled_from(["step", "step", "grow", "write", "new", "crop", "append"]),
-                        min_size=4, max_size=10))
-    return ["new"] + ops, draw(st.integers(0, 2 ** 16))
+    into a preallocated buffer, the cache a longer view of it); with a mask over cache and block, also
+    'mask' (the mask written in place; it is otherwise the same tensor until the cache's length changes;
+    a change of its cached part is seen at the next refresh: masks are not guarded)."""
+    masked = draw(st.booleans())
+    moves = ["step", "step", "grow", "write", "new", "crop", "append"] + ["mask"] * masked
+    ops = draw(st.lists(st.sampled_from(moves), min_size=4, max_size=10))
+    return ["new"] + ops, draw(st.integers(0, 2 ** 16)), masked
 
 
 @settings(max_examples=8, derandomize=True, database=None, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(history=cache_histories())
-@example(history=(["new", "step", "grow", "step", "grow", "write", "step", "grow", "step", "new", "grow", "step"], 0))
+@example(history=(["new", "step", "grow", "step", "grow", "write", "step", "grow", "step", "new", "grow", "step"], 0,
+                   False))
+@example(history=(["new", "grow", "step", "grow", "step", "step", "mask", "step", "grow", "step", "mask", "step"], 1,
+                   True))  # the mask written after a replay from spare capacity held it
 @torch.no_grad()
 def test_spare_capacity_never_serves_a_stale_cache(monkeypatch, history):
     """Differential: under CUDA graphs (CPU stand-in) with spare capacity, block mode's every call equals
-    block mode's without CUDA graphs, with the same refreshes and reuses, whatever moves the cache."""
+    block mode's without CUDA graphs, with the same refreshes and reuses, whatever moves the cache (and
+    the mask over cache and block)."""
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
     torch._dynamo.reset()
-    ops, seed = history
+    ops, seed, masked = history
+    mask = None
     gen = torch.Generator().manual_seed(seed)
     reference = lm("cpu")
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
@@ -700,10 +805,18 @@ def test_spare_capacity_never_serves_a_stale_cache(monkeypatch, history):
                     b[:, :, length:length + cfg.block_size] = torch.randn(*b.shape[:2], cfg.block_size, b.shape[3],
                                                                           generator=gen)
             cache = [tuple(b[:, :, :length + cfg.block_size] for b in kv) for kv in buffers]
+        elif op == "mask":  # a key of the block's (read at every step) and any key
+            for first in (mask.shape[-1] - cfg.block_size, 0):
+                mask[..., int(torch.randint(first, mask.shape[-1], (), generator=gen))] ^= True
         x = torch.randint(0, 200, (1, cfg.block_size), generator=gen)
-        pos = positions(reference, cache[0][0].shape[2])
-        got = graphed(x, past_key_values=cache, position_ids=pos)[0]
-        assert rel_error(got, plain(x, past_key_values=cache, position_ids=pos)[0]) < 1e-5, ops
+        context = cache[0][0].shape[2]
+        kwargs = dict(position_ids=positions(reference, context))
+        if masked:
+            if mask is None or mask.shape[-1] != context + cfg.block_size:
+                mask = mask_over(context, cfg.block_size, int(torch.randint(0, 1000, (), generator=gen)), "cpu")
+            kwargs["attention_mask"] = mask
+        got = graphed(x, past_key_values=cache, **kwargs)[0]
+        assert rel_error(got, plain(x, past_key_values=cache, **kwargs)[0]) < 1e-5, ops
     mine, theirs = fbcompile.stats(graphed), fbcompile.stats(plain)
     assert (mine.reuses, mine.refresh_reasons) == (theirs.reuses, theirs.refresh_reasons), ops
 

@@ -133,7 +133,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         key_count, why_not = add_key_count(captured, kv, _on_cudnn(captured, example_inputs))
         if key_count is not None:
             first = example_inputs[key_count.padded[0].index]
-            length = first.shape[key_count.padded[0].dim]
+            length = key_count.padded[0].length(first)
             example_inputs = [*example_inputs, torch.full((1,), length, dtype=torch.int32, device=first.device)]
         elif why_not is not None:
             log.info("no spare capacity for the cached keys/values: %s", why_not)
@@ -178,7 +178,11 @@ def _on_cudnn(gm: fx.GraphModule, example_inputs: list) -> frozenset[str]:
 def _capture_note(key_count, why_not: str | None, joins: list) -> str:
     """How a captured graph runs over cached keys/values that are new tensors (``explain`` shows it)."""
     if key_count is not None:
-        note = "spare capacity: the cache copied into buffers, its length read on the device"
+        joined = sum(1 for p in key_count.padded if p.extra)
+        cached = any(not (p.extra or p.unread) for p in key_count.padded)
+        copied = [what for what, n in (("the cache", cached),
+                                       (f"{joined} input(s) over cache and block (a mask)", joined)) if n]
+        note = f"spare capacity: {' and '.join(copied)} copied into buffers, the cached length read on the device"
     elif why_not is not None:
         note = f"uncaptured over each new cache: {why_not}"
     else:

@@ -37,17 +37,18 @@ refresh across calls. Here, per graph:
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
 * **Spare capacity.** When the cached keys/values are other tensors than at the last call, or longer
   views of the same memory (a preallocated buffer's filled part), and the graph reads their (symbolic)
-  length nowhere but in its external attention, not on cuDNN
-  (:mod:`fbcompile.passes.key_count` proves it and gives the attention a key count read on the
-  device), the graph switches to buffers with spare capacity: from then on each call copies the cache
-  into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same tensors,
-  unwritten since, copies nothing) and runs over them with the key count, so that one capture serves
-  every length up to the capacity. The capacities are 8 sizes per doubling of the length, at most
+  length nowhere but in its external attention, not on cuDNN, and where it splits a mask over cache
+  and block (:mod:`fbcompile.passes.key_count` proves it and gives the attention a key count read on
+  the device), the graph switches to buffers with spare capacity: from then on each call copies the
+  cache into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same
+  tensors, unwritten since, copies nothing; a mask goes into a buffer of the capacity plus the block,
+  the block's keys after the capacity, copied per tensor likewise) and runs over them with the key
+  count, so that one capture serves every length up to the capacity. The capacities are 8 sizes per doubling of the length, at most
   1/8 spare: a cache grown by one block per block is captured again every ~length/8 keys (every 128
   blocks of 32 at 32K keys). Graphs over caches of the same layout share the buffers (an extra
   ~1.1x the cache), freed with the last graph's move to a larger capacity, which also drops the
   captures that read them. Graphs whose length reaches anything
-  else (positions computed from it, a mask over the cache) run uncaptured over new caches, counted in
+  else (positions computed from it, a mask read elsewhere) run uncaptured over new caches, counted in
   ``Stats.cuda_graphs`` as ``"uncaptured (new cached keys/values)"``.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` per dtype), so neither the caller nor the dispatcher's cache holds memory a later
@@ -84,7 +85,7 @@ from fbcompile.backends import provenance
 from fbcompile.backends.session import Session
 from fbcompile.passes.graph_utils import reads_data
 from fbcompile.passes.hoist_cache_cats import Join
-from fbcompile.passes.key_count import KeyCountInputs
+from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
 MAX_RECYCLED = 8       # recycled buffers per kept output
@@ -122,20 +123,20 @@ class Capture:
 
 
 class SpareBuffers:
-    """Buffers with spare capacity for a cache's keys/values (one per padded input, in the graph's
-    order) and what they hold: the provenance content of the tensors last copied in."""
+    """Buffers with spare capacity for a cache's keys/values and the inputs over cache and block (one
+    per padded input, in the graph's order) and what they hold: the provenance content of the tensors
+    last copied in."""
 
     def __init__(self, layout: tuple, buffers: list[torch.Tensor]):
         self.layout, self.buffers = layout, buffers
-        self.sources: list | None = None  # the provenance content of each tensor copied in
+        self.sources: list = [None] * len(buffers)  # the provenance content of each tensor copied in
 
-    def holds(self, tensors: list[torch.Tensor]) -> bool:
-        """Whether the buffers hold what ``tensors`` hold now: the same content (:mod:`.provenance`: the
-        same tensors unwritten since the copy, or views that a ``DynamicCache.crop`` made of their
-        concatenation with a block); inference tensors, without versions: never."""
-        return self.sources is not None and all(
-            held.version is not None and (held.token, held.version) == (now.token, now.version)
-            for held, now in zip(self.sources, map(provenance.content, tensors)))
+    def holds(self, i: int, tensor: torch.Tensor) -> bool:
+        """Whether buffer ``i`` holds what ``tensor`` holds now: the same content (:mod:`.provenance`: the
+        same tensor unwritten since the copy, or a view that a ``DynamicCache.crop`` made of its
+        concatenation with a block); an inference tensor, without versions: never."""
+        held, now = self.sources[i], provenance.content(tensor)
+        return held is not None and held.version is not None and (held.token, held.version) == (now.token, now.version)
 
 
 class CapturedGraph:
@@ -231,7 +232,7 @@ class CapturedGraph:
         whether they were."""
         if self.key_count is None:
             return args, False
-        lengths = {args[p.index].shape[p.dim] for p in self.key_count.padded}
+        lengths = {p.length(args[p.index]) for p in self.key_count.padded}
         length = max(lengths)  # any count >= the lengths: every key counts
         padded = self.spare and len(lengths) == 1 and self.uncapturable is None and not torch.is_grad_enabled()
         if padded:
@@ -242,14 +243,15 @@ class CapturedGraph:
         return (*args, self._count[1]), padded
 
     def _into_spare(self, args, length: int, capacity: int) -> tuple:
-        """``args`` with the cached keys/values in buffers of ``capacity`` (copied unless the buffers
-        hold their content already) and the integer inputs of their sizes and strides set for it.
+        """``args`` with the cached keys/values and the inputs over cache and block in buffers of
+        ``capacity`` (each copied unless its buffer holds its content already) and the integer inputs of
+        their sizes and strides set for it.
 
         One ``copy_`` per tensor: on the H200 it copies at 3.8-4.2 TB/s where one ``_foreach_copy_`` into
         the (strided) narrowed buffers reached 2.7-2.9 (``benchmarks/results/spare_copy_h200.md``)."""
         padded = self.key_count.padded
         sources = [args[p.index] for p in padded]
-        layout = (capacity, tuple((p.dim, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
+        layout = (capacity, tuple((p.dim, p.extra, p.unread, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
                                   for p, t in zip(padded, sources)))  # buffer strides follow from these
         if self._spare is None or self._spare.layout != layout:
             if self._spare is not None:  # the captures over the old buffers can never replay
@@ -258,21 +260,35 @@ class CapturedGraph:
                     del self.captures[key]
             self._spare = self.session.spare_buffers.get(layout)
             if self._spare is None:
-                self._spare = SpareBuffers(layout, [
-                    torch.empty_strided(*p.layout(t.shape, capacity), dtype=t.dtype, device=t.device)
-                    for p, t in zip(padded, sources)])
+                self._spare = SpareBuffers(layout, [self._buffer(p, t, capacity) for p, t in zip(padded, sources)])
                 self.session.spare_buffers[layout] = self._spare
-        if not self._spare.holds(sources):
-            for buffer, p, source in zip(self._spare.buffers, padded, sources):  # one copy_ each: see below
-                buffer.narrow(p.dim, 0, length).copy_(source)
-            self._spare.sources = [provenance.content(t) for t in sources]
+        copied = [i for i, source in enumerate(sources) if not padded[i].unread and not self._spare.holds(i, source)]
+        for i in copied:  # one copy_ each: see below
+            padded[i].fill(self._spare.buffers[i], sources[i], capacity)
+            self._spare.sources[i] = provenance.content(sources[i])
+        if any(not padded[i].extra for i in copied):
             self.session.cuda_graph_counts["cache copies into spare capacity"] += 1
+        if any(padded[i].extra for i in copied):
+            self.session.cuda_graph_counts["inputs over cache and block copied into spare capacity"] += 1
         args = list(args)
         for p, buffer in zip(padded, self._spare.buffers):
             args[p.index] = buffer
         for i, value in self.key_count.size_values(capacity):
             args[i] = value
         return tuple(args)
+
+    def _buffer(self, padded: PaddedInput, tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+        """A buffer of ``capacity`` for ``tensor``; for an input the graph does not read, one shared by
+        all such inputs of its layout (only its sizes count: nothing reads or writes it)."""
+        sizes, strides = padded.layout(tensor.shape, capacity)
+        if not padded.unread:
+            return torch.empty_strided(sizes, strides, dtype=tensor.dtype, device=tensor.device)
+        layout = ("unread", tuple(sizes), tuple(strides), tensor.dtype, tensor.device)
+        buffer = self.session.spare_buffers.get(layout)
+        if buffer is None:
+            buffer = self.session.spare_buffers[layout] = torch.empty_strided(sizes, strides, dtype=tensor.dtype,
+                                                                              device=tensor.device)
+        return buffer
 
     def _why_new(self, key: tuple, last: tuple | None) -> str:
         """Why ``key`` has not been seen: the cached keys/values are other tensors than at the last call
@@ -314,7 +330,8 @@ class CapturedGraph:
         self._kept_slots = [j for j, i in enumerate(self._by_address) if i in self._kept_inputs]
         self._copied = [i for i in tensors if i not in self._by_address]
         self._sized = [i for i in tensors + self._size_only if i in self._unguarded and isinstance(args[i], torch.Tensor)]
-        self._kv_sized_slots = [j for j, i in enumerate(self._sized) if i in self._kv]
+        padded = {p.index for p in self.key_count.padded} if self.key_count is not None else set()
+        self._kv_sized_slots = [j for j, i in enumerate(self._sized) if i in self._kv | padded]
         self._others = [i for i in self._read if not isinstance(args[i], torch.Tensor)]
         self._pick = tuple(map(_picker, (self._by_address, self._sized, self._others)))
         self._last_key = self._key(args)

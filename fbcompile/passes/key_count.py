@@ -1,8 +1,9 @@
 """Let a graph run over cached keys/values held in buffers with spare capacity.
 
 A cache grown by ``torch.cat`` at every block between calls (``generate`` loops, a cache extended
-outside the model) hands the graph new tensors of a new length each time, so a CUDA graph captured over one block's cache could never replay. If the length of
-the cached keys/values reaches nothing but the external attention, the graph can instead run over
+outside the model) hands the graph new tensors of a new length each time, so a CUDA graph captured
+over one block's cache could never replay. If the length of the cached keys/values reaches nothing
+but the external attention (and the split of a mask over cache and block), the graph can instead run over
 buffers of a fixed, larger capacity that the cache is copied into, with the number of keys that count
 read on the device. This pass proves that and adds the count as an input.
 
@@ -30,13 +31,29 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
 
 * is read only as the keys or values of ``attention_lse`` calls, along their key axis, directly or
   through ``permute``/``transpose`` views read only so (a ``[B, S, H, D]`` cache seen as ``[B, H, S, D]``;
-  no slice, size or other use: any of them could see the padding), and none of these calls runs on cuDNN
+  no slice or other use: any of them could see the padding), and none of these calls runs on cuDNN
   (:func:`fbcompile.ops.attention_kernel`), which takes no key count (as a bias over the padding it
   loses its 1.5x lead over the Triton kernel: ``benchmarks/results/attention_backends_h200.md``);
-* no other input's sizes, strides or value involve these symbols, except integer inputs that are one of
-  them and have no users (dynamo passes sizes it saw as such inputs);
-* the shape environment ties none of them to another expression (a replacement such as ``s3 = s0 + 32``
-  from a mask over the cache and the block would size that mask by the capacity).
+* its length read (``size``) along that axis only to split an input over the cache and the block (below);
+* no other input's sizes, strides or value involve these symbols, except cached inputs the graph does
+  not read (they get a buffer of the capacity that nothing reads, one per layout: a compiled graph may
+  take a size from them), integer inputs that are one of them (dynamo passes sizes it saw as such
+  inputs), read only as those lengths, and inputs *over the
+  cache and the block*: a mask ``[..., s0 + c]`` (the shapes tie its size to ``s0 + c``) that the split
+  reads only as its first ``s0`` and last ``c`` keys, directly or through the split's ``logical_not`` or
+  scaling::
+
+      size = L_past_k_.size(2)
+      attention_lse(q, L_past_k_, L_past_v_, L_mask_.narrow(-1, 0, size), ...)   # the head: external
+      attention_merge_lse(q, k, v, L_mask_.narrow(-1, size, 32), ...)           # the tail: the block's
+
+  Such an input goes into a buffer of ``C + c`` along that dimension, its head at ``[0, s0)`` and its tail at
+  ``[C, C + c)``: the head, read as ``[0, C)``, reaches only attention with the key count, and the tail is
+  where the graph, called with ``s0 = C``, reads it. A graph that reads the cache only for such lengths
+  (a reuse graph, which has no external attention) reads them from the mask instead
+  (``L_mask_.size(-1) - 32``), so its cache needs no copy;
+* the shape environment ties none of them to another expression than ``s0 + c`` (a replacement such as
+  ``s3 = s0 // 16``, from positions over the cache, would size something by the capacity).
 
 So no other node can depend on the length. Run after every other pass (``attention_lse`` nodes gain
 a sixth argument that the other passes do not expect).
@@ -44,6 +61,7 @@ a sixth argument that the other passes do not expect).
 from __future__ import annotations
 
 import contextlib
+import operator
 from dataclasses import dataclass, field
 
 import sympy
@@ -61,18 +79,34 @@ CAPACITY = sympy.Symbol("capacity", integer=True, positive=True)
 
 @dataclass
 class PaddedInput:
-    """A cached key/value input: its argument index, the dimension of its length and the strides of its
-    buffer as expressions of :data:`CAPACITY`."""
+    """A cached key/value input (``extra`` 0) or an input over the cache and ``extra`` block positions: its
+    argument index, the dimension of its length and the strides of its buffer as expressions of
+    :data:`CAPACITY`."""
 
     index: int
     dim: int
     strides: tuple
+    extra: int = 0
+    unread: bool = False  # a cached input the graph receives but reads nothing of: any memory will do
 
     def layout(self, shape: torch.Size, capacity: int) -> tuple[list[int], list[int]]:
-        """Sizes and strides of a buffer of ``capacity`` along :attr:`dim`, laid out as the graph expects."""
+        """Sizes and strides of a buffer of ``capacity + extra`` along :attr:`dim`, laid out as the graph
+        expects."""
         sizes = list(shape)
-        sizes[self.dim] = capacity
+        sizes[self.dim] = capacity + self.extra
         return sizes, [int(sympy.sympify(s).subs(CAPACITY, capacity)) for s in self.strides]
+
+    def length(self, tensor: torch.Tensor) -> int:
+        """The cached length ``tensor`` (this input) has."""
+        return tensor.shape[self.dim] - self.extra
+
+    def fill(self, buffer: torch.Tensor, tensor: torch.Tensor, capacity: int) -> None:
+        """Copy ``tensor`` into its buffer of ``capacity``: the cached part first, the block's after the
+        capacity."""
+        length = self.length(tensor)
+        buffer.narrow(self.dim, 0, length).copy_(tensor.narrow(self.dim, 0, length))
+        if self.extra:
+            buffer.narrow(self.dim, capacity, self.extra).copy_(tensor.narrow(self.dim, length, self.extra))
 
 
 @dataclass
@@ -111,18 +145,19 @@ def _value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _buffer_layout(value: torch.Tensor, dim: int) -> tuple[tuple, dict] | None:
-    """The strides of a dense buffer of :data:`CAPACITY` rows along ``dim``, its dimensions in the order
-    of ``value``'s strides, as expressions of the capacity, and the value each symbol of ``value`` then
-    takes - if the graph's strides for ``value`` can be those (a cache of its own, or a view of the
-    filled part of a larger buffer, whose strides are other symbols); else None."""
+def _buffer_layout(value: torch.Tensor, dim: int, symbol, extra: int = 0) -> tuple[tuple, dict] | None:
+    """The strides of a dense buffer of ``CAPACITY + extra`` rows along ``dim`` (where ``value`` has
+    ``symbol + extra``), its dimensions in the order of ``value``'s strides, as expressions of the
+    capacity, and the value each symbol of ``value`` then takes - if the graph's strides for ``value`` can
+    be those (a tensor of its own, or a view of the filled part of a larger buffer, whose strides are
+    other symbols); else None."""
     hints = [traced_value(s) for s in value.stride()]
     order = sorted(range(value.dim()), key=lambda i: (hints[i], -i))  # innermost first
     dense, step = [0] * value.dim(), sympy.Integer(1)
     for i in order:
         dense[i] = step
-        step = step * (CAPACITY if i == dim else _expr(value.shape[i]))
-    values = {_expr(value.shape[dim]): CAPACITY}
+        step = step * (CAPACITY + extra if i == dim else _expr(value.shape[i]))
+    values = {symbol: CAPACITY}
     equations = [sympy.Eq(sympy.sympify(_expr(have)).subs(values), want) for have, want in zip(value.stride(), dense)]
     if any(e is sympy.false for e in equations):
         return None
@@ -154,29 +189,206 @@ def _view_axis(view: fx.Node, dim: int, ndim: int) -> int | None:
     return b if dim == a else a if dim == b else dim
 
 
-def _key_readers(node: fx.Node, dim: int, ndim: int, name: str) -> tuple[list[fx.Node], str | None]:
+def _size_read(node: fx.Node, source: fx.Node, dim: int, ndim: int) -> bool:
+    """Whether ``node`` reads the size of ``source`` along ``dim``."""
+    if not (node.op == "call_method" and node.target == "size" or node.target is torch.ops.aten.sym_size.int):
+        return False
+    args = node.args
+    return (not node.kwargs and len(args) == 2 and args[0] is source and isinstance(args[1], int)
+            and args[1] % ndim == dim)
+
+
+def _key_readers(node: fx.Node, dim: int, ndim: int, name: str) -> tuple[list[fx.Node], list[fx.Node], str | None]:
     """The ``attention_lse`` calls that read cached input ``name`` (``node``, or a view of it) as their
     keys or values with its dimension ``dim`` as their key axis, directly or through ``permute`` /
-    ``transpose`` views that nothing else reads (a [B, S, H, D] cache seen as [B, H, S, D]); else
-    ``([], why not)``."""
-    readers = []
+    ``transpose`` views that nothing else reads (a [B, S, H, D] cache seen as [B, H, S, D]), and the reads
+    of its length along that axis; else ``([], [], why not)``."""
+    readers, lengths = [], []
     for user in node.users:
-        if op_name(user) in ("permute", "transpose") and user.args[0] is node:
+        if _size_read(user, node, dim, ndim):
+            lengths.append(user)
+        elif op_name(user) in ("permute", "transpose") and user.args[0] is node:
             axis = _view_axis(user, dim, ndim)
             if axis is None:
-                return [], f"{user.name} views cached input {name} in a way not known statically"
-            inner, why = _key_readers(user, axis, ndim, name)
+                return [], [], f"{user.name} views cached input {name} in a way not known statically"
+            inner, inner_lengths, why = _key_readers(user, axis, ndim, name)
             if why is not None:
-                return [], why
+                return [], [], why
             readers += inner
+            lengths += inner_lengths
         elif user.target is ATTENTION and len(user.args) == 5 and all(
                 a is not node for j, a in enumerate(user.args) if j not in (1, 2)):
             if dim != 2:
-                return [], f"{user.name} reads the length of cached input {name} along another axis than its keys'"
+                return [], [], f"{user.name} reads the length of cached input {name} along another axis than its keys'"
             readers.append(user)
         else:
-            return [], f"{user.name} reads cached input {name} other than as attention keys/values"
-    return readers, None
+            return [], [], f"{user.name} reads cached input {name} other than as attention keys/values"
+    return readers, lengths, None
+
+
+@dataclass
+class _Joined:
+    """An input over the cache and the block: how it is padded, and the narrows that read its head
+    (the cached positions) and its tail (the block's)."""
+
+    name: str
+    padded: PaddedInput
+    symbol: object
+    heads: list
+    tails: list
+
+
+def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | None, str | None]:
+    """``node`` as an input over the cache and the block (see the module docstring), else why not."""
+    value = _value(node)
+    refused = f"input {node.name} depends on a cached length (its sizes)"
+    dims = [d for d, size in enumerate(value.shape) if not isinstance(_expr(size), (int, sympy.Integer))]
+    if len(dims) != 1:
+        return None, refused
+    dim, ndim = dims[0], value.dim()
+    expr = sympy.sympify(_expr(value.shape[dim]))
+    if len(expr.free_symbols) != 1 or not expr.free_symbols <= symbols:
+        return None, refused
+    symbol = next(iter(expr.free_symbols))
+    extra = expr - symbol
+    if not (extra.is_Integer and extra > 0):
+        return None, refused
+    layout = _buffer_layout(value, dim, symbol, int(extra))
+    if layout is None or len(layout[1]) > 1:  # not a tensor of its own (a view of a larger one)
+        return None, f"input {node.name} over the cache and the block has strides a buffer with spare capacity cannot take"
+    joined = _Joined(node.name, PaddedInput(index, dim, layout[0], int(extra)), symbol, [], [])
+    pending = [node]
+    while pending:
+        source = pending.pop()
+        for user in source.users:
+            name, args = op_name(user), user.args
+            if name == "narrow" and len(args) == 4 and not user.kwargs and args[0] is source and (
+                    isinstance(args[1], int) and args[1] % ndim == dim):
+                if args[2] == 0 and isinstance(args[3], fx.Node) and dim == ndim - 1:
+                    joined.heads.append(user)
+                    continue
+                if isinstance(args[2], fx.Node) and args[3] == int(extra):
+                    joined.tails.append(user)
+                    continue
+            if args and args[0] is source and not user.kwargs and (
+                    name == "logical_not" and len(args) == 1
+                    or name == "mul" and len(args) == 2 and isinstance(args[1], (int, float))):
+                pending.append(user)  # the split's preparation of a mask: position-wise
+                continue
+            return None, f"{user.name} reads input {node.name} over the cache and the block other than as its split parts"
+    for head in joined.heads:
+        for user in head.users:
+            if not (user.target is ATTENTION and len(user.args) == 5 and user.args[3] is head
+                    and all(a is not head for j, a in enumerate(user.args) if j != 3)):
+                return None, f"{user.name} reads the cached part of input {node.name} other than as an attention mask"
+    return joined, None
+
+
+@dataclass
+class _CachedInputs:
+    """What :func:`add_key_count` found of the cached inputs with a symbolic length."""
+
+    padded: list = field(default_factory=list)         # read by attention: padded and copied
+    length_only: dict = field(default_factory=dict)    # index -> symbol: read only for their lengths
+    unread: dict = field(default_factory=dict)         # index -> (PaddedInput, symbol values) or None
+    symbol_values: dict = field(default_factory=dict)  # symbol -> its value in buffers of CAPACITY
+    readers: list = field(default_factory=list)        # the attention calls that take the key count
+    lengths: dict = field(default_factory=dict)        # node reading a cached length -> its symbol
+    env: object = None                                  # the shape environment
+
+    def agree(self, values: dict) -> str | None:
+        """Take the symbol values of another input's buffer, unless they contradict those taken."""
+        for known, expr in values.items():
+            if known in self.symbol_values and sympy.simplify(self.symbol_values[known] - expr) != 0:
+                return f"cached inputs give {known} two values in buffers with spare capacity"
+        self.symbol_values.update(values)
+        return None
+
+
+def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -> tuple[_CachedInputs, str | None]:
+    found = _CachedInputs()
+    for i in sorted(kv):
+        node = placeholders[i]
+        value = _value(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        dims = [d for d, size in enumerate(value.shape) if not isinstance(_expr(size), (int, sympy.Integer))]
+        if not dims:
+            continue
+        symbol = _expr(value.shape[dims[0]])
+        if not node.users:  # padded where it shares a symbol (a compiled graph may read it from its sizes)
+            layout = _buffer_layout(value, dims[0], symbol) if len(dims) == 1 else None
+            found.unread[i] = layout and (PaddedInput(i, dims[0], layout[0], unread=True), layout[1])
+            continue
+        if len(dims) > 1:
+            return found, f"cached input {node.name} has {len(dims)} symbolic sizes"
+        if not isinstance(symbol, sympy.Symbol):
+            return found, f"the length of cached input {node.name} is {symbol}, not a symbol of its own"
+        layout = _buffer_layout(value, dims[0], symbol)
+        if layout is None:
+            return found, f"cached input {node.name} has strides a buffer with spare capacity cannot take"
+        if (why := found.agree(layout[1])) is not None:
+            return found, why
+        found.env = value.shape[dims[0]].node.shape_env
+        reads, sizes, why = _key_readers(node, dims[0], value.dim(), node.name)
+        if why is not None:
+            return found, why
+        cudnn = [r.name for r in reads if r.name in on_cudnn]
+        if cudnn:
+            return found, (f"{cudnn[0]} runs on cuDNN, which reads no key count (with one it would take the "
+                           "Triton kernel, slower there)")
+        found.lengths.update(dict.fromkeys(sizes, symbol))
+        found.readers += reads
+        if reads:
+            found.padded.append(PaddedInput(i, dims[0], layout[0]))
+        else:
+            found.length_only[i] = symbol
+    return found, None
+
+
+def _pad_unread(found: _CachedInputs, placeholders: list) -> str | None:
+    """Pad the unread cached inputs that share a symbol with a padded one (or with such an input)."""
+    shared = True
+    while shared:
+        shared = [i for i in found.unread if _symbols(_value(placeholders[i])) & set(found.symbol_values)]
+        for i in shared:
+            if found.unread[i] is None:
+                return f"cached input {placeholders[i].name} has strides a buffer with spare capacity cannot take"
+            padded, values = found.unread.pop(i)
+            if (why := found.agree(values)) is not None:
+                return why
+            found.padded.append(padded)
+    return None
+
+
+def _replacements_refused(env, symbols: set) -> str | None:
+    """Why the shapes' replacements forbid padding (one ties a cached length to anything but ``s + c``)."""
+    for symbol, expr in env.replacements.items():
+        expr = sympy.sympify(expr)
+        if symbol not in symbols and not symbols & expr.free_symbols:
+            continue
+        if symbol in symbols or len(expr.free_symbols) != 1 or not (expr - next(iter(expr.free_symbols))).is_Integer:
+            return f"the shapes tie a cached length to another size ({symbol} = {expr})"
+    return None
+
+
+def _split_reads_refused(lengths: dict, joined: list[_Joined]) -> str | None:
+    """Why the reads of the cached lengths are not only the splits of the inputs over cache and block
+    at their own cached length."""
+    for item in joined:
+        for head in item.heads:
+            if lengths.get(head.args[3]) != item.symbol:
+                return f"{head.name} reads input {item.name} up to another length than its cached one"
+        for tail in item.tails:
+            if lengths.get(tail.args[2]) != item.symbol:
+                return f"{tail.name} reads input {item.name} from another position than its cached length"
+    splits = {(n, 3) for item in joined for n in item.heads} | {(n, 2) for item in joined for n in item.tails}
+    for length in lengths:
+        for user in length.users:
+            position = next((j for j, a in enumerate(user.args) if a is length), None)
+            if (user, position) not in splits or user.args.count(length) != 1:
+                return f"{user.name} reads a cached length other than to split an input over the cache and the block"
+    return None
 
 
 def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = frozenset()
@@ -187,58 +399,68 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     ``on_cudnn``: names of the attention calls that run on cuDNN (:mod:`fbcompile.passes.attention_kernels`),
     which takes no key count: a graph whose cache they read keeps it unpadded."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    padded, symbol_values, readers = [], {}, []
-    for i in sorted(kv):
-        node = placeholders[i]
+    found, why = _cached_inputs(placeholders, kv, on_cudnn)
+    if why is not None:
+        return None, why
+    if not found.padded and not found.length_only:
+        return None, None
+    if (why := _pad_unread(found, placeholders) or _replacements_refused(found.env, set(found.symbol_values))):
+        return None, why
+    symbols, sizes, joined = set(found.symbol_values), [], []
+    taken = {p.index for p in found.padded} | set(found.length_only)
+    for i, node in enumerate(placeholders):
         value = _value(node)
-        if not node.users or not isinstance(value, torch.Tensor):
+        if i in taken or not symbols & _symbols(value):
             continue
-        dims = [d for d, size in enumerate(value.shape) if not isinstance(_expr(size), (int, sympy.Integer))]
-        if not dims:
+        if isinstance(value, torch.SymInt):
+            if _expr(value) not in symbols:
+                return None, f"input {node.name} depends on a cached length ({_expr(value)})"
+            sizes.append((i, found.symbol_values[_expr(value)]))
+            if node.users:
+                found.lengths[node] = _expr(value)
             continue
-        if len(dims) > 1:
-            return None, f"cached input {node.name} has {len(dims)} symbolic sizes"
-        symbol = _expr(value.shape[dims[0]])
-        if not isinstance(symbol, sympy.Symbol):
-            return None, f"the length of cached input {node.name} is {symbol}, not a symbol of its own"
-        layout = _buffer_layout(value, dims[0])
-        if layout is None:
-            return None, f"cached input {node.name} has strides a buffer with spare capacity cannot take"
-        strides, values = layout
-        for known, expr in values.items():
-            if known in symbol_values and sympy.simplify(symbol_values[known] - expr) != 0:
-                return None, f"cached inputs give {known} two values in buffers with spare capacity"
-        symbol_values.update(values)
-        reads, why = _key_readers(node, dims[0], value.dim(), node.name)
+        item, why = _joined_input(node, i, symbols)
         if why is not None:
             return None, why
-        cudnn = [r.name for r in reads if r.name in on_cudnn]
-        if cudnn:
-            return None, (f"{cudnn[0]} runs on cuDNN, which reads no key count (with one it would take the "
-                          "Triton kernel, slower there)")
-        readers += reads
-        padded.append(PaddedInput(i, dims[0], strides))
-    if not padded:
-        return None, None
-    padded_indices, symbols = {p.index for p in padded}, set(symbol_values)
-    env = next(iter(_value(placeholders[p.index]).shape[p.dim] for p in padded)).node.shape_env
-    for symbol, expr in env.replacements.items():
-        if symbol in symbols or symbols & sympy.sympify(expr).free_symbols:
-            return None, f"the shapes tie a cached length to another size ({symbol} = {expr})"
-    sizes = []
-    for i, node in enumerate(placeholders):
-        if i in padded_indices or not symbols & _symbols(_value(node)):
-            continue
-        if isinstance(_value(node), torch.SymInt) and _expr(_value(node)) in symbols and not node.users:
-            sizes.append((i, symbol_values[_expr(_value(node))]))
-            continue
-        return None, f"input {node.name} depends on a cached length ({_expr(_value(node)) if isinstance(_value(node), torch.SymInt) else 'its sizes'})"
+        joined.append(item)
+    if (why := _split_reads_refused(found.lengths, joined)) is not None:
+        return None, why
+    _lengths_from_joined(gm, placeholders, found.length_only, found.lengths, joined)
+    padded = [p for p in found.padded if not p.unread] + [item.padded for item in joined] + \
+        [p for p in found.padded if p.unread]
     with gm.graph.inserting_after(placeholders[-1]):
         count = gm.graph.placeholder(COUNT_NAME)
     like = _value(placeholders[padded[0].index])
     with like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext():
         count.meta["example_value"] = torch.empty(1, dtype=torch.int32, device=like.device)
+    readers = found.readers + [user for item in joined for head in item.heads for user in head.users]
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
     gm.recompile()
     return KeyCountInputs(padded, sizes), None
+
+
+def _lengths_from_joined(gm: fx.GraphModule, placeholders: list, length_only: dict, lengths: dict,
+                         joined: list[_Joined]) -> None:
+    """Read the lengths of the cached inputs read for nothing else from an input over the cache and the
+    block (``size - extra``), so that those inputs are not read at all (nor copied)."""
+    unread = {placeholders[i] for i in length_only}
+    for length, symbol in list(lengths.items()):
+        read = length.args[0] if length.op != "placeholder" else None
+        while read is not None and read.op != "placeholder":  # through views: see _key_readers
+            read = read.args[0]
+        if read not in unread:
+            continue
+        item = next(j for j in joined if j.symbol == symbol)
+        source = placeholders[item.padded.index]
+        with gm.graph.inserting_before(length):
+            size = gm.graph.call_method("size", (source, item.padded.dim))
+            size.meta["example_value"] = _value(source).shape[item.padded.dim]
+            rest = gm.graph.call_function(operator.sub, (size, item.padded.extra))
+            rest.meta["example_value"] = _value(length)
+        length.replace_all_uses_with(rest)
+        view = length.args[0]
+        gm.graph.erase_node(length)
+        while view.op != "placeholder" and not view.users:  # the views read for nothing else
+            view, dead = view.args[0], view
+            gm.graph.erase_node(dead)
