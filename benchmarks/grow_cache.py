@@ -6,7 +6,10 @@ The example LM at Qwen2-1.5B shape (bf16, random weights), block 32, 8 steps; th
 ``cuda_graphs=True``, and ``compile`` (``torch.compile``, default mode: the baseline); settings: ``grown`` (every block joins one block of keys/values: new tensors, a new
 length; the graphs switch to buffers with spare capacity) and ``same`` (the cache stays the same tensors,
 ``fbcompile.new_request`` before each block so that each block refreshes: the refresh graph is captured
-over them). ``--warmup`` blocks (compiles, captures), then the median of
+over them); ``grown-mask`` (as ``grown``, with a mask over cache and block passed in, all keys visible:
+the mask goes into spare capacity with the cache) and ``grown-positions`` (as ``grown``, no positions
+passed: the model computes them from the cache's length, the graphs from the key count). ``--warmup``
+blocks (compiles, captures), then the median of
 ``--blocks`` timed blocks with their CUDA-graph counts, and the relative error of the last timed block's
 first-step logits against the model without fbcompile on the same cache; ``--profile`` adds the top
 operators (CUDA and CPU time) of one more block.
@@ -62,11 +65,23 @@ def profile_block(model, cache, grown: bool, device) -> dict:
                 profile_cpu=table.table(sort_by="cpu_time_total", row_limit=12))
 
 
-def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, device) -> tuple[dict, list]:
+def block_inputs(cfg, context: int, setting: str, device) -> dict:
+    """The keyword arguments of a block's calls besides its tokens and cache, as ``setting`` passes them."""
+    if setting.endswith("-positions"):
+        return {}
+    kwargs = dict(position_ids=torch.arange(context, context + cfg.block_size, device=device)[None])
+    if setting.endswith("-mask"):
+        kwargs["attention_mask"] = torch.ones(1, 1, cfg.block_size, context + cfg.block_size, dtype=torch.bool,
+                                              device=device)
+    return kwargs
+
+
+def time_blocks(model, reference, cache, warmup: int, blocks: int, setting: str, device) -> tuple[dict, list]:
     """Median ms of ``blocks`` blocks after ``warmup`` ones, the CUDA-graph counts of the timed ones and
     the error of the last block's first step; and the cache after them."""
     optimized = not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
     cfg = built_config(model)
+    grown = setting.startswith("grown")
     times, error = [], None
     for index in range(warmup + blocks):
         if index == warmup and optimized:
@@ -74,14 +89,13 @@ def time_blocks(model, reference, cache, warmup: int, blocks: int, grown: bool, 
         if not grown and optimized:  # a new cache refreshes by itself; the same one must be told
             fbcompile.new_request(model)
         x = torch.full((1, cfg.block_size), cfg.mask_token_id, device=device)
-        context = cache[0][0].shape[-2]
-        pos = torch.arange(context, context + cfg.block_size, device=device)[None]
+        kwargs = block_inputs(cfg, cache[0][0].shape[-2], setting, device)
         last = index == warmup + blocks - 1
-        expected = reference(x, past_key_values=cache, position_ids=pos)[0].float() if last else None
+        expected = reference(x, past_key_values=cache, **kwargs)[0].float() if last else None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for step in range(STEPS):
-            logits = model(x, past_key_values=cache, position_ids=pos)[0]
+            logits = model(x, past_key_values=cache, **kwargs)[0]
             if step == 0 and last:
                 error = ((logits.float() - expected).norm() / expected.norm()).item()  # one sync, in the last block
             x[:, step] = step + 1
@@ -128,11 +142,11 @@ def main():
     kv_shape = (1, cfg.num_kv_heads, context, cfg.head_dim)
     cache = [tuple(torch.randn(kv_shape, generator=gen, device=device, dtype=built.lm_head.weight.dtype)
                    for _ in "kv") for _ in range(cfg.num_layers)]
-    for k, v in cache:  # one compiled graph for every length
-        torch._dynamo.mark_dynamic(k, 2)
-        torch._dynamo.mark_dynamic(v, 2)
+    for k, v in cache:  # one compiled graph for every length (a mask over cache and block ties them: maybe)
+        torch._dynamo.maybe_mark_dynamic(k, 2)
+        torch._dynamo.maybe_mark_dynamic(v, 2)
     rows = []
-    print(f"{'variant':10} {'setting':8} {'ms/block':>9} {'rel err':>8}  CUDA-graph counts of the timed blocks")
+    print(f"{'variant':10} {'setting':15} {'ms/block':>9} {'rel err':>8}  CUDA-graph counts of the timed blocks")
     with torch.no_grad():
         for variant in args.variants.split(","):
             for setting in args.settings.split(","):
@@ -142,14 +156,14 @@ def main():
                     model = fbcompile.optimize(copy.deepcopy(built), fbcompile.Config(
                         refresh=VARIANTS[variant], cuda_graphs=True, compiler=args.compiler))
                 t0 = time.time()
-                timed, last_cache = time_blocks(model, built, cache, args.warmup, args.blocks, setting == "grown", device)
+                timed, last_cache = time_blocks(model, built, cache, args.warmup, args.blocks, setting, device)
                 row = dict(variant=variant, setting=setting, context=context, **timed)
                 row["seconds"] = round(time.time() - t0, 1)
                 if args.profile and device.type == "cuda" and VARIANTS[variant] is not None:
-                    row.update(profile_block(model, last_cache, setting == "grown", device))
+                    row.update(profile_block(model, last_cache, setting.startswith("grown"), device))
                     print(row["profile_cuda"], row["profile_cpu"], sep="\n", flush=True)
                 rows.append(row)
-                print(f"{variant:10} {setting:8} {row['ms']:9.2f} {row['rel_err_vs_eager']:8.1e}  {row['counts']}",
+                print(f"{variant:10} {setting:15} {row['ms']:9.2f} {row['rel_err_vs_eager']:8.1e}  {row['counts']}",
                       flush=True)
                 del model
                 torch._dynamo.reset()

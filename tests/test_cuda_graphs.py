@@ -355,7 +355,7 @@ def test_growing_cache_runs_from_spare_capacity(device):
 def test_video_chunks_of_4096_tokens_run_on_cudnn(monkeypatch, shared_compile_budget, graphs):
     """A video DiT whose chunks hold 4096 tokens per head (4 heads) runs every attention part on cuDNN
     (``ops.attention_kernel``), with and without CUDA graphs (whose graphs run uncaptured over this
-    model's new caches: see ``test_positions_from_the_cache_length_keep_the_cache_uncaptured``), and explain
+    model's new caches: cuDNN takes no key count), and explain
     says so; exact mode generates what the original model does, its cache grown per chunk."""
     from examples.video_ar_diffusion import make_tiny_model
     from fbcompile import ops
@@ -470,23 +470,61 @@ def test_attention_on_cudnn_keeps_its_cache_unpadded(device, monkeypatch):
     assert "runs on cuDNN, which reads no key count" in str(fbcompile.explain(graphed))
 
 
+@pytest.mark.parametrize("refresh", ["always", "block"])
 @torch.no_grad()
-def test_positions_from_the_cache_length_keep_the_cache_uncaptured(device):
-    """Without ``position_ids`` the model computes the positions from the cache's length: a padded cache
-    would move them, so the graph stays over the cache itself and runs uncaptured over each new one."""
+def test_positions_from_the_cache_length_come_from_the_key_count(device, refresh):
+    """Without ``position_ids`` the model computes the positions as ``arange(past, past + block)`` from the
+    cache's length (as HF models compute ``cache_position``): the graphs compute them from the key count
+    on the device instead, so the refresh and the reuse graphs replay over a cache of spare capacity
+    across blocks (before: the refresh ran uncaptured over each new cache, the reuse graph was captured
+    once per block). Every call equals the model without CUDA graphs, and in exact mode the original."""
     reference = lm(device)
-    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
-    for block in range(5):
-        context = CONTEXT + 8 * block
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager",
+                                                                            refresh=refresh))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(compiler="eager", refresh=refresh))
+    contexts, steps = [CONTEXT + 4 * block for block in range(6)], 3  # one spare capacity from the second on
+    for block, context in enumerate(contexts):
+        if block == len(contexts) - 2:
+            before = dict(fbcompile.stats(graphed).cuda_graphs)
         cache = random_cache(reference, block, context)
-        x = block_tokens(reference, block)
-        got = graphed(x, past_key_values=cache)[0]
-        err, bound = exactness(got, reference(x, past_key_values=cache)[0], truth_of(reference, x, cache))
-        assert err < bound, (block, err, bound)
+        for step in range(steps):
+            x = block_tokens(reference, 10 * block + step)
+            got = graphed(x, past_key_values=cache)[0]
+            assert rel_error(got, plain(x, past_key_values=cache)[0]) < tolerance(device), (block, step)
+            if refresh == "always" or step == 0:
+                err, bound = exactness(got, reference(x, past_key_values=cache)[0], truth_of(reference, x, cache))
+                assert err < bound, (block, step, err, bound)
     counts = fbcompile.stats(graphed).cuda_graphs
-    assert "switched to spare capacity" not in counts, counts
-    assert counts.get("uncaptured (new cached keys/values)", 0) >= 2, counts
-    assert "uncaptured over each new cache" in str(fbcompile.explain(graphed))
+    assert not any(key.startswith("uncaptured (new") for key in counts), counts
+    last = {key: n - before.get(key, 0) for key, n in counts.items() if n != before.get(key, 0)}
+    assert last == {"replays": 2 * steps, "cache copies into spare capacity": 2}, last  # the last two blocks
+    assert "position computation(s) from it" in str(fbcompile.explain(graphed))
+
+
+@pytest.mark.parametrize("refresh", ["always", "block"])
+@torch.no_grad()
+def test_video_frame_positions_come_from_the_key_count(monkeypatch, shared_compile_budget, refresh):
+    """The video example computes its chunk's frame indices as ``arange(past // tokens_per_frame, ... + t)``
+    from the cache's length: computed from the key count on the device, its graphs run from spare
+    capacity; the video equals the model's without CUDA graphs (and the original's in exact mode). CPU
+    stand-in for the capture."""
+    from examples.video_ar_diffusion import make_tiny_model
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    reference = make_tiny_model(seed=0)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh=refresh,
+                                                                            compiler="eager"))
+    plain = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(refresh=refresh, compiler="eager"))
+    run = lambda model: model.generate(num_chunks=6, steps=2, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    got = run(graphed)
+    assert rel_error(got, run(plain)) < 1e-6
+    if refresh == "always":
+        assert rel_error(got, run(reference)) < 1e-5
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert counts.get("switched to spare capacity", 0) >= 1 and counts.get("replays", 0) >= 1, counts
+    assert not any(key.startswith("uncaptured (new") for key in counts), counts
+    assert "1 position computation(s) from it" in str(fbcompile.explain(graphed))
 
 
 def mask_over(context: int, block: int, seed: int, device: str, kind: str = "bool") -> torch.Tensor:
@@ -563,7 +601,7 @@ class MaskedCacheAttention(torch.nn.Module):
     ("attention only", None),
     ("its tail", "over the cache and the block other than as its split parts"),
     ("summed", "over the cache and the block other than as its split parts"),
-    ("its length", "reads a cached length other than to split an input over the cache and the block")])
+    ("its length", "sym_sum reads a cached length other than as positions after it")])
 @torch.no_grad()
 def test_a_mask_read_elsewhere_keeps_the_cache_uncaptured(device, use, why):
     """Only a mask the split alone reads (its cached keys as the external part's mask, the block's as the
@@ -710,13 +748,17 @@ def test_explain_says_how_graphs_run_over_a_moving_cache(device):
     """``explain`` names, per compiled graph, whether it runs over a moving cache from spare capacity or
     uncaptured, and why."""
     reference = lm(device)
-    for kwargs, expected in ((dict(position_ids=True), "spare capacity"),
-                             ({}, "uncaptured over each new cache: add reads a cached length")):
+    size = reference.config.block_size
+    for broadcast, expected in ((False, "spare capacity"), (True, "uncaptured over each new cache: input l_attention_mask_ "
+                                                             "over the cache and the block has strides")):
         graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, compiler="eager"))
         for block in range(2):  # the second length makes the graphs dynamic in it
             context = CONTEXT + 8 * block
-            extra = dict(position_ids=positions(reference, context)) if kwargs else {}
-            graphed(block_tokens(reference, block), past_key_values=random_cache(reference, block, context), **extra)
+            mask = mask_over(context, size, block, device)
+            if broadcast:  # one row for every query (stride 0): no buffer of the capacity has its strides
+                mask = mask[:, :, :1].expand(-1, -1, size, -1)
+            graphed(block_tokens(reference, block), past_key_values=random_cache(reference, block, context),
+                    position_ids=positions(reference, context), attention_mask=mask)
         report = fbcompile.explain(graphed)
         notes = report.graphs[-1].cuda_graphs
         assert notes["refresh"].startswith(expected) and "reuse" in notes, notes

@@ -180,9 +180,10 @@ def _capture_note(key_count, why_not: str | None, joins: list) -> str:
     if key_count is not None:
         joined = sum(1 for p in key_count.padded if p.extra)
         cached = any(not (p.extra or p.unread) for p in key_count.padded)
-        copied = [what for what, n in (("the cache", cached),
-                                       (f"{joined} input(s) over cache and block (a mask)", joined)) if n]
-        note = f"spare capacity: {' and '.join(copied)} copied into buffers, the cached length read on the device"
+        parts = [what for what, n in (("the cache copied into buffers", cached),
+                                      (f"{joined} mask(s) over cache and block copied into buffers", joined),
+                                      (f"{key_count.positions} position computation(s) from it", key_count.positions)) if n]
+        note = f"spare capacity: the cached length read on the device ({'; '.join(parts)})"
     elif why_not is not None:
         note = f"uncaptured over each new cache: {why_not}"
     else:

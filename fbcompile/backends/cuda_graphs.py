@@ -37,9 +37,9 @@ refresh across calls. Here, per graph:
   ``cache_position``) it is copied in like the tokens, and the graph is captured once.
 * **Spare capacity.** When the cached keys/values are other tensors than at the last call, or longer
   views of the same memory (a preallocated buffer's filled part), and the graph reads their (symbolic)
-  length nowhere but in its external attention, not on cuDNN, and where it splits a mask over cache
-  and block (:mod:`fbcompile.passes.key_count` proves it and gives the attention a key count read on
-  the device), the graph switches to buffers with spare capacity: from then on each call copies the
+  length nowhere but in its external attention, not on cuDNN, where it splits a mask over cache and
+  block, and in positions after it (:mod:`fbcompile.passes.key_count` proves it and gives the attention
+  and the positions a key count read on the device), the graph switches to buffers with spare capacity: from then on each call copies the
   cache into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same
   tensors, unwritten since, copies nothing; a mask goes into a buffer of the capacity plus the block,
   the block's keys after the capacity, copied per tensor likewise) and runs over them with the key
@@ -48,7 +48,7 @@ refresh across calls. Here, per graph:
   blocks of 32 at 32K keys). Graphs over caches of the same layout share the buffers (an extra
   ~1.1x the cache), freed with the last graph's move to a larger capacity, which also drops the
   captures that read them. Graphs whose length reaches anything
-  else (positions computed from it, a mask read elsewhere) run uncaptured over new caches, counted in
+  else (frame indices computed from it, a mask read elsewhere) run uncaptured over new caches, counted in
   ``Stats.cuda_graphs`` as ``"uncaptured (new cached keys/values)"``.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` per dtype), so neither the caller nor the dispatcher's cache holds memory a later
@@ -278,16 +278,19 @@ class CapturedGraph:
         return tuple(args)
 
     def _buffer(self, padded: PaddedInput, tensor: torch.Tensor, capacity: int) -> torch.Tensor:
-        """A buffer of ``capacity`` for ``tensor``; for an input the graph does not read, one shared by
-        all such inputs of its layout (only its sizes count: nothing reads or writes it)."""
+        """A buffer of ``capacity`` for ``tensor``; for an input the graph does not read, any buffer of
+        its layout the session holds (only its sizes count: nothing reads or writes it through this
+        graph), else one kept for all such inputs."""
         sizes, strides = padded.layout(tensor.shape, capacity)
+        layout = (tuple(sizes), tuple(strides), tensor.dtype, tensor.device)
         if not padded.unread:
             return torch.empty_strided(sizes, strides, dtype=tensor.dtype, device=tensor.device)
-        layout = ("unread", tuple(sizes), tuple(strides), tensor.dtype, tensor.device)
-        buffer = self.session.spare_buffers.get(layout)
-        if buffer is None:
-            buffer = self.session.spare_buffers[layout] = torch.empty_strided(sizes, strides, dtype=tensor.dtype,
-                                                                              device=tensor.device)
+        for held in list(self.session.spare_buffers.values()):
+            for buffer in getattr(held, "buffers", [held]):
+                if (tuple(buffer.shape), buffer.stride(), buffer.dtype, buffer.device) == layout:
+                    return buffer
+        buffer = self.session.spare_buffers[("unread", *layout)] = torch.empty_strided(
+            sizes, strides, dtype=tensor.dtype, device=tensor.device)
         return buffer
 
     def _why_new(self, key: tuple, last: tuple | None) -> str:

@@ -3,7 +3,7 @@
 A cache grown by ``torch.cat`` at every block between calls (``generate`` loops, a cache extended
 outside the model) hands the graph new tensors of a new length each time, so a CUDA graph captured
 over one block's cache could never replay. If the length of the cached keys/values reaches nothing
-but the external attention (and the split of a mask over cache and block), the graph can instead run over
+but the external attention (the split of a mask over cache and block, positions after it), the graph can instead run over
 buffers of a fixed, larger capacity that the cache is copied into, with the number of keys that count
 read on the device. This pass proves that and adds the count as an input.
 
@@ -52,8 +52,12 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
   where the graph, called with ``s0 = C``, reads it. A graph that reads the cache only for such lengths
   (a reuse graph, which has no external attention) reads them from the mask instead
   (``L_mask_.size(-1) - 32``), so its cache needs no copy;
+* or read as positions after the cache, ``torch.arange(s0 + a, s0 + b)`` of an integer dtype (HF's
+  ``cache_position``, computed from the cache's length when no positions are passed): rewritten to
+  ``torch.arange(b - a) + (cached_key_count + a)``, the same positions from the count read on the
+  device (so a graph that reads nothing else of the cache - a reuse graph - takes the count too);
 * the shape environment ties none of them to another expression than ``s0 + c`` (a replacement such as
-  ``s3 = s0 // 16``, from positions over the cache, would size something by the capacity).
+  ``s3 = s0 // 16``, from frame positions over the cache, would size something by the capacity).
 
 So no other node can depend on the length. Run after every other pass (``attention_lse`` nodes gain
 a sixth argument that the other passes do not expect).
@@ -117,6 +121,7 @@ class KeyCountInputs:
 
     padded: list[PaddedInput]
     sizes: list[tuple]
+    positions: int = 0  # positions after the cache the graph now computes from the key count
     _values: dict = field(default_factory=dict, repr=False)  # capacity -> size_values (sympy is slow)
 
     def size_values(self, capacity: int) -> list[tuple[int, int]]:
@@ -319,6 +324,7 @@ def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -
         if not node.users:  # padded where it shares a symbol (a compiled graph may read it from its sizes)
             layout = _buffer_layout(value, dims[0], symbol) if len(dims) == 1 else None
             found.unread[i] = layout and (PaddedInput(i, dims[0], layout[0], unread=True), layout[1])
+            found.env = value.shape[dims[0]].node.shape_env
             continue
         if len(dims) > 1:
             return found, f"cached input {node.name} has {len(dims)} symbolic sizes"
@@ -372,23 +378,98 @@ def _replacements_refused(env, symbols: set) -> str | None:
     return None
 
 
-def _split_reads_refused(lengths: dict, joined: list[_Joined]) -> str | None:
-    """Why the reads of the cached lengths are not only the splits of the inputs over cache and block
-    at their own cached length."""
+def _offset(node, length) -> int | None:
+    """``k`` where ``node`` is ``length + k`` (``length`` itself: 0), else None."""
+    if node is length:
+        return 0
+    if isinstance(node, fx.Node) and node.target is operator.add and not node.kwargs and len(node.args) == 2:
+        a, b = node.args
+        return b if a is length and type(b) is int else a if b is length and type(a) is int else None
+    return None
+
+
+def _positions(node: fx.Node, length: fx.Node, device: torch.device) -> bool:
+    """Whether ``node`` is ``torch.arange(length + a, length + b)`` of an integer dtype on ``device``
+    (the cache's: the count is read there) - positions of the block after the cache: HF's
+    ``cache_position``; ``length`` may be the cached length in frames."""
+    if node.target is not torch.arange or len(node.args) != 2 or set(node.kwargs) - {"device", "dtype"}:
+        return False
+    if getattr(_value(node), "device", None) != device:
+        return False
+    dtype = node.kwargs.get("dtype")
+    start, end = (_offset(a, length) for a in node.args)
+    return (dtype is None or not dtype.is_floating_point and not dtype.is_complex) and None not in (start, end) \
+        and end >= start
+
+
+def _position_reads(user: fx.Node, length: fx.Node, device: torch.device) -> list[tuple] | None:
+    """The positions ``user``, a read of the cached length ``L``, computes - ``(arange call, base, k)``,
+    the call ``arange(base + a, base + b)`` with ``base`` ``L`` (``k`` 1) or ``L // k`` (frames of ``k``
+    tokens) - if that is all it computes; else None."""
+    base, divisor, reads = length, 1, [user]
+    if user.target is operator.floordiv and not user.kwargs and user.args[0] is length and (
+            type(user.args[1]) is int and user.args[1] > 0):
+        base, divisor, reads = user, user.args[1], list(user.users)
+    ends = [end for read in reads for end in (read.users if _offset(read, base) not in (None, 0) else [read])]
+    return [(end, base, divisor) for end in ends] if all(_positions(end, base, device) for end in ends) else None
+
+
+def _length_reads(lengths: dict, joined: list[_Joined], device: torch.device) -> tuple[list[tuple], str | None]:
+    """The positions computed from the cached lengths (see :func:`_position_reads`), if the lengths are
+    read for nothing else but the splits of the inputs over cache and block at their own cached length;
+    else ``([], why not)``."""
     for item in joined:
         for head in item.heads:
             if lengths.get(head.args[3]) != item.symbol:
-                return f"{head.name} reads input {item.name} up to another length than its cached one"
+                return [], f"{head.name} reads input {item.name} up to another length than its cached one"
         for tail in item.tails:
             if lengths.get(tail.args[2]) != item.symbol:
-                return f"{tail.name} reads input {item.name} from another position than its cached length"
+                return [], f"{tail.name} reads input {item.name} from another position than its cached length"
     splits = {(n, 3) for item in joined for n in item.heads} | {(n, 2) for item in joined for n in item.tails}
+    positions = []
     for length in lengths:
         for user in length.users:
             position = next((j for j, a in enumerate(user.args) if a is length), None)
-            if (user, position) not in splits or user.args.count(length) != 1:
-                return f"{user.name} reads a cached length other than to split an input over the cache and the block"
-    return None
+            if (user, position) in splits and user.args.count(length) == 1:
+                continue
+            computed = _position_reads(user, length, device)
+            if computed is None:
+                return [], (f"{user.name} reads a cached length other than as positions after it or to split "
+                            "an input over the cache and the block")
+            positions += computed
+    return list(dict.fromkeys(positions)), None
+
+
+def _positions_from_count(gm: fx.GraphModule, positions: list[tuple], count: fx.Node) -> None:
+    """``arange(L // k + a, L // k + b)`` -> ``arange(b - a) + (count // k + a)``: the positions from the
+    count read on the device, the same whether the cache is padded or not; the reads of ``L`` left
+    unused go."""
+    graph, like = gm.graph, _value(count)
+    for node, base, divisor in positions:
+        start, end = (_offset(a, base) for a in node.args)
+        kwargs = dict(node.kwargs)
+        dtype = kwargs.pop("dtype", None) or torch.int64
+        with graph.inserting_before(node), like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext():
+            offsets = graph.call_function(torch.arange, (end - start,), {**kwargs, "dtype": dtype})
+            offsets.meta["example_value"] = torch.arange(end - start, dtype=dtype, device=like.device)
+            first = count
+            if divisor > 1:
+                first = graph.call_function(operator.floordiv, (count, divisor))
+                first.meta["example_value"] = like // divisor
+            shifted = graph.call_function(operator.add, (offsets, first))
+            shifted.meta["example_value"] = offsets.meta["example_value"] + like
+            if start:
+                shifted = graph.call_function(operator.add, (shifted, start))
+                shifted.meta["example_value"] = offsets.meta["example_value"] + start
+            cast = graph.call_method("to", (shifted, dtype))
+            cast.meta["example_value"] = offsets.meta["example_value"]
+        node.replace_all_uses_with(cast)
+        unused = [node]
+        while unused:
+            dead = unused.pop()
+            if dead.op != "placeholder" and not dead.users and not dead._erased:
+                unused += dead.all_input_nodes
+                graph.erase_node(dead)
 
 
 def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = frozenset()
@@ -402,8 +483,17 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     found, why = _cached_inputs(placeholders, kv, on_cudnn)
     if why is not None:
         return None, why
-    if not found.padded and not found.length_only:
-        return None, None
+    if not found.padded and not found.length_only:  # the cache unread: its length may still reach the graph
+        unread = {i: item for i, item in found.unread.items() if item is not None}
+        symbols = set().union(*(values for _, values in unread.values()))
+        if not any(symbols & _symbols(_value(node)) and node.users
+                   for i, node in enumerate(placeholders) if i not in found.unread):
+            return None, None
+        found.unread = {i: item for i, item in found.unread.items() if i not in unread}
+        for padded, values in unread.values():
+            if (why := found.agree(values)) is not None:
+                return None, why
+            found.padded.append(padded)
     if (why := _pad_unread(found, placeholders) or _replacements_refused(found.env, set(found.symbol_values))):
         return None, why
     symbols, sizes, joined = set(found.symbol_values), [], []
@@ -423,8 +513,12 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
         if why is not None:
             return None, why
         joined.append(item)
-    if (why := _split_reads_refused(found.lengths, joined)) is not None:
+    device = _value(placeholders[next(iter([*(p.index for p in found.padded), *found.length_only]))]).device
+    positions, why = _length_reads(found.lengths, joined, device)
+    if why is not None:
         return None, why
+    if not (found.readers or joined or positions):
+        return None, None
     _lengths_from_joined(gm, placeholders, found.length_only, found.lengths, joined)
     padded = [p for p in found.padded if not p.unread] + [item.padded for item in joined] + \
         [p for p in found.padded if p.unread]
@@ -436,8 +530,9 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     readers = found.readers + [user for item in joined for head in item.heads for user in head.users]
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
+    _positions_from_count(gm, positions, count)
     gm.recompile()
-    return KeyCountInputs(padded, sizes), None
+    return KeyCountInputs(padded, sizes, len(positions)), None
 
 
 def _lengths_from_joined(gm: fx.GraphModule, placeholders: list, length_only: dict, lengths: dict,
