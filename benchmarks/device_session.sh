@@ -86,7 +86,7 @@ for name in "${steps[@]}"; do
             --grid "block_n=32,64 block_k=32,64,128 split_k=1 num_warps=4,8 num_stages=4,5,6" ;;
     moving)  # the forms a moving cache replays from spare capacity with: a mask over cache and block, positions
         step tests_moving 240 python -m pytest -q -p no:cacheprovider -p no:logging --tb=long tests/test_cuda_graphs.py \
-            -k "mask_over or positions_from or video_frame or crop_loop or read_elsewhere"
+            -k "mask_over or positions_from or video_frame or crop_loop or read_elsewhere or sdar"
         step grow_forms 330 python benchmarks/grow_cache.py --context 32k --variants block-ro \
             --settings grown,grown-mask,grown-positions --warmup 4 --blocks 3 --out "$OUT/grow_forms.json" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;

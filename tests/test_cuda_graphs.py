@@ -527,6 +527,46 @@ def test_video_frame_positions_come_from_the_key_count(monkeypatch, shared_compi
     assert "1 position computation(s) from it" in str(fbcompile.explain(graphed))
 
 
+@pytest.mark.parametrize("refresh", ["always", "block"])
+@torch.no_grad()
+def test_sdar_graph_break_runs_from_spare_capacity(monkeypatch, shared_compile_budget, refresh):
+    """SDAR-style remote code concatenates the cache in one graph and attends in the next (a graph break
+    in between), so the attention's graph gets the cache joined with the block, new tensors at every
+    step. The joined keys/values go into buffers of the capacity plus the block (the cache first, the
+    block after the capacity; the cached part copied only when the buffers hold another cache), so the
+    attention graphs replay instead of running uncaptured at every step. Every step's logits equal the
+    model's without CUDA graphs. CPU stand-in for the capture."""
+    import flash_attn_standin
+    from examples import sdar_remote_lm
+
+    flash_attn_standin.register()
+    monkeypatch.setattr(sdar_remote_lm, "flash_attn_func", flash_attn_standin.flash_attn_func)
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    models, logits = [], []
+    for graphs in (True, False):
+        model = fbcompile.optimize(sdar_remote_lm.make_tiny_model(num_layers=2), fbcompile.Config(
+            compiler="eager", refresh=refresh, cuda_graphs=graphs))
+        seen = []
+        model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out))
+        prompt = torch.randint(0, 60, (1, 128), generator=torch.Generator().manual_seed(1))  # caches of 136-148
+        model.generate(prompt, gen_blocks=2, steps=2, commit=lambda model=model: fbcompile.commit(model))
+        fbcompile.reset(model)  # counts from here: the graphs are dynamic in the length by then
+        model.generate(prompt, gen_blocks=5, steps=2, commit=lambda model=model: fbcompile.commit(model))
+        models.append(model)
+        logits.append(seen)
+    for got, expected in zip(*logits, strict=True):
+        assert rel_error(got, expected) < 1e-6
+    graphed, plain = map(fbcompile.stats, models)
+    assert (graphed.refreshes, graphed.reuses) == (plain.refreshes, plain.reuses)
+    counts = graphed.cuda_graphs
+    assert "uncaptured (new cached keys/values)" not in counts and counts.get("replays", 0) > 0, counts
+    notes = [note for graph in fbcompile.explain(models[0]).graphs for note in graph.cuda_graphs.values()]
+    assert any(note.startswith("spare capacity") and "the cache copied" in note for note in notes), notes
+    if refresh == "block":
+        assert any("the block's keys/values copied after the capacity" in note for note in notes), notes
+
+
 def mask_over(context: int, block: int, seed: int, device: str, kind: str = "bool") -> torch.Tensor:
     """A random ``[1, 1, block, context + block]`` attention mask (a fifth of the keys hidden): bool, or
     additive (0 / -inf)."""

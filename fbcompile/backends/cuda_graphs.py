@@ -41,8 +41,10 @@ refresh across calls. Here, per graph:
   block, and in positions after it (:mod:`fbcompile.passes.key_count` proves it and gives the attention
   and the positions a key count read on the device), the graph switches to buffers with spare capacity: from then on each call copies the
   cache into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same
-  tensors, unwritten since, copies nothing; a mask goes into a buffer of the capacity plus the block,
-  the block's keys after the capacity, copied per tensor likewise) and runs over them with the key
+  tensors, unwritten since, copies nothing; a mask, or keys/values an earlier graph joined with the
+  block (SDAR's graph break), go into a buffer of the capacity plus the block, the block's part after
+  the capacity, copied at every call, the cached part only where the buffer holds another) and runs
+  over them with the key
   count, so that one capture serves every length up to the capacity. The capacities are 8 sizes per doubling of the length, at most
   1/8 spare: a cache grown by one block per block is captured again every ~length/8 keys (every 128
   blocks of 32 at 32K keys). Graphs over caches of the same layout share the buffers (an extra
@@ -131,11 +133,12 @@ class SpareBuffers:
         self.layout, self.buffers = layout, buffers
         self.sources: list = [None] * len(buffers)  # the provenance content of each tensor copied in
 
-    def holds(self, i: int, tensor: torch.Tensor) -> bool:
-        """Whether buffer ``i`` holds what ``tensor`` holds now: the same content (:mod:`.provenance`: the
-        same tensor unwritten since the copy, or a view that a ``DynamicCache.crop`` made of its
-        concatenation with a block); an inference tensor, without versions: never."""
-        held, now = self.sources[i], provenance.content(tensor)
+    def holds(self, i: int, tensor: torch.Tensor, prefix: tuple[int, int] | None = None) -> bool:
+        """Whether buffer ``i`` holds what ``tensor`` (``prefix = (dim, length)``: its first ``length``
+        positions) holds now: the same content (:mod:`.provenance`: the same tensor unwritten since the
+        copy, a view that a ``DynamicCache.crop`` made of its concatenation with a block, the cached part of
+        such a concatenation); an inference tensor, without versions: never."""
+        held, now = self.sources[i], provenance.content(tensor, prefix)
         return held is not None and held.version is not None and (held.token, held.version) == (now.token, now.version)
 
 
@@ -262,13 +265,19 @@ class CapturedGraph:
             if self._spare is None:
                 self._spare = SpareBuffers(layout, [self._buffer(p, t, capacity) for p, t in zip(padded, sources)])
                 self.session.spare_buffers[layout] = self._spare
-        copied = [i for i, source in enumerate(sources) if not padded[i].unread and not self._spare.holds(i, source)]
-        for i in copied:  # one copy_ each: see below
-            padded[i].fill(self._spare.buffers[i], sources[i], capacity)
-            self._spare.sources[i] = provenance.content(sources[i])
-        if any(not padded[i].extra for i in copied):
+        copied = []  # one copy_ per part: see below
+        for i, (p, source) in enumerate(zip(padded, sources)):
+            cached = (p.dim, length) if p.extra else None  # an input over cache and block: its cached part
+            if p.unread or not p.cached_read or self._spare.holds(i, source, cached):
+                if p.extra and not p.unread:
+                    p.fill(self._spare.buffers[i], source, capacity, cached=False)  # the block's part
+                continue
+            p.fill(self._spare.buffers[i], source, capacity)
+            self._spare.sources[i] = provenance.content(source, cached)
+            copied.append(p.index)
+        if any(i in self._kv for i in copied):
             self.session.cuda_graph_counts["cache copies into spare capacity"] += 1
-        if any(padded[i].extra for i in copied):
+        if any(i not in self._kv for i in copied):
             self.session.cuda_graph_counts["inputs over cache and block copied into spare capacity"] += 1
         args = list(args)
         for p, buffer in zip(padded, self._spare.buffers):

@@ -34,6 +34,8 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
   no slice or other use: any of them could see the padding), and none of these calls runs on cuDNN
   (:func:`fbcompile.ops.attention_kernel`), which takes no key count (as a bias over the padding it
   loses its 1.5x lead over the Triton kernel: ``benchmarks/results/attention_backends_h200.md``);
+* or is the cache joined with the block by an earlier graph (SDAR's graph break, split where it was
+  joined: :func:`_joined_cache`), then padded to ``C + block`` with the block after the capacity;
 * its length read (``size``) along that axis only to split an input over the cache and the block (below);
 * no other input's sizes, strides or value involve these symbols, except cached inputs the graph does
   not read (they get a buffer of the capacity that nothing reads, one per layout: a compiled graph may
@@ -92,6 +94,8 @@ class PaddedInput:
     strides: tuple
     extra: int = 0
     unread: bool = False  # a cached input the graph receives but reads nothing of: any memory will do
+    joined: bool = False  # keys/values an earlier graph joined with the block (extra: the block's length)
+    cached_read: bool = True  # the graph reads the cached part (a reuse graph reads only the block's)
 
     def layout(self, shape: torch.Size, capacity: int) -> tuple[list[int], list[int]]:
         """Sizes and strides of a buffer of ``capacity + extra`` along :attr:`dim`, laid out as the graph
@@ -104,11 +108,12 @@ class PaddedInput:
         """The cached length ``tensor`` (this input) has."""
         return tensor.shape[self.dim] - self.extra
 
-    def fill(self, buffer: torch.Tensor, tensor: torch.Tensor, capacity: int) -> None:
-        """Copy ``tensor`` into its buffer of ``capacity``: the cached part first, the block's after the
-        capacity."""
+    def fill(self, buffer: torch.Tensor, tensor: torch.Tensor, capacity: int, cached: bool = True) -> None:
+        """Copy ``tensor`` into its buffer of ``capacity``: the cached part first (unless not ``cached``:
+        the buffer holds it), the block's after the capacity."""
         length = self.length(tensor)
-        buffer.narrow(self.dim, 0, length).copy_(tensor.narrow(self.dim, 0, length))
+        if cached:
+            buffer.narrow(self.dim, 0, length).copy_(tensor.narrow(self.dim, 0, length))
         if self.extra:
             buffer.narrow(self.dim, capacity, self.extra).copy_(tensor.narrow(self.dim, length, self.extra))
 
@@ -150,19 +155,20 @@ def _value(node: fx.Node):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
-def _buffer_layout(value: torch.Tensor, dim: int, symbol, extra: int = 0) -> tuple[tuple, dict] | None:
+def _buffer_layout(value: torch.Tensor, dim: int, symbol, extra: int = 0, joined: bool = False
+                   ) -> tuple[tuple, dict] | None:
     """The strides of a dense buffer of ``CAPACITY + extra`` rows along ``dim`` (where ``value`` has
-    ``symbol + extra``), its dimensions in the order of ``value``'s strides, as expressions of the
-    capacity, and the value each symbol of ``value`` then takes - if the graph's strides for ``value`` can
-    be those (a tensor of its own, or a view of the filled part of a larger buffer, whose strides are
-    other symbols); else None."""
+    ``symbol + extra``; ``joined``: ``symbol``, the cache's length and ``extra``), its dimensions in the
+    order of ``value``'s strides, as expressions of the capacity, and the value each symbol of ``value``
+    then takes - if the graph's strides for ``value`` can be those (a tensor of its own, or a view of the
+    filled part of a larger buffer, whose strides are other symbols); else None."""
     hints = [traced_value(s) for s in value.stride()]
     order = sorted(range(value.dim()), key=lambda i: (hints[i], -i))  # innermost first
     dense, step = [0] * value.dim(), sympy.Integer(1)
     for i in order:
         dense[i] = step
         step = step * (CAPACITY + extra if i == dim else _expr(value.shape[i]))
-    values = {symbol: CAPACITY}
+    values = {symbol: CAPACITY + extra if joined else CAPACITY}
     equations = [sympy.Eq(sympy.sympify(_expr(have)).subs(values), want) for have, want in zip(value.stride(), dense)]
     if any(e is sympy.false for e in equations):
         return None
@@ -201,6 +207,44 @@ def _size_read(node: fx.Node, source: fx.Node, dim: int, ndim: int) -> bool:
     args = node.args
     return (not node.kwargs and len(args) == 2 and args[0] is source and isinstance(args[1], int)
             and args[1] % ndim == dim)
+
+
+def _joined_cache(node: fx.Node, dim: int, ndim: int) -> tuple[int, fx.Node | None] | None:
+    """``(block, head)`` if cached input ``node`` is the cache an earlier graph joined with the block
+    (SDAR's graph break), read only as :mod:`fbcompile.passes.split_joined_inputs` splits it::
+
+        size = K.size(dim); n = sym_max(size - block, 0)
+        head, tail = K.narrow(dim, 0, n), K.narrow(dim, n, size - n)
+
+    with the head, if read (a reuse graph reads only the tail), read only as attention keys/values along
+    their key axis. In a buffer of ``C + block`` (the cache at ``[0, n)``, the block at ``[C, C + block)``)
+    and called with ``size = C + block``, the head is ``[0, C)``, which the key count cuts to the cache,
+    and the tail the block."""
+    users = list(node.users)
+    sizes = [u for u in users if _size_read(u, node, dim, ndim)]
+    if len(sizes) != 1 or dim != 2:
+        return None
+    size = sizes[0]
+    narrows = {u.args[2] == 0: u for u in users if op_name(u) == "narrow" and len(u.args) == 4 and not u.kwargs
+               and u.args[0] is node and isinstance(u.args[1], int) and u.args[1] % ndim == dim}
+    head, tail = narrows.get(True), narrows.get(False)
+    if tail is None or len(users) != 1 + len(narrows):
+        return None
+    start, rest = tail.args[2], tail.args[3]
+    less = start.args[0] if isinstance(start, fx.Node) and start.target is torch.sym_max and start.args[1:] == (0,) \
+        else None
+    if not (isinstance(less, fx.Node) and less.target is operator.sub and less.args[0] is size
+            and type(less.args[1]) is int and less.args[1] > 0 and (head is None or head.args[3] is start)
+            and isinstance(rest, fx.Node) and rest.target is operator.sub and rest.args == (size, start)):
+        return None
+    if (set(size.users) != {less, rest} or set(less.users) != {start}
+            or set(start.users) != {tail, rest} | ({head} if head else set()) or set(rest.users) != {tail}):
+        return None
+    if head is not None and not all(
+            u.target is ATTENTION and len(u.args) == 5 and (u.args[1] is head or u.args[2] is head)
+            and all(a is not head for j, a in enumerate(u.args) if j not in (1, 2)) for u in head.users):
+        return None
+    return less.args[1], head
 
 
 def _key_readers(node: fx.Node, dim: int, ndim: int, name: str) -> tuple[list[fx.Node], list[fx.Node], str | None]:
@@ -330,12 +374,19 @@ def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -
             return found, f"cached input {node.name} has {len(dims)} symbolic sizes"
         if not isinstance(symbol, sympy.Symbol):
             return found, f"the length of cached input {node.name} is {symbol}, not a symbol of its own"
-        layout = _buffer_layout(value, dims[0], symbol)
+        joined = _joined_cache(node, dims[0], value.dim())
+        block = joined[0] if joined else 0  # keys/values joined with the block: its length
+        layout = _buffer_layout(value, dims[0], symbol, block, joined=bool(joined))
         if layout is None:
             return found, f"cached input {node.name} has strides a buffer with spare capacity cannot take"
         if (why := found.agree(layout[1])) is not None:
             return found, why
         found.env = value.shape[dims[0]].node.shape_env
+        if joined:
+            reads = list(joined[1].users) if joined[1] is not None else []
+            found.padded.append(PaddedInput(i, dims[0], layout[0], block, joined=True, cached_read=bool(reads)))
+            found.readers += reads
+            continue
         reads, sizes, why = _key_readers(node, dims[0], value.dim(), node.name)
         if why is not None:
             return found, why
@@ -517,8 +568,8 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     positions, why = _length_reads(found.lengths, joined, device)
     if why is not None:
         return None, why
-    if not (found.readers or joined or positions):
-        return None, None
+    if not (found.readers or joined or positions or any(p.joined for p in found.padded)):
+        return None, None  # nothing reads the length
     _lengths_from_joined(gm, placeholders, found.length_only, found.lengths, joined)
     padded = [p for p in found.padded if not p.unread] + [item.padded for item in joined] + \
         [p for p in found.padded if p.unread]
