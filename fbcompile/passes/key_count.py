@@ -42,8 +42,8 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
   take a size from them), integer inputs that are one of them (dynamo passes sizes it saw as such
   inputs), read only as those lengths, and inputs *over the
   cache and the block*: a mask ``[..., s0 + c]`` (the shapes tie its size to ``s0 + c``) that the split
-  reads only as its first ``s0`` and last ``c`` keys, directly or through the split's ``logical_not`` or
-  scaling::
+  reads only as its first ``s0`` and last ``c`` keys, directly or through element-wise ops (``~mask``,
+  the split's ``logical_not``, a scale)::
 
       size = L_past_k_.size(2)
       attention_lse(q, L_past_k_, L_past_v_, L_mask_.narrow(-1, 0, size), ...)   # the head: external
@@ -320,9 +320,9 @@ def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | No
                     joined.tails.append(user)
                     continue
             if args and args[0] is source and not user.kwargs and (
-                    name == "logical_not" and len(args) == 1
-                    or name == "mul" and len(args) == 2 and isinstance(args[1], (int, float))):
-                pending.append(user)  # the split's preparation of a mask: position-wise
+                    name in ("logical_not", "invert", "bitwise_not", "neg") and len(args) == 1
+                    or name in ("mul", "truediv") and len(args) == 2 and isinstance(args[1], (int, float))):
+                pending.append(user)  # a mask made ready (``~mask``, the split's logical_not, a scale): per key
                 continue
             return None, f"{user.name} reads input {node.name} over the cache and the block other than as its split parts"
     for head in joined.heads:
