@@ -112,6 +112,9 @@ class PaddedInput:
         """Copy ``tensor`` into its buffer of ``capacity``: the cached part first (unless not ``cached``:
         the buffer holds it), the block's after the capacity."""
         length = self.length(tensor)
+        for d, stride in enumerate(self.strides):  # dimensions both broadcast: one element each
+            if stride == 0:
+                buffer, tensor = buffer.narrow(d, 0, 1), tensor.narrow(d, 0, 1)
         if cached:
             buffer.narrow(self.dim, 0, length).copy_(tensor.narrow(self.dim, 0, length))
         if self.extra:
@@ -160,12 +163,14 @@ def _buffer_layout(value: torch.Tensor, dim: int, symbol, extra: int = 0, joined
     """The strides of a dense buffer of ``CAPACITY + extra`` rows along ``dim`` (where ``value`` has
     ``symbol + extra``; ``joined``: ``symbol``, the cache's length and ``extra``), its dimensions in the
     order of ``value``'s strides, as expressions of the capacity, and the value each symbol of ``value``
-    then takes - if the graph's strides for ``value`` can be those (a tensor of its own, or a view of the
-    filled part of a larger buffer, whose strides are other symbols); else None."""
+    then takes - if the graph's strides for ``value`` can be those (a tensor of its own, maybe expanded,
+    or a view of the filled part of a larger buffer, whose strides are other symbols); else None."""
     hints = [traced_value(s) for s in value.stride()]
     order = sorted(range(value.dim()), key=lambda i: (hints[i], -i))  # innermost first
     dense, step = [0] * value.dim(), sympy.Integer(1)
     for i in order:
+        if _expr(value.stride()[i]) == 0 and i != dim:  # broadcast (an expanded mask): so is the buffer
+            continue
         dense[i] = step
         step = step * (CAPACITY + extra if i == dim else _expr(value.shape[i]))
     values = {symbol: CAPACITY + extra if joined else CAPACITY}
