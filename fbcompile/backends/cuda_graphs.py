@@ -236,8 +236,9 @@ class CapturedGraph:
         if self.key_count is None:
             return args, False
         lengths = {p.length(args[p.index]) for p in self.key_count.padded}
-        length = max(lengths)  # any count >= the lengths: every key counts
-        padded = self.spare and len(lengths) == 1 and self.uncapturable is None and not torch.is_grad_enabled()
+        length = max(max(lengths), 0)  # any count >= the lengths: every key counts
+        padded = (self.spare and len(lengths) == 1 and min(lengths) >= 0 and self.uncapturable is None
+                  and not torch.is_grad_enabled())  # (a joined input shorter than its block: no cache)
         if padded:
             args = self._into_spare(args, length, spare_capacity(length))
         device = args[self.key_count.padded[0].index].device

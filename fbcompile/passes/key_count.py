@@ -342,7 +342,7 @@ def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | No
 class _CachedInputs:
     """What :func:`add_key_count` found of the cached inputs with a symbolic length."""
 
-    padded: list = field(default_factory=list)         # read by attention: padded and copied
+    padded: list = field(default_factory=list)         # PaddedInput of each cached input to pad
     length_only: dict = field(default_factory=dict)    # index -> symbol: read only for their lengths
     unread: dict = field(default_factory=dict)         # index -> (PaddedInput, symbol values) or None
     symbol_values: dict = field(default_factory=dict)  # symbol -> its value in buffers of CAPACITY
@@ -360,6 +360,8 @@ class _CachedInputs:
 
 
 def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -> tuple[_CachedInputs, str | None]:
+    """How the cached inputs of symbolic length are read (see the module docstring), or why one is read
+    in a way that a padded buffer would show."""
     found = _CachedInputs()
     for i in sorted(kv):
         node = placeholders[i]
@@ -388,11 +390,9 @@ def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -
             return found, why
         found.env = value.shape[dims[0]].node.shape_env
         if joined:
-            reads = list(joined[1].users) if joined[1] is not None else []
-            found.padded.append(PaddedInput(i, dims[0], layout[0], block, joined=True, cached_read=bool(reads)))
-            found.readers += reads
-            continue
-        reads, sizes, why = _key_readers(node, dims[0], value.dim(), node.name)
+            reads, sizes, why = list(joined[1].users) if joined[1] is not None else [], [], None
+        else:
+            reads, sizes, why = _key_readers(node, dims[0], value.dim(), node.name)
         if why is not None:
             return found, why
         cudnn = [r.name for r in reads if r.name in on_cudnn]
@@ -401,7 +401,9 @@ def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -
                            "Triton kernel, slower there)")
         found.lengths.update(dict.fromkeys(sizes, symbol))
         found.readers += reads
-        if reads:
+        if joined:
+            found.padded.append(PaddedInput(i, dims[0], layout[0], block, joined=True, cached_read=bool(reads)))
+        elif reads:
             found.padded.append(PaddedInput(i, dims[0], layout[0]))
         else:
             found.length_only[i] = symbol
