@@ -82,3 +82,39 @@ def test_sparse_reuse_over_every_tile_is_exact_and_refreshes_once_per_block(prom
     assert stats.refreshes == BLOCKS and stats.reuses == BLOCKS * (STEPS - 1), stats
     assert all(row["sparse"].startswith("sparse (") for row in fbcompile.explain(model).rewritten)
     assert stats.sites[-1].sparse_read == 1.0
+
+
+@pytest.mark.parametrize("refresh", ["always", "block"])
+def test_a_padded_batch_runs_from_spare_capacity_under_cuda_graphs(monkeypatch, refresh):
+    """A batch of prompts of different lengths: ``generate`` passes a 4-D mask over cache and canvas to each
+    layer kind (sliding and global). The masks go into spare capacity with the cache, so the graphs over
+    each new cache replay (they ran uncaptured before); the tokens are the original model's in exact mode
+    and the model's without CUDA graphs in block mode. CPU stand-in for the capture."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from test_cuda_graphs import stand_in_record
+
+    from fbcompile.backends import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(1))
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[1, :3] = 0
+
+    def padded_generate(model):
+        torch.manual_seed(5)
+        out = model.generate(ids, attention_mask=padding, max_new_tokens=BLOCKS * CANVAS,
+                             max_denoising_steps=STEPS, do_sample=False)
+        return getattr(out, "sequences", out)
+
+    config = dict(refresh=refresh, compiler="eager")
+    expected = padded_generate(make_model() if refresh == "always" else
+                               fbcompile.optimize(make_model(), fbcompile.Config(**config)))
+    model = fbcompile.optimize(make_model(), fbcompile.Config(cuda_graphs=True, **config))
+    assert torch.equal(padded_generate(model), expected)
+    counts = fbcompile.stats(model).cuda_graphs
+    assert counts.get("switched to spare capacity") and not any(k.startswith("uncaptured (new") for k in counts), counts
+    assert "2 mask(s) over cache and block copied into buffers" in str(fbcompile.explain(model))
