@@ -181,10 +181,11 @@ def _capture_note(key_count, why_not: str | None, joins: list) -> str:
         joined = sum(1 for p in key_count.padded if p.extra and not p.joined)
         cached = any(not p.unread and p.cached_read and (p.joined or not p.extra) for p in key_count.padded)
         block_only = any(p.joined and not p.cached_read for p in key_count.padded)
+        positions = key_count.positions
         parts = [what for what, n in (("the cache copied into buffers", cached),
                                       ("the block's keys/values copied after the capacity", block_only),
                                       (f"{joined} mask(s) over cache and block copied into buffers", joined),
-                                      (f"{key_count.positions} position computation(s) from it", key_count.positions)) if n]
+                                      (f"{positions} position computation(s) from it", positions)) if n]
         note = f"spare capacity: the cached length read on the device ({'; '.join(parts)})"
     elif why_not is not None:
         note = f"uncaptured over each new cache: {why_not}"

@@ -39,19 +39,20 @@ refresh across calls. Here, per graph:
   views of the same memory (a preallocated buffer's filled part), and the graph reads their (symbolic)
   length nowhere but in its external attention, not on cuDNN, where it splits a mask over cache and
   block, and in positions after it (:mod:`fbcompile.passes.key_count` proves it and gives the attention
-  and the positions a key count read on the device), the graph switches to buffers with spare capacity: from then on each call copies the
-  cache into buffers of :func:`spare_capacity` rows (one copy per new cache: a call over the same
-  tensors, unwritten since, copies nothing; a mask, or keys/values an earlier graph joined with the
-  block (SDAR's graph break), go into a buffer of the capacity plus the block, the block's part after
-  the capacity, copied at every call, the cached part only where the buffer holds another) and runs
-  over them with the key
-  count, so that one capture serves every length up to the capacity. The capacities are 8 sizes per doubling of the length, at most
+  and the positions a key count read on the device), the graph switches to buffers with spare
+  capacity: from then on each call copies the cache into buffers of :func:`spare_capacity` rows (one
+  copy per new cache: a call over the same tensors, unwritten since, copies nothing; a mask, or
+  keys/values an earlier graph joined with the block (SDAR's graph break), go into a buffer of the
+  capacity plus the block, the block's part after the capacity, copied at every call, the cached part
+  only where the buffer holds another) and runs over them with the key count, so that one capture
+  serves every length up to the capacity. The capacities are 8 sizes per doubling of the length, at most
   1/8 spare: a cache grown by one block per block is captured again every ~length/8 keys (every 128
   blocks of 32 at 32K keys). Graphs over caches of the same layout share the buffers (an extra
   ~1.1x the cache), freed with the last graph's move to a larger capacity, which also drops the
-  captures that read them. Graphs whose length reaches anything
-  else (frame indices computed from it, a mask read elsewhere) run uncaptured over new caches, counted in
-  ``Stats.cuda_graphs`` as ``"uncaptured (new cached keys/values)"``.
+  captures that read them. Graphs whose length reaches anything else (frame indices computed from it
+  otherwise than as ``arange``, a mask read elsewhere, RoPE applied to the cached keys in the graph)
+  run uncaptured over new caches, counted in ``Stats.cuda_graphs`` as
+  ``"uncaptured (new cached keys/values)"``.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` per dtype), so neither the caller nor the dispatcher's cache holds memory a later
   replay overwrites. A graph that returns a view of one of its inputs is not captured. The user's

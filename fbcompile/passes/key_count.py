@@ -3,9 +3,9 @@
 A cache grown by ``torch.cat`` at every block between calls (``generate`` loops, a cache extended
 outside the model) hands the graph new tensors of a new length each time, so a CUDA graph captured
 over one block's cache could never replay. If the length of the cached keys/values reaches nothing
-but the external attention (the split of a mask over cache and block, positions after it), the graph can instead run over
-buffers of a fixed, larger capacity that the cache is copied into, with the number of keys that count
-read on the device. This pass proves that and adds the count as an input.
+but the external attention (the split of a mask over cache and block, positions after it), the graph
+can instead run over buffers of a fixed, larger capacity that the cache is copied into, with the
+number of keys that count read on the device. This pass proves that and adds the count as an input.
 
 Pattern (dynamo's graph after the split, the cached length a symbol ``s0``)::
 
@@ -309,7 +309,8 @@ def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | No
         return None, refused
     layout = _buffer_layout(value, dim, symbol, int(extra))
     if layout is None or len(layout[1]) > 1:  # not a tensor of its own (a view of a larger one)
-        return None, f"input {node.name} over the cache and the block has strides a buffer with spare capacity cannot take"
+        return None, (f"input {node.name} over the cache and the block has strides a buffer with spare capacity "
+                      "cannot take")
     joined = _Joined(node.name, PaddedInput(index, dim, layout[0], int(extra)), symbol, [], [])
     pending = [node]
     while pending:
@@ -329,7 +330,8 @@ def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | No
                     or name in ("mul", "truediv") and len(args) == 2 and isinstance(args[1], (int, float))):
                 pending.append(user)  # a mask made ready (``~mask``, the split's logical_not, a scale): per key
                 continue
-            return None, f"{user.name} reads input {node.name} over the cache and the block other than as its split parts"
+            return None, (f"{user.name} reads input {node.name} over the cache and the block other than as its "
+                          "split parts")
     for head in joined.heads:
         for user in head.users:
             if not (user.target is ATTENTION and len(user.args) == 5 and user.args[3] is head
@@ -507,7 +509,8 @@ def _positions_from_count(gm: fx.GraphModule, positions: list[tuple], count: fx.
         start, end = (_offset(a, base) for a in node.args)
         kwargs = dict(node.kwargs)
         dtype = kwargs.pop("dtype", None) or torch.int64
-        with graph.inserting_before(node), like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext():
+        fake = like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext()
+        with graph.inserting_before(node), fake:
             offsets = graph.call_function(torch.arange, (end - start,), {**kwargs, "dtype": dtype})
             offsets.meta["example_value"] = torch.arange(end - start, dtype=dtype, device=like.device)
             first = count
