@@ -178,13 +178,13 @@ def _on_cudnn(gm: fx.GraphModule, example_inputs: list) -> frozenset[str]:
 def _capture_note(key_count, why_not: str | None, joins: list) -> str:
     """How a captured graph runs over cached keys/values that are new tensors (``explain`` shows it)."""
     if key_count is not None:
-        joined = sum(1 for p in key_count.padded if p.extra and not p.joined)
+        masks = sum(1 for p in key_count.padded if p.extra and not p.joined)
         cached = any(not p.unread and p.cached_read and (p.joined or not p.extra) for p in key_count.padded)
         block_only = any(p.joined and not p.cached_read for p in key_count.padded)
         positions = key_count.positions
         parts = [what for what, n in (("the cache copied into buffers", cached),
                                       ("the block's keys/values copied after the capacity", block_only),
-                                      (f"{joined} mask(s) over cache and block copied into buffers", joined),
+                                      (f"{masks} mask(s) over cache and block copied into buffers", masks),
                                       (f"{positions} position computation(s) from it", positions)) if n]
         note = f"spare capacity: the cached length read on the device ({'; '.join(parts)})"
     elif why_not is not None:

@@ -281,7 +281,7 @@ def _key_readers(node: fx.Node, dim: int, ndim: int, name: str) -> tuple[list[fx
 
 
 @dataclass
-class _Joined:
+class _SplitInput:
     """An input over the cache and the block: how it is padded, and the narrows that read its head
     (the cached positions) and its tail (the block's)."""
 
@@ -292,7 +292,7 @@ class _Joined:
     tails: list
 
 
-def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | None, str | None]:
+def _split_input(node: fx.Node, index: int, symbols: set) -> tuple[_SplitInput | None, str | None]:
     """``node`` as an input over the cache and the block (see the module docstring), else why not."""
     value = _value(node)
     refused = f"input {node.name} depends on a cached length (its sizes)"
@@ -311,7 +311,7 @@ def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | No
     if layout is None or len(layout[1]) > 1:  # not a tensor of its own (a view of a larger one)
         return None, (f"input {node.name} over the cache and the block has strides a buffer with spare capacity "
                       "cannot take")
-    joined = _Joined(node.name, PaddedInput(index, dim, layout[0], int(extra)), symbol, [], [])
+    split = _SplitInput(node.name, PaddedInput(index, dim, layout[0], int(extra)), symbol, [], [])
     pending = [node]
     while pending:
         source = pending.pop()
@@ -320,10 +320,10 @@ def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | No
             if name == "narrow" and len(args) == 4 and not user.kwargs and args[0] is source and (
                     isinstance(args[1], int) and args[1] % ndim == dim):
                 if args[2] == 0 and isinstance(args[3], fx.Node) and dim == ndim - 1:
-                    joined.heads.append(user)
+                    split.heads.append(user)
                     continue
                 if isinstance(args[2], fx.Node) and args[3] == int(extra):
-                    joined.tails.append(user)
+                    split.tails.append(user)
                     continue
             if args and args[0] is source and not user.kwargs and (
                     name in ("logical_not", "invert", "bitwise_not", "neg") and len(args) == 1
@@ -332,12 +332,12 @@ def _joined_input(node: fx.Node, index: int, symbols: set) -> tuple[_Joined | No
                 continue
             return None, (f"{user.name} reads input {node.name} over the cache and the block other than as its "
                           "split parts")
-    for head in joined.heads:
+    for head in split.heads:
         for user in head.users:
             if not (user.target is ATTENTION and len(user.args) == 5 and user.args[3] is head
                     and all(a is not head for j, a in enumerate(user.args) if j != 3)):
                 return None, f"{user.name} reads the cached part of input {node.name} other than as an attention mask"
-    return joined, None
+    return split, None
 
 
 @dataclass
@@ -474,18 +474,20 @@ def _position_reads(user: fx.Node, length: fx.Node, device: torch.device) -> lis
     return [(end, base, divisor) for end in ends] if all(_positions(end, base, device) for end in ends) else None
 
 
-def _length_reads(lengths: dict, joined: list[_Joined], device: torch.device) -> tuple[list[tuple], str | None]:
+def _length_reads(lengths: dict, split_inputs: list[_SplitInput], device: torch.device
+                  ) -> tuple[list[tuple], str | None]:
     """The positions computed from the cached lengths (see :func:`_position_reads`), if the lengths are
     read for nothing else but the splits of the inputs over cache and block at their own cached length;
     else ``([], why not)``."""
-    for item in joined:
+    for item in split_inputs:
         for head in item.heads:
             if lengths.get(head.args[3]) != item.symbol:
                 return [], f"{head.name} reads input {item.name} up to another length than its cached one"
         for tail in item.tails:
             if lengths.get(tail.args[2]) != item.symbol:
                 return [], f"{tail.name} reads input {item.name} from another position than its cached length"
-    splits = {(n, 3) for item in joined for n in item.heads} | {(n, 2) for item in joined for n in item.tails}
+    splits = {(n, 3) for item in split_inputs for n in item.heads} | \
+        {(n, 2) for item in split_inputs for n in item.tails}
     positions = []
     for length in lengths:
         for user in length.users:
@@ -557,7 +559,7 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
             found.padded.append(padded)
     if (why := _pad_unread(found, placeholders) or _replacements_refused(found.env, set(found.symbol_values))):
         return None, why
-    symbols, sizes, joined = set(found.symbol_values), [], []
+    symbols, sizes, split_inputs = set(found.symbol_values), [], []
     taken = {p.index for p in found.padded} | set(found.length_only)
     for i, node in enumerate(placeholders):
         value = _value(node)
@@ -570,25 +572,25 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
             if node.users:
                 found.lengths[node] = _expr(value)
             continue
-        item, why = _joined_input(node, i, symbols)
+        item, why = _split_input(node, i, symbols)
         if why is not None:
             return None, why
-        joined.append(item)
+        split_inputs.append(item)
     device = _value(placeholders[next(iter([*(p.index for p in found.padded), *found.length_only]))]).device
-    positions, why = _length_reads(found.lengths, joined, device)
+    positions, why = _length_reads(found.lengths, split_inputs, device)
     if why is not None:
         return None, why
-    if not (found.readers or joined or positions or any(p.joined for p in found.padded)):
+    if not (found.readers or split_inputs or positions or any(p.joined for p in found.padded)):
         return None, None  # nothing reads the length
-    _lengths_from_joined(gm, placeholders, found.length_only, found.lengths, joined)
-    padded = [p for p in found.padded if not p.unread] + [item.padded for item in joined] + \
+    _lengths_from_split_inputs(gm, placeholders, found.length_only, found.lengths, split_inputs)
+    padded = [p for p in found.padded if not p.unread] + [item.padded for item in split_inputs] + \
         [p for p in found.padded if p.unread]
     with gm.graph.inserting_after(placeholders[-1]):
         count = gm.graph.placeholder(COUNT_NAME)
     like = _value(placeholders[padded[0].index])
     with like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext():
         count.meta["example_value"] = torch.empty(1, dtype=torch.int32, device=like.device)
-    readers = found.readers + [user for item in joined for head in item.heads for user in head.users]
+    readers = found.readers + [user for item in split_inputs for head in item.heads for user in head.users]
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
     _positions_from_count(gm, positions, count)
@@ -596,8 +598,8 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     return KeyCountInputs(padded, sizes, len(positions)), None
 
 
-def _lengths_from_joined(gm: fx.GraphModule, placeholders: list, length_only: dict, lengths: dict,
-                         joined: list[_Joined]) -> None:
+def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_only: dict, lengths: dict,
+                               split_inputs: list[_SplitInput]) -> None:
     """Read the lengths of the cached inputs read for nothing else from an input over the cache and the
     block (``size - extra``), so that those inputs are not read at all (nor copied)."""
     unread = {placeholders[i] for i in length_only}
@@ -607,7 +609,7 @@ def _lengths_from_joined(gm: fx.GraphModule, placeholders: list, length_only: di
             read = read.args[0]
         if read not in unread:
             continue
-        item = next(j for j in joined if j.symbol == symbol)
+        item = next(j for j in split_inputs if j.symbol == symbol)
         source = placeholders[item.padded.index]
         with gm.graph.inserting_before(length):
             size = gm.graph.call_method("size", (source, item.padded.dim))
