@@ -6,6 +6,7 @@ the capture that re-runs the graph on its recorded inputs (fp32). The CPU fallba
 no graphs) is tested in test_runtime.py."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
@@ -687,6 +688,194 @@ def test_a_mask_read_elsewhere_keeps_the_cache_uncaptured(device, use, why):
     assert ("switched to spare capacity" in counts) == (why is None), counts
     assert ("uncaptured over each new cache" in report) == (why is not None), report
     assert why is None or why in report, report
+
+
+class BuiltMaskAttention(torch.nn.Module):
+    """Attention of a block over ``cat(cache, block)`` under a mask the model builds from the cached length
+    ``L`` (``form``), as HF's ``create_causal_mask`` and block-diffusion models do."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+
+    def forward(self, x, past_k, past_v, padding=None):
+        length, block = past_k.shape[2], x.shape[2]
+        kv = torch.arange(length + block, device=x.device)[None, None, None, :]
+        q = (torch.arange(block, device=x.device) + length)[None, None, :, None]
+        if self.form == "causal":  # HF: kv_idx <= q_idx
+            mask = kv <= q
+        elif self.form == "causal, positions from the length":  # HF's cache_position, also read by the model
+            positions = torch.arange(length, length + block, device=x.device)
+            mask = kv <= positions[None, None, :, None]
+            x = x + positions[None, None, :, None].to(x.dtype) / 64
+        elif self.form == "causal, padding mask":  # HF: and a 2-D padding mask indexed by the key positions
+            batch = torch.arange(x.shape[0], device=x.device)[:, None, None, None]
+            mask = (kv <= q) & padding.bool()[batch, kv]
+        elif self.form == "additive":
+            mask = torch.where(kv <= q, 0.0, float("-inf"))
+        elif self.form == "ones, then sub-blocks":  # SDAR-style: the cache visible, sub-block causal inside
+            inner = torch.arange(block, device=x.device) // 4
+            mask = torch.cat([torch.ones(block, length, dtype=torch.bool, device=x.device),
+                              inner[None, :] <= inner[:, None]], dim=-1)[None, None]
+        elif self.form == "sliding window":  # the cached columns' values move with the length
+            mask = (kv <= q) & (kv > q - 24)
+        elif self.form == "block-causal positions":  # kv // 4 at capacity + j is not at length + j
+            mask = kv // 4 <= q // 4
+        elif self.form == "summed elsewhere":
+            mask = kv <= q
+            x = x + mask.float().mean()
+        k, v = torch.cat([past_k, x], dim=2), torch.cat([past_v, x], dim=2)
+        return torch.nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("form, why", [
+    ("causal", None),
+    ("causal, positions from the length", None),
+    ("causal, padding mask", None),
+    ("additive", None),
+    ("ones, then sub-blocks", None),
+    ("sliding window", "may differ over a padded cache: the cached part of"),
+    ("block-causal positions", "may differ over a padded cache"),
+    ("summed elsewhere", "computed from a cached length, other than as a mask")])
+@torch.no_grad()
+def test_a_mask_built_from_the_cached_length_runs_from_spare_capacity(device, form, why):
+    """A mask the model builds from the cached length (HF's ``create_causal_mask``, with or without a 2-D
+    padding mask of its own length; a cache of ones joined to a block mask) runs over buffers of the
+    capacity where its cached and its block's columns are proved the same at any length
+    (:mod:`fbcompile.passes.length_invariance`); a mask whose columns move with the length (a sliding
+    window, block-causal positions) or that is read elsewhere keeps the graph uncaptured over each new
+    cache, and ``explain`` says why. Every call equals the original model, the padding mask holding
+    zeros in the cached and the block's columns."""
+    reference = BuiltMaskAttention(form)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always",
+                                                                            compiler="eager"))
+    gen = torch.Generator().manual_seed(0)
+    for cache in (20, 28, 33, 34, 35, 36, 37):
+        x, past_k, past_v = (torch.randn(2, 4, n, 16, generator=gen).to(device) for n in (8, cache, cache))
+        padding = (torch.rand(2, cache + 8, generator=gen) > 0.2).long().to(device)
+        padding[:, -1] = 1  # every query sees a key
+        got, expected = graphed(x, past_k, past_v, padding), reference(x, past_k, past_v, padding)
+        assert rel_error(got, expected) < (2e-2 if device == "cuda" else 1e-5), (cache, rel_error(got, expected))
+    counts, report = fbcompile.stats(graphed).cuda_graphs, str(fbcompile.explain(graphed))
+    assert ("switched to spare capacity" in counts) == (why is None), counts
+    assert ("uncaptured over each new cache" in report) == (why is not None), report
+    if why is None:
+        assert counts.get("replays", 0) >= 2 and "proved the same at the capacity" in report, (counts, report)
+    else:
+        assert why in report, report
+
+
+@pytest.mark.parametrize("refresh", ["always", "block"])
+@torch.no_grad()
+def test_sdar_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared_compile_budget, refresh):
+    """The SDAR example builds its mask in the model from the cached length (``cat([ones(c, L),
+    sub-block causal], -1)``): its cached part is ones and its block's part does not involve ``L``, so the
+    graphs run over buffers with spare capacity (before: uncaptured over each new cache). ``generate``'s
+    tokens and every forward's logits equal the model's without CUDA graphs. CPU stand-in for the capture."""
+    from examples import sdar_lm
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    runs = []
+    for graphs in (True, False):
+        model = fbcompile.optimize(sdar_lm.make_tiny_model(num_layers=2).eval(), fbcompile.Config(
+            compiler="eager", refresh=refresh, cuda_graphs=graphs))
+        seen = []
+        model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out[0]))
+        prompt = torch.randint(0, 100, (1, 41), generator=torch.Generator().manual_seed(2))  # caches off the capacities
+        tokens = model.generate(prompt, num_blocks=5)
+        runs.append((model, tokens, seen))
+    (graphed, tokens, seen), (plain, plain_tokens, plain_seen) = runs
+    assert torch.equal(tokens, plain_tokens)
+    for got, expected in zip(seen, plain_seen, strict=True):
+        assert rel_error(got, expected) < 1e-6
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert not any(key.startswith("uncaptured (new") or key.startswith("uncaptured (cached") for key in counts), counts
+    assert counts.get("switched to spare capacity", 0) >= 1 and counts.get("replays", 0) > 0, counts
+    assert "uncaptured over each new cache" not in str(fbcompile.explain(graphed))
+
+
+@pytest.mark.parametrize("mask, positions", [("2-D padding", True), (None, True), (None, False)])
+@torch.no_grad()
+def test_hf_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared_compile_budget, mask, positions):
+    """HF Qwen2 over a ``DynamicCache`` cropped after each denoising step, given a 2-D padding mask (with
+    zeros in the cached and the block's columns) or none, and positions or none: ``create_causal_mask``
+    builds the 4-D mask in the graph from the cached length (and indexes the 2-D mask, an input of its
+    own length, by the key positions). Proved the same at any length, it runs over buffers with spare
+    capacity with the 2-D mask padded as the cache is. Without positions the model computes them from
+    the cached length (``arange(block) + length``, the block length dynamic: the prompt ran through the
+    same graph), and they come from the key count. Every graph replays across blocks (before: the
+    refresh and the commit ran uncaptured over each new cache). Every step's logits equal the model's
+    without CUDA graphs. CPU stand-in for the capture (the model is HF's, on the CPU)."""
+    from test_graph_breaks import CropLoop, _tiny_qwen2
+
+    class PaddedCropLoop(CropLoop):
+        def block(self, steps=3, between=None):
+            n, length = self.length, self.BLOCK
+            pos = torch.arange(n, n + length)[None] if positions else None
+            for step in range(steps + 1):
+                x = torch.randint(0, 64, (1, length), generator=self.gen)
+                padding = None
+                if mask is not None:
+                    padding = torch.ones(1, self.cache.get_seq_length() + length, dtype=torch.long)
+                    padding[0, [3, -2]] = 0
+                with self.commit() if step == steps else contextlib.nullcontext():
+                    out = self.model(x, past_key_values=self.cache, position_ids=pos, attention_mask=padding,
+                                     use_cache=True).logits
+                if step < steps:
+                    self.logits.append(out)
+                    self.cache.crop(-length)
+            self.length += length
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    model, config = _tiny_qwen2(layers=2)
+    plain = copy.deepcopy(model)
+    fbcompile.optimize(model, fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    fbcompile.optimize(plain, fbcompile.Config(compiler="eager"))
+    loops = [PaddedCropLoop(m, config, commit=lambda m=m: fbcompile.commit(m), prompt_len=124) for m in (model, plain)]
+    blocks, steps = 5, 4
+    for block in range(blocks):
+        if block == blocks - 2:
+            before = dict(fbcompile.stats(model).cuda_graphs)
+        for loop in loops:
+            loop.block(steps)
+    for got, expected in zip(*(loop.logits for loop in loops), strict=True):
+        assert rel_error(got, expected) < 1e-6
+    counts = fbcompile.stats(model).cuda_graphs
+    last = {key: n - before.get(key, 0) for key, n in counts.items() if n != before.get(key, 0)}
+    assert not any(key.startswith("uncaptured") for key in last) and last.get("replays") == 2 * (steps + 1), last
+    report = str(fbcompile.explain(model))
+    assert "uncaptured over each new cache" not in report and "proved the same at the capacity" in report, report
+
+
+@torch.no_grad()
+def test_llada_prefix_cache_positions_of_a_dynamic_block_come_from_the_key_count(monkeypatch, shared_compile_budget):
+    """The LLaDA example's prefix cache (Fast-dLLM): each block's later steps run ``x[:, s:]`` against
+    the prefix's keys, so the query length is dynamic too, and the positions ``arange(L, L + q)`` are
+    computed from the cached length with a symbolic ``q``. They come from the key count, and the graph
+    runs over buffers with spare capacity (before: uncaptured over each new cache). ``generate``'s tokens
+    and every forward's logits equal the model's without CUDA graphs. CPU stand-in for the capture."""
+    from examples import llada_lm
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    runs = []
+    for graphs in (True, False):
+        model = fbcompile.optimize(llada_lm.make_tiny_model().eval(), fbcompile.Config(compiler="eager",
+                                                                                      cuda_graphs=graphs))
+        seen = []
+        model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out[0]))
+        prompt = torch.randint(0, 100, (1, 41), generator=torch.Generator().manual_seed(3))  # caches off the capacities
+        runs.append((model, model.generate(prompt, gen_length=64, block_size=16, steps=16, cache="prefix"), seen))
+    (graphed, tokens, seen), (_, plain_tokens, plain_seen) = runs
+    assert torch.equal(tokens, plain_tokens)
+    for got, expected in zip(seen, plain_seen, strict=True):
+        assert rel_error(got, expected) < 1e-6
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert counts.get("switched to spare capacity", 0) >= 1 and "uncaptured (new cached keys/values)" not in counts, counts
+    report = str(fbcompile.explain(graphed))
+    assert "uncaptured over each new cache" not in report and "1 position computation(s) from it" in report, report
 
 
 def test_spare_capacity_sizes():

@@ -185,8 +185,10 @@ def _capture_note(key_count, why_not: str | None, joins: list) -> str:
         parts = [what for what, n in (("the cache copied into buffers", cached),
                                       ("the block's keys/values copied after the capacity", block_only),
                                       (f"{masks} mask(s) over cache and block copied into buffers", masks),
-                                      (f"{positions} position computation(s) from it", positions)) if n]
-        note = f"spare capacity: the cached length read on the device ({'; '.join(parts)})"
+                                      (f"{positions} position computation(s) from it", positions),
+                                      (f"{key_count.masks} mask(s) built in the graph, proved the same at the capacity",
+                                       key_count.masks)) if n]
+        note = "spare capacity: the cached length read on the device" + (f" ({'; '.join(parts)})" if parts else "")
     elif why_not is not None:
         note = f"uncaptured over each new cache: {why_not}"
     else:

@@ -54,6 +54,12 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
   where the graph, called with ``s0 = C``, reads it. A graph that reads the cache only for such lengths
   (a reuse graph, which has no external attention) reads them from the mask instead
   (``L_mask_.size(-1) - 32``), so its cache needs no copy;
+* or read in a mask the graph computes and splits as above (HF's ``create_causal_mask``: ``arange(s0 + c)
+  <= arange(c) + s0``, maybe with a 2-D padding mask indexed by the key positions; a block mask joined to a
+  cached part of ones), whose cached and block's parts :mod:`fbcompile.passes.length_invariance` proves
+  the same at any length: the graph computes it at the capacity. A 2-D padding mask of a length of its own
+  (dynamo does not tie it to ``s0``) that only such a mask reads is taken to be over the cache and the
+  block, padded as above; a call pads it only if its length is the cache's plus ``c``;
 * or read as positions after the cache, ``torch.arange(s0 + a, s0 + b)`` of an integer dtype (HF's
   ``cache_position``, computed from the cache's length when no positions are passed): rewritten to
   ``torch.arange(b - a) + (cached_key_count + a)``, the same positions from the count read on the
@@ -75,6 +81,7 @@ import torch
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import op_name, traced_value
+from fbcompile.passes.length_invariance import LENGTH, MaskEvaluator, Unproved, prove_same_at_any_length
 
 ATTENTION = torch.ops.fbcompile.attention_lse.default
 COUNT_NAME = "cached_key_count"
@@ -130,6 +137,7 @@ class KeyCountInputs:
     padded: list[PaddedInput]
     sizes: list[tuple]
     positions: int = 0  # positions after the cache the graph now computes from the key count
+    masks: int = 0  # masks the graph computes from the cached length, proved the same at the capacity
     _values: dict = field(default_factory=dict, repr=False)  # capacity -> size_values (sympy is slow)
 
     def size_values(self, capacity: int) -> list[tuple[int, int]]:
@@ -155,7 +163,11 @@ def _symbols(value) -> set:
 
 
 def _value(node: fx.Node):
-    return node.meta.get("example_value", node.meta.get("val"))
+    """The node's traced value; for a size read the split added (no trace of its own), the size."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if value is None and node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        return _value(node.args[0]).shape[node.args[1]]
+    return value
 
 
 def _buffer_layout(value: torch.Tensor, dim: int, symbol, extra: int = 0, joined: bool = False
@@ -282,14 +294,16 @@ def _key_readers(node: fx.Node, dim: int, ndim: int, name: str) -> tuple[list[fx
 
 @dataclass
 class _SplitInput:
-    """An input over the cache and the block: how it is padded, and the narrows that read its head
-    (the cached positions) and its tail (the block's)."""
+    """An input over the cache and the block, or a mask the graph computes over them (``padded`` None):
+    how it is padded, the narrows that read its head (the cached positions) and its tail (the block's),
+    and its other reads (an input's: they must compute such a mask, :func:`_computed_masks`)."""
 
     name: str
-    padded: PaddedInput
+    padded: PaddedInput | None
     symbol: object
     heads: list
     tails: list
+    others: list = field(default_factory=list)
 
 
 def _split_input(node: fx.Node, index: int, symbols: set) -> tuple[_SplitInput | None, str | None]:
@@ -330,14 +344,125 @@ def _split_input(node: fx.Node, index: int, symbols: set) -> tuple[_SplitInput |
                     or name in ("mul", "truediv") and len(args) == 2 and isinstance(args[1], (int, float))):
                 pending.append(user)  # a mask made ready (``~mask``, the split's logical_not, a scale): per key
                 continue
-            return None, (f"{user.name} reads input {node.name} over the cache and the block other than as its "
-                          "split parts")
+            split.others.append(user)
+    why = _heads_refused(split)
+    return (None, why) if why else (split, None)
+
+
+def _heads_refused(split: _SplitInput) -> str | None:
+    """Why the cached part of ``split`` reaches anything but attention masks (which take the key count)."""
     for head in split.heads:
         for user in head.users:
             if not (user.target is ATTENTION and len(user.args) == 5 and user.args[3] is head
                     and all(a is not head for j, a in enumerate(user.args) if j != 3)):
-                return None, f"{user.name} reads the cached part of input {node.name} other than as an attention mask"
-    return split, None
+                return f"{user.name} reads the cached part of {split.name} other than as an attention mask"
+    return None
+
+
+def _fresh_inputs(placeholders: list, symbols: set) -> dict:
+    """Inputs sized by a symbol of their own along one dimension, which no other tensor input has (HF's 2-D
+    padding mask: dynamo does not tie its length to the cache's), and the integer inputs that are that
+    symbol: ``input -> (index, dim, symbol, [integer inputs])``. Candidates to be over cache and block."""
+    sized = {}
+    for i, node in enumerate(placeholders):
+        value = _value(node)
+        if isinstance(value, torch.Tensor):
+            for symbol in _symbols(value) - symbols:
+                sized.setdefault(symbol, []).append((i, node))
+    fresh = {}
+    for symbol, holders in sized.items():
+        if len(holders) != 1:
+            continue
+        i, node = holders[0]
+        value = _value(node)
+        dims = [d for d, size in enumerate(value.shape) if not isinstance(_expr(size), (int, sympy.Integer))]
+        if len(dims) == 1 and _expr(value.shape[dims[0]]) == symbol:
+            integers = [n for n in placeholders if isinstance(_value(n), torch.SymInt) and _expr(_value(n)) == symbol]
+            fresh[node] = (i, dims[0], symbol, integers)
+    return fresh
+
+
+def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: list[_SplitInput], device
+                    ) -> tuple[list[_SplitInput], set, list, str | None]:
+    """The masks the graph computes from the cached length and splits into their cached and block's parts
+    (``narrow(mask, -1, 0, L)``, ``narrow(mask, -1, L, c)``) where each part is proved the same at any
+    length (:mod:`fbcompile.passes.length_invariance`), as split inputs of no input of their own, plus the
+    inputs of their own length these masks read (:func:`_fresh_inputs`), taken to be over cache and block
+    (each call pads them only if their length is the cache's plus ``c``); the nodes that compute them
+    (only these read what they read of the length; positions after the cache among them are read
+    elsewhere from the key count); and the integer inputs of those inputs' lengths, ``(index, value)``.
+    Or why one mask is not proved the same."""
+    claimed = {n for item in split_inputs for n in (*item.heads, *item.tails)}
+    sinks = {}
+    for length, symbol in found.lengths.items():
+        for user in length.users:
+            if user in claimed or op_name(user) != "narrow" or len(user.args) != 4 or user.kwargs:
+                continue
+            source, dim, start, size = user.args
+            if isinstance(dim, int) and isinstance(source, fx.Node) and source.op != "placeholder" and (
+                    start == 0 and size is length or start is length and _block_size(size, set(found.symbol_values))):
+                sinks[user] = symbol
+    if not sinks:
+        return [], set(), [], None
+    at_capacity = {s for s, value in found.symbol_values.items() if value == CAPACITY}
+    blocks = {sympy.sympify(_expr(_value(sink.args[0]).shape[sink.args[1]])).subs({s: CAPACITY for s in at_capacity})
+              - CAPACITY for sink in sinks}
+    block = int(next(iter(blocks))) if len(blocks) == 1 and next(iter(blocks)).is_Integer else None
+    fresh = _fresh_inputs(placeholders, set(found.symbol_values)) if block else {}
+    others = {user for item in split_inputs for user in item.others}
+    dependent, pending = set(), [*found.lengths, *others, *fresh]
+    while pending:  # what the cached length or an input over cache and block reaches
+        for user in pending.pop().users:
+            if user not in dependent and user not in sinks:
+                dependent.add(user)
+                pending.append(user)
+    dependent |= others
+    cone, pending = set(), [sink.args[0] for sink in sinks]
+    while pending:
+        node = pending.pop()
+        if node in dependent and node not in cone:
+            cone.add(node)
+            pending += node.all_input_nodes
+    for node in cone:
+        for user in node.users:
+            if user not in cone and user not in sinks and not any(
+                    _positions(node, length, device, set(found.symbol_values)) for length in found.lengths):
+                return [], cone, [], f"{user.name} reads {node.name}, computed from a cached length, other than as a mask"
+    fresh = {node: item for node, item in fresh.items() if set(node.users) & cone}
+    for node, (_, _, _, integers) in fresh.items():
+        for user in [*node.users, *(u for n in integers for u in n.users)]:
+            if user not in cone:
+                return [], cone, [], f"{user.name} reads input {node.name}, read in a mask over cache and block, elsewhere"
+    split = {placeholders[item.padded.index]: (item.padded.dim, item.padded.extra) for item in split_inputs}
+    split.update({node: (dim, block) for node, (_, dim, _, _) in fresh.items()})
+    lengths = {**{s: LENGTH for s in at_capacity}, **{symbol: LENGTH + block for _, _, symbol, _ in fresh.values()}}
+    evaluator = MaskEvaluator(lengths, split, cone)
+    masks = {}
+    for sink, symbol in sinks.items():
+        source = sink.args[0]
+        item = masks.setdefault(source, _SplitInput(source.name, None, symbol, [], []))
+        cached = sink.args[2] == 0
+        (item.heads if cached else item.tails).append(sink)
+        try:
+            if symbol not in at_capacity:
+                raise Unproved(f"{sink.name} splits {source.name} at a length that is not the cache's")
+            prove_same_at_any_length(evaluator, sink, cached)
+        except Unproved as why:
+            return [], cone, [], f"{sink.name} may differ over a padded cache: {why}"
+    for item in masks.values():
+        if (why := _heads_refused(item)) is not None:
+            return [], cone, [], why
+    adopted, sizes = [], []
+    for node, (index, dim, symbol, integers) in fresh.items():
+        layout = _buffer_layout(_value(node), dim, symbol, block, joined=True)
+        if layout is None or len(layout[1]) > 1 or (why := found.agree(layout[1])) is not None:
+            return [], cone, [], (f"input {node.name} over the cache and the block has strides a buffer with spare "
+                                  "capacity cannot take")
+        adopted.append(_SplitInput(node.name, PaddedInput(index, dim, layout[0], block), next(iter(at_capacity)), [], []))
+        sizes += [(placeholders.index(n), CAPACITY + block) for n in integers]
+    if fresh and (why := _replacements_refused(found.env, {symbol for _, _, symbol, _ in fresh.values()})):
+        return [], cone, [], why
+    return list(masks.values()) + adopted, cone, sizes, None
 
 
 @dataclass
@@ -345,7 +470,7 @@ class _CachedInputs:
     """What :func:`add_key_count` found of the cached inputs with a symbolic length."""
 
     padded: list = field(default_factory=list)         # PaddedInput of each cached input to pad
-    length_only: dict = field(default_factory=dict)    # index -> symbol: read only for their lengths
+    length_only: dict = field(default_factory=dict)    # index -> (symbol, PaddedInput): read only for lengths
     unread: dict = field(default_factory=dict)         # index -> (PaddedInput, symbol values) or None
     symbol_values: dict = field(default_factory=dict)  # symbol -> its value in buffers of CAPACITY
     readers: list = field(default_factory=list)        # the attention calls that take the key count
@@ -408,7 +533,7 @@ def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -
         elif reads:
             found.padded.append(PaddedInput(i, dims[0], layout[0]))
         else:
-            found.length_only[i] = symbol
+            found.length_only[i] = (symbol, PaddedInput(i, dims[0], layout[0], unread=True))
     return found, None
 
 
@@ -438,47 +563,69 @@ def _replacements_refused(env, symbols: set) -> str | None:
     return None
 
 
-def _offset(node, length) -> int | None:
-    """``k`` where ``node`` is ``length + k`` (``length`` itself: 0), else None."""
+def _offset(node, length, symbols: set):
+    """``k`` where ``node`` is ``length + k`` (``length`` itself: 0), ``k`` an int or an integer node free of
+    the cached lengths ``symbols`` (a block length dynamo made dynamic), else None."""
     if node is length:
         return 0
     if isinstance(node, fx.Node) and node.target is operator.add and not node.kwargs and len(node.args) == 2:
         a, b = node.args
-        return b if a is length and type(b) is int else a if b is length and type(a) is int else None
+        return b if a is length and _block_size(b, symbols) else a if b is length and _block_size(a, symbols) else None
     return None
 
 
-def _positions(node: fx.Node, length: fx.Node, device: torch.device) -> bool:
-    """Whether ``node`` is ``torch.arange(length + a, length + b)`` of an integer dtype on ``device``
-    (the cache's: the count is read there) - positions of the block after the cache: HF's
-    ``cache_position``; ``length`` may be the cached length in frames."""
+def _block_size(value, symbols: set) -> bool:
+    """Whether ``value`` is an int, or an integer node whose value involves none of ``symbols``."""
+    if type(value) is int:
+        return True
+    size = _value(value) if isinstance(value, fx.Node) else None
+    return isinstance(size, torch.SymInt) and not sympy.sympify(_expr(size)).free_symbols & symbols
+
+
+def _positions(node: fx.Node, length: fx.Node, device: torch.device, symbols: set) -> tuple | None:
+    """``(start, size)`` where ``node`` computes ``size`` positions after ``length + start`` of an integer
+    dtype on ``device`` (the cache's: the count is read there) - positions of the block after the cache,
+    HF's ``cache_position`` (``length`` may be the cached length in frames) - as
+    ``torch.arange(length + a, length + b)`` (``size`` may be a block length node, with ``a`` 0) or
+    ``torch.arange(size) + length``; else None."""
+    value = _value(node)
+    if not (isinstance(value, torch.Tensor) and value.device == device and not value.dtype.is_floating_point
+            and not value.dtype.is_complex and value.dtype != torch.bool):
+        return None
+    if node.target is operator.add and not node.kwargs and len(node.args) == 2 and length in node.args:
+        steps = node.args[1 - node.args.index(length)]
+        if isinstance(steps, fx.Node) and steps.target is torch.arange and len(steps.args) == 1 and (
+                not set(steps.kwargs) - {"device", "dtype"} and _block_size(steps.args[0], symbols)):
+            return 0, steps.args[0]
+        return None
     if node.target is not torch.arange or len(node.args) != 2 or set(node.kwargs) - {"device", "dtype"}:
-        return False
-    if getattr(_value(node), "device", None) != device:
-        return False
-    dtype = node.kwargs.get("dtype")
-    start, end = (_offset(a, length) for a in node.args)
-    return (dtype is None or not dtype.is_floating_point and not dtype.is_complex) and None not in (start, end) \
-        and end >= start
+        return None
+    start, end = (_offset(a, length, symbols) for a in node.args)
+    if type(start) is int and type(end) is int and end >= start:
+        return start, end - start
+    return (0, end) if start == 0 and isinstance(end, fx.Node) else None
 
 
-def _position_reads(user: fx.Node, length: fx.Node, device: torch.device) -> list[tuple] | None:
-    """The positions ``user``, a read of the cached length ``L``, computes - ``(arange call, base, k)``,
-    the call ``arange(base + a, base + b)`` with ``base`` ``L`` (``k`` 1) or ``L // k`` (frames of ``k``
-    tokens) - if that is all it computes; else None."""
+def _position_reads(user: fx.Node, length: fx.Node, device: torch.device, symbols: set) -> list[tuple] | None:
+    """The positions ``user``, a read of the cached length ``L``, computes - ``(node, base, k, start,
+    size)``, ``node`` computing :func:`_positions` after ``base``, ``L`` (``k`` 1) or ``L // k`` (frames of
+    ``k`` tokens) - if that is all it computes; else None."""
     base, divisor, reads = length, 1, [user]
     if user.target is operator.floordiv and not user.kwargs and user.args[0] is length and (
             type(user.args[1]) is int and user.args[1] > 0):
         base, divisor, reads = user, user.args[1], list(user.users)
-    ends = [end for read in reads for end in (read.users if _offset(read, base) not in (None, 0) else [read])]
-    return [(end, base, divisor) for end in ends] if all(_positions(end, base, device) for end in ends) else None
+    ends = [end for read in reads
+            for end in (read.users if _offset(read, base, symbols) not in (None, 0) else [read])]
+    found = [_positions(end, base, device, symbols) for end in ends]
+    return None if None in found else [(end, base, divisor, *where) for end, where in zip(ends, found)]
 
 
-def _length_reads(lengths: dict, split_inputs: list[_SplitInput], device: torch.device
+def _length_reads(lengths: dict, split_inputs: list[_SplitInput], device: torch.device, masks: set, symbols: set
                   ) -> tuple[list[tuple], str | None]:
     """The positions computed from the cached lengths (see :func:`_position_reads`), if the lengths are
-    read for nothing else but the splits of the inputs over cache and block at their own cached length;
-    else ``([], why not)``."""
+    read for nothing else but the splits of the inputs over cache and block at their own cached length
+    and the masks computed from them (``masks``: the nodes that compute them); else ``([], why not)``.
+    ``symbols``: the symbols of the cached lengths."""
     for item in split_inputs:
         for head in item.heads:
             if lengths.get(head.args[3]) != item.symbol:
@@ -494,27 +641,27 @@ def _length_reads(lengths: dict, split_inputs: list[_SplitInput], device: torch.
             position = next((j for j, a in enumerate(user.args) if a is length), None)
             if (user, position) in splits and user.args.count(length) == 1:
                 continue
-            computed = _position_reads(user, length, device)
-            if computed is None:
-                return [], (f"{user.name} reads a cached length other than as positions after it or to split "
-                            "an input over the cache and the block")
-            positions += computed
+            computed = _position_reads(user, length, device, symbols)  # (in a mask, may be read elsewhere)
+            if computed is None and user not in masks:
+                return [], (f"{user.name} reads a cached length other than as positions after it, to split "
+                            "an input over the cache and the block or in a mask proved the same at any length")
+            positions += computed or []
     return list(dict.fromkeys(positions)), None
 
 
-def _positions_from_count(gm: fx.GraphModule, positions: list[tuple], count: fx.Node) -> None:
-    """``arange(L // k + a, L // k + b)`` -> ``arange(b - a) + (count // k + a)``: the positions from the
-    count read on the device, the same whether the cache is padded or not; the reads of ``L`` left
-    unused go."""
+def _positions_from_count(gm: fx.GraphModule, positions: list[tuple], count: fx.Node, masks: set) -> None:
+    """``arange(L // k + a, L // k + b)`` -> ``arange(b - a) + (count // k + a)`` (``arange(s) + L`` ->
+    ``arange(s) + count``): the positions from the count read on the device, the same whether the cache
+    is padded or not; the reads of ``L`` left unused go. The masks computed from the length (``masks``)
+    keep them as they are: they are proved the same at any length."""
     graph, like = gm.graph, _value(count)
-    for node, base, divisor in positions:
-        start, end = (_offset(a, base) for a in node.args)
-        kwargs = dict(node.kwargs)
-        dtype = kwargs.pop("dtype", None) or torch.int64
+    for node, base, divisor, start, size in positions:
+        dtype = _value(node).dtype
         fake = like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext()
         with graph.inserting_before(node), fake:
-            offsets = graph.call_function(torch.arange, (end - start,), {**kwargs, "dtype": dtype})
-            offsets.meta["example_value"] = torch.arange(end - start, dtype=dtype, device=like.device)
+            offsets = graph.call_function(torch.arange, (size,), {"device": like.device, "dtype": dtype})
+            offsets.meta["example_value"] = torch.arange(_value(size) if isinstance(size, fx.Node) else size,
+                                                         dtype=dtype, device=like.device)
             first = count
             if divisor > 1:
                 first = graph.call_function(operator.floordiv, (count, divisor))
@@ -526,7 +673,7 @@ def _positions_from_count(gm: fx.GraphModule, positions: list[tuple], count: fx.
                 shifted.meta["example_value"] = offsets.meta["example_value"] + start
             cast = graph.call_method("to", (shifted, dtype))
             cast.meta["example_value"] = offsets.meta["example_value"]
-        node.replace_all_uses_with(cast)
+        node.replace_all_uses_with(cast, delete_user_cb=lambda user: user not in masks)
         unused = [node]
         while unused:
             dead = unused.pop()
@@ -577,13 +724,26 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
             return None, why
         split_inputs.append(item)
     device = _value(placeholders[next(iter([*(p.index for p in found.padded), *found.length_only]))]).device
-    positions, why = _length_reads(found.lengths, split_inputs, device)
+    computed, cone, fresh_sizes, why = _computed_masks(placeholders, found, split_inputs, device)
     if why is not None:
         return None, why
+    sizes += fresh_sizes
+    for item in split_inputs:
+        for user in item.others:
+            if user not in cone:
+                return None, f"{user.name} reads input {item.name} over the cache and the block other than as its split parts"
+    split_inputs += computed
+    positions, why = _length_reads(found.lengths, split_inputs, device, cone, set(found.symbol_values))
+    if why is not None:
+        return None, why
+    positions = [p for p in positions if any(user not in cone for user in p[0].users)]  # the others: in masks
+    elsewhere = {node for node in cone if any(user not in cone and op_name(user) != "narrow" for user in node.users)}
+    if not elsewhere <= {p[0] for p in positions}:  # positions in a mask the count must serve elsewhere
+        return None, f"{min(elsewhere, key=str).name} is read in a mask and elsewhere, not as positions after the cache"
     if not (found.readers or split_inputs or positions or any(p.joined for p in found.padded)):
         return None, None  # nothing reads the length
-    _lengths_from_split_inputs(gm, placeholders, found.length_only, found.lengths, split_inputs)
-    padded = [p for p in found.padded if not p.unread] + [item.padded for item in split_inputs] + \
+    found.padded += _lengths_from_split_inputs(gm, placeholders, found.length_only, found.lengths, split_inputs)
+    padded = [p for p in found.padded if not p.unread] + [item.padded for item in split_inputs if item.padded] + \
         [p for p in found.padded if p.unread]
     with gm.graph.inserting_after(placeholders[-1]):
         count = gm.graph.placeholder(COUNT_NAME)
@@ -593,23 +753,27 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     readers = found.readers + [user for item in split_inputs for head in item.heads for user in head.users]
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
-    _positions_from_count(gm, positions, count)
+    _positions_from_count(gm, positions, count, cone)
     gm.recompile()
-    return KeyCountInputs(padded, sizes, len(positions)), None
+    return KeyCountInputs(padded, sizes, len(positions), sum(item.padded is None for item in split_inputs)), None
 
 
 def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_only: dict, lengths: dict,
-                               split_inputs: list[_SplitInput]) -> None:
+                               split_inputs: list[_SplitInput]) -> list[PaddedInput]:
     """Read the lengths of the cached inputs read for nothing else from an input over the cache and the
-    block (``size - extra``), so that those inputs are not read at all (nor copied)."""
-    unread = {placeholders[i] for i in length_only}
+    block (``size - extra``), so that those inputs are not read at all (nor copied); where there is no
+    such input, the cached inputs to pass as buffers of the capacity that nothing reads."""
+    unread, sized = {placeholders[i]: i for i in length_only}, {}
     for length, symbol in list(lengths.items()):
         read = length.args[0] if length.op != "placeholder" else None
         while read is not None and read.op != "placeholder":  # through views: see _key_readers
             read = read.args[0]
         if read not in unread:
             continue
-        item = next(j for j in split_inputs if j.symbol == symbol)
+        item = next((j for j in split_inputs if j.symbol == symbol and j.padded is not None), None)
+        if item is None:  # only its size is read
+            sized[read] = length_only[unread[read]][1]
+            continue
         source = placeholders[item.padded.index]
         with gm.graph.inserting_before(length):
             size = gm.graph.call_method("size", (source, item.padded.dim))
@@ -622,3 +786,4 @@ def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_on
         while view.op != "placeholder" and not view.users:  # the views read for nothing else
             view, dead = view.args[0], view
             gm.graph.erase_node(dead)
+    return list(sized.values())
