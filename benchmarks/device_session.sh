@@ -8,7 +8,8 @@
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 480 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
-#   moving      the GPU tests of a moving cache with a mask over cache and block or positions from its length;
+#   moving      the GPU tests of a moving cache with a mask over cache and block (passed in or built from the
+#               length) or positions from its length;
 #               then block mode at 32K grown with each of those forms (benchmarks/grow_cache.py)    (<= 570 s)
 #   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
 #   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
@@ -86,7 +87,7 @@ for name in "${steps[@]}"; do
             --grid "block_n=32,64 block_k=32,64,128 split_k=1 num_warps=4,8 num_stages=4,5,6" ;;
     moving)  # the forms a moving cache replays from spare capacity with: a mask over cache and block, positions
         step tests_moving 240 python -m pytest -q -p no:cacheprovider -p no:logging --tb=long tests/test_cuda_graphs.py \
-            -k "mask_over or positions_from or video_frame or crop_loop or read_elsewhere or sdar"
+            -k "mask_over or positions_from or video_frame or crop_loop or read_elsewhere or sdar or built_from_the_cached"
         step grow_forms 330 python benchmarks/grow_cache.py --context 32k --variants block-ro \
             --settings grown,grown-mask,grown-positions --warmup 4 --blocks 3 --out "$OUT/grow_forms.json" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
