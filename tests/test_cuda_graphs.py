@@ -713,6 +713,8 @@ class BuiltMaskAttention(torch.nn.Module):
             mask = (kv <= q) & padding.bool()[batch, kv]
         elif self.form == "additive":
             mask = torch.where(kv <= q, 0.0, float("-inf"))
+        elif self.form == "additive, by a scale":
+            mask = ~(kv <= q) * -1e9
         elif self.form == "ones, then sub-blocks":  # SDAR-style: the cache visible, sub-block causal inside
             inner = torch.arange(block, device=x.device) // 4
             mask = torch.cat([torch.ones(block, length, dtype=torch.bool, device=x.device),
@@ -733,6 +735,7 @@ class BuiltMaskAttention(torch.nn.Module):
     ("causal, positions from the length", None),
     ("causal, padding mask", None),
     ("additive", None),
+    ("additive, by a scale", None),
     ("ones, then sub-blocks", None),
     ("sliding window", "may differ over a padded cache: the cached part of"),
     ("block-causal positions", "may differ over a padded cache"),

@@ -449,6 +449,8 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
             prove_same_at_any_length(evaluator, sink, cached)
         except Unproved as why:
             return [], cone, [], f"{sink.name} may differ over a padded cache: {why}"
+        except (TypeError, ValueError, AttributeError) as error:  # a form the symbols cannot carry: unproved
+            return [], cone, [], f"{sink.name} may differ over a padded cache: not followed ({type(error).__name__})"
     for item in masks.values():
         if (why := _heads_refused(item)) is not None:
             return [], cone, [], why

@@ -124,6 +124,12 @@ _LOGICAL = {"and_": sympy.And, "logical_and": sympy.And, "bitwise_and": sympy.An
 _NOT = ("invert", "logical_not", "bitwise_not")
 
 
+def _number(value):
+    """A boolean element as the number arithmetic on it sees (a bool mask times a scale)."""
+    boolean = (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction, sympy.logic.boolalg.BooleanAtom)
+    return sympy.Piecewise((1, value), (0, True)) if isinstance(value, boolean) else value  # (a Symbol is Boolean too)
+
+
 def _value(node):
     return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
 
@@ -214,7 +220,7 @@ class MaskEvaluator:
                 return _Elements(shape, lambda index: _LOGICAL[name](a(index), b(index)))
             if value.dtype == torch.bool or value.dtype.is_floating_point and name == "floordiv":
                 raise Unproved(f"{node.name} ({name}) on {value.dtype}")
-            return _Elements(shape, lambda index: _ARITHMETIC[name](a(index), b(index)))
+            return _Elements(shape, lambda index: _ARITHMETIC[name](_number(a(index)), _number(b(index))))
         if name in _NOT or name == "neg":
             a = self._broadcast(args[0], shape)
             if name in _NOT and value.dtype != torch.bool:
@@ -252,7 +258,9 @@ class MaskEvaluator:
                 logical = column - LENGTH + CACHED
             else:
                 raise Unproved(f"{node.name} is read at a column ({column}) not proved to be its cached or block part")
-            return sympy.Eq(function(*index[:dim], logical, *index[dim + 1:]), 1)
+            element = function(*index[:dim], logical, *index[dim + 1:])
+            return sympy.Eq(element, 1) if boolean else element
+        boolean = _value(node).dtype == torch.bool
         return _Elements(shape, at)
 
     def _converted(self, node: fx.Node, shape: tuple) -> _Elements:
@@ -263,7 +271,7 @@ class MaskEvaluator:
         if after == torch.bool:
             return _Elements(shape, lambda index: sympy.Ne(source.at(index), 0) if before != torch.bool else source.at(index))
         if before == torch.bool:
-            return _Elements(shape, lambda index: sympy.Piecewise((1, source.at(index)), (0, True)))
+            return _Elements(shape, lambda index: _number(source.at(index)))
         function = sympy.Function(f"as_{str(after).removeprefix('torch.')}")
         return _Elements(shape, lambda index: function(source.at(index)))
 
