@@ -137,23 +137,27 @@ def test_the_proof_decides_the_forms_models_use():
     assert list(proved.values()) == [(True, True), (True, True), (True, True), (False, True), (False, False)], proved
 
 
-@settings(max_examples=300, deadline=None)
-@given(coefficients=st.tuples(*[st.integers(-2, 2)] * 3), constant=st.integers(-4, 4), cached=st.booleans(),
+@settings(max_examples=400, deadline=None)
+@given(coefficients=st.tuples(*[st.integers(-2, 2)] * 4), constant=st.integers(-4, 4), cached=st.booleans(),
+       dynamic=st.booleans(),
        compare=st.sampled_from([operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne]))
-def test_a_decided_comparison_holds_or_fails_at_every_length(coefficients, constant, cached, compare):
-    """Where the proof decides ``a*L + b*column + c*i + constant`` against 0 over the cached columns
-    (``k < n <= L``) or the block's (``L + j``), the comparison holds (or fails) at every length, column
-    and index: checked by enumerating them."""
-    index = sympy.Symbol("i0", integer=True)
-    a, b, c = coefficients
+def test_a_decided_comparison_holds_or_fails_at_every_length(coefficients, constant, cached, dynamic, compare):
+    """Where the proof decides ``a*L + b*column + c*i + d*size + constant`` against 0 over the cached
+    columns (``k < n <= L``) or the block's (``L + j``), with the block's length and the index's range
+    ``[0, size)`` fixed (4) or dynamic (a symbol), the comparison holds (or fails) at every length,
+    column, index and size: checked by enumerating them."""
+    index, size = sympy.Symbol("i0", integer=True), sympy.Symbol("s9", integer=True)
+    a, b, c, d = coefficients
     column = length_invariance._KEY if cached else LENGTH + length_invariance._BLOCK
-    region = length_invariance._region(cached, {index: 3, **({} if cached else {length_invariance._BLOCK: 3})})
-    decided = length_invariance._compare(compare, a * LENGTH + b * column + c * index + constant, 0, region)
+    top = size - 1 if dynamic else 3
+    region = length_invariance._region(cached, {index: top, **({} if cached else {length_invariance._BLOCK: top})})
+    expr = a * LENGTH + b * column + c * index + (d * size if dynamic else 0) + constant
+    decided = length_invariance._compare(compare, expr, 0, region)
     if decided not in (sympy.true, sympy.false):
         return
-    for n, spare, i, position in itertools.product(range(1, 7), range(5), range(4), range(6 if cached else 4)):
-        if cached and position >= n:
-            continue
-        length = n + spare
-        value = a * length + b * (position if cached else length + position) + c * i + constant
-        assert compare(value, 0) == bool(decided), (n, length, i, position, value)
+    for n, spare, extent in itertools.product(range(1, 7), range(5), range(1, 5) if dynamic else [4]):
+        for i, position in itertools.product(range(extent), range(n) if cached else range(extent)):
+            length = n + spare
+            value = a * length + b * (position if cached else length + position) + c * i + \
+                (d * extent if dynamic else 0) + constant
+            assert compare(value, 0) == bool(decided), (n, length, extent, i, position, value)

@@ -32,6 +32,7 @@ the element is the same at every length if ``L`` is gone from the result. Ops ou
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -73,21 +74,38 @@ class _Region:
 def _region(cached: bool, indices: dict) -> _Region:
     """Cached columns (``k`` with ``n = k + 1 + u``) or the block's (``L + j``), both ``L = n + w``."""
     cached_length = _KEY + 1 + _REST if cached else _REST
-    bounds = {_SPARE: None, _REST: None, **({_KEY: None} if cached else {}), **indices}
+    bounds = {_SPARE: None, _REST: None, **({_KEY: None} if cached else {}),
+              **{symbol: None if top is None else sympy.sympify(top) for symbol, top in indices.items()}}
     return _Region({LENGTH: CACHED + _SPARE, CACHED: cached_length}, bounds)
 
 
 def _range(expr, region: _Region) -> tuple | None:
-    """``(low, high)`` of ``expr`` over the region (None: not affine in its symbols)."""
+    """``(low, high)`` of ``expr`` over the region (None: not affine in its symbols). An index bounded by
+    a dynamic size (``j < c``, the block's length a symbol) is taken at both ends of its range (the
+    extremes of an affine function), the size itself at least 1 (the element exists)."""
     expr = sympy.expand(sympy.sympify(expr).subs(LENGTH, region.substitutions[LENGTH]).subs(region.substitutions))
-    if not expr.free_symbols <= set(region.bounds):
+    dynamic = {symbol: top for symbol, top in region.bounds.items() if top is not None and top.free_symbols}
+    sizes = set().union(*(top.free_symbols for top in dynamic.values())) - set(region.bounds)
+    if not expr.free_symbols <= set(region.bounds) | sizes:
         return None
+    low, high = sympy.oo, -sympy.oo
+    for ends in itertools.product(*[(0, top) for top in dynamic.values()]):
+        corner = sympy.expand(expr.subs(dict(zip(dynamic, ends))).subs({s: s + 1 for s in sizes}))
+        span = _affine_range(corner, {**region.bounds, **dict.fromkeys([*dynamic, *sizes])})
+        if span is None:
+            return None
+        low, high = min(low, span[0]), max(high, span[1])
+    return low, high
+
+
+def _affine_range(expr, bounds: dict) -> tuple | None:
+    """``(low, high)`` of ``expr``, each symbol in ``[0, its bound]`` (None: unbounded)."""
     coefficients = {symbol: expr.coeff(symbol) for symbol in expr.free_symbols}
     low = high = expr - sum(c * s for s, c in coefficients.items())
     if low.free_symbols or not all(c.is_number for c in coefficients.values()):
         return None  # a product or a floor of the symbols
-    for symbol, coefficient in coefficients.items():  # each symbol in [0, its bound]
-        top = region.bounds[symbol]
+    for symbol, coefficient in coefficients.items():
+        top = bounds[symbol]
         reach = coefficient * top if top is not None else sympy.oo if coefficient > 0 else -sympy.oo
         low, high = low + min(0, reach), high + max(0, reach)
     return low, high
@@ -352,13 +370,13 @@ def prove_same_at_any_length(evaluator: MaskEvaluator, narrow: fx.Node, cached: 
         if d != dim:
             if size.has(LENGTH):
                 raise Unproved(f"{source.name} has another dimension sized by the cached length")
-            bounds[indices[d]] = None if size.free_symbols else size - 1  # (a dynamic size: unbounded)
+            bounds[indices[d]] = size - 1
     indices[dim] = _KEY if cached else LENGTH + _BLOCK
     if not cached:
         block = sympy.expand(shape[dim] - LENGTH)
         if block.has(LENGTH):
             raise Unproved(f"{source.name} is not sized as the cache and a block")
-        bounds[_BLOCK] = None if block.free_symbols else block - 1
+        bounds[_BLOCK] = block - 1
     evaluator.region = _region(cached, bounds)
     element = evaluator.tensor(source).at(tuple(indices))
     if element.subs(LENGTH, CACHED + _SPARE).has(_SPARE):
