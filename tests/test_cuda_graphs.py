@@ -798,18 +798,20 @@ def test_sdar_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shar
     assert "uncaptured over each new cache" not in str(fbcompile.explain(graphed))
 
 
-@pytest.mark.parametrize("mask, positions", [("2-D padding", True), (None, True), (None, False)])
+@pytest.mark.parametrize("mask, positions", [("2-D padding", True), ("2-D padding", False), (None, True),
+                                             (None, False), ("4-D", False)])
 @torch.no_grad()
 def test_hf_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared_compile_budget, mask, positions):
     """HF Qwen2 over a ``DynamicCache`` cropped after each denoising step, given a 2-D padding mask (with
-    zeros in the cached and the block's columns) or none, and positions or none: ``create_causal_mask``
-    builds the 4-D mask in the graph from the cached length (and indexes the 2-D mask, an input of its
-    own length, by the key positions). Proved the same at any length, it runs over buffers with spare
-    capacity with the 2-D mask padded as the cache is. Without positions the model computes them from
-    the cached length (``arange(block) + length``, the block length dynamic: the prompt ran through the
-    same graph), and they come from the key count. Every graph replays across blocks (before: the
-    refresh and the commit ran uncaptured over each new cache). Every step's logits equal the model's
-    without CUDA graphs. CPU stand-in for the capture (the model is HF's, on the CPU)."""
+    zeros in the cached and the block's columns), a 4-D mask or none, and positions or none. Without a
+    4-D mask ``create_causal_mask`` builds one in the graph from the cached length (and indexes the 2-D
+    mask, an input of its own length, by the key positions); proved the same at any length, it runs over
+    buffers with spare capacity with the 2-D mask padded as the cache is. Without positions the model
+    computes them from the cached length (``arange(block) + length``) and they come from the key count;
+    the block's length is then dynamic (the prompt ran through the same graph), and the masks' buffers
+    take it at each call. Every graph replays across blocks (before: the refresh and the commit ran
+    uncaptured over each new cache). Every step's logits equal the model's without CUDA graphs. CPU
+    stand-in for the capture (the model is HF's, on the CPU)."""
     from test_graph_breaks import CropLoop, _tiny_qwen2
 
     class PaddedCropLoop(CropLoop):
@@ -819,9 +821,12 @@ def test_hf_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared
             for step in range(steps + 1):
                 x = torch.randint(0, 64, (1, length), generator=self.gen)
                 padding = None
-                if mask is not None:
+                if mask == "2-D padding":
                     padding = torch.ones(1, self.cache.get_seq_length() + length, dtype=torch.long)
                     padding[0, [3, -2]] = 0
+                elif mask == "4-D":
+                    padding = torch.rand(1, 1, length, self.cache.get_seq_length() + length, generator=self.gen) > 0.2
+                    padding[..., -1] = True
                 with self.commit() if step == steps else contextlib.nullcontext():
                     out = self.model(x, past_key_values=self.cache, position_ids=pos, attention_mask=padding,
                                      use_cache=True).logits
@@ -849,7 +854,8 @@ def test_hf_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared
     last = {key: n - before.get(key, 0) for key, n in counts.items() if n != before.get(key, 0)}
     assert not any(key.startswith("uncaptured") for key in last) and last.get("replays") == 2 * (steps + 1), last
     report = str(fbcompile.explain(model))
-    assert "uncaptured over each new cache" not in report and "proved the same at the capacity" in report, report
+    assert "uncaptured over each new cache" not in report, report
+    assert ("proved the same at the capacity" in report) == (mask != "4-D"), report
 
 
 @torch.no_grad()

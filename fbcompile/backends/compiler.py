@@ -132,8 +132,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         joins = hoist_cache_cats(captured, kv)
         key_count, why_not = add_key_count(captured, kv, _on_cudnn(captured, example_inputs))
         if key_count is not None:
-            first = example_inputs[key_count.padded[0].index]
-            length = key_count.padded[0].length(first)
+            cached = next(p for p in key_count.padded if isinstance(p.extra, int))  # (not a dynamic block's)
+            first = example_inputs[cached.index]
+            length = cached.length(first)
             example_inputs = [*example_inputs, torch.full((1,), length, dtype=torch.int32, device=first.device)]
         elif why_not is not None:
             log.info("no spare capacity for the cached keys/values: %s", why_not)
@@ -178,8 +179,8 @@ def _on_cudnn(gm: fx.GraphModule, example_inputs: list) -> frozenset[str]:
 def _capture_note(key_count, why_not: str | None, joins: list) -> str:
     """How a captured graph runs over cached keys/values that are new tensors (``explain`` shows it)."""
     if key_count is not None:
-        masks = sum(1 for p in key_count.padded if p.extra and not p.joined)
-        cached = any(not p.unread and p.cached_read and (p.joined or not p.extra) for p in key_count.padded)
+        masks = sum(1 for p in key_count.padded if p.extra != 0 and not p.joined)
+        cached = any(not p.unread and p.cached_read and (p.joined or p.extra == 0) for p in key_count.padded)
         block_only = any(p.joined and not p.cached_read for p in key_count.padded)
         positions = key_count.positions
         parts = [what for what, n in (("the cache copied into buffers", cached),

@@ -236,25 +236,26 @@ class CapturedGraph:
         whether they were."""
         if self.key_count is None:
             return args, False
-        lengths = {p.length(args[p.index]) for p in self.key_count.padded}
+        key_count = self.key_count.resolve(args)
+        lengths = {p.length(args[p.index]) for p in key_count.padded}
         length = max(max(lengths), 0)  # any count >= the lengths: every key counts
         padded = (self.spare and len(lengths) == 1 and min(lengths) >= 0 and self.uncapturable is None
                   and not torch.is_grad_enabled())  # (a joined input shorter than its block: no cache)
         if padded:
-            args = self._into_spare(args, length, spare_capacity(length))
-        device = args[self.key_count.padded[0].index].device
+            args = self._into_spare(args, key_count, length, spare_capacity(length))
+        device = args[key_count.padded[0].index].device
         if self._count is None or self._count[0] != (length, device):  # the graphs only read it
             self._count = ((length, device), torch.full((1,), length, dtype=torch.int32, device=device))
         return (*args, self._count[1]), padded
 
-    def _into_spare(self, args, length: int, capacity: int) -> tuple:
+    def _into_spare(self, args, key_count, length: int, capacity: int) -> tuple:
         """``args`` with the cached keys/values and the inputs over cache and block in buffers of
         ``capacity`` (each copied unless its buffer holds its content already) and the integer inputs of
         their sizes and strides set for it.
 
         One ``copy_`` per tensor: on the H200 it copies at 3.8-4.2 TB/s where one ``_foreach_copy_`` into
         the (strided) narrowed buffers reached 2.7-2.9 (``benchmarks/results/spare_copy_h200.md``)."""
-        padded = self.key_count.padded
+        padded = key_count.padded
         sources = [args[p.index] for p in padded]
         layout = (capacity, tuple((p.dim, p.extra, p.unread, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
                                   for p, t in zip(padded, sources)))  # buffer strides follow from these
@@ -284,7 +285,7 @@ class CapturedGraph:
         args = list(args)
         for p, buffer in zip(padded, self._spare.buffers):
             args[p.index] = buffer
-        for i, value in self.key_count.size_values(capacity):
+        for i, value in key_count.size_values(capacity):
             args[i] = value
         return tuple(args)
 

@@ -73,6 +73,7 @@ a sixth argument that the other passes do not expect).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 from dataclasses import dataclass, field
 
@@ -94,12 +95,13 @@ CAPACITY = sympy.Symbol("capacity", integer=True, positive=True)
 class PaddedInput:
     """A cached key/value input (``extra`` 0) or an input over the cache and ``extra`` block positions: its
     argument index, the dimension of its length and the strides of its buffer as expressions of
-    :data:`CAPACITY`."""
+    :data:`CAPACITY` (and of the block's length where it is dynamic: ``extra`` a symbol, which
+    :meth:`KeyCountInputs.resolve` binds at each call)."""
 
     index: int
     dim: int
     strides: tuple
-    extra: int = 0
+    extra: int | sympy.Expr = 0
     unread: bool = False  # a cached input the graph receives but reads nothing of: any memory will do
     joined: bool = False  # keys/values an earlier graph joined with the block (extra: the block's length)
     cached_read: bool = True  # the graph reads the cached part (a reuse graph reads only the block's)
@@ -138,7 +140,23 @@ class KeyCountInputs:
     sizes: list[tuple]
     positions: int = 0  # positions after the cache the graph now computes from the key count
     masks: int = 0  # masks the graph computes from the cached length, proved the same at the capacity
+    blocks: dict = field(default_factory=dict)  # dynamic block length -> (argument, its dim or None: an int)
     _values: dict = field(default_factory=dict, repr=False)  # capacity -> size_values (sympy is slow)
+    _bound: dict = field(default_factory=dict, repr=False)  # block lengths -> resolve()
+
+    def resolve(self, args) -> "KeyCountInputs":
+        """These inputs with the dynamic block lengths of this call (``args``) bound: ints, not symbols."""
+        if not self.blocks:
+            return self
+        values = {symbol: int(args[i] if dim is None else args[i].shape[dim]) for symbol, (i, dim) in self.blocks.items()}
+        key = tuple(values.values())
+        if key not in self._bound:
+            bind = lambda expr: sympy.sympify(expr).subs(values)  # noqa: E731
+            padded = [dataclasses.replace(p, extra=int(bind(p.extra)), strides=tuple(bind(s) for s in p.strides))
+                      for p in self.padded]
+            self._bound[key] = KeyCountInputs(padded, [(i, bind(expr)) for i, expr in self.sizes], self.positions,
+                                              self.masks)
+        return self._bound[key]
 
     def size_values(self, capacity: int) -> list[tuple[int, int]]:
         """``(index, value)`` of the integer inputs for buffers of ``capacity``."""
@@ -189,7 +207,8 @@ def _buffer_layout(value: torch.Tensor, dim: int, symbol, extra: int = 0, joined
     equations = [sympy.Eq(sympy.sympify(_expr(have)).subs(values), want) for have, want in zip(value.stride(), dense)]
     if any(e is sympy.false for e in equations):
         return None
-    others = sorted(_symbols(value) - set(values), key=str)
+    sized = set().union(*(sympy.sympify(_expr(s)).free_symbols for s in value.shape))
+    others = sorted(_symbols(value) - set(values) - sized, key=str)  # a view's strides: symbols of their own
     if others:
         solved = sympy.solve([e for e in equations if e is not sympy.true], others, dict=True)
         if len(solved) != 1 or set(solved[0]) != set(others):
@@ -310,22 +329,23 @@ def _split_input(node: fx.Node, index: int, symbols: set) -> tuple[_SplitInput |
     """``node`` as an input over the cache and the block (see the module docstring), else why not."""
     value = _value(node)
     refused = f"input {node.name} depends on a cached length (its sizes)"
-    dims = [d for d, size in enumerate(value.shape) if not isinstance(_expr(size), (int, sympy.Integer))]
+    dims = [d for d, size in enumerate(value.shape) if sympy.sympify(_expr(size)).free_symbols & symbols]
     if len(dims) != 1:
         return None, refused
     dim, ndim = dims[0], value.dim()
     expr = sympy.sympify(_expr(value.shape[dim]))
-    if len(expr.free_symbols) != 1 or not expr.free_symbols <= symbols:
+    cached = expr.free_symbols & symbols
+    if len(cached) != 1:
         return None, refused
-    symbol = next(iter(expr.free_symbols))
-    extra = expr - symbol
-    if not (extra.is_Integer and extra > 0):
+    symbol = next(iter(cached))
+    extra = _block_length(expr - symbol)
+    if extra is None:
         return None, refused
-    layout = _buffer_layout(value, dim, symbol, int(extra))
+    layout = _buffer_layout(value, dim, symbol, extra)
     if layout is None or len(layout[1]) > 1:  # not a tensor of its own (a view of a larger one)
         return None, (f"input {node.name} over the cache and the block has strides a buffer with spare capacity "
                       "cannot take")
-    split = _SplitInput(node.name, PaddedInput(index, dim, layout[0], int(extra)), symbol, [], [])
+    split = _SplitInput(node.name, PaddedInput(index, dim, layout[0], extra), symbol, [], [])
     pending = [node]
     while pending:
         source = pending.pop()
@@ -336,7 +356,7 @@ def _split_input(node: fx.Node, index: int, symbols: set) -> tuple[_SplitInput |
                 if args[2] == 0 and isinstance(args[3], fx.Node) and dim == ndim - 1:
                     split.heads.append(user)
                     continue
-                if isinstance(args[2], fx.Node) and args[3] == int(extra):
+                if isinstance(args[2], fx.Node) and _is_block_length(args[3], extra):
                     split.tails.append(user)
                     continue
             if args and args[0] is source and not user.kwargs and (
@@ -347,6 +367,21 @@ def _split_input(node: fx.Node, index: int, symbols: set) -> tuple[_SplitInput |
             split.others.append(user)
     why = _heads_refused(split)
     return (None, why) if why else (split, None)
+
+
+def _block_length(extra) -> int | sympy.Symbol | None:
+    """The block's length an input over cache and block has past the cache's (``size - cached length``):
+    a positive int, or a symbol where dynamo made the block's length dynamic; else None."""
+    extra = sympy.sympify(extra)
+    return int(extra) if extra.is_Integer and extra > 0 else extra if extra.is_Symbol else None
+
+
+def _is_block_length(size, extra) -> bool:
+    """Whether ``size`` (a narrow's length: an int or a node) is ``extra``."""
+    if isinstance(size, fx.Node):
+        value = _value(size)
+        return isinstance(value, torch.SymInt) and sympy.sympify(_expr(value)) == extra
+    return type(size) is int and size == extra
 
 
 def _heads_refused(split: _SplitInput) -> str | None:
@@ -407,8 +442,8 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
     at_capacity = {s for s, value in found.symbol_values.items() if value == CAPACITY}
     blocks = {sympy.sympify(_expr(_value(sink.args[0]).shape[sink.args[1]])).subs({s: CAPACITY for s in at_capacity})
               - CAPACITY for sink in sinks}
-    block = int(next(iter(blocks))) if len(blocks) == 1 and next(iter(blocks)).is_Integer else None
-    fresh = _fresh_inputs(placeholders, set(found.symbol_values)) if block else {}
+    block = _block_length(next(iter(blocks))) if len(blocks) == 1 else None
+    fresh = _fresh_inputs(placeholders, set(found.symbol_values)) if block is not None else {}
     others = {user for item in split_inputs for user in item.others}
     dependent, pending = set(), [*found.lengths, *others, *fresh]
     while pending:  # what the cached length or an input over cache and block reaches
@@ -747,6 +782,9 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     found.padded += _lengths_from_split_inputs(gm, placeholders, found.length_only, found.lengths, split_inputs)
     padded = [p for p in found.padded if not p.unread] + [item.padded for item in split_inputs if item.padded] + \
         [p for p in found.padded if p.unread]
+    blocks, why = _block_sources(placeholders, padded, sizes)
+    if why is not None:
+        return None, why
     with gm.graph.inserting_after(placeholders[-1]):
         count = gm.graph.placeholder(COUNT_NAME)
     like = _value(placeholders[padded[0].index])
@@ -757,7 +795,30 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
         reader.args = (*reader.args, count)
     _positions_from_count(gm, positions, count, cone)
     gm.recompile()
-    return KeyCountInputs(padded, sizes, len(positions), sum(item.padded is None for item in split_inputs)), None
+    return KeyCountInputs(padded, sizes, len(positions), sum(item.padded is None for item in split_inputs),
+                          blocks), None
+
+
+def _block_sources(placeholders: list, padded: list[PaddedInput], sizes: list[tuple]) -> tuple[dict, str | None]:
+    """Where each call gives the dynamic block lengths the padded inputs' layouts and the integer inputs
+    involve: ``symbol -> (argument, its dimension of that length, or None: the argument is it)``."""
+    exprs = [p.extra for p in padded] + [s for p in padded for s in p.strides] + [expr for _, expr in sizes]
+    wanted = set().union(*(sympy.sympify(e).free_symbols for e in exprs)) - {CAPACITY}
+    sources = {}
+    for i, node in enumerate(placeholders):
+        value = _value(node)
+        if isinstance(value, torch.SymInt) and _expr(value) in wanted:
+            sources.setdefault(_expr(value), (i, None))
+        elif isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if _expr(size) in wanted:
+                    sources.setdefault(_expr(size), (i, dim))
+    missing = wanted - set(sources)
+    if missing:
+        return {}, f"no input gives the block length {min(missing, key=str)} at each call"
+    if not any(isinstance(p.extra, int) for p in padded):
+        return {}, "every padded input's length involves a dynamic block length"
+    return sources, None
 
 
 def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_only: dict, lengths: dict,
@@ -772,7 +833,8 @@ def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_on
             read = read.args[0]
         if read not in unread:
             continue
-        item = next((j for j in split_inputs if j.symbol == symbol and j.padded is not None), None)
+        item = next((j for j in split_inputs if j.symbol == symbol and j.padded is not None
+                     and isinstance(j.padded.extra, int)), None)
         if item is None:  # only its size is read
             sized[read] = length_only[unread[read]][1]
             continue
