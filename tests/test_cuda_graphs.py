@@ -739,7 +739,7 @@ class BuiltMaskAttention(torch.nn.Module):
     ("ones, then sub-blocks", None),
     ("sliding window", "may differ over a padded cache: the cached part of"),
     ("block-causal positions", "may differ over a padded cache"),
-    ("summed elsewhere", "computed from a cached length, other than as a mask")])
+    ("summed elsewhere", "computed from a cached length, other than split at that length")])
 @torch.no_grad()
 def test_a_mask_built_from_the_cached_length_runs_from_spare_capacity(device, form, why):
     """A mask the model builds from the cached length (HF's ``create_causal_mask``, with or without a 2-D

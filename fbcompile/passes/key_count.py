@@ -59,7 +59,9 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
   cached part of ones), whose cached and block's parts :mod:`fbcompile.passes.length_invariance` proves
   the same at any length: the graph computes it at the capacity. A 2-D padding mask of a length of its own
   (dynamo does not tie it to ``s0``) that only such a mask reads is taken to be over the cache and the
-  block, padded as above; a call pads it only if its length is the cache's plus ``c``;
+  block, padded as above; a call pads it only if its length is the cache's plus ``c``. The block's length
+  ``c`` may be a symbol (dynamo made it dynamic): the buffers' layouts then keep it, and each call binds
+  it from an input of that length (:meth:`KeyCountInputs.resolve`);
 * or read as positions after the cache, ``torch.arange(s0 + a, s0 + b)`` of an integer dtype (HF's
   ``cache_position``, computed from the cache's length when no positions are passed): rewritten to
   ``torch.arange(b - a) + (cached_key_count + a)``, the same positions from the count read on the
@@ -462,7 +464,8 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
         for user in node.users:
             if user not in cone and user not in sinks and not any(
                     _positions(node, length, device, set(found.symbol_values)) for length in found.lengths):
-                return [], cone, [], f"{user.name} reads {node.name}, computed from a cached length, other than as a mask"
+                return [], cone, [], (f"{user.name} reads {node.name}, computed from a cached length, other than "
+                                      "split at that length")
     fresh = {node: item for node, item in fresh.items() if set(node.users) & cone}
     for node, (_, _, _, integers) in fresh.items():
         for user in [*node.users, *(u for n in integers for u in n.users)]:
