@@ -812,7 +812,7 @@ def test_hf_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared
     take it at each call. Every graph replays across blocks (before: the refresh and the commit ran
     uncaptured over each new cache). Every step's logits equal the model's without CUDA graphs. CPU
     stand-in for the capture (the model is HF's, on the CPU)."""
-    from test_graph_breaks import CropLoop, _tiny_qwen2
+    from test_graph_breaks import CropLoop
 
     class PaddedCropLoop(CropLoop):
         def block(self, steps=3, between=None):
@@ -835,13 +835,7 @@ def test_hf_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared
                     self.cache.crop(-length)
             self.length += length
 
-    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
-    model, config = _tiny_qwen2(layers=2)
-    plain = copy.deepcopy(model)
-    fbcompile.optimize(model, fbcompile.Config(cuda_graphs=True, compiler="eager"))
-    fbcompile.optimize(plain, fbcompile.Config(compiler="eager"))
-    loops = [PaddedCropLoop(m, config, commit=lambda m=m: fbcompile.commit(m), prompt_len=124) for m in (model, plain)]
+    model, loops = qwen2_crop_loops(monkeypatch, PaddedCropLoop)
     blocks, steps = 5, 4
     for block in range(blocks):
         if block == blocks - 2:
@@ -943,6 +937,21 @@ def test_recycled_buffer_is_free_only_when_nothing_holds_it():
     assert recycled.unheld()
 
 
+def qwen2_crop_loops(monkeypatch, loop_class) -> tuple:
+    """HF Qwen2 (2 layers) under CUDA graphs (CPU stand-in) and the same model without, each in a
+    ``loop_class`` (:class:`test_graph_breaks.CropLoop`) after a prompt of 124 tokens (the counted blocks'
+    caches, 132-144 tokens, share one spare capacity): ``(graphed model, [its loop, the plain one's])``."""
+    from test_graph_breaks import _tiny_qwen2
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    model, config = _tiny_qwen2(layers=2)
+    plain = copy.deepcopy(model)
+    fbcompile.optimize(model, fbcompile.Config(cuda_graphs=True, compiler="eager"))
+    fbcompile.optimize(plain, fbcompile.Config(compiler="eager"))
+    return model, [loop_class(m, config, commit=lambda m=m: fbcompile.commit(m), prompt_len=124) for m in (model, plain)]
+
+
 @torch.no_grad()
 def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch, shared_compile_budget):
     """HF ``DynamicCache`` updated inside the model and cropped after each denoising step: the cached keys
@@ -953,16 +962,9 @@ def test_dynamic_cache_crop_loop_reuse_graphs_replay(monkeypatch, shared_compile
     commit ran uncaptured over each new cache, the reuse graph was captured once per block). Every
     step's logits and the final cache equal the model without CUDA graphs' (up to the summation order
     over a padded cache). CPU stand-in for the capture (the model is HF's, on the CPU)."""
-    from test_graph_breaks import CropLoop, _tiny_qwen2
+    from test_graph_breaks import CropLoop
 
-    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
-    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
-    model, config = _tiny_qwen2(layers=2)
-    plain = copy.deepcopy(model)
-    fbcompile.optimize(model, fbcompile.Config(cuda_graphs=True, compiler="eager"))
-    fbcompile.optimize(plain, fbcompile.Config(compiler="eager"))
-    # a prompt of 124 tokens: the counted blocks' caches (132-144 tokens) share one spare capacity
-    loops = [CropLoop(m, config, commit=lambda m=m: fbcompile.commit(m), prompt_len=124) for m in (model, plain)]
+    model, loops = qwen2_crop_loops(monkeypatch, CropLoop)
     blocks, steps = 4, 5
     for block in range(blocks + 2):
         if block == 2:  # counts from here: the graphs are dynamic in the cache length by then
