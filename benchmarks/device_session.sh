@@ -7,6 +7,8 @@
 #   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 480 s)
+#   built       block mode at 32K grown, with and without a mask the model builds from the cached length
+#               (benchmarks/grow_cache.py grown-built-mask)                                          (<= 300 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   moving      the GPU tests of a moving cache with a mask over cache and block (passed in or built from the
 #               length) or positions from its length;
@@ -90,6 +92,9 @@ for name in "${steps[@]}"; do
             -k "mask_over or positions_from or video_frame or crop_loop or read_elsewhere or sdar or built_from_the_cached"
         step grow_forms 330 python benchmarks/grow_cache.py --context 32k --variants block-ro \
             --settings grown,grown-mask,grown-positions --warmup 4 --blocks 3 --out "$OUT/grow_forms.json" ;;
+    built)  # a mask the model builds from the cached length (HF's create_causal_mask form), computed at the capacity
+        step grow_built 300 python benchmarks/grow_cache.py --context 32k --variants block-ro \
+            --settings grown,grown-built-mask --warmup 4 --blocks 3 --out "$OUT/grow_built.json" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
     linear) step small_m_linear 300 python benchmarks/small_m_linear.py --rows 32,256 --out "$OUT/small_m_linear.json" ;;
     skinny) step skinny_linear 480 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 --sweep \

@@ -7,8 +7,10 @@ The example LM at Qwen2-1.5B shape (bf16, random weights), block 32, 8 steps; th
 length; the graphs switch to buffers with spare capacity) and ``same`` (the cache stays the same tensors,
 ``fbcompile.new_request`` before each block so that each block refreshes: the refresh graph is captured
 over them); ``grown-mask`` (as ``grown``, with a mask over cache and block passed in, all keys visible:
-the mask goes into spare capacity with the cache) and ``grown-positions`` (as ``grown``, no positions
-passed: the model computes them from the cache's length, the graphs from the key count). ``--warmup``
+the mask goes into spare capacity with the cache), ``grown-positions`` (as ``grown``, no positions
+passed: the model computes them from the cache's length, the graphs from the key count) and
+``grown-built-mask`` (as ``grown``, the model wrapped to build an all-visible mask from the cache's length
+as HF's ``create_causal_mask`` compares positions: the graphs compute it at the capacity). ``--warmup``
 blocks (compiles, captures), then the median of
 ``--blocks`` timed blocks with their CUDA-graph counts, and the relative error of the last timed block's
 first-step logits against the model without fbcompile on the same cache; ``--profile`` adds the top
@@ -65,12 +67,27 @@ def profile_block(model, cache, grown: bool, device) -> dict:
                 profile_cpu=table.table(sort_by="cpu_time_total", row_limit=12))
 
 
+class BuiltMaskLM(torch.nn.Module):
+    """The LM, given a mask it builds from the cached length as HF does (key positions against query
+    positions; every key visible: the cache, and the whole block for block diffusion)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm, self.config = lm, lm.config
+
+    def forward(self, x, past_key_values, **kwargs):
+        length, block = past_key_values[0][0].shape[-2], x.shape[1]
+        keys = torch.arange(length + block, device=x.device)[None, None, None, :]
+        queries = (torch.arange(block, device=x.device) + length)[None, None, :, None]
+        return self.lm(x, past_key_values=past_key_values, attention_mask=keys < queries + block, **kwargs)
+
+
 def block_inputs(cfg, context: int, setting: str, device) -> dict:
     """The keyword arguments of a block's calls besides its tokens and cache, as ``setting`` passes them."""
     if setting.endswith("-positions"):
         return {}
     kwargs = dict(position_ids=torch.arange(context, context + cfg.block_size, device=device)[None])
-    if setting.endswith("-mask"):
+    if setting.endswith("-mask") and not setting.endswith("-built-mask"):  # (a built mask: the model's own)
         kwargs["attention_mask"] = torch.ones(1, 1, cfg.block_size, context + cfg.block_size, dtype=torch.bool,
                                               device=device)
     return kwargs
@@ -150,11 +167,12 @@ def main():
     with torch.no_grad():
         for variant in args.variants.split(","):
             for setting in args.settings.split(","):
+                lm = BuiltMaskLM(copy.deepcopy(built)) if setting.endswith("-built-mask") else copy.deepcopy(built)
                 if VARIANTS[variant] is None:
-                    model = torch.compile(copy.deepcopy(built), backend=args.compiler)
+                    model = torch.compile(lm, backend=args.compiler)
                 else:
-                    model = fbcompile.optimize(copy.deepcopy(built), fbcompile.Config(
-                        refresh=VARIANTS[variant], cuda_graphs=True, compiler=args.compiler))
+                    model = fbcompile.optimize(lm, fbcompile.Config(refresh=VARIANTS[variant], cuda_graphs=True,
+                                                                    compiler=args.compiler))
                 t0 = time.time()
                 timed, last_cache = time_blocks(model, built, cache, args.warmup, args.blocks, setting, device)
                 row = dict(variant=variant, setting=setting, context=context, **timed)
