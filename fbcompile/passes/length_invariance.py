@@ -195,6 +195,8 @@ class MaskEvaluator:
         return lambda index: elements.at(tuple(0 if size == 1 else i for size, i in zip(own, index[skip:])))
 
     def _elements(self, node: fx.Node) -> _Elements:
+        """Elements of ``node``: an input over cache and block as padded, a node of the cone followed, any
+        other node followed where it can be, else an opaque function of its indices."""
         shape, value = self.shape(node), _value(node)
         if node in self.split:
             return self._split_input(node, shape)
@@ -211,6 +213,7 @@ class MaskEvaluator:
             return _Elements(shape, lambda index: function(*index))
 
     def _computed(self, node: fx.Node, shape: tuple) -> _Elements:
+        """Elements of ``node`` from its op and arguments, or :class:`Unproved` for an op not followed."""
         name, value, args = op_name(node), _value(node), node.args
         if node.target is torch.arange:
             if value.dtype.is_floating_point or set(node.kwargs) - {"device", "dtype"} or not 1 <= len(args) <= 2:
@@ -282,6 +285,7 @@ class MaskEvaluator:
         return _Elements(shape, at)
 
     def _converted(self, node: fx.Node, shape: tuple) -> _Elements:
+        """A dtype conversion: bool to a number and back followed, others opaque."""
         source = self.tensor(node.args[0])
         before, after = _value(node.args[0]).dtype, _value(node).dtype
         if before == after:
@@ -330,6 +334,7 @@ class MaskEvaluator:
         return _Elements(self.shape(node), lambda index: at(tuple(i for i, p in zip(index, picks) if p is not None)))
 
     def _narrowed(self, node: fx.Node, shape: tuple) -> _Elements:
+        """``narrow(source, dim, start, length)``: the source read ``start`` further along ``dim``."""
         source, dim, start = node.args[0], node.args[1], node.args[2]
         dim %= len(shape)
         offset, at = self.scalar(start) if isinstance(start, fx.Node) else sympy.sympify(start), self.tensor(source).at
@@ -341,6 +346,7 @@ class MaskEvaluator:
         return _Elements(shape, narrowed)
 
     def _joined(self, node: fx.Node, shape: tuple) -> _Elements:
+        """``cat(parts, dim)``: each element from the part its index is proved to fall in."""
         parts = node.args[0]
         dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(shape)
         sized = [(self.tensor(p), self.shape(p)[dim]) for p in parts]
