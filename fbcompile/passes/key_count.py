@@ -75,9 +75,8 @@ a sixth argument that the other passes do not expect).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 import torch
@@ -154,7 +153,7 @@ class KeyCountInputs:
         key = tuple(values.values())
         if key not in self._bound:
             bind = lambda expr: sympy.sympify(expr).subs(values)  # noqa: E731
-            padded = [dataclasses.replace(p, extra=int(bind(p.extra)), strides=tuple(bind(s) for s in p.strides))
+            padded = [replace(p, extra=int(bind(p.extra)), strides=tuple(bind(s) for s in p.strides))
                       for p in self.padded]
             self._bound[key] = KeyCountInputs(padded, [(i, bind(expr)) for i, expr in self.sizes], self.positions,
                                               self.masks)
@@ -419,6 +418,39 @@ def _fresh_inputs(placeholders: list, symbols: set) -> dict:
     return fresh
 
 
+def _splits_at_the_length(found: "_CachedInputs", claimed: set) -> dict:
+    """The narrows of a computed tensor at a cached length - its cached part ``narrow(x, d, 0, L)`` or the
+    block's ``narrow(x, d, L, c)`` - other than the split inputs' (``claimed``): ``narrow -> L's symbol``."""
+    sinks = {}
+    for length, symbol in found.lengths.items():
+        for user in length.users:
+            if user in claimed or op_name(user) != "narrow" or len(user.args) != 4 or user.kwargs:
+                continue
+            source, dim, start, size = user.args
+            if isinstance(dim, int) and isinstance(source, fx.Node) and source.op != "placeholder" and (
+                    start == 0 and size is length or start is length and _block_size(size, set(found.symbol_values))):
+                sinks[user] = symbol
+    return sinks
+
+
+def _cone(sinks: dict, sources: list, reads: set) -> set:
+    """The nodes the split tensors (``sinks``' inputs) are computed from that depend on ``sources`` (the
+    cached lengths, inputs of their own length) or are ``reads`` (of inputs over cache and block)."""
+    dependent, pending = set(reads), [*sources, *reads]
+    while pending:
+        for user in pending.pop().users:
+            if user not in dependent and user not in sinks:
+                dependent.add(user)
+                pending.append(user)
+    cone, pending = set(), [sink.args[0] for sink in sinks]
+    while pending:
+        node = pending.pop()
+        if node in dependent and node not in cone:
+            cone.add(node)
+            pending += node.all_input_nodes
+    return cone
+
+
 def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: list[_SplitInput], device
                     ) -> tuple[list[_SplitInput], set, list, str | None]:
     """The masks the graph computes from the cached length and splits into their cached and block's parts
@@ -429,16 +461,7 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
     (only these read what they read of the length; positions after the cache among them are read
     elsewhere from the key count); and the integer inputs of those inputs' lengths, ``(index, value)``.
     Or why one mask is not proved the same."""
-    claimed = {n for item in split_inputs for n in (*item.heads, *item.tails)}
-    sinks = {}
-    for length, symbol in found.lengths.items():
-        for user in length.users:
-            if user in claimed or op_name(user) != "narrow" or len(user.args) != 4 or user.kwargs:
-                continue
-            source, dim, start, size = user.args
-            if isinstance(dim, int) and isinstance(source, fx.Node) and source.op != "placeholder" and (
-                    start == 0 and size is length or start is length and _block_size(size, set(found.symbol_values))):
-                sinks[user] = symbol
+    sinks = _splits_at_the_length(found, {n for item in split_inputs for n in (*item.heads, *item.tails)})
     if not sinks:
         return [], set(), [], None
     at_capacity = {s for s, value in found.symbol_values.items() if value == CAPACITY}
@@ -446,20 +469,7 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
               - CAPACITY for sink in sinks}
     block = _block_length(next(iter(blocks))) if len(blocks) == 1 else None
     fresh = _fresh_inputs(placeholders, set(found.symbol_values)) if block is not None else {}
-    others = {user for item in split_inputs for user in item.others}
-    dependent, pending = set(), [*found.lengths, *others, *fresh]
-    while pending:  # what the cached length or an input over cache and block reaches
-        for user in pending.pop().users:
-            if user not in dependent and user not in sinks:
-                dependent.add(user)
-                pending.append(user)
-    dependent |= others
-    cone, pending = set(), [sink.args[0] for sink in sinks]
-    while pending:
-        node = pending.pop()
-        if node in dependent and node not in cone:
-            cone.add(node)
-            pending += node.all_input_nodes
+    cone = _cone(sinks, [*found.lengths, *fresh], {user for item in split_inputs for user in item.others})
     for node in cone:
         for user in node.users:
             if user not in cone and user not in sinks and not any(
