@@ -50,11 +50,14 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return default
 
 
+def recorded(node: fx.Node):
+    """What dynamo (``example_value``) or a trace (``val``) recorded for ``node``: a fake tensor, a SymInt..."""
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def example(node) -> torch.Tensor | None:
     """The fake tensor dynamo recorded for ``node`` (None when it is not a tensor)."""
-    if not isinstance(node, fx.Node):
-        return None
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = recorded(node) if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
 
 

@@ -82,7 +82,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import op_name, traced_value
+from fbcompile.passes.graph_utils import op_name, recorded, traced_value
 from fbcompile.passes.length_invariance import LENGTH, MaskEvaluator, Unproved, prove_same_at_any_length
 
 ATTENTION = torch.ops.fbcompile.attention_lse.default
@@ -183,7 +183,7 @@ def _symbols(value) -> set:
 
 def _value(node: fx.Node):
     """The node's traced value; for a size read the split added (no trace of its own), the size."""
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = recorded(node)
     if value is None and node.op == "call_method" and node.target == "size" and len(node.args) == 2:
         return _value(node.args[0]).shape[node.args[1]]
     return value

@@ -41,7 +41,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import op_name
+from fbcompile.passes.graph_utils import op_name, recorded
 
 LENGTH = sympy.Symbol("L", integer=True)   # the graph's cached length: the cache's n, or a capacity >= n
 CACHED = sympy.Symbol("n", integer=True)   # the cache's own length
@@ -149,7 +149,7 @@ def _number(value):
 
 
 def _value(node):
-    return node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else node
+    return recorded(node) if isinstance(node, fx.Node) else node
 
 
 class MaskEvaluator:
