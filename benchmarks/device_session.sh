@@ -7,12 +7,11 @@
 #   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 480 s)
-#   built       block mode at 32K grown, with and without a mask the model builds from the cached length
-#               (benchmarks/grow_cache.py grown-built-mask)                                          (<= 300 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   moving      the GPU tests of a moving cache with a mask over cache and block (passed in or built from the
-#               length) or positions from its length;
-#               then block mode at 32K grown with each of those forms (benchmarks/grow_cache.py)    (<= 570 s)
+#               length) or positions from its length                                               (<= 240 s)
+#   forms       block mode at 32K grown with each of those forms: none, a mask passed in, positions from the
+#               length, a mask the model builds from the length (benchmarks/grow_cache.py)          (<= 570 s)
 #   linear      one layer's weight GEMMs at 32 and 256 rows: separate vs fused, cuBLAS vs autotuned (<= 300 s)
 #   skinny      the skinny-GEMM kernel: config sweep per GEMM shape, then the layer (benchmarks/small_m_linear.py) (<= 480 s)
 #   skinny_cases  config sweep of fbcompile's launches at 32 rows (qkv, gate+up stacked, gate+up gated), then the
@@ -89,12 +88,11 @@ for name in "${steps[@]}"; do
             --grid "block_n=32,64 block_k=32,64,128 split_k=1 num_warps=4,8 num_stages=4,5,6" ;;
     moving)  # the forms a moving cache replays from spare capacity with: a mask over cache and block, positions
         step tests_moving 240 python -m pytest -q -p no:cacheprovider -p no:logging --tb=long tests/test_cuda_graphs.py \
-            -k "mask_over or positions_from or video_frame or crop_loop or read_elsewhere or sdar or built_from_the_cached"
-        step grow_forms 330 python benchmarks/grow_cache.py --context 32k --variants block-ro \
-            --settings grown,grown-mask,grown-positions --warmup 4 --blocks 3 --out "$OUT/grow_forms.json" ;;
-    built)  # a mask the model builds from the cached length (HF's create_causal_mask form), computed at the capacity
-        step grow_built 300 python benchmarks/grow_cache.py --context 32k --variants block-ro \
-            --settings grown,grown-built-mask --warmup 4 --blocks 3 --out "$OUT/grow_built.json" ;;
+            -k "mask_over or positions_from or video_frame or crop_loop or read_elsewhere or sdar or built_from_the_cached" ;;
+    forms)  # the built mask is HF's create_causal_mask form, computed at the capacity
+        step grow_forms 570 python benchmarks/grow_cache.py --context 32k --variants block-ro \
+            --settings grown,grown-mask,grown-positions,grown-built-mask --warmup 4 --blocks 3 \
+            --out "$OUT/grow_forms.json" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
     linear) step small_m_linear 300 python benchmarks/small_m_linear.py --rows 32,256 --out "$OUT/small_m_linear.json" ;;
     skinny) step skinny_linear 480 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 --sweep \
