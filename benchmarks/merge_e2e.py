@@ -1,6 +1,6 @@
 """Merge the rows of several ``e2e.json`` runs (same device and workloads) into one table and plot.
 
-    python benchmarks/merge_e2e.py benchmarks/results/e2e_lm_h200.json benchmarks/results/e2e_lm_cuda_graphs_h200.json \
+    python benchmarks/merge_e2e.py benchmarks/results/e2e_lm_h200.json benchmarks/results/e2e_lm_table_h200_s13.json \
         --out benchmarks/results/e2e_lm_h200_all
 """
 from __future__ import annotations
