@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import inspect
 import os
 import sys
@@ -879,6 +880,36 @@ def test_llada_prefix_cache_positions_of_a_dynamic_block_come_from_the_key_count
     assert counts.get("switched to spare capacity", 0) >= 1 and "uncaptured (new cached keys/values)" not in counts, counts
     report = str(fbcompile.explain(graphed))
     assert "uncaptured over each new cache" not in report and "1 position computation(s) from it" in report, report
+
+
+@torch.no_grad()
+def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget):
+    """Fast-dLLM's dual cache (``examples/llada_dual_buffer.py``): each block's full pass makes new K/V
+    buffers, the block's later steps write into them in place (taken by address), and ``nonzero`` breaks
+    the graph in every layer, so one attention graph runs for each of the 6 layers. The full pass's K/V
+    are copied out of its replays into recycled buffers (the loop drops each block's buffers before the
+    block after next), and the graphs keep as many captures as the layers and buffers they meet in turn:
+    a second ``generate`` only replays (before: new buffers every block, a capture at almost every call).
+    Both ``generate``s' tokens equal the model's without CUDA graphs. CPU stand-in for the capture."""
+    from examples import llada_dual_buffer
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    prompt = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for graphs in (True, False):
+        model = fbcompile.optimize(llada_dual_buffer.make_tiny_model(num_layers=6),
+                                   fbcompile.Config(compiler="eager", cuda_graphs=graphs))
+        first = model.generate(prompt, gen_length=80, block_size=8, steps=40)  # 10 blocks of 4 steps
+        gc.collect()  # reference cycles hold the last blocks' buffers until a collection (seen under pytest)
+        before = fbcompile.stats(model).cuda_graphs
+        runs.append((first, model.generate(prompt, gen_length=80, block_size=8, steps=40), before,
+                     fbcompile.stats(model).cuda_graphs))
+    (first, second, before, after), (plain_first, plain_second, _, _) = runs
+    assert torch.equal(first, plain_first) and torch.equal(second, plain_second)
+    assert after.get("outputs recycled (another graph reads them by address)") == 2 * 6, after
+    changed = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert list(changed) == ["replays"], changed
 
 
 def test_spare_capacity_sizes():

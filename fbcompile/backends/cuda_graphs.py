@@ -27,7 +27,11 @@ refresh across calls. Here, per graph:
   dynamo's guards leave free (symbolic sizes, the cached ``(O_e, L_e)``); values of the other
   arguments (ints). A key is captured the second time it is seen (a
   key seen once - the refresh over a cache that grows by a ``torch.cat`` at each block - would never
-  replay), and at most :data:`MAX_CAPTURES` captures are kept per graph (least recently used dropped).
+  replay), and at most :data:`MAX_CAPTURES` captures are kept per graph (least recently used dropped),
+  more when a dropped key comes back: the bound doubles, up to :data:`MAX_CAPTURES_GROWN`, for a graph
+  that meets more keys in turn (one graph called for each layer, its weights and cache by address: a
+  graph break in every layer), and past that bound such a key runs uncaptured rather than being
+  captured again at every call.
   So a reuse graph, which does not read the cache, is captured once for all blocks; a refresh graph
   over a static cache (HF ``StaticCache``, a preallocated buffer) or the same cache is captured once;
   a refresh graph over tensors that are new at every block (a cache grown by ``torch.cat``, as HF
@@ -90,8 +94,9 @@ from fbcompile.passes.graph_utils import reads_data
 from fbcompile.passes.hoist_cache_cats import Join
 from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
 
-MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph
-MAX_RECYCLED = 8       # recycled buffers per kept output
+MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph, at first
+MAX_CAPTURES_GROWN = 128  # ... at most, once dropped keys come back
+MAX_RECYCLED = 8       # recycled buffers per kept or pooled output
 MAX_KEPT_ADDRESSES = 2  # addresses of a reuse graph's kept parts before it copies them in instead
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
@@ -152,6 +157,8 @@ class CapturedGraph:
     (:mod:`fbcompile.passes.hoist_cache_cats`).
     ``kept_inputs``: argument indices of the cached parts the dispatcher passes in (taken by address);
     ``kept_outputs``: output indices of the parts it keeps (copied out into recycled buffers).
+    ``pooled_outputs``: output indices that another graph of the session took by address as its cached
+    keys/values (copied out into recycled buffers too, from then on).
     """
 
     def __init__(self, run: Callable, gm: fx.GraphModule, session: Session, by_address: set[int],
@@ -159,7 +166,10 @@ class CapturedGraph:
                  kept_inputs: set[int] = frozenset(), kept_outputs: set[int] = frozenset()):
         self.run, self.session = run, session
         self.kept_outputs = set(kept_outputs)
-        self._recycled: dict[int, list[RecycledBuffer]] = {}  # per kept output, its buffers
+        self.pooled_outputs: set[int] = set()
+        self._recycled: dict[int, list[RecycledBuffer]] = {}  # per kept or pooled output, its buffers
+        self._fresh: tuple[list[int], list[int]] = ([], [])  # the last replay's fresh outputs: indices, addresses
+        session.captured_graphs.add(self)
         self.key_count, self.joins = key_count, list(joins)
         self._count: tuple | None = None  # ((length, device), the key count tensor of that length)
         self.spare = False  # the cached keys/values run from buffers with spare capacity
@@ -183,6 +193,8 @@ class CapturedGraph:
         self._sized: list[int] = []
         self._others: list[int] = []
         self.captures: OrderedDict = OrderedDict()
+        self._max_captures = MAX_CAPTURES
+        self._dropped: OrderedDict = OrderedDict()  # keys whose capture was dropped to keep the bound
         self._seen: OrderedDict = OrderedDict()
         self.uncapturable: str | None = None
 
@@ -213,6 +225,8 @@ class CapturedGraph:
             key = self._last_key
         if key not in self._seen and not padded:  # spare-capacity keys recur by design: captured at once
             reason = self._why_new(key, last)
+            if reason == NEW_KV:
+                self._pool_sources(args)
             if reason in (NEW_KV, NEW_LENGTH) and self.key_count is not None and self._may_pad(raw):
                 self.spare = True
                 self.session.cuda_graph_counts["switched to spare capacity"] += 1
@@ -221,6 +235,12 @@ class CapturedGraph:
             if len(self._seen) > _SEEN_KEYS:
                 self._seen.popitem(last=False)
             return self._recycle(self._uncaptured(args, reason))
+        if key in self._dropped:  # the keys come back in turn: keep more captures, or stop capturing them
+            if self._max_captures >= MAX_CAPTURES_GROWN:
+                return self._recycle(self._uncaptured(args, "more keys in turn than captures kept"))
+            self._max_captures *= 2
+            self._dropped.clear()
+            self.session.cuda_graph_counts["capture bound doubled (dropped keys came back)"] += 1
         return self._recycle(self._capture(key, args))
 
     def _may_pad(self, args) -> bool:
@@ -316,6 +336,20 @@ class CapturedGraph:
             return NEW_LENGTH
         return "first call with these shapes or addresses"
 
+    def _pool_sources(self, args) -> None:
+        """Have the outputs of other graphs' replays that this graph meets as its cached keys/values copied
+        out into recycled buffers from now on. A loop that drops each block's cache before it makes the
+        block after next (Fast-dLLM's dual cache: each block's full pass makes the buffers that the block's
+        later steps write in place) then hands this graph a few addresses in turn, and its captures over
+        them replay, where fresh outputs would give it new addresses, and a capture, at every block."""
+        pointers = {args[i].untyped_storage().data_ptr() for i in self._by_address if i in self._kv}
+        for graph in list(self.session.captured_graphs):
+            indices, addresses = graph._fresh
+            for index, address in zip(indices, addresses):
+                if address in pointers and index not in graph.pooled_outputs:
+                    graph.pooled_outputs.add(index)
+                    self.session.cuda_graph_counts["outputs recycled (another graph reads them by address)"] += 1
+
     def _first_call(self, args):
         """Run uncaptured, and learn which inputs the graph writes (they are taken by address)."""
         tensors = [i for i in self._read if isinstance(args[i], torch.Tensor)]
@@ -399,8 +433,10 @@ class CapturedGraph:
             return outputs
         self.captures[key] = Capture(replay, buffers, captured)
         self.session.cuda_graph_counts["captures"] += 1
-        if len(self.captures) > MAX_CAPTURES:
-            self.captures.popitem(last=False)
+        if len(self.captures) > self._max_captures:
+            self._dropped[self.captures.popitem(last=False)[0]] = None
+            if len(self._dropped) > _SEEN_KEYS:
+                self._dropped.popitem(last=False)
         return outputs
 
     def _replay(self, capture: Capture, args):
@@ -412,12 +448,15 @@ class CapturedGraph:
         return self._copy_out(capture.outputs)
 
     def _copy_out(self, outputs):
-        """``outputs`` copied (one foreach copy per dtype): the kept parts into recycled buffers, the rest into fresh
-        tensors."""
-        destinations = [(self._recycled_buffer(i, t) if i in self.kept_outputs else torch.empty_like(t))
+        """``outputs`` copied (one foreach copy per dtype): the kept and pooled ones into recycled buffers, the
+        rest into fresh tensors, whose addresses are noted for :meth:`_pool_sources`."""
+        recycled = self.kept_outputs | self.pooled_outputs
+        destinations = [(self._recycled_buffer(i, t) if i in recycled else torch.empty_like(t))
                         if isinstance(t, torch.Tensor) else t for i, t in enumerate(outputs)]
         tensors = [i for i, t in enumerate(outputs) if isinstance(t, torch.Tensor)]
         _copy_all([destinations[i] for i in tensors], [outputs[i] for i in tensors])
+        fresh = [i for i in tensors if i not in recycled]
+        self._fresh = (fresh, [destinations[i].data_ptr() for i in fresh])
         return type(outputs)(destinations)
 
     def _recycle(self, outputs):
@@ -435,7 +474,7 @@ class CapturedGraph:
         return type(outputs)(moved)
 
     def _recycled_buffer(self, index: int, like: torch.Tensor) -> torch.Tensor:
-        """A tensor for kept output ``index``: an alias of the first of its buffers with ``like``'s layout
+        """A tensor for kept or pooled output ``index``: an alias of the first of its buffers with ``like``'s layout
         that nothing else holds, or of a new one (a fresh tensor once there are :data:`MAX_RECYCLED`)."""
         pool = self._recycled.setdefault(index, [])
         layout = (like.shape, like.stride(), like.dtype, like.device)
@@ -446,7 +485,8 @@ class CapturedGraph:
         if len(pool) >= MAX_RECYCLED:
             return buffer
         pool.append(RecycledBuffer(layout, buffer))
-        self.session.cuda_graph_counts["recycled buffers"] += 1
+        self.session.cuda_graph_counts["recycled buffers" if index in self.kept_outputs else
+                                       "recycled output buffers"] += 1
         return buffer.detach()
 
 

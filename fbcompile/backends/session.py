@@ -192,6 +192,9 @@ class Session:
         self._cuda_graph_pool = None
         # layout -> SpareBuffers (cuda_graphs): graphs over the same cache share one copy of it
         self.spare_buffers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # the CapturedGraphs (cuda_graphs): one that meets another's output as a cache it takes by address
+        # has that output recycled
+        self.captured_graphs: weakref.WeakSet = weakref.WeakSet()
         self._module = weakref.ref(module) if module is not None else None
         self.graphs: list[GraphRecord] = []
         self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence, computation) -> CacheEntry
