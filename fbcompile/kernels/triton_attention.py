@@ -529,13 +529,13 @@ def _unused(q: torch.Tensor) -> torch.Tensor:
 
 def _mask_args(mask: torch.Tensor | None, q: torch.Tensor, N: int, unused: torch.Tensor):
     """The mask as a strided ``[B, Hq, M, N]`` view (broadcast dims get stride 0, nothing is copied);
-    ``unused`` (:func:`_unused`) when there is none."""
+    ``unused`` (:func:`_unused`) when there is none. A bool mask is passed as it is (Triton loads a
+    ``*i1`` pointer's bytes): viewed as ``uint8`` it made torch 2.11's Inductor fail to lower the op
+    (its dtype bitcast asks ``torch.iinfo(torch.bool)``)."""
     if mask is None:
         return unused, (0, 0, 0, 0), False
     B, Hq, M, _ = q.shape
     full = mask.expand(B, Hq, M, N)
-    if full.dtype == torch.bool:
-        full = full.view(torch.uint8)
     return full, full.stride(), mask.dtype == torch.bool
 
 
