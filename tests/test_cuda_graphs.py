@@ -536,8 +536,12 @@ def test_sdar_graph_break_runs_from_spare_capacity(monkeypatch, shared_compile_b
     in between), so the attention's graph gets the cache joined with the block, new tensors at every
     step. The joined keys/values go into buffers of the capacity plus the block (the cache first, the
     block after the capacity; the cached part copied only when the buffers hold another cache), so the
-    attention graphs replay instead of running uncaptured at every step. Every step's logits equal the
-    model's without CUDA graphs. CPU stand-in for the capture."""
+    attention graphs replay instead of running uncaptured at every step. The graph break is in every
+    layer, so one attention graph runs for each layer (5 in block mode), over each layer's joined cache in turn:
+    each layer's cache gets its own set of buffers once the caches come back in a second round, copied in
+    once per block (before: one set for all layers, copied at every call), and the graph keeps a capture
+    per layer (before: captured again at almost every call). Every step's logits equal the model's
+    without CUDA graphs. CPU stand-in for the capture."""
     import flash_attn_standin
     from examples import sdar_remote_lm
 
@@ -545,9 +549,9 @@ def test_sdar_graph_break_runs_from_spare_capacity(monkeypatch, shared_compile_b
     monkeypatch.setattr(sdar_remote_lm, "flash_attn_func", flash_attn_standin.flash_attn_func)
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
-    models, logits = [], []
+    models, logits, layers = [], [], 5 if refresh == "block" else 2
     for graphs in (True, False):
-        model = fbcompile.optimize(sdar_remote_lm.make_tiny_model(num_layers=2), fbcompile.Config(
+        model = fbcompile.optimize(sdar_remote_lm.make_tiny_model(num_layers=layers), fbcompile.Config(
             compiler="eager", refresh=refresh, cuda_graphs=graphs))
         seen = []
         model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out))
@@ -562,7 +566,10 @@ def test_sdar_graph_break_runs_from_spare_capacity(monkeypatch, shared_compile_b
     graphed, plain = map(fbcompile.stats, models)
     assert (graphed.refreshes, graphed.reuses) == (plain.refreshes, plain.reuses)
     counts = graphed.cuda_graphs
-    assert "uncaptured (new cached keys/values)" not in counts and counts.get("replays", 0) > 0, counts
+    assert "uncaptured (new cached keys/values)" not in counts and counts.get("replays", 0) > 2 * counts["captures"], counts
+    assert counts.get("spare buffer sets added (caches read in turn)", 0) >= layers - 1, counts
+    # each layer's cache copied once per block and capacity (before: at each of the 2 steps of every block)
+    assert counts["cache copies into spare capacity"] < layers * 5 * 2, counts
     notes = [note for graph in fbcompile.explain(models[0]).graphs for note in graph.cuda_graphs.values()]
     assert any(note.startswith("spare capacity") and "the cache copied" in note for note in notes), notes
     if refresh == "block":
@@ -1069,25 +1076,29 @@ def test_explain_says_how_graphs_run_over_a_moving_cache(device):
 def test_spare_buffers_hold_content_not_identity():
     """What spare buffers hold is compared by provenance content: the tensor copied in, unwritten since, or
     a crop view of a recorded ``cat(that tensor, block)`` (HF ``DynamicCache.crop``) - not a written
-    tensor, another tensor with equal values, or an inference tensor."""
+    tensor, another tensor with equal values, or an inference tensor; what a written tensor held is told
+    apart (its set takes its new content)."""
     from fbcompile.backends import provenance
 
     cache = torch.randn(1, 2, 10, 4)
     spare = cuda_graphs.SpareBuffers(layout=(), buffers=[torch.empty(1, 2, 16, 4)])
+    holds = lambda tensor: spare.holds(0, provenance.content(tensor))  # noqa: E731
     spare.sources = [provenance.content(cache)]
-    assert spare.holds(0, cache)
+    assert holds(cache)
     joined = torch.cat([cache, torch.randn(1, 2, 3, 4)], dim=2)
     provenance.record(joined, cache, 2)
-    assert spare.holds(0, joined[:, :, :10])  # the crop of the concatenation
-    assert not spare.holds(0, joined[:, :, :9]) and not spare.holds(0, cache.clone())
+    assert holds(joined[:, :, :10])  # the crop of the concatenation
+    assert not holds(joined[:, :, :9]) and not holds(cache.clone())
     joined.add_(0)  # the concatenation written: its crop no longer vouches for the content
-    assert not spare.holds(0, joined[:, :, :10])
+    assert not holds(joined[:, :, :10])
     cache.mul_(2)
-    assert not spare.holds(0, cache)
+    assert not holds(cache)
+    assert spare.held_by({0: provenance.content(cache)})  # the same tensor, written since
+    assert not spare.held_by({0: provenance.content(cache.clone())})
     with torch.inference_mode():
         frozen = torch.randn(1, 2, 10, 4)
     spare.sources = [provenance.content(frozen)]
-    assert not spare.holds(0, frozen)
+    assert not holds(frozen)
 
 
 @st.composite

@@ -53,7 +53,10 @@ refresh across calls. Here, per graph:
   1/8 spare: a cache grown by one block per block is captured again every ~length/8 keys (every 128
   blocks of 32 at 32K keys). Graphs over caches of the same layout share the buffers (an extra
   ~1.1x the cache), freed with the last graph's move to a larger capacity, which also drops the
-  captures that read them. Graphs whose length reaches anything else (frame indices computed from it
+  captures that read them. A graph that reads several caches in turn - one called for each layer, a
+  graph break in every layer - gets a set of buffers for each once they come back (up to
+  :data:`MAX_SPARE_SETS` per layout), so each layer's cache is copied once per move, not at every call.
+  Graphs whose length reaches anything else (frame indices computed from it
   otherwise than as ``arange``, a mask read elsewhere, RoPE applied to the cached keys in the graph)
   run uncaptured over new caches, counted in ``Stats.cuda_graphs`` as
   ``"uncaptured (new cached keys/values)"``.
@@ -96,6 +99,7 @@ from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
 
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph, at first
 MAX_CAPTURES_GROWN = 128  # ... at most, once dropped keys come back
+MAX_SPARE_SETS = 64    # sets of spare-capacity buffers per layout, for caches read in turn
 MAX_RECYCLED = 8       # recycled buffers per kept or pooled output
 MAX_KEPT_ADDRESSES = 2  # addresses of a reuse graph's kept parts before it copies them in instead
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
@@ -138,14 +142,21 @@ class SpareBuffers:
     def __init__(self, layout: tuple, buffers: list[torch.Tensor]):
         self.layout, self.buffers = layout, buffers
         self.sources: list = [None] * len(buffers)  # the provenance content of each tensor copied in
+        self.used = 0  # the session's spare-buffer call count at its last use
 
-    def holds(self, i: int, tensor: torch.Tensor, prefix: tuple[int, int] | None = None) -> bool:
-        """Whether buffer ``i`` holds what ``tensor`` (``prefix = (dim, length)``: its first ``length``
-        positions) holds now: the same content (:mod:`.provenance`: the same tensor unwritten since the
-        copy, a view that a ``DynamicCache.crop`` made of its concatenation with a block, the cached part of
-        such a concatenation); an inference tensor, without versions: never."""
-        held, now = self.sources[i], provenance.content(tensor, prefix)
+    def holds(self, i: int, now: provenance.Content) -> bool:
+        """Whether buffer ``i`` holds the content ``now`` (of a tensor, or of its cached part): the same
+        content (:mod:`.provenance`: the same tensor unwritten since the copy, a view that a
+        ``DynamicCache.crop`` made of its concatenation with a block, the cached part of such a
+        concatenation); an inference tensor, without versions: never."""
+        held = self.sources[i]
         return held is not None and held.version is not None and (held.token, held.version) == (now.token, now.version)
+
+    def held_by(self, now: dict) -> bool:
+        """Whether it holds an earlier content of the same tensors as ``now`` (index -> content): tensors
+        written in place since."""
+        return bool(now) and all(self.sources[i] is not None and self.sources[i].token is content.token
+                                 for i, content in now.items())
 
 
 class CapturedGraph:
@@ -173,7 +184,8 @@ class CapturedGraph:
         self.key_count, self.joins = key_count, list(joins)
         self._count: tuple | None = None  # ((length, device), the key count tensor of that length)
         self.spare = False  # the cached keys/values run from buffers with spare capacity
-        self._spare: SpareBuffers | None = None
+        self._spare_layout: tuple | None = None
+        self._spares: list[SpareBuffers] = []  # the sets of buffers of that layout it ran over
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if reads_data(node)]
         self._size_only = [i for i, node in enumerate(placeholders) if node.users and not reads_data(node)]
@@ -279,35 +291,63 @@ class CapturedGraph:
         sources = [args[p.index] for p in padded]
         layout = (capacity, tuple((p.dim, p.extra, p.unread, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
                                   for p, t in zip(padded, sources)))  # buffer strides follow from these
-        if self._spare is None or self._spare.layout != layout:
-            if self._spare is not None:  # the captures over the old buffers can never replay
-                pointers = {b.data_ptr() for b in self._spare.buffers}
+        if self._spare_layout != layout:
+            if self._spares:  # the captures over the old buffers can never replay
+                pointers = {b.data_ptr() for spare in self._spares for b in spare.buffers}
                 for key in [key for key in self.captures if pointers & set(key[0])]:
                     del self.captures[key]
-            self._spare = self.session.spare_buffers.get(layout)
-            if self._spare is None:
-                self._spare = SpareBuffers(layout, [self._buffer(p, t, capacity) for p, t in zip(padded, sources)])
-                self.session.spare_buffers[layout] = self._spare
+            self._spare_layout, self._spares = layout, []
+        cached = [(p.dim, length) if p.extra else None for p in padded]  # inputs over cache and block: their cached part
+        needed = [i for i, p in enumerate(padded) if not p.unread and p.cached_read]
+        now = {i: provenance.content(sources[i], cached[i]) for i in needed}
+        spare = self._spare_set(layout, padded, sources, capacity, now)
         copied = []  # one copy_ per part: see below
         for i, (p, source) in enumerate(zip(padded, sources)):
-            cached = (p.dim, length) if p.extra else None  # an input over cache and block: its cached part
-            if p.unread or not p.cached_read or self._spare.holds(i, source, cached):
+            if i not in now or spare.holds(i, now[i]):
                 if p.extra and not p.unread:
-                    p.fill(self._spare.buffers[i], source, capacity, cached=False)  # the block's part
+                    p.fill(spare.buffers[i], source, capacity, cached=False)  # the block's part
                 continue
-            p.fill(self._spare.buffers[i], source, capacity)
-            self._spare.sources[i] = provenance.content(source, cached)
+            p.fill(spare.buffers[i], source, capacity)
+            spare.sources[i] = now[i]
             copied.append(p.index)
         if any(i in self._kv for i in copied):
             self.session.cuda_graph_counts["cache copies into spare capacity"] += 1
         if any(i not in self._kv for i in copied):
             self.session.cuda_graph_counts["inputs over cache and block copied into spare capacity"] += 1
         args = list(args)
-        for p, buffer in zip(padded, self._spare.buffers):
+        for p, buffer in zip(padded, spare.buffers):
             args[p.index] = buffer
         for i, value in key_count.size_values(capacity):
             args[i] = value
         return tuple(args)
+
+    def _spare_set(self, layout, padded, sources, capacity: int, now: dict) -> SpareBuffers:
+        """The session's set of buffers of ``layout`` for this call: one that holds what it reads, else one
+        that holds what the same tensors held before a write, else the least recently used one - or a new
+        one, up to :data:`MAX_SPARE_SETS`, if the cache was in a set this way taken before: a graph called
+        for each layer (a graph break in every layer) meets the layers' caches in turn, and gets a set for
+        each in its second round, where a cache grown by ``torch.cat`` never comes back."""
+        sets = [spare for key, spare in list(self.session.spare_buffers.items()) if key[0] == layout]
+        # told apart by the cached keys/values (an input over cache and block, a mask, may be new at every call)
+        kv = {i: content for i, content in now.items() if padded[i].index in self._kv} or now
+        spare = (next((s for s in sets if all(s.holds(i, content) for i, content in now.items())), None)
+                 or next((s for s in sets if all(s.holds(i, content) for i, content in kv.items())), None)
+                 or next((s for s in sets if s.held_by(kv)), None))
+        evicted = self.session.evicted_contents
+        if spare is None and sets and (len(sets) >= MAX_SPARE_SETS or not any(c.token in evicted for c in kv.values())):
+            spare = min(sets, key=lambda s: s.used)
+            evicted.update(c.token for c in spare.sources if c is not None)
+        elif spare is None:
+            spare = SpareBuffers(layout, [self._buffer(p, t, capacity) for p, t in zip(padded, sources)])
+            slots = {key[1] for key in self.session.spare_buffers.keys() if key[0] == layout}
+            self.session.spare_buffers[(layout, min(set(range(len(slots) + 1)) - slots))] = spare
+            if sets:
+                self.session.cuda_graph_counts["spare buffer sets added (caches read in turn)"] += 1
+        self.session.spare_calls += 1
+        spare.used = self.session.spare_calls
+        if spare not in self._spares:
+            self._spares.append(spare)
+        return spare
 
     def _buffer(self, padded: PaddedInput, tensor: torch.Tensor, capacity: int) -> torch.Tensor:
         """A buffer of ``capacity`` for ``tensor``; for an input the graph does not read, any buffer of

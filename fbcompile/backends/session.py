@@ -190,8 +190,11 @@ class Session:
         self.cuda_graphs = self.config.cuda_graphs or mode_uses_cuda_graphs(mode)
         self.cuda_graph_counts: Counter = Counter()  # captures, replays, uncaptured runs (and why)
         self._cuda_graph_pool = None
-        # layout -> SpareBuffers (cuda_graphs): graphs over the same cache share one copy of it
+        # (layout, slot) -> SpareBuffers (cuda_graphs): graphs over the same cache share one copy of it;
+        # several slots of a layout hold caches read in turn (one per layer)
         self.spare_buffers: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.spare_calls = 0  # calls that ran over spare buffers (their last use orders the sets)
+        self.evicted_contents: weakref.WeakSet = weakref.WeakSet()  # content tokens a set took another cache over
         # the CapturedGraphs (cuda_graphs): one that meets another's output as a cache it takes by address
         # has that output recycled
         self.captured_graphs: weakref.WeakSet = weakref.WeakSet()
