@@ -63,7 +63,10 @@ refresh across calls. Here, per graph:
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
   ``torch._foreach_copy_`` per dtype), so neither the caller nor the dispatcher's cache holds memory a later
   replay overwrites. A graph that returns a view of one of its inputs is not captured. The user's
-  outputs go to fresh tensors. The parts the dispatcher keeps (a refresh's ``(O_e, L_e)``) go to
+  outputs go to fresh tensors, except one that another graph then meets as its cache and takes by
+  address (Fast-dLLM's dual cache: the full pass's K/V, written in place by the block's later steps):
+  from then on it goes to recycled buffers, as below, so that graph meets the same few addresses in
+  turn (:meth:`CapturedGraph._pool_sources`). The parts the dispatcher keeps (a refresh's ``(O_e, L_e)``) go to
   *recycled* buffers: the first of this output's buffers that nothing holds any more (no tensor, no
   view: the storage's use count), else a new one (at most :data:`MAX_RECYCLED`, then fresh tensors).
   The dispatcher drops a site's stale entry before it refreshes, so a site refreshed once per block
