@@ -908,7 +908,7 @@ def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_
         model = fbcompile.optimize(llada_dual_buffer.make_tiny_model(num_layers=6),
                                    fbcompile.Config(compiler="eager", cuda_graphs=graphs))
         first = model.generate(prompt, gen_length=80, block_size=8, steps=40)  # 10 blocks of 4 steps
-        gc.collect()  # reference cycles hold the last blocks' buffers until a collection (seen under pytest)
+        gc.collect()  # a dynamo frame left in a reference cycle by the compiling call holds its last buffers
         before = fbcompile.stats(model).cuda_graphs
         runs.append((first, model.generate(prompt, gen_length=80, block_size=8, steps=40), before,
                      fbcompile.stats(model).cuda_graphs))
