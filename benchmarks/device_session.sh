@@ -8,6 +8,8 @@
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 480 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
+#   masks       bool masks on the Triton kernels natively (passed as they are since f2f9ff6), then the two
+#               mask forms at 32K grown, which ran graphs without Inductor on torch 2.11 before   (<= 420 s)
 #   moving      the GPU tests of a moving cache with a mask over cache and block (passed in or built from the
 #               length) or positions from its length                                               (<= 240 s)
 #   forms       block mode at 32K grown with each of those forms: none, a mask passed in, positions from the
@@ -94,6 +96,11 @@ for name in "${steps[@]}"; do
             --settings grown,grown-mask,grown-positions,grown-built-mask --warmup 4 --blocks 3 \
             --out "$OUT/grow_forms.json" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
+    masks)
+        step tests_bool_masks 120 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_triton_kernels.py \
+            -k "bool or sliding or empty_rows or bcast"
+        step grow_masks 300 python benchmarks/grow_cache.py --context 32k --variants block-ro \
+            --settings grown-mask,grown-built-mask --warmup 4 --blocks 3 --out "$OUT/grow_masks.json" ;;
     linear) step small_m_linear 300 python benchmarks/small_m_linear.py --rows 32,256 --out "$OUT/small_m_linear.json" ;;
     skinny) step skinny_linear 480 env PYTHONPATH=. python benchmarks/small_m_linear.py --rows 32,256 --sweep \
         --forms separate,fused,triton,triton-best --out "$OUT/skinny_linear.json" ;;
