@@ -889,6 +889,110 @@ def test_llada_prefix_cache_positions_of_a_dynamic_block_come_from_the_key_count
     assert "uncaptured over each new cache" not in report and "1 position computation(s) from it" in report, report
 
 
+@pytest.mark.parametrize("tables", ["cached", "arange", "tight"])
+@torch.no_grad()
+def test_olmo_llada_rope_after_the_cat_runs_from_spare_capacity(monkeypatch, shared_compile_budget, tables):
+    """OLMo-style LLaDA (Fast-dLLM's model, prefix cache) rotates its keys after the cat, with tables sliced
+    by the length of cache and block (``"cached"``; ``"tight"``: exactly the prompt's and the generation's
+    rows, which bound the capacity) or computed from ``arange`` of it. After the split the cache is rotated
+    with the tables' first rows and the queries and the block's keys read them at the cached length: those
+    reads come from the key count, so the graphs run over buffers with spare capacity (before: uncaptured
+    over each new cache). Repeated ``generate`` calls meet the same capacities in turn, and the graphs keep
+    their buffers: the fourth call only replays. Tokens and every forward's logits equal the model's
+    without CUDA graphs. CPU stand-in for the capture."""
+    from examples import olmo_llada_lm
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    config = {"cached": {}, "arange": dict(rope_tables="arange"), "tight": dict(max_positions=41 + 64)}[tables]
+    prompt = torch.randint(0, 100, (1, 41), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for graphs in (True, False):
+        model = fbcompile.optimize(olmo_llada_lm.make_tiny_model(**config).eval(),
+                                   fbcompile.Config(compiler="eager", cuda_graphs=graphs))
+        seen = []
+        model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out[0]))
+        tokens = [model.generate(prompt, gen_length=64, block_size=16, steps=16, cache="prefix") for _ in range(3)]
+        before = dict(fbcompile.stats(model).cuda_graphs)
+        tokens.append(model.generate(prompt, gen_length=64, block_size=16, steps=16, cache="prefix"))
+        runs.append((model, tokens, seen, before))
+    (graphed, tokens, seen, before), (_, plain_tokens, plain_seen, _) = runs
+    assert all(torch.equal(a, b) for a, b in zip(tokens, plain_tokens))
+    for got, expected in zip(seen, plain_seen, strict=True):
+        assert rel_error(got, expected) < 1e-5
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert not any(key.startswith("uncaptured (new") or key.startswith("uncaptured (cached") for key in counts), counts
+    changed = {key: counts[key] - before.get(key, 0) for key in counts if counts[key] != before.get(key, 0)}
+    assert set(changed) == {"replays", "cache copies into spare capacity"}, changed
+    report = str(fbcompile.explain(graphed))
+    assert "uncaptured over each new cache" not in report and "8 position-table read(s) at it" in report, report
+
+
+class RotatedAfterCatAttention(torch.nn.Module):
+    """Attention of a block over ``cat(cache, block)`` with RoPE applied after the cat (OLMo/LLaDA in
+    Fast-dLLM): tables sliced by the key length from ``rows`` precomputed ones, or computed from
+    ``arange`` of it; the queries take the tables' last rows."""
+
+    def __init__(self, form: str, rows: int = 256):
+        super().__init__()
+        self.form = form
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16))
+        self.register_buffer("cos_table", self.angles(torch.arange(rows).float()).cos())
+        self.register_buffer("sin_table", self.angles(torch.arange(rows).float()).sin())
+
+    def angles(self, positions):
+        freqs = torch.outer(positions, self.inv_freq)
+        return torch.cat([freqs, freqs], dim=-1)
+
+    @staticmethod
+    def rotate_half(x):
+        return torch.cat([-x[..., 8:], x[..., :8]], dim=-1)
+
+    def forward(self, x, past_k, past_v):
+        k, v = torch.cat([past_k, x], dim=2), torch.cat([past_v, x], dim=2)
+        n, c = k.shape[2], x.shape[2]
+        if self.form == "tables from arange":
+            angles = self.angles(torch.arange(n, device=x.device).float())
+            cos, sin = angles.cos(), angles.sin()
+        else:
+            cos, sin = self.cos_table[:n], self.sin_table[:n]
+        if self.form == "key norm":  # a reduction over the head dim, per key
+            k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)
+        q = x * cos[n - c:] + self.rotate_half(x) * sin[n - c:]
+        k = k * cos + self.rotate_half(k) * sin
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if self.form == "table summed elsewhere":  # reads all the table's rows: the capacity would show
+            out = out + cos.mean()
+        return out
+
+
+@pytest.mark.parametrize("form, rows, why", [
+    ("sliced tables", 256, None),
+    ("sliced tables, as many rows as the last call takes", 129 + 8, None),  # its capacity: 144 rows
+    ("tables from arange", 256, None),
+    ("key norm", 256, None),
+    ("table summed elsewhere", 256, "a position table sized by a cached length, other than")])
+@torch.no_grad()
+def test_rope_after_the_cat_runs_from_spare_capacity(device, form, rows, why):
+    """Keys rotated after the cat over a cache that grows (:mod:`fbcompile.passes.position_tables`): the graph
+    runs over buffers of the capacity, the cache rotated with the tables' first rows and the tables' rows
+    at the cached length read from the key count; tables with too few rows for a capacity bound it. A
+    table read elsewhere keeps the graph uncaptured over each new cache, and ``explain`` says why. Every
+    call equals the original model."""
+    reference = RotatedAfterCatAttention(form, rows).to(device)
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always",
+                                                                            compiler="eager"))
+    gen = torch.Generator().manual_seed(0)
+    for cache in (20, 28, 33, 34, 35, 36, 129):
+        x, past_k, past_v = (torch.randn(2, 4, n, 16, generator=gen).to(device) for n in (8, cache, cache))
+        got, expected = graphed(x, past_k, past_v), reference(x, past_k, past_v)
+        assert rel_error(got, expected) < (2e-2 if device == "cuda" else 1e-5), (cache, rel_error(got, expected))
+    counts, report = fbcompile.stats(graphed).cuda_graphs, str(fbcompile.explain(graphed))
+    assert ("switched to spare capacity" in counts) == (why is None), counts
+    assert ("uncaptured over each new cache" in report) == (why is not None), report
+    assert why is None or why in report, report
+
+
 @torch.no_grad()
 def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget):
     """Fast-dLLM's dual cache (``examples/llada_dual_buffer.py``): each block's full pass makes new K/V

@@ -187,6 +187,7 @@ def _capture_note(key_count, why_not: str | None, joins: list) -> str:
                                       ("the block's keys/values copied after the capacity", block_only),
                                       (f"{masks} mask(s) over cache and block copied into buffers", masks),
                                       (f"{positions} position computation(s) from it", positions),
+                                      (f"{key_count.tables} position-table read(s) at it", key_count.tables),
                                       (f"{key_count.masks} mask(s) built in the graph, proved the same at the capacity",
                                        key_count.masks)) if n]
         note = "spare capacity: the cached length read on the device" + (f" ({'; '.join(parts)})" if parts else "")

@@ -56,8 +56,13 @@ refresh across calls. Here, per graph:
   captures that read them. A graph that reads several caches in turn - one called for each layer, a
   graph break in every layer - gets a set of buffers for each once they come back (up to
   :data:`MAX_SPARE_SETS` per layout), so each layer's cache is copied once per move, not at every call.
+  RoPE applied to the cached keys in the graph (after the cat: OLMo/LLaDA) reads its tables' rows at
+  the cached length from the count too; a table sliced from fewer rows than a capacity takes bounds
+  the capacity. A graph keeps the buffers of its last capacity, and of up to
+  :data:`MAX_SPARE_LAYOUTS` once capacities come back (a loop of ``generate`` calls, each growing its
+  cache from the prompt's length again), so their captures replay at the next call.
   Graphs whose length reaches anything else (frame indices computed from it
-  otherwise than as ``arange``, a mask read elsewhere, RoPE applied to the cached keys in the graph)
+  otherwise than as ``arange``, a mask read elsewhere, a RoPE table read otherwise than by rows)
   run uncaptured over new caches, counted in ``Stats.cuda_graphs`` as
   ``"uncaptured (new cached keys/values)"``.
 * **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
@@ -103,6 +108,7 @@ from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
 MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph, at first
 MAX_CAPTURES_GROWN = 128  # ... at most, once dropped keys come back
 MAX_SPARE_SETS = 64    # sets of spare-capacity buffers per layout, for caches read in turn
+MAX_SPARE_LAYOUTS = 8  # layouts (capacities) of spare buffers a graph keeps, once dropped ones come back
 MAX_RECYCLED = 8       # recycled buffers per kept or pooled output
 MAX_KEPT_ADDRESSES = 2  # addresses of a reuse graph's kept parts before it copies them in instead
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
@@ -187,8 +193,9 @@ class CapturedGraph:
         self.key_count, self.joins = key_count, list(joins)
         self._count: tuple | None = None  # ((length, device), the key count tensor of that length)
         self.spare = False  # the cached keys/values run from buffers with spare capacity
-        self._spare_layout: tuple | None = None
-        self._spares: list[SpareBuffers] = []  # the sets of buffers of that layout it ran over
+        self._spares: OrderedDict = OrderedDict()  # layout -> the sets of buffers of it it ran over (LRU first)
+        self._max_layouts = 1
+        self._dropped_layouts: OrderedDict = OrderedDict()
         placeholders = list(gm.graph.find_nodes(op="placeholder"))
         self._read = [i for i, node in enumerate(placeholders) if reads_data(node)]
         self._size_only = [i for i, node in enumerate(placeholders) if node.users and not reads_data(node)]
@@ -277,7 +284,9 @@ class CapturedGraph:
         padded = (self.spare and len(lengths) == 1 and min(lengths) >= 0 and self.uncapturable is None
                   and not torch.is_grad_enabled())  # (a joined input shorter than its block: no cache)
         if padded:
-            args = self._into_spare(args, key_count, length, spare_capacity(length))
+            capacity, most = spare_capacity(length), key_count.most_capacity(args)
+            capacity = capacity if most is None else max(length, min(capacity, most))  # a table's rows bound it
+            args = self._into_spare(args, key_count, length, capacity)
         device = args[key_count.padded[0].index].device
         if self._count is None or self._count[0] != (length, device):  # the graphs only read it
             self._count = ((length, device), torch.full((1,), length, dtype=torch.int32, device=device))
@@ -294,12 +303,7 @@ class CapturedGraph:
         sources = [args[p.index] for p in padded]
         layout = (capacity, tuple((p.dim, p.extra, p.unread, t.shape[:p.dim], t.shape[p.dim + 1:], t.dtype, t.device)
                                   for p, t in zip(padded, sources)))  # buffer strides follow from these
-        if self._spare_layout != layout:
-            if self._spares:  # the captures over the old buffers can never replay
-                pointers = {b.data_ptr() for spare in self._spares for b in spare.buffers}
-                for key in [key for key in self.captures if pointers & set(key[0])]:
-                    del self.captures[key]
-            self._spare_layout, self._spares = layout, []
+        self._keep_layout(layout)
         cached = [(p.dim, length) if p.extra else None for p in padded]  # inputs over cache and block: their cached part
         needed = [i for i, p in enumerate(padded) if not p.unread and p.cached_read]
         now = {i: provenance.content(sources[i], cached[i]) for i in needed}
@@ -323,6 +327,33 @@ class CapturedGraph:
         for i, value in key_count.size_values(capacity):
             args[i] = value
         return tuple(args)
+
+    def _keep_layout(self, layout) -> None:
+        """Keep the buffers of ``layout`` and of the last layouts before it: one, twice as many each time a
+        dropped layout comes back (a loop that grows its cache again from a prompt's length at each
+        request meets the same capacities in turn), up to :data:`MAX_SPARE_LAYOUTS`, and one for good
+        where that is not enough (``_max_layouts`` 0). A cache that only grows keeps one: each move to a
+        larger capacity frees the buffers of the last, and drops the captures that read them."""
+        if layout in self._spares:
+            self._spares.move_to_end(layout)
+            return
+        if layout in self._dropped_layouts and self._max_layouts:
+            self._dropped_layouts.clear()
+            if self._max_layouts < MAX_SPARE_LAYOUTS:
+                self._max_layouts *= 2
+                self.session.cuda_graph_counts["spare layouts kept doubled (capacities came back)"] += 1
+            else:  # more in turn than it may keep: each would be dropped before it comes back
+                self._max_layouts = 0
+                self.session.cuda_graph_counts["spare layouts kept: back to one (more in turn than kept)"] += 1
+        self._spares[layout] = []
+        while len(self._spares) > max(self._max_layouts, 1):
+            old, spares = self._spares.popitem(last=False)
+            self._dropped_layouts[old] = None
+            if len(self._dropped_layouts) > _SEEN_KEYS:
+                self._dropped_layouts.popitem(last=False)
+            pointers = {b.data_ptr() for spare in spares for b in spare.buffers}  # their captures never replay
+            for key in [key for key in self.captures if pointers & set(key[0])]:
+                del self.captures[key]
 
     def _spare_set(self, layout, padded, sources, capacity: int, now: dict) -> SpareBuffers:
         """The session's set of buffers of ``layout`` for this call: one that holds what it reads, else one
@@ -348,8 +379,8 @@ class CapturedGraph:
                 self.session.cuda_graph_counts["spare buffer sets added (caches read in turn)"] += 1
         self.session.spare_calls += 1
         spare.used = self.session.spare_calls
-        if spare not in self._spares:
-            self._spares.append(spare)
+        if spare not in self._spares[layout]:
+            self._spares[layout].append(spare)
         return spare
 
     def _buffer(self, padded: PaddedInput, tensor: torch.Tensor, capacity: int) -> torch.Tensor:

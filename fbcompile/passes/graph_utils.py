@@ -6,12 +6,14 @@ matchers are written once.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import operator
 
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 try:  # torch >= 2.12
@@ -59,6 +61,44 @@ def example(node) -> torch.Tensor | None:
     """The fake tensor dynamo recorded for ``node`` (None when it is not a tensor)."""
     value = recorded(node) if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None
+
+
+class NoExample(Exception):
+    """A node whose shapes cannot be known (an op fake tensors cannot run)."""
+
+
+def fill_examples(*nodes: fx.Node) -> None:
+    """Give ``nodes`` and their ancestors the example values passes did not record (the nodes the split
+    emits), run on the fake tensors of their inputs; raises :class:`NoExample` where an op cannot run."""
+    missing, stack = {}, list(nodes)
+    while stack:
+        n = stack.pop()
+        if (n not in missing and n.op in ("call_function", "call_method") and "example_value" not in n.meta
+                and "val" not in n.meta):
+            missing[n] = None
+            stack.extend(n.all_input_nodes)
+    if not missing:
+        return
+    known = [recorded(a) for n in missing for a in n.all_input_nodes if a not in missing]
+    modes = [v.fake_mode for v in known if isinstance(v, FakeTensor)]
+    with modes[0] if modes else contextlib.nullcontext():
+        for n in (n for n in nodes[0].graph.nodes if n in missing):
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), recorded)
+            target = getattr(args[0], n.target) if n.op == "call_method" else n.target
+            try:
+                n.meta["example_value"] = target(*(args[1:] if n.op == "call_method" else args), **kwargs)
+            except Exception as error:  # an op fake tensors cannot run: no shapes to prove anything with
+                raise NoExample(f"no shape for '{n.name}' ({type(error).__name__})") from error
+
+
+def erase_unused(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` if nothing reads it, and so on up its inputs (placeholders stay)."""
+    unused = [node]
+    while unused:
+        dead = unused.pop()
+        if dead.op != "placeholder" and not dead.users and not dead._erased:
+            unused += dead.all_input_nodes
+            graph.erase_node(dead)
 
 
 LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)  # how dynamo records a linear

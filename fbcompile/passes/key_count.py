@@ -31,7 +31,10 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
 
 * is read only as the keys or values of ``attention_lse`` calls, along their key axis, directly or
   through ``permute``/``transpose`` views read only so (a ``[B, S, H, D]`` cache seen as ``[B, H, S, D]``;
-  no slice or other use: any of them could see the padding), and none of these calls runs on cuDNN
+  no slice or other use: any of them could see the padding), or through position-wise ops read only so
+  (RoPE applied after the cat, split: its padded rows reach only the attention, which the count stops;
+  the position tables they read, and the tables' rows read at the cached length, as
+  :mod:`fbcompile.passes.position_tables` proves and rewrites them), and none of these calls runs on cuDNN
   (:func:`fbcompile.ops.attention_kernel`), which takes no key count (as a bias over the padding it
   loses its 1.5x lead over the Triton kernel: ``benchmarks/results/attention_backends_h200.md``);
 * or is the cache joined with the block by an earlier graph (SDAR's graph break, split where it was
@@ -82,14 +85,14 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import op_name, recorded, traced_value
+from fbcompile.passes.graph_utils import NoExample, erase_unused, fill_examples, op_name, recorded, traced_value
 from fbcompile.passes.length_invariance import LENGTH, MaskEvaluator, Unproved, prove_same_at_any_length
+from fbcompile.passes.position_tables import CAPACITY, TableReads, read_from_count, table_reads
+from fbcompile.passes.positionwise import LayoutError, positionwise_rows
 
 ATTENTION = torch.ops.fbcompile.attention_lse.default
 COUNT_NAME = "cached_key_count"
 
-
-CAPACITY = sympy.Symbol("capacity", integer=True, positive=True)
 
 
 @dataclass
@@ -142,6 +145,8 @@ class KeyCountInputs:
     positions: int = 0  # positions after the cache the graph now computes from the key count
     masks: int = 0  # masks the graph computes from the cached length, proved the same at the capacity
     blocks: dict = field(default_factory=dict)  # dynamic block length -> (argument, its dim or None: an int)
+    tables: int = 0  # position-table reads at the cached length the graph now reads from the key count
+    limits: list = field(default_factory=list)  # TableLimit: the capacity the tables' prefix slices allow
     _values: dict = field(default_factory=dict, repr=False)  # capacity -> size_values (sympy is slow)
     _bound: dict = field(default_factory=dict, repr=False)  # block lengths -> resolve()
 
@@ -156,8 +161,14 @@ class KeyCountInputs:
             padded = [replace(p, extra=int(bind(p.extra)), strides=tuple(bind(s) for s in p.strides))
                       for p in self.padded]
             self._bound[key] = KeyCountInputs(padded, [(i, bind(expr)) for i, expr in self.sizes], self.positions,
-                                              self.masks)
+                                              self.masks, tables=self.tables,
+                                              limits=[replace(limit, extra=int(bind(limit.extra))) for limit in self.limits])
         return self._bound[key]
+
+    def most_capacity(self, args) -> int | None:
+        """The largest capacity the position tables the graph slices by the cached length have rows for, at
+        this call (``args``; bound block lengths: :meth:`resolve`); None where none bounds it."""
+        return min((limit.most(args) for limit in self.limits), default=None)
 
     def size_values(self, capacity: int) -> list[tuple[int, int]]:
         """``(index, value)`` of the integer inputs for buffers of ``capacity``."""
@@ -312,6 +323,47 @@ def _key_readers(node: fx.Node, dim: int, ndim: int, name: str) -> tuple[list[fx
     return readers, lengths, None
 
 
+def _rotated_readers(node: fx.Node, dim: int, ndim: int) -> tuple | None:
+    """``(readers, lengths, ops, tables, why not)`` where cached input ``node`` reaches attention keys/values
+    through position-wise ops (RoPE after the cat, split by :mod:`fbcompile.passes.positionwise`: the
+    cache rotated with its tables' first ``L`` rows): the attention calls, the reads of its length, the ops
+    and ``(position table, its dim)`` they read (:mod:`fbcompile.passes.position_tables` proves those);
+    ``why`` set where these ops' results reach anything else. None where it reaches no attention so."""
+    downstream, pending, calls, lengths = {node}, [node], [], []
+    while pending:
+        source = pending.pop()
+        for user in source.users:
+            if source is node and _size_read(user, node, dim, ndim):
+                lengths.append(user)
+            elif user.target is ATTENTION:
+                calls.append((user, source))
+            elif user not in downstream:
+                downstream.add(user)
+                pending.append(user)
+    readers, region, tables = [], set(), []
+    for call, operand in calls:
+        if operand is node or len(call.args) != 5 or [j for j, a in enumerate(call.args) if a is operand] not in ([1], [2]):
+            return None
+        try:
+            fill_examples(operand)
+            chain = positionwise_rows(operand, 2, node)
+        except (LayoutError, NoExample):
+            return None
+        if chain.cat_dim != dim:
+            return None
+        readers.append(call)
+        region |= set(chain.region)
+        tables += [(table, use.dim) for (_, table), use in chain.uses.items() if use.kind == "table"]
+    if not readers:
+        return None
+    for source in region | {node}:
+        for user in source.users:
+            if not (user in region or user in readers or source is node and user in lengths):
+                return [], [], set(), [], (f"{user.name} reads {source.name}, computed position-wise from cached "
+                                           f"input {node.name}, other than on its way to attention keys/values")
+    return readers, lengths, region, tables, None
+
+
 @dataclass
 class _SplitInput:
     """An input over the cache and the block, or a mask the graph computes over them (``padded`` None):
@@ -451,8 +503,8 @@ def _cone(sinks: dict, sources: list, reads: set) -> set:
     return cone
 
 
-def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: list[_SplitInput], device
-                    ) -> tuple[list[_SplitInput], set, list, str | None]:
+def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: list[_SplitInput], device,
+                    tables: set) -> tuple[list[_SplitInput], set, list, str | None]:
     """The masks the graph computes from the cached length and splits into their cached and block's parts
     (``narrow(mask, -1, 0, L)``, ``narrow(mask, -1, L, c)``) where each part is proved the same at any
     length (:mod:`fbcompile.passes.length_invariance`), as split inputs of no input of their own, plus the
@@ -461,7 +513,7 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
     (only these read what they read of the length; positions after the cache among them are read
     elsewhere from the key count); and the integer inputs of those inputs' lengths, ``(index, value)``.
     Or why one mask is not proved the same."""
-    sinks = _splits_at_the_length(found, {n for item in split_inputs for n in (*item.heads, *item.tails)})
+    sinks = _splits_at_the_length(found, {n for item in split_inputs for n in (*item.heads, *item.tails)} | tables)
     if not sinks:
         return [], set(), [], None
     at_capacity = {s for s, value in found.symbol_values.items() if value == CAPACITY}
@@ -525,6 +577,8 @@ class _CachedInputs:
     symbol_values: dict = field(default_factory=dict)  # symbol -> its value in buffers of CAPACITY
     readers: list = field(default_factory=list)        # the attention calls that take the key count
     lengths: dict = field(default_factory=dict)        # node reading a cached length -> its symbol
+    region: set = field(default_factory=set)           # position-wise ops from a cached input to attention
+    tables: list = field(default_factory=list)         # (position table, its key dim) those ops read
     env: object = None                                  # the shape environment
 
     def agree(self, values: dict) -> str | None:
@@ -570,6 +624,10 @@ def _cached_inputs(placeholders: list, kv: set[int], on_cudnn: frozenset[str]) -
             reads, sizes, why = list(joined[1].users) if joined[1] is not None else [], [], None
         else:
             reads, sizes, why = _key_readers(node, dims[0], value.dim(), node.name)
+            if why is not None and (rotated := _rotated_readers(node, dims[0], value.dim())) is not None:
+                reads, sizes, region, tables, why = rotated
+                found.region |= region
+                found.tables += tables
         if why is not None:
             return found, why
         cudnn = [r.name for r in reads if r.name in on_cudnn]
@@ -670,8 +728,8 @@ def _position_reads(user: fx.Node, length: fx.Node, device: torch.device, symbol
     return None if None in found else [(end, base, divisor, *where) for end, where in zip(ends, found)]
 
 
-def _length_reads(lengths: dict, split_inputs: list[_SplitInput], device: torch.device, masks: set, symbols: set
-                  ) -> tuple[list[tuple], str | None]:
+def _length_reads(lengths: dict, split_inputs: list[_SplitInput], device: torch.device, masks: set, symbols: set,
+                  tables: TableReads) -> tuple[list[tuple], str | None]:
     """The positions computed from the cached lengths (see :func:`_position_reads`), if the lengths are
     read for nothing else but the splits of the inputs over cache and block at their own cached length
     and the masks computed from them (``masks``: the nodes that compute them); else ``([], why not)``.
@@ -689,7 +747,7 @@ def _length_reads(lengths: dict, split_inputs: list[_SplitInput], device: torch.
     for length in lengths:
         for user in length.users:
             position = next((j for j, a in enumerate(user.args) if a is length), None)
-            if (user, position) in splits and user.args.count(length) == 1:
+            if (user, position) in splits and user.args.count(length) == 1 or tables.feeds_only(user):
                 continue
             computed = _position_reads(user, length, device, symbols)  # (in a mask, may be read elsewhere)
             if computed is None and user not in masks:
@@ -724,12 +782,7 @@ def _positions_from_count(gm: fx.GraphModule, positions: list[tuple], count: fx.
             cast = graph.call_method("to", (shifted, dtype))
             cast.meta["example_value"] = offsets.meta["example_value"]
         node.replace_all_uses_with(cast, delete_user_cb=lambda user: user not in masks)
-        unused = [node]
-        while unused:
-            dead = unused.pop()
-            if dead.op != "placeholder" and not dead.users and not dead._erased:
-                unused += dead.all_input_nodes
-                graph.erase_node(dead)
+        erase_unused(graph, node)
 
 
 def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = frozenset()
@@ -774,7 +827,10 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
             return None, why
         split_inputs.append(item)
     device = _value(placeholders[next(iter([*(p.index for p in found.padded), *found.length_only]))]).device
-    computed, cone, fresh_sizes, why = _computed_masks(placeholders, found, split_inputs, device)
+    tables, why = table_reads(found.lengths, found.region, found.tables, placeholders, found.symbol_values)
+    if why is not None:
+        return None, why
+    computed, cone, fresh_sizes, why = _computed_masks(placeholders, found, split_inputs, device, tables.claimed)
     if why is not None:
         return None, why
     sizes += fresh_sizes
@@ -783,19 +839,19 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
             if user not in cone:
                 return None, f"{user.name} reads input {item.name} over the cache and the block other than as its split parts"
     split_inputs += computed
-    positions, why = _length_reads(found.lengths, split_inputs, device, cone, set(found.symbol_values))
+    positions, why = _length_reads(found.lengths, split_inputs, device, cone, set(found.symbol_values), tables)
     if why is not None:
         return None, why
     positions = [p for p in positions if any(user not in cone for user in p[0].users)]  # the others: in masks
     elsewhere = {node for node in cone if any(user not in cone and op_name(user) != "narrow" for user in node.users)}
     if not elsewhere <= {p[0] for p in positions}:  # positions in a mask the count must serve elsewhere
         return None, f"{min(elsewhere, key=str).name} is read in a mask and elsewhere, not as positions after the cache"
-    if not (found.readers or split_inputs or positions or any(p.joined for p in found.padded)):
+    if not (found.readers or split_inputs or positions or tables.reads or any(p.joined for p in found.padded)):
         return None, None  # nothing reads the length
     found.padded += _lengths_from_split_inputs(gm, placeholders, found.length_only, found.lengths, split_inputs)
     padded = [p for p in found.padded if not p.unread] + [item.padded for item in split_inputs if item.padded] + \
         [p for p in found.padded if p.unread]
-    blocks, why = _block_sources(placeholders, padded, sizes)
+    blocks, why = _block_sources(placeholders, padded, sizes, tables.limits)
     if why is not None:
         return None, why
     with gm.graph.inserting_after(placeholders[-1]):
@@ -807,15 +863,20 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
     _positions_from_count(gm, positions, count, cone)
+    for read in tables.reads:
+        read_from_count(gm, read, count)
     gm.recompile()
     return KeyCountInputs(padded, sizes, len(positions), sum(item.padded is None for item in split_inputs),
-                          blocks), None
+                          blocks, len(tables.reads), tables.limits), None
 
 
-def _block_sources(placeholders: list, padded: list[PaddedInput], sizes: list[tuple]) -> tuple[dict, str | None]:
-    """Where each call gives the dynamic block lengths the padded inputs' layouts and the integer inputs
-    involve: ``symbol -> (argument, its dimension of that length, or None: the argument is it)``."""
-    exprs = [p.extra for p in padded] + [s for p in padded for s in p.strides] + [expr for _, expr in sizes]
+def _block_sources(placeholders: list, padded: list[PaddedInput], sizes: list[tuple], limits: list
+                   ) -> tuple[dict, str | None]:
+    """Where each call gives the dynamic block lengths the padded inputs' layouts, the integer inputs and
+    the capacity limits involve: ``symbol -> (argument, its dimension of that length, or None: the
+    argument is it)``."""
+    exprs = [p.extra for p in padded] + [s for p in padded for s in p.strides] + [expr for _, expr in sizes] + \
+        [limit.extra for limit in limits]
     wanted = set().union(*(sympy.sympify(e).free_symbols for e in exprs)) - {CAPACITY}
     sources = {}
     for i, node in enumerate(placeholders):

@@ -182,6 +182,7 @@ class _Tracer:
         self.uses: dict = {}
         self.side_inputs: set = set()
         self.guarded_sizes: list = []
+        self.slices: list = []  # (getitem / narrow, its input, the input's dim, its dim) along the sequence
         self.visited: dict = {}
         self._constants: set | None = None
 
@@ -411,6 +412,8 @@ class _Tracer:
             in_dim = _index_dim(node.args[1], dim, len(src_shape))
         if in_dim is None or in_dim < 0:
             raise LayoutError(f"'{name}' does not keep the key sequence dim whole")
+        if name in ("getitem", "narrow"):
+            self.slices.append((node, source, in_dim, dim))
         return self._inputs(node, [(source, in_dim)])
 
     def _einsum(self, node: fx.Node, dim: int) -> bool:
@@ -542,6 +545,21 @@ def positionwise_rows(top: fx.Node, seq_dim: int, source: fx.Node) -> Positionwi
     a position table, not walked (the split proved its rows). Sparse reuse
     (:mod:`.sparse_external`) emits it over gathered rows of ``source`` and of the tables."""
     return _traced(_Tracer(top, seq_dim, source), seq_dim)
+
+
+def position_table(node: fx.Node, dim: int) -> tuple[list[tuple], set[fx.Node]]:
+    """Prove that row i of ``node`` along ``dim`` is a function of i alone at any size the graph runs at,
+    as the tables of a chain are (graph inputs, ``arange(n)``, prefix slices, position-wise ops of those;
+    no cat along the sequence); raises :class:`LayoutError` otherwise. Returns the slices its rows pass
+    through, ``(slice, its input, the input's dim, the slice's dim)`` (a prefix slice reads only rows its
+    input has), and the graph inputs it reads."""
+    tracer = _Tracer(node, dim)
+    try:
+        if tracer.visit(node, dim):
+            raise LayoutError("it is computed from a concatenation along the sequence")
+    except LayoutError as error:
+        raise LayoutError(f"position table {node.name}: {error}") from error
+    return tracer.slices, tracer.side_inputs
 
 
 def _traced(tracer: _Tracer, seq_dim: int) -> PositionwiseChain:

@@ -40,17 +40,15 @@ dim, ...), which sparse reuse would have to recompute over the whole cache at ev
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
 
 from fbcompile.config import Sparse
 from fbcompile.kernels import reference
 from fbcompile.ops import AttentionArgs, MergeArgs
-from fbcompile.passes.graph_utils import example, op_name, same_size, shape, view_base
+from fbcompile.passes.graph_utils import NoExample, example, fill_examples, op_name, same_size, shape, view_base
 from fbcompile.passes.positionwise import LayoutError, PositionwiseChain, positionwise_rows
 from fbcompile.passes.reuse_external import (SpecializedGraph, cached_parts, copy_graph, merges, taking_cached,
                                              with_outputs)
@@ -148,31 +146,6 @@ def _key_length(graph: fx.Graph, kv: fx.Node):
     return graph.call_method("size", (kv, 2) if chain is None else (chain.cat, chain.cat_dim))
 
 
-def _fill_examples(node: fx.Node) -> None:
-    """Give ``node`` and its ancestors the example values the split pass did not record (the nodes it
-    emitted), run on the fake tensors of their inputs."""
-    missing, stack = {}, [node]
-    while stack:
-        n = stack.pop()
-        if (n not in missing and n.op in ("call_function", "call_method") and "example_value" not in n.meta
-                and "val" not in n.meta):
-            missing[n] = None
-            stack.extend(n.all_input_nodes)
-    if not missing:
-        return
-    value = lambda a: a.meta.get("example_value", a.meta.get("val"))  # noqa: E731
-    known = [value(a) for n in missing for a in n.all_input_nodes if a not in missing]
-    modes = [v.fake_mode for v in known if isinstance(v, FakeTensor)]
-    with modes[0] if modes else contextlib.nullcontext():
-        for n in (n for n in node.graph.nodes if n in missing):
-            args, kwargs = fx.node.map_arg((n.args, n.kwargs), value)
-            target = getattr(args[0], n.target) if n.op == "call_method" else n.target
-            try:
-                n.meta["example_value"] = target(*(args[1:] if n.op == "call_method" else args), **kwargs)
-            except Exception as error:  # an op fake tensors cannot run: no shapes to prove anything with
-                raise LayoutError(f"no shape for '{n.name}' ({type(error).__name__})") from error
-
-
 def sparse_reasons(gm: fx.GraphModule) -> list[str | None]:
     """Per split site (graph order), why it keeps plain block reuse (None: sparse reuse applies)."""
     reasons = []
@@ -181,9 +154,9 @@ def sparse_reasons(gm: fx.GraphModule) -> list[str | None]:
         for call in _ranges(merge):
             for kv in AttentionArgs.of(call)[1:3]:
                 try:
-                    _fill_examples(kv)
+                    fill_examples(kv)
                     _rows_chain(kv)
-                except LayoutError as error:
+                except (LayoutError, NoExample) as error:
                     reason = (f"its external keys/values are computed in the graph ({op_name(kv) or kv.target}) "
                               f"in a form sparse reuse cannot gather: {error}")
         reasons.append(reason)
