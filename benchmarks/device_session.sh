@@ -37,6 +37,9 @@
 #               SDPA, over 64-4680 queries per head (benchmarks/attention_backends.py), then at the video's
 #               [B, S, H, D] layout                                                                   (<= 220 s)
 #   cudnn       the cuDNN path's GPU tests (the ops, the video DiT with and without CUDA graphs)      (<= 200 s)
+#   llada       the GPU tests of RoPE after the cat over a moving cache; then Fast-dLLM's LLaDA generation (OLMo form,
+#               8 layers of LLaDA-8B, prompt 2048, 256 tokens, prefix cache): eager, torch.compile, fbcompile
+#               exact/block with and without CUDA graphs (benchmarks/llada_generate.py)              (<= 560 s)
 #   tune        the linear launches of a layer (q/k/v, o, down as partials; gate/up gated) over configs with
 #               warps and 5-7 splits, each against a read-only launch of its bytes (the ceiling)       (<= 560 s)
 set -u
@@ -95,6 +98,11 @@ for name in "${steps[@]}"; do
         step grow_forms 570 python benchmarks/grow_cache.py --context 32k --variants block-ro \
             --settings grown,grown-mask,grown-positions,grown-built-mask --warmup 4 --blocks 3 \
             --out "$OUT/grow_forms.json" ;;
+    llada)
+        step tests_rope_after_cat 120 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py \
+            -k "rope_after_the_cat or olmo"
+        step llada_generate 440 python benchmarks/llada_generate.py --prompt 2048 --gen 256 --steps 8 --layers 8 \
+            --repeats 3 --out "$OUT/llada_generate.json" ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
     masks)
         step tests_bool_masks 120 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_triton_kernels.py \
