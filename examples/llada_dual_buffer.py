@@ -11,7 +11,12 @@ over the whole buffer::
 
 ``replace_position`` is a ``[1, L]`` bool mask of the block (shared by the batch). The buffers are the
 full pass's K/V, written in place at every later step of the block; the next block's full pass makes
-new ones.
+new ones. Fast-dLLM's LLaDA (OLMo-style) caches the keys before RoPE and rotates the whole buffer after
+the write, the queries with the tables' rows of the block (``make_tiny_model(rotate_after_write=True)``)::
+
+    past_k[:, :, idx] = k                        # un-rotated
+    q, k = rope(q, past_k)                       # every row of the buffer; q at the block's rows
+    attention(q, k, past_v)
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import torch
 try:  # importable both as ``examples.llada_dual_buffer`` and from inside ``examples/``
     from .block_diffusion_lm import KV, BlockDiffusionLM, greedy_confidence, init_random_weights, unmask_topk
     from .llada_lm import LLaDAAttention, LLaDAConfig, LLaDALM
+    from .olmo_llada_lm import OLMoAttention, OLMoLLaDAConfig
 except ImportError:
     from block_diffusion_lm import KV, BlockDiffusionLM, greedy_confidence, init_random_weights, unmask_topk
     from llada_lm import LLaDAAttention, LLaDAConfig, LLaDALM
+    from olmo_llada_lm import OLMoAttention, OLMoLLaDAConfig
 
 
 class BufferAttention(LLaDAAttention):
@@ -43,9 +50,29 @@ class BufferAttention(LLaDAAttention):
         return self.output(self.attend(q, past_k, past_v, attention_mask)), (past_k, past_v)
 
 
+class RotatedBufferAttention(OLMoAttention):
+    """Fast-dLLM's own order (its OLMo-based LLaDA): the buffers hold un-rotated keys, the block is written
+    un-rotated, then RoPE rotates the whole buffer; the queries take the tables' rows at the block's
+    positions (Fast-dLLM: ``arange(block_end - q_len, block_end)``)."""
+
+    def forward(self, hidden, cos, sin, past_kv: Optional[KV] = None, attention_mask=None,
+                future_kv: Optional[KV] = None, replace_position: Optional[torch.Tensor] = None):
+        if replace_position is None:
+            return super().forward(hidden, cos, sin, past_kv, attention_mask, future_kv)
+        q, k, v = self.project(hidden, None, None)
+        past_k, past_v = past_kv
+        idx = replace_position.nonzero(as_tuple=True)[1]
+        past_k[:, :, idx] = k
+        past_v[:, :, idx] = v
+        q, k = self.rotary(q, past_k, q_positions=idx)
+        return self.output(self.attend(q, k, past_v, attention_mask)), (past_k, past_v)
+
+
 class DualBufferLLaDA(LLaDALM):
+    attention_cls = BufferAttention
+
     def __init__(self, config: LLaDAConfig):
-        BlockDiffusionLM.__init__(self, config, attention_cls=BufferAttention)
+        BlockDiffusionLM.__init__(self, config, attention_cls=self.attention_cls)
         self.last_num_forwards = 0
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[Sequence[KV]] = None,
@@ -94,7 +121,15 @@ class DualBufferLLaDA(LLaDALM):
         return x
 
 
-def make_tiny_model(seed: int = 0, **config_overrides) -> DualBufferLLaDA:
-    """Random-weight tiny model in eval mode, deterministic for a given seed."""
-    config = LLaDAConfig(**config_overrides)
-    return init_random_weights(DualBufferLLaDA(config), seed).to(config.dtype).eval()
+class RotatedDualBufferLLaDA(DualBufferLLaDA):
+    """The dual cache as Fast-dLLM runs it on LLaDA: RoPE after the write (:class:`RotatedBufferAttention`)."""
+
+    attention_cls = RotatedBufferAttention
+
+
+def make_tiny_model(seed: int = 0, rotate_after_write: bool = False, **config_overrides) -> DualBufferLLaDA:
+    """Random-weight tiny model in eval mode, deterministic for a given seed; ``rotate_after_write``:
+    Fast-dLLM's own order (RoPE after the write, OLMo-style tables: ``OLMoLLaDAConfig``)."""
+    config = (OLMoLLaDAConfig if rotate_after_write else LLaDAConfig)(**config_overrides)
+    model_cls = RotatedDualBufferLLaDA if rotate_after_write else DualBufferLLaDA
+    return init_random_weights(model_cls(config), seed).to(config.dtype).eval()

@@ -73,14 +73,20 @@ class RotaryAfterCat(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos()[None, None], emb.sin()[None, None]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, q_positions: Optional[torch.Tensor] = None):
+        """``q_positions``: the queries' rows of the tables (Fast-dLLM's dual cache: the block's, in the
+        middle of the keys); by default the last ``q_len``."""
         q_len, key_len = q.shape[-2], k.shape[-2]
         if self.tables == "cached":
             cos, sin = self.cos_table[:, :, :key_len, :], self.sin_table[:, :, :key_len, :]
         else:
             cos, sin = self.compute(key_len)
+        if q_positions is None:
+            q_cos, q_sin = cos[:, :, key_len - q_len:], sin[:, :, key_len - q_len:]
+        else:
+            q_cos, q_sin = cos.index_select(2, q_positions), sin.index_select(2, q_positions)
         qf, kf = q.float(), k.float()
-        qf = qf * cos[:, :, key_len - q_len:] + rotate_half_unbind(qf) * sin[:, :, key_len - q_len:]
+        qf = qf * q_cos + rotate_half_unbind(qf) * q_sin
         kf = kf * cos + rotate_half_unbind(kf) * sin
         return qf.to(q.dtype), kf.to(k.dtype)
 

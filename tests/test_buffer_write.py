@@ -134,12 +134,17 @@ def test_qwen2_static_cache_stale_reuse_refreshes():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("attn_impl,dtype,batch,prompt_len,block", [("sdpa", torch.float32, 1, 7, 8),
-                                                                    ("eager", torch.float32, 2, 5, 4),
-                                                                    ("eager", torch.bfloat16, 2, 6, 4)])
-def test_llada_dual_buffer_exact(attn_impl, dtype, batch, prompt_len, block):
+@pytest.mark.parametrize("attn_impl,dtype,batch,prompt_len,block,rotate", [("sdpa", torch.float32, 1, 7, 8, False),
+                                                                           ("eager", torch.float32, 2, 5, 4, False),
+                                                                           ("eager", torch.bfloat16, 2, 6, 4, False),
+                                                                           ("sdpa", torch.float32, 2, 7, 8, True),
+                                                                           ("eager", torch.bfloat16, 1, 5, 4, True)])
+def test_llada_dual_buffer_exact(attn_impl, dtype, batch, prompt_len, block, rotate):
+    """``rotate``: Fast-dLLM's own order, RoPE applied to the whole buffer after the write (the keys reach
+    attention through position-wise ops of the written buffer: the block's part rotates its rows with the
+    tables' rows at the written positions)."""
     prompt = torch.randint(0, 200, (batch, prompt_len), generator=torch.Generator().manual_seed(block))
-    kwargs = dict(attn_impl=attn_impl, dtype=dtype)
+    kwargs = dict(attn_impl=attn_impl, dtype=dtype, rotate_after_write=rotate)
     expected = make_dual_buffer_llada(**kwargs).generate(prompt, gen_length=2 * block, block_size=block, steps=4)
     model = _optimized(make_dual_buffer_llada(**kwargs), "always")
     got = model.generate(prompt, gen_length=2 * block, block_size=block, steps=4)
@@ -151,13 +156,14 @@ def test_llada_dual_buffer_exact(attn_impl, dtype, batch, prompt_len, block):
 
 
 @torch.no_grad()
-def test_llada_dual_buffer_logits_exact():
+@pytest.mark.parametrize("rotate", [False, True], ids=["rotated before", "rotated after the write"])
+def test_llada_dual_buffer_logits_exact(rotate):
     """The block steps' logits (the test above compares tokens). bf16: one layer, against eager bf16
     (eager bf16 itself is 1.3e-2 off the fp32 model with one layer, 2.5e-2 with two: large random logits)."""
     for dtype, tol, layers in ((torch.float32, 1e-5, 2), (torch.bfloat16, 1e-2, 1)):
         torch._dynamo.reset()
-        plain = make_dual_buffer_llada(dtype=dtype, num_layers=layers)
-        model = _optimized(make_dual_buffer_llada(dtype=dtype, num_layers=layers), "always")
+        plain = make_dual_buffer_llada(dtype=dtype, num_layers=layers, rotate_after_write=rotate)
+        model = _optimized(make_dual_buffer_llada(dtype=dtype, num_layers=layers, rotate_after_write=rotate), "always")
         x = torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(3))
         replace = torch.zeros(1, 20, dtype=torch.bool)
         replace[:, 9:15] = True
@@ -171,10 +177,11 @@ def test_llada_dual_buffer_logits_exact():
 
 
 @torch.no_grad()
-def test_llada_dual_buffer_reuses_within_each_block():
+@pytest.mark.parametrize("rotate", [False, True], ids=["rotated before", "rotated after the write"])
+def test_llada_dual_buffer_reuses_within_each_block(rotate):
     blocks, steps = 5, 4
     prompt = torch.randint(0, 200, (1, 7), generator=torch.Generator().manual_seed(0))
-    model = _optimized(make_dual_buffer_llada(), "block")
+    model = _optimized(make_dual_buffer_llada(rotate_after_write=rotate), "block")
     model.generate(prompt, gen_length=blocks * 8, block_size=8, steps=blocks * steps)
     stats = fbcompile.stats(model)
     layers = model.config.num_layers
@@ -187,8 +194,10 @@ def test_llada_dual_buffer_reuses_within_each_block():
 
 
 @torch.no_grad()
-def test_llada_dual_buffer_moved_block_and_outside_write_refresh():
-    plain, model = make_dual_buffer_llada(), _optimized(make_dual_buffer_llada(), "block")
+@pytest.mark.parametrize("rotate", [False, True], ids=["rotated before", "rotated after the write"])
+def test_llada_dual_buffer_moved_block_and_outside_write_refresh(rotate):
+    plain = make_dual_buffer_llada(rotate_after_write=rotate)
+    model = _optimized(make_dual_buffer_llada(rotate_after_write=rotate), "block")
     x = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(5))
     _, copies = plain(x, use_cache=True)
 

@@ -994,14 +994,16 @@ def test_rope_after_the_cat_runs_from_spare_capacity(device, form, rows, why):
 
 
 @torch.no_grad()
-def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget):
+@pytest.mark.parametrize("rotate", [False, True], ids=["rotated before", "rotated after the write"])
+def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget, rotate):
     """Fast-dLLM's dual cache (``examples/llada_dual_buffer.py``): each block's full pass makes new K/V
     buffers, the block's later steps write into them in place (taken by address), and ``nonzero`` breaks
     the graph in every layer, so one attention graph runs for each of the 6 layers. The full pass's K/V
     are copied out of its replays into recycled buffers (the loop drops each block's buffers before the
     block after next), and the graphs keep as many captures as the layers and buffers they meet in turn:
     a second ``generate`` only replays (before: new buffers every block, a capture at almost every call).
-    Both ``generate``s' tokens equal the model's without CUDA graphs. CPU stand-in for the capture."""
+    Both ``generate``s' tokens equal the model's without CUDA graphs. ``rotate``: Fast-dLLM's own order,
+    RoPE applied to the whole buffer after the write. CPU stand-in for the capture."""
     from examples import llada_dual_buffer
 
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
@@ -1009,7 +1011,7 @@ def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_
     prompt = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
     runs = []
     for graphs in (True, False):
-        model = fbcompile.optimize(llada_dual_buffer.make_tiny_model(num_layers=6),
+        model = fbcompile.optimize(llada_dual_buffer.make_tiny_model(num_layers=6, rotate_after_write=rotate),
                                    fbcompile.Config(compiler="eager", cuda_graphs=graphs))
         first = model.generate(prompt, gen_length=80, block_size=8, steps=40)  # 10 blocks of 4 steps
         gc.collect()  # a dynamo frame left in a reference cycle by the compiling call holds its last buffers

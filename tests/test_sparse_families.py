@@ -40,8 +40,8 @@ def _llada(cache):
         lambda m: m.generate(_prompt(), cache=cache, gen_length=16, block_size=8, steps=8)
 
 
-def _dual_buffer():
-    return lambda: llada_dual_buffer.make_tiny_model(num_layers=1), \
+def _dual_buffer(rotate_after_write=False):
+    return lambda: llada_dual_buffer.make_tiny_model(num_layers=1, rotate_after_write=rotate_after_write), \
         lambda m: m.generate(_prompt(), gen_length=16, block_size=8, steps=8)
 
 
@@ -93,6 +93,7 @@ FAMILIES = {
     "llada-prefix": (lambda: _llada("prefix"), 4, SPARSE),
     "llada-dual": (lambda: _llada("dual"), 4, SPARSE),
     "llada-dual-buffer": (_dual_buffer, 4, SPARSE),
+    "llada-dual-buffer-rotated-after": (lambda: _dual_buffer(rotate_after_write=True), 4, SPARSE),  # Fast-dLLM's order
     "sdar-remote-flash": (_sdar_remote, 4, SPARSE),
     "wan-self-forcing": (lambda: _wan("self_forcing"), 8, SPARSE),
     # LongLive attends over cat(sinks, window) of a written clone: the window starts at an offset that

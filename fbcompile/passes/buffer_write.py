@@ -23,6 +23,11 @@ over the *whole* buffer (``[B, H, N, D]`` or ``[B, N, H, D]``, through the layou
       buf[:, :, s:e] = k
       attention(q, buf, ...)
 
+The buffer may reach attention through position-wise ops after the write (Fast-dLLM's LLaDA rotates
+the whole buffer: ``k = rope(past_k)``): :mod:`.positionwise` proves them, with the buffer standing
+for the cat, and each piece below computes them over its own rows (``table_rows``: the tables' rows
+for the whole buffer, or at ``pos``).
+
 The split is by key positions: with ``pos`` the written positions,
 
 * external = the whole buffer with the columns ``pos`` hidden (its own mask, or a new bool one);
@@ -136,6 +141,13 @@ class BufferExternal(_BufferPiece):
     def emit(self, graph: fx.Graph) -> fx.Node:
         return self.base
 
+    def emit_length(self, graph: fx.Graph):
+        return self.write.emit_length(graph)
+
+    def table_rows(self, graph: fx.Graph, table: fx.Node, dim: int) -> fx.Node:
+        """A position table's rows for the whole buffer (keys rotated after the write: all of it)."""
+        return table
+
 
 class BufferBlock(_BufferPiece):
     """The buffer's rows at the written positions, read after the write."""
@@ -152,6 +164,14 @@ class BufferBlock(_BufferPiece):
 
     def emit(self, graph: fx.Graph) -> fx.Node:
         return graph.call_method("index_select", (self.base, self.write.dim, self.write.positions(graph)))
+
+    def emit_length(self, graph: fx.Graph):
+        length = self.length
+        return length if isinstance(length, int) else graph.call_method("size", (self.write.positions(graph), 0))
+
+    def table_rows(self, graph: fx.Graph, table: fx.Node, dim: int) -> fx.Node:
+        """A position table's rows at the written positions."""
+        return graph.call_method("index_select", (table, dim, self.write.positions(graph)))
 
 
 def _is_offset_arange(node) -> bool:

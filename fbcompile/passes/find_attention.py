@@ -141,8 +141,8 @@ class AttentionSite:
 
     def buffer_writes(self) -> list:
         """The keys' and values' :class:`~.buffer_write.BufferWrite` of a written-buffer site (else [])."""
-        return [p.write for layout in (self.k_layout, self.v_layout) for p in layout.pieces[:1]
-                if isinstance(p, BufferExternal)]
+        return [_stand_in(p).write for layout in (self.k_layout, self.v_layout) for p in layout.pieces[:1]
+                if isinstance(_stand_in(p), BufferExternal)]
 
     def query_heads(self) -> int:
         return shape(self.q)[2 if self.tokens_first else 1]
@@ -340,9 +340,15 @@ def _check_buffer_writes(site: AttentionSite, deps: DependencyGraph) -> None:
     site.position_inputs = position_inputs(writes[0], deps)
 
 
+def _stand_in(piece):
+    """The piece a position-wise piece computes from (a written buffer's rows, keys rotated after the
+    write), else ``piece``."""
+    return piece.source if isinstance(piece, PositionwisePiece) else piece
+
+
 def _internal_reason(deps: DependencyGraph, piece, query_inputs: set) -> str | None:
     """Why ``piece`` belongs to the block, or None if it is external (see the module docstring)."""
-    if isinstance(piece, (BufferBlock, CacheTail)):
+    if isinstance(_stand_in(piece), (BufferBlock, CacheTail)):
         return "are the rows this graph writes (the block)"
     if isinstance(piece, fx.Node) and piece.meta.get("fbcompile_block"):
         return "are the block an earlier graph appended (see .split_joined_inputs)"

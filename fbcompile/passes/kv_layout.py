@@ -33,9 +33,9 @@ rebuild each cat operand as a canonical ``[B, Hkv, n, D]`` tensor *without* the 
 split attention reads every cached byte once.
 
 When the walk meets an op that is not a layout op (RoPE applied after the cat, a per-head norm),
-:mod:`.positionwise` proves the ops between the cat and that point position-wise and hands back
-one piece per cat operand; a cat operand that is itself such ops of a cat (zero padding after RoPE)
-is replaced by that cat's pieces.
+:mod:`.positionwise` proves the ops between the cat (or a written buffer, which stands for one) and
+that point position-wise and hands back one piece per cat operand; a cat operand that is itself such
+ops of a cat (zero padding after RoPE) is replaced by that cat's pieces.
 """
 from __future__ import annotations
 
@@ -307,7 +307,7 @@ def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
         if len(seq_real) != 1 or seq_real[0].atom is None:
             raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(cat) or cat.op}')")
         cat_dim = seq_real[0].atom
-        pieces = positionwise_pieces(cat, cat_dim)
+        pieces = positionwise_pieces(cat, cat_dim, stand_in=_written_buffer)
     if len(seq_real) != 1 or seq_real[0].atom != cat_dim or len(leaves[cat_dim]) != 1:
         raise LayoutError("the cat is not along the key-sequence dim")
     if any(f.atom is None for f in batch + head_dim):

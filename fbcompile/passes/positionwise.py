@@ -173,9 +173,10 @@ class PositionwiseChain:
 class _Tracer:
     """Walks back from ``top`` along the sequence dim (see the module docstring)."""
 
-    def __init__(self, top: fx.Node, seq_dim: int, source: fx.Node | None = None):
+    def __init__(self, top: fx.Node, seq_dim: int, source: fx.Node | None = None, stand_in=None):
         self.top, self.length = top, shape(top)[seq_dim]
         self.source = source  # stands for the cat (see positionwise_rows)
+        self.stand_in = stand_in  # graph input -> (dim, pieces) where it stands for a cat (see positionwise_pieces)
         self.downstream = _descendants(source) if source is not None else set()
         self.chain: PositionwiseChain | None = None
         self.region: dict = {}
@@ -212,8 +213,14 @@ class _Tracer:
             if node not in self.downstream:
                 return False  # a position table: taken as it is (the split proved its rows)
         if node.op == "placeholder":
-            self.side_inputs.add(node)
-            return False
+            found = self.stand_in(node) if self.stand_in is not None else None
+            if found is None:
+                self.side_inputs.add(node)
+                return False
+            if found[0] != dim or self.chain is not None:
+                raise LayoutError(f"keys/values read the written buffer {node.name} along another dim, or twice")
+            self.chain = PositionwiseChain(top=self.top, cat=node, cat_dim=dim, pieces=list(found[1]))
+            return True
         if node.op == "get_attr":
             return False
         if self._graph_constant(node):  # its ops and constants are in the site's fingerprint (passes/guards.py)
@@ -503,6 +510,8 @@ class PositionwisePiece:
 
     @property
     def length(self):
+        if not isinstance(self.source, fx.Node):  # a stand-in piece
+            return self.source.length
         return shape(self.source)[self.chain.cat_dim]
 
     @property
@@ -519,13 +528,20 @@ class PositionwisePiece:
         return self.chain.guarded_sizes
 
     def describe(self) -> str:
-        return f"{self.source.name}->{self.chain.top.name}"
+        source = self.source.name if isinstance(self.source, fx.Node) else self.source.describe()
+        return f"{source}->{self.chain.top.name}"
 
     def emit_length(self, graph: fx.Graph):
+        if not isinstance(self.source, fx.Node):
+            return self.source.emit_length(graph)
         length = self.length
         return length if isinstance(length, int) else graph.call_method("size", (self.source, self.chain.cat_dim))
 
     def emit(self, graph: fx.Graph) -> fx.Node:
+        source = self.source
+        if not isinstance(source, fx.Node):  # a stand-in's rows, and its own rows of each table
+            return self.chain.emit_rows(graph, source.emit(graph),
+                                        lambda table, dim: source.table_rows(graph, table, dim), self.emit_length(graph))
         start = 0
         for i in range(self.index):
             before = PositionwisePiece(self.chain, i).emit_length(graph)
@@ -533,9 +549,12 @@ class PositionwisePiece:
         return self.chain.emit(graph, self.index, start, self.emit_length(graph))
 
 
-def positionwise_pieces(top: fx.Node, seq_dim: int) -> list[PositionwisePiece]:
-    """The pieces of ``top`` (sequence along ``seq_dim``) if it is position-wise of a sequence cat."""
-    chain = _traced(_Tracer(top, seq_dim), seq_dim)
+def positionwise_pieces(top: fx.Node, seq_dim: int, stand_in=None) -> list[PositionwisePiece]:
+    """The pieces of ``top`` (sequence along ``seq_dim``) if it is position-wise of a sequence cat, or of a
+    graph input that ``stand_in`` (``input -> (dim, pieces) or None``) finds stands for one: a buffer the
+    graph writes at the block's positions (Fast-dLLM's dual cache, rotated after the write), whose pieces
+    (:mod:`.buffer_write`) give their own rows of each table (``table_rows``)."""
+    chain = _traced(_Tracer(top, seq_dim, stand_in=stand_in), seq_dim)
     return [PositionwisePiece(chain, i) for i in range(len(chain.pieces))]
 
 
