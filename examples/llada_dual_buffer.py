@@ -68,6 +68,29 @@ class RotatedBufferAttention(OLMoAttention):
         return self.output(self.attend(q, k, past_v, attention_mask)), (past_k, past_v)
 
 
+class BranchingBufferAttention(RotatedBufferAttention):
+    """Fast-dLLM's own control flow around the write and the rotation: a write per batch row after its
+    ``nonzero`` and a length check, the block's end from ``replace_position.any()`` and
+    ``nonzero().max()``, the queries' rows ``arange(end - q_len, end)`` from tensors. Dynamo breaks the
+    graph between the write and the attention, which then reads the written buffer as an input."""
+
+    def forward(self, hidden, cos, sin, past_kv: Optional[KV] = None, attention_mask=None,
+                future_kv: Optional[KV] = None, replace_position: Optional[torch.Tensor] = None):
+        if replace_position is None:
+            return super().forward(hidden, cos, sin, past_kv, attention_mask, future_kv)
+        q, k, v = self.project(hidden, None, None)
+        past_k, past_v = past_kv
+        for row in range(replace_position.shape[0]):
+            idx = replace_position[row].nonzero(as_tuple=True)[0]
+            if len(idx) > 0:
+                past_k[row, :, idx] = k[row, :, :len(idx)]
+                past_v[row, :, idx] = v[row, :, :len(idx)]
+        end = replace_position.nonzero(as_tuple=True)[1].max() + 1 if replace_position.any() else past_k.shape[-2]
+        rows = torch.arange(end - q.shape[-2], end, device=q.device, dtype=torch.long)
+        q, k = self.rotary(q, past_k, q_positions=rows)
+        return self.output(self.attend(q, k, past_v, attention_mask)), (past_k, past_v)
+
+
 class DualBufferLLaDA(LLaDALM):
     attention_cls = BufferAttention
 
@@ -127,9 +150,18 @@ class RotatedDualBufferLLaDA(DualBufferLLaDA):
     attention_cls = RotatedBufferAttention
 
 
-def make_tiny_model(seed: int = 0, rotate_after_write: bool = False, **config_overrides) -> DualBufferLLaDA:
+class BranchingDualBufferLLaDA(DualBufferLLaDA):
+    """Fast-dLLM's dual cache with its own control flow (:class:`BranchingBufferAttention`)."""
+
+    attention_cls = BranchingBufferAttention
+
+
+def make_tiny_model(seed: int = 0, rotate_after_write: bool = False, branches: bool = False,
+                    **config_overrides) -> DualBufferLLaDA:
     """Random-weight tiny model in eval mode, deterministic for a given seed; ``rotate_after_write``:
-    Fast-dLLM's own order (RoPE after the write, OLMo-style tables: ``OLMoLLaDAConfig``)."""
-    config = (OLMoLLaDAConfig if rotate_after_write else LLaDAConfig)(**config_overrides)
-    model_cls = RotatedDualBufferLLaDA if rotate_after_write else DualBufferLLaDA
+    Fast-dLLM's own order (RoPE after the write, OLMo-style tables: ``OLMoLLaDAConfig``); ``branches``:
+    that order with Fast-dLLM's control flow too (graph breaks between the write and the attention)."""
+    config = (OLMoLLaDAConfig if rotate_after_write or branches else LLaDAConfig)(**config_overrides)
+    model_cls = BranchingDualBufferLLaDA if branches else RotatedDualBufferLLaDA if rotate_after_write \
+        else DualBufferLLaDA
     return init_random_weights(model_cls(config), seed).to(config.dtype).eval()

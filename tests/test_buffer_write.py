@@ -177,6 +177,21 @@ def test_llada_dual_buffer_logits_exact(rotate):
 
 
 @torch.no_grad()
+def test_fast_dllm_control_flow_keeps_the_dual_cache_exact_and_says_why():
+    """Fast-dLLM's own control flow (a write per batch row, ``replace_position.any()``, tensor-bounded
+    ``arange``) breaks the graph between the write and the attention, which then reads the written buffer
+    as an input: no split is proved there (a written buffer must be written in the attention's graph),
+    the tokens are the original model's, and ``explain`` says why."""
+    prompt = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    expected = make_dual_buffer_llada(branches=True).generate(prompt, gen_length=16, block_size=8, steps=4)
+    model = _optimized(make_dual_buffer_llada(branches=True), "block")
+    assert torch.equal(model.generate(prompt, gen_length=16, block_size=8, steps=4), expected)
+    decisions = [s["decision"] for s in fbcompile.explain(model).sites]
+    assert decisions and all(d.startswith("skipped: keys/values are not a concatenation") for d in decisions), decisions
+    assert fbcompile.stats(model).reuses == 0
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("rotate", [False, True], ids=["rotated before", "rotated after the write"])
 def test_llada_dual_buffer_reuses_within_each_block(rotate):
     blocks, steps = 5, 4
