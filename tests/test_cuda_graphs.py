@@ -698,6 +698,9 @@ def test_a_mask_read_elsewhere_keeps_the_cache_uncaptured(device, use, why):
     assert why is None or why in report, report
 
 
+FROM_COUNT = "their positions from the count"
+
+
 class BuiltMaskAttention(torch.nn.Module):
     """Attention of a block over ``cat(cache, block)`` under a mask the model builds from the cached length
     ``L`` (``form``), as HF's ``create_causal_mask`` and block-diffusion models do."""
@@ -745,8 +748,8 @@ class BuiltMaskAttention(torch.nn.Module):
     ("additive", None),
     ("additive, by a scale", None),
     ("ones, then sub-blocks", None),
-    ("sliding window", "may differ over a padded cache: the cached part of"),
-    ("block-causal positions", "may differ over a padded cache"),
+    ("sliding window", FROM_COUNT),
+    ("block-causal positions", FROM_COUNT),
     ("summed elsewhere", "computed from a cached length, other than split at that length")])
 @torch.no_grad()
 def test_a_mask_built_from_the_cached_length_runs_from_spare_capacity(device, form, why):
@@ -754,9 +757,10 @@ def test_a_mask_built_from_the_cached_length_runs_from_spare_capacity(device, fo
     padding mask of its own length; a cache of ones joined to a block mask) runs over buffers of the
     capacity where its cached and its block's columns are proved the same at any length
     (:mod:`fbcompile.passes.length_invariance`); a mask whose columns move with the length (a sliding
-    window, block-causal positions) or that is read elsewhere keeps the graph uncaptured over each new
-    cache, and ``explain`` says why. Every call equals the original model, the padding mask holding
-    zeros in the cached and the block's columns."""
+    window, block-causal positions) where they are the same with the length's values read from the key
+    count (the block's key positions ``C + j`` then ``n + j``: ``FROM_COUNT``); one read elsewhere keeps
+    the graph uncaptured over each new cache, and ``explain`` says why. Every call equals the original
+    model, the padding mask holding zeros in the cached and the block's columns."""
     reference = BuiltMaskAttention(form)
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always",
                                                                             compiler="eager"))
@@ -768,10 +772,12 @@ def test_a_mask_built_from_the_cached_length_runs_from_spare_capacity(device, fo
         got, expected = graphed(x, past_k, past_v, padding), reference(x, past_k, past_v, padding)
         assert rel_error(got, expected) < (2e-2 if device == "cuda" else 1e-5), (cache, rel_error(got, expected))
     counts, report = fbcompile.stats(graphed).cuda_graphs, str(fbcompile.explain(graphed))
-    assert ("switched to spare capacity" in counts) == (why is None), counts
-    assert ("uncaptured over each new cache" in report) == (why is not None), report
-    if why is None:
-        assert counts.get("replays", 0) >= 2 and "proved the same at the capacity" in report, (counts, report)
+    spare = why in (None, FROM_COUNT)
+    assert ("switched to spare capacity" in counts) == spare, counts
+    assert ("uncaptured over each new cache" in report) == (not spare), report
+    if spare:
+        how = "proved the same at the capacity" if why is None else "their positions from the count"
+        assert counts.get("replays", 0) >= 2 and how in report, (counts, report)
     else:
         assert why in report, report
 

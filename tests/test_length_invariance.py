@@ -137,6 +137,58 @@ def test_the_proof_decides_the_forms_models_use():
     assert list(proved.values()) == [(True, True), (True, True), (True, True), (False, True), (False, False)], proved
 
 
+def _from_count(function):
+    """Whether the proof in count mode finds each part the same with the length's values from the count,
+    and the graph rewritten so (``values_from_count``): ``rewritten(capacity, count)``."""
+    gm = _traced(function)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    values = [node.meta.get("example_value") for node in placeholders]
+    sized = next(i for i, value in enumerate(values) if isinstance(value, torch.SymInt))  # dynamo passes the length
+    symbol = sympy.sympify(values[sized].node.expr)
+    cone = {node for node in gm.graph.nodes if node.op == "call_function" or node.op == "call_method"}
+    proved = []
+    for narrow, cached in zip([node for node in gm.graph.nodes if op_name(node) == "narrow"], (True, False)):
+        try:
+            prove_same_at_any_length(MaskEvaluator({symbol: LENGTH}, {}, cone, count=True), narrow, cached)
+            proved.append(True)
+        except Unproved:
+            proved.append(False)
+    with gm.graph.inserting_after(placeholders[-1]):
+        count = gm.graph.placeholder("count")
+    length = lambda graph: placeholders[sized]  # noqa: E731
+    length_invariance.values_from_count(gm, cone, symbol, length, count)
+    gm.recompile()
+
+    def rewritten(capacity: int, n: int):
+        args = [torch.zeros(capacity) if isinstance(v, torch.Tensor) else capacity for v in values]
+        return gm(*args, torch.tensor([n]))
+    return tuple(proved), rewritten
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(source=masks())
+@example(source="(kv <= q) & (kv > q - 24)")     # a sliding window: proved from the count
+@example(source="kv // 4 <= q // 4")             # block-causal positions: proved from the count
+@example(source="kv - q + block_index <= 0")
+@torch.no_grad()
+def test_a_part_proved_from_the_count_is_the_mask_at_the_length(source):
+    """Where the proof in count mode (the length's values read from the count: the block's key positions
+    ``C + j`` become ``n + j``) proves a part of a mask, the rewritten graph run at a capacity ``C`` with
+    count ``n`` computes the mask at ``n`` there."""
+    function = _mask_function(source)
+    (cached_same, block_same), rewritten = _from_count(function)
+    if source in ("(kv <= q) & (kv > q - 24)", "kv // 4 <= q // 4"):
+        assert cached_same and block_same
+    for n in (1, 5, 13, 40):
+        at_length = function(torch.zeros(n))
+        for capacity in (n, n + 1, n + 7, 3 * n + 11):
+            at_capacity = rewritten(capacity, n)
+            if cached_same:
+                assert torch.equal(at_capacity[0][..., :n], at_length[0]), (source, n, capacity)
+            if block_same:
+                assert torch.equal(at_capacity[1], at_length[1]), (source, n, capacity)
+
+
 @settings(max_examples=400, deadline=None)
 @given(coefficients=st.tuples(*[st.integers(-2, 2)] * 4), constant=st.integers(-4, 4), cached=st.booleans(),
        dynamic=st.booleans(),

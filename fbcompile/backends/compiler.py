@@ -188,8 +188,9 @@ def _capture_note(key_count, why_not: str | None, joins: list) -> str:
                                       (f"{masks} mask(s) over cache and block copied into buffers", masks),
                                       (f"{positions} position computation(s) from it", positions),
                                       (f"{key_count.tables} position-table read(s) at it", key_count.tables),
-                                      (f"{key_count.masks} mask(s) built in the graph, proved the same at the capacity",
-                                       key_count.masks)) if n]
+                                      (f"{key_count.masks} mask(s) built in the graph, " + (
+                                          "their positions from the count" if key_count.masks_from_count else
+                                          "proved the same at the capacity"), key_count.masks)) if n]
         note = "spare capacity: the cached length read on the device" + (f" ({'; '.join(parts)})" if parts else "")
     elif why_not is not None:
         note = f"uncaptured over each new cache: {why_not}"

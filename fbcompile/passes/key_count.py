@@ -60,7 +60,9 @@ a larger buffer, whose strides dynamo makes other symbols: they then take the bu
 * or read in a mask the graph computes and splits as above (HF's ``create_causal_mask``: ``arange(s0 + c)
   <= arange(c) + s0``, maybe with a 2-D padding mask indexed by the key positions; a block mask joined to a
   cached part of ones), whose cached and block's parts :mod:`fbcompile.passes.length_invariance` proves
-  the same at any length: the graph computes it at the capacity. A 2-D padding mask of a length of its own
+  the same at any length: the graph computes it at the capacity; or (a sliding window, block-causal
+  positions) the same with the length's values read from the count, as the graph then reads them
+  (:func:`~fbcompile.passes.length_invariance.values_from_count`). A 2-D padding mask of a length of its own
   (dynamo does not tie it to ``s0``) that only such a mask reads is taken to be over the cache and the
   block, padded as above; a call pads it only if its length is the cache's plus ``c``. The block's length
   ``c`` may be a symbol (dynamo made it dynamic): the buffers' layouts then keep it, and each call binds
@@ -86,7 +88,8 @@ import torch
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import NoExample, erase_unused, fill_examples, op_name, recorded, traced_value
-from fbcompile.passes.length_invariance import LENGTH, MaskEvaluator, Unproved, prove_same_at_any_length
+from fbcompile.passes.length_invariance import (LENGTH, MaskEvaluator, Unproved, prove_same_at_any_length,
+                                                 values_from_count)
 from fbcompile.passes.position_tables import CAPACITY, TableReads, read_from_count, table_reads
 from fbcompile.passes.positionwise import LayoutError, positionwise_rows
 
@@ -147,6 +150,7 @@ class KeyCountInputs:
     blocks: dict = field(default_factory=dict)  # dynamic block length -> (argument, its dim or None: an int)
     tables: int = 0  # position-table reads at the cached length the graph now reads from the key count
     limits: list = field(default_factory=list)  # TableLimit: the capacity the tables' prefix slices allow
+    masks_from_count: bool = False  # the masks the graph computes read the length's values from the count
     _values: dict = field(default_factory=dict, repr=False)  # capacity -> size_values (sympy is slow)
     _bound: dict = field(default_factory=dict, repr=False)  # block lengths -> resolve()
 
@@ -162,7 +166,8 @@ class KeyCountInputs:
                       for p in self.padded]
             self._bound[key] = KeyCountInputs(padded, [(i, bind(expr)) for i, expr in self.sizes], self.positions,
                                               self.masks, tables=self.tables,
-                                              limits=[replace(limit, extra=int(bind(limit.extra))) for limit in self.limits])
+                                              limits=[replace(limit, extra=int(bind(limit.extra))) for limit in self.limits],
+                                              masks_from_count=self.masks_from_count)
         return self._bound[key]
 
     def most_capacity(self, args) -> int | None:
@@ -376,6 +381,7 @@ class _SplitInput:
     heads: list
     tails: list
     others: list = field(default_factory=list)
+    from_count: bool = False  # a computed mask proved the same with the length's values from the key count
 
 
 def _split_input(node: fx.Node, index: int, symbols: set) -> tuple[_SplitInput | None, str | None]:
@@ -536,21 +542,17 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
     split = {placeholders[item.padded.index]: (item.padded.dim, item.padded.extra) for item in split_inputs}
     split.update({node: (dim, block) for node, (_, dim, _, _) in fresh.items()})
     lengths = {**{s: LENGTH for s in at_capacity}, **{symbol: LENGTH + block for _, _, symbol, _ in fresh.values()}}
-    evaluator = MaskEvaluator(lengths, split, cone)
     masks = {}
     for sink, symbol in sinks.items():
         source = sink.args[0]
         item = masks.setdefault(source, _SplitInput(source.name, None, symbol, [], []))
-        cached = sink.args[2] == 0
-        (item.heads if cached else item.tails).append(sink)
-        try:
-            if symbol not in at_capacity:
-                raise Unproved(f"{sink.name} splits {source.name} at a length that is not the cache's")
-            prove_same_at_any_length(evaluator, sink, cached)
-        except Unproved as why:
-            return [], cone, [], f"{sink.name} may differ over a padded cache: {why}"
-        except (TypeError, ValueError, AttributeError) as error:  # a form the symbols cannot carry: unproved
-            return [], cone, [], f"{sink.name} may differ over a padded cache: not followed ({type(error).__name__})"
+        (item.heads if sink.args[2] == 0 else item.tails).append(sink)
+    why = _masks_unproved(MaskEvaluator(lengths, split, cone), sinks, at_capacity)
+    if why is not None:  # a sliding window, block-causal positions: the same if its positions come from the count
+        if _masks_unproved(MaskEvaluator(lengths, split, cone, count=True), sinks, at_capacity) is not None:
+            return [], cone, [], why
+        for item in masks.values():
+            item.from_count = True
     for item in masks.values():
         if (why := _heads_refused(item)) is not None:
             return [], cone, [], why
@@ -565,6 +567,20 @@ def _computed_masks(placeholders: list, found: "_CachedInputs", split_inputs: li
     if fresh and (why := _replacements_refused(found.env, {symbol for _, _, symbol, _ in fresh.values()})):
         return [], cone, [], why
     return list(masks.values()) + adopted, cone, sizes, None
+
+
+def _masks_unproved(evaluator: MaskEvaluator, sinks: dict, at_capacity: set) -> str | None:
+    """Why a mask's part split at the length (``sinks``) may differ over a padded cache, else None."""
+    for sink, symbol in sinks.items():
+        try:
+            if symbol not in at_capacity:
+                raise Unproved(f"{sink.name} splits {sink.args[0].name} at a length that is not the cache's")
+            prove_same_at_any_length(evaluator, sink, sink.args[2] == 0)
+        except Unproved as why:
+            return f"{sink.name} may differ over a padded cache: {why}"
+        except (TypeError, ValueError, AttributeError) as error:  # a form the symbols cannot carry: unproved
+            return f"{sink.name} may differ over a padded cache: not followed ({type(error).__name__})"
+    return None
 
 
 @dataclass
@@ -863,11 +879,26 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
     _positions_from_count(gm, positions, count, cone)
+    if any(item.from_count for item in split_inputs):
+        symbol = next(s for s, value in found.symbol_values.items() if value == CAPACITY)
+        length = _length_read(placeholders, found, symbol)
+        values_from_count(gm, cone, symbol, length, count)
     for read in tables.reads:
         read_from_count(gm, read, count)
     gm.recompile()
     return KeyCountInputs(padded, sizes, len(positions), sum(item.padded is None for item in split_inputs),
-                          blocks, len(tables.reads), tables.limits), None
+                          blocks, len(tables.reads), tables.limits,
+                          any(item.from_count for item in split_inputs)), None
+
+
+def _length_read(placeholders: list, found: "_CachedInputs", symbol):
+    """``graph -> node``: emits a read of the cached length ``symbol`` (an integer input that is it, or the
+    size of a cached input of that length)."""
+    for node in placeholders:
+        if isinstance(_value(node), torch.SymInt) and _expr(_value(node)) == symbol:
+            return lambda graph: node
+    padded = next(p for p in found.padded if not p.joined and _expr(_value(placeholders[p.index]).shape[p.dim]) == symbol)
+    return lambda graph: graph.call_method("size", (placeholders[padded.index], padded.dim))
 
 
 def _block_sources(placeholders: list, padded: list[PaddedInput], sizes: list[tuple], limits: list

@@ -22,7 +22,10 @@ column ``k``. At a block's column ``L + j``: ``L + j <= L + i`` is ``j <= i``, a
 the block's column ``j`` at ``L + j``. So the mask may be computed at ``C``. A block mask joined to a
 cached part of ones (``cat([ones(c, L), inner], -1)``) passes the same way; a sliding window
 (``kv > q - w``: a cached column's value changes with ``L``) or block-causal positions (``kv // b``) do
-not, and the graph keeps the cache unpadded.
+not. Those are proved in *count mode* instead (``MaskEvaluator(count=True)``): the graph reads the
+length's values from the key count ``n`` (:func:`values_from_count`: ``q = arange(c) + n``, and the
+block's key positions ``C + j`` become ``n + j``), and each column is then the same as at ``n``, the
+sizes staying those of the capacity. Otherwise the graph keeps the cache unpadded.
 
 The proof evaluates the mask symbolically, one element at a time (:class:`MaskEvaluator`): positions are
 affine expressions of ``L`` and the element's indices, a comparison is decided where its sign is the same
@@ -159,8 +162,9 @@ class MaskEvaluator:
     of ``L``; ``split``: inputs over the cache and the block, ``node -> (dim, block length)``; ``cone``: the
     nodes that depend on the length."""
 
-    def __init__(self, lengths: dict, split: dict, cone: set):
+    def __init__(self, lengths: dict, split: dict, cone: set, count: bool = False):
         self.lengths, self.split, self.cone = lengths, split, cone
+        self.count = count  # evaluate the mask as :func:`values_from_count` rewrites it
         self.region: _Region | None = None
         self._memo: dict = {}
 
@@ -182,6 +186,8 @@ class MaskEvaluator:
     def tensor(self, node) -> _Elements:
         if not isinstance(node, fx.Node) or not isinstance(_value(node), torch.Tensor):
             value = self.scalar(node) if isinstance(node, fx.Node) else sympy.sympify(node)
+            if self.count:  # a length read as a value: the count's
+                value = value.subs(LENGTH, CACHED)
             return _Elements((), lambda index: value)
         if node not in self._memo:
             self._memo[node] = self._elements(node)
@@ -219,6 +225,10 @@ class MaskEvaluator:
             if value.dtype.is_floating_point or set(node.kwargs) - {"device", "dtype"} or not 1 <= len(args) <= 2:
                 raise Unproved(f"{node.name}: only integer aranges with a start and an end are followed")
             start = self.scalar(args[0]) if len(args) == 2 else sympy.Integer(0)
+            if self.count and start.has(LENGTH):  # positions after the cache: from the count
+                start = start.subs(LENGTH, CACHED)
+            elif self.count and self.scalar(args[-1]).has(LENGTH):  # key positions: the block's from the count
+                return _Elements(shape, lambda index: self._key_position(node, start + index[0]))
             return _Elements(shape, lambda index: start + index[0])
         if name in ("ones", "zeros", "full", "new_ones", "new_zeros", "new_full", "ones_like", "zeros_like"):
             fill = {"ones": 1, "zeros": 0}.get(name.removeprefix("new_").removesuffix("_like"))
@@ -263,6 +273,16 @@ class MaskEvaluator:
             condition, a, b = (self._broadcast(x, shape) for x in args)
             return _Elements(shape, lambda index: sympy.Piecewise((a(index), condition(index)), (b(index), True)))
         raise Unproved(f"{node.name} ({name}) is not followed by the proof")
+
+    def _key_position(self, node: fx.Node, position):
+        """``position`` of an ``arange`` up to the cached length as :func:`values_from_count` remaps it: kept
+        below ``L`` (the cache and its spare rows), ``position - L + n`` from ``L`` on (the block)."""
+        below = _compare(operator.lt, position, LENGTH, self.region)
+        if below is sympy.true:
+            return position
+        if below is sympy.false:
+            return position - LENGTH + CACHED
+        raise Unproved(f"{node.name} is read at {position}, not proved on one side of the cached length")
 
     def _split_input(self, node: fx.Node, shape: tuple) -> _Elements:
         """An input over the cache and the block, padded: its cached column ``p < n`` and the block's
@@ -388,3 +408,45 @@ def prove_same_at_any_length(evaluator: MaskEvaluator, narrow: fx.Node, cached: 
     if element.subs(LENGTH, CACHED + _SPARE).has(_SPARE):
         raise Unproved(f"the {'cached' if cached else 'block'} part of {source.name} changes with the cached "
                        f"length ({element})")
+
+
+_BROADCAST_OPS = set(_COMPARISONS) | set(_ARITHMETIC) | set(_LOGICAL) | set(_NOT) | {"neg", "where"}
+
+
+def values_from_count(gm: fx.GraphModule, cone: set, symbol, length: Callable, count: fx.Node) -> None:
+    """Rewrite the nodes of ``cone`` (masks a proof in count mode, ``MaskEvaluator(count=True)``, proved)
+    to read the cached length's value from ``count`` (a one-element device tensor) where they read it as
+    a value, as that proof evaluates them; sizes keep the length ``L`` (``symbol``; ``length(graph)``
+    emits a read of it)::
+
+        arange(L + a, L + b)           ->  arange(L + a, L + b) + (count - L)       # positions after the cache
+        arange(a, L + c)               ->  r = arange(a, L + c); where(r < L, r, r + (count - L))   # key positions
+        kv > (q - w) + L (L a value)   ->  kv > (q - w) + (count + (L - L))
+
+    Over buffers of a capacity ``C >= n`` (``L = C``, ``count = n``) the cache's columns keep their
+    positions and the block's columns ``C + j`` get ``n + j``: the mask the graph computed over the
+    cache alone."""
+    graph = gm.graph
+    has_length = lambda value: isinstance(value, torch.SymInt) and symbol in sympy.sympify(value.node.expr).free_symbols  # noqa: E731
+    for node in [n for n in graph.nodes if n in cone]:
+        if node.target is torch.arange:
+            start, end = (_value(node.args[0]) if len(node.args) == 2 else 0), _value(node.args[-1])
+            if not (has_length(start) or has_length(end)):
+                continue
+            users = list(node.users)
+            with graph.inserting_before(node.next):  # (in the order they are made)
+                shift = graph.call_function(operator.sub, (count, length(graph)))
+                moved = graph.call_function(operator.add, (node, shift))
+                if not has_length(start):  # key positions
+                    below = graph.call_function(operator.lt, (node, length(graph)))
+                    moved = graph.call_function(torch.where, (below, node, moved))
+            for user in users:
+                user.replace_input_with(node, moved)
+            continue
+        if op_name(node) not in _BROADCAST_OPS or not isinstance(_value(node), torch.Tensor):  # (sizes stay)
+            continue
+        for arg in [a for a in node.all_input_nodes if has_length(_value(a))]:
+            with graph.inserting_before(node):
+                rest = graph.call_function(operator.sub, (arg, length(graph)))
+                value = graph.call_function(operator.add, (count, rest))
+            node.replace_input_with(arg, value)
