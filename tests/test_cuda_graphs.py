@@ -964,7 +964,10 @@ class RotatedAfterCatAttention(torch.nn.Module):
             cos, sin = self.cos_table[:n], self.sin_table[:n]
         if self.form == "key norm":  # a reduction over the head dim, per key
             k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)
-        q = x * cos[n - c:] + self.rotate_half(x) * sin[n - c:]
+        if self.form == "new dims in the read":
+            q = x * cos[None, None, n - c:] + self.rotate_half(x) * sin[None, None, n - c:]
+        else:
+            q = x * cos[n - c:] + self.rotate_half(x) * sin[n - c:]
         k = k * cos + self.rotate_half(k) * sin
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         if self.form == "table summed elsewhere":  # reads all the table's rows: the capacity would show
@@ -977,6 +980,7 @@ class RotatedAfterCatAttention(torch.nn.Module):
     ("sliced tables, as many rows as the last call takes", 129 + 8, None),  # its capacity: 144 rows
     ("tables from arange", 256, None),
     ("key norm", 256, None),
+    ("new dims in the read", 256, None),
     ("table summed elsewhere", 256, "a position table sized by a cached length, other than")])
 @torch.no_grad()
 def test_rope_after_the_cat_runs_from_spare_capacity(device, form, rows, why):

@@ -68,6 +68,7 @@ class _Read:
     start: fx.Node
     offset: int
     size: int | fx.Node | None
+    rest: tuple | None = None  # a getitem's other entries (new dims, ints), applied after the rows
 
 
 @dataclass
@@ -164,7 +165,9 @@ def _read_at(node: fx.Node, values: dict) -> _Read | None:
         if end is None or end < offset:
             return None
         size = end - offset
-    return _Read(node, table, _slice_dim(index, at[0], value.dim()), item.start, offset, size)
+    rest = (*index[:at[0]], slice(None), *index[at[0] + 1:])
+    trivial = all(x is Ellipsis or x == slice(None) for x in rest)
+    return _Read(node, table, _slice_dim(index, at[0], value.dim()), item.start, offset, size, None if trivial else rest)
 
 
 def _sizes(lengths, symbols: set) -> list[fx.Node]:
@@ -317,5 +320,9 @@ def read_from_count(gm: fx.GraphModule, read: _Read, count: fx.Node) -> None:
         index.meta["example_value"] = rows.meta["example_value"] + like
         selected = graph.call_method("index_select", (read.table, read.dim, index))
         selected.meta["example_value"] = table.index_select(read.dim, index.meta["example_value"])
+        if read.rest is not None:
+            picked = selected
+            selected = graph.call_function(operator.getitem, (picked, read.rest))
+            selected.meta["example_value"] = picked.meta["example_value"][read.rest]
     read.node.replace_all_uses_with(selected)
     erase_unused(graph, read.node)
