@@ -280,6 +280,9 @@ def trace_kv(node: fx.Node, tokens_first: bool = False) -> KVLayout:
         cursor = cursor.args[0]
     cat = cursor
     cat_shape = shape(cat)
+    if positionwise and cat.op == "placeholder":  # no op at all between the input and the attention
+        raise LayoutError("keys/values are not a concatenation: a graph input this graph neither joins with the "
+                          "block nor writes (an earlier graph may have, before a graph break)")
     if positionwise:
         if cat_shape is None:
             raise LayoutError(f"keys/values are not a concatenation (reached '{op_name(cat) or cat.op}')")
