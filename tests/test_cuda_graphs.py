@@ -895,12 +895,12 @@ def test_llada_prefix_cache_positions_of_a_dynamic_block_come_from_the_key_count
     assert "uncaptured over each new cache" not in report and "1 position computation(s) from it" in report, report
 
 
-@pytest.mark.parametrize("tables", ["cached", "arange", "tight"])
+@pytest.mark.parametrize("tables", ["cached", "tight"])  # tables from arange: test_rope_after_the_cat_...
 @torch.no_grad()
 def test_olmo_llada_rope_after_the_cat_runs_from_spare_capacity(monkeypatch, shared_compile_budget, tables):
     """OLMo-style LLaDA (Fast-dLLM's model, prefix cache) rotates its keys after the cat, with tables sliced
     by the length of cache and block (``"cached"``; ``"tight"``: exactly the prompt's and the generation's
-    rows, which bound the capacity) or computed from ``arange`` of it. After the split the cache is rotated
+    rows, which bound the capacity). After the split the cache is rotated
     with the tables' first rows and the queries and the block's keys read them at the cached length: those
     reads come from the key count, so the graphs run over buffers with spare capacity (before: uncaptured
     over each new cache). Repeated ``generate`` calls meet the same capacities in turn, and the graphs keep
@@ -910,7 +910,7 @@ def test_olmo_llada_rope_after_the_cat_runs_from_spare_capacity(monkeypatch, sha
 
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
-    config = {"cached": {}, "arange": dict(rope_tables="arange"), "tight": dict(max_positions=41 + 64)}[tables]
+    config = {"cached": {}, "tight": dict(max_positions=41 + 64)}[tables]
     prompt = torch.randint(0, 100, (1, 41), generator=torch.Generator().manual_seed(3))
     runs = []
     for graphs in (True, False):
@@ -1004,16 +1004,16 @@ def test_rope_after_the_cat_runs_from_spare_capacity(device, form, rows, why):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rotate", [False, True], ids=["rotated before", "rotated after the write"])
-def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget, rotate):
+def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget):
     """Fast-dLLM's dual cache (``examples/llada_dual_buffer.py``): each block's full pass makes new K/V
     buffers, the block's later steps write into them in place (taken by address), and ``nonzero`` breaks
     the graph in every layer, so one attention graph runs for each of the 6 layers. The full pass's K/V
     are copied out of its replays into recycled buffers (the loop drops each block's buffers before the
     block after next), and the graphs keep as many captures as the layers and buffers they meet in turn:
     a second ``generate`` only replays (before: new buffers every block, a capture at almost every call).
-    Both ``generate``s' tokens equal the model's without CUDA graphs. ``rotate``: Fast-dLLM's own order,
-    RoPE applied to the whole buffer after the write. CPU stand-in for the capture."""
+    Both ``generate``s' tokens equal the model's without CUDA graphs. The buffer is rotated after the write,
+    as Fast-dLLM's LLaDA does (the order rotated before differs only in its split: ``test_buffer_write.py``).
+    CPU stand-in for the capture."""
     from examples import llada_dual_buffer
 
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
@@ -1021,7 +1021,7 @@ def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_
     prompt = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(0))
     runs = []
     for graphs in (True, False):
-        model = fbcompile.optimize(llada_dual_buffer.make_tiny_model(num_layers=6, rotate_after_write=rotate),
+        model = fbcompile.optimize(llada_dual_buffer.make_tiny_model(num_layers=6, rotate_after_write=True),
                                    fbcompile.Config(compiler="eager", cuda_graphs=graphs))
         first = model.generate(prompt, gen_length=80, block_size=8, steps=40)  # 10 blocks of 4 steps
         gc.collect()  # a dynamo frame left in a reference cycle by the compiling call holds its last buffers
