@@ -42,30 +42,36 @@ class BufferAttention(LLaDAAttention):
                 future_kv: Optional[KV] = None, replace_position: Optional[torch.Tensor] = None):
         if replace_position is None:
             return super().forward(hidden, cos, sin, past_kv, attention_mask, future_kv)
-        q, k, v = self.project(hidden, cos, sin)
+        q, k, v = self.project(hidden, *self.block_rotation(cos, sin))
         past_k, past_v = past_kv
+        # written here, not in a helper function: dynamo would resume that function after nonzero's graph
+        # break in a graph of its own, and the attention would read the written buffer as an input of the
+        # next graph (BranchingBufferAttention's case)
         idx = replace_position.nonzero(as_tuple=True)[1]
         past_k[:, :, idx] = k
         past_v[:, :, idx] = v
-        return self.output(self.attend(q, past_k, past_v, attention_mask)), (past_k, past_v)
+        q, keys = self.rotated(q, past_k, idx)
+        return self.output(self.attend(q, keys, past_v, attention_mask)), (past_k, past_v)
+
+    def block_rotation(self, cos, sin):
+        """The tables the block's projections are rotated with before the write."""
+        return cos, sin
+
+    def rotated(self, q, past_k, idx):
+        """The queries and the keys attention reads after the write (the buffer as it is)."""
+        return q, past_k
 
 
-class RotatedBufferAttention(OLMoAttention):
+class RotatedBufferAttention(BufferAttention, OLMoAttention):
     """Fast-dLLM's own order (its OLMo-based LLaDA): the buffers hold un-rotated keys, the block is written
     un-rotated, then RoPE rotates the whole buffer; the queries take the tables' rows at the block's
     positions (Fast-dLLM: ``arange(block_end - q_len, block_end)``)."""
 
-    def forward(self, hidden, cos, sin, past_kv: Optional[KV] = None, attention_mask=None,
-                future_kv: Optional[KV] = None, replace_position: Optional[torch.Tensor] = None):
-        if replace_position is None:
-            return super().forward(hidden, cos, sin, past_kv, attention_mask, future_kv)
-        q, k, v = self.project(hidden, None, None)
-        past_k, past_v = past_kv
-        idx = replace_position.nonzero(as_tuple=True)[1]
-        past_k[:, :, idx] = k
-        past_v[:, :, idx] = v
-        q, k = self.rotary(q, past_k, q_positions=idx)
-        return self.output(self.attend(q, k, past_v, attention_mask)), (past_k, past_v)
+    def block_rotation(self, cos, sin):
+        return None, None
+
+    def rotated(self, q, past_k, idx):
+        return self.rotary(q, past_k, q_positions=idx)
 
 
 class BranchingBufferAttention(RotatedBufferAttention):
