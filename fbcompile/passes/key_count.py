@@ -870,6 +870,11 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     blocks, why = _block_sources(placeholders, padded, sizes, tables.limits)
     if why is not None:
         return None, why
+    length = None
+    if any(item.from_count for item in split_inputs):
+        length = _length_read(placeholders, padded, sizes)
+        if length is None:
+            return None, "no input gives the capacity to compute the masks from the count"
     with gm.graph.inserting_after(placeholders[-1]):
         count = gm.graph.placeholder(COUNT_NAME)
     like = _value(placeholders[padded[0].index])
@@ -879,9 +884,8 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
     _positions_from_count(gm, positions, count, cone)
-    if any(item.from_count for item in split_inputs):
+    if length is not None:
         symbol = next(s for s, value in found.symbol_values.items() if value == CAPACITY)
-        length = _length_read(placeholders, found, symbol)
         values_from_count(gm, cone, symbol, length, count)
     for read in tables.reads:
         read_from_count(gm, read, count)
@@ -891,14 +895,16 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
                           any(item.from_count for item in split_inputs)), None
 
 
-def _length_read(placeholders: list, found: "_CachedInputs", symbol):
-    """``graph -> node``: emits a read of the cached length ``symbol`` (an integer input that is it, or the
-    size of a cached input of that length)."""
-    for node in placeholders:
-        if isinstance(_value(node), torch.SymInt) and _expr(_value(node)) == symbol:
-            return lambda graph: node
-    padded = next(p for p in found.padded if not p.joined and _expr(_value(placeholders[p.index]).shape[p.dim]) == symbol)
-    return lambda graph: graph.call_method("size", (placeholders[padded.index], padded.dim))
+def _length_read(placeholders: list, padded: list[PaddedInput], sizes: list[tuple]):
+    """``graph -> node`` emitting a read of the capacity a padded call runs at (the graph's cached length
+    there): an integer input set to it, or the size of a cached input padded to it; None if none is."""
+    for index, expr in sizes:
+        if sympy.sympify(expr) == CAPACITY:
+            return lambda graph: placeholders[index]
+    for p in padded:
+        if p.extra == 0 and not p.joined:
+            return lambda graph: graph.call_method("size", (placeholders[p.index], p.dim))
+    return None
 
 
 def _block_sources(placeholders: list, padded: list[PaddedInput], sizes: list[tuple], limits: list

@@ -28,6 +28,7 @@ input of fixed rows) must still fit its input at the capacity: :class:`TableLimi
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from dataclasses import dataclass, field
 
@@ -81,7 +82,7 @@ class TableReads:
     reads: list = field(default_factory=list)
     limits: list = field(default_factory=list)
 
-    @property
+    @functools.cached_property
     def claimed(self) -> set:
         return self.region | self.tables | {read.node for read in self.reads}
 
