@@ -156,7 +156,7 @@ def _from_count(function):
     with gm.graph.inserting_after(placeholders[-1]):
         count = gm.graph.placeholder("count")
     length = lambda graph: placeholders[sized]  # noqa: E731
-    length_invariance.values_from_count(gm, cone, symbol, length, count)
+    length_invariance.values_from_count(gm, cone, {symbol}, length, count)
     gm.recompile()
 
     def rewritten(capacity: int, n: int):

@@ -164,9 +164,9 @@ class KeyCountInputs:
             bind = lambda expr: sympy.sympify(expr).subs(values)  # noqa: E731
             padded = [replace(p, extra=int(bind(p.extra)), strides=tuple(bind(s) for s in p.strides))
                       for p in self.padded]
+            limits = [replace(limit, extra=int(bind(limit.extra))) for limit in self.limits]
             self._bound[key] = KeyCountInputs(padded, [(i, bind(expr)) for i, expr in self.sizes], self.positions,
-                                              self.masks, tables=self.tables,
-                                              limits=[replace(limit, extra=int(bind(limit.extra))) for limit in self.limits],
+                                              self.masks, tables=self.tables, limits=limits,
                                               masks_from_count=self.masks_from_count)
         return self._bound[key]
 
@@ -884,9 +884,8 @@ def add_key_count(gm: fx.GraphModule, kv: set[int], on_cudnn: frozenset[str] = f
     for reader in dict.fromkeys(readers):
         reader.args = (*reader.args, count)
     _positions_from_count(gm, positions, count, cone)
-    if length is not None:
-        symbol = next(s for s, value in found.symbol_values.items() if value == CAPACITY)
-        values_from_count(gm, cone, symbol, length, count)
+    if length is not None:  # (each cached input has a symbol of its own: all the capacity there)
+        values_from_count(gm, cone, {s for s, value in found.symbol_values.items() if value == CAPACITY}, length, count)
     for read in tables.reads:
         read_from_count(gm, read, count)
     gm.recompile()

@@ -413,11 +413,11 @@ def prove_same_at_any_length(evaluator: MaskEvaluator, narrow: fx.Node, cached: 
 _BROADCAST_OPS = set(_COMPARISONS) | set(_ARITHMETIC) | set(_LOGICAL) | set(_NOT) | {"neg", "where"}
 
 
-def values_from_count(gm: fx.GraphModule, cone: set, symbol, length: Callable, count: fx.Node) -> None:
+def values_from_count(gm: fx.GraphModule, cone: set, symbols: set, length: Callable, count: fx.Node) -> None:
     """Rewrite the nodes of ``cone`` (masks a proof in count mode, ``MaskEvaluator(count=True)``, proved)
     to read the cached length's value from ``count`` (a one-element device tensor) where they read it as
-    a value, as that proof evaluates them; sizes keep the length ``L`` (``symbol``; ``length(graph)``
-    emits a read of it)::
+    a value, as that proof evaluates them; sizes keep the length ``L`` (any of ``symbols``, which all
+    take its value; ``length(graph)`` emits a read of it)::
 
         arange(L + a, L + b)           ->  arange(L + a, L + b) + (count - L)       # positions after the cache
         arange(a, L + c)               ->  r = arange(a, L + c); where(r < L, r, r + (count - L))   # key positions
@@ -427,7 +427,10 @@ def values_from_count(gm: fx.GraphModule, cone: set, symbol, length: Callable, c
     positions and the block's columns ``C + j`` get ``n + j``: the mask the graph computed over the
     cache alone."""
     graph = gm.graph
-    has_length = lambda value: isinstance(value, torch.SymInt) and symbol in sympy.sympify(value.node.expr).free_symbols  # noqa: E731
+
+    def has_length(value) -> bool:
+        return isinstance(value, torch.SymInt) and bool(symbols & sympy.sympify(value.node.expr).free_symbols)
+
     for node in [n for n in graph.nodes if n in cone]:
         if node.target is torch.arange:
             start, end = (_value(node.args[0]) if len(node.args) == 2 else 0), _value(node.args[-1])

@@ -155,8 +155,8 @@ def _read_at(node: fx.Node, values: dict) -> _Read | None:
         return None
     item = index[at[0]]
     others = [x for i, x in enumerate(index) if i != at[0]]
-    if item.step not in (None, 1) or not all(
-            x is None or x is Ellipsis or isinstance(x, int) or isinstance(x, slice) and x == slice(None) for x in others):
+    if item.step not in (None, 1) or not all(x is None or x is Ellipsis or isinstance(x, int) or x == slice(None)
+                                             for x in others):
         return None
     offset = _offset(item.start, values)
     if item.stop is None:
@@ -168,7 +168,8 @@ def _read_at(node: fx.Node, values: dict) -> _Read | None:
         size = end - offset
     rest = (*index[:at[0]], slice(None), *index[at[0] + 1:])
     trivial = all(x is Ellipsis or x == slice(None) for x in rest)
-    return _Read(node, table, _slice_dim(index, at[0], value.dim()), item.start, offset, size, None if trivial else rest)
+    return _Read(node, table, _slice_dim(index, at[0], value.dim()), item.start, offset, size,
+                 None if trivial else rest)
 
 
 def _sizes(lengths, symbols: set) -> list[fx.Node]:
