@@ -895,12 +895,11 @@ def test_llada_prefix_cache_positions_of_a_dynamic_block_come_from_the_key_count
     assert "uncaptured over each new cache" not in report and "1 position computation(s) from it" in report, report
 
 
-@pytest.mark.parametrize("tables", ["cached", "tight"])  # tables from arange: test_rope_after_the_cat_...
 @torch.no_grad()
-def test_olmo_llada_rope_after_the_cat_runs_from_spare_capacity(monkeypatch, shared_compile_budget, tables):
+def test_olmo_llada_rope_after_the_cat_runs_from_spare_capacity(monkeypatch, shared_compile_budget):
     """OLMo-style LLaDA (Fast-dLLM's model, prefix cache) rotates its keys after the cat, with tables sliced
-    by the length of cache and block (``"cached"``; ``"tight"``: exactly the prompt's and the generation's
-    rows, which bound the capacity). After the split the cache is rotated
+    by the length of cache and block (other tables, and ones too short for a capacity:
+    ``test_rope_after_the_cat_runs_from_spare_capacity``). After the split the cache is rotated
     with the tables' first rows and the queries and the block's keys read them at the cached length: those
     reads come from the key count, so the graphs run over buffers with spare capacity (before: uncaptured
     over each new cache). Repeated ``generate`` calls meet the same capacities in turn, and the graphs keep
@@ -910,11 +909,10 @@ def test_olmo_llada_rope_after_the_cat_runs_from_spare_capacity(monkeypatch, sha
 
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
-    config = {"cached": {}, "tight": dict(max_positions=41 + 64)}[tables]
     prompt = torch.randint(0, 100, (1, 41), generator=torch.Generator().manual_seed(3))
     runs = []
     for graphs in (True, False):
-        model = fbcompile.optimize(olmo_llada_lm.make_tiny_model(**config).eval(),
+        model = fbcompile.optimize(olmo_llada_lm.make_tiny_model().eval(),
                                    fbcompile.Config(compiler="eager", cuda_graphs=graphs))
         seen = []
         model.register_forward_hook(lambda module, args, out, seen=seen: seen.append(out[0]))

@@ -165,7 +165,7 @@ def _from_count(function):
     return tuple(proved), rewritten
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(source=masks())
 @example(source="(kv <= q) & (kv > q - 24)")     # a sliding window: proved from the count
 @example(source="kv // 4 <= q // 4")             # block-causal positions: proved from the count
