@@ -20,7 +20,7 @@ Position-wise-ness is proven on the graph, not from op names: :func:`positionwis
 back from the attention operand tracking the sequence dim through every op - elementwise ops
 (every tensor operand has size 1 or the key length along that dim, right-aligned), layout ops (the
 sequence dim kept whole: the prefix products of the shapes before it match), reductions, ``cat``,
-``unbind``/``chunk``/``split`` and ``einsum`` along other dims only. Operands of the key length
+``unbind``/``chunk``/``split``, ``einsum`` and ``matmul`` along other dims only. Operands of the key length
 that do not come from the cat are *position tables*. Narrowing a table to a piece's rows is always
 exact (:meth:`PositionwiseChain.emit` narrows the table node itself); what must be proven is that
 the rows a cached piece reads do not change between a block's steps unless a guard sees it. The
@@ -248,6 +248,8 @@ class _Tracer:
             return self._layout(node, name, dim)
         if name == "einsum":
             return self._einsum(node, dim)
+        if name in ("matmul", "bmm"):
+            return self._matmul(node, dim)
         if name == "outer":  # outer(a, b)[i, j] = a[i] * b[j]
             aligned, whole = node.args[dim], node.args[1 - dim]
             self._whole(node, whole)
@@ -422,6 +424,29 @@ class _Tracer:
         if name in ("getitem", "narrow"):
             self.slices.append((node, source, in_dim, dim))
         return self._inputs(node, [(source, in_dim)])
+
+    def _matmul(self, node: fx.Node, dim: int) -> bool:
+        """``a @ b`` (both at least 2-D): the sequence along the rows of ``a`` (``b`` whole), the columns of
+        ``b`` (``a`` whole), or a batch dim (elementwise there); never along the contracted dim. HF's
+        rotary tables: ``inv_freq[None, :, None] @ position_ids[:, None, :]``."""
+        a, b = node.args[:2]
+        nd = len(shape(node))
+        if min(len(shape(a)), len(shape(b))) < 2:
+            raise LayoutError(f"'{op_name(node)}' of a vector is not proven position-wise")
+        if dim == nd - 2:
+            self._whole(node, b)
+            return self._inputs(node, [(a, len(shape(a)) - 2)])
+        if dim == nd - 1:
+            self._whole(node, a)
+            return self._inputs(node, [(b, len(shape(b)) - 1)])
+        aligned = []
+        for t in (a, b):  # batch dims broadcast right-aligned, as elementwise operands do
+            d = len(shape(t)) - (nd - dim)
+            if d < 0 or same_size(shape(t)[d], 1):
+                self._whole(node, t)
+            else:
+                aligned.append((t, d))
+        return self._inputs(node, aligned)
 
     def _einsum(self, node: fx.Node, dim: int) -> bool:
         equation, *operands = node.args
