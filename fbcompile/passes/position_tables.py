@@ -70,6 +70,8 @@ class _Read:
     offset: int
     size: int | fx.Node | None
     rest: tuple | None = None  # a getitem's other entries (new dims, ints), applied after the rows
+    stop: fx.Node | None = None  # the slice's end, where ``size`` is its distance from ``start`` (a symbolic
+    #                              size free of the cached lengths: Dream's ``cos[:, :, L:L + q_len]``)
 
 
 @dataclass
@@ -134,7 +136,7 @@ def _slice_dim(index: tuple, position: int, ndim: int) -> int | None:
 
 def _read_at(node: fx.Node, values: dict) -> _Read | None:
     """``node`` as a read of a tensor's rows at a cached length (``t.narrow(d, L + k, n)``,
-    ``t[..., L + k:]``, ``t[..., L + k:L + k2]``), else None."""
+    ``t[..., L + k:]``, ``t[..., L + k:L + k2]``, ``t[..., L:L + n]`` with ``n`` symbolic), else None."""
     symbols = set(values)
     name, args = op_name(node), node.args
     if name == "narrow" and len(args) == 4 and not node.kwargs and isinstance(args[1], int):
@@ -159,17 +161,24 @@ def _read_at(node: fx.Node, values: dict) -> _Read | None:
                                              for x in others):
         return None
     offset = _offset(item.start, values)
-    if item.stop is None:
-        size = None
-    else:
+    size, stop = None, None
+    if item.stop is not None:
         end = _offset(item.stop, values)
-        if end is None or end < offset:
+        if end is None:  # a symbolic size: the end less the start is free of the cached lengths
+            if not (isinstance(item.stop, fx.Node) and isinstance(recorded(item.stop), torch.SymInt)):
+                return None
+            distance = sympy.expand(_expr(recorded(item.stop)) - _expr(recorded(item.start)))
+            if distance.free_symbols & symbols:
+                return None
+            size, stop = item.stop, item.stop
+        elif end < offset:
             return None
-        size = end - offset
+        else:
+            size = end - offset
     rest = (*index[:at[0]], slice(None), *index[at[0] + 1:])
     trivial = all(x is Ellipsis or x == slice(None) for x in rest)
     return _Read(node, table, _slice_dim(index, at[0], value.dim()), item.start, offset, size,
-                 None if trivial else rest)
+                 None if trivial else rest, stop)
 
 
 def _sizes(lengths, symbols: set) -> list[fx.Node]:
@@ -306,11 +315,13 @@ def read_from_count(gm: fx.GraphModule, read: _Read, count: fx.Node) -> None:
     fake = like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext()
     with graph.inserting_before(read.node), fake:
         size = read.size
-        if size is None:  # to the end
-            whole = graph.call_method("size", (read.table, read.dim))
-            whole.meta["example_value"] = table.shape[read.dim]
-            size = graph.call_function(operator.sub, (whole, read.start))
-            size.meta["example_value"] = table.shape[read.dim] - recorded(read.start)
+        if size is None or read.stop is not None:  # to the end, or to a symbolic end
+            end = read.stop
+            if end is None:
+                end = graph.call_method("size", (read.table, read.dim))
+                end.meta["example_value"] = table.shape[read.dim]
+            size = graph.call_function(operator.sub, (end, read.start))
+            size.meta["example_value"] = recorded(end) - recorded(read.start)
         rows = graph.call_function(torch.arange, (size,), {"device": table.device})
         rows.meta["example_value"] = torch.arange(recorded(size) if isinstance(size, fx.Node) else size,
                                                   device=table.device)
