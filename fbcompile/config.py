@@ -146,11 +146,14 @@ class Config:
     exact_save_pass: a call whose graph returns the block's own keys/values (the pass that commits
         the block into the cache) is computed exactly, as the official FlashBlock code does;
         otherwise every later block would attend to keys/values computed with the approximation.
-        Exception: when the cache such a call reads is a crop of a concatenation an earlier call
-        returned (HF ``DynamicCache``: each denoising step appends the block, then ``crop`` s it
-        off), the loop is appending blocks it throws away, and the call is taken as a denoising step
-        (it may reuse); such loops mark their real commit with ``with fbcompile.commit(model):``,
-        as must commits that no graph shows (a ``cat`` handed across a graph break).
+        Exception: when the cache such a call reads is cut from keys/values an earlier call
+        returned - a crop of a returned concatenation (HF ``DynamicCache``: each denoising step
+        appends the block, then ``crop`` s it off), or a leading slice of returned keys/values
+        (Fast-dLLM's Dream returns ``present`` at every step and keeps ``k[:, :s]`` of the block's
+        full pass) - the loop is appending blocks it throws away, and the call is taken as a
+        denoising step (it may reuse); such loops mark their real commit with
+        ``with fbcompile.commit(model):``, as must commits that no graph shows (a ``cat`` handed
+        across a graph break).
     compiler: ``"inductor"`` compiles the rewritten graphs (default); ``"eager"`` runs them as FX
         graphs (fast to start, for debugging and tests).
     max_cache_entries: how many attention sites' external results are kept at most (one per

@@ -25,7 +25,7 @@ from fbcompile.backends.policies import policies_for
 from fbcompile.backends.session import GraphRecord, Session, SiteCounters
 from fbcompile.config import Config
 from fbcompile.passes.attention_kernels import attention_parts, fake_inputs, kernels_of
-from fbcompile.passes.cat_outputs import cat_outputs
+from fbcompile.passes.cat_outputs import cat_outputs, kv_outputs
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.graph_utils import copy_module
 from fbcompile.passes.gated_linears import gated_linears
@@ -222,9 +222,9 @@ def _sites(gm: fx.GraphModule, example_inputs: list) -> list:
 
 def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable
-    (which records the provenance of the graph's ``cat`` outputs, see :mod:`.provenance`)."""
-    cats = cat_outputs(gm)
-    return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats)
+    (which records the provenance of the graph's ``cat`` and keys/values outputs, see :mod:`.provenance`)."""
+    cats, returned = cat_outputs(gm), kv_outputs(gm)
+    return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats, returned)
 
 
 AUTOGRAD = "autograd on (training, or called without torch.no_grad()): the graph compiled as it is"

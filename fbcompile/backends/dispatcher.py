@@ -47,7 +47,7 @@ from typing import Callable
 import torch
 
 from fbcompile.backends.policies import RefreshPolicy
-from fbcompile.backends.provenance import Content, external_contents, version
+from fbcompile.backends.provenance import Content, cut_of_returned, external_contents, version
 from fbcompile.backends.session import CacheEntry, GraphRecord, Session
 from fbcompile.passes.guards import SiteGuard
 from fbcompile.passes.reuse_external import OutputLayout
@@ -162,11 +162,14 @@ class SplitGraphDispatcher:
         return self._refresh(args, keys, reason, seen)
 
     def _cropped(self, args) -> bool:
-        """Is every cached tensor a crop of a concatenation an earlier call returned (HF ``DynamicCache``:
-        append the block, then ``crop`` it off)? Then this graph's calls append a block that the loop
-        crops off again, and a call that returns the concatenation is no commit, unless the caller
-        marks it with :func:`fbcompile.commit`. Otherwise returning the block's keys/values commits it."""
-        return all(c.inherited for guard in self.guards for c in external_contents(guard, args))
+        """Is every cached tensor cut from keys/values an earlier call returned: a crop of a returned
+        concatenation (HF ``DynamicCache``: append the block, then ``crop`` it off), or a leading slice
+        of returned keys/values (Fast-dLLM's Dream: ``k[:, :s]`` of the block's full pass)? Then the
+        loop cuts its cache from what calls return, this call's block is cut off again, and returning
+        the concatenation is no commit, unless the caller marks it with :func:`fbcompile.commit`.
+        Otherwise returning the block's keys/values commits it."""
+        return all(c.inherited or i in guard.module_state or cut_of_returned(args[i]) for guard in self.guards
+                   for c, i in zip(external_contents(guard, args), guard.external))
 
     def _lookup(self, args) -> tuple[list, list[CacheEntry], str | None, list]:
         """The sites' cache keys and entries, why a refresh is needed (None: every entry serves), and

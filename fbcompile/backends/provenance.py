@@ -16,6 +16,10 @@ along a dim (see :mod:`fbcompile.passes.cat_outputs`), have their outputs *recor
 * the split of a graph whose attention reads a recorded ``C`` as an *input* (a graph break between
   the cat and the attention): :func:`split_hint` gives, at compile time, where ``C`` was joined.
 
+Graphs that return the keys/values an attention of theirs reads (:func:`~fbcompile.passes.cat_outputs.
+kv_outputs`) have those outputs *noted*: :func:`cut_of_returned` tells a cache cut from them (a
+leading slice, as Fast-dLLM's Dream keeps ``k[:, :s]`` of a block's full pass).
+
 Runtime state, global because it describes tensors, not sessions; every entry dies with its tensor.
 """
 from __future__ import annotations
@@ -55,8 +59,18 @@ class _CatRecord:
     stride: tuple
 
 
+@dataclass(frozen=True, slots=True)
+class _Geometry:
+    """Where a tensor lies in its storage root."""
+
+    storage_offset: int
+    size: tuple
+    stride: tuple
+
+
 _tokens: dict[int, tuple[weakref.ref, ContentToken]] = {}   # id(tensor) -> its own token
 _records: dict[int, tuple[weakref.ref, _CatRecord]] = {}    # id(storage root) -> the cat it holds
+_returned: dict[int, tuple[weakref.ref, _Geometry]] = {}    # id(storage root) -> keys/values a graph returned
 
 
 def _remember(table: dict, tensor: torch.Tensor, value) -> None:
@@ -125,6 +139,22 @@ def record(output, source, dim: int) -> None:
         version=written, storage_offset=output.storage_offset(), size=tuple(output.shape), stride=output.stride()))
 
 
+def note_returned(tensor) -> None:
+    """Note that a graph returned ``tensor`` as keys/values an attention of its read."""
+    if isinstance(tensor, torch.Tensor):
+        _remember(_returned, _root(tensor), _Geometry(tensor.storage_offset(), tuple(tensor.shape), tensor.stride()))
+
+
+def cut_of_returned(tensor: torch.Tensor) -> bool:
+    """Is ``tensor`` a leading slice, shorter along one dim, of keys/values a graph returned?"""
+    found = _lookup(_returned, _root(tensor)) if _returned else None
+    if found is None or tensor.storage_offset() != found.storage_offset or tensor.stride() != found.stride:
+        return False
+    shorter = [a < b for a, b in zip(tensor.shape, found.size)]
+    return (len(shorter) == len(found.size) and sum(shorter) == 1
+            and all(a == b for a, b, cut in zip(tensor.shape, found.size, shorter) if not cut))
+
+
 def split_hint(tensor) -> tuple[int, int] | None:
     """``(dim, block length)`` if ``tensor`` is a whole recorded ``cat(P, block)``, not written since."""
     if not isinstance(tensor, torch.Tensor):
@@ -150,18 +180,22 @@ def external_contents(guard, args) -> list[Content]:
 
 
 class RecordingCall:
-    """A compiled graph's callable that records the provenance of its ``cat`` outputs after each call."""
+    """A compiled graph's callable that records the provenance of its ``cat`` outputs, and notes its
+    keys/values outputs, after each call."""
 
-    def __init__(self, run, cats: list):
-        self.run, self.cats = run, cats
+    def __init__(self, run, cats: list, returned: list[int]):
+        self.run, self.cats, self.returned = run, cats, returned
 
     def __call__(self, *args):
         outputs = self.run(*args)
         for cat in self.cats:
             record(outputs[cat.output], args[cat.source], cat.dim)
+        for index in self.returned:
+            note_returned(outputs[index])
         return outputs
 
 
-def recording(run, cats: list):
-    """``run``, recording the provenance of the outputs ``cats`` (:func:`~fbcompile.passes.cat_outputs.cat_outputs`)."""
-    return RecordingCall(run, cats) if cats else run
+def recording(run, cats: list, returned: list[int]):
+    """``run``, recording the provenance of the outputs ``cats`` (:func:`~fbcompile.passes.cat_outputs.cat_outputs`)
+    and noting the keys/values outputs ``returned`` (:func:`~fbcompile.passes.cat_outputs.kv_outputs`)."""
+    return RecordingCall(run, cats, returned) if cats or returned else run

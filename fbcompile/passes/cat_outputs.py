@@ -1,4 +1,5 @@
-"""Find the graph outputs that concatenate a cached input with this call's block.
+"""Find the graph outputs that concatenate a cached input with this call's block, and those that an
+attention's keys/values are computed from.
 
 An HF ``DynamicCache`` updated inside the graph, or keys/values handed on across a graph break, look
 to dynamo like (``self.keys`` an input, the result an output)::
@@ -9,6 +10,11 @@ The runtime records each such output's provenance (:mod:`fbcompile.backends.prov
 ``P.size(dim)`` positions are the input ``P``. That holds for any ``cat`` whose first operand is an
 input, whatever the other operands are, unless the graph writes ``P`` or the ``cat`` in place (the
 runtime reads ``P``'s version after the call): those are left out.
+
+A model may also return the keys/values it attends over for the loop to cut its cache from
+(Fast-dLLM's Dream returns its un-rotated ``present = (k, v)`` at every call and keeps
+``k[:, :s]`` of the block's full pass as the cache): :func:`kv_outputs` finds those outputs, and
+the runtime notes which tensors they were (a cache cut from them is no commit).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from fbcompile.passes.find_attention import match_attention
 from fbcompile.passes.graph_utils import arg, example, mutated_tensor, op_name, view_base
 
 
@@ -42,3 +49,24 @@ def cat_outputs(gm: fx.GraphModule) -> list[CatOutput]:
                 and not {first, value} & written):
             found.append(CatOutput(index, placeholders.index(first), arg(value, 1, "dim", 0) % example(value).dim()))
     return found
+
+
+def kv_outputs(gm: fx.GraphModule) -> list[int]:
+    """Indices of the graph outputs an attention's keys or values are computed from (the output node
+    itself is an ancestor of the attention's key or value operand)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else ()
+    returned = {v: i for i, v in enumerate(values) if isinstance(v, fx.Node) and example(v) is not None}
+    if not returned:
+        return []
+    found, seen = [], set()
+    stack = [n for site in match_attention(gm) for n in (site.k, site.v)]
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(node)
+        if node in returned:
+            found.append(returned[node])
+        stack.extend(node.all_input_nodes)
+    return sorted(found)

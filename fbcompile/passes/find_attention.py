@@ -377,12 +377,11 @@ def _check_mask(site: AttentionSite) -> None:
         raise NotSplittable("mask's last dim is not the key length")
 
 
-def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
-    """All attention sites in ``gm`` with their split decision (``site.reason``)."""
+def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
+    """Every attention in ``gm``, its operands matched, nothing proven yet."""
     from fbcompile.passes.match_flash import is_flash_forward, match_flash  # they build AttentionSites
     from fbcompile.passes.match_flex import is_flex_attention, match_flex
 
-    deps: DependencyGraph | None = None
     sites = []
     for node in list(gm.graph.nodes):
         name = op_name(node)
@@ -396,9 +395,16 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             site = match_flash(node)
         else:
             continue
-        if site is None:
-            continue
-        sites.append(site)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """All attention sites in ``gm`` with their split decision (``site.reason``)."""
+    deps: DependencyGraph | None = None
+    sites = match_attention(gm)
+    for site in sites:
         if site.reason is not None:
             continue
         try:

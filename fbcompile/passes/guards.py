@@ -18,7 +18,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import VIEW_OPS, fingerprint, is_parameter, op_name, same_size
+from fbcompile.passes.graph_utils import VIEW_OPS, fingerprint, is_module_state, is_parameter, op_name, same_size
 from fbcompile.ops import AttentionArgs
 from fbcompile.passes.positionwise import PositionwisePiece
 from fbcompile.passes.static_cache import CacheTail
@@ -43,6 +43,8 @@ class SiteGuard:
     joined: tuple = ()             # per external tensor, None or (dim, block length): an input joined by an
     #                                earlier graph whose first size(dim) - block positions are cached
     #                                (see .split_joined_inputs); their provenance is compared
+    module_state: tuple[int, ...] = ()  # those of ``external`` lifted from the module (weights, RoPE
+    #                                     buffers): read by the cached part, no cache
 
     def expected_shape(self, args) -> tuple:
         return tuple(_size(d, args) for d in self.out_shape)
@@ -163,7 +165,8 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
             block_input=placeholders.index(block) if block is not None else None,
             positions=tuple(placeholders.index(n) for n in site.position_tensors()),
             rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None,
-            joined=tuple(n.meta.get("fbcompile_joined") for n in site.external_inputs)))
+            joined=tuple(n.meta.get("fbcompile_joined") for n in site.external_inputs),
+            module_state=tuple(placeholders.index(n) for n in site.external_inputs if is_module_state(n))))
         seen.append(indices)
     return guards
 
