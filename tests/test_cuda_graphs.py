@@ -937,6 +937,40 @@ def test_olmo_llada_rope_after_the_cat_runs_from_spare_capacity(monkeypatch, sha
     assert "uncaptured over each new cache" not in report and "8 position-table read(s) at it" in report, report
 
 
+@torch.no_grad()
+def test_dream_prefix_cache_runs_from_spare_capacity(monkeypatch, shared_compile_budget):
+    """Dream (Fast-dLLM's, ``examples/dream_lm.py``): rotary tables computed per call by a matmul, the
+    queries' rows read to an end ``cos[:, :, L:L + q_len]`` with ``q_len`` dynamic (the block and the
+    masked rest), ``present`` returned at every step. The graph over the cache runs from spare capacity,
+    the tokens equal the model's without CUDA graphs, and a fourth ``generate`` only replays and copies
+    each block's cache in (the kept layouts double until the capacities that come back are kept). CPU stand-in for the capture."""
+    from examples import dream_lm
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    prompt = torch.randint(0, 100, (1, 41), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for graphs in (True, False):
+        model = fbcompile.optimize(dream_lm.make_tiny_model(num_layers=1),
+                                   fbcompile.Config(compiler="eager", cuda_graphs=graphs))
+        tokens = [model.generate(prompt, gen_length=64, block_size=16, steps=16) for _ in range(3)]
+        gc.collect()  # as in test_fast_dllm_dual_cache_replays_across_blocks
+        before = dict(fbcompile.stats(model).cuda_graphs)
+        gc.disable()
+        try:
+            tokens.append(model.generate(prompt, gen_length=64, block_size=16, steps=16))
+        finally:
+            gc.enable()
+        runs.append((model, tokens, before))
+    (graphed, tokens, before), (_, plain_tokens, _) = runs
+    assert all(torch.equal(a, b) for a, b in zip(tokens, plain_tokens))
+    counts = fbcompile.stats(graphed).cuda_graphs
+    changed = {key: counts[key] - before.get(key, 0) for key in counts if counts[key] != before.get(key, 0)}
+    assert set(changed) == {"replays", "cache copies into spare capacity"}, changed
+    report = str(fbcompile.explain(graphed))
+    assert "uncaptured over each new cache" not in report and "4 position-table read(s) at it" in report, report
+
+
 class RotatedAfterCatAttention(torch.nn.Module):
     """Attention of a block over ``cat(cache, block)`` with RoPE applied after the cat (OLMo/LLaDA in
     Fast-dLLM): tables sliced by the key length from ``rows`` precomputed ones, or computed from
@@ -963,19 +997,27 @@ class RotatedAfterCatAttention(torch.nn.Module):
         if self.form == "tables from arange":
             angles = self.angles(torch.arange(n, device=x.device).float())
             cos, sin = angles.cos(), angles.sin()
+        elif self.form == "tables by a matmul, read to an end":  # HF Qwen2's rotary embedding (Dream)
+            freqs = (self.inv_freq[None, :, None] @ torch.arange(n, device=x.device)[None, None, :].float())
+            angles = torch.cat([freqs, freqs], dim=1).transpose(1, 2)[0]
+            cos, sin = angles.cos(), angles.sin()
+            return self.attend(x, k, v, cos, sin, cos[n - c:n], sin[n - c:n])
         else:
             cos, sin = self.cos_table[:n], self.sin_table[:n]
         if self.form == "key norm":  # a reduction over the head dim, per key
             k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6)
         if self.form == "new dims in the read":
-            q = x * cos[None, None, n - c:] + self.rotate_half(x) * sin[None, None, n - c:]
+            out = self.attend(x, k, v, cos, sin, cos[None, None, n - c:], sin[None, None, n - c:])
         else:
-            q = x * cos[n - c:] + self.rotate_half(x) * sin[n - c:]
-        k = k * cos + self.rotate_half(k) * sin
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            out = self.attend(x, k, v, cos, sin, cos[n - c:], sin[n - c:])
         if self.form == "table summed elsewhere":  # reads all the table's rows: the capacity would show
             out = out + cos.mean()
         return out
+
+    def attend(self, x, k, v, cos, sin, q_cos, q_sin):
+        q = x * q_cos + self.rotate_half(x) * q_sin
+        k = k * cos + self.rotate_half(k) * sin
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
 @pytest.mark.parametrize("form, rows, why", [
@@ -984,6 +1026,7 @@ class RotatedAfterCatAttention(torch.nn.Module):
     ("tables from arange", 256, None),
     ("key norm", 256, None),
     ("new dims in the read", 256, None),
+    ("tables by a matmul, read to an end", 256, None),
     ("table summed elsewhere", 256, "a position table sized by a cached length, other than")])
 @torch.no_grad()
 def test_rope_after_the_cat_runs_from_spare_capacity(device, form, rows, why):
