@@ -1,4 +1,4 @@
-"""Fast-dLLM's LLaDA generation end to end: the OLMo-style model, RoPE applied after the cache's cat.
+"""Fast-dLLM's LLaDA (or Dream) generation end to end: RoPE applied after the cache's cat.
 
 LLaDA-8B layer shapes (hidden 4096, 32 heads of 128, no GQA, MLP 12288, vocabulary 126464; random bf16
 weights) with ``--layers`` of its 32 layers. One ``generate`` (``examples/olmo_llada_lm.py``: LLaDA's
@@ -10,6 +10,9 @@ dual cache joined by ``torch.cat`` (``--cache dual``). Variants: ``eager``; ``co
 (``exact-cg``, ``block-cg``). Per variant: the first call (compiles, captures), then the median of
 ``--repeats`` calls with the same prompt (a serving loop's later requests), tokens per second, the
 CUDA-graph counts of the last call, and the share of generated tokens equal to the first variant's (eager).
+``--model dream``: Fast-dLLM's Dream (``examples/dream_lm.py``, Dream-7B layer shapes: hidden 3584, 28
+query / 4 KV heads of 128, MLP 18944, vocabulary 152064) with its prefix cache: the query ``x[:, s:]``,
+rotary tables made per call, ``present`` returned at every step.
 
     python benchmarks/llada_generate.py --prompt 2048 --out benchmarks/results/llada_generate.json
     python benchmarks/llada_generate.py --tiny --device cpu --compiler eager   # the script's code path only
@@ -31,20 +34,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import fbcompile  # noqa: E402
 from examples.block_diffusion_lm import init_random_weights  # noqa: E402
+from examples.dream_lm import DreamConfig, DreamLM  # noqa: E402
 from examples.olmo_llada_lm import OLMoLLaDAConfig, OLMoLLaDALM  # noqa: E402
 
 LLADA_8B = dict(hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=12288,
                 vocab_size=126464, mask_token_id=126336, rope_theta=500000.0)
+DREAM_7B = dict(hidden_size=3584, num_heads=28, num_kv_heads=4, head_dim=128, intermediate_size=18944,
+                vocab_size=152064, mask_token_id=151666, rope_theta=1000000.0)
 TINY = dict(hidden_size=64, num_heads=4, num_kv_heads=4, head_dim=16, intermediate_size=128, vocab_size=256,
             mask_token_id=255)
 BLOCK = 32
 VARIANTS = ("eager", "compile", "exact", "block", "exact-cg", "block-cg")
 
 
-def build(shape: dict, layers: int, positions: int, device, dtype) -> OLMoLLaDALM:
-    config = OLMoLLaDAConfig(**shape, num_layers=layers, max_positions=positions, block_size=BLOCK)
+def build(kind: str, shape: dict, layers: int, positions: int, device, dtype) -> OLMoLLaDALM | DreamLM:
+    if kind == "dream":
+        config, model_cls = DreamConfig(**shape, num_layers=layers, block_size=BLOCK), DreamLM
+    else:
+        config = OLMoLLaDAConfig(**shape, num_layers=layers, max_positions=positions, block_size=BLOCK)
+        model_cls = OLMoLLaDALM
     with torch.device(device):
-        model = OLMoLLaDALM(config)
+        model = model_cls(config)
     # variance-preserving weights (benchmarks/e2e.py): the example's sharper init makes a deep bf16 forward chaotic
     return init_random_weights(model, seed=0, scales={}).to(dtype).eval()
 
@@ -95,7 +105,8 @@ def main():
     parser.add_argument("--gen", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per block of 32")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--cache", choices=("prefix", "dual"), default="prefix")
+    parser.add_argument("--model", choices=("llada", "dream"), default="llada")
+    parser.add_argument("--cache", choices=("prefix", "dual"), default="prefix", help="LLaDA's (Dream: prefix)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda")
@@ -106,11 +117,14 @@ def main():
     device = torch.device(args.device)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     torch._dynamo.config.recompile_limit = 64  # the prefix cache's query takes a new length per block
-    base = build(TINY if args.tiny else LLADA_8B, 2 if args.tiny else args.layers, args.prompt + args.gen, device, dtype)
+    shape = TINY if args.tiny else DREAM_7B if args.model == "dream" else LLADA_8B
+    base = build(args.model, shape, 2 if args.tiny else args.layers, args.prompt + args.gen, device, dtype)
     prompt = torch.randint(0, base.config.vocab_size - 1, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     blocks = args.gen // BLOCK
-    run_args = dict(gen_length=args.gen, block_size=BLOCK, steps=blocks * args.steps, cache=args.cache)
+    run_args = dict(gen_length=args.gen, block_size=BLOCK, steps=blocks * args.steps)
+    if args.model == "llada":
+        run_args["cache"] = args.cache
     rows, reference = [], None
     for name in args.variants.split(","):
         row = measure(variant(base, name, args.compiler), name, prompt, run_args, args.repeats, device)
@@ -124,8 +138,10 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else str(device),
-                  torch=torch.__version__, shape="tiny" if args.tiny else f"LLaDA-8B layers x {args.layers}",
-                  prompt=args.prompt, gen=args.gen, steps_per_block=args.steps, cache=args.cache, rows=rows)
+                  torch=torch.__version__, model=args.model,
+                  shape="tiny" if args.tiny else f"{'Dream-7B' if args.model == 'dream' else 'LLaDA-8B'} layers x {args.layers}",
+                  prompt=args.prompt, gen=args.gen, steps_per_block=args.steps,
+                  cache=args.cache if args.model == "llada" else "prefix", rows=rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
