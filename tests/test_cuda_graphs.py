@@ -537,7 +537,7 @@ def test_sdar_graph_break_runs_from_spare_capacity(monkeypatch, shared_compile_b
     step. The joined keys/values go into buffers of the capacity plus the block (the cache first, the
     block after the capacity; the cached part copied only when the buffers hold another cache), so the
     attention graphs replay instead of running uncaptured at every step. The graph break is in every
-    layer, so one attention graph runs for each layer (5 in block mode), over each layer's joined cache in turn:
+    layer, so one attention graph runs for each layer (3 in block mode), over each layer's joined cache in turn:
     each layer's cache gets its own set of buffers once the caches come back in a second round, copied in
     once per block (before: one set for all layers, copied at every call), and the graph keeps a capture
     per layer (before: captured again at almost every call). Every step's logits equal the model's
@@ -549,7 +549,7 @@ def test_sdar_graph_break_runs_from_spare_capacity(monkeypatch, shared_compile_b
     monkeypatch.setattr(sdar_remote_lm, "flash_attn_func", flash_attn_standin.flash_attn_func)
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
-    models, logits, layers = [], [], 5 if refresh == "block" else 2
+    models, logits, layers = [], [], 3 if refresh == "block" else 2
     for graphs in (True, False):
         model = fbcompile.optimize(sdar_remote_lm.make_tiny_model(num_layers=layers), fbcompile.Config(
             compiler="eager", refresh=refresh, cuda_graphs=graphs))
@@ -850,7 +850,7 @@ def test_hf_mask_built_in_the_model_runs_from_spare_capacity(monkeypatch, shared
             self.length += length
 
     model, loops = qwen2_crop_loops(monkeypatch, PaddedCropLoop)
-    blocks, steps = 5, 4
+    blocks, steps = 5, 3
     for block in range(blocks):
         if block == blocks - 2:
             before = dict(fbcompile.stats(model).cuda_graphs)
