@@ -4,7 +4,7 @@ Why: Fast-dLLM's LLaDA caches keys before RoPE and rotates the concatenated keys
 
     k = torch.cat([past_k, k], dim=-2)              # past_k: un-rotated keys of the prefix
     cos, sin = tables(key_len)                      # positions [0, key_len)
-    q = rope(q, cos[:, :, key_len - q_len:], ...)   # queries: the last q_len positions
+    q = rope(q, cos[:, :, key_len - q_len:key_len], ...)   # queries: the last q_len positions
     k = rope(k, cos, sin)                           # keys: every position, after the cat
 
 so the keys reach attention through position-wise ops, not as a bare ``cat``. Options reproduce
@@ -82,7 +82,7 @@ class RotaryAfterCat(nn.Module):
         else:
             cos, sin = self.compute(key_len)
         if q_positions is None:
-            q_cos, q_sin = cos[:, :, key_len - q_len:], sin[:, :, key_len - q_len:]
+            q_cos, q_sin = cos[:, :, key_len - q_len:key_len], sin[:, :, key_len - q_len:key_len]  # LLaDA's own slice
         else:
             q_cos, q_sin = cos.index_select(2, q_positions), sin.index_select(2, q_positions)
         qf, kf = q.float(), k.float()
