@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import fbcompile  # noqa: E402
 from examples.block_diffusion_lm import init_random_weights  # noqa: E402
-from examples.dream_lm import DreamConfig, DreamLM  # noqa: E402
+from examples.block_diffusion_lm import BlockDiffusionConfig  # noqa: E402
+from examples.dream_lm import DreamLM  # noqa: E402
 from examples.olmo_llada_lm import OLMoLLaDAConfig, OLMoLLaDALM  # noqa: E402
 
 LLADA_8B = dict(hidden_size=4096, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=12288,
@@ -49,7 +50,7 @@ VARIANTS = ("eager", "compile", "exact", "block", "exact-cg", "block-cg")
 
 def build(kind: str, shape: dict, layers: int, positions: int, device, dtype) -> OLMoLLaDALM | DreamLM:
     if kind == "dream":
-        config, model_cls = DreamConfig(**shape, num_layers=layers, block_size=BLOCK), DreamLM
+        config, model_cls = BlockDiffusionConfig(**shape, num_layers=layers, block_size=BLOCK), DreamLM
     else:
         config = OLMoLLaDAConfig(**shape, num_layers=layers, max_positions=positions, block_size=BLOCK)
         model_cls = OLMoLLaDALM

@@ -22,7 +22,6 @@ A padded batch passes a ``[B, 1, N, N]`` bool mask, cut to the query's rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -37,15 +36,10 @@ except ImportError:
                                     repeat_kv, rotate_half, unmask_topk)
 
 
-@dataclass
-class DreamConfig(BlockDiffusionConfig):
-    pass
-
-
 class DreamAttention(nn.Module):
     """Qwen2 projections (q/k/v biases); the cache joined flat; heads, RoPE and GQA after the join."""
 
-    def __init__(self, config: DreamConfig):
+    def __init__(self, config: BlockDiffusionConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=True)
@@ -74,7 +68,7 @@ class DreamAttention(nn.Module):
 
 
 class DreamLayer(nn.Module):
-    def __init__(self, config: DreamConfig):
+    def __init__(self, config: BlockDiffusionConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DreamAttention(config)
@@ -88,7 +82,7 @@ class DreamLayer(nn.Module):
 
 
 class DreamLM(nn.Module):
-    def __init__(self, config: DreamConfig):
+    def __init__(self, config: BlockDiffusionConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -158,7 +152,7 @@ class DreamLM(nn.Module):
 
 def make_tiny_model(seed: int = 0, **config_overrides) -> DreamLM:
     """Random-weight tiny Dream-style model in eval mode, deterministic for a given seed."""
-    config = DreamConfig(**config_overrides)
+    config = BlockDiffusionConfig(**config_overrides)
     return init_random_weights(DreamLM(config), seed).to(config.dtype).eval()
 
 
