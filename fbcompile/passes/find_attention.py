@@ -355,6 +355,9 @@ def _internal_reason(deps: DependencyGraph, piece, query_inputs: set) -> str | N
     inputs = _cache_inputs(deps, piece)
     if not inputs:
         return "read no input (a constant goes with the block)"
+    if isinstance(_stand_in(piece), fx.Node) and any(deps.mutations.get(n) for n in inputs):
+        # Fast-dLLM v2's block cache: ``block_k[:, :, s:s + n] = k`` then ``cat([past_k, block_k])``
+        return "read an input this graph writes in place (a block cache)"
     source = piece.source if isinstance(piece, PositionwisePiece) else piece
     if _cache_inputs(deps, source) & query_inputs:
         return "depend on an input the query depends on"
