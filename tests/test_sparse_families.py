@@ -20,7 +20,8 @@ import fbcompile
 from attention_zoo import rel_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from examples import dream_lm, llada_dual_buffer, llada_lm, sdar_lm, sdar_remote_lm, wan_causal_video  # noqa: E402
+from examples import (dream_lm, fast_dllm_v2_lm, llada_dual_buffer, llada_lm, sdar_lm, sdar_remote_lm,  # noqa: E402
+                      wan_causal_video)
 
 EAGER = dict(compiler="eager")
 EVERY = 4096  # KV entries: more than any family here caches
@@ -44,6 +45,11 @@ def _llada(cache):
 def _dream():
     return lambda: dream_lm.make_tiny_model(num_layers=1), \
         lambda m: m.generate(_prompt(), gen_length=16, block_size=8, steps=8)
+
+
+def _fast_dllm_v2():
+    return lambda: fast_dllm_v2_lm.make_tiny_model(num_layers=1), \
+        lambda m: m.generate(_prompt(), num_blocks=2, sub_block=4, per_step=1, commit=lambda: _commit(m))
 
 
 def _dual_buffer(rotate_after_write=False):
@@ -100,6 +106,7 @@ FAMILIES = {
     "llada-dual": (lambda: _llada("dual"), 4, SPARSE),
     "llada-dual-buffer": (_dual_buffer, 4, SPARSE),
     "dream-prefix": (_dream, 4, SPARSE),
+    "fast-dllm-v2-block-cache": (_fast_dllm_v2, 4, SPARSE),
     "llada-dual-buffer-rotated-after": (lambda: _dual_buffer(rotate_after_write=True), 4, SPARSE),  # Fast-dLLM's order
     "sdar-remote-flash": (_sdar_remote, 4, SPARSE),
     "wan-self-forcing": (lambda: _wan("self_forcing"), 8, SPARSE),
