@@ -14,7 +14,8 @@ cache does not exist. Fast-dLLM's approximate caches make it look like a block m
 * ``cache="none"``: every step is a full pass (the exact baseline).
 
 The full pass at each block's first step refreshes the caches (nothing is carried
-across blocks). Backbone pieces come from ``block_diffusion_lm``; the default
+across blocks). Every call passes ``use_cache=True``, as Fast-dLLM's loops do: the cached
+steps return keys/values that the loop drops. Backbone pieces come from ``block_diffusion_lm``; the default
 config is multi-head (``num_kv_heads == num_heads``) like LLaDA-8B.
 """
 
@@ -137,9 +138,9 @@ class LLaDALM(BlockDiffusionLM):
                         prefix = [(pk[:, :, :s], pv[:, :, :s]) for pk, pv in kv]
                         suffix = [(pk[:, :, e:], pv[:, :, e:]) for pk, pv in kv]
                 elif cache == "prefix":
-                    logits = self(x[:, s:], past_key_values=prefix)[0][:, :block_size]
+                    logits = self(x[:, s:], past_key_values=prefix, use_cache=True)[0][:, :block_size]
                 else:  # dual
-                    logits = self(x[:, s:e], past_key_values=prefix, future_key_values=suffix)[0]
+                    logits = self(x[:, s:e], past_key_values=prefix, future_key_values=suffix, use_cache=True)[0]
                 forwards += 1
                 conf, tok = greedy_confidence(logits, mask_id)
                 block, masked = unmask_topk(x[:, s:e], masked, conf, tok, k)

@@ -103,8 +103,8 @@ class OLMoAttention(LLaDAAttention):
     def forward(self, hidden, cos, sin, past_kv: Optional[KV] = None, attention_mask=None,
                 future_kv: Optional[KV] = None):
         q, k, v = self.project(hidden, None, None)
-        new_kv = (k, v)  # cached before RoPE, as Fast-dLLM does
         k, v = self.with_cache(k, v, past_kv, future_kv)
+        new_kv = (k, v)  # LLaDA's ``present``: after the cat and before RoPE, as Fast-dLLM caches them
         if self.key_norm is not None:
             k = self.key_norm(k)
         q, k = self.rotary(q, k)

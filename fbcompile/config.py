@@ -148,8 +148,8 @@ class Config:
         otherwise every later block would attend to keys/values computed with the approximation.
         Exception: when the cache such a call reads is cut from keys/values an earlier call
         returned - a crop of a returned concatenation (HF ``DynamicCache``: each denoising step
-        appends the block, then ``crop`` s it off), or a leading slice of returned keys/values
-        (Fast-dLLM's Dream returns ``present`` at every step and keeps ``k[:, :s]`` of the block's
+        appends the block, then ``crop`` s it off), or a slice of returned keys/values (Fast-dLLM's
+        LLaDA and Dream return ``present`` at every step and keep ``k[:, :, :s]`` of the block's
         full pass) - the loop is appending blocks it throws away, and the call is taken as a
         denoising step (it may reuse); such loops mark their real commit with
         ``with fbcompile.commit(model):``, as must commits that no graph shows (a ``cat`` handed

@@ -27,7 +27,7 @@ from fbcompile.config import Config
 from fbcompile.passes.attention_kernels import attention_parts, fake_inputs, kernels_of
 from fbcompile.passes.cat_outputs import cat_outputs, kv_outputs
 from fbcompile.passes.find_attention import find_attention_sites
-from fbcompile.passes.graph_utils import copy_module
+from fbcompile.passes.graph_utils import copy_module, is_module_state
 from fbcompile.passes.gated_linears import gated_linears
 from fbcompile.passes.group_linears import group_linears
 from fbcompile.passes.linear_partials import linear_partials
@@ -227,6 +227,16 @@ def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats, returned)
 
 
+def _reads_cut_caches(sites: list, gm: fx.GraphModule, example_inputs: list) -> bool:
+    """Are the cached keys/values of the split sites, in the call being compiled, cut from keys/values an
+    earlier call returned (Fast-dLLM's LLaDA: ``k[:, :, :s]`` of the block's full pass)? Then a graph that
+    returns the block's keys/values may be a denoising step whose result the loop drops."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    cached = [placeholders.index(n) for s in sites if s.splittable for n in s.external_inputs if not is_module_state(n)]
+    return bool(cached) and all(isinstance(example_inputs[i], torch.Tensor)
+                                and provenance.cut_of_returned(example_inputs[i]) for i in cached)
+
+
 AUTOGRAD = "autograd on (training, or called without torch.no_grad()): the graph compiled as it is"
 
 
@@ -243,7 +253,8 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
         log.info("graph %d: %s %s", record.index, site.node.name, site.decision)
     exact = config.refresh == "always"
     policies = [] if exact else policies_for(config)
-    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass, returns_cat=returns_cat,
+    commit_per_call = returns_cat or _reads_cut_caches(sites, gm, example_inputs)
+    plan = specialize(gm, sites, exact=exact, exact_save_pass=config.exact_save_pass, commit_per_call=commit_per_call,
                       with_query=any(p.with_query for p in policies), probe=session.observer is not None,
                       reuse_plan=config.reuse_plan, sparse=config.sparse)
     if plan is None:

@@ -17,8 +17,8 @@ along a dim (see :mod:`fbcompile.passes.cat_outputs`), have their outputs *recor
   the cat and the attention): :func:`split_hint` gives, at compile time, where ``C`` was joined.
 
 Graphs that return the keys/values an attention of theirs reads (:func:`~fbcompile.passes.cat_outputs.
-kv_outputs`) have those outputs *noted*: :func:`cut_of_returned` tells a cache cut from them (a
-leading slice, as Fast-dLLM's Dream keeps ``k[:, :s]`` of a block's full pass).
+kv_outputs`) have those outputs *noted*: :func:`cut_of_returned` tells a cache cut from them (a slice
+along one dim, as Fast-dLLM's Dream and LLaDA keep ``k[:, :s]`` of a block's full pass).
 
 Runtime state, global because it describes tensors, not sessions; every entry dies with its tensor.
 """
@@ -146,13 +146,17 @@ def note_returned(tensor) -> None:
 
 
 def cut_of_returned(tensor: torch.Tensor) -> bool:
-    """Is ``tensor`` a leading slice, shorter along one dim, of keys/values a graph returned?"""
+    """Is ``tensor`` a slice, shorter along one dim, of keys/values a graph returned (a prefix ``k[:, :, :s]``,
+    a suffix ``k[:, :, e:]``)?"""
     found = _lookup(_returned, _root(tensor)) if _returned else None
-    if found is None or tensor.storage_offset() != found.storage_offset or tensor.stride() != found.stride:
+    if found is None or tensor.stride() != found.stride or tensor.dim() != len(found.size):
         return False
-    shorter = [a < b for a, b in zip(tensor.shape, found.size)]
-    return (len(shorter) == len(found.size) and sum(shorter) == 1
-            and all(a == b for a, b, cut in zip(tensor.shape, found.size, shorter) if not cut))
+    cut = [d for d, (a, b) in enumerate(zip(tensor.shape, found.size)) if a != b]
+    if len(cut) != 1 or tensor.shape[cut[0]] > found.size[cut[0]]:
+        return False
+    dim, stride = cut[0], found.stride[cut[0]]
+    start, rest = divmod(tensor.storage_offset() - found.storage_offset, stride) if stride else (0, 1)
+    return rest == 0 and 0 <= start and start + tensor.shape[dim] <= found.size[dim]
 
 
 def split_hint(tensor) -> tuple[int, int] | None:

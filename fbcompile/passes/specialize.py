@@ -46,14 +46,15 @@ class GraphPlan:
 
 
 def specialize(gm: fx.GraphModule, sites: list[AttentionSite], *, exact: bool, exact_save_pass: bool = True,
-               returns_cat: bool = False, with_query: bool = False, probe: bool = False,
+               commit_per_call: bool = False, with_query: bool = False, probe: bool = False,
                reuse_plan=None, sparse=None) -> GraphPlan | None:
     """Split ``gm`` in place at ``sites`` and build its graphs; None if no site was split.
 
     ``exact``: no reuse at all; ``exact_save_pass``: a graph returning the block's keys/values (a
-    commit) never reuses - unless it ``returns_cat`` (the concatenation of an input, see
-    :mod:`.cat_outputs`: the loop may crop off what it appends), which is marked ``commits``: the
-    runtime runs its calls exactly unless the cache they read is such a crop
+    commit) never reuses - unless its calls may be denoising steps (``commit_per_call``: it returns the
+    concatenation of an input, see :mod:`.cat_outputs`, which the loop may crop off, or the cache it
+    was compiled for is cut from keys/values an earlier call returned), which is marked ``commits``:
+    the runtime runs its calls exactly unless the cache they read is such a cut
     (``SplitGraphDispatcher._cropped``); ``with_query``: refresh/reuse graphs carry each site's query (drift); ``probe``: the
     refresh graph is a probe graph and no reuse graph is built; ``reuse_plan``: a
     :class:`fbcompile.ReusePlan` whose steps get one reuse graph each; ``sparse``: a
@@ -67,7 +68,7 @@ def specialize(gm: fx.GraphModule, sites: list[AttentionSite], *, exact: bool, e
     guards = None
     if not exact:
         guards = site_guards(gm, split, [MergeArgs.of(m).out_ext for m in merges(gm.graph)])
-    if commits and not returns_cat:
+    if commits and not commit_per_call:
         guards = None
     if guards is None:
         reason = "exact mode" if exact else "save pass" if commits else "query size not guardable"
