@@ -140,9 +140,13 @@ def record(output, source, dim: int) -> None:
 
 
 def note_returned(tensor) -> None:
-    """Note that a graph returned ``tensor`` as keys/values an attention of its read."""
+    """Note that a graph returned ``tensor`` as keys/values an attention of its read (a replay's static
+    output, noted already, costs a lookup)."""
     if isinstance(tensor, torch.Tensor):
-        _remember(_returned, _root(tensor), _Geometry(tensor.storage_offset(), tuple(tensor.shape), tensor.stride()))
+        root = _root(tensor)
+        geometry = _Geometry(tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if _lookup(_returned, root) != geometry:
+            _remember(_returned, root, geometry)
 
 
 def cut_of_returned(tensor: torch.Tensor) -> bool:
