@@ -163,8 +163,8 @@ class SplitGraphDispatcher:
 
     def _cropped(self, args) -> bool:
         """Is every cached tensor cut from keys/values an earlier call returned: a crop of a returned
-        concatenation (HF ``DynamicCache``: append the block, then ``crop`` it off), or a leading slice
-        of returned keys/values (Fast-dLLM's Dream: ``k[:, :s]`` of the block's full pass)? Then the
+        concatenation (HF ``DynamicCache``: append the block, then ``crop`` it off), or a slice of
+        returned keys/values (Fast-dLLM's LLaDA and Dream: ``k[:, :, :s]`` of the block's full pass)? Then the
         loop cuts its cache from what calls return, this call's block is cut off again, and returning
         the concatenation is no commit, unless the caller marks it with :func:`fbcompile.commit`.
         Otherwise returning the block's keys/values commits it."""

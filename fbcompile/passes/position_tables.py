@@ -61,7 +61,7 @@ class TableLimit:
 @dataclass
 class _Read:
     """``table``'s rows ``[L + offset, L + offset + size)`` along ``dim``, read by ``node`` (``size`` None:
-    to the table's end)."""
+    to ``stop``, else to the table's end)."""
 
     node: fx.Node
     table: fx.Node
@@ -70,8 +70,8 @@ class _Read:
     offset: int
     size: int | fx.Node | None
     rest: tuple | None = None  # a getitem's other entries (new dims, ints), applied after the rows
-    stop: fx.Node | None = None  # the slice's end, where ``size`` is its distance from ``start`` (a symbolic
-    #                              size free of the cached lengths: Dream's ``cos[:, :, L:L + q_len]``)
+    stop: fx.Node | None = None  # a symbolic end whose distance from ``start`` is free of the cached
+    #                              lengths (Dream's ``cos[:, :, L:L + q_len]``)
 
 
 @dataclass
@@ -170,7 +170,7 @@ def _read_at(node: fx.Node, values: dict) -> _Read | None:
             distance = sympy.expand(_expr(recorded(item.stop)) - _expr(recorded(item.start)))
             if distance.free_symbols & symbols:
                 return None
-            size, stop = item.stop, item.stop
+            stop = item.stop
         elif end < offset:
             return None
         else:
@@ -315,7 +315,7 @@ def read_from_count(gm: fx.GraphModule, read: _Read, count: fx.Node) -> None:
     fake = like.fake_mode if getattr(like, "fake_mode", None) else contextlib.nullcontext()
     with graph.inserting_before(read.node), fake:
         size = read.size
-        if size is None or read.stop is not None:  # to the end, or to a symbolic end
+        if size is None:  # to a symbolic end, or to the table's end
             end = read.stop
             if end is None:
                 end = graph.call_method("size", (read.table, read.dim))
