@@ -114,3 +114,20 @@ def test_a_returned_concatenation_over_a_cache_that_is_no_cut_runs_exactly():
         assert all(rel_error(a, b) < 1e-5 for pair, e in zip(presents, expected_presents) for a, b in zip(pair, e))
     stats = fbcompile.stats(model)
     assert stats.reuses == 1 and stats.refresh_reasons == {"new kv": 1, "save pass": 2}, stats
+
+
+def test_cuts_of_returned_keys_values():
+    """What counts as cut from keys/values a graph returned: a slice along one dim, anywhere in it; not the
+    whole tensor, a slice along two dims, another layout of the same storage, or an unnoted tensor."""
+    from fbcompile.backends import provenance
+
+    returned = torch.randn(2, 4, 30, 8).transpose(1, 2)  # [B, S, H, D] as a view of [B, H, S, D]
+    provenance.note_returned(returned)
+    cuts = {"prefix": returned[:, :12], "suffix": returned[:, 20:], "middle": returned[:, 5:9],
+            "heads": returned[:, :, :2]}
+    not_cuts = {"whole": returned, "two dims": returned[:, :12, :2], "strided": returned[:, ::2],
+                "contiguous copy": returned[:, :12].contiguous(), "transposed": returned[:, :12].transpose(1, 2),
+                "unnoted": torch.randn(2, 30, 4, 8)[:, :12]}
+    assert all(provenance.cut_of_returned(t) for t in cuts.values())
+    assert not any(provenance.cut_of_returned(t) for t in not_cuts.values()), \
+        [name for name, t in not_cuts.items() if provenance.cut_of_returned(t)]
