@@ -38,6 +38,11 @@ class Report:
         if self.sites:
             lines.append(tabulate(self.sites, headers="keys"))
         for g in self.graphs:
+            if g.rewritten and g.no_reuse is not None:
+                lines.append(f"graph {g.index}: never reuses ({g.no_reuse})")
+            elif g.commits:
+                lines.append(f"graph {g.index}: returns the block's keys/values: a call runs exactly (save pass) "
+                             "unless its cache is cut from keys/values an earlier call returned")
             for role, note in g.cuda_graphs.items():
                 lines.append(f"graph {g.index} {role}, CUDA graphs: {note}")
             for role, (gm, mode, inputs) in g.attention_graphs.items():

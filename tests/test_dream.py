@@ -96,6 +96,8 @@ def test_block_mode_reuses_though_every_step_returns_the_concatenation():
     # per block: the full pass, a refresh over the new cache, then reuses
     assert (stats.refreshes, stats.reuses) == (blocks, blocks * (steps - 2)), stats
     assert stats.refresh_reasons == {"new kv": blocks}, stats
+    assert "returns the block's keys/values: a call runs exactly (save pass) unless its cache is cut" in \
+        str(fbcompile.explain(model))
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ def test_block_mode_reuses_at_the_sub_block_steps():
     # 6 sub-block steps over the same committed cache, the first refreshes and the others reuse
     assert stats.refresh_reasons == {"save pass": 3 * blocks, "new kv": blocks}, stats
     assert stats.reuses == 5 * blocks, stats
+    assert "never reuses (save pass)" in str(fbcompile.explain(model))  # the full-block passes' graph
 
 
 class SubBlockStep(torch.nn.Module):

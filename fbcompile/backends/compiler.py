@@ -260,6 +260,7 @@ def _compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list, r
     if plan is None:
         return _compile(gm, example_inputs, session, record=record)
     record.code_refresh, record.split_graph, record.no_reuse = gm.code, gm, plan.no_reuse
+    record.commits = plan.commits and plan.no_reuse is None
     if any(reason is None for reason in plan.sparse):  # show where the tiles are scored and selected
         record.code_refresh = plan.refresh.gm.code
     record.split_sites = [SiteCounters(node=s.node.name, kv_heads=h.kv)

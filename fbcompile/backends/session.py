@@ -74,6 +74,7 @@ class GraphRecord:
     reuse_graph: fx.GraphModule | None = None
     plan_graphs: dict = field(default_factory=dict)  # reuse plan: "reuse, steps 1, 2" -> its graph
     no_reuse: str | None = None       # why the graph never reuses (exact mode, save pass, ...)
+    commits: bool = False             # returns the block's keys/values: a call reuses only over a cut cache
     cuda_graphs: dict = field(default_factory=dict)  # with CUDA graphs: role -> how it runs over a moving cache
     linear_groups: dict = field(default_factory=dict)  # role -> the linears it runs in one launch per group
     gated_linears: dict = field(default_factory=dict)  # role -> the gated MLPs whose GEMM applies their gate
