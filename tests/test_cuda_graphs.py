@@ -943,7 +943,8 @@ def test_dream_prefix_cache_runs_from_spare_capacity(monkeypatch, shared_compile
     queries' rows read to an end ``cos[:, :, L:L + q_len]`` with ``q_len`` dynamic (the block and the
     masked rest), ``present`` returned at every step. The graph over the cache runs from spare capacity,
     the tokens equal the model's without CUDA graphs, and a fourth ``generate`` only replays and copies
-    each block's cache in (the kept layouts double until the capacities that come back are kept). CPU stand-in for the capture."""
+    each block's cache in (the kept layouts double until the capacities that come back are kept). CPU
+    stand-in for the capture."""
     from examples import dream_lm
 
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
