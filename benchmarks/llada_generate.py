@@ -138,9 +138,10 @@ def main():
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    name = "Dream-7B" if args.model == "dream" else "LLaDA-8B"
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else str(device),
                   torch=torch.__version__, model=args.model,
-                  shape="tiny" if args.tiny else f"{'Dream-7B' if args.model == 'dream' else 'LLaDA-8B'} layers x {args.layers}",
+                  shape="tiny" if args.tiny else f"{name} layers x {args.layers}",
                   prompt=args.prompt, gen=args.gen, steps_per_block=args.steps,
                   cache=args.cache if args.model == "llada" else "prefix", rows=rows)
     if args.out:
