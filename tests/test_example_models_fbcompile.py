@@ -176,10 +176,10 @@ def test_video_block_mode_refreshes_once_per_chunk(cache):
     else:
         # one buffer for the whole video: chunk 0 refreshes over an empty range ("new kv"); the slot
         # writes the denoising graphs make themselves do not invalidate the cached part; the clean
-        # pass is a save pass (exact) whose write the next chunk sees ("kv written in place", its
-        # cached range [0, start) has moved on too; the graph dynamo recompiled for chunk 1 with a
-        # symbolic start finds chunk 0's entry: ranges are compared by value)
+        # pass is a save pass (exact); the next chunk's cached range [0, start) has moved on ("kv range
+        # changed", told before the clean pass's write: the graph dynamo recompiled for chunk 1 with a
+        # symbolic start finds chunk 0's entry, ranges are compared by value)
         assert stats.refreshes == 2 * VIDEO_CHUNKS, stats
         assert stats.reuses == VIDEO_CHUNKS * (VIDEO_STEPS - 1), stats
-        assert stats.refresh_reasons == {"new kv": 1, "kv written in place": VIDEO_CHUNKS - 1,
+        assert stats.refresh_reasons == {"new kv": 1, "kv range changed": VIDEO_CHUNKS - 1,
                                         "save pass": VIDEO_CHUNKS}

@@ -35,6 +35,7 @@ from fbcompile.passes.residual_linears import residual_linears
 from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
 from fbcompile.passes.key_count import add_key_count
 from fbcompile.passes.reuse_external import SpecializedGraph
+from fbcompile.passes.slice_writes import slice_writes
 from fbcompile.passes.specialize import specialize
 from fbcompile.passes.split_joined_inputs import split_joined_inputs
 
@@ -222,9 +223,13 @@ def _sites(gm: fx.GraphModule, example_inputs: list) -> list:
 
 def compile_graph(session: Session, gm: fx.GraphModule, example_inputs: list):
     """Backend body: analyse and rewrite ``gm``, record it in ``session``, return the callable
-    (which records the provenance of the graph's ``cat`` and keys/values outputs, see :mod:`.provenance`)."""
-    cats, returned = cat_outputs(gm), kv_outputs(gm)
-    return provenance.recording(_compile_graph(session, gm, example_inputs, returns_cat=bool(cats)), cats, returned)
+    (which records the provenance of the graph's ``cat`` and keys/values outputs, and logs its slice
+    writes of inputs, see :mod:`.provenance`)."""
+    cats, returned, writes = cat_outputs(gm), kv_outputs(gm), slice_writes(gm)
+    run = _compile_graph(session, gm, example_inputs, returns_cat=bool(cats))
+    # the graph's own entries keep the versions of the inputs they cache after each call: no log needed
+    guarded = {i for g in run.guards for i in g.external} if isinstance(run, SplitGraphDispatcher) else set()
+    return provenance.recording(run, cats, returned, [w for w in writes if w.input not in guarded])
 
 
 def _reads_cut_caches(sites: list, gm: fx.GraphModule, example_inputs: list) -> bool:

@@ -47,7 +47,8 @@ from typing import Callable
 import torch
 
 from fbcompile.backends.policies import RefreshPolicy
-from fbcompile.backends.provenance import Content, cut_of_returned, external_contents, version
+from fbcompile.backends.provenance import (Content, cut_of_returned, external_contents, version,
+                                           written_only_within)
 from fbcompile.backends.session import CacheEntry, GraphRecord, Session
 from fbcompile.passes.guards import SiteGuard
 from fbcompile.passes.reuse_external import OutputLayout
@@ -314,6 +315,13 @@ class ProbeDispatcher(SplitGraphDispatcher):
         return self.refresh.outputs.user_outputs(outputs)
 
 
+def _written_in_block(args, index: int, kept: int, now: int | None, guard: SiteGuard, position: int) -> bool:
+    """Was a static cache written since version ``kept`` only in its block's rows, by writes other graphs
+    logged (LongLive's deferred write of the real cache, see :mod:`fbcompile.passes.static_cache`)?"""
+    rows = guard.block_rows_of(position, args) if now is not None and guard.block_rows else None
+    return rows is not None and written_only_within(args[index], kept, now, *rows)
+
+
 def _positions(guard: SiteGuard, args) -> list[torch.Tensor]:
     """Copies of the tensors a written buffer's positions are computed from."""
     return [args[i].clone() for i in guard.positions]
@@ -344,17 +352,18 @@ def _stale(entry: CacheEntry | None, contents: list[Content], guard: SiteGuard, 
         return guard.rewrites
     if entry is None:
         return NEW_KV
-    for ref, kept, shape, now, index in zip(entry.sources, entry.versions, entry.shapes, contents, guard.external):
+    for ref, kept, now in zip(entry.sources, entry.versions, contents):
         if ref() is not now.token:  # the entry's content died and its token's id was recycled
             return NEW_KV
         if kept is None:
             return "kv is an inference tensor"
-        if now.version != kept:
+    if entry.offsets != guard.offset_values(args):  # (before the writes: a new block's rows are written)
+        return "kv range changed"
+    for position, (kept, shape, now, index) in enumerate(zip(entry.versions, entry.shapes, contents, guard.external)):
+        if now.version != kept and not _written_in_block(args, index, kept, now.version, guard, position):
             return "kv written in place"
         if args[index].shape != shape:
             return "kv shape changed"
-    if entry.offsets != guard.offset_values(args):
-        return "kv range changed"
     if not all(kept.shape == args[i].shape and torch.equal(kept, args[i]) for kept, i in zip(entry.positions, guard.positions)):
         return "kv positions changed"
     out = entry.out_ext

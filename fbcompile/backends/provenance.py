@@ -20,6 +20,11 @@ Graphs that return the keys/values an attention of theirs reads (:func:`~fbcompi
 kv_outputs`) have those outputs *noted*: :func:`cut_of_returned` tells a cache cut from them (a slice
 along one dim, as Fast-dLLM's Dream and LLaDA keep ``k[:, :s]`` of a block's full pass).
 
+Graphs that write an input only at slices (:func:`~fbcompile.passes.slice_writes.slice_writes`) have
+each call's writes *logged*: "from version ``v`` to ``w`` this tensor was written at these rows".
+:func:`written_only_within` tells whether every write between two versions was logged and lay in
+given rows (LongLive writes the real cache after the attention read a clone of it, in another graph).
+
 Runtime state, global because it describes tensors, not sessions; every entry dies with its tensor.
 """
 from __future__ import annotations
@@ -71,6 +76,18 @@ class _Geometry:
 _tokens: dict[int, tuple[weakref.ref, ContentToken]] = {}   # id(tensor) -> its own token
 _records: dict[int, tuple[weakref.ref, _CatRecord]] = {}    # id(storage root) -> the cat it holds
 _returned: dict[int, tuple[weakref.ref, _Geometry]] = {}    # id(storage root) -> keys/values a graph returned
+_written: dict[int, tuple[weakref.ref, list]] = {}          # id(tensor) -> its last logged writes
+
+
+class _LoggedWrite(NamedTuple):
+    """One call's writes of a tensor: its version before and after, and ``(dim, start, stop)`` per write."""
+
+    before: int
+    after: int
+    rows: tuple
+
+
+LOGGED_CALLS = 8  # per tensor, the last calls' writes kept
 
 
 def _remember(table: dict, tensor: torch.Tensor, value) -> None:
@@ -163,6 +180,34 @@ def cut_of_returned(tensor: torch.Tensor) -> bool:
     return rest == 0 and 0 <= start and start + tensor.shape[dim] <= found.size[dim]
 
 
+def log_writes(tensor: torch.Tensor, before: int, after: int, rows: tuple) -> None:
+    """Note that a call wrote ``tensor`` at ``rows`` (``(dim, start, stop)`` each), its version going from
+    ``before`` to ``after``."""
+    log = _lookup(_written, tensor)
+    if log is None:
+        log = []
+        _remember(_written, tensor, log)
+    log.append(_LoggedWrite(before, after, rows))
+    del log[:-LOGGED_CALLS]
+
+
+def written_only_within(tensor: torch.Tensor, since: int, now: int, dim: int, start: int, stop: int) -> bool:
+    """Did logged calls take ``tensor`` from version ``since`` to ``now``, one after the other, writing only
+    rows in ``[start, stop)`` along ``dim``? (Any write not logged breaks the chain of versions.)"""
+    if since == now:
+        return True
+    log = _lookup(_written, tensor) if _written else None
+    if not log or now < since:
+        return False
+    at = since
+    for entry in log:
+        if entry.before == at != now:
+            if not all(d == dim and start <= a and b <= stop for d, a, b in entry.rows if a < b):
+                return False
+            at = entry.after
+    return at == now
+
+
 def split_hint(tensor) -> tuple[int, int] | None:
     """``(dim, block length)`` if ``tensor`` is a whole recorded ``cat(P, block)``, not written since."""
     if not isinstance(tensor, torch.Tensor):
@@ -188,22 +233,35 @@ def external_contents(guard, args) -> list[Content]:
 
 
 class RecordingCall:
-    """A compiled graph's callable that records the provenance of its ``cat`` outputs, and notes its
-    keys/values outputs, after each call."""
+    """A compiled graph's callable that records the provenance of its ``cat`` outputs, notes its
+    keys/values outputs, and logs its slice writes of inputs, after each call."""
 
-    def __init__(self, run, cats: list, returned: list[int]):
-        self.run, self.cats, self.returned = run, cats, returned
+    def __init__(self, run, cats: list, returned: list[int], writes: list = ()):
+        self.run, self.cats, self.returned, self.writes = run, cats, returned, writes
 
     def __call__(self, *args):
+        before = [version(args[w.input]) for w in self.writes]
         outputs = self.run(*args)
         for cat in self.cats:
             record(outputs[cat.output], args[cat.source], cat.dim)
         for index in self.returned:
             note_returned(outputs[index])
+        for writes, was in zip(self.writes, before):
+            tensor = args[writes.input]
+            now = version(tensor)
+            if was is not None and now != was and not _aliased(tensor, [args[i] for i in writes.others]):
+                log_writes(tensor, was, now, writes.rows_written(args))
         return outputs
 
 
-def recording(run, cats: list, returned: list[int]):
-    """``run``, recording the provenance of the outputs ``cats`` (:func:`~fbcompile.passes.cat_outputs.cat_outputs`)
-    and noting the keys/values outputs ``returned`` (:func:`~fbcompile.passes.cat_outputs.kv_outputs`)."""
-    return RecordingCall(run, cats, returned) if cats or returned else run
+def _aliased(tensor: torch.Tensor, others: list) -> bool:
+    """Does one of ``others`` share ``tensor``'s storage (its writes would bump ``tensor``'s version too)?"""
+    storage = tensor.untyped_storage().data_ptr()
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in others)
+
+
+def recording(run, cats: list, returned: list[int], writes: list = ()):
+    """``run``, recording the provenance of the outputs ``cats`` (:func:`~fbcompile.passes.cat_outputs.cat_outputs`),
+    noting the keys/values outputs ``returned`` (:func:`~fbcompile.passes.cat_outputs.kv_outputs`) and logging
+    the slice writes ``writes`` (:func:`~fbcompile.passes.slice_writes.slice_writes`)."""
+    return RecordingCall(run, cats, returned, writes) if cats or returned or writes else run

@@ -45,12 +45,20 @@ class SiteGuard:
     #                                (see .split_joined_inputs); their provenance is compared
     module_state: tuple[int, ...] = ()  # those of ``external`` lifted from the module (weights, RoPE
     #                                     buffers): read by the cached part, no cache
+    block_rows: tuple = ()         # per external tensor, None or (dim, start, end) int sources: a static
+    #                                cache's block rows, where writes another graph logged leave the
+    #                                external rows as they were (see .static_cache, .slice_writes)
 
     def expected_shape(self, args) -> tuple:
-        return tuple(_size(d, args) for d in self.out_shape)
+        return tuple(evaluate_int(d, args) for d in self.out_shape)
 
     def offset_values(self, args) -> list:
-        return [_size(o, args) for o in self.offsets]
+        return [evaluate_int(o, args) for o in self.offsets]
+
+    def block_rows_of(self, position: int, args) -> tuple | None:
+        """``(dim, start, end)`` of the block's rows in external tensor ``position``, or None."""
+        rows = self.block_rows[position] if self.block_rows else None
+        return None if rows is None else (rows[0], evaluate_int(rows[1], args), evaluate_int(rows[2], args))
 
     @property
     def size_sources(self) -> set[int]:
@@ -79,10 +87,10 @@ class SymbolicInt:
                                                             modules=[functions, "math"]))
 
     def value(self, args) -> int:
-        return int(self.evaluate(*(_size(src, args) for _, src in self.symbols)))
+        return int(self.evaluate(*(evaluate_int(src, args) for _, src in self.symbols)))
 
 
-def _size(source, args):
+def evaluate_int(source, args):
     """A size known at compile time (int) or read off the arguments: ``(index, dim)``, dim None for an
     int, or a :class:`SymbolicInt` of them."""
     if isinstance(source, int):
@@ -93,7 +101,7 @@ def _size(source, args):
     return args[index] if dim is None else args[index].shape[dim]
 
 
-def _int_source(value, placeholders: list[fx.Node]):
+def int_source(value, placeholders: list[fx.Node]):
     """An int, int input or int computed in the graph, as :func:`_size` reads it off the arguments;
     None if it depends on something they do not hold."""
     if isinstance(value, int):
@@ -150,12 +158,17 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
         shape = tuple(_size_source(s, placeholders) for s in value.shape)
         if any(s is None for s in shape):
             return None
-        offsets = tuple(_int_source(o, placeholders) for o in site.cache_offsets())
+        offsets = tuple(int_source(o, placeholders) for o in site.cache_offsets())
         if any(o is None for o in offsets):
             return None
         indices = tuple(placeholders.index(n) for n in site.external_inputs)
         block = _block_input(site)
         windows = site.cache_windows()
+        rows = {w.source: (w.dim, int_source(w.block_start, placeholders), int_source(w.block_end, placeholders))
+                for w in windows}
+        block_rows = tuple(rows.get(n) for n in site.external_inputs) if rows else ()
+        if any(r is not None and None in r for r in block_rows):
+            block_rows = ()
         guards.append(SiteGuard(
             external=indices, occurrence=seen.count(indices),
             computation=_external_computation(out, opaque={w.emitted for w in windows}),
@@ -166,7 +179,8 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
             positions=tuple(placeholders.index(n) for n in site.position_tensors()),
             rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None,
             joined=tuple(n.meta.get("fbcompile_joined") for n in site.external_inputs),
-            module_state=tuple(placeholders.index(n) for n in site.external_inputs if is_module_state(n))))
+            module_state=tuple(placeholders.index(n) for n in site.external_inputs if is_module_state(n)),
+            block_rows=block_rows))
         seen.append(indices)
     return guards
 

@@ -41,7 +41,12 @@ when a read ends before or after the block). Proven from the graph, else the sit
 untouched: the clone is taken of a graph input before the graph writes that input; the input is
 written after the clone by exactly the clone's writes (same slices, same values, or the same
 ``clone()`` of a slice of its own tensor, read after its previous write), so after the call the
-input holds what the clone held at the attention and the version guard below applies to it.
+input holds what the clone held at the attention and the version guard below applies to it. Or the
+graph does not write the input at all (:attr:`CacheWindow.deferred`): LongLive itself writes the real
+cache after every layer ran (its ``_apply_cache_updates``), in another graph. The graphs that write it
+there log the rows they wrote (:mod:`.slice_writes`), and the guard accepts the input's new version only
+where every write logged since the refresh lies in the block's rows ``[start, end)``, which no
+external row is; a roll of the real cache, a write elsewhere or one not logged refreshes.
 
 Reuse is safe when the external range holds what it held at the refresh: the runtime compares ``a``
 and ``start`` (and a clone's read end) by value (symbolic ones are evaluated from the graph's int
@@ -107,8 +112,10 @@ class CacheWindow:
     start: object          # a: the window's first row (int or symbolic-int node)
     block_start: object    # where the graph's write of the block starts
     end: object            # where the read ends (a cache input: also where the block's write ends)
+    block_end: object      # where the graph's write of the block ends
     write: fx.Node         # the write of the block
     writes: tuple          # every write of base and source in the graph (the block's, any roll, mirrors)
+    deferred: bool = False  # a clone read, its input not written by this graph (LongLive's deferred write)
     emitted: fx.Node | None = None  # the external slice, once emitted (guards fingerprint it opaquely)
     _split: object = None
 
@@ -119,8 +126,8 @@ class CacheWindow:
     @property
     def rewrites(self) -> bool:
         """Does the graph also write the cache outside the block's range (a roll)? A clone's writes
-        are counted once (the input's mirror them)."""
-        return len(self.writes) > (2 if self.cloned else 1)
+        are counted once (the input's mirror them, unless deferred)."""
+        return len(self.writes) > (2 if self.cloned and not self.deferred else 1)
 
     @property
     def bounds(self) -> tuple:
@@ -258,7 +265,8 @@ def static_cache_read(node: fx.Node):
             and same_size(shape(value)[dim], _value(block_end) - _value(block_start))):
         raise LayoutError("a cache's window or written range is not as long as its bounds say")
     window = CacheWindow(base=base, source=source, dim=dim, start=start, block_start=block_start, end=end,
-                         write=write, writes=tuple(writes) + mirrors)
+                         block_end=block_end, write=write, writes=tuple(writes) + mirrors,
+                         deferred=base is not source and not mirrors)
     return dim, [window, CacheTail(window)]
 
 
@@ -275,8 +283,11 @@ def _cloned_input(node: fx.Node) -> fx.Node | None:
 
 def _mirrored_writes(clone: fx.Node, source: fx.Node, writes: list[fx.Node], order: dict) -> tuple:
     """The writes of ``source``, proven to repeat the writes of its ``clone`` in order after it was
-    taken, so that after the graph ``source`` holds what ``clone`` held once written; LayoutError if not."""
+    taken, so that after the graph ``source`` holds what ``clone`` held once written; () if the graph
+    does not write ``source``; LayoutError if it writes it otherwise."""
     mirrors = _writes(source)
+    if not mirrors:  # written by another graph, if at all: the guard checks what it logged
+        return ()
     previous = {clone: order[clone], source: order[clone]}
     proven = len(mirrors) == len(writes)
     for write, mirror in zip(writes, mirrors) if proven else ():
