@@ -1051,6 +1051,27 @@ def test_rope_after_the_cat_runs_from_spare_capacity(device, form, rows, why):
 
 
 @torch.no_grad()
+def test_longlive_deferred_write_reuses_under_cuda_graphs(device):
+    """LongLive's deferred cache write (the real cache written after all layers, by graphs of their own)
+    under CUDA graphs: the writer graphs' replays log their rows as uncaptured calls do, so block mode
+    reuses as often as without graphs, and the video equals theirs."""
+    from examples.wan_causal_video import WanCausalConfig, WanCausalVideo, generate, init_weights
+
+    cfg = WanCausalConfig(cache_frames=6, window_frames=4, sink_frames=1, cache_mode="longlive_deferred")
+    models = [fbcompile.optimize(init_weights(WanCausalVideo(cfg)).to(device),
+                                 fbcompile.Config(refresh="block", cuda_graphs=graphs, compiler="eager"))
+              for graphs in (False, True)]
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 4 * cfg.frames_per_chunk, cfg.in_channels, cfg.height, cfg.width, generator=gen)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen)
+    plain, graphed = (generate(m, noise.to(device), context.to(device), (1000, 750, 500, 250)) for m in models)
+    assert rel_error(graphed, plain) < (2e-2 if device == "cuda" else 1e-5)
+    plain_stats, graphed_stats = (fbcompile.stats(m) for m in models)
+    assert graphed_stats.reuses == plain_stats.reuses > 0, (plain_stats, graphed_stats)
+    assert graphed_stats.cuda_graphs.get("replays", 0) > 0, graphed_stats.cuda_graphs
+
+
+@torch.no_grad()
 def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget):
     """Fast-dLLM's dual cache (``examples/llada_dual_buffer.py``): each block's full pass makes new K/V
     buffers, the block's later steps write into them in place (taken by address), and ``nonzero`` breaks
