@@ -30,12 +30,39 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="Inductor's graphs captured on a 
 CONTEXT = 300
 
 
+def check_sizes(run, args) -> None:
+    """As a compiled graph checks its inputs (Inductor's ``assert_size_stride``): the arguments give each
+    symbol of the graph's example inputs one value, and each size computed from them its value (a graph
+    run from spare capacity gets buffers and size inputs of the capacity, all of them)."""
+    gm = getattr(run, "__self__", None)
+    if not isinstance(gm, torch.fx.GraphModule):
+        return
+    values, computed = {}, []
+    for node, arg in zip(gm.graph.find_nodes(op="placeholder"), args):
+        example = node.meta.get("example_value")
+        if isinstance(example, torch.SymInt):
+            pairs = [(example, arg)]
+        elif isinstance(example, torch.Tensor) and isinstance(arg, torch.Tensor):
+            pairs = list(zip(example.shape, arg.shape))
+        else:
+            pairs = []
+        for size, actual in pairs:
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                assert values.setdefault(size.node.expr, actual) == actual, (node.name, size, actual, values)
+            elif isinstance(size, torch.SymInt):
+                computed.append((node.name, size.node.expr, actual))
+    for name, expr, actual in computed:
+        if expr.free_symbols <= values.keys():
+            assert int(expr.subs(values)) == actual, (name, expr, actual, values)
+
+
 def stand_in_record(run, args, session):
     """As :func:`fbcompile.backends.cuda_graphs.record`, without a GPU: the outputs of a first run, and a
     replay that recomputes them into the same output tensors from the call's arguments (what a capture
     reads: its copies of them, and the memory of those it takes by address). Like a capture it keeps no
     reference to ``args``, and leaves the inputs the graph writes as they were (a capture records the
-    writes, it does not make them)."""
+    writes, it does not make them). The sizes of the arguments are checked as a compiled graph would."""
+    check_sizes(run, args)
     before = [a.clone() if isinstance(a, torch.Tensor) else None for a in args]
     outputs = run(*args)
     for arg, kept in zip(args, before):

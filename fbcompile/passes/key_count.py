@@ -934,9 +934,10 @@ def _block_sources(placeholders: list, padded: list[PaddedInput], sizes: list[tu
 def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_only: dict, lengths: dict,
                                split_inputs: list[_SplitInput]) -> list[PaddedInput]:
     """Read the lengths of the cached inputs read for nothing else from an input over the cache and the
-    block (``size - extra``), so that those inputs are not read at all (nor copied); where there is no
-    such input, the cached inputs to pass as buffers of the capacity that nothing reads."""
-    unread, sized = {placeholders[i]: i for i in length_only}, {}
+    block (``size - extra``), so that those inputs are not read at all (nor copied). Either way they are
+    passed as buffers of the capacity that nothing reads (returned): a compiled graph checks each input's
+    sizes against the capacity its size inputs then carry (Inductor's ``assert_size_stride``)."""
+    unread = {placeholders[i]: i for i in length_only}
     for length, symbol in list(lengths.items()):
         read = length.args[0] if length.op != "placeholder" else None
         while read is not None and read.op != "placeholder":  # through views: see _key_readers
@@ -946,7 +947,6 @@ def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_on
         item = next((j for j in split_inputs if j.symbol == symbol and j.padded is not None
                      and isinstance(j.padded.extra, int)), None)
         if item is None:  # only its size is read
-            sized[read] = length_only[unread[read]][1]
             continue
         source = placeholders[item.padded.index]
         with gm.graph.inserting_before(length):
@@ -960,4 +960,4 @@ def _lengths_from_split_inputs(gm: fx.GraphModule, placeholders: list, length_on
         while view.op != "placeholder" and not view.users:  # the views read for nothing else
             view, dead = view.args[0], view
             gm.graph.erase_node(dead)
-    return list(sized.values())
+    return [padded for _, padded in length_only.values()]
