@@ -19,17 +19,20 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fbcompile.ops import attention_kernel
-from fbcompile.passes.graph_utils import copy_module
+from fbcompile.passes.graph_utils import copy_module, traced_value
 
 # Both ops start (q, k, v, mask, scale); attention_lse may end with the key count (fbcompile.passes.key_count).
 _OPS = (torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.attention_merge_lse.default)
 
 
 def fake_inputs(example_inputs: list) -> tuple[FakeTensorMode, list]:
-    """Fake copies of a graph's example inputs (sizes, strides, dtypes, devices; no data kept alive)."""
+    """Fake copies of a graph's example inputs (sizes, strides, dtypes, devices; no data kept alive), all
+    static: a symbolic int dynamo passes is replaced by its traced value, since any guard a run on it
+    made would land in dynamo's shape environment and specialize the graph (on torch 2.11 a ``size()``
+    call on a tensor sized by one guarded it: a recompile at every cache length)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)  # constants the graph holds (get_attr) stay real
-    return mode, [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
-                  for x in example_inputs]
+    return mode, [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else
+                  traced_value(x) if isinstance(x, (torch.SymInt, torch.SymBool)) else x for x in example_inputs]
 
 
 def attention_parts(gm: fx.GraphModule) -> list[fx.Node]:
