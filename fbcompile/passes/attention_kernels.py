@@ -15,7 +15,9 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
+from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fbcompile.ops import attention_kernel
@@ -26,13 +28,20 @@ _OPS = (torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.attention
 
 
 def fake_inputs(example_inputs: list) -> tuple[FakeTensorMode, list]:
-    """Fake copies of a graph's example inputs (sizes, strides, dtypes, devices; no data kept alive), all
-    static: a symbolic int dynamo passes is replaced by its traced value, since any guard a run on it
-    made would land in dynamo's shape environment and specialize the graph (on torch 2.11 a ``size()``
-    call on a tensor sized by one guarded it: a recompile at every cache length)."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)  # constants the graph holds (get_attr) stay real
+    """Fake copies of a graph's example inputs (sizes, strides, dtypes, devices; no data kept alive):
+    tensors of static sizes, and a symbolic int dynamo passes as a symbol of a shape environment of the
+    analysis's own (what the kernels tell at trace time stays unknown for it), since a guard made on
+    dynamo's symbol would land in dynamo's environment and specialize the graph (on torch 2.11 a
+    ``size()`` call on a tensor sized by one guarded it: a recompile at every cache length)."""
+    shapes = ShapeEnv()
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=shapes)  # constants (get_attr) stay real
     return mode, [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else
-                  traced_value(x) if isinstance(x, (torch.SymInt, torch.SymBool)) else x for x in example_inputs]
+                  _own_symbol(shapes, traced_value(x), i) if isinstance(x, torch.SymInt) else
+                  traced_value(x) if isinstance(x, torch.SymBool) else x for i, x in enumerate(example_inputs)]
+
+
+def _own_symbol(shapes: ShapeEnv, value: int, index: int) -> torch.SymInt:
+    return shapes.create_symintnode(shapes.create_symbol(value, ConstantSource(f"input_{index}")), hint=value)
 
 
 def attention_parts(gm: fx.GraphModule) -> list[fx.Node]:
