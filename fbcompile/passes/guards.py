@@ -102,7 +102,7 @@ def evaluate_int(source, args):
 
 
 def int_source(value, placeholders: list[fx.Node]):
-    """An int, int input or int computed in the graph, as :func:`_size` reads it off the arguments;
+    """An int, int input or int computed in the graph, as :func:`evaluate_int` reads it off the arguments;
     None if it depends on something they do not hold."""
     if isinstance(value, int):
         return value
