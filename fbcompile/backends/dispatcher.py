@@ -155,22 +155,23 @@ class SplitGraphDispatcher:
             return outputs
         memo = None  # what it holds may be stale: free for a refresh
         keys, entries, reason, seen = self._lookup(args)
-        if self.commits and not self._cropped(args):
+        if self.commits and not self._cropped(args, seen):
             reason = "save pass"
         if reason is None:
             return self._reuse(args, entries)
         del entries  # stale: the memory they hold is free for the refresh's results
         return self._refresh(args, keys, reason, seen)
 
-    def _cropped(self, args) -> bool:
+    def _cropped(self, args, seen: list) -> bool:
         """Is every cached tensor cut from keys/values an earlier call returned: a crop of a returned
         concatenation (HF ``DynamicCache``: append the block, then ``crop`` it off), or a slice of
         returned keys/values (Fast-dLLM's LLaDA and Dream: ``k[:, :, :s]`` of the block's full pass)? Then the
         loop cuts its cache from what calls return, this call's block is cut off again, and returning
         the concatenation is no commit, unless the caller marks it with :func:`fbcompile.commit`.
-        Otherwise returning the block's keys/values commits it."""
-        return all(c.inherited or i in guard.module_state or cut_of_returned(args[i]) for guard in self.guards
-                   for c, i in zip(external_contents(guard, args), guard.external))
+        Otherwise returning the block's keys/values commits it. ``seen``: the contents :meth:`_lookup` read."""
+        return all(c.inherited or i in guard.module_state or cut_of_returned(args[i])
+                   for n, guard in enumerate(self.guards)
+                   for c, i in zip(seen[n][0] if n < len(seen) else external_contents(guard, args), guard.external))
 
     def _lookup(self, args) -> tuple[list, list[CacheEntry], str | None, list]:
         """The sites' cache keys and entries, why a refresh is needed (None: every entry serves), and
