@@ -242,6 +242,16 @@ VIEW_OPS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "
             "narrow", "select", "slice", "flatten", "unflatten", "mT", "contiguous", "detach", "view_as"}
 
 
+def one_dim_slice(index) -> tuple[int, slice] | None:
+    """``(dim, s)`` if the index ``index`` is ``(:, ..., :, s)``: a slice without a step along its last
+    indexed dim (``cache[:, a:b]``), else None."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not index or not all(i == slice(None) for i in index[:-1]):
+        return None
+    last = index[-1]
+    return (len(index) - 1, last) if isinstance(last, slice) and last.step is None else None
+
+
 def view_base(node: fx.Node) -> fx.Node:
     """Follow view-like ops back to the tensor whose storage they share (conservatively)."""
     while op_name(node) in VIEW_OPS and node.args and isinstance(node.args[0], fx.Node):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import mutated_tensor, op_name, view_base
+from fbcompile.passes.graph_utils import mutated_tensor, one_dim_slice, op_name, view_base
 from fbcompile.passes.guards import evaluate_int, int_source
 
 
@@ -78,18 +78,12 @@ def _writes_unseen(node: fx.Node) -> bool:
 
 def _slice_rows(write: fx.Node, tensor: fx.Node, placeholders: list[fx.Node]) -> tuple | None:
     """``(dim, start source, stop source)`` if ``write`` is ``tensor[:, ..., a:b] = value``, else None."""
-    if op_name(write) != "setitem" or write.args[0] is not tensor:
-        return None
-    index = write.args[1] if isinstance(write.args[1], tuple) else (write.args[1],)
-    if not index or not all(i == slice(None) for i in index[:-1]):
-        return None
-    last = index[-1]
-    if not isinstance(last, slice) or last.step is not None:
-        return None
+    found = one_dim_slice(write.args[1]) if op_name(write) == "setitem" and write.args[0] is tensor else None
     value = tensor.meta.get("example_value")
-    if not isinstance(value, torch.Tensor) or len(index) > value.dim():
+    if found is None or not isinstance(value, torch.Tensor) or found[0] >= value.dim():
         return None
-    bounds = [int_source(b, placeholders) if b is not None else None for b in (last.start, last.stop)]
-    if any(source is None and bound is not None for source, bound in zip(bounds, (last.start, last.stop))):
+    dim, rows = found
+    bounds = [int_source(b, placeholders) if b is not None else None for b in (rows.start, rows.stop)]
+    if any(source is None and bound is not None for source, bound in zip(bounds, (rows.start, rows.stop))):
         return None
-    return (len(index) - 1, *bounds)
+    return (dim, *bounds)

@@ -63,19 +63,18 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fbcompile.passes.graph_utils import example, mutated_tensor, op_name, same_size, shape, view_base
+from fbcompile.passes.graph_utils import (example, mutated_tensor, one_dim_slice, op_name, same_size, shape,
+                                         view_base)
 from fbcompile.passes.positionwise import LayoutError
 
 
 def _window_slice(index) -> tuple[int, object, object] | None:
     """``(dim, a, end)`` if ``index`` is ``(:, ..., :, a:end)`` (one slice along the last indexed dim)."""
-    index = index if isinstance(index, tuple) else (index,)
-    if not index or not all(i == slice(None) for i in index[:-1]):
+    found = one_dim_slice(index)
+    if found is None or found[1].stop is None:
         return None
-    last = index[-1]
-    if not isinstance(last, slice) or last.step is not None or last.stop is None:
-        return None
-    return len(index) - 1, 0 if last.start is None else last.start, last.stop
+    dim, last = found
+    return dim, 0 if last.start is None else last.start, last.stop
 
 
 def _name(bound) -> str:
