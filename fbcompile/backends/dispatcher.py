@@ -316,11 +316,12 @@ class ProbeDispatcher(SplitGraphDispatcher):
         return self.refresh.outputs.user_outputs(outputs)
 
 
-def _written_in_block(args, index: int, kept: int, now: int | None, guard: SiteGuard, position: int) -> bool:
-    """Was a static cache written since version ``kept`` only in its block's rows, by writes other graphs
-    logged (LongLive's deferred write of the real cache, see :mod:`fbcompile.passes.static_cache`)?"""
+def _written_in_block(args, guard: SiteGuard, position: int, kept: int, now: int | None) -> bool:
+    """Was the site's external tensor ``position`` (a static cache) written since version ``kept`` only in
+    its block's rows, by writes other graphs logged (LongLive's deferred write of the real cache, see
+    :mod:`fbcompile.passes.static_cache`)?"""
     rows = guard.block_rows_of(position, args) if now is not None and guard.block_rows else None
-    return rows is not None and written_only_within(args[index], kept, now, *rows)
+    return rows is not None and written_only_within(args[guard.external[position]], kept, now, *rows)
 
 
 def _positions(guard: SiteGuard, args) -> list[torch.Tensor]:
@@ -361,7 +362,7 @@ def _stale(entry: CacheEntry | None, contents: list[Content], guard: SiteGuard, 
     if entry.offsets != guard.offset_values(args):  # (before the writes: a new block's rows are written)
         return "kv range changed"
     for position, (kept, shape, now, index) in enumerate(zip(entry.versions, entry.shapes, contents, guard.external)):
-        if now.version != kept and not _written_in_block(args, index, kept, now.version, guard, position):
+        if now.version != kept and not _written_in_block(args, guard, position, kept, now.version):
             return "kv written in place"
         if args[index].shape != shape:
             return "kv shape changed"
