@@ -460,6 +460,29 @@ def test_inductor_launches_the_triton_kernels(dtype):
     assert counter.frame_count == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the Triton kernels run natively")
+def test_one_graph_serves_the_query_lengths_of_a_power_of_two():
+    """A dynamic query count (Fast-dLLM's prefix cache queries every row after the cache) compiles one
+    graph per power-of-two bucket of the packed rows (here 48-64 rows: 12-16 queries of 4 heads per KV
+    head), with a launch grid over the rows of each call; the result matches the reference."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(lambda q, k, v, mask: _three_part_attention(q, k, v, mask, 1500, 2500),
+                             backend=counter, fullgraph=True)
+    gen = torch.Generator().manual_seed(23)
+    for M in (16, 13, 15):
+        q, k, v = (t.cuda() for t in make_qkv(1, 8, 2, M, 2500 + M, 128, 128, gen, torch.bfloat16))
+        mask = make_mask("additive", 1, 8, M, 2500 + M, gen).cuda()
+        for t, dim in ((q, 2), (k, 2), (v, 2), (mask, 2), (mask, 3)):
+            torch._dynamo.mark_dynamic(t, dim)
+        got = compiled(q, k, v, mask)
+        ref_out, ref_lse = ref_attention(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 0.125)
+        check_out(got[0].cpu(), ref_out, torch.bfloat16)
+        check_lse(got[1].cpu(), ref_lse, torch.bfloat16)
+    assert counter.frame_count == 1
+
+
 # --------------------------------------------------------------------------- cuDNN for parts of many rows
 
 

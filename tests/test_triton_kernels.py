@@ -240,6 +240,61 @@ def test_supports_rejects_unsupported():
     assert not ta.supports(torch.randn(1, 4, 8, 640), torch.randn(1, 2, 16, 640), v, None)
 
 
+def _traced_launches(monkeypatch, part: str, queries):
+    """The launches (kernel, grid, constexprs and launch settings) of one part's host code, run on fake
+    tensors with ``queries`` queries (a SymInt or an int) of 4 heads over 2 KV heads; the internal
+    part attends over as many keys as queries (the block over itself), the external one over 4096."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launches = []
+
+    class Recorder:  # stands in for wrap_triton: the launch traced, the kernel not run
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append((self.kernel.fn.__name__, grid, meta))
+
+    monkeypatch.setattr(ta, "wrap_triton", Recorder)
+    shape_env = queries.node.shape_env if isinstance(queries, torch.SymInt) else None
+    with FakeTensorMode(shape_env=shape_env):
+        q = torch.empty(1, 4, queries, 64)
+        if part == "external":
+            k = v = torch.empty(1, 2, 4096, 64)
+            ta.attention_lse(q, k, v, None, 0.125)
+        else:
+            k = v = torch.empty(1, 2, queries, 64)
+            ta.attention_merge_lse(q, k, v, None, 0.125, torch.empty(1, 4, queries, 64), torch.empty(1, 4, queries))
+    return launches
+
+
+@pytest.mark.parametrize("part", ["external", "internal"])
+def test_a_symbolic_query_count_launches_per_power_of_two(monkeypatch, part):
+    """Host code traced with a symbolic query count guards the packed rows (2 query heads per KV head)
+    to a power-of-two bucket and launches as at the bucket's top, over a grid of the call's rows. It
+    once made an int of the count, which specialised the graph to it: Fast-dLLM's Dream, whose queries
+    are every row after the cache (a block fewer at each block), compiled a graph per block on the H100
+    (9 graphs in the first generate, 190 s)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    length = env.create_symbol(24, ConstantSource("queries"))
+    traced = _traced_launches(monkeypatch, part, env.create_symintnode(length, hint=24))
+    at_top = _traced_launches(monkeypatch, part, 32)
+    assert [name for name, _, _ in traced] == [name for name, _, _ in at_top] and traced
+    for (_, grid, meta), (_, top_grid, top_meta) in zip(traced, at_top):
+        assert meta == top_meta
+        assert [int(g.node.expr.xreplace({length: 32})) if isinstance(g, torch.SymInt) else g for g in grid] == list(
+            top_grid)
+    assert any(isinstance(g, torch.SymInt) for _, grid, _ in traced for g in grid)  # the rows of each call
+
+    def holds(queries: int) -> bool:
+        return all(bool(guard.expr.xreplace({length: queries})) for guard in env.guards)
+
+    assert [q for q in range(1, 80) if holds(q)] == list(range(17, 33))  # rows 34..64
+
+
 @pytest.mark.skipif(IN_PROCESS, reason="kernels already tested in this process")
 def test_in_subprocess():
     """``triton`` was imported before this module could switch on the interpreter: rerun here."""
