@@ -42,7 +42,9 @@
 #               exact/block with and without CUDA graphs (benchmarks/llada_generate.py)              (<= 560 s)
 #   dream       the GPU tests of RoPE after the cat (HF tables by a matmul too); then Fast-dLLM's Dream generation (8
 #               layers of Dream-7B, prompt 2048, 256 tokens, prefix cache): eager, torch.compile, fbcompile exact/block
-#               with CUDA graphs (benchmarks/llada_generate.py --model dream)                             (<= 560 s)
+#               with CUDA graphs (benchmarks/llada_generate.py --model dream); the query-length bucket test (<= 560 s)
+#   first       where Dream's first generate goes (4 layers; exact and block mode with CUDA graphs, then
+#               torch.compile): graphs compiled, dynamo's and Inductor's phases (benchmarks/first_call.py) (<= 420 s)
 #   tune        the linear launches of a layer (q/k/v, o, down as partials; gate/up gated) over configs with
 #               warps and 5-7 splits, each against a read-only launch of its bytes (the ceiling)       (<= 560 s)
 set -u
@@ -108,9 +110,12 @@ for name in "${steps[@]}"; do
             --repeats 3 --out "$OUT/llada_generate.json" ;;
     dream)
         step tests_rope_after_cat 120 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py \
-            -k "rope_after_the_cat or olmo or dream"
+            tests/test_ops.py -k "rope_after_the_cat or olmo or dream or query_lengths"
         step dream_generate 440 python benchmarks/llada_generate.py --model dream --prompt 2048 --gen 256 --steps 8 \
             --layers 8 --variants eager,compile,exact-cg,block-cg --repeats 3 --out "$OUT/dream_generate.json" ;;
+    first) for variant in exact-cg block-cg compile; do
+            step "first_$variant" 140 python benchmarks/first_call.py --model dream --layers 4 --variant $variant --top 0
+        done ;;
     copy) step spare_copy 120 python benchmarks/spare_copy.py --out "$OUT/spare_copy.json" ;;
     masks)
         step tests_bool_masks 120 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_triton_kernels.py \

@@ -60,7 +60,7 @@ def build(kind: str, shape: dict, layers: int, positions: int, device, dtype) ->
     return init_random_weights(model, seed=0, scales={}).to(dtype).eval()
 
 
-def variant(model, name: str, compiler: str):
+def variant(model, name: str, compiler: str, config: dict | None = None):
     if name == "eager":
         return model
     model = copy.deepcopy(model)
@@ -69,7 +69,7 @@ def variant(model, name: str, compiler: str):
         return model
     refresh = "always" if name.startswith("exact") else "block"
     return fbcompile.optimize(model, fbcompile.Config(refresh=refresh, cuda_graphs=name.endswith("-cg"),
-                                                      compiler=compiler))
+                                                      compiler=compiler, **(config or {})))
 
 
 def timed(fn, device) -> tuple[float, object]:
@@ -96,7 +96,7 @@ def measure(model, name: str, prompt, run_args: dict, repeats: int, device) -> d
                forwards=model.last_num_forwards, tokens=tokens)
     if name.startswith(("exact", "block")):
         stats = fbcompile.stats(model)
-        row.update(reuses=stats.reuses, cuda_graphs=dict(stats.cuda_graphs))
+        row.update(graphs=stats.compiles, reuses=stats.reuses, cuda_graphs=dict(stats.cuda_graphs))
     return row
 
 

@@ -1,0 +1,74 @@
+"""Where a first call's time goes: one fbcompile (or torch.compile) variant of Fast-dLLM's Dream/LLaDA
+generation (``benchmarks/llada_generate.py``'s models), its first ``generate`` under cProfile.
+
+Prints dynamo's and Inductor's timed phases (``torch._dynamo.utils.compile_times``), fbcompile's graph
+count, and the functions with the most cumulative time, so that a first call slower than
+``torch.compile``'s can be read down to what it spends on.
+
+    python benchmarks/first_call.py --model dream --layers 4 --variant exact-cg --top 60
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import fbcompile  # noqa: E402
+from llada_generate import BLOCK, DREAM_7B, LLADA_8B, TINY, build, variant  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("llada", "dream"), default="dream")
+    parser.add_argument("--variant", default="exact-cg")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=2048)
+    parser.add_argument("--gen", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--config", default="", help="extra Config fields, e.g. combo_kernels=False")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--top", type=int, default=50, help="functions to list (0: no cProfile)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch._dynamo.config.recompile_limit = 64
+    shape = TINY if args.tiny else DREAM_7B if args.model == "dream" else LLADA_8B
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    base = build(args.model, shape, args.layers, args.prompt + args.gen, device, dtype)
+    overrides = dict(item.split("=") for item in args.config.split(",") if item)
+    model = variant(base, args.variant, "inductor", {k: v == "True" if v in ("True", "False") else v
+                                                     for k, v in overrides.items()})
+    prompt = torch.randint(0, base.config.vocab_size - 1, (1, args.prompt), device=device)
+    blocks = args.gen // BLOCK
+    run_args = dict(gen_length=args.gen, block_size=BLOCK, steps=blocks * args.steps)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    with torch.no_grad():
+        (profiler.runcall if args.top else lambda f, *a, **k: f(*a, **k))(model.generate, prompt, **run_args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    print(f"{args.variant}: first call {time.perf_counter() - start:.1f} s")
+    if args.variant != "compile" and args.variant != "eager":
+        print(fbcompile.stats(model))
+    print(torch._dynamo.utils.compile_times(repr="str", aggregate=True))
+    if not args.top:
+        return
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.top)
+    print(text.getvalue())
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top // 2)
+    print(text.getvalue())
+
+
+if __name__ == "__main__":
+    main()
