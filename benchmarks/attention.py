@@ -35,8 +35,10 @@ BLOCKS = [32, 64, 256]
 SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at 32K keys (M >= 64; every M for wide heads)
     128: [{"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
           {"num_warps": 8}],
-    256: [{"num_warps": 8}, {"BLOCK_N": 64}, {"BLOCK_R": 32}, {"num_stages": 3}, {"BLOCK_N": 16}],
-    512: [{"BLOCK_N": 16, "num_warps": 8}, {"num_warps": 4}, {"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 4}],
+    256: [{"num_warps": 8}, {"BLOCK_N": 64}, {"BLOCK_R": 32}, {"num_stages": 3}, {"BLOCK_N": 16},
+          {"DV_SPLIT": 2}, {"DV_SPLIT": 2, "num_warps": 8}, {"DV_SPLIT": 2, "num_stages": 3}],
+    512: [{"BLOCK_N": 16, "num_warps": 8}, {"num_warps": 4}, {"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 4},
+          {"DV_SPLIT": 2}, {"DV_SPLIT": 4}, {"DV_SPLIT": 2, "BLOCK_N": 64}, {"DV_SPLIT": 2, "num_warps": 4}],
 }
 
 
@@ -130,12 +132,15 @@ def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep):
         except ImportError:
             from contextlib import nullcontext as set_wrap_triton_enabled
         for ov in SWEEP[d] + [{"num_splits": max(1, splits // 2)}, {"num_splits": splits * 2}]:
+            err = None
             try:
                 with set_wrap_triton_enabled(False):
+                    err = rel_err(ta._attention(q, k, v, None, scale, **ov)[0], o)
                     us = graph_us(lambda q, k, v: ta._attention(q, k, v, None, scale, **ov), sets)
             except Exception as e:  # noqa: BLE001 - a variant may exceed shared memory or registers
                 us = f"{type(e).__name__}"
-            sweep_rows.append(dict(hq=hq, hkv=hkv, d=d, M=m, L=n, override=ov, us=us, default_us=row["us"]))
+            sweep_rows.append(dict(hq=hq, hkv=hkv, d=d, M=m, L=n, override=ov, us=us, default_us=row["us"],
+                                   err_vs_default=err))
             print("sweep", sweep_rows[-1], flush=True)
     del sets
     torch.cuda.empty_cache()
@@ -259,8 +264,10 @@ def write(out_dir, meta, rows, sweep_rows, fp32_rows):
         if sweep_rows:
             f.write("\nTile sweep (µs; overrides of the heuristic's choice):\n\n")
             f.write(tabulate([[f"{s['hq']}/{s['hkv']}", s["d"], s["M"], f"{s['L'] // 1024}K", json.dumps(s["override"]),
-                               f"{s['default_us']:.1f}", s["us"] if isinstance(s["us"], str) else f"{s['us']:.1f}"]
-                              for s in sweep_rows], ["Hq/Hkv", "D", "M", "keys", "override", "default µs", "µs"],
+                               f"{s['default_us']:.1f}", s["us"] if isinstance(s["us"], str) else f"{s['us']:.1f}",
+                               "" if s.get("err_vs_default") is None else f"{s['err_vs_default']:.1e}"]
+                              for s in sweep_rows], ["Hq/Hkv", "D", "M", "keys", "override", "default µs", "µs",
+                                                     "out vs default"],
                              tablefmt="github") + "\n")
     print(tabulate(table, headers, tablefmt="github"), flush=True)
 
