@@ -179,8 +179,9 @@ def _attn_kernel(
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
     key split, and ``BLOCK_DV`` of the value dims: ``DV_SPLIT`` programs, next to each other in the
     launch, share a row tile's scores (each computes them; the keys come from L2) and divide its
-    values, so that a wide head's fp32 accumulator need not fit one program's registers. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
-    (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
+    values, so that a wide head's fp32 accumulator need not fit one program's registers. ``SPLIT``
+    writes normalised partials for :func:`_reduce_kernel`; otherwise the result (merged with
+    ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
     of ``BLOCK_N``) also writes the log2-LSE of every chunk of ``CHUNK`` keys per row, ``[B*Hkv, NC, R]``,
     from the probabilities the softmax computes anyway: the tile scores cost no second KV read;
     ``CHUNK_STORE_PTX`` stores them by :func:`_store_in_register_layout`, else by ``tl.store``.
