@@ -94,3 +94,29 @@ def test_the_triton_branch_compiles_the_graphs_of_the_reference(monkeypatch, ind
     one_layer = lambda: make(num_layers=1)  # noqa: E731
     reference = _graphs_compiled(monkeypatch, one_layer, run, triton=False)
     assert _graphs_compiled(monkeypatch, one_layer, run, triton=True) == reference + buckets, name
+
+
+@pytest.mark.skipif(not SLOW, reason="~40 s; FBCOMPILE_SLOW=1 runs it")
+@pytest.mark.filterwarnings("error:fbcompile. Inductor could not compile")
+def test_a_changing_batch_compiles_a_graph_per_power_of_two(monkeypatch):
+    """Requests of 1, 2, 3, 5 and 6 prompts through the example LM: the reference branch compiles its
+    graphs again once, at the first new batch (dynamo makes the batch dynamic); the Triton branch does
+    so too, and again for each new power-of-two bucket of the batch (3: 4, 5: 8), not for 6."""
+    from examples import block_diffusion_lm
+
+    batches = (1, 2, 3, 5, 6)
+    gen = torch.Generator().manual_seed(4)
+
+    def counted(counts: list):
+        def run(model):
+            for batch in batches:
+                model.generate(torch.randint(0, 100, (batch, 9), generator=gen), num_blocks=3, steps=4)
+                counts.append(fbcompile.stats(model).compiles)
+        return run
+
+    make = lambda: block_diffusion_lm.make_tiny_model(num_layers=1)  # noqa: E731
+    reference, triton = [], []
+    _graphs_compiled(monkeypatch, make, counted(reference), triton=False)
+    _graphs_compiled(monkeypatch, make, counted(triton), triton=True)
+    assert reference[1:] == [reference[1]] * 4 and triton[:2] == reference[:2]
+    assert triton[1] < triton[2] < triton[3] == triton[4]

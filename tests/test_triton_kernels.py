@@ -272,10 +272,11 @@ def test_supports_rejects_unsupported():
     assert not ta.supports(torch.randn(1, 4, 8, 640), torch.randn(1, 2, 16, 640), v, None)
 
 
-def _traced_launches(monkeypatch, part: str, queries):
+def _traced_launches(monkeypatch, part: str, queries, batch):
     """The launches (kernel, grid, constexprs and launch settings) of one part's host code, run on fake
-    tensors with ``queries`` queries (a SymInt or an int) of 4 heads over 2 KV heads; the internal
-    part attends over as many keys as queries (the block over itself), the external one over 4096."""
+    tensors with ``queries`` queries of 4 heads over 2 KV heads and ``batch`` rows (each a SymInt or an
+    int); the internal part attends over as many keys as queries (the block over itself), the external
+    one over 4096."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     launches = []
@@ -288,43 +289,52 @@ def _traced_launches(monkeypatch, part: str, queries):
             return lambda *args, **meta: launches.append((self.kernel.fn.__name__, grid, meta))
 
     monkeypatch.setattr(ta, "wrap_triton", Recorder)
-    shape_env = queries.node.shape_env if isinstance(queries, torch.SymInt) else None
-    with FakeTensorMode(shape_env=shape_env):
-        q = torch.empty(1, 4, queries, 64)
+    symbolic = [x for x in (queries, batch) if isinstance(x, torch.SymInt)]
+    with FakeTensorMode(shape_env=symbolic[0].node.shape_env if symbolic else None):
+        q = torch.empty(batch, 4, queries, 64)
         if part == "external":
-            k = v = torch.empty(1, 2, 4096, 64)
+            k = v = torch.empty(batch, 2, 4096, 64)
             ta.attention_lse(q, k, v, None, 0.125)
         else:
-            k = v = torch.empty(1, 2, queries, 64)
-            ta.attention_merge_lse(q, k, v, None, 0.125, torch.empty(1, 4, queries, 64), torch.empty(1, 4, queries))
+            k = v = torch.empty(batch, 2, queries, 64)
+            ta.attention_merge_lse(q, k, v, None, 0.125, torch.empty(batch, 4, queries, 64),
+                                   torch.empty(batch, 4, queries))
     return launches
 
 
+# (the symbolic size, its value when traced, its bucket's top, the sizes the guards admit), the other one static
+SYMBOLIC_SIZES = [("queries", 24, 32, range(17, 33)),   # packed rows 34..64 (2 query heads per KV head)
+                  ("batch", 3, 4, range(3, 5))]
+
+
 @pytest.mark.parametrize("part", ["external", "internal"])
-def test_a_symbolic_query_count_launches_per_power_of_two(monkeypatch, part):
-    """Host code traced with a symbolic query count guards the packed rows (2 query heads per KV head)
-    to a power-of-two bucket and launches as at the bucket's top, over a grid of the call's rows. It
-    once made an int of the count, which specialised the graph to it: Fast-dLLM's Dream, whose queries
-    are every row after the cache (a block fewer at each block), compiled a graph per block on the H100
-    (9 graphs in the first generate, 190 s)."""
+@pytest.mark.parametrize("size", SYMBOLIC_SIZES, ids=[size[0] for size in SYMBOLIC_SIZES])
+def test_a_symbolic_size_launches_per_power_of_two(monkeypatch, part, size):
+    """Host code traced with a symbolic query count or batch guards it to a power-of-two bucket and
+    launches as at the bucket's top, over a grid of the call's sizes. It once made an int of both,
+    which specialised the graph to each: Fast-dLLM's Dream, whose queries are every row after the cache
+    (a block fewer at each block), compiled a graph per block on the H100 (9 graphs in the first
+    generate, 190 s); a batch that changed compiled the split graphs again for each batch size."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    name, hint, top, bucket = size
     env = ShapeEnv()
-    length = env.create_symbol(24, ConstantSource("queries"))
-    traced = _traced_launches(monkeypatch, part, env.create_symintnode(length, hint=24))
-    at_top = _traced_launches(monkeypatch, part, 32)
-    assert [name for name, _, _ in traced] == [name for name, _, _ in at_top] and traced
+    symbol = env.create_symbol(hint, ConstantSource(name))
+    static = dict(queries=24, batch=1)
+    traced = _traced_launches(monkeypatch, part, **{**static, name: env.create_symintnode(symbol, hint=hint)})
+    at_top = _traced_launches(monkeypatch, part, **{**static, name: top})
+    assert [kernel for kernel, _, _ in traced] == [kernel for kernel, _, _ in at_top] and traced
     for (_, grid, meta), (_, top_grid, top_meta) in zip(traced, at_top):
         assert meta == top_meta
-        assert [int(g.node.expr.xreplace({length: 32})) if isinstance(g, torch.SymInt) else g for g in grid] == list(
+        assert [int(g.node.expr.xreplace({symbol: top})) if isinstance(g, torch.SymInt) else g for g in grid] == list(
             top_grid)
-    assert any(isinstance(g, torch.SymInt) for _, grid, _ in traced for g in grid)  # the rows of each call
+    assert any(isinstance(g, torch.SymInt) for _, grid, _ in traced for g in grid)  # the sizes of each call
 
-    def holds(queries: int) -> bool:
-        return all(bool(guard.expr.xreplace({length: queries})) for guard in env.guards)
+    def holds(value: int) -> bool:
+        return all(bool(guard.expr.xreplace({symbol: value})) for guard in env.guards)
 
-    assert [q for q in range(1, 80) if holds(q)] == list(range(17, 33))  # rows 34..64
+    assert [value for value in range(1, 80) if holds(value)] == list(bucket)
 
 
 @pytest.mark.skipif(IN_PROCESS, reason="kernels already tested in this process")

@@ -18,7 +18,7 @@ Semantics are those of :mod:`fbcompile.kernels.reference`. Entry points:
 Tile sizes and split counts are a function of the shapes (and the SM count) alone: no autotuning, no
 host syncs, no data-dependent allocation, so all entry points can be captured in CUDA graphs, and
 their host code traces (``torch.library.triton_op`` in :mod:`fbcompile.ops`), the key count
-symbolically and the query count within a power-of-two bucket. Head dims up to 512.
+symbolically, the batch and query counts within power-of-two buckets. Head dims up to 512.
 Softmax runs in the log2 domain (``exp2``); stored LSEs are natural logs.
 """
 from __future__ import annotations
@@ -432,23 +432,24 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, 1 << max(0, x - 1).bit_length())
 
 
-def _static_rows(R) -> int:
-    """The packed row count a launch is configured for: ``R`` itself when it is static; when it is
-    symbolic (a query length dynamo made dynamic: Fast-dLLM's prefix cache queries every row after the
-    cache, a block fewer at each block), the power of two at or above it. Each comparison here is a
-    guard on the graph's shapes, so a compiled graph serves every length of that bucket (``b / 2 < R <=
-    b``) and is recompiled once per doubling of the rows rather than at every length."""
-    if isinstance(R, int):
-        return R
-    bucket = 16
-    while not R <= bucket:
+def _bucketed(size, least: int = 16) -> int:
+    """The size a launch is configured for: ``size`` itself when it is static; when it is symbolic (a
+    size dynamo made dynamic: Fast-dLLM's prefix cache queries every row after the cache, a block fewer
+    at each block; a batch that changes between requests), the power of two (at least ``least``) at or
+    above it. Each comparison here is a guard on the graph's shapes, so a compiled graph serves every
+    size of that bucket (``b / 2 < size <= b``) and is recompiled once per doubling rather than at
+    every size."""
+    if isinstance(size, int):
+        return size
+    bucket = least
+    while not size <= bucket:
         bucket *= 2
     return bucket
 
 
 def _config(B, Hkv, R, D, N, DV, itemsize, sms, split_keys) -> dict:
-    """Tile sizes, warps and stages from the shapes alone (``R`` packed rows, from :func:`_static_rows`;
-    ``N`` is None when it is symbolic).
+    """Tile sizes, warps and stages from the shapes alone (``B`` and ``R``, the packed rows, from
+    :func:`_bucketed`; ``N`` is None when it is symbolic).
 
     Long keys (``split_keys``) pack up to 64 rows (a second row tile of the same KV head runs next to
     the first and finds the KV tile in L2); short keys (the block-internal part) use smaller row
@@ -498,13 +499,13 @@ def _config_cached(B, Hkv, R, D, N, DV, itemsize, device, split_keys):
 
 
 def _plan(q, k, v, split_keys, overrides):
-    """``(config, splits, keys_per_split)`` for these inputs. The batch, head counts and head dims are
-    made static ints (under tracing this specialises on them); the key count may stay symbolic, so one
-    compiled graph serves a growing cache, and the query count symbolic within a power-of-two bucket
-    (:func:`_static_rows`)."""
-    B, Hq, D = int(q.shape[0]), int(q.shape[1]), int(q.shape[3])
+    """``(config, splits, keys_per_split)`` for these inputs. The head counts and head dims are made
+    static ints (under tracing this specialises on them); the key count may stay symbolic, so one
+    compiled graph serves a growing cache, and the batch and query counts symbolic within power-of-two
+    buckets (:func:`_bucketed`)."""
+    B, Hq, D = _bucketed(q.shape[0], 1), int(q.shape[1]), int(q.shape[3])
     Hkv, DV = int(k.shape[1]), int(v.shape[-1])
-    rows = _static_rows((Hq // Hkv) * q.shape[2])
+    rows = _bucketed((Hq // Hkv) * q.shape[2])
     N = k.shape[2]
     static_n = N if isinstance(N, int) else None
     cfg = _config_cached(B, Hkv, rows, D, static_n, DV, q.element_size(), q.device, split_keys)
@@ -595,7 +596,7 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
     num_tiles = 0 if mass is None else tile_mass.shape[-1]
     # A mass program takes all rows at once (up to 256: the rows' LSEs are combined once, from a
     # [rows, splits] tile of <= 16K values) and few tiles, so that there are many such programs.
-    block_rr = min(_pow2(_static_rows(R)), 256)
+    block_rr = min(_pow2(_bucketed(R)), 256)
     wrap_triton(_reduce_kernel)[(row_programs + _cdiv(num_tiles, _MASS_BLOCK_T), B * Hkv)](
         o_part, l_part, ext_o, ext_l, out, lse, chunk_lse, tile_mass, *estr, *lstr, *out.stride()[:3],
         Hkv, group, M, R, num_splits, row_programs, chunk_lse.shape[1], num_tiles, cpt,
@@ -737,21 +738,21 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     if B * Hq * M == 0:
         return out, lse
 
-    rows = _static_rows(R)
-    cfg = dict(_config_cached(int(B), int(Hkv), rows, int(D), None, int(DV), q.element_size(), q.device, True))
+    batch, rows = _bucketed(B, 1), _bucketed(R)
+    cfg = dict(_config_cached(batch, int(Hkv), rows, int(D), None, int(DV), q.element_size(), q.device, True))
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], _pow2(tile))
     num_splits = overrides.pop("num_splits", None)
     cfg.update(overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     sms = _num_sms(q.device)
     if num_splits is None:
-        num_splits = max(1, 2 * sms // (B * Hkv * _cdiv(rows, cfg["BLOCK_R"])))
+        num_splits = max(1, 2 * sms // (batch * Hkv * _cdiv(rows, cfg["BLOCK_R"])))
     slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
     num_splits = max(1, _cdiv(S, slots_per_split))
     # Few slots split few ways leave SMs idle: smaller row tiles fill them (H200, 8 slots of 64 keys:
     # 16 rows 0.7-1.4 µs faster than 64 at 4, 8 and 16 splits; sparse_attention_h200_dense_step.md)
     while ("BLOCK_R" not in overrides and cfg["BLOCK_R"] > 16
-           and B * Hkv * _cdiv(rows, cfg["BLOCK_R"]) * num_splits < sms):
+           and batch * Hkv * _cdiv(rows, cfg["BLOCK_R"]) * num_splits < sms):
         cfg["BLOCK_R"] //= 2
     unused = _unused(q)  # one placeholder for every pointer argument this launch leaves unused
     mask_t, mstr, mask_bool = _mask_args(mask, q, N, unused)
