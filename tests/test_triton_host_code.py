@@ -71,14 +71,14 @@ def _loops():
     from examples import block_diffusion_lm, fast_dllm_v2_lm, llada_lm, olmo_llada_lm, sdar_lm
 
     fast_dllm = dict(gen_length=128, block_size=16, steps=32)
+    short = PROMPT[:, :9]
     return [
-        ("example-lm", block_diffusion_lm.make_tiny_model, lambda m: m.generate(PROMPT[:, :9], num_blocks=5, steps=4), 0),
+        ("example-lm", block_diffusion_lm.make_tiny_model, lambda m: m.generate(short, num_blocks=5, steps=4), 0),
         ("olmo-prefix", olmo_llada_lm.make_tiny_model, lambda m: m.generate(PROMPT, cache="prefix", **fast_dllm), 3),
         ("llada-prefix", llada_lm.make_tiny_model, lambda m: m.generate(PROMPT, cache="prefix", **fast_dllm), 3),
         ("llada-dual", llada_lm.make_tiny_model, lambda m: m.generate(PROMPT, cache="dual", **fast_dllm), 0),
-        ("sdar", sdar_lm.make_tiny_model, lambda m: m.generate(PROMPT[:, :9], num_blocks=4), 0),
-        ("fast-dllm-v2", fast_dllm_v2_lm.make_tiny_model, lambda m: m.generate(PROMPT[:, :9], num_blocks=4, sub_block=8),
-         0),
+        ("sdar", sdar_lm.make_tiny_model, lambda m: m.generate(short, num_blocks=4), 0),
+        ("fast-dllm-v2", fast_dllm_v2_lm.make_tiny_model, lambda m: m.generate(short, num_blocks=4, sub_block=8), 0),
     ]
 
 
