@@ -53,21 +53,22 @@ def main():
     profiler = cProfile.Profile()
     start = time.perf_counter()
     with torch.no_grad():
-        (profiler.runcall if args.top else lambda f, *a, **k: f(*a, **k))(model.generate, prompt, **run_args)
+        if args.top:
+            profiler.runcall(model.generate, prompt, **run_args)
+        else:
+            model.generate(prompt, **run_args)
         if device.type == "cuda":
             torch.cuda.synchronize()
     print(f"{args.variant}: first call {time.perf_counter() - start:.1f} s")
-    if args.variant != "compile" and args.variant != "eager":
+    if args.variant not in ("compile", "eager"):
         print(fbcompile.stats(model))
     print(torch._dynamo.utils.compile_times(repr="str", aggregate=True))
     if not args.top:
         return
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(args.top)
-    print(text.getvalue())
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top // 2)
-    print(text.getvalue())
+    for order, count in (("cumulative", args.top), ("tottime", args.top // 2)):
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(count)
+        print(text.getvalue())
 
 
 if __name__ == "__main__":
