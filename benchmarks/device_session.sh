@@ -5,7 +5,7 @@
 #   tests       the GPU tests: CUDA graphs, Triton kernels, sparse kernels              (<= 420 s)
 #   grow        a cache grown by torch.cat per block vs the same tensors, block mode, 32K (<= 300 s)
 #   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
-#   wide        kernel table and tile sweep for head dims 256 and 512, value dims split among programs (<= 300 s)
+#   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 480 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   masks       bool masks on the Triton kernels natively (passed as they are since f2f9ff6), then the two
@@ -81,7 +81,7 @@ for name in "${steps[@]}"; do
             --warmup 4 --blocks 3 --out "$OUT/grow_32k_exact.json"
         step grow_128k 160 python benchmarks/grow_cache.py --context 128k --variants block-ro --settings grown \
             --warmup 4 --blocks 3 --out "$OUT/grow_128k.json" ;;
-    wide) step wide 300 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT" --heads 8/4/256,8/4/512 --sweep ;;
+    wide) step wide 240 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT" --heads 8/4/256,8/4/512 --sweep ;;
     gemma) step e2e_gemma 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
     backends) step attention_backends 120 env PYTHONPATH=. python benchmarks/attention_backends.py \

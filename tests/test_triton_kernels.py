@@ -190,38 +190,6 @@ def test_split_count_does_not_change_result(D, N, splits):
         torch.testing.assert_close(lse, outs[0][1], rtol=1e-5, atol=1e-6)
 
 
-# (D, Dv, mask, keys, key splits, DV_SPLIT, with an external result to merge)
-DV_SPLIT_CASES = [
-    (64, 64, "none", 300, 1, 2, False),
-    (256, 256, "bool", 700, 3, 4, False),
-    (128, 96, "float", 200, 2, 2, True),     # value dims short of the tile: the second half is partly masked
-    (512, 512, "empty_rows", 90, 1, 2, True),
-    (512, 512, "none", 400, 5, 8, True),
-]
-
-
-@in_process
-@pytest.mark.parametrize("case", DV_SPLIT_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_value_dims_divided_among_programs(case):
-    """``DV_SPLIT`` programs per row tile, each over a slice of the value dims (each computing the
-    scores, storing the same LSE): the result of one program per row tile, against the reference, with
-    and without key splits and a merge."""
-    D, Dv, mask_kind, N, splits, dv_split, merge = case
-    q, k, v, mask = _inputs(torch.float32, 2, 4, 2, 5, N, D, Dv, mask_kind, seed=N + dv_split)
-    scale = D**-0.5
-    ext = {}
-    if merge:
-        gen = torch.Generator().manual_seed(N)
-        ext = dict(out_ext=torch.randn(2, 4, 5, Dv, generator=gen).to(DEVICE),
-                   lse_ext=(torch.randn(2, 4, 5, generator=gen) * 3).to(DEVICE))
-    out, lse = ta._attention(q, k, v, mask, scale, **ext, num_splits=splits, DV_SPLIT=dv_split)
-    if merge:
-        ref = reference.attention_merge_lse(q, k, v, mask, scale, ext["out_ext"], ext["lse_ext"])
-    else:
-        ref = reference.attention_lse(q, k, v, mask, scale)
-    _check(out, lse, *ref, torch.float32)
-
-
 # (dtype, Hq, Hkv, M, capacity, counts, D, mask, num_splits)
 KEY_COUNT_CASES = [
     (torch.float32, 4, 2, 8, 300, (0, 1, 17, 64, 299, 300), 64, "none", None),

@@ -174,26 +174,23 @@ def _attn_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr, CHUNK_STORE_PTX: tl.constexpr,
-    HAS_COUNT: tl.constexpr, DV_SPLIT: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
-    key split, and ``BLOCK_DV`` of the value dims: ``DV_SPLIT`` programs, next to each other in the
-    launch, share a row tile's scores (each computes them; the keys come from L2) and divide its
-    values, so that a wide head's fp32 accumulator need not fit one program's registers. ``SPLIT``
-    writes normalised partials for :func:`_reduce_kernel`; otherwise the result (merged with
-    ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
+    key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
+    (merged with ``OutExt``/``LseExt`` when ``HAS_EXT``) is written directly. ``CHUNK > 0`` (a divisor
     of ``BLOCK_N``) also writes the log2-LSE of every chunk of ``CHUNK`` keys per row, ``[B*Hkv, NC, R]``,
     from the probabilities the softmax computes anyway: the tile scores cost no second KV read;
     ``CHUNK_STORE_PTX`` stores them by :func:`_store_in_register_layout`, else by ``tl.store``.
     ``HAS_COUNT``: only the first ``KeyCount[0]`` of the ``N`` keys count (the rest is padding of a
     buffer with spare capacity), and the splits divide those keys, read on the device, among them."""
-    pid_r = tl.program_id(0) // DV_SPLIT
+    pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
     qk_scale = tl.full([], qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     b, hkv, rows, row_ok, h, m = _packed_rows(pid_r, pid_bh, Hkv, GROUP, M, R, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = (tl.program_id(0) % DV_SPLIT) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
 
     q = tl.load(Q + b * sqb + h[:, None] * sqh + m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -608,9 +605,8 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
 
 def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, key_count=None,
                **overrides):
-    """Shared launcher; ``overrides`` (``num_splits``, any of the tile/warp settings, ``DV_SPLIT`` (a
-    power of two: programs per row tile dividing the value dims) and ``CHUNK_STORE_PTX``) exist for the
-    tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)``
+    """Shared launcher; ``overrides`` (``num_splits``, any of the tile/warp settings and
+    ``CHUNK_STORE_PTX``) exist for the tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)``
     also fills ``tile_mass`` ``[B, Hkv, ceil(N / tile)]``: the attention kernel stores per-row log2-LSEs
     of key chunks of ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch
     computes the masses), through inline PTX where the device runs it (see :func:`_attn_kernel`).
@@ -633,9 +629,6 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     chunk_store_ptx = overrides.pop("CHUNK_STORE_PTX", ptx_asm(q))
     cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-    dv_split, block_dv = cfg.pop("DV_SPLIT", 1), cfg["BLOCK_DV"]
-    if block_dv // dv_split < 16:  # tl.dot's least width
-        raise ValueError(f"DV_SPLIT={dv_split} leaves {block_dv // dv_split} value dims per program, fewer than 16")
     unused = _unused(q)  # one placeholder for every pointer argument this launch leaves unused
     mask_t, mstr, mask_bool = _mask_args(mask, q, N, unused)
     ext = _ext_args(out_ext, lse_ext, unused)
@@ -646,18 +639,17 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         chunk = math.gcd(tiles[0], cfg["BLOCK_N"])
         chunk_lse = torch.empty(B * Hkv, _cdiv(N, chunk), R, device=q.device, dtype=torch.float32)
         mass = (chunk_lse, tiles[1], tiles[0] // chunk)
-    grid = (_cdiv(R, cfg["BLOCK_R"]) * dv_split, num_splits, B * Hkv)
+    grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
         q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse, unused if key_count is None else key_count,
         *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3], *out.stride()[:3],
         Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
         SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), CHUNK=chunk,
-        CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None, DV_SPLIT=dv_split,
-        **dict(cfg, BLOCK_DV=block_dv // dv_split), **launch,
+        CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None, **cfg, **launch,
     )
     if split:
-        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass)
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass)
     return out, lse
 
 
