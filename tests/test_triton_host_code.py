@@ -31,13 +31,14 @@ class RecordedLaunch:
         return lambda *args, **meta: None
 
 
-def _graphs_compiled(monkeypatch, make, run, triton: bool, refresh: str = "block") -> int:
-    """Graphs fbcompile compiled (with Inductor) over ``run(model)``, the ops on the Triton branch or not."""
+def _graphs_compiled(monkeypatch, make, run, triton: bool, refresh: str = "block", cuda_graphs: bool = False) -> int:
+    """Graphs fbcompile compiled (with Inductor) over ``run(model)``, the ops on the Triton branch or not
+    (with ``cuda_graphs``, here without a GPU, only the compile is as under CUDA graphs)."""
     if triton:
         monkeypatch.setattr(ops, "_use_triton", lambda q, k, v, mask: triton_attention.supports(q, k, v, mask))
         monkeypatch.setattr(triton_attention, "wrap_triton", RecordedLaunch)
     torch._dynamo.reset()  # dynamo keeps which sizes changed per code object: each count starts afresh
-    model = fbcompile.optimize(make(), fbcompile.Config(refresh=refresh))
+    model = fbcompile.optimize(make(), fbcompile.Config(refresh=refresh, cuda_graphs=cuda_graphs))
     # the on-disk caches key graphs by op name: a graph compiled here must not serve a real run elsewhere
     # (config.patch, not monkeypatch: undoing a config module's setattr deletes the option)
     with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
@@ -64,6 +65,20 @@ def test_a_shrinking_query_compiles_a_graph_per_power_of_two(monkeypatch):
     assert make().config.num_heads == 2 * make().config.num_kv_heads
     run = lambda m: m.generate(PROMPT, gen_length=128, block_size=16, steps=32)  # noqa: E731
     assert _graphs_compiled(monkeypatch, make, run, triton=True, refresh="always") == 6
+
+
+@pytest.mark.filterwarnings("error:fbcompile. Inductor could not compile")
+@pytest.mark.filterwarnings("ignore:.*CUDA graphs")
+@pytest.mark.parametrize("refresh", ["always", "block"])
+def test_under_cuda_graphs_one_graph_serves_every_query_length(monkeypatch, refresh):
+    """Under CUDA graphs Inductor keeps the ops opaque, so their launch plans, made at each call (at
+    capture only, once captured), add no guards: Dream's steps compile as on the reference branch, the
+    prefill, the first step and one graph for the later ones (3), in exact and block mode."""
+    from examples import dream_lm
+
+    make = lambda: dream_lm.make_tiny_model(num_layers=1)  # noqa: E731
+    run = lambda m: m.generate(PROMPT, gen_length=128, block_size=16, steps=32)  # noqa: E731
+    assert _graphs_compiled(monkeypatch, make, run, triton=True, refresh=refresh, cuda_graphs=True) == 3
 
 
 def _loops():

@@ -68,15 +68,24 @@ def inductor_options(session: Session, example_inputs: list) -> dict | None:
 
 def _inductor(compile_fx, gm: fx.GraphModule, example_inputs: list, session: Session):
     """``compile_fx`` with :func:`inductor_options`; if it fails with combo kernels (an experimental
-    Inductor option), once more without them, so that the graph still runs compiled."""
+    Inductor option), once more without them, so that the graph still runs compiled.
+
+    Under CUDA graphs the fbcompile ops stay opaque to Inductor (it calls each op, whose body plans
+    and launches its Triton kernels) instead of being traced into their launches. A traced launch plan
+    guards on the query and batch counts (a graph per power-of-two bucket of them: Dream's prefix
+    cache compiled 5 graphs, block mode 9 Inductor compiles, on the H100); an opaque op plans at each
+    call, so one graph serves every length, and its host code runs only when a CUDA graph is captured,
+    not at the replays. Graphs that run uncaptured pay that host code at every call."""
     options = inductor_options(session, example_inputs)
-    try:
-        return compile_fx(gm, example_inputs, config_patches=options)
-    except Exception as error:
-        if not (options and options.pop("combo_kernels", False)):
-            raise
-        log.info("Inductor failed with combo kernels (%s: %s); compiling without them", type(error).__name__, error)
-        return compile_fx(gm, example_inputs, config_patches=options or None)
+    with torch._functorch.config.patch(decompose_custom_triton_ops=not session.cuda_graphs):
+        try:
+            return compile_fx(gm, example_inputs, config_patches=options)
+        except Exception as error:
+            if not (options and options.pop("combo_kernels", False)):
+                raise
+            log.info("Inductor failed with combo kernels (%s: %s); compiling without them", type(error).__name__,
+                     error)
+            return compile_fx(gm, example_inputs, config_patches=options or None)
 
 
 def shared_session(config: Config | None = None, mode: str | None = None) -> Session:

@@ -475,12 +475,15 @@ def _config(B, Hkv, R, D, N, DV, itemsize, sms, split_keys) -> dict:
 
 def _split_keys(B, Hkv, R, N, cfg, sms, num_splits=None):
     """``(splits, keys_per_split)``: by default about two programs per SM (one wave at two programs
-    per SM). The split count is a static int (it sizes the grid and the partials); when ``N`` is
-    known it also keeps at least ``_MIN_TILES_PER_SPLIT`` key tiles per split. ``keys_per_split`` may
-    be symbolic; splits past the end are empty and reduce to weight 0."""
+    per SM), one for heads wider than 256, whose programs fill an SM each (H100 sweep,
+    ``benchmarks/results/attention_h100_wide.md``: half the splits ran 6-17% faster). The split
+    count is a static int (it sizes the grid and the partials); when ``N`` is known it also keeps at
+    least ``_MIN_TILES_PER_SPLIT`` key tiles per split. ``keys_per_split`` may be symbolic; splits
+    past the end are empty and reduce to weight 0."""
     if num_splits is None:
         base = B * Hkv * _cdiv(R, cfg["BLOCK_R"])
-        num_splits = max(1, 2 * sms // base)
+        per_sm = 1 if max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) > 256 else 2
+        num_splits = max(1, per_sm * sms // base)
         if isinstance(N, int):
             num_splits = max(1, min(num_splits, _cdiv(N, cfg["BLOCK_N"]) // _MIN_TILES_PER_SPLIT))
     tiles_per_split = _cdiv(_cdiv(N, cfg["BLOCK_N"]), num_splits)
