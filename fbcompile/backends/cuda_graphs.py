@@ -105,7 +105,7 @@ from fbcompile.passes.graph_utils import reads_data
 from fbcompile.passes.hoist_cache_cats import Join
 from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
 
-MAX_CAPTURES = 4       # captured variants (keys) kept per compiled graph, at first
+MAX_CAPTURES = 8       # captured variants (keys) kept per compiled graph, at first: a prefix cache's 8 query lengths
 MAX_CAPTURES_GROWN = 128  # ... at most, once dropped keys come back
 MAX_SPARE_SETS = 64    # sets of spare-capacity buffers per layout, for caches read in turn
 MAX_SPARE_LAYOUTS = 8  # layouts (capacities) of spare buffers a graph keeps, once dropped ones come back
