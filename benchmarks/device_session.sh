@@ -112,7 +112,7 @@ for name in "${steps[@]}"; do
         step tests_rope_after_cat 120 python -m pytest -q -p no:cacheprovider -p no:logging tests/test_cuda_graphs.py \
             tests/test_ops.py -k "rope_after_the_cat or olmo or dream or query_lengths"
         step dream_generate 440 python benchmarks/llada_generate.py --model dream --prompt 2048 --gen 256 --steps 8 \
-            --layers 8 --variants eager,compile,exact-cg,block-cg --repeats 3 --out "$OUT/dream_generate.json" ;;
+            --layers 8 --variants eager,compile,exact-cg,block-cg --repeats 4 --out "$OUT/dream_generate.json" ;;
     first) for variant in exact-cg block-cg compile; do
             step "first_$variant" 140 python benchmarks/first_call.py --model dream --layers 4 --variant $variant --top 0
         done ;;
