@@ -3,7 +3,9 @@
 They are registered with ``torch.library.triton_op``: eager calls run the op body directly, while
 AOT/Inductor trace *through* it, so a compiled graph launches the Triton kernels itself (wrapped with
 ``torch.library.wrap_triton`` in :mod:`fbcompile.kernels.triton_attention`), with no Python op call
-between them: Inductor can fuse around them and CUDA graphs capture them. The body picks the Triton
+between them: Inductor can fuse around them and CUDA graphs capture them. Under fbcompile's CUDA
+graphs the compiler keeps them opaque instead (:func:`fbcompile.backends.compiler._inductor`): the
+replays run no host code either way, and an opaque op's launch plan adds no shape guards. The body picks the Triton
 kernels where they apply (CUDA tensors, supported shapes), cuDNN's fused attention for parts of
 thousands of rows per head, and otherwise the plain PyTorch reference (:func:`attention_kernel` says which),
 behind the opaque ops ``fbcompile::reference_*``: Inductor would compile the traced reference into
