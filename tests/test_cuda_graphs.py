@@ -1029,6 +1029,28 @@ def test_a_prefix_cache_over_eight_blocks_only_replays_from_the_third_generate(m
     assert changed["replays"] == 64
 
 
+@gpu_only
+@torch.no_grad()
+def test_dream_under_cuda_graphs_compiles_one_step_graph_for_every_query_length(shared_compile_budget):
+    """On CUDA, where the ops take the Triton kernels: under CUDA graphs Inductor keeps the ops opaque,
+    so Dream's shrinking query compiles the prefill, the first step and one graph for the later steps
+    (3; a graph per power-of-two bucket of the rows with the launch plans traced: 6, the CPU harness's
+    count in ``test_triton_host_code.py``), and exact mode's tokens are the model's."""
+    from examples import dream_lm
+
+    prompt = torch.randint(0, 100, (1, 41), generator=torch.Generator().manual_seed(3)).cuda()
+    reference = dream_lm.make_tiny_model(num_layers=2).cuda()
+    graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(refresh="always", cuda_graphs=True))
+    run = lambda m: m.generate(prompt, gen_length=128, block_size=16, steps=32)  # noqa: E731
+    expected = run(reference)
+    for _ in range(3):  # captures at the first two (spare capacities), replays
+        got = run(graphed)
+    new = slice(prompt.shape[1], None)
+    assert (got[:, new] == expected[:, new]).float().mean() >= 0.95, (got, expected)
+    assert fbcompile.stats(graphed).compiles == 3
+    assert fbcompile.stats(graphed).cuda_graphs.get("replays", 0) > 0
+
+
 class RotatedAfterCatAttention(torch.nn.Module):
     """Attention of a block over ``cat(cache, block)`` with RoPE applied after the cat (OLMo/LLaDA in
     Fast-dLLM): tables sliced by the key length from ``rows`` precomputed ones, or computed from
