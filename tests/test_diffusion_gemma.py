@@ -15,7 +15,7 @@ BLOCKS, STEPS, CANVAS = 3, 8, 16
 
 def make_model(**text_overrides):
     torch.manual_seed(0)
-    text = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+    text = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, global_head_dim=32, sliding_window=64,
                 max_position_embeddings=4096, num_experts=4, top_k_experts=2, moe_intermediate_size=64)
     text.update(text_overrides)

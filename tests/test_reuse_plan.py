@@ -187,7 +187,7 @@ def test_calibration_measures_heads_and_makes_plans():
 @torch.no_grad()
 def test_fidelity_simulates_the_plan():
     """The probe run mixes fresh heads into the cached part as the plan's graphs do."""
-    model = make_tiny_model()
+    model = make_tiny_model(num_layers=1)
     prompt = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(7))
     generate = lambda m: m.generate(prompt, num_blocks=2, steps=4)  # noqa: E731
     H, L = model.config.num_heads, model.config.num_layers
