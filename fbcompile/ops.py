@@ -5,7 +5,9 @@ AOT/Inductor trace *through* it, so a compiled graph launches the Triton kernels
 ``torch.library.wrap_triton`` in :mod:`fbcompile.kernels.triton_attention`), with no Python op call
 between them: Inductor can fuse around them and CUDA graphs capture them. Under fbcompile's CUDA
 graphs the compiler keeps them opaque instead (:func:`fbcompile.backends.compiler._inductor`): the
-replays run no host code either way, and an opaque op's launch plan adds no shape guards. The body picks the Triton
+replays run no host code either way, and an opaque op's launch plan adds no shape guards. The two
+merges of plain PyTorch (``merge_lse``, ``subtract_lse``) are traced in either case
+(:func:`_traced_by_aot`). The body picks the Triton
 kernels where they apply (CUDA tensors, supported shapes), cuDNN's fused attention for parts of
 thousands of rows per head, and otherwise the plain PyTorch reference (:func:`attention_kernel` says which),
 behind the opaque ops ``fbcompile::reference_*``: Inductor would compile the traced reference into
@@ -186,8 +188,25 @@ def _(q, k, v, mask, scale, out_ext, lse_ext):
     return _merged_outputs(q, k, v, attention_kernel(q, k, v, mask) == "Triton")
 
 
-@torch.library.triton_op("fbcompile::merge_lse", mutates_args=())
-def merge_lse(
+def _traced_by_aot(op, body):
+    """Make AOT trace ``op`` into ``body``'s ops, as it does a ``triton_op`` by default, but also where
+    fbcompile keeps the ``triton_op``s opaque (under CUDA graphs: ``compiler._inductor``): ``body`` is
+    plain PyTorch on CUDA, which Inductor fuses into one kernel with its neighbours, and opaque
+    reference ops elsewhere."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    def decompose(mode, func, types, args, kwargs):
+        if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, FakeTensor) for t in types):
+            return NotImplemented
+        with mode:
+            return body(*args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, decompose)
+    return op
+
+
+def _merge_lse(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of two attention results over disjoint key sets (e.g. a cached prefix and suffix).
@@ -199,6 +218,7 @@ def merge_lse(
     return reference_merge_lse(out_a, lse_a, out_b, lse_b)
 
 
+merge_lse = _traced_by_aot(torch.library.custom_op("fbcompile::merge_lse", _merge_lse, mutates_args=()), _merge_lse)
 merge_lse.register_fake(_merge_outputs)
 
 
@@ -372,8 +392,7 @@ def _subtract_outputs(out_a, lse_a, out_b, lse_b):
 reference_subtract_lse.register_fake(_subtract_outputs)
 
 
-@torch.library.triton_op("fbcompile::subtract_lse", mutates_args=())
-def subtract_lse(
+def _subtract_lse(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 attention over the keys of ``a`` without those of ``b`` (``b``'s keys a subset of ``a``'s):
@@ -384,6 +403,8 @@ def subtract_lse(
     return reference_subtract_lse(out_a, lse_a, out_b, lse_b)
 
 
+subtract_lse = _traced_by_aot(torch.library.custom_op("fbcompile::subtract_lse", _subtract_lse, mutates_args=()),
+                              _subtract_lse)
 subtract_lse.register_fake(_subtract_outputs)
 
 

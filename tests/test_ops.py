@@ -376,6 +376,34 @@ def test_opcheck_merge_lse_noncontiguous_out():
     _opcheck(OPS.merge_lse.default, (strided, l_e, o_e * 2, l_e - 1))
 
 
+@pytest.mark.parametrize("triton_ops", ["traced", "opaque"])
+def test_plain_pytorch_ops_are_traced_where_the_triton_ops_stay_opaque(triton_ops):
+    """``merge_lse`` and ``subtract_lse`` are plain PyTorch on CUDA, which Inductor fuses with their
+    neighbours: AOT traces into their bodies (here on the CPU: the reference ops they call) also where
+    fbcompile keeps the Triton ops opaque (``decompose_custom_triton_ops=False``, under CUDA graphs)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(q, k, v, o, lse):
+        out, lse_e = OPS.attention_lse(q, k, v, None, 0.25)
+        merged = OPS.merge_lse(out, lse_e, o, lse)
+        return OPS.subtract_lse(*merged, out, lse_e)
+
+    q, k, v, _, o_e, l_e = _opcheck_inputs()
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(decompose_custom_triton_ops=triton_ops == "traced"), torch.no_grad():
+        torch.compile(step, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(q, k, v, o_e, l_e)
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert {"fbcompile.reference_merge_lse.default", "fbcompile.reference_subtract_lse.default"} <= targets, targets
+    assert not {"fbcompile.merge_lse.default", "fbcompile.subtract_lse.default"} & targets, targets
+    assert ("fbcompile.attention_lse.default" in targets) == (triton_ops == "opaque"), targets
+
+
 def _three_part_attention(q, k, v, mask, n1, n2):
     o1, l1 = OPS.attention_lse(q, k[:, :, :n1], v[:, :, :n1], mask[..., :n1], 0.125)
     o2, l2 = OPS.attention_lse(q, k[:, :, n1:n2], v[:, :, n1:n2], mask[..., n1:n2], 0.125)

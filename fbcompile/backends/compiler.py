@@ -70,8 +70,8 @@ def _inductor(compile_fx, gm: fx.GraphModule, example_inputs: list, session: Ses
     """``compile_fx`` with :func:`inductor_options`; if it fails with combo kernels (an experimental
     Inductor option), once more without them, so that the graph still runs compiled.
 
-    Under CUDA graphs the fbcompile ops stay opaque to Inductor (it calls each op, whose body plans
-    and launches its Triton kernels) instead of being traced into their launches. A traced launch plan
+    Under CUDA graphs the fbcompile ops that launch Triton kernels stay opaque to Inductor (it calls
+    each op, whose body plans and launches its kernels) instead of being traced into their launches. A traced launch plan
     guards on the query and batch counts (a graph per power-of-two bucket of them: Dream's prefix
     cache compiled 5 graphs, block mode 9 Inductor compiles, on the H100); an opaque op plans at each
     call, so one graph serves every length, and its host code runs only when a CUDA graph is captured,
