@@ -71,11 +71,12 @@ def _inductor(compile_fx, gm: fx.GraphModule, example_inputs: list, session: Ses
     Inductor option), once more without them, so that the graph still runs compiled.
 
     Under CUDA graphs the fbcompile ops that launch Triton kernels stay opaque to Inductor (it calls
-    each op, whose body plans and launches its kernels) instead of being traced into their launches. A traced launch plan
-    guards on the query and batch counts (a graph per power-of-two bucket of them: Dream's prefix
-    cache compiled 5 graphs, block mode 9 Inductor compiles, on the H100); an opaque op plans at each
-    call, so one graph serves every length, and its host code runs only when a CUDA graph is captured,
-    not at the replays. Graphs that run uncaptured pay that host code at every call."""
+    each op, whose body plans and launches its kernels) instead of being traced into their launches.
+    A traced launch plan guards on the query and batch counts: a graph per power-of-two bucket of them
+    (Dream's prefix cache compiled 5 graphs on the H100, each twice in block mode: refresh and reuse).
+    An opaque op plans at each call, so one graph serves every length, and its host code runs only
+    when a CUDA graph is captured, not at the replays. Graphs that run uncaptured pay that host code
+    at every call."""
     options = inductor_options(session, example_inputs)
     with torch._functorch.config.patch(decompose_custom_triton_ops=not session.cuda_graphs):
         try:
