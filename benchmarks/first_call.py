@@ -1,8 +1,8 @@
 """Where a first call's time goes: one fbcompile (or torch.compile) variant of Fast-dLLM's Dream/LLaDA
 generation (``benchmarks/llada_generate.py``'s models), its first ``generate`` under cProfile.
 
-Prints dynamo's and Inductor's timed phases (``torch._dynamo.utils.compile_times``), fbcompile's graph
-count, and the functions with the most cumulative time, so that a first call slower than
+Prints the Inductor compiles (how many, their seconds), dynamo's and Inductor's timed phases
+(``torch._dynamo.utils.compile_times``), fbcompile's graph count, and the functions with the most cumulative time, so that a first call slower than
 ``torch.compile``'s can be read down to what it spends on.
 
     python benchmarks/first_call.py --model dream --layers 4 --variant exact-cg --top 60
@@ -24,6 +24,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import fbcompile  # noqa: E402
 from llada_generate import BLOCK, DREAM_7B, LLADA_8B, TINY, build, variant  # noqa: E402
+
+
+def count_inductor_compiles() -> list[float]:
+    """The seconds of each Inductor compile from now on (fbcompile's graphs and ``torch.compile``'s both
+    go through ``compile_fx``; block mode compiles a refresh and a reuse graph per dynamo graph)."""
+    from torch._inductor import compile_fx as module
+
+    seconds, compile_fx = [], module.compile_fx
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return compile_fx(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    module.compile_fx = timed
+    return seconds
 
 
 def main():
@@ -50,6 +68,7 @@ def main():
     prompt = torch.randint(0, base.config.vocab_size - 1, (1, args.prompt), device=device)
     blocks = args.gen // BLOCK
     run_args = dict(gen_length=args.gen, block_size=BLOCK, steps=blocks * args.steps)
+    inductor = count_inductor_compiles()
     profiler = cProfile.Profile()
     start = time.perf_counter()
     with torch.no_grad():
@@ -59,7 +78,8 @@ def main():
             model.generate(prompt, **run_args)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    print(f"{args.variant}: first call {time.perf_counter() - start:.1f} s")
+    print(f"{args.variant}: first call {time.perf_counter() - start:.1f} s; {len(inductor)} Inductor compiles, "
+          f"{sum(inductor):.1f} s")
     if args.variant not in ("compile", "eager"):
         print(fbcompile.stats(model))
     print(torch._dynamo.utils.compile_times(repr="str", aggregate=True))
