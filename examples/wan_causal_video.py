@@ -262,6 +262,8 @@ class WanCausalVideo(nn.Module):
         e = self.time_embedding(sinusoid(t.flatten(), cfg.freq_dim).type_as(tokens))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, t.shape)  # [B, F, 6, dim]
         context = self.text_embedding(context)
+        if self.angles[0].device != tokens.device:  # moved on first use, as Wan moves its ``freqs``
+            self.angles = [a.to(tokens.device) for a in self.angles]
         for block, kv, cross in zip(self.blocks, kv_cache, crossattn_cache):
             tokens = block(tokens, e0, grid_sizes, self.angles, context, kv, cross, current_start)
         for kv in kv_cache:  # LongLive's deferred cache writes (see the module docstring)
