@@ -45,8 +45,6 @@
 #               with CUDA graphs (benchmarks/llada_generate.py --model dream); the query-length bucket test (<= 560 s)
 #   first       where Dream's first generate goes (4 layers; exact and block mode with CUDA graphs, then
 #               torch.compile): graphs compiled, dynamo's and Inductor's phases (benchmarks/first_call.py) (<= 420 s)
-#   pdl         programmatic dependent launch: a layer step's chain of fbcompile kernels with it off and on
-#               (benchmarks/pdl_chain.py), then the LM's block and exact mode at 32K, batch 1, on and off (<= 460 s)
 #   tune        the linear launches of a layer (q/k/v, o, down as partials; gate/up gated) over configs with
 #               warps and 5-7 splits, each against a read-only launch of its bytes (the ceiling)       (<= 560 s)
 set -u
@@ -153,12 +151,6 @@ for name in "${steps[@]}"; do
             --host 10 --top 40 --out "$OUT/host_lm_32k_b1"
         step profile_32k_b8 240 python benchmarks/profile_block.py --model lm --context 32k --batch 8 \
             --variants block-ro --top 30 --gaps 10 --out "$OUT/profile_lm_32k_b8" ;;
-    pdl)
-        step pdl_chain 120 env PYTHONPATH=. python benchmarks/pdl_chain.py --out "$OUT/pdl_chain.json"
-        for pdl in 1 0; do
-            step "lm_32k_b1_pdl$pdl" 170 env FBCOMPILE_PDL=$pdl python -m fbcompile bench --workloads benchmarks.e2e:workloads \
-                --model lm --contexts 32k --batches 1 --variants block-ro,exact-ro --repeats 5 --out "$OUT/lm_32k_b1_pdl$pdl"
-        done ;;
     combo) on_off lm_32k_b1_combo lm_32k_b1_no_combo combo_kernels block-ro 200 ;;
     video) step e2e_video 420 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model video \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video" ;;

@@ -34,8 +34,8 @@ from torch.library import wrap_triton
 from fbcompile.kernels.triton_common import cdiv as _cdiv
 from fbcompile.kernels.triton_common import dot
 from fbcompile.kernels.triton_common import num_sms as _num_sms
-from fbcompile.kernels.triton_common import pdl_launch, ptx_asm
-from fbcompile.kernels.triton_common import upcast_dot, wait_for_prior_grid
+from fbcompile.kernels.triton_common import ptx_asm
+from fbcompile.kernels.triton_common import upcast_dot
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -174,7 +174,7 @@ def _attn_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr, CHUNK_STORE_PTX: tl.constexpr,
-    HAS_COUNT: tl.constexpr, PDL: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
     key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
@@ -183,9 +183,7 @@ def _attn_kernel(
     from the probabilities the softmax computes anyway: the tile scores cost no second KV read;
     ``CHUNK_STORE_PTX`` stores them by :func:`_store_in_register_layout`, else by ``tl.store``.
     ``HAS_COUNT``: only the first ``KeyCount[0]`` of the ``N`` keys count (the rest is padding of a
-    buffer with spare capacity), and the splits divide those keys, read on the device, among them.
-    ``PDL``: :func:`wait_for_prior_grid`."""
-    wait_for_prior_grid(PDL)
+    buffer with spare capacity), and the splits divide those keys, read on the device, among them."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -336,12 +334,10 @@ def _reduce_kernel(
     Hkv, GROUP, M, R, num_splits, row_programs, NC, T, CPT,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_EXT: tl.constexpr, MASS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr,
-    MASS_BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    MASS_BLOCK_S: tl.constexpr,
 ):
     """The split reduction: programs ``< row_programs`` combine rows (:func:`_reduce_rows`); with
-    ``MASS`` the others compute tile masses (:func:`_tile_mass`) in the same launch. ``PDL``:
-    :func:`wait_for_prior_grid`."""
-    wait_for_prior_grid(PDL)
+    ``MASS`` the others compute tile masses (:func:`_tile_mass`) in the same launch."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     if MASS:
@@ -375,14 +371,12 @@ def _sparse_attn_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_BLOCK: tl.constexpr, HAS_MASK_B: tl.constexpr,
     MASK_B_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """:func:`_attn_kernel` over the KV tiles listed in ``Idx`` (``[B, Hkv, S]``, ``-1`` = unused)
     instead of a key range: one program takes ``slots_per_split`` slots and reads only their keys.
     ``HAS_BLOCK``: the last split also attends to all ``NB`` keys of ``(KB, VB)`` (the block's own
-    keys, with ``MaskB``), so that one launch (and its reduction) makes a whole sparse reuse step.
-    ``PDL``: :func:`wait_for_prior_grid`."""
-    wait_for_prior_grid(PDL)
+    keys, with ``MaskB``), so that one launch (and its reduction) makes a whole sparse reuse step."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -608,7 +602,7 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
         Hkv, group, M, R, num_splits, row_programs, chunk_lse.shape[1], num_tiles, cpt,
         DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, MASS=mass is not None,
         BLOCK_T=_MASS_BLOCK_T, BLOCK_RR=block_rr, MASS_BLOCK_S=min(_pow2(num_splits, 2), max(2, 16384 // block_rr)),
-        num_warps=8, **pdl_launch(out),
+        num_warps=8,
     )
 
 
@@ -656,7 +650,6 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
         SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), CHUNK=chunk,
         CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None, **cfg, **launch,
-        **pdl_launch(q),
     )
     if split:
         _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass)
@@ -772,7 +765,7 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
         Hkv, group, M, N, NB, R, S, slots_per_split, scale * _LOG2E,
         TILE=tile, D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_BLOCK=block is not None,
         HAS_MASK_B=mask_blk is not None, MASK_B_BOOL=maskb_bool, HAS_EXT=ext[4], SPLIT=num_splits > 1,
-        DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), **cfg, **launch, **pdl_launch(q),
+        DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), **cfg, **launch,
     )
     if num_splits > 1:
         _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"])

@@ -7,8 +7,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch._inductor import config as inductor_config
-from torch._library.triton import is_wrap_triton_enabled
 
 
 @triton.jit
@@ -18,42 +16,6 @@ def dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def wait_for_prior_grid(PDL: tl.constexpr):
-    """Under programmatic dependent launch (``PDL``, see :func:`pdl_launch`): let the next launch start
-    now (its programs wait here in turn), then wait until the launch before this one has finished and
-    its writes are visible. Every kernel launched with PDL must call this before it reads or writes
-    global memory: a launch's completion then implies its predecessors', as without PDL."""
-    if PDL == 1:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    elif PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-
-
-def pdl_launch(t: torch.Tensor) -> dict:
-    """The launch options of a kernel over ``t`` that calls :func:`wait_for_prior_grid` first: with
-    programmatic dependent launch (Hopper on; ``FBCOMPILE_PDL=0`` turns it off) where the kernel is
-    launched directly, so that its launch and setup overlap the tail of the kernel before it; plain
-    where ``wrap_triton`` records the launch into a graph for Inductor (which has no such option).
-
-    Also plain while Inductor's own PDL is on (``torch._inductor.config.triton.enable_pdl``): its
-    kernels wait only where they read what the kernel before them wrote, so one that does not could
-    finish before an fbcompile kernel it followed, and the next kernel, waiting on it alone, would read
-    that kernel's results too early."""
-    if (t.is_cuda and _runs_pdl(t.device) and not is_wrap_triton_enabled()
-            and not inductor_config.triton.enable_pdl):
-        return {"PDL": 2 if os.environ.get("FBCOMPILE_PDL") == "early" else 1, "launch_pdl": True}
-    return {"PDL": False}
-
-
-@functools.lru_cache(maxsize=None)
-def _runs_pdl(device: torch.device) -> bool:
-    return (_runs_ptx(device) and torch.cuda.get_device_capability(device) >= (9, 0)
-            and os.environ.get("FBCOMPILE_PDL", "1") != "0")
 
 
 def upcast_dot(t: torch.Tensor) -> bool:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fbcompile.kernels.triton_common import cdiv, dot, num_sms, pdl_launch, upcast_dot, wait_for_prior_grid
+from fbcompile.kernels.triton_common import cdiv, dot, num_sms, upcast_dot
 
 _DTYPES = (torch.float16, torch.bfloat16)
 
@@ -55,7 +55,7 @@ def _gate(g, up, ACT: tl.constexpr):
 def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn, sym, syn, M, N, N1, N2, K,
                    k_per_split, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, EVEN_K: tl.constexpr,
                    UPCAST_DOT: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """``Y[m, n] = sum_k X[m, k] W[n, k] (+ B[n])`` over the ``k`` range ``pid_k`` owns, where ``W``
     and ``B`` stack up to three weights and biases (rows ``[0, N1)``, ``[N1, N2)``, ``[N2, N)``; the
     boundaries are multiples of ``BLOCK_N``, so each program reads one). ``ACT > 0``: a gated MLP's
@@ -63,8 +63,7 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn
     both weights, the gate applied in the epilogue (:func:`_gate`). With ``PARTIAL`` it stores the
     fp32 partials at ``Y[pid_k]`` instead (no bias, no gate; with ``ACT`` the up projection's after the
     gate's, ``2 N`` per row). ``RESIDUAL``: ``R`` added to the result, rounded as the model's
-    ``residual + linear(...)`` rounds. ``PDL``: :func:`wait_for_prior_grid`."""
-    wait_for_prior_grid(PDL)
+    ``residual + linear(...)`` rounds."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -126,13 +125,11 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn
 
 @triton.jit
 def _sum_splits_kernel(P, B0, B1, B2, R, Y, M, N, N1, N2, srm, srn, sym, syn, SPLIT_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     """``Y = sum_s P[s] (+ B)``: the fp32 partials of a split reduction, cast to ``Y``'s dtype; ``B``
     stacks up to three biases as in :func:`_linear_kernel`. ``ACT > 0``: ``P`` holds the gate's and the
     up projection's partials side by side, and ``Y`` is the gated product. ``RESIDUAL``: ``R`` added
     after the cast."""
-    wait_for_prior_grid(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     m = offs // N
@@ -267,7 +264,7 @@ def _launch(x2, weights, biases, out, y, residual, cfg, gate, split_k, N, N1, N2
         r2.stride(0), r2.stride(1), y.stride(0), y.stride(1), M, N, N1, N2, K, k_per_split,
         PARTIAL=partial, UPCAST_DOT=upcast_dot(x2), EVEN_K=K % k_per_split == 0, **flags,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return bs, r2, flags
 
 
@@ -311,7 +308,7 @@ def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tens
         block = 1024
         wrap_triton(_sum_splits_kernel)[(cdiv(M * N, block),)](
             out, *bs, r2, y, M, N, N1, N2, r2.stride(0), r2.stride(1), y.stride(0), y.stride(1),
-            SPLIT_K=split_k, **flags, BLOCK=block, num_warps=4, **pdl_launch(x2))
+            SPLIT_K=split_k, **flags, BLOCK=block, num_warps=4)
     return y.reshape(*x.shape[:-1], N)
 
 
