@@ -473,6 +473,11 @@ def _config(B, Hkv, R, D, N, DV, itemsize, sms, split_keys) -> dict:
     )
 
 
+def _splits_per_wave(B, Hkv, R, cfg, sms, per_sm):
+    """How many splits give ``per_sm`` programs per SM over the row tiles of every (batch, KV head)."""
+    return max(1, per_sm * sms // (B * Hkv * _cdiv(R, cfg["BLOCK_R"])))
+
+
 def _split_keys(B, Hkv, R, N, cfg, sms, num_splits=None):
     """``(splits, keys_per_split)``: by default about two programs per SM (one wave at two programs
     per SM), one for heads wider than 256, whose programs fill an SM each (H100 sweep,
@@ -481,9 +486,7 @@ def _split_keys(B, Hkv, R, N, cfg, sms, num_splits=None):
     least ``_MIN_TILES_PER_SPLIT`` key tiles per split. ``keys_per_split`` may be symbolic; splits
     past the end are empty and reduce to weight 0."""
     if num_splits is None:
-        base = B * Hkv * _cdiv(R, cfg["BLOCK_R"])
-        per_sm = 1 if max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) > 256 else 2
-        num_splits = max(1, per_sm * sms // base)
+        num_splits = _splits_per_wave(B, Hkv, R, cfg, sms, 1 if max(cfg["BLOCK_D"], cfg["BLOCK_DV"]) > 256 else 2)
         if isinstance(N, int):
             num_splits = max(1, min(num_splits, _cdiv(N, cfg["BLOCK_N"]) // _MIN_TILES_PER_SPLIT))
     tiles_per_split = _cdiv(_cdiv(N, cfg["BLOCK_N"]), num_splits)
@@ -740,8 +743,8 @@ def sparse_attention_lse(q, k, v, mask, scale, idx, tile: int, out_ext=None, lse
     cfg.update(overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     sms = _num_sms(q.device)
-    if num_splits is None:
-        num_splits = max(1, 2 * sms // (batch * Hkv * _cdiv(rows, cfg["BLOCK_R"])))
+    if num_splits is None:  # two per SM; for heads over 256 wide the dense kernel takes one, unmeasured here
+        num_splits = _splits_per_wave(batch, Hkv, rows, cfg, sms, 2)
     slots_per_split = max(1, _cdiv(S, max(1, min(num_splits, S))))
     num_splits = max(1, _cdiv(S, slots_per_split))
     # Few slots split few ways leave SMs idle: smaller row tiles fill them (H200, 8 slots of 64 keys:
