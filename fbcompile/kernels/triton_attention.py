@@ -587,14 +587,14 @@ def _partials(q, B, Hkv, num_splits, R, DV):
             torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32))
 
 
-def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None):
-    """Launch :func:`_reduce_kernel`; ``mass = (chunk_lse, tile_mass, chunks per tile)`` adds the
-    tile-mass programs."""
+def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None, rows=4):
+    """Launch :func:`_reduce_kernel` over ``rows`` packed rows per program; ``mass = (chunk_lse,
+    tile_mass, chunks per tile)`` adds the tile-mass programs."""
     ext_o, ext_l, estr, lstr, has_ext = ext
     R, DV = group * M, out.shape[-1]
     # 4 rows per program keeps many programs in flight; a [4, BLOCK_S, Dv] fp32 tile <= 64 KB.
     block_s = min(_pow2(num_splits, 2), max(2, 4096 // block_dv))
-    row_programs = _cdiv(R, 4)
+    row_programs = _cdiv(R, rows)
     chunk_lse, tile_mass, cpt = (o_part, o_part, 1) if mass is None else mass
     num_tiles = 0 if mass is None else tile_mass.shape[-1]
     # A mass program takes all rows at once (up to 256: the rows' LSEs are combined once, from a
@@ -603,7 +603,7 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
     wrap_triton(_reduce_kernel)[(row_programs + _cdiv(num_tiles, _MASS_BLOCK_T), B * Hkv)](
         o_part, l_part, ext_o, ext_l, out, lse, chunk_lse, tile_mass, *estr, *lstr, *out.stride()[:3],
         Hkv, group, M, R, num_splits, row_programs, chunk_lse.shape[1], num_tiles, cpt,
-        DV=DV, BLOCK_R=4, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, MASS=mass is not None,
+        DV=DV, BLOCK_R=rows, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, MASS=mass is not None,
         BLOCK_T=_MASS_BLOCK_T, BLOCK_RR=block_rr, MASS_BLOCK_S=min(_pow2(num_splits, 2), max(2, 16384 // block_rr)),
         num_warps=8,
     )
@@ -611,8 +611,9 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
 
 def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, key_count=None,
                **overrides):
-    """Shared launcher; ``overrides`` (``num_splits``, any of the tile/warp settings and
-    ``CHUNK_STORE_PTX``) exist for the tests and the benchmark's tuning sweep. ``tiles = (tile, tile_mass)``
+    """Shared launcher; ``overrides`` (``num_splits``, any of the tile/warp settings, ``CHUNK_STORE_PTX``
+    and ``REDUCE_ROWS``, the packed rows per program of the split reduction) exist for the tests and the
+    benchmark's tuning sweep. ``tiles = (tile, tile_mass)``
     also fills ``tile_mass`` ``[B, Hkv, ceil(N / tile)]``: the attention kernel stores per-row log2-LSEs
     of key chunks of ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch
     computes the masses), through inline PTX where the device runs it (see :func:`_attn_kernel`).
@@ -633,6 +634,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         return out, lse
 
     chunk_store_ptx = overrides.pop("CHUNK_STORE_PTX", ptx_asm(q))
+    reduce_rows = overrides.pop("REDUCE_ROWS", 4)
     cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     unused = _unused(q)  # one placeholder for every pointer argument this launch leaves unused
@@ -655,7 +657,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None, **cfg, **launch,
     )
     if split:
-        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass)
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass, reduce_rows)
     return out, lse
 
 
