@@ -190,6 +190,22 @@ def test_split_count_does_not_change_result(D, N, splits):
         torch.testing.assert_close(lse, outs[0][1], rtol=1e-5, atol=1e-6)
 
 
+@in_process
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_rows_per_reduction_program_do_not_change_result(rows):
+    """The split reduction's rows per program (``REDUCE_ROWS``, 4 by default) over ragged rows (3 query
+    heads of 5 rows per KV head: 15 packed rows), with the external part merged in."""
+    q, k, v, mask = _inputs(torch.float32, 2, 6, 2, 5, 700, 64, 64, "bool", seed=7)
+    out_e, lse_e = ta.attention_lse(q, k[:, :, :100], v[:, :, :100], None, 0.1)
+    default = ta._attention(q, k[:, :, 100:], v[:, :, 100:], mask[..., 100:], 0.1, out_e, lse_e, num_splits=5)
+    out, lse = ta._attention(q, k[:, :, 100:], v[:, :, 100:], mask[..., 100:], 0.1, out_e, lse_e, num_splits=5,
+                             REDUCE_ROWS=rows)
+    torch.testing.assert_close(out, default[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, default[1], rtol=1e-5, atol=1e-6)
+    _check(out, lse, *reference.attention_lse(q, k, v, torch.cat([torch.ones_like(mask[..., :100]), mask[..., 100:]],
+                                                                  -1), 0.1), torch.float32)
+
+
 # (dtype, Hq, Hkv, M, capacity, counts, D, mask, num_splits)
 KEY_COUNT_CASES = [
     (torch.float32, 4, 2, 8, 300, (0, 1, 17, 64, 299, 300), 64, "none", None),
