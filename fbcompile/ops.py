@@ -7,9 +7,8 @@ between them: Inductor can fuse around them and CUDA graphs capture them. Under 
 graphs the compiler keeps them opaque instead (:func:`fbcompile.backends.compiler._inductor`): the
 replays run no host code either way, and an opaque op's launch plan adds no shape guards. The two
 merges of plain PyTorch (``merge_lse``, ``subtract_lse``) are traced in either case
-(:func:`_traced_by_aot`). The body picks the Triton
-kernels where they apply (CUDA tensors, supported shapes), cuDNN's fused attention for parts of
-thousands of rows per head, and otherwise the plain PyTorch reference (:func:`attention_kernel` says which),
+(:func:`_traced_by_aot`). The body picks the Triton kernels where they apply (CUDA tensors, supported
+shapes), cuDNN's fused attention for parts of thousands of rows per head, and otherwise the plain PyTorch reference (:func:`attention_kernel` says which),
 behind the opaque ops ``fbcompile::reference_*``: Inductor would compile the traced reference into
 C++ for CPU graphs, which costs far more compile time than it saves on a path that has no kernels.
 The choice depends on devices, dtypes and static sizes only, never on tensor values, so it is
