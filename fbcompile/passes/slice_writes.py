@@ -21,13 +21,13 @@ import torch
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import mutated_tensor, one_dim_slice, op_name, view_base
-from fbcompile.passes.guards import evaluate_int, int_source
+from fbcompile.passes.int_sources import evaluate_int, int_source
 
 
 @dataclass(frozen=True)
 class SliceWrites:
     """The writes of graph input ``input``: per write ``(dim, start, stop)``, each bound an int
-    source (see :func:`fbcompile.passes.guards.int_source`); ``others``: the indices of the other
+    source (see :func:`fbcompile.passes.int_sources.int_source`); ``others``: the indices of the other
     inputs the graph writes (an alias of ``input`` among them makes a call's writes unloggable)."""
 
     input: int
