@@ -193,3 +193,54 @@ def test_cloned_cache_not_written_back_alike_is_skipped():
     sites = fbcompile.explain(model).sites
     assert len(sites) == 1 and sites[0]["decision"].startswith("skipped")
     assert "does not write the cache as it wrote the clone" in sites[0]["decision"], sites[0]["decision"]
+
+
+class RolledCloneAttention(StaticCacheAttention):
+    """LongLive's deferred form at a chunk that rolls the cache: the clone drops ``evicted`` rows after the
+    sinks, shifting the rest left, and takes the block at ``[start, start + M)``; another graph writes the
+    real cache (:func:`_deferred_write`)."""
+
+    def forward(self, x, cache_k, cache_v, start: int, evicted: int):
+        B = x.shape[0]
+        q, k, v = self.proj(x).view(B, M, 3, H, D).unbind(2)
+        end = start + M
+        temp_k, temp_v = cache_k.clone(), cache_v.clone()
+        for temp, new in ((temp_k, k), (temp_v, v)):
+            if evicted:
+                temp[:, SINK:start] = temp[:, SINK + evicted:start + evicted].clone()
+            temp[:, start:end] = new
+        a = max(SINK, end - WINDOW)
+        keys = torch.cat([temp_k[:, :SINK], temp_k[:, a:end]], dim=1)
+        values = torch.cat([temp_v[:, :SINK], temp_v[:, a:end]], dim=1)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+
+
+def _deferred_write(cache, new, start: int, evicted: int):
+    """The real cache's write, in a graph of its own (logged): rolled by ``evicted`` rows, then the block."""
+    if evicted:
+        cache[:, SINK:start] = cache[:, SINK + evicted:start + evicted].clone()
+    cache[:, start:start + new.shape[1]] = new
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("real_roll,reuses", [(4, True), (0, False), (3, False)], ids=["alike", "none", "other"])
+def test_a_deferred_roll_reuses_only_where_the_real_cache_rolled_alike(real_roll, reuses):
+    """A chunk's first call rolls the clone it reads; the real cache is rolled by another graph afterwards,
+    and the chunk's next call reads an unrolled clone of it. That call reuses the part cached over the rolled
+    clone only if the real cache was rolled alike; a real cache left unrolled, or rolled by another count,
+    refreshes. Each call equals the model (the same block input: a valid reuse is exact too)."""
+    plain = RolledCloneAttention()
+    model = fbcompile.optimize(RolledCloneAttention(), fbcompile.Config(refresh="block", compiler="eager"))
+    write = torch.compile(_deferred_write, backend=fbcompile.backend(compiler="eager"), dynamic=True)
+    x, ck, cv = _inputs(5)
+    start, evicted = 24, 4
+    expected = plain(x, ck.clone(), cv.clone(), start, evicted)
+    assert rel_error(model(x, ck, cv, start, evicted), expected) < 1e-5
+    block = torch.randn(1, M, H, D)
+    for cache in (ck, cv):
+        write(cache, block, start, real_roll)
+    expected = plain(x, ck.clone(), cv.clone(), start, 0)
+    assert rel_error(model(x, ck, cv, start, 0), expected) < 1e-5
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (1, 1) if reuses else (2, 0), stats
+    assert stats.refresh_reasons.get("kv written in place", 0) == (not reuses)

@@ -10,7 +10,9 @@ graph that slices or transforms the cache otherwise does not). A site's entry se
   ``DynamicCache.crop``), or the cached positions of a concatenation an earlier graph returned (a
   graph break between cat and attention) - see :mod:`.provenance`;
   versions are read *after* each call, so a static cache that the graph itself writes (the block's
-  own range, proven by the pass) stays valid, while any write from outside forces a refresh.
+  own range, proven by the pass) stays valid, while any write from outside forces a refresh, unless
+  other graphs logged it and it leaves the rows outside the block as the site read them at the refresh
+  (LongLive's deferred write, roll included: :func:`_rows_as_refreshed`).
   Inference tensors (``torch.inference_mode``) have no version counter, so writes to them cannot be
   seen: an entry over them never serves (use ``torch.no_grad()`` to reuse);
 * the cached range is where it was (static caches: the window's start and the block's, evaluated
@@ -47,8 +49,8 @@ from typing import Callable
 import torch
 
 from fbcompile.backends.policies import RefreshPolicy
-from fbcompile.backends.provenance import (Content, cut_of_returned, external_contents, version,
-                                           written_only_within)
+from fbcompile.backends.provenance import (Content, cut_of_returned, external_contents, logged_writes,
+                                           same_rows_outside, version)
 from fbcompile.backends.session import CacheEntry, GraphRecord, Session
 from fbcompile.passes.guards import SiteGuard
 from fbcompile.passes.reuse_external import OutputLayout
@@ -247,6 +249,7 @@ class SplitGraphDispatcher:
         for guard, entry in zip(self.guards, entries):
             entry.steps += 1
             entry.versions = [c.version for c in external_contents(guard, args)]
+            entry.cloned = []  # the reuse found the rows a clone wrote at the refresh where the tensor has them
 
     def _keep(self, args, keys: list, reason: str, parts: list, positions: list, seen: list) -> list[CacheEntry]:
         """Count a refresh and keep every site's fresh external part, under the contents of its KV tensors
@@ -269,7 +272,8 @@ class SplitGraphDispatcher:
             entries.append(CacheEntry(sources=[weakref.ref(c.token) for c in contents], versions=versions,
                                       shapes=[args[j].shape for j in guard.external], offsets=guard.offset_values(args),
                                       out_ext=part.out_ext, lse_ext=part.lse_ext, tiles=part.tiles,
-                                      tiles_read=part.tiles_read, positions=written_at))
+                                      tiles_read=part.tiles_read, positions=written_at,
+                                      cloned=guard.clone_rows_of(args) if guard.clone_writes else []))
         for policy in self._at_refresh:
             policy.at_refresh(entries, self.guards, args, parts)
         if unversioned and "inference" not in session.warned:
@@ -316,12 +320,22 @@ class ProbeDispatcher(SplitGraphDispatcher):
         return self.refresh.outputs.user_outputs(outputs)
 
 
-def _written_in_block(args, guard: SiteGuard, position: int, kept: int, now: int | None) -> bool:
-    """Was the site's external tensor ``position`` (a static cache) written since version ``kept`` only in
-    its block's rows, by writes other graphs logged (LongLive's deferred write of the real cache, see
-    :mod:`fbcompile.passes.static_cache`)?"""
+def _rows_as_refreshed(args, guard: SiteGuard, entry: CacheEntry, position: int, now: int | None) -> bool:
+    """Does the site's external tensor ``position`` hold, outside its block's rows, what the site read at the
+    refresh? Its version is the refresh's, and the site read it as it was; or it is a static cache that
+    the writes other graphs logged since (LongLive's deferred write of the real cache, see
+    :mod:`fbcompile.passes.static_cache`) leave as the clone the refresh read held it: both wrote only the
+    block's rows, or both rolled it alike."""
+    kept = entry.versions[position]
+    cloned = entry.cloned[position] if entry.cloned else ()
+    if now == kept and cloned == ():
+        return True
     rows = guard.block_rows_of(position, args) if now is not None and guard.block_rows else None
-    return rows is not None and written_only_within(args[guard.external[position]], kept, now, *rows)
+    if rows is None or cloned is None:
+        return False
+    tensor = args[guard.external[position]]
+    logged = logged_writes(tensor, kept, now)
+    return logged is not None and same_rows_outside(cloned, logged, *rows, tensor.shape[rows[0]])
 
 
 def _positions(guard: SiteGuard, args) -> list[torch.Tensor]:
@@ -361,8 +375,8 @@ def _stale(entry: CacheEntry | None, contents: list[Content], guard: SiteGuard, 
             return "kv is an inference tensor"
     if entry.offsets != guard.offset_values(args):  # (before the writes: a new block's rows are written)
         return "kv range changed"
-    for position, (kept, shape, now, index) in enumerate(zip(entry.versions, entry.shapes, contents, guard.external)):
-        if now.version != kept and not _written_in_block(args, guard, position, kept, now.version):
+    for position, (shape, now, index) in enumerate(zip(entry.shapes, contents, guard.external)):
+        if not _rows_as_refreshed(args, guard, entry, position, now.version):
             return "kv written in place"
         if args[index].shape != shape:
             return "kv shape changed"

@@ -21,9 +21,10 @@ kv_outputs`) have those outputs *noted*: :func:`cut_of_returned` tells a cache c
 along one dim, as Fast-dLLM's Dream and LLaDA keep ``k[:, :s]`` of a block's full pass).
 
 Graphs that write an input only at slices (:func:`~fbcompile.passes.slice_writes.slice_writes`) have
-each call's writes *logged*: "from version ``v`` to ``w`` this tensor was written at these rows".
-:func:`written_only_within` tells whether every write between two versions was logged and lay in
-given rows (LongLive writes the real cache after the attention read a clone of it, in another graph).
+each call's writes *logged*: "from version ``v`` to ``w`` this tensor was written at these rows, these
+copied from those". :func:`logged_writes` returns every write between two versions if each was logged,
+and :func:`same_rows_outside` tells whether two sequences of writes leave the same rows outside a block
+(LongLive writes the real cache, rolling it, after the attention read a clone written the same way).
 
 Runtime state, global because it describes tensors, not sessions; every entry dies with its tensor.
 """
@@ -80,7 +81,8 @@ _written: dict[int, tuple[weakref.ref, list]] = {}          # id(tensor) -> its 
 
 
 class _LoggedWrite(NamedTuple):
-    """One call's writes of a tensor: its version before and after, and ``(dim, start, stop)`` per write."""
+    """One call's writes of a tensor: its version before and after, and ``(dim, start, stop, copied)`` per
+    write (``copied``: the first row of the tensor's own rows it copied, None for any other value)."""
 
     before: int
     after: int
@@ -181,8 +183,8 @@ def cut_of_returned(tensor: torch.Tensor) -> bool:
 
 
 def log_writes(tensor: torch.Tensor, before: int, after: int, rows: tuple) -> None:
-    """Note that a call wrote ``tensor`` at ``rows`` (``(dim, start, stop)`` each), its version going from
-    ``before`` to ``after``."""
+    """Note that a call wrote ``tensor`` at ``rows`` (``(dim, start, stop, copied)`` each), its version going
+    from ``before`` to ``after``."""
     log = _lookup(_written, tensor)
     if log is None:
         log = []
@@ -191,21 +193,60 @@ def log_writes(tensor: torch.Tensor, before: int, after: int, rows: tuple) -> No
     del log[:-LOGGED_CALLS]
 
 
-def written_only_within(tensor: torch.Tensor, since: int, now: int, dim: int, start: int, stop: int) -> bool:
-    """Did logged calls take ``tensor`` from version ``since`` to ``now``, one after the other, writing only
-    rows in ``[start, stop)`` along ``dim``? (Any write not logged breaks the chain of versions.)"""
+def logged_writes(tensor: torch.Tensor, since: int, now: int) -> list | None:
+    """The writes (``(dim, start, stop, copied)`` each, in order) by which logged calls took ``tensor``
+    from version ``since`` to ``now``, one after the other; None if a write was not logged (the chain of
+    versions breaks)."""
     if since == now:
-        return True
+        return []
     log = _lookup(_written, tensor) if _written else None
     if not log or now < since:
-        return False
-    at = since
+        return None
+    at, writes = since, []
     for entry in log:
         if entry.before == at != now:
-            if not all(d == dim and start <= a and b <= stop for d, a, b in entry.rows if a < b):
-                return False
+            writes += entry.rows
             at = entry.after
-    return at == now
+    return writes if at == now else None
+
+
+def same_rows_outside(first, second, dim: int, start: int, stop: int, size: int) -> bool:
+    """Do the writes ``first`` and the writes ``second`` (``(dim, start, stop, copied)`` each), each applied
+    to the same tensor of ``size`` rows along ``dim``, leave every row outside ``[start, stop)`` holding
+    the same row of that tensor, and no such row written with another value? (A roll that both make.)"""
+    if all(a >= b or (d == dim and start <= a and b <= stop) for d, a, b, _ in (*first, *second)):
+        return True  # the usual case: only the block's rows written
+    origins = [_row_origins(writes, dim, size) for writes in (first, second)]
+    if None in origins:
+        return False
+    cuts = sorted({0, size, start, stop} | {edge for pieces in origins for lo, hi, _ in pieces for edge in (lo, hi)})
+    for lo, hi in zip(cuts, cuts[1:]):
+        if lo < hi and not start <= lo < stop:
+            shifts = [next(shift for a, b, shift in pieces if a <= lo < b) for pieces in origins]
+            if shifts[0] is None or shifts[0] != shifts[1]:
+                return False
+    return True
+
+
+def _row_origins(writes, dim: int, size: int) -> list | None:
+    """After ``writes``, which row each row holds: ``(lo, hi, shift)`` pieces covering ``[0, size)``, rows
+    ``r`` in ``[lo, hi)`` holding the tensor's first row ``r + shift``, or a value written (shift None).
+    None if a write runs along another dim."""
+    pieces = [(0, size, 0)]
+    for d, a, b, copied in writes:
+        if a >= b:
+            continue
+        if d != dim:
+            return None
+        if copied is None:
+            moved = [(a, b, None)]
+        else:  # row r of [a, b) now holds what row r - a + copied held
+            offset = a - copied
+            moved = [(max(lo, copied) + offset, min(hi, copied + b - a) + offset, None if s is None else s - offset)
+                     for lo, hi, s in pieces if lo < copied + b - a and copied < hi]
+        kept = [piece for lo, hi, s in pieces for piece in ((lo, min(hi, a), s), (max(lo, b), hi, s)) if piece[0] < piece[1]]
+        pieces = sorted(kept + moved, key=lambda piece: piece[0])
+    return pieces
 
 
 def split_hint(tensor) -> tuple[int, int] | None:

@@ -130,6 +130,8 @@ class CacheEntry:
     drift: tuple | None = None  # ("adaptive") (DriftVector, site index) of the last reuse call
     steps: int = 0           # reuses since the refresh
     positions: list = field(default_factory=list)  # copies of what a written buffer's positions come from
+    cloned: list = field(default_factory=list)  # per KV tensor read as a written clone: the rows the clone's
+    #                                             writes wrote since ``versions`` (SiteGuard.clone_rows_of)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from fbcompile.passes.graph_utils import VIEW_OPS, fingerprint, is_module_state,
 from fbcompile.passes.int_sources import SymbolicInt, evaluate_int, int_source, size_source
 from fbcompile.ops import AttentionArgs
 from fbcompile.passes.positionwise import PositionwisePiece
+from fbcompile.passes.slice_writes import rows_written, slice_rows
 from fbcompile.passes.static_cache import CacheTail
 
 
@@ -46,6 +47,9 @@ class SiteGuard:
     block_rows: tuple = ()         # per external tensor, None or (dim, start, end) int sources: a static
     #                                cache's block rows, where writes another graph logged leave the
     #                                external rows as they were (see .static_cache, .slice_writes)
+    clone_writes: tuple = ()       # per external tensor, the writes (.slice_writes.slice_rows) of the clone
+    #                                the site reads instead (LongLive's deferred write; a roll among them),
+    #                                () if it reads the tensor as the call leaves it, None if unknown
 
     def expected_shape(self, args) -> tuple:
         return tuple(evaluate_int(d, args) for d in self.out_shape)
@@ -57,6 +61,12 @@ class SiteGuard:
         """``(dim, start, end)`` of the block's rows in external tensor ``position``, or None."""
         rows = self.block_rows[position] if self.block_rows else None
         return None if rows is None else (rows[0], evaluate_int(rows[1], args), evaluate_int(rows[2], args))
+
+    def clone_rows_of(self, args) -> list:
+        """Per external tensor, the rows its clone's writes wrote in this call (``(dim, start, stop,
+        copied)`` each, :func:`~fbcompile.passes.slice_writes.rows_written`), () or None as ``clone_writes``."""
+        return [writes and rows_written(writes, args[index].shape, args)
+                for index, writes in zip(self.external, self.clone_writes)]
 
     @property
     def size_sources(self) -> set[int]:
@@ -88,6 +98,7 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
         block_rows = tuple(rows.get(n) for n in site.external_inputs) if rows else ()
         if any(r is not None and None in r for r in block_rows):
             block_rows = ()
+        cloned = {w.source: _clone_writes(w, placeholders) for w in windows if w.deferred}
         guards.append(SiteGuard(
             external=indices, occurrence=seen.count(indices),
             computation=_external_computation(out, opaque={w.emitted for w in windows}),
@@ -99,9 +110,17 @@ def site_guards(gm: fx.GraphModule, sites: list, external_outputs: list[fx.Node]
             rewrites="cache written outside the block" if any(w.rewrites for w in windows) else None,
             joined=tuple(n.meta.get("fbcompile_joined") for n in site.external_inputs),
             module_state=tuple(placeholders.index(n) for n in site.external_inputs if is_module_state(n)),
-            block_rows=block_rows))
+            block_rows=block_rows,
+            clone_writes=tuple(cloned.get(n, ()) for n in site.external_inputs) if cloned else ()))
         seen.append(indices)
     return guards
+
+
+def _clone_writes(window, placeholders: list[fx.Node]) -> tuple | None:
+    """The writes of the clone a deferred static-cache window reads, as :func:`slice_rows` gives them
+    (None if one is no slice write)."""
+    rows = tuple(slice_rows(write, window.base, placeholders) for write in window.writes)
+    return None if None in rows else rows
 
 
 def _external_computation(out_ext: fx.Node, opaque: set = frozenset()) -> int:

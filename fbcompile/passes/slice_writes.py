@@ -6,12 +6,15 @@ its own, long after the attention that read a written clone of it (see :mod:`.st
 
     kv_cache["k"][:, local_end - s:local_end] = roped_k         # the block's rows, bounds from int inputs
 
+    kv_cache["k"][:, sink:sink + kept] = kv_cache["k"][:, sink + evicted:sink + evicted + kept].clone()  # a roll
+
 Such a write changes the cache's ``_version``, which alone would refresh every site over it. The
-runtime instead logs, per call, the rows these writes covered (:func:`fbcompile.backends.provenance.
-log_writes`), and a site whose external rows lie elsewhere keeps its cached part
-(``SiteGuard.block_rows``). An input is logged only if every write of it (or of a view of it) in the
-graph is ``input[:, ..., a:b] = value`` with int or symbolic-int bounds; anything else leaves its
-version changes unexplained, and the sites over it refresh.
+runtime instead logs, per call, the rows these writes covered and, for a copy of the tensor's own rows
+(a roll), the rows copied (:func:`fbcompile.backends.provenance.log_writes`); a site keeps its cached
+part where the logged writes leave the rows outside its block as the clone it read held them
+(``SiteGuard.block_rows``, ``SiteGuard.clone_writes``). An input is logged only if every write of it (or
+of a view of it) in the graph is ``input[:, ..., a:b] = value`` with int or symbolic-int bounds; anything
+else leaves its version changes unexplained, and the sites over it refresh.
 """
 from __future__ import annotations
 
@@ -26,8 +29,7 @@ from fbcompile.passes.int_sources import evaluate_int, int_source
 
 @dataclass(frozen=True)
 class SliceWrites:
-    """The writes of graph input ``input``: per write ``(dim, start, stop)``, each bound an int
-    source (see :func:`fbcompile.passes.int_sources.int_source`); ``others``: the indices of the other
+    """The writes of graph input ``input`` (:func:`slice_rows` each); ``others``: the indices of the other
     inputs the graph writes (an alias of ``input`` among them makes a call's writes unloggable)."""
 
     input: int
@@ -35,14 +37,26 @@ class SliceWrites:
     others: tuple[int, ...]
 
     def rows_written(self, args) -> tuple:
-        """``(dim, start, stop)`` per write, evaluated on a call's arguments as the slices index (a
-        negative bound counts from the end, a bound past the end is clamped)."""
-        size = args[self.input].shape
-        rows = []
-        for dim, *bounds in self.rows:
-            start, stop = (None if b is None else evaluate_int(b, args) for b in bounds)
-            rows.append((dim, *slice(start, stop).indices(size[dim])[:2]))
-        return tuple(rows)
+        return rows_written(self.rows, args[self.input].shape, args)
+
+
+def rows_written(rows: tuple, size: torch.Size, args) -> tuple:
+    """``(dim, start, stop, copied)`` per write of :func:`slice_rows` ``rows`` of a tensor of ``size``,
+    evaluated on a call's arguments as the slices index (a negative bound counts from the end, a bound past
+    the end is clamped); ``copied``: the first row a copy reads, None for any other value (or a copy whose
+    rows do not match the written ones one to one, which the write would broadcast)."""
+    def evaluate(bounds: tuple, dim: int) -> tuple[int, int]:
+        return slice(*(None if b is None else evaluate_int(b, args) for b in bounds)).indices(size[dim])[:2]
+
+    written = []
+    for dim, *bounds, copied in rows:
+        start, stop = evaluate(bounds, dim)
+        source = None
+        if copied is not None:
+            first, last = evaluate(copied, dim)
+            source = first if last - first == stop - start else None
+        written.append((dim, start, stop, source))
+    return tuple(written)
 
 
 def slice_writes(gm: fx.GraphModule) -> list[SliceWrites]:
@@ -56,7 +70,7 @@ def slice_writes(gm: fx.GraphModule) -> list[SliceWrites]:
     written = [p for p in placeholders if p in writes or p in unseen]
     found = []
     for tensor in written:
-        rows = [_slice_rows(write, tensor, placeholders) for write in writes.get(tensor, ())]
+        rows = [slice_rows(write, tensor, placeholders) for write in writes.get(tensor, ())]
         if tensor not in unseen and all(r is not None for r in rows):
             found.append(SliceWrites(placeholders.index(tensor), tuple(rows),
                                      tuple(placeholders.index(p) for p in written if p is not tensor)))
@@ -76,14 +90,42 @@ def _writes_unseen(node: fx.Node) -> bool:
     return any(a.alias_info is not None and a.alias_info.is_write for op in overloads for a in op._schema.arguments)
 
 
-def _slice_rows(write: fx.Node, tensor: fx.Node, placeholders: list[fx.Node]) -> tuple | None:
-    """``(dim, start source, stop source)`` if ``write`` is ``tensor[:, ..., a:b] = value``, else None."""
+def slice_rows(write: fx.Node, tensor: fx.Node, placeholders: list[fx.Node]) -> tuple | None:
+    """``(dim, start, stop, copied)`` if ``write`` is ``tensor[:, ..., a:b] = value``, else None; each bound
+    an int source (:func:`fbcompile.passes.int_sources.int_source`) or None (the slice's default). ``copied``: the
+    bounds ``(c, d)`` if ``value`` is ``tensor[:, ..., c:d].clone()`` read with no write of ``tensor``
+    between the read and this write (a roll), else None."""
     found = one_dim_slice(write.args[1]) if op_name(write) == "setitem" and write.args[0] is tensor else None
     value = tensor.meta.get("example_value")
     if found is None or not isinstance(value, torch.Tensor) or found[0] >= value.dim():
         return None
     dim, rows = found
-    bounds = [int_source(b, placeholders) if b is not None else None for b in (rows.start, rows.stop)]
+    bounds = _bounds(rows, placeholders)
+    if bounds is None:
+        return None
+    copied = _copied_rows(write, tensor, dim)
+    return (dim, *bounds, _bounds(copied, placeholders) if copied is not None else None)
+
+
+def _bounds(rows: slice, placeholders: list[fx.Node]) -> tuple | None:
+    bounds = tuple(int_source(b, placeholders) if b is not None else None for b in (rows.start, rows.stop))
     if any(source is None and bound is not None for source, bound in zip(bounds, (rows.start, rows.stop))):
         return None
-    return (dim, *bounds)
+    return bounds
+
+
+def _copied_rows(write: fx.Node, tensor: fx.Node, dim: int) -> slice | None:
+    """The rows of ``tensor`` that ``write`` copies, if its value is ``tensor[:, ..., c:d].clone()`` along
+    ``dim``, taken after the graph's last write of ``tensor`` before ``write``."""
+    value = write.args[2]
+    read = value.args[0] if isinstance(value, fx.Node) and op_name(value) == "clone" and value.args else None
+    if not isinstance(read, fx.Node) or op_name(read) != "getitem" or read.args[0] is not tensor:
+        return None
+    found = one_dim_slice(read.args[1])
+    if found is None or found[0] != dim:
+        return None
+    nodes = list(tensor.graph.nodes)
+    between = nodes[nodes.index(value) + 1:nodes.index(write)]
+    if any((t := mutated_tensor(n)) is not None and view_base(t) is tensor for n in between):
+        return None
+    return found[1]

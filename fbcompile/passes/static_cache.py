@@ -44,9 +44,12 @@ written after the clone by exactly the clone's writes (same slices, same values,
 input holds what the clone held at the attention and the version guard below applies to it. Or the
 graph does not write the input at all (:attr:`CacheWindow.deferred`): LongLive itself writes the real
 cache after every layer ran (its ``_apply_cache_updates``), in another graph. The graphs that write it
-there log the rows they wrote (:mod:`.slice_writes`), and the guard accepts the input's new version only
-where every write logged since the refresh lies in the block's rows ``[start, end)``, which no
-external row is; a roll of the real cache, a write elsewhere or one not logged refreshes.
+there log the rows they wrote and the rows a roll copied (:mod:`.slice_writes`); the guard keeps the
+clone's writes at the refresh (``SiteGuard.clone_writes``) and accepts the input's new version only
+where the writes logged since leave every row outside the block's rows ``[start, end)`` as the clone
+held it: both wrote only the block's rows, or the real cache was rolled as the clone was (a chunk's
+first call rolls the clone, LongLive rolls the real cache after it). A roll of another count, a write
+elsewhere or one not logged refreshes.
 
 Reuse is safe when the external range holds what it held at the refresh: the runtime compares ``a``
 and ``start`` (and a clone's read end) by value (symbolic ones are evaluated from the graph's int
