@@ -64,3 +64,68 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     return FlashAttnFunc.apply(q, k, v, softmax_scale, causal, return_lse)
+
+
+def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, dropout_p: float,
+                    softmax_scale: float, causal: bool, window_size_left: int = -1, window_size_right: int = -1,
+                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, return_softmax: bool = False,
+                    block_table: torch.Tensor | None = None, leftpad_k: torch.Tensor | None = None,
+                    seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flash-attn's varlen forward: sequence ``i`` is rows ``[cu_seqlens[i], cu_seqlens[i + 1])`` of the
+    packed ``q`` ``[total_q, H, D]`` and ``k``/``v`` ``[total_k, Hkv, D]``; ``softmax_lse`` is ``[H, total_q]``."""
+    if (dropout_p, window_size_left, window_size_right, softcap, alibi_slopes, return_softmax, block_table,
+            leftpad_k, seqused_k) != (0.0, -1, -1, 0.0, None, False, None, None, None):
+        raise NotImplementedError("the stand-in does not compute these flash-attn options")
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for qa, qb, ka, kb in zip(bounds_q, bounds_q[1:], bounds_k, bounds_k[1:]):
+        out, lse, _, _ = _forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], 0.0, softmax_scale, causal,
+                                  -1, -1, 0.0, None, False)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1), q.new_empty(0), torch.zeros(2, dtype=torch.int64)
+
+
+def _varlen_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                 window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+                 block_table=None, leftpad_k=None, seqused_k=None):
+    total, H, _ = q.shape
+    return (torch.empty_like(q), q.new_empty(H, total, dtype=torch.float32), q.new_empty(0),
+            torch.empty(2, dtype=torch.int64))
+
+
+def register_varlen() -> None:
+    """Register ``flash_attn::_flash_attn_varlen_forward`` (flash-attn 2.7's schema, inferred from the
+    annotations as flash-attn's is) unless flash-attn (or an earlier call) did."""
+    register()
+    if hasattr(torch.ops.flash_attn, "_flash_attn_varlen_forward"):
+        return
+    op = torch.library.custom_op("flash_attn::_flash_attn_varlen_forward", _varlen_forward, mutates_args=())
+    op.register_fake(_varlen_fake)
+
+
+class FlashAttnVarlenFunc(torch.autograd.Function):
+    """``flash_attn_varlen_func``'s wrapper: default scale, the op call (keywords as flash-attn passes them)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+        out, _, _, _ = torch.ops.flash_attn._flash_attn_varlen_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal=causal,
+            window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False,
+            block_table=None)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("inference-only stand-in")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False):
+    if dropout_p:
+        raise NotImplementedError("inference-only stand-in")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                     causal)

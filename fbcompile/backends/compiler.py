@@ -27,6 +27,7 @@ from fbcompile.config import Config
 from fbcompile.passes.attention_kernels import attention_parts, fake_inputs, kernels_of
 from fbcompile.passes.cat_outputs import cat_outputs, kv_outputs
 from fbcompile.passes.find_attention import find_attention_sites
+from fbcompile.passes.flash_varlen import unpack_flash_varlen
 from fbcompile.passes.graph_utils import copy_module, is_module_state
 from fbcompile.passes.gated_linears import gated_linears
 from fbcompile.passes.group_linears import group_linears
@@ -220,7 +221,9 @@ def _compiled(graph: SpecializedGraph, example_inputs: list, session: Session, k
 
 def _sites(gm: fx.GraphModule, example_inputs: list) -> list:
     """The attention sites of ``gm``, with inputs an earlier graph joined from cache and block (known
-    from their provenance, example inputs being the real tensors) split where they were joined."""
+    from their provenance, example inputs being the real tensors) split where they were joined, and
+    flash-attn's varlen calls over equal lengths unpacked (:mod:`~fbcompile.passes.flash_varlen`)."""
+    unpack_flash_varlen(gm)
     hints = {i: hint for i, value in enumerate(example_inputs) if (hint := provenance.split_hint(value))}
     joined = split_joined_inputs(gm, hints) if hints else []
     sites = find_attention_sites(gm)

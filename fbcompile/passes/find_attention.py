@@ -16,7 +16,7 @@ Two forms are matched and normalised to one :class:`AttentionSite`:
       out = w @ v
 
 and, through their own matchers, ``flex_attention`` (:mod:`.match_flex`) and flash-attn's forward op
-(:mod:`.match_flash`).
+(:mod:`.match_flash`; its varlen op once :mod:`.flash_varlen` unpacked it).
 
 A site is split only when its keys and values are a ``cat`` (see :mod:`.kv_layout`), possibly seen
 through position-wise ops (:mod:`.positionwise`), a buffer the graph writes at the block's
@@ -77,7 +77,7 @@ class AttentionSite:
     """One attention node, normalised; ``reason`` is None when the split is proven safe."""
 
     node: fx.Node                      # the node whose value the rewrite replaces
-    form: str                          # "sdpa" | "eager" | "flex" | "flash"
+    form: str                          # "sdpa" | "eager" | "flex" | "flash" | "flash varlen" (left packed)
     q: fx.Node
     k: fx.Node                         # [B, H, N, D] as attention sees it ([B, N, H, D] if tokens_first)
     v: fx.Node
@@ -382,7 +382,8 @@ def _check_mask(site: AttentionSite) -> None:
 
 def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
     """Every attention in ``gm``, its operands matched, nothing proven yet."""
-    from fbcompile.passes.match_flash import is_flash_forward, match_flash  # they build AttentionSites
+    from fbcompile.passes.flash_varlen import is_flash_varlen_forward, packed_site  # they build AttentionSites
+    from fbcompile.passes.match_flash import is_flash_forward, match_flash
     from fbcompile.passes.match_flex import is_flex_attention, match_flex
 
     sites = []
@@ -396,6 +397,8 @@ def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
             site = match_flex(gm, node)
         elif is_flash_forward(node):
             site = match_flash(node)
+        elif is_flash_varlen_forward(node):  # one :func:`.flash_varlen.unpack_flash_varlen` left packed
+            site = packed_site(node)
         else:
             continue
         if site is not None:
