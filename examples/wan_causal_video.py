@@ -21,6 +21,9 @@ real cache rolled and written the same way: right after the attention, in the sa
 LongLive itself does, after every layer ran (its ``_apply_cache_updates``; the layer hands the update
 over in ``kv_cache["update"]``, standing in for its returned ``cache_update_info``).
 
+Attention goes through flash-attn's varlen kernel where flash-attn is installed, as Wan's ``attention``
+does (the batch packed into the tokens, equal lengths, half precision), else through SDPA.
+
 The inference loop (:func:`generate`, after Self-Forcing's ``CausalInferencePipeline.inference``)
 denoises one chunk of frames in a few steps, each step writing the noisy chunk into the cache slot
 (the indices do not move within a chunk: ``current_end == global_end_index``), then reruns the clean
@@ -34,6 +37,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:  # Wan attends with flash-attn's varlen kernel wherever flash-attn is installed
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
 
 
 @dataclass
@@ -94,9 +102,25 @@ def video_rope(x: torch.Tensor, grid_sizes: torch.Tensor, angles: list[torch.Ten
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Tokens-first attention (``[B, S, H, D]``), as Wan's SDPA fallback."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()
+    """Tokens-first attention (``[B, S, H, D]``) as Wan's ``attention``: flash-attn's varlen kernel where
+    flash-attn is installed (the batch packed into the tokens, every sequence as long, in half precision),
+    else SDPA."""
+    if flash_attn_varlen_func is None:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).contiguous()
+    b, q_len, k_len, dtype = q.shape[0], q.shape[1], k.shape[1], q.dtype
+
+    def packed(x):
+        x = x.flatten(0, 1)
+        return x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.bfloat16)
+
+    def running_lengths(length: int) -> torch.Tensor:
+        lengths = torch.tensor([length] * b, dtype=torch.int32).to(device=q.device, non_blocking=True)
+        return torch.cat([lengths.new_zeros([1]), lengths]).cumsum(0, dtype=torch.int32)
+
+    out = flash_attn_varlen_func(packed(q), packed(k), packed(v), running_lengths(q_len), running_lengths(k_len),
+                                 q_len, k_len)
+    return out.unflatten(0, (b, q_len)).type(dtype)
 
 
 class RMSNorm(nn.Module):

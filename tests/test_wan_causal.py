@@ -20,6 +20,7 @@ import fbcompile
 from attention_zoo import rel_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples import wan_causal_video  # noqa: E402
 from examples.wan_causal_video import WanCausalConfig, WanCausalVideo, generate, init_weights  # noqa: E402
 
 STEPS = (1000, 750, 500, 250)
@@ -37,10 +38,10 @@ def _models(cfg: WanCausalConfig, refresh="block", dtype=torch.float32):
     return plain, optimized
 
 
-def _inputs(cfg: WanCausalConfig, chunks: int, seed=0, dtype=torch.float32):
+def _inputs(cfg: WanCausalConfig, chunks: int, seed=0, dtype=torch.float32, batch=1):
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(1, chunks * cfg.frames_per_chunk, cfg.in_channels, cfg.height, cfg.width, generator=gen)
-    return noise.to(dtype), torch.randn(1, cfg.text_len, cfg.text_dim, generator=gen).to(dtype)
+    noise = torch.randn(batch, chunks * cfg.frames_per_chunk, cfg.in_channels, cfg.height, cfg.width, generator=gen)
+    return noise.to(dtype), torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen).to(dtype)
 
 
 def _clone(kv_cache, crossattn_cache):
@@ -115,6 +116,35 @@ def test_block_mode_refreshes_once_per_chunk_and_compiles_stay_bounded(cfg):
     fbcompile.new_request(optimized)
     generate(optimized, *_inputs(cfg, chunks=12, seed=1), STEPS)
     assert fbcompile.stats(optimized).compiles == compiles  # twice the chunks, no new graph
+
+
+@pytest.fixture
+def flash_varlen(monkeypatch):
+    """Wan's attention as where flash-attn is installed: its varlen kernel (here the CPU stand-in), the batch
+    packed into the tokens."""
+    import flash_attn_standin
+
+    flash_attn_standin.register_varlen()
+    monkeypatch.setattr(wan_causal_video, "flash_attn_varlen_func", flash_attn_standin.flash_attn_varlen_func)
+
+
+@torch.no_grad()
+@CACHE_MODES
+def test_flash_varlen_attention_is_unpacked_split_and_reused(cfg, flash_varlen):
+    """Through flash-attn's varlen kernel (in bf16, as Wan casts for it), batch 2: exact mode equals the model
+    and block mode refreshes once per chunk, as with SDPA (:mod:`fbcompile.passes.flash_varlen` unpacks the
+    call into flash-attn's batched forward, over the cache it concatenates)."""
+    plain, exact = _models(cfg, refresh="always")
+    noise, context = _inputs(cfg, chunks=4, batch=2)  # the cache rolls from the fourth (third) chunk
+    expected = generate(plain, noise, context, STEPS)
+    assert rel_error(generate(exact, noise, context, STEPS), expected) < 1e-2
+    assert _self_attention_rewritten(exact) >= 3
+    _, block = _models(cfg)
+    assert rel_error(generate(block, noise, context, STEPS), expected) < 2e-2
+    stats = fbcompile.stats(block)
+    assert (stats.refreshes, stats.reuses) == (4 * cfg.num_layers, 4 * cfg.num_layers * len(STEPS)), stats
+    cross = [s for g in fbcompile.explain(block).graphs if "l_kv_cache_k_" not in g.code_before for s in g.sites]
+    assert cross and all(s["form"] == "flash" for s in cross), cross  # cross-attention: unpacked, no cache
 
 
 @torch.no_grad()
