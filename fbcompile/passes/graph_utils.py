@@ -198,6 +198,20 @@ def mutated_tensor(node: fx.Node) -> fx.Node | None:
     return out if isinstance(out, fx.Node) else None
 
 
+def may_write_unseen(node: fx.Node) -> bool:
+    """May ``node`` write a tensor argument in place where :func:`mutated_tensor` cannot tell: an op whose
+    schema marks an argument written (a custom op, an aten in-place op), a higher-order op (a user's Triton
+    kernel)?"""
+    target = node.target
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        return True
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        overloads = [getattr(target, name) for name in target.overloads()]
+    else:
+        overloads = [target] if isinstance(target, torch._ops.OpOverload) else []
+    return any(a.alias_info is not None and a.alias_info.is_write for op in overloads for a in op._schema.arguments)
+
+
 METADATA_OPS = {"size", "dim", "numel", "stride", "sym_size", "sym_numel", "sym_stride", "storage_offset"}
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.graph_utils import mutated_tensor, one_dim_slice, op_name, view_base
+from fbcompile.passes.graph_utils import may_write_unseen, mutated_tensor, one_dim_slice, op_name, view_base
 from fbcompile.passes.int_sources import evaluate_int, int_source
 
 
@@ -66,7 +66,7 @@ def slice_writes(gm: fx.GraphModule) -> list[SliceWrites]:
         target = mutated_tensor(node)
         if target is not None:
             writes.setdefault(view_base(target), []).append(node)
-    unseen = {view_base(a) for node in gm.graph.nodes if _writes_unseen(node) for a in node.all_input_nodes}
+    unseen = {view_base(a) for node in gm.graph.nodes if may_write_unseen(node) for a in node.all_input_nodes}
     written = [p for p in placeholders if p in writes or p in unseen]
     found = []
     for tensor in written:
@@ -75,19 +75,6 @@ def slice_writes(gm: fx.GraphModule) -> list[SliceWrites]:
             found.append(SliceWrites(placeholders.index(tensor), tuple(rows),
                                      tuple(placeholders.index(p) for p in written if p is not tensor)))
     return found
-
-
-def _writes_unseen(node: fx.Node) -> bool:
-    """May ``node`` write a tensor argument in place where :func:`mutated_tensor` cannot tell: an op whose
-    schema marks an argument written (a custom op), a higher-order op (a user's Triton kernel)?"""
-    target = node.target
-    if isinstance(target, torch._ops.HigherOrderOperator):
-        return True
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        overloads = [getattr(target, name) for name in target.overloads()]
-    else:
-        overloads = [target] if isinstance(target, torch._ops.OpOverload) else []
-    return any(a.alias_info is not None and a.alias_info.is_write for op in overloads for a in op._schema.arguments)
 
 
 def slice_rows(write: fx.Node, tensor: fx.Node, placeholders: list[fx.Node]) -> tuple | None:
