@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import inspect
+import math
 import os
 import sys
 
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fbcompile
-from fbcompile.backends import cuda_graphs
+from fbcompile.backends import compiler, cuda_graphs
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.block_diffusion_lm import BlockDiffusionConfig, BlockDiffusionLM, init_random_weights  # noqa: E402
@@ -1148,6 +1149,40 @@ def test_longlive_deferred_write_reuses_under_cuda_graphs(device):
     plain_stats, graphed_stats = (fbcompile.stats(m) for m in models)
     assert graphed_stats.reuses == plain_stats.reuses > 0, (plain_stats, graphed_stats)
     assert graphed_stats.cuda_graphs.get("replays", 0) > 0, graphed_stats.cuda_graphs
+    # the graphs reading Wan's CPU grid_sizes run their ops on it before the replay, the rest captured
+    assert not [c for c in graphed_stats.cuda_graphs if "inputs on" in c], graphed_stats.cuda_graphs
+
+
+class FrameSize(torch.nn.Module):
+    """A projection, and the frame size read off a host ``grid`` before ``.item()`` breaks the graph (Wan)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x, grid):
+        y = torch.tanh(self.proj(x))
+        frame = math.prod(grid[0][1:]).item()
+        return y.unflatten(1, (-1, frame)).sum(2)
+
+
+@torch.no_grad()
+def test_ops_on_host_inputs_run_before_the_replay(device, monkeypatch):
+    """A graph reading a host tensor beside device ones runs its ops on it eagerly and is captured. On the
+    CPU the stand-in takes the int64 inputs for the host's."""
+    if device == "cpu":
+        monkeypatch.setattr(compiler, "_host_inputs", lambda inputs: {
+            i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dtype == torch.long})
+    model = fbcompile.optimize(FrameSize().to(device), fbcompile.Config(compiler="eager", cuda_graphs=True))
+    plain = FrameSize().to(device)
+    plain.load_state_dict(model.state_dict())
+    for frames in (2, 4, 2, 4):
+        x, grid = torch.randn(3, 12, 8, device=device), torch.tensor([[3, frames, 1]])  # grid on the CPU
+        assert torch.allclose(model(x, grid), plain(x, grid), atol=1e-6)
+    counts = fbcompile.stats(model).cuda_graphs
+    assert counts.get("replays", 0) >= 2 and not [c for c in counts if "inputs on" in c], counts
+    notes = [note for graph in fbcompile.explain(model).graphs for note in graph.cuda_graphs.values()]
+    assert any("computed from host inputs before the replay" in note for note in notes), notes
 
 
 @torch.no_grad()

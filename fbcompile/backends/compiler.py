@@ -17,7 +17,8 @@ import torch
 import torch.fx as fx
 
 import fbcompile.ops  # noqa: F401  (registers torch.ops.fbcompile.*)
-from fbcompile.backends.cuda_graphs import CapturedGraph
+from fbcompile.backends import cuda_graphs
+from fbcompile.backends.cuda_graphs import CapturedGraph, WithHostIsland
 from fbcompile.backends.dispatcher import (CompiledGraph, CompiledStep, ExactDispatcher, ProbeDispatcher,
                                            SplitGraphDispatcher)
 from fbcompile.backends import kernel_analysis, provenance
@@ -34,6 +35,7 @@ from fbcompile.passes.group_linears import group_linears
 from fbcompile.passes.linear_partials import linear_partials
 from fbcompile.passes.residual_linears import residual_linears
 from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
+from fbcompile.passes.host_island import split_host_island
 from fbcompile.passes.key_count import add_key_count
 from fbcompile.passes.reuse_external import SpecializedGraph
 from fbcompile.passes.slice_writes import slice_writes
@@ -138,6 +140,14 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             record.residual_linears[role] = residuals
         if record is not None and partials:
             record.linear_partials[role] = partials
+    island = None
+    if session.cuda_graphs and not kv and not any(kept) and (host := _host_inputs(example_inputs)):
+        rewritten = copy_module(gm)  # a copy: dynamo reads gm's placeholders after the backend returns
+        island = split_host_island(rewritten, host, next(iter(example_inputs[i].device.type for i in host)))
+        if island is not None:
+            gm = rewritten
+            if notes is not None:
+                notes[role] = f"{len(island.outputs)} output(s) computed from host inputs before the replay"
     joins, key_count = [], None
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)
@@ -172,7 +182,18 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             run = gm.forward
     if not session.cuda_graphs:
         return run
-    return CapturedGraph(run, gm, session, kv, key_count, joins, kept_inputs=set(kept[0]), kept_outputs=set(kept[1]))
+    captured = CapturedGraph(run, gm, session, kv, key_count, joins, kept_inputs=set(kept[0]),
+                             kept_outputs=set(kept[1]))
+    return captured if island is None else WithHostIsland(island, captured)
+
+
+def _host_inputs(example_inputs: list) -> set[int]:
+    """Indices of the tensor inputs on another device than the CUDA graphs' (Wan's CPU ``grid_sizes``),
+    if some are on it, else none."""
+    devices = [x.device.type if isinstance(x, torch.Tensor) else None for x in example_inputs]
+    if cuda_graphs.DEVICE_TYPE not in devices:
+        return set()
+    return {i for i, device in enumerate(devices) if device not in (None, cuda_graphs.DEVICE_TYPE)}
 
 
 def _on_cudnn(gm: fx.GraphModule, example_inputs: list) -> frozenset[str]:

@@ -81,9 +81,12 @@ refresh across calls. Here, per graph:
   request, as classifier-free guidance keeps two) is never written: the refresh takes another. A reuse
   graph that meets its kept parts at more than :data:`MAX_KEPT_ADDRESSES` addresses (entries kept alive
   elsewhere) copies them in from then on, as every other input.
+* **Host inputs**: a graph that reads CPU tensors beside CUDA ones (Wan's ``grid_sizes``) has its ops on
+  them moved out when they only feed graph outputs (:mod:`fbcompile.passes.host_island`): they run
+  eagerly, the rest is captured (:class:`WithHostIsland`).
 * **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
-  device (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host sync
-  inside the graph: a warning with the error).
+  device otherwise (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host
+  sync inside the graph: a warning with the error).
 
 A replay bumps the version counters of the inputs the graph writes (``increment_version``), as the
 uncaptured graph does, so whatever reads versions after the call (the dispatcher's guards, the
@@ -103,6 +106,7 @@ from fbcompile.backends import provenance
 from fbcompile.backends.session import Session
 from fbcompile.passes.graph_utils import reads_data
 from fbcompile.passes.hoist_cache_cats import Join
+from fbcompile.passes.host_island import HostIsland
 from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
 
 MAX_CAPTURES = 8       # captured variants (keys) kept per compiled graph, at first: a prefix cache's 8 query lengths
@@ -166,6 +170,19 @@ class SpareBuffers:
         written in place since."""
         return bool(now) and all(self.sources[i] is not None and self.sources[i].token is content.token
                                  for i, content in now.items())
+
+
+class WithHostIsland:
+    """A captured graph whose ops on host inputs were moved out (:mod:`fbcompile.passes.host_island`): they
+    run eagerly, then the replay, and the outputs are put back in order."""
+
+    def __init__(self, island: HostIsland, captured: CapturedGraph):
+        self.island, self.captured = island, captured
+
+    def __call__(self, *args):
+        on_host = self.island.gm(*args)
+        rest = self.captured(*args)
+        return type(rest)(self.island.merge(on_host, rest))
 
 
 class CapturedGraph:
