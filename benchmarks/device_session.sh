@@ -35,6 +35,8 @@
 #   combo       the LM's block mode at 32K, batch 1, with and without Config.combo_kernels            (<= 400 s)
 #   video       the 1.3B video DiT end to end at 8K and 32K cached tokens: torch.compile, exact, block  (<= 420 s)
 #   video_32k   the same at 32K, fbcompile exact and block mode with and without CUDA graphs         (<= 420 s)
+#   wan         Wan-1.3B as LongLive runs it (rolling cache, CPU grid_sizes) at 32K: eager, torch.compile,
+#               fbcompile exact and block with CUDA graphs                                          (<= 560 s)
 #   backends    fbcompile's external-attention kernel against PyTorch's flash and cuDNN attention (with LSE) and
 #               SDPA, over 64-4680 queries per head (benchmarks/attention_backends.py), then at the video's
 #               [B, S, H, D] layout                                                                   (<= 220 s)
@@ -161,6 +163,8 @@ for name in "${steps[@]}"; do
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video" ;;
     video_32k) step e2e_video_32k 420 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model video \
         --contexts 32k --batches 1 --variants exact,block,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video_32k" ;;
+    wan) step e2e_wan 560 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model wan \
+        --contexts 32k --batches 1 --variants eager,compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_wan" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;

@@ -12,6 +12,12 @@ Models (random weights; bf16 on the GPU), each a :class:`fbcompile.bench.Workloa
 - ``video``: the example video DiT (``examples/video_ar_diffusion.py``) at ~1.3B (30 layers, hidden
   1536, 12 heads of 128, Wan-like 480x832 latents: 1560 tokens per frame), chunks of 3 latent frames,
   4 steps; throughput in frames per second.
+- ``wan``: the Wan-style causal video DiT (``examples/wan_causal_video.py``) at Wan2.1-1.3B's shapes
+  (30 layers, hidden 1536, 12 heads of 128, FFN 8960, 480x832 latents), as LongLive runs it: a rolling
+  cache of ``context`` tokens (whole frames, 3 of them sinks) that is full, so every chunk rolls it; the
+  real cache written after all layers; chunks of 3 latent frames, 4 denoising steps and the clean pass
+  that writes the cache (5 forwards). Its graphs break at ``.item()`` in every layer and read the CPU
+  ``grid_sizes``, as Wan's do.
 
 Each cache is filled with random tensors of the right shape (no prefill), so 128K contexts are cheap;
 rows that do not fit in memory are recorded as skipped. ``--tiny`` uses small shapes for the CPU.
@@ -35,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fbcompile.bench import Block, Workload, main, weight_bytes  # noqa: E402
 from examples.block_diffusion_lm import BlockDiffusionConfig, BlockDiffusionLM, init_random_weights  # noqa: E402
 from examples.video_ar_diffusion import VideoARConfig, VideoARDiffusion  # noqa: E402
+from examples.wan_causal_video import WanCausalConfig, WanCausalVideo  # noqa: E402
 
 QWEN_1_5B = dict(vocab_size=32000, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128,
                  intermediate_size=8960, block_size=32)
@@ -46,6 +53,10 @@ TINY_GEMMA = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hi
                   top_k_experts=2, moe_intermediate_size=64)
 DIT_1_3B = dict(in_channels=16, height=60, width=104, hidden_size=1536, num_heads=12, head_dim=128, num_layers=30)
 TINY_DIT = dict(in_channels=4, height=8, width=8, hidden_size=64, num_heads=4, head_dim=16, num_layers=2)
+WAN_1_3B = dict(in_channels=16, height=60, width=104, frames_per_chunk=3, dim=1536, num_heads=12, ffn_dim=8960,
+                num_layers=30, freq_dim=256, text_dim=4096, text_len=512, sink_frames=3)
+TINY_WAN = dict(in_channels=4, height=8, width=8, frames_per_chunk=2, dim=64, num_heads=4, ffn_dim=128, num_layers=2,
+                freq_dim=32, text_dim=32, text_len=8, sink_frames=1)
 
 
 # --------------------------------------------------------------------------- lm
@@ -171,10 +182,71 @@ def prepare_video(steps, model, context, batch):
     return Block(run, sum(t.nbytes for kv in cache for t in kv), first_step, external)
 
 
+# --------------------------------------------------------------------------- wan
+
+
+def build_wan(shape, device, dtype):
+    # the attention reads the whole cache, whatever capacity prepare_wan gives it
+    cfg = WanCausalConfig(**shape, cache_mode="longlive_deferred", window_frames=1 << 20)
+    with torch.device(device):
+        model = WanCausalVideo(cfg)
+    return init_random_weights(model, seed=0, scales={}).to(dtype).eval()  # variance-preserving, as the LM's
+
+
+def prepare_wan(steps, model, context, batch):
+    """A full rolling cache of ``context`` tokens rounded down to whole frames (at least the sinks and two
+    chunks); every block is a new chunk, which rolls it."""
+    cfg, p = model.config, next(model.parameters())
+    gen = torch.Generator(p.device).manual_seed(1)
+    frames = max(context // cfg.frame_tokens, cfg.sink_frames + 2 * cfg.frames_per_chunk)
+    capacity, chunk = frames * cfg.frame_tokens, cfg.frames_per_chunk * cfg.frame_tokens
+    shape = (batch, capacity, cfg.num_heads, cfg.head_dim)
+    kv_cache = [{"k": torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype),
+                 "v": torch.randn(shape, generator=gen, device=p.device, dtype=p.dtype),
+                 "global_end_index": torch.zeros(1, dtype=torch.long, device=p.device),
+                 "local_end_index": torch.zeros(1, dtype=torch.long, device=p.device)} for _ in range(cfg.num_layers)]
+    crossattn_cache = [{"is_init": False} for _ in range(cfg.num_layers)]
+    noise = torch.randn((batch, cfg.frames_per_chunk, cfg.in_channels, cfg.height, cfg.width), generator=gen,
+                        device=p.device, dtype=p.dtype)
+    text = torch.randn((batch, cfg.text_len, cfg.text_dim), generator=gen, device=p.device, dtype=p.dtype)
+    timesteps = torch.linspace(1000, 0, steps).round().long().tolist()  # the last one: the clean pass
+    current_start = capacity  # the chunk after a full cache: it rolls the cache by one chunk
+
+    def forward(m, x, step):
+        t = torch.full((batch, cfg.frames_per_chunk), step, dtype=torch.long, device=p.device)
+        return m(x, t, text, kv_cache, crossattn_cache, current_start)
+
+    def new_chunk():
+        for layer in kv_cache:
+            layer["global_end_index"].fill_(current_start)
+            layer["local_end_index"].fill_(capacity)
+
+    def run():
+        new_chunk()
+        x = noise
+        for step in timesteps:
+            torch.compiler.cudagraph_mark_step_begin()
+            x = x - step / 1000 * forward(model, x, step)
+
+    def first_step(m):
+        """The chunk's first forward through ``m``, the cache put back as it was (kept on the host meanwhile)."""
+        kept = [tuple(layer[n].to("cpu", copy=True) for n in "kv") for layer in kv_cache]
+        new_chunk()
+        out = forward(m, noise, timesteps[0])
+        for layer, (k, v) in zip(kv_cache, kept):
+            layer["k"].copy_(k)
+            layer["v"].copy_(v)
+        return out
+
+    external = 4 * batch * cfg.num_heads * chunk * (capacity - chunk) * cfg.head_dim * cfg.num_layers
+    return Block(run, sum(layer[n].nbytes for layer in kv_cache for n in "kv"), first_step, external)
+
+
 def workloads(tiny: bool = False) -> dict[str, Workload]:
     """The benchmark's models by name; ``tiny``: small shapes for the CPU (and the tests)."""
-    lm, gemma, dit = (TINY_LM, TINY_GEMMA, TINY_DIT) if tiny else (QWEN_1_5B, GEMMA_6_LAYERS, DIT_1_3B)
-    lm_steps, canvas, gemma_steps, video_steps = (4, 16, 4, 2) if tiny else (8, 256, 8, 4)
+    lm, gemma, dit, wan = (TINY_LM, TINY_GEMMA, TINY_DIT, TINY_WAN) if tiny else (QWEN_1_5B, GEMMA_6_LAYERS, DIT_1_3B,
+                                                                                WAN_1_3B)
+    lm_steps, canvas, gemma_steps, video_steps, wan_steps = (4, 16, 4, 2, 3) if tiny else (8, 256, 8, 4, 5)
     return {
         "lm": Workload(partial(build_lm, lm), partial(prepare_lm, lm_steps), lm_steps, lm["block_size"],
                        description=f"example LM {lm}, {lm_steps} steps per block"),
@@ -184,6 +256,9 @@ def workloads(tiny: bool = False) -> dict[str, Workload]:
         "video": Workload(partial(build_video, dit), partial(prepare_video, video_steps), video_steps,
                           VideoARConfig.chunk_frames, unit="frames",
                           description=f"example video DiT {dit}, chunks of 3 latent frames, {video_steps} steps"),
+        "wan": Workload(partial(build_wan, wan), partial(prepare_wan, wan_steps), wan_steps, wan["frames_per_chunk"],
+                        unit="frames", description=f"Wan-style causal DiT {wan}, LongLive's rolling cache (full, the real "
+                        f"cache written after all layers), {wan_steps - 1} steps and the clean pass"),
     }
 
 

@@ -14,7 +14,7 @@ from fbcompile import bench
 from fbcompile.__main__ import main as cli
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.e2e import TINY_LM, workloads  # noqa: E402
+from benchmarks.e2e import TINY_LM, TINY_WAN, workloads  # noqa: E402
 
 
 def test_roofline_matches_the_issue_hand_computation():
@@ -85,17 +85,26 @@ def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp
 
 
 def test_tiny_video_has_a_flop_floor_and_gemma_none(tmp_path):
-    """The video and DiffusionGemma workloads run through the harness at tiny shapes; the video DiT states
-    its external attention's FLOPs (a floor row), DiffusionGemma (layers of several head shapes) does not."""
-    out = tmp_path / "e2e"
-    assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", "video,gemma", "--contexts",
-                "64", "--batches", "1", "--variants", "eager", "--compiler", "eager", "--device", "cpu", "--repeats",
-                "1", "--bandwidth", "1e9", "--peak-flops", "1e9", "--out", str(out)]) == 0
-    models = json.loads((out / "e2e.json").read_text())["models"]
-    video, gemma = models["video"]["rows"][0], models["gemma"]["rows"][0]
-    assert video["flop_floor_ms"] == pytest.approx(workloads(tiny=True)["video"].steps * video["forward_tflop"] * 1e12
-                                                   / 1e9 * 1e3, rel=1e-3)  # eager: the external part at every step
+    """The video, Wan and DiffusionGemma workloads run through the harness at tiny shapes; the video DiTs
+    state their external attention's FLOPs (a floor row), DiffusionGemma (layers of several head shapes)
+    does not. Wan's rolling cache rolls at every block, which refreshes once per layer (LongLive's deferred
+    write rolls the real cache as the first step rolled the clone: the later steps reuse)."""
+    models = {}
+    for names, variants in (("video,gemma", "eager"), ("wan", "eager,block")):
+        out = tmp_path / names
+        assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", names, "--contexts", "64",
+                    "--batches", "1", "--variants", variants, "--compiler", "eager", "--device", "cpu", "--repeats", "1",
+                    "--bandwidth", "1e9", "--peak-flops", "1e9", "--out", str(out)]) == 0
+        models.update(json.loads((out / "e2e.json").read_text())["models"])
+    video, gemma, wan = (models[name]["rows"][0] for name in ("video", "gemma", "wan"))
+    for row, name in ((video, "video"), (wan, "wan")):  # eager: the external part at every step
+        assert row["flop_floor_ms"] == pytest.approx(workloads(tiny=True)[name].steps * row["forward_tflop"] * 1e12
+                                                     / 1e9 * 1e3, rel=1e-3)
     assert "flop_floor_ms" not in gemma and gemma["ms_per_block"] > 0
+    layers, steps = TINY_WAN["num_layers"], workloads(tiny=True)["wan"].steps
+    block = next(row for row in models["wan"]["rows"] if row["variant"] == "fbcompile block")
+    assert (block["refreshes_per_block"], block["reuses_per_block"]) == (layers, layers * (steps - 1)), block
+    assert block["rel_err_vs_eager"] < 1e-5  # the first step refreshes: exact
 
 
 def test_flop_floor_rate_is_the_datasheet_only_where_known():
