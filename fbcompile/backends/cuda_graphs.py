@@ -83,7 +83,8 @@ refresh across calls. Here, per graph:
   elsewhere) copies them in from then on, as every other input.
 * **Host inputs**: a graph that reads CPU tensors beside CUDA ones (Wan's ``grid_sizes``) has its ops on
   them moved out when they only feed graph outputs (:mod:`fbcompile.passes.host_island`): they run
-  eagerly, the rest is captured (:class:`WithHostIsland`).
+  eagerly, the rest is captured (:class:`WithHostIsland`). A graph that reads CPU tensors only, in a model
+  whose other graphs read CUDA ones, runs as it is ("host tensors only": nothing to capture).
 * **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
   device otherwise (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host
   sync inside the graph: a warning with the error).
@@ -445,6 +446,10 @@ class CapturedGraph:
         """Run uncaptured, and learn which inputs the graph writes (they are taken by address)."""
         tensors = [i for i in self._read if isinstance(args[i], torch.Tensor)]
         devices = {args[i].device.type for i in tensors}
+        self.session.device_inputs_seen |= DEVICE_TYPE in devices
+        if devices and DEVICE_TYPE not in devices and self.session.device_inputs_seen:
+            self.uncapturable = "host tensors only"  # nothing to capture
+            return self._uncaptured(args, self.uncapturable)
         if devices - {DEVICE_TYPE}:
             self.uncapturable = f"inputs on {', '.join(sorted(devices - {DEVICE_TYPE}))}"
             if "cuda graphs" not in self.session.warned:

@@ -201,6 +201,9 @@ class Session:
         # the CapturedGraphs (cuda_graphs): one that meets another's output as a cache it takes by address
         # has that output recycled
         self.captured_graphs: weakref.WeakSet = weakref.WeakSet()
+        # a graph read tensors on the CUDA graphs' device: one reading host tensors only is then host work
+        # of a model on the device (Wan's ops on its CPU grid_sizes), not a model on the CPU
+        self.device_inputs_seen = False
         self._module = weakref.ref(module) if module is not None else None
         self.graphs: list[GraphRecord] = []
         self.cache: OrderedDict = OrderedDict()  # (KV tensor ids, occurrence, computation) -> CacheEntry
