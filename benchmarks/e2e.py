@@ -257,8 +257,8 @@ def workloads(tiny: bool = False) -> dict[str, Workload]:
                           VideoARConfig.chunk_frames, unit="frames",
                           description=f"example video DiT {dit}, chunks of 3 latent frames, {video_steps} steps"),
         "wan": Workload(partial(build_wan, wan), partial(prepare_wan, wan_steps), wan_steps, wan["frames_per_chunk"],
-                        unit="frames", description=f"Wan-style causal DiT {wan}, LongLive's rolling cache (full, the real "
-                        f"cache written after all layers), {wan_steps - 1} steps and the clean pass"),
+                        unit="frames", description=f"Wan-style causal DiT {wan}, LongLive's rolling cache (full, the "
+                        f"real cache written after all layers), {wan_steps - 1} steps and the clean pass"),
     }
 
 

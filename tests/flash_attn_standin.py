@@ -71,7 +71,8 @@ def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     softmax_scale: float, causal: bool, window_size_left: int = -1, window_size_right: int = -1,
                     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, return_softmax: bool = False,
                     block_table: torch.Tensor | None = None, leftpad_k: torch.Tensor | None = None,
-                    seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    seqused_k: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """flash-attn's varlen forward: sequence ``i`` is rows ``[cu_seqlens[i], cu_seqlens[i + 1])`` of the
     packed ``q`` ``[total_q, H, D]`` and ``k``/``v`` ``[total_k, Hkv, D]``; ``softmax_lse`` is ``[H, total_q]``."""
     if (dropout_p, window_size_left, window_size_right, softcap, alibi_slopes, return_softmax, block_table,

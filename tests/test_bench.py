@@ -92,9 +92,9 @@ def test_tiny_video_has_a_flop_floor_and_gemma_none(tmp_path):
     models = {}
     for names, variants in (("video,gemma", "eager"), ("wan", "eager,block")):
         out = tmp_path / names
-        assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", names, "--contexts", "64",
-                    "--batches", "1", "--variants", variants, "--compiler", "eager", "--device", "cpu", "--repeats", "1",
-                    "--bandwidth", "1e9", "--peak-flops", "1e9", "--out", str(out)]) == 0
+        assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", names, "--contexts",
+                    "64", "--batches", "1", "--variants", variants, "--compiler", "eager", "--device", "cpu",
+                    "--repeats", "1", "--bandwidth", "1e9", "--peak-flops", "1e9", "--out", str(out)]) == 0
         models.update(json.loads((out / "e2e.json").read_text())["models"])
     video, gemma, wan = (models[name]["rows"][0] for name in ("video", "gemma", "wan"))
     for row, name in ((video, "video"), (wan, "wan")):  # eager: the external part at every step

@@ -244,7 +244,8 @@ def _row_origins(writes, dim: int, size: int) -> list | None:
             offset = a - copied
             moved = [(max(lo, copied) + offset, min(hi, copied + b - a) + offset, None if s is None else s - offset)
                      for lo, hi, s in pieces if lo < copied + b - a and copied < hi]
-        kept = [piece for lo, hi, s in pieces for piece in ((lo, min(hi, a), s), (max(lo, b), hi, s)) if piece[0] < piece[1]]
+        kept = [piece for lo, hi, s in pieces for piece in ((lo, min(hi, a), s), (max(lo, b), hi, s))
+                if piece[0] < piece[1]]
         pieces = sorted(kept + moved, key=lambda piece: piece[0])
     return pieces
 
