@@ -27,6 +27,7 @@ dynamo's symbols differ recompiles); no paged or padded keys (``block_table``, `
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -60,20 +61,17 @@ def is_flash_varlen_forward(node: fx.Node) -> bool:
 
 
 class NotUnpacked(Exception):
-    pass
+    """Why a varlen call stays packed."""
 
 
-def unpack_flash_varlen(gm: fx.GraphModule) -> int:
-    """Rewrite every proven varlen call of ``gm`` (see the module docstring); returns how many."""
-    rewritten = 0
+def unpack_flash_varlen(gm: fx.GraphModule) -> None:
+    """Rewrite every proven varlen call of ``gm`` (see the module docstring); note why the others stay."""
     for node in list(gm.graph.nodes):
         if is_flash_varlen_forward(node):
             try:
                 _rewrite(gm.graph, node)
-                rewritten += 1
             except NotUnpacked as e:
                 node.meta[REASON] = f"flash-attn's varlen forward: {e}"
-    return rewritten
 
 
 def packed_site(node: fx.Node) -> AttentionSite | None:
@@ -154,11 +152,13 @@ def _int(value):
     return recorded(value) if isinstance(value, fx.Node) else value
 
 
+@dataclass
 class _Unpacked:
     """A packed operand ``source.flatten(0, 1)`` then ``casts`` (dtype casts, ``contiguous``)."""
 
-    def __init__(self, name: str, source: fx.Node, casts: list[fx.Node]):
-        self.name, self.source, self.casts = name, source, casts
+    name: str
+    source: fx.Node
+    casts: list[fx.Node]
 
     def emit(self, graph: fx.Graph) -> fx.Node:
         """``source`` with the casts applied (they commute with the flatten)."""
