@@ -143,7 +143,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     island = None
     if session.cuda_graphs and not kv and not any(kept) and (host := _host_inputs(example_inputs)):
         rewritten = copy_module(gm)  # a copy: dynamo reads gm's placeholders after the backend returns
-        island = split_host_island(rewritten, host, next(iter(example_inputs[i].device.type for i in host)))
+        island = split_host_island(rewritten, host)
         if island is not None:
             gm = rewritten
             if notes is not None:
@@ -188,12 +188,11 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
 
 
 def _host_inputs(example_inputs: list) -> set[int]:
-    """Indices of the tensor inputs on another device than the CUDA graphs' (Wan's CPU ``grid_sizes``),
-    if some are on it, else none."""
+    """Indices of the CPU tensor inputs (Wan's ``grid_sizes``) if others are on the CUDA graphs' device."""
     devices = [x.device.type if isinstance(x, torch.Tensor) else None for x in example_inputs]
     if cuda_graphs.DEVICE_TYPE not in devices:
         return set()
-    return {i for i, device in enumerate(devices) if device not in (None, cuda_graphs.DEVICE_TYPE)}
+    return {i for i, device in enumerate(devices) if device == "cpu"}
 
 
 def _on_cudnn(gm: fx.GraphModule, example_inputs: list) -> frozenset[str]:

@@ -39,9 +39,9 @@ class HostIsland:
         return [at[i] if i in at else next(remaining) for i in range(len(at) + len(rest))]
 
 
-def split_host_island(gm: fx.GraphModule, host_inputs: set[int], host: str = "cpu") -> HostIsland | None:
-    """Move the island over the inputs ``host_inputs`` (tensors on device type ``host``) out of ``gm``
-    (rewritten in place); None, ``gm`` untouched, if the ops reading them form none (see the module doc)."""
+def split_host_island(gm: fx.GraphModule, host_inputs: set[int]) -> HostIsland | None:
+    """Move the island over the CPU tensor inputs ``host_inputs`` out of ``gm`` (rewritten in place); None,
+    ``gm`` untouched, if the ops reading them form none (see the module docstring)."""
     graph = gm.graph
     placeholders = list(graph.find_nodes(op="placeholder"))
     sources = {placeholders[i] for i in host_inputs}
@@ -55,7 +55,7 @@ def split_host_island(gm: fx.GraphModule, host_inputs: set[int], host: str = "cp
         value = recorded(node)
         if (node.op not in ("call_function", "call_method") or mutated_tensor(node) is not None
                 or may_write_unseen(node)
-                or (isinstance(value, torch.Tensor) and value.device.type != host)
+                or (isinstance(value, torch.Tensor) and value.device.type != "cpu")
                 or not all(n in sources or n in island or n in ints for n in inputs)):
             return None
         island[node] = None
