@@ -34,8 +34,8 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fbcompile.passes.find_attention import AttentionSite
-from fbcompile.passes.graph_utils import (NoExample, arg, erase_unused, example, fill_examples, op_name, recorded,
-                                         same_size)
+from fbcompile.passes.graph_utils import (NoExample, arg, erase_unused, example, fill_examples, op_name,
+                                         qualified_op_name, recorded, same_size)
 
 # flash-attn 2.6-2.8 use "flash_attn", later versions "flashattn"
 VARLEN_FORWARD_OPS = {"flash_attn::_flash_attn_varlen_forward", "flashattn::_flash_attn_varlen_forward"}
@@ -48,16 +48,8 @@ _DEFAULTS = {"window_size_left": -1, "window_size_right": -1, "softcap": 0.0, "a
 _UNSUPPORTED = {"block_table": 15, "leftpad_k": 16, "seqused_k": 17}
 
 
-def _qualified_name(target) -> str | None:
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target._qualified_op_name
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name
-    return None
-
-
 def is_flash_varlen_forward(node: fx.Node) -> bool:
-    return node.op == "call_function" and _qualified_name(node.target) in VARLEN_FORWARD_OPS
+    return node.op == "call_function" and qualified_op_name(node.target) in VARLEN_FORWARD_OPS
 
 
 class NotUnpacked(Exception):
@@ -90,7 +82,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
     for name, index in _UNSUPPORTED.items():
         if arg(node, index, name) is not None:
             raise NotUnpacked(f"{name} is given")
-    namespace = _qualified_name(node.target).split("::")[0]
+    namespace = qualified_op_name(node.target).split("::")[0]
     forward = getattr(getattr(torch.ops, namespace), "_flash_attn_forward", None)
     if forward is None:
         raise NotUnpacked(f"torch.ops.{namespace} has no batched forward")

@@ -198,6 +198,15 @@ def mutated_tensor(node: fx.Node) -> fx.Node | None:
     return out if isinstance(out, fx.Node) else None
 
 
+def qualified_op_name(target) -> str | None:
+    """``"namespace::name"`` of a custom op call's target (``torch.ops.flash_attn._flash_attn_forward``), else None."""
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    return None
+
+
 def may_write_unseen(node: fx.Node) -> bool:
     """May ``node`` write a tensor argument in place where :func:`mutated_tensor` cannot tell: an op whose
     schema marks an argument written (a custom op, an aten in-place op), a higher-order op (a user's Triton

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
-from fbcompile.passes.graph_utils import arg, shape
+from fbcompile.passes.graph_utils import arg, qualified_op_name, shape
 
 # flash-attn 2.6-2.8 use "flash_attn", later versions "flashattn"
 FLASH_FORWARD_OPS = {"flash_attn::_flash_attn_forward", "flashattn::_flash_attn_forward"}
@@ -35,16 +35,8 @@ _EXPECTED = {"dropout_p": (3, 0.0), "window_size_left": (6, -1), "window_size_ri
              "alibi_slopes": (9, None), "return_softmax": (10, False)}
 
 
-def _qualified_name(target) -> str | None:
-    if isinstance(target, torch._ops.OpOverloadPacket):
-        return target._qualified_op_name
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.name
-    return None
-
-
 def is_flash_forward(node: fx.Node) -> bool:
-    return node.op == "call_function" and _qualified_name(node.target) in FLASH_FORWARD_OPS
+    return node.op == "call_function" and qualified_op_name(node.target) in FLASH_FORWARD_OPS
 
 
 def bottom_right_causal_mask(q: torch.Tensor, k: torch.Tensor, start, length) -> torch.Tensor:
