@@ -95,7 +95,7 @@ def test_equal_lengths_are_unpacked_and_split_exactly(lengths, causal, return_ls
     inputs = _inputs(batch, block, past, seed=batch * 100 + past)
     for got, expected in zip(_outputs(model(*inputs)), _outputs(plain(*inputs)), strict=True):
         assert got.shape == expected.shape and rel_error(got, expected) < 1e-5
-    assert _sites(model) == [("flash", "rewritten")]
+    assert _sites(model) == [("flash varlen", "rewritten")]
 
 
 @torch.no_grad()
@@ -110,7 +110,7 @@ def test_unpacked_attention_reuses_within_a_block_and_follows_a_growing_cache():
             model(torch.randn_like(x), past_k, past_v)
     stats = fbcompile.stats(model)
     assert (stats.refreshes, stats.reuses) == (3, 6), stats
-    assert {site for site in _sites(model)} == {("flash", "rewritten")}
+    assert {site for site in _sites(model)} == {("flash varlen", "rewritten")}
 
 
 @pytest.mark.parametrize("lengths,reason", [

@@ -77,7 +77,7 @@ class AttentionSite:
     """One attention node, normalised; ``reason`` is None when the split is proven safe."""
 
     node: fx.Node                      # the node whose value the rewrite replaces
-    form: str                          # "sdpa" | "eager" | "flex" | "flash" | "flash varlen" (left packed)
+    form: str                          # "sdpa" | "eager" | "flex" | "flash" | "flash varlen"
     q: fx.Node
     k: fx.Node                         # [B, H, N, D] as attention sees it ([B, N, H, D] if tokens_first)
     v: fx.Node

@@ -40,6 +40,7 @@ from fbcompile.passes.graph_utils import (NoExample, arg, erase_unused, example,
 # flash-attn 2.6-2.8 use "flash_attn", later versions "flashattn"
 VARLEN_FORWARD_OPS = {"flash_attn::_flash_attn_varlen_forward", "flashattn::_flash_attn_varlen_forward"}
 REASON = "fbcompile_varlen"  # node.meta key: why a varlen call was not unpacked
+UNPACKED = "fbcompile_unpacked_varlen"  # node.meta key of the batched call that replaced a varlen one
 # the batched forward's arguments after q, k, v, with the varlen forward's positions
 _PASSED = {"dropout_p": 7, "softmax_scale": 8, "causal": 9, "window_size_left": 10, "window_size_right": 11,
            "softcap": 12, "alibi_slopes": 13, "return_softmax": 14}
@@ -109,6 +110,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
         passed = {name: arg(node, index, name, _DEFAULTS.get(name)) for name, index in _PASSED.items()}
         batched = graph.call_function(forward, (q4, k4, v4, passed.pop("dropout_p"), passed.pop("softmax_scale")),
                                       passed)
+    batched.meta[UNPACKED] = True
     outputs = []
     for user in users:
         with graph.inserting_before(user):

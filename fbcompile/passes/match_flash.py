@@ -27,6 +27,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
+from fbcompile.passes.flash_varlen import UNPACKED
 from fbcompile.passes.graph_utils import arg, qualified_op_name, shape
 
 # flash-attn 2.6-2.8 use "flash_attn", later versions "flashattn"
@@ -65,7 +66,8 @@ def match_flash(node: fx.Node) -> AttentionSite | None:
     if 0 not in outputs:
         return None
     q, k, v = node.args[:3]
-    site = AttentionSite(node=outputs[0], form="flash", q=q, k=k, v=v, tokens_first=True, lse=outputs.get(1),
+    form = "flash varlen" if node.meta.get(UNPACKED) else "flash"  # as the model wrote it
+    site = AttentionSite(node=outputs[0], form=form, q=q, k=k, v=v, tokens_first=True, lse=outputs.get(1),
                          scale=arg(node, 4, "softmax_scale"))
     for name, (index, expected) in _EXPECTED.items():
         value = arg(node, index, name, expected)
