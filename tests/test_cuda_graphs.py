@@ -1131,12 +1131,20 @@ def test_rope_after_the_cat_runs_from_spare_capacity(device, form, rows, why):
 
 
 @torch.no_grad()
-def test_longlive_deferred_write_reuses_under_cuda_graphs(device):
+@pytest.mark.parametrize("attention", ["sdpa", "flash varlen"])
+def test_longlive_deferred_write_reuses_under_cuda_graphs(device, monkeypatch, attention):
     """LongLive's deferred cache write (the real cache written after all layers, by graphs of their own)
     under CUDA graphs: the writer graphs' replays log their rows as uncaptured calls do, so block mode
-    reuses as often as without graphs, and the video equals theirs."""
+    reuses as often as without graphs, and the video equals theirs. Also through flash-attn's varlen kernel
+    (its stand-in), which Wan calls where flash-attn is installed."""
+    from examples import wan_causal_video
     from examples.wan_causal_video import WanCausalConfig, WanCausalVideo, generate, init_weights
 
+    if attention == "flash varlen":
+        import flash_attn_standin
+
+        flash_attn_standin.register_varlen()
+        monkeypatch.setattr(wan_causal_video, "flash_attn_varlen_func", flash_attn_standin.flash_attn_varlen_func)
     cfg = WanCausalConfig(cache_frames=6, window_frames=4, sink_frames=1, cache_mode="longlive_deferred")
     models = [fbcompile.optimize(init_weights(WanCausalVideo(cfg)).to(device),
                                  fbcompile.Config(refresh="block", cuda_graphs=graphs, compiler="eager"))
