@@ -1,11 +1,14 @@
-"""A CPU stand-in for flash-attn's forward op, with flash-attn 2's schema and namespace.
+"""CPU stand-ins for flash-attn's forward ops, with flash-attn 2's and 3's schemas and namespaces.
 
 flash-attn (GPU only) registers ``torch.ops.flash_attn._flash_attn_forward`` (bshd layout: q ``[B, S, H, D]``,
 k/v ``[B, N, Hkv, D]``; returns ``out, softmax_lse [B, H, S], S_dmask, rng_state``) and wraps it in an
-autograd.Function behind ``flash_attn_func``. Tests register this stand-in when the real op is absent, so the
-matcher sees the same node on the CPU; it computes attention with fbcompile's reference.
+autograd.Function behind ``flash_attn_func``; its varlen op likewise. flash-attn 3 registers one op for both,
+``torch.ops.flash_attn_3._flash_attn_forward``. Tests register these stand-ins when the real ops are absent,
+so the matchers see the same nodes on the CPU; they compute attention with fbcompile's reference.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -130,3 +133,94 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         softmax_scale = q.shape[-1] ** -0.5
     return FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                      causal)
+
+
+# flash-attn 3 (``flash_attn_interface``): one op, ``flash_attn_3::_flash_attn_forward``, batched or packed
+# (``cu_seqlens_q`` given), with its many options as keywords; its wrappers pass them as below.
+_FA3_TUNING = ("num_splits", "pack_gqa", "sm_margin", "rotary_interleaved")
+
+
+def _fa3_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None, qv: torch.Tensor | None = None,
+    out_: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None, cu_seqlens_k_new: torch.Tensor | None = None,
+    seqused_q: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    page_table: torch.Tensor | None = None, kv_batch_idx: torch.Tensor | None = None,
+    leftpad_k: torch.Tensor | None = None, rotary_cos: torch.Tensor | None = None,
+    rotary_sin: torch.Tensor | None = None, seqlens_rotary: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None, k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None, softmax_scale: float | None = None, causal: bool = False,
+    window_size_left: int = -1, window_size_right: int = -1, attention_chunk: int = 0, softcap: float = 0.0,
+    rotary_interleaved: bool = True, scheduler_metadata: torch.Tensor | None = None, num_splits: int = 1,
+    pack_gqa: bool | None = None, sm_margin: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """flash-attn 3's forward: ``out, softmax_lse`` as flash-attn 2's batched or varlen forward computes them
+    (the stand-in computes the default options only), then two empty split accumulators."""
+    options = dict(locals())
+    for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
+                 "causal", *_FA3_TUNING):
+        options.pop(name)
+    defaults = inspect.signature(_fa3_forward).parameters
+    if any(isinstance(value, torch.Tensor) or value != defaults[name].default for name, value in options.items()):
+        raise NotImplementedError("the stand-in does not compute these flash-attn options")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if cu_seqlens_q is None:
+        out, lse, _, _ = _forward(q, k, v, 0.0, scale, causal, -1, -1, 0.0, None, False)
+    else:
+        out, lse, _, _ = _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0,
+                                         scale, causal)
+    return out, lse, q.new_empty(0), q.new_empty(0)
+
+
+def _fa3_fake(*args, **kwargs):
+    given = inspect.signature(_fa3_forward).bind(*args, **kwargs).arguments
+    q, v, cu_seqlens_q = given["q"], given["v"], given.get("cu_seqlens_q")
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = (q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32) if cu_seqlens_q is not None
+           else q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32))
+    return out, lse, q.new_empty(0), q.new_empty(0)
+
+
+def register_fa3() -> None:
+    """Register ``flash_attn_3::_flash_attn_forward`` (its schema inferred from the annotations, as
+    flash-attn 3's is) unless flash-attn 3 (or an earlier call) did."""
+    if hasattr(torch.ops.flash_attn_3, "_flash_attn_forward"):
+        return
+    op = torch.library.custom_op("flash_attn_3::_flash_attn_forward", _fa3_forward, mutates_args=())
+    op.register_fake(_fa3_fake)
+
+
+class FlashAttn3Func(torch.autograd.Function):
+    """flash-attn 3's wrappers: the default scale, then the op with the unused tensors positional (None) and
+    the options as keywords, as ``flash_attn_interface`` passes them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                window_size, return_lse):
+        if softmax_scale is None:
+            softmax_scale = q.shape[-1] ** -0.5
+        out, lse, *_ = torch.ops.flash_attn_3._flash_attn_forward(
+            q, k, v, None, None, None, None, cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q,
+            max_seqlen_k, None, None, None, None, None, None, None, None, None, softmax_scale, causal=causal,
+            window_size_left=window_size[0], window_size_right=window_size[1], attention_chunk=0, softcap=0.0,
+            num_splits=1, pack_gqa=None, sm_margin=0)
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("inference-only stand-in")
+
+
+def flash_attn_3_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_attn_probs=False):
+    """flash-attn 3's ``flash_attn_func``: tokens first, ``out`` (and ``softmax_lse`` on request)."""
+    return FlashAttn3Func.apply(q, k, v, None, None, None, None, softmax_scale, causal, window_size,
+                                return_attn_probs)
+
+
+def flash_attn_3_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
+                             causal=False, window_size=(-1, -1), return_attn_probs=False):
+    """flash-attn 3's ``flash_attn_varlen_func``: the batch packed into the tokens."""
+    return FlashAttn3Func.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                causal, window_size, return_attn_probs)

@@ -14,6 +14,7 @@ import flash_attn_standin
 from attention_zoo import compile_exact, rel_error
 
 flash_attn_standin.register()
+flash_attn_standin.register_fa3()
 EAGER = fbcompile.Config(refresh="always", compiler="eager")
 BLOCK = fbcompile.Config(refresh="block", compiler="eager")
 FRAME = 8  # tokens per video frame
@@ -54,16 +55,25 @@ class FlexVideoAttention(_Attention):
 
 
 class FlashAttention(_Attention):
-    """HF remote-code style, tokens first: ``flash_attn_func`` over ``cat(past, block)`` along dim 1."""
+    """HF remote-code style, tokens first: ``flash_attn_func`` over ``cat(past, block)`` along dim 1.
+    ``kernel``: "2" flash-attn 2's wrapper, "3" flash-attn 3's, "3 op" flash-attn 3's op called directly
+    with keywords only (no ``softmax_scale``: the op's default)."""
 
-    def __init__(self, causal=False, return_lse=False, **kw):
+    def __init__(self, causal=False, return_lse=False, kernel="2", **kw):
         super().__init__(**kw)
-        self.causal, self.return_lse = causal, return_lse
+        self.causal, self.return_lse, self.kernel = causal, return_lse, kernel
 
     def forward(self, x, past_k, past_v):
         q, k, v = self._project(x)
         k, v = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
-        out = flash_attn_standin.flash_attn_func(q, k, v, causal=self.causal, return_lse=self.return_lse)
+        if self.kernel == "2":
+            out = flash_attn_standin.flash_attn_func(q, k, v, causal=self.causal, return_lse=self.return_lse)
+        elif self.kernel == "3":
+            out = flash_attn_standin.flash_attn_3_func(q, k, v, causal=self.causal,
+                                                       return_attn_probs=self.return_lse)
+        else:
+            out = torch.ops.flash_attn_3._flash_attn_forward(q=q, k=k, v=v, causal=self.causal)[:2]
+            out = out if self.return_lse else out[0]
         out, lse = out if self.return_lse else (out, None)
         out = self.o(out.flatten(2))
         return out if lse is None else (out, lse)
@@ -176,11 +186,12 @@ def test_flex_unknown_score_mod_is_skipped():
                                  "(the split kernels do not evaluate it)"]
 
 
+@pytest.mark.parametrize("kernel", ["2", "3", "3 op"])
 @pytest.mark.parametrize("causal,return_lse", [(False, False), (True, True)])
 @pytest.mark.parametrize("past", [5, 24])
 @torch.no_grad()
-def test_flash_forward_exact(causal, return_lse, past):
-    plain, model = _pair(FlashAttention, causal=causal, return_lse=return_lse)
+def test_flash_forward_exact(kernel, causal, return_lse, past):
+    plain, model = _pair(FlashAttention, causal=causal, return_lse=return_lse, kernel=kernel)
     gen = torch.Generator().manual_seed(past)
     x = torch.randn(2, 8, 32, generator=gen)
     past_k, past_v = (torch.randn(2, past, 2, 16, generator=gen) for _ in range(2))
@@ -189,9 +200,10 @@ def test_flash_forward_exact(causal, return_lse, past):
     assert _decisions(model) == ["rewritten"]
 
 
+@pytest.mark.parametrize("kernel", ["2", "3"])
 @torch.no_grad()
-def test_flash_block_mode_reuses_within_a_block():
-    plain, model = _pair(FlashAttention, config=BLOCK)
+def test_flash_block_mode_reuses_within_a_block(kernel):
+    plain, model = _pair(FlashAttention, config=BLOCK, kernel=kernel)
     past_k, past_v = torch.randn(2, 24, 2, 16), torch.randn(2, 24, 2, 16)
     x = torch.randn(2, 8, 32)
     for step in range(3):
@@ -200,28 +212,36 @@ def test_flash_block_mode_reuses_within_a_block():
     assert (stats.refreshes, stats.reuses) == (1, 2)
 
 
-def _flash(q, k, v, outputs=(0,), dropout_p=0.0, **options):
+def _flash(q, k, v, version, outputs=(0,), dropout_p=0.0, seqused_k=False, **options):
     """The op as flash-attn's wrappers call it, with some options changed; returns the chosen outputs."""
-    kwargs = dict(causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                  return_softmax=False)
-    kwargs.update(options)
-    result = torch.ops.flash_attn._flash_attn_forward(q, k, v, dropout_p, 0.25, **kwargs)
+    if version == 2:
+        kwargs = dict(causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                      return_softmax=False)
+        result = torch.ops.flash_attn._flash_attn_forward(q, k, v, dropout_p, 0.25, **{**kwargs, **options})
+    else:
+        if seqused_k:
+            options["seqused_k"] = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32)
+        result = torch.ops.flash_attn_3._flash_attn_forward(q, k, v, softmax_scale=0.25, **options)
     return tuple(result[i] for i in outputs)
 
 
-@pytest.mark.parametrize("options,reason", [
-    (dict(window_size_left=4), "window_size_left=4 (only -1 is split)"),
-    (dict(softcap=30.0), "softcap=30.0 (only 0.0 is split)"),
-    (dict(dropout_p=0.1), "dropout_p=0.1 (only 0.0 is split)"),
-    (dict(outputs=(0, 2)), "flash-attn's S_dmask/rng_state outputs are used"),
+@pytest.mark.parametrize("version,options,reason", [
+    (2, dict(window_size_left=4), "window_size_left=4 (only -1 is split)"),
+    (2, dict(softcap=30.0), "softcap=30.0 (only 0.0 is split)"),
+    (2, dict(dropout_p=0.1), "dropout_p=0.1 (only 0.0 is split)"),
+    (2, dict(outputs=(0, 2)), "flash-attn's outputs other than out and softmax_lse are used"),
+    (3, dict(window_size_right=0), "window_size_right=0 (only -1 is split)"),
+    (3, dict(attention_chunk=4), "attention_chunk=4 (only 0 is split)"),
+    (3, dict(seqused_k=True), "seqused_k is given (only None is split)"),
+    (3, dict(outputs=(0, 3)), "flash-attn's outputs other than out and softmax_lse are used"),
 ])
 @torch.no_grad()
-def test_flash_near_misses_are_skipped(options, reason):
+def test_flash_near_misses_are_skipped(version, options, reason):
     x_k, past = torch.randn(1, 8, 2, 16), torch.randn(1, 24, 2, 16)
 
     def attend(q, k_block, past_k):
         k = torch.cat([past_k, k_block], dim=1)
-        return _flash(q, k, k, **options)
+        return _flash(q, k, k, version, **options)
 
     compiled, session = compile_exact(attend)
     try:

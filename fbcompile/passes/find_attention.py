@@ -382,8 +382,9 @@ def _check_mask(site: AttentionSite) -> None:
 
 def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
     """Every attention in ``gm``, its operands matched, nothing proven yet."""
-    from fbcompile.passes.flash_varlen import is_flash_varlen_forward, packed_site  # they build AttentionSites
-    from fbcompile.passes.match_flash import is_flash_forward, match_flash
+    from fbcompile.passes.flash_ops import flash_call
+    from fbcompile.passes.flash_varlen import packed_site  # they build AttentionSites
+    from fbcompile.passes.match_flash import match_flash
     from fbcompile.passes.match_flex import is_flex_attention, match_flex
 
     sites = []
@@ -395,10 +396,8 @@ def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
             site = _match_eager(node)
         elif is_flex_attention(node):
             site = match_flex(gm, node)
-        elif is_flash_forward(node):
-            site = match_flash(node)
-        elif is_flash_varlen_forward(node):  # one :func:`.flash_varlen.unpack_flash_varlen` left packed
-            site = packed_site(node)
+        elif (call := flash_call(node)) is not None:  # packed: one :mod:`.flash_varlen` left so
+            site = packed_site(call) if call.packed else match_flash(call)
         else:
             continue
         if site is not None:

@@ -16,13 +16,15 @@ ones, which this pass emits instead::
     r = torch.ops.flash_attn._flash_attn_forward(q.to(dtype), k.to(dtype), v.to(dtype), dropout_p, scale, ...)
     out, softmax_lse = r[0].flatten(0, 1), r[1].transpose(0, 1).flatten(1)   # varlen's lse is [H, b * lq]
 
-so that :mod:`.match_flash` finds it and :mod:`.find_attention` traces ``k`` to the cache it concatenates.
+flash-attn 3's call with ``cu_seqlens`` (Wan's ``flash_attn_interface`` path) becomes the same op without
+them. Either way :mod:`.match_flash` finds it and :mod:`.find_attention` traces ``k`` to the cache it concatenates.
 Proven from the graph, else the call stays as it is and the report says why
 (``node.meta["fbcompile_varlen"]``): each packed operand is ``x.flatten(0, 1)`` of a 4-D ``x``, then only
 dtype casts; each ``cu_seqlens`` is the running sum, from 0, of ``b`` equal lengths ``l`` (the form above,
 or ``torch.arange(0, (b + 1) * l, l)``), ``b`` and ``l`` being the unpacked operand's first two sizes; each
 ``max_seqlen`` is that ``l``; ``v`` as long as ``k`` (a guard: flash-attn requires it, and a call where
-dynamo's symbols differ recompiles); no paged or padded keys (``block_table``, ``leftpad_k``, ``seqused_k``).
+dynamo's symbols differ recompiles); every other argument that does not mean the same per sequence at its
+default (no paged, padded or appended keys: ``block_table``, ``leftpad_k``, ``seqused_k``, ``page_table``...).
 """
 from __future__ import annotations
 
@@ -34,23 +36,12 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fbcompile.passes.find_attention import AttentionSite
+from fbcompile.passes.flash_ops import PER_SEQUENCE, FlashCall, flash_call
 from fbcompile.passes.graph_utils import (NoExample, arg, erase_unused, example, fill_examples, op_name,
                                          qualified_op_name, recorded, same_size)
 
-# flash-attn 2.6-2.8 use "flash_attn", later versions "flashattn"
-VARLEN_FORWARD_OPS = {"flash_attn::_flash_attn_varlen_forward", "flashattn::_flash_attn_varlen_forward"}
 REASON = "fbcompile_varlen"  # node.meta key: why a varlen call was not unpacked
 UNPACKED = "fbcompile_unpacked_varlen"  # node.meta key of the batched call that replaced a varlen one
-# the batched forward's arguments after q, k, v, with the varlen forward's positions
-_PASSED = {"dropout_p": 7, "softmax_scale": 8, "causal": 9, "window_size_left": 10, "window_size_right": 11,
-           "softcap": 12, "alibi_slopes": 13, "return_softmax": 14}
-_DEFAULTS = {"window_size_left": -1, "window_size_right": -1, "softcap": 0.0, "alibi_slopes": None,
-             "return_softmax": False}
-_UNSUPPORTED = {"block_table": 15, "leftpad_k": 16, "seqused_k": 17}
-
-
-def is_flash_varlen_forward(node: fx.Node) -> bool:
-    return node.op == "call_function" and qualified_op_name(node.target) in VARLEN_FORWARD_OPS
 
 
 class NotUnpacked(Exception):
@@ -60,56 +51,65 @@ class NotUnpacked(Exception):
 def unpack_flash_varlen(gm: fx.GraphModule) -> None:
     """Rewrite every proven varlen call of ``gm`` (see the module docstring); note why the others stay."""
     for node in list(gm.graph.nodes):
-        if is_flash_varlen_forward(node):
+        call = flash_call(node)
+        if call is not None and call.packed:
             try:
-                _rewrite(gm.graph, node)
+                _rewrite(gm.graph, call)
             except NotUnpacked as e:
                 node.meta[REASON] = f"flash-attn's varlen forward: {e}"
 
 
-def packed_site(node: fx.Node) -> AttentionSite | None:
+def packed_site(call: FlashCall) -> AttentionSite | None:
     """A varlen call left packed, as a site the report shows skipped (None if its output is unused)."""
+    node = call.node
     out = next((user for user in node.users if user.target is operator.getitem and user.args[1] == 0), None)
     if out is None:
         return None
-    return AttentionSite(node=out, form="flash varlen", q=arg(node, 0, "q"), k=arg(node, 1, "k"), v=arg(node, 2, "v"),
-                         tokens_first=True, reason=node.meta.get(REASON, "flash-attn's varlen forward, not unpacked"))
+    return AttentionSite(node=out, form="flash varlen", q=call.arguments["q"], k=call.arguments["k"],
+                         v=call.arguments["v"], tokens_first=True,
+                         reason=node.meta.get(REASON, "flash-attn's varlen forward, not unpacked"))
 
 
-def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
-    known = {"q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", *_PASSED, *_UNSUPPORTED}
-    if len(node.args) > len(known) or set(node.kwargs) - known:
-        raise NotUnpacked("it is given arguments fbcompile does not know")
-    for name, index in _UNSUPPORTED.items():
-        if arg(node, index, name) is not None:
-            raise NotUnpacked(f"{name} is given")
-    namespace = qualified_op_name(node.target).split("::")[0]
-    forward = getattr(getattr(torch.ops, namespace), "_flash_attn_forward", None)
-    if forward is None:
-        raise NotUnpacked(f"torch.ops.{namespace} has no batched forward")
-    q, k, v = (_unpacked(arg(node, i, name), name) for i, name in enumerate(("q", "k", "v")))
+def _batched_call(graph: fx.Graph, call: FlashCall, q: fx.Node, k: fx.Node, v: fx.Node) -> fx.Node:
+    """The batched forward of ``call``'s version on unpacked operands, with ``call``'s per-sequence options."""
+    if call.version == 2:
+        namespace = qualified_op_name(call.node.target).split("::")[0]
+        forward = getattr(getattr(torch.ops, namespace), "_flash_attn_forward", None)
+        if forward is None:
+            raise NotUnpacked(f"torch.ops.{namespace} has no batched forward")
+        options = {name: value for name, value in call.arguments.items() if name in PER_SEQUENCE[2]}
+    else:  # the same op, without the packing arguments
+        forward = call.node.target
+        options = {name: value for name, value in call.arguments.items()
+                   if name in PER_SEQUENCE[3] and value != call.defaults.get(name, object())}
+    return graph.call_function(forward, (q, k, v), options)
+
+
+def _rewrite(graph: fx.Graph, call: FlashCall) -> None:
+    node, arguments = call.node, call.arguments
+    given = call.not_per_sequence()
+    if given is not None:
+        raise NotUnpacked(f"{given[0]} is given")
+    q, k, v = (_unpacked(arguments[name], name) for name in ("q", "k", "v"))
     batch = _shape(q.source)[0]
-    for operand, name in ((k, "k"), (v, "v")):
+    for operand in (k, v):
         if not same_size(_shape(operand.source)[0], batch):
-            raise NotUnpacked(f"{name}'s batch is not q's")
+            raise NotUnpacked(f"{operand.name}'s batch is not q's")
     # flash-attn requires it (v has k's packed rows); dynamo's guard makes a call where they differ recompile
     if not guard_or_false(_shape(v.source)[1] == _shape(k.source)[1]):
         raise NotUnpacked("k and v are not as long")
-    for operand, cu, longest in ((q, 3, 5), (k, 4, 6)):
+    for operand in (q, k):
         batch, length = _shape(operand.source)[:2]
-        lengths = _equal_lengths(arg(node, cu, ("cu_seqlens_q", "cu_seqlens_k")[cu - 3]), batch)
+        lengths = _equal_lengths(arguments[f"cu_seqlens_{operand.name}"], batch)
         if lengths is None or not same_size(lengths, length):
             raise NotUnpacked(f"cu_seqlens_{operand.name} are not {batch} sequences of {length}")
-        if not same_size(_int(arg(node, longest, ("max_seqlen_q", "max_seqlen_k")[longest - 5])), length):
+        if not same_size(_int(arguments[f"max_seqlen_{operand.name}"]), length):
             raise NotUnpacked(f"max_seqlen_{operand.name} is not the sequences' length")
     users = list(node.users)
     if not all(user.target is operator.getitem and isinstance(user.args[1], int) for user in users):
         raise NotUnpacked("its outputs are used other than one by one")
     with graph.inserting_before(node):
-        q4, k4, v4 = (operand.emit(graph) for operand in (q, k, v))
-        passed = {name: arg(node, index, name, _DEFAULTS.get(name)) for name, index in _PASSED.items()}
-        batched = graph.call_function(forward, (q4, k4, v4, passed.pop("dropout_p"), passed.pop("softmax_scale")),
-                                      passed)
+        batched = _batched_call(graph, call, *(operand.emit(graph) for operand in (q, k, v)))
     batched.meta[UNPACKED] = True
     outputs = []
     for user in users:
@@ -125,6 +125,7 @@ def _rewrite(graph: fx.Graph, node: fx.Node) -> None:
     except NoExample as e:
         for output in outputs:
             erase_unused(graph, output)
+        erase_unused(graph, batched)
         raise NotUnpacked(f"the batched forward has no fake implementation ({e})") from None
     for user, output in zip(users, outputs):
         user.replace_all_uses_with(output)

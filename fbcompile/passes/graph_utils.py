@@ -207,6 +207,35 @@ def qualified_op_name(target) -> str | None:
     return None
 
 
+def op_arguments(node: fx.Node) -> tuple[dict, dict] | None:
+    """``(arguments, defaults)`` of an op call by its schema's argument names: every argument's value as
+    given or defaulted, and the schema's defaults. None when the target has no single schema (an overload
+    packet with several) or the call does not bind to it."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        if target.overloads() != ["default"]:
+            return None
+        target = target.default
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    schema = target._schema.arguments
+    if len(node.args) > len(schema) or set(node.kwargs) - {a.name for a in schema}:
+        return None
+    arguments, defaults = {}, {}
+    for index, argument in enumerate(schema):
+        if argument.has_default_value():
+            defaults[argument.name] = argument.default_value
+        if index < len(node.args):
+            arguments[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            arguments[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            arguments[argument.name] = argument.default_value
+        else:
+            return None
+    return arguments, defaults
+
+
 def may_write_unseen(node: fx.Node) -> bool:
     """May ``node`` write a tensor argument in place where :func:`mutated_tensor` cannot tell: an op whose
     schema marks an argument written (a custom op, an aten in-place op), a higher-order op (a user's Triton

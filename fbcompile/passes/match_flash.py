@@ -13,10 +13,14 @@ and the graph holds::
                                                  return_softmax=False)
     out, softmax_lse = r[0], r[1]                                      # lse: [B, H, M], natural log
 
+flash-attn 3's op called without ``cu_seqlens`` is the same call under other argument names
+(:mod:`.flash_ops`); its ``softmax_scale`` may be None (the default scale).
+
 GQA groups query heads like ``repeat_kv``. ``causal`` is aligned to the bottom right (query ``i`` sees keys
 ``j <= i + N - M``); it is split exactly by giving every key range its part of that mask (none for a range
-every query sees entirely). Dropout, sliding windows, softcapping, ALiBi and ``return_softmax`` are left
-untouched, as is any use of the outputs other than ``out`` and ``softmax_lse``.
+every query sees entirely). Dropout, sliding windows, softcapping, ALiBi, ``return_softmax`` (and flash-attn
+3's options off their defaults: fp8 scales, paged or appended keys, rotary tables, chunked attention) are
+left untouched, as is any use of the outputs other than ``out`` and ``softmax_lse``.
 """
 from __future__ import annotations
 
@@ -27,17 +31,9 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
+from fbcompile.passes.flash_ops import FlashCall
 from fbcompile.passes.flash_varlen import UNPACKED
-from fbcompile.passes.graph_utils import arg, qualified_op_name, shape
-
-# flash-attn 2.6-2.8 use "flash_attn", later versions "flashattn"
-FLASH_FORWARD_OPS = {"flash_attn::_flash_attn_forward", "flashattn::_flash_attn_forward"}
-_EXPECTED = {"dropout_p": (3, 0.0), "window_size_left": (6, -1), "window_size_right": (7, -1), "softcap": (8, 0.0),
-             "alibi_slopes": (9, None), "return_softmax": (10, False)}
-
-
-def is_flash_forward(node: fx.Node) -> bool:
-    return node.op == "call_function" and qualified_op_name(node.target) in FLASH_FORWARD_OPS
+from fbcompile.passes.graph_utils import shape
 
 
 def bottom_right_causal_mask(q: torch.Tensor, k: torch.Tensor, start, length) -> torch.Tensor:
@@ -60,26 +56,28 @@ class _CausalKeys(KeyMask):
         return graph.call_function(bottom_right_causal_mask, (self.q, self.k, start, length))
 
 
-def match_flash(node: fx.Node) -> AttentionSite | None:
-    """The site of a flash forward node (``node`` replaced: its ``out`` output), None if ``out`` is unused."""
-    outputs = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+def match_flash(call: FlashCall) -> AttentionSite | None:
+    """The site of a batched flash forward call (its ``out`` output replaced), None if ``out`` is unused."""
+    node, arguments = call.node, call.arguments
+    outputs = {user.args[1]: user for user in node.users if user.target is operator.getitem and user.users}
     if 0 not in outputs:
         return None
-    q, k, v = node.args[:3]
+    q, k, v = arguments["q"], arguments["k"], arguments["v"]
     form = "flash varlen" if node.meta.get(UNPACKED) else "flash"  # as the model wrote it
     site = AttentionSite(node=outputs[0], form=form, q=q, k=k, v=v, tokens_first=True, lse=outputs.get(1),
-                         scale=arg(node, 4, "softmax_scale"))
-    for name, (index, expected) in _EXPECTED.items():
-        value = arg(node, index, name, expected)
-        if value != expected:
-            site.reason = f"{name}={value} (only {expected!r} is split)"
-            return site
-    if set(outputs) - {0, 1} or len(outputs) != len(node.users):
-        site.reason = "flash-attn's S_dmask/rng_state outputs are used"
-    elif not isinstance(site.scale, (int, float)):
+                         scale=arguments.get("softmax_scale"))
+    causal = arguments.get("causal", False)
+    unsplittable = call.unsplittable()
+    if unsplittable is not None:
+        name, value, expected = unsplittable
+        given = f"{name} is given" if isinstance(value, fx.Node) else f"{name}={value}"
+        site.reason = f"{given} (only {expected!r} is split)"
+    elif set(outputs) - {0, 1} or any(user.target is not operator.getitem for user in node.users):
+        site.reason = "flash-attn's outputs other than out and softmax_lse are used"
+    elif not (isinstance(site.scale, (int, float)) or (site.scale is None and call.version == 3)):
         site.reason = "softmax_scale is not a constant"
-    elif arg(node, 5, "causal", False) not in (False, True):
+    elif causal not in (False, True):
         site.reason = "causal is not a constant"
-    elif arg(node, 5, "causal", False):
+    elif causal:
         site.key_mask = _CausalKeys(q, k)
     return site
