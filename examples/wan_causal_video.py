@@ -38,10 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # Wan attends with flash-attn's varlen kernel wherever flash-attn is installed
-    from flash_attn import flash_attn_varlen_func
+try:  # Wan attends with flash-attn's varlen kernel wherever it is installed: flash-attn 3 first (Hopper), then 2
+    from flash_attn_interface import flash_attn_varlen_func
 except ImportError:
-    flash_attn_varlen_func = None
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        flash_attn_varlen_func = None
 
 
 @dataclass

@@ -119,17 +119,24 @@ def test_block_mode_refreshes_once_per_chunk_and_compiles_stay_bounded(cfg):
 
 
 @pytest.fixture
-def flash_varlen(monkeypatch):
-    """Wan's attention as where flash-attn is installed: its varlen kernel (here the CPU stand-in), the batch
-    packed into the tokens."""
+def flash_varlen(request, monkeypatch):
+    """Wan's attention as where flash-attn (2, or 3 on Hopper) is installed: its varlen kernel (here the CPU
+    stand-in), the batch packed into the tokens."""
     import flash_attn_standin
 
-    flash_attn_standin.register_varlen()
-    monkeypatch.setattr(wan_causal_video, "flash_attn_varlen_func", flash_attn_standin.flash_attn_varlen_func)
+    if getattr(request, "param", 2) == 2:
+        flash_attn_standin.register_varlen()
+        kernel = flash_attn_standin.flash_attn_varlen_func
+    else:
+        flash_attn_standin.register_fa3()
+        kernel = flash_attn_standin.flash_attn_3_varlen_func
+    monkeypatch.setattr(wan_causal_video, "flash_attn_varlen_func", kernel)
 
 
 @torch.no_grad()
-@CACHE_MODES
+@pytest.mark.parametrize("cfg,flash_varlen", [(ROLLING, 2), (LONGLIVE, 2), (DEFERRED, 2), (DEFERRED, 3)],
+                         ids=["self_forcing", "longlive", "longlive_deferred", "longlive_deferred-flash-attn 3"],
+                         indirect=["flash_varlen"])
 def test_flash_varlen_attention_is_unpacked_split_and_reused(cfg, flash_varlen):
     """Through flash-attn's varlen kernel (in bf16, as Wan casts for it), batch 2: every self-attention is
     rewritten, each chunk's first call (a refresh) equals the model and block mode refreshes once per chunk,
