@@ -5,6 +5,8 @@
 #   tests       the GPU tests, each named as it ends: tests_graphs, then tests_kernels      (<= 720 s)
 #   tests_graphs  the CUDA-graph tests (tests/test_cuda_graphs.py: ~340 s on the H100)        (<= 420 s)
 #   tests_kernels the Triton kernels' tests: attention, sparse attention, linears            (<= 300 s)
+#   tests_new   the GPU tests of what had not run on a GPU (the twenty-fourth session's): LongLive's deferred
+#               write under CUDA graphs (SDPA and flash-attn's varlen kernel), ops on host inputs, frame sizes (<= 180 s)
 #   grow        a cache grown by torch.cat per block vs the same tensors, block mode, 32K (<= 300 s)
 #   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
@@ -81,6 +83,8 @@ for name in "${steps[@]}"; do
         [ "$name" != tests_graphs ] && step tests_kernels 300 python -m pytest -v --tb=short -p no:cacheprovider \
             -p no:logging tests/test_triton_kernels.py tests/test_sparse_kernels.py tests/test_triton_linear.py \
             tests/test_group_linears.py tests/test_gated_linears.py ;;
+    tests_new) step tests_new 180 python -m pytest -v --tb=short -p no:cacheprovider -p no:logging \
+        tests/test_cuda_graphs.py tests/test_host_island.py -k "longlive or host or frame_positions" ;;
     grow) step grow_32k 300 python benchmarks/grow_cache.py --context 32k --variants block-ro --warmup 4 \
         --blocks 3 --out "$OUT/grow_32k.json" ;;
     grow_more)
@@ -163,7 +167,7 @@ for name in "${steps[@]}"; do
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video" ;;
     video_32k) step e2e_video_32k 420 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model video \
         --contexts 32k --batches 1 --variants exact,block,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video_32k" ;;
-    wan) step e2e_wan 560 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model wan \
+    wan) step e2e_wan "${WAN_LIMIT:-560}" python -m fbcompile bench --workloads benchmarks.e2e:workloads --model wan \
         --contexts 32k --batches 1 --variants eager,compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_wan" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
