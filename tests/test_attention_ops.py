@@ -212,15 +212,17 @@ def test_flash_block_mode_reuses_within_a_block(kernel):
     assert (stats.refreshes, stats.reuses) == (1, 2)
 
 
-def _flash(q, k, v, version, outputs=(0,), dropout_p=0.0, seqused_k=False, **options):
-    """The op as flash-attn's wrappers call it, with some options changed; returns the chosen outputs."""
+def _flash(q, k, v, version, outputs=(0,), dropout_p=0.0, given=(), **options):
+    """The op as flash-attn's wrappers call it, with some options changed (flash-attn 3: ``given`` tensors
+    too); returns the chosen outputs."""
     if version == 2:
         kwargs = dict(causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
                       return_softmax=False)
         result = torch.ops.flash_attn._flash_attn_forward(q, k, v, dropout_p, 0.25, **{**kwargs, **options})
     else:
-        if seqused_k:
-            options["seqused_k"] = torch.full((q.shape[0],), k.shape[1], dtype=torch.int32)
+        tensors = {"seqused_k": torch.full((q.shape[0],), k.shape[1] - 1, dtype=torch.int32),
+                   "k_new": k[:, -q.shape[1]:] * 2, "v_new": v[:, -q.shape[1]:] * 2}  # flash_attn_with_kvcache
+        options.update({name: tensors[name] for name in given})
         result = torch.ops.flash_attn_3._flash_attn_forward(q, k, v, softmax_scale=0.25, **options)
     return tuple(result[i] for i in outputs)
 
@@ -232,7 +234,8 @@ def _flash(q, k, v, version, outputs=(0,), dropout_p=0.0, seqused_k=False, **opt
     (2, dict(outputs=(0, 2)), "flash-attn's outputs other than out and softmax_lse are used"),
     (3, dict(window_size_right=0), "window_size_right=0 (only -1 is split)"),
     (3, dict(attention_chunk=4), "attention_chunk=4 (only 0 is split)"),
-    (3, dict(seqused_k=True), "seqused_k is given (only None is split)"),
+    (3, dict(given=("seqused_k",)), "seqused_k is given (only None is split)"),
+    (3, dict(given=("k_new", "v_new")), "k_new is given (only None is split)"),  # appended in place
     (3, dict(outputs=(0, 3)), "flash-attn's outputs other than out and softmax_lse are used"),
 ])
 @torch.no_grad()
