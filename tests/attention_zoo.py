@@ -18,6 +18,7 @@ from fbcompile.backends.compiler import make_backend
 from fbcompile.backends.session import Session
 
 flash_attn_standin.register()
+flash_attn_standin.register_fa3()
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class ZooSpec:
     roll: bool = False
     graph_break: bool = False    # torch._dynamo.graph_break() right after the cat (the attention's graph reads
                                  # the concatenation as an input: split by its provenance)
+    flash_version: int = 2       # flash: flash-attn 2's flash_attn_func or flash-attn 3's (its one op)
 
     @property
     def key_len(self) -> int:
@@ -214,8 +216,9 @@ class ZooAttention(nn.Module):
         if s.form == "flash":  # tokens first; GQA native
             if layout == "bhsd":
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
-            out = flash_attn_standin.flash_attn_func(q.transpose(1, 2), k, v, softmax_scale=scale,
-                                                     causal=s.mask == "causal")
+            flash_attn_func = (flash_attn_standin.flash_attn_3_func if s.flash_version == 3
+                               else flash_attn_standin.flash_attn_func)
+            out = flash_attn_func(q.transpose(1, 2), k, v, softmax_scale=scale, causal=s.mask == "causal")
             return out.transpose(1, 2)
         if layout == "bshd":
             k, v = k.transpose(1, 2), v.transpose(1, 2)

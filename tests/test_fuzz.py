@@ -120,6 +120,7 @@ def zoo_specs(draw, near_miss_repeat: bool = False, forms=("sdpa", "eager", "fle
         tail=draw(st.integers(0, 4)) if buffer == "window" else 0,
         roll=buffer == "window" and cache >= 2 and draw(st.booleans()),
         graph_break=graph_break,
+        flash_version=draw(st.sampled_from([2, 3])) if form == "flash" else 2,
     )
 
 
