@@ -6,7 +6,7 @@
 #   tests_graphs  the CUDA-graph tests (tests/test_cuda_graphs.py: ~340 s on the H100)        (<= 420 s)
 #   tests_kernels the Triton kernels' tests: attention, sparse attention, linears            (<= 300 s)
 #   tests_new   the GPU tests of what had not run on a GPU (the twenty-fourth session's): LongLive's deferred
-#               write under CUDA graphs (SDPA and flash-attn's varlen kernel), ops on host inputs, frame sizes (<= 180 s)
+#               write under CUDA graphs (SDPA, flash-attn's varlen kernel), ops on host inputs, frame sizes (<= 180 s)
 #   grow        a cache grown by torch.cat per block vs the same tensors, block mode, 32K (<= 300 s)
 #   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
