@@ -168,7 +168,7 @@ for name in "${steps[@]}"; do
     video_32k) step e2e_video_32k 420 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model video \
         --contexts 32k --batches 1 --variants exact,block,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_video_32k" ;;
     wan) step e2e_wan "${WAN_LIMIT:-560}" python -m fbcompile bench --workloads benchmarks.e2e:workloads --model wan \
-        --contexts 32k --batches 1 --variants eager,compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_wan" ;;
+        --contexts 32k --batches 1 --variants "${WAN_VARIANTS:-eager,compile,exact-ro,block-ro}" --repeats 3 --out "$OUT/e2e_wan" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;
