@@ -226,7 +226,8 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
-            if progress is not None:
+            if progress is not None:  # each row as it ends, so that a run cut off keeps what it measured
+                progress.write(json.dumps(row), file=sys.stderr)
                 progress.update(1)
     del model
     torch._dynamo.reset()
