@@ -67,12 +67,16 @@ class FlashCall:
                 return name, self.arguments[name], value
         return None
 
+    def given(self, name: str) -> bool:
+        """Is argument ``name`` set off its default (one without a default always is)?"""
+        return self.arguments[name] != self.defaults.get(name, object())
+
     def not_per_sequence(self) -> tuple[str, object] | None:
         """``(name, value)`` of the first argument of this packed call set off its default that does not
         mean the same per sequence (paged, padded or new keys, ``seqused``...), None when there is none."""
         free = PACKING | PER_SEQUENCE[self.version] | {"q", "k", "v"}
         for name, value in self.arguments.items():
-            if name not in free and value != self.defaults.get(name, object()):
+            if name not in free and self.given(name):
                 return name, value
         return None
 

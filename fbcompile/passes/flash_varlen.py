@@ -81,7 +81,7 @@ def _batched_call(graph: fx.Graph, call: FlashCall, q: fx.Node, k: fx.Node, v: f
     else:  # the same op, without the packing arguments
         forward = call.node.target
         options = {name: value for name, value in call.arguments.items()
-                   if name in PER_SEQUENCE[3] and value != call.defaults.get(name, object())}
+                   if name in PER_SEQUENCE[3] and call.given(name)}
     return graph.call_function(forward, (q, k, v), options)
 
 
