@@ -3,8 +3,10 @@
 flash-attn (GPU only) registers ``torch.ops.flash_attn._flash_attn_forward`` (bshd layout: q ``[B, S, H, D]``,
 k/v ``[B, N, Hkv, D]``; returns ``out, softmax_lse [B, H, S], S_dmask, rng_state``) and wraps it in an
 autograd.Function behind ``flash_attn_func``; its varlen op likewise. flash-attn 3 registers one op for both,
-``torch.ops.flash_attn_3._flash_attn_forward``. Tests register these stand-ins when the real ops are absent,
-so the matchers see the same nodes on the CPU; they compute attention with fbcompile's reference.
+``torch.ops.flash_attn_3._flash_attn_forward``. Hugging Face's kernel hub builds register the same ops under
+a namespace of the build (``_flash_attn3_<build id>``): ``namespace`` registers and calls them there. Tests
+register these stand-ins when the real ops are absent, so the matchers see the same nodes on the CPU; they
+compute attention with fbcompile's reference.
 """
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ def _fake(q, k, v, dropout_p, softmax_scale, causal, window_size_left, window_si
             torch.empty(2, dtype=torch.int64))
 
 
-def register() -> None:
-    """Register ``flash_attn::_flash_attn_forward`` unless flash-attn (or an earlier call) did."""
-    if hasattr(torch.ops.flash_attn, "_flash_attn_forward"):
+def register(namespace: str = "flash_attn") -> None:
+    """Register ``<namespace>::_flash_attn_forward`` unless flash-attn (or an earlier call) did."""
+    if hasattr(getattr(torch.ops, namespace), "_flash_attn_forward"):
         return
-    op = torch.library.custom_op("flash_attn::_flash_attn_forward", _forward, mutates_args=(),
+    op = torch.library.custom_op(f"{namespace}::_flash_attn_forward", _forward, mutates_args=(),
                                  schema="(Tensor q, Tensor k, Tensor v, float dropout_p, float softmax_scale, "
                                         "bool causal, int window_size_left, int window_size_right, float softcap, "
                                         "Tensor? alibi_slopes, bool return_softmax) -> (Tensor, Tensor, Tensor, Tensor)")
@@ -52,8 +54,8 @@ class FlashAttnFunc(torch.autograd.Function):
     """``flash_attn_func``'s wrapper: default scale, the op call, the output (and lse on request)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, return_lse):
-        out, lse, _, _ = torch.ops.flash_attn._flash_attn_forward(
+    def forward(ctx, q, k, v, softmax_scale, causal, return_lse, namespace):
+        out, lse, _, _ = getattr(torch.ops, namespace)._flash_attn_forward(
             q, k, v, 0.0, softmax_scale, causal=causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
             alibi_slopes=None, return_softmax=False)
         return (out, lse) if return_lse else out
@@ -63,10 +65,10 @@ class FlashAttnFunc(torch.autograd.Function):
         raise NotImplementedError("inference-only stand-in")
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False):
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False, return_lse=False, namespace="flash_attn"):
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
-    return FlashAttnFunc.apply(q, k, v, softmax_scale, causal, return_lse)
+    return FlashAttnFunc.apply(q, k, v, softmax_scale, causal, return_lse, namespace)
 
 
 def _varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -135,6 +137,16 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                      causal)
 
 
+# Hugging Face kernel hub builds (kernels-community/flash-attn2, flash-attn3) as their namespaces read; ids made up
+HUB_NAMESPACES = {2: "_flash_attn2_0a1b2c3_dirty", 3: "_flash_attn3_9f8e7d6_dirty"}
+
+
+def register_hub() -> None:
+    """Register flash-attn 2's and 3's forward in the kernel hub builds' namespaces (:data:`HUB_NAMESPACES`)."""
+    register(HUB_NAMESPACES[2])
+    register_fa3(HUB_NAMESPACES[3])
+
+
 # flash-attn 3 (``flash_attn_interface``): one op, ``flash_attn_3::_flash_attn_forward``, batched or packed
 # (``cu_seqlens_q`` given), with its many options as keywords; its wrappers pass them as below.
 _FA3_TUNING = ("num_splits", "pack_gqa", "sm_margin", "rotary_interleaved")
@@ -183,12 +195,12 @@ def _fa3_fake(*args, **kwargs):
     return out, lse, q.new_empty(0), q.new_empty(0)
 
 
-def register_fa3() -> None:
-    """Register ``flash_attn_3::_flash_attn_forward`` (its schema inferred from the annotations, as
+def register_fa3(namespace: str = "flash_attn_3") -> None:
+    """Register ``<namespace>::_flash_attn_forward`` (its schema inferred from the annotations, as
     flash-attn 3's is) unless flash-attn 3 (or an earlier call) did."""
-    if hasattr(torch.ops.flash_attn_3, "_flash_attn_forward"):
+    if hasattr(getattr(torch.ops, namespace), "_flash_attn_forward"):
         return
-    op = torch.library.custom_op("flash_attn_3::_flash_attn_forward", _fa3_forward, mutates_args=())
+    op = torch.library.custom_op(f"{namespace}::_flash_attn_forward", _fa3_forward, mutates_args=())
     op.register_fake(_fa3_fake)
 
 
@@ -198,10 +210,10 @@ class FlashAttn3Func(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                window_size, return_lse):
+                window_size, return_lse, namespace):
         if softmax_scale is None:
             softmax_scale = q.shape[-1] ** -0.5
-        out, lse, *_ = torch.ops.flash_attn_3._flash_attn_forward(
+        out, lse, *_ = getattr(torch.ops, namespace)._flash_attn_forward(
             q, k, v, None, None, None, None, cu_seqlens_q, cu_seqlens_k, None, None, None, max_seqlen_q,
             max_seqlen_k, None, None, None, None, None, None, None, None, None, softmax_scale, causal=causal,
             window_size_left=window_size[0], window_size_right=window_size[1], attention_chunk=0, softcap=0.0,
@@ -213,14 +225,15 @@ class FlashAttn3Func(torch.autograd.Function):
         raise NotImplementedError("inference-only stand-in")
 
 
-def flash_attn_3_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_attn_probs=False):
+def flash_attn_3_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), return_attn_probs=False,
+                      namespace="flash_attn_3"):
     """flash-attn 3's ``flash_attn_func``: tokens first, ``out`` (and ``softmax_lse`` on request)."""
     return FlashAttn3Func.apply(q, k, v, None, None, None, None, softmax_scale, causal, window_size,
-                                return_attn_probs)
+                                return_attn_probs, namespace)
 
 
 def flash_attn_3_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
                              causal=False, window_size=(-1, -1), return_attn_probs=False):
     """flash-attn 3's ``flash_attn_varlen_func``: the batch packed into the tokens."""
     return FlashAttn3Func.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                                causal, window_size, return_attn_probs)
+                                causal, window_size, return_attn_probs, "flash_attn_3")

@@ -15,6 +15,8 @@ from attention_zoo import compile_exact, rel_error
 
 flash_attn_standin.register()
 flash_attn_standin.register_fa3()
+flash_attn_standin.register_hub()  # the same ops in kernel hub builds' namespaces
+HUB = {f"hub {version}": namespace for version, namespace in flash_attn_standin.HUB_NAMESPACES.items()}
 EAGER = fbcompile.Config(refresh="always", compiler="eager")
 BLOCK = fbcompile.Config(refresh="block", compiler="eager")
 FRAME = 8  # tokens per video frame
@@ -57,7 +59,7 @@ class FlexVideoAttention(_Attention):
 class FlashAttention(_Attention):
     """HF remote-code style, tokens first: ``flash_attn_func`` over ``cat(past, block)`` along dim 1.
     ``kernel``: "2" flash-attn 2's wrapper, "3" flash-attn 3's, "3 op" flash-attn 3's op called directly
-    with keywords only (no ``softmax_scale``: the op's default)."""
+    with keywords only (no ``softmax_scale``: the op's default), "hub 2"/"hub 3" a kernel hub build's."""
 
     def __init__(self, causal=False, return_lse=False, kernel="2", **kw):
         super().__init__(**kw)
@@ -66,11 +68,12 @@ class FlashAttention(_Attention):
     def forward(self, x, past_k, past_v):
         q, k, v = self._project(x)
         k, v = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
-        if self.kernel == "2":
-            out = flash_attn_standin.flash_attn_func(q, k, v, causal=self.causal, return_lse=self.return_lse)
-        elif self.kernel == "3":
-            out = flash_attn_standin.flash_attn_3_func(q, k, v, causal=self.causal,
-                                                       return_attn_probs=self.return_lse)
+        if self.kernel in ("2", "hub 2"):
+            out = flash_attn_standin.flash_attn_func(q, k, v, causal=self.causal, return_lse=self.return_lse,
+                                                     namespace=HUB.get(self.kernel, "flash_attn"))
+        elif self.kernel in ("3", "hub 3"):
+            out = flash_attn_standin.flash_attn_3_func(q, k, v, causal=self.causal, return_attn_probs=self.return_lse,
+                                                       namespace=HUB.get(self.kernel, "flash_attn_3"))
         else:
             out = torch.ops.flash_attn_3._flash_attn_forward(q=q, k=k, v=v, causal=self.causal)[:2]
             out = out if self.return_lse else out[0]
@@ -186,7 +189,7 @@ def test_flex_unknown_score_mod_is_skipped():
                                  "(the split kernels do not evaluate it)"]
 
 
-@pytest.mark.parametrize("kernel", ["2", "3", "3 op"])
+@pytest.mark.parametrize("kernel", ["2", "3", "3 op", "hub 2", "hub 3"])
 @pytest.mark.parametrize("causal,return_lse", [(False, False), (True, True)])
 @pytest.mark.parametrize("past", [5, 24])
 @torch.no_grad()
@@ -200,7 +203,7 @@ def test_flash_forward_exact(kernel, causal, return_lse, past):
     assert _decisions(model) == ["rewritten"]
 
 
-@pytest.mark.parametrize("kernel", ["2", "3"])
+@pytest.mark.parametrize("kernel", ["2", "3", "hub 3"])
 @torch.no_grad()
 def test_flash_block_mode_reuses_within_a_block(kernel):
     plain, model = _pair(FlashAttention, config=BLOCK, kernel=kernel)

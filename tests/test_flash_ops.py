@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fbcompile.passes.flash_ops import FlashCall
+from fbcompile.passes.flash_ops import FlashCall, flash_call
 from fbcompile.passes.graph_utils import op_arguments
 
 
@@ -44,3 +44,41 @@ def test_a_forks_own_arguments_split_only_at_their_defaults():
     node = _call()
     node.update_kwarg("arbitrary_func", node.args[0])
     assert unsplittable(node) == ("arbitrary_func", node.args[0], None)
+
+
+@torch.library.custom_op("_flash_attn3_0badc0de_dirty::_flash_attn_forward", mutates_args=())
+def hub_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_new: torch.Tensor | None = None,
+                cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                softmax_scale: float | None = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A kernel hub build of flash-attn 3's forward (its arguments cut short), in the build's namespace."""
+    raise NotImplementedError("only traced")
+
+
+@torch.library.custom_op("_flash_attn3_0badc0de_dirty::_flash_attn_varlen_forward", mutates_args=())
+def hub_mislabelled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An op with flash-attn's name and namespace but not its arguments."""
+    raise NotImplementedError("only traced")
+
+
+@torch.library.custom_op("fbcompile_test::_flash_attn_forward", mutates_args=())
+def other_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float,
+                  causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash-attn 2's name and arguments in a namespace that is not flash-attn's."""
+    raise NotImplementedError("only traced")
+
+
+def _op_call(op, *args, **kwargs) -> fx.Node:
+    graph = fx.Graph()
+    q = graph.placeholder("q")
+    return graph.call_function(op, (q, q, q, *args), kwargs)
+
+
+def test_the_version_is_read_from_the_schema_in_any_flash_attn_namespace():
+    call = flash_call(_op_call(torch.ops._flash_attn3_0badc0de_dirty._flash_attn_forward.default, causal=True))
+    assert (call.version, call.packed, call.arguments["causal"]) == (3, False, True)
+    node = _op_call(torch.ops._flash_attn3_0badc0de_dirty._flash_attn_forward.default, None)
+    node.update_kwarg("cu_seqlens_q", node.args[0])
+    assert flash_call(node).packed
+    assert flash_call(_op_call(torch.ops._flash_attn3_0badc0de_dirty._flash_attn_varlen_forward.default)) is None
+    assert flash_call(_op_call(torch.ops.fbcompile_test._flash_attn_forward.default, 0.0, 0.5, False)) is None

@@ -84,11 +84,28 @@ def test_sdar_block_mode_reuses_after_each_blocks_first_step(flash_standin):
 # --------------------------------------------------------------------------- Qwen2 + DynamicCache + crop
 
 
-def _tiny_qwen2(layers=1):
+HUB_FLASH = "fbcompile_test_hub_fa3"  # a name without "flash": transformers treats those as its own
+
+
+def hub_flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' flash-attention integration over a kernel hub build of flash-attn 3
+    (``attn_implementation="kernels-community/flash-attn3"``), its path without a padding mask: the
+    heads-first states as tokens-first, GQA left to the kernel, the module's ``is_causal`` (aligned
+    bottom-right). The stand-in's op lives in the hub build's namespace."""
+    out = flash_attn_standin.flash_attn_3_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling,
+        causal=module.is_causal, namespace=flash_attn_standin.HUB_NAMESPACES[3])
+    return out, None
+
+
+def _tiny_qwen2(layers=1, attn="sdpa"):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    config._attn_implementation = "sdpa"
+    if attn == HUB_FLASH:
+        flash_attn_standin.register_hub()
+        transformers.AttentionInterface.register(HUB_FLASH, hub_flash_attention)
+    config._attn_implementation = attn
     torch.manual_seed(0)
     return transformers.Qwen2ForCausalLM(config).eval(), config
 
@@ -126,15 +143,16 @@ class CropLoop:
         self.length += length
 
 
-def _optimized_qwen2(config: fbcompile.Config):
-    model, hf_config = _tiny_qwen2()
+def _optimized_qwen2(config: fbcompile.Config, attn="sdpa"):
+    model, hf_config = _tiny_qwen2(attn=attn)
     fbcompile.optimize(model, config)
     return model, hf_config
 
 
-def test_qwen2_dynamic_cache_crop_exact_mode_equals_eager():
-    want = CropLoop(*_tiny_qwen2())
-    got = CropLoop(*_optimized_qwen2(EXACT))
+@pytest.mark.parametrize("attn", ["sdpa", HUB_FLASH])
+def test_qwen2_dynamic_cache_crop_exact_mode_equals_eager(attn):
+    want = CropLoop(*_tiny_qwen2(attn=attn))
+    got = CropLoop(*_optimized_qwen2(EXACT, attn))
     for loop in (want, got):
         loop.block(steps=2)
         loop.block(steps=2)
@@ -145,10 +163,11 @@ def test_qwen2_dynamic_cache_crop_exact_mode_equals_eager():
         assert_exact(g.keys, w.keys)
 
 
-def test_qwen2_dynamic_cache_crop_reuses_and_commits_exactly():
+@pytest.mark.parametrize("attn", ["sdpa", HUB_FLASH])
+def test_qwen2_dynamic_cache_crop_reuses_and_commits_exactly(attn):
     """Each block: the first step runs exactly (its cache is the last commit, not a crop: a save
     pass), the other steps reuse, the commit forward (fbcompile.commit) runs exactly."""
-    model, config = _optimized_qwen2(BLOCK)
+    model, config = _optimized_qwen2(BLOCK, attn)
     loop = CropLoop(model, config, commit=lambda: fbcompile.commit(model))
     blocks, steps = 2, 3
     for _ in range(blocks):

@@ -15,18 +15,35 @@ for both, packed when ``cu_seqlens_q`` is given::
 Each returns ``(out, softmax_lse, ...)``; ``softmax_lse`` is the natural-log LSE, ``[B, H, S]`` batched and
 ``[H, total]`` packed. Arguments are read by their schema names, so a version that adds arguments with
 defaults (forks do) is matched as long as it leaves them at their defaults.
+
+Hugging Face's kernel hub builds of both (``kernels-community/flash-attn2``, ``flash-attn3``, which
+transformers loads for ``attn_implementation="kernels-community/flash-attn3"``) register the same ops under
+a namespace of the build, ``_flash_attn3_<build id>``::
+
+    torch.ops._flash_attn3_9a8dc93_dirty._flash_attn_forward(q, k, v, None, None, qv, None, ...)
+
+so the version is told by the schema (flash-attn 3's one op takes ``k_new``), not by the namespace.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from fbcompile.passes.graph_utils import op_arguments, qualified_op_name
 
-FLASH2_BATCHED = {"flash_attn::_flash_attn_forward", "flashattn::_flash_attn_forward"}
-FLASH2_PACKED = {"flash_attn::_flash_attn_varlen_forward", "flashattn::_flash_attn_varlen_forward"}
-FLASH3 = "flash_attn_3::_flash_attn_forward"
+# flash-attn 2's (``flashattn`` from 2.8) and 3's namespaces; a hub build's is ``_flash_attn<N>_<build id>``
+FLASH_NAMESPACE = re.compile(r"flash_?attn(_3)?|_flash_attn\d*_\w+")
+BATCHED, PACKED = "_flash_attn_forward", "_flash_attn_varlen_forward"
+# the arguments each kind of op must take (by name) to be read as that op
+SCHEMA_NAMES = {
+    (2, BATCHED): frozenset({"q", "k", "v", "dropout_p", "softmax_scale", "causal"}),
+    (2, PACKED): frozenset({"q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+                            "dropout_p", "softmax_scale", "causal"}),
+    (3, BATCHED): frozenset({"q", "k", "v", "k_new", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                             "max_seqlen_k", "softmax_scale", "causal"}),
+}
 # what makes a call packed; a batched call leaves them None (flash-attn 3) or has none (flash-attn 2)
 PACKING = frozenset({"cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"})
 # options that mean the same per sequence packed or batched, as each version names them
@@ -86,13 +103,15 @@ def flash_call(node: fx.Node) -> FlashCall | None:
     bind to its op's schema)."""
     if node.op != "call_function":
         return None
-    name = qualified_op_name(node.target)
-    if name not in FLASH2_BATCHED | FLASH2_PACKED | {FLASH3}:
+    namespace, _, op = (qualified_op_name(node.target) or "").partition("::")
+    if op not in (BATCHED, PACKED) or not FLASH_NAMESPACE.fullmatch(namespace):
         return None
     bound = op_arguments(node)
     if bound is None:
         return None
     arguments, defaults = bound
-    version = 3 if name == FLASH3 else 2
-    packed = name in FLASH2_PACKED or (version == 3 and arguments.get("cu_seqlens_q") is not None)
+    version = 3 if "k_new" in arguments and op == BATCHED else 2
+    if not SCHEMA_NAMES[version, op] <= arguments.keys():
+        return None
+    packed = op == PACKED or (version == 3 and arguments["cu_seqlens_q"] is not None)
     return FlashCall(node, version, packed, arguments, defaults)
