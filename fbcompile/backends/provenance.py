@@ -122,23 +122,36 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
     return tensor._base if tensor._base is not None else tensor
 
 
-def _record_of(tensor: torch.Tensor) -> _CatRecord | None:
-    """The live record of the concatenation ``tensor`` is a leading range of (None: none, or written since)."""
+def _record_of(tensor: torch.Tensor) -> tuple[_CatRecord, int] | None:
+    """The live record of the concatenation ``tensor`` is a leading range of, and the dim of ``tensor`` it
+    was joined along (None: none, or written since). ``tensor`` may see the concatenation's dims in another
+    order (transformers' flash integration passes ``key.transpose(1, 2)`` on, tokens first)."""
     record = _lookup(_records, _root(tensor))
-    if record is None or version(tensor) != record.version:
+    if record is None or version(tensor) != record.version or tensor.storage_offset() != record.storage_offset:
         return None
-    size, dim = tuple(tensor.shape), record.dim
-    if (tensor.storage_offset() != record.storage_offset or tensor.stride() != record.stride
-            or len(size) != len(record.size) or size[:dim] + size[dim + 1:] != record.size[:dim] + record.size[dim + 1:]):
+    size, stride = tuple(tensor.shape), tensor.stride()
+    if len(size) != len(record.size):
         return None
-    return record
+    if stride == record.stride:  # the usual case: the same order
+        same = all(a == b for d, (a, b) in enumerate(zip(size, record.size)) if d != record.dim)
+        return (record, record.dim) if same and size[record.dim] <= record.size[record.dim] else None
+    free, dim = set(range(len(size))), None  # each of tensor's dims is one of the record's, by size and stride
+    for d in range(len(size)):
+        match = next((r for r in sorted(free, key=lambda r: r != record.dim) if record.stride[r] == stride[d]
+                      and (record.size[r] == size[d] or (r == record.dim and size[d] <= record.size[r]))), None)
+        if match is None:
+            return None
+        free.discard(match)
+        dim = d if match == record.dim else dim
+    return record, dim
 
 
 def content(tensor: torch.Tensor, prefix: tuple[int, int] | None = None) -> Content:
     """The content of ``tensor`` (``prefix = (dim, length)``: of its first ``length`` positions along ``dim``)."""
-    record = _record_of(tensor) if _records else None
-    if record is not None:
-        length = prefix[1] if prefix is not None and prefix[0] % tensor.dim() == record.dim else tensor.shape[record.dim]
+    found = _record_of(tensor) if _records else None
+    if found is not None:
+        record, dim = found
+        length = prefix[1] if prefix is not None and prefix[0] % tensor.dim() == dim else tensor.shape[dim]
         if length == record.offset:
             return record.source
     return Content(_own_token(tensor), version(tensor))
@@ -251,13 +264,15 @@ def _row_origins(writes, dim: int, size: int) -> list | None:
 
 
 def split_hint(tensor) -> tuple[int, int] | None:
-    """``(dim, block length)`` if ``tensor`` is a whole recorded ``cat(P, block)``, not written since."""
+    """``(dim, block length)`` if ``tensor`` is a whole recorded ``cat(P, block)`` (its dims in any order:
+    ``dim`` is ``tensor``'s), not written since."""
     if not isinstance(tensor, torch.Tensor):
         return None
-    record = _record_of(tensor)
-    if record is None or tuple(tensor.shape) != record.size:
+    found = _record_of(tensor)
+    if found is None or tensor.shape[found[1]] != found[0].size[found[0].dim]:
         return None
-    return record.dim, record.size[record.dim] - record.offset
+    record, dim = found
+    return dim, record.size[record.dim] - record.offset
 
 
 def external_contents(guard, args) -> list[Content]:
