@@ -278,6 +278,30 @@ def test_joined_input_without_valid_provenance_refreshes(tokens_first):
     assert session.refresh_reasons["new kv"] == 3
 
 
+@pytest.mark.parametrize("shape,dim", [((1, 2, 6, 8), 2), ((2, 6, 1, 8), 1), ((1, 1, 6, 8), 2)],
+                         ids=["heads first", "tokens first, one head", "one head and batch"])
+def test_a_joined_tensor_seen_in_another_dim_order_keeps_its_provenance(shape, dim):
+    """``C = cat(P, B)`` seen through any permutation of its dims (size-1 dims share strides) is split, and
+    its prefix holds ``P``'s content, along the view's own joined dim; views that are not all of ``C``'s
+    elements in another order (a slice of another dim), or ``C`` written since, have none."""
+    from fbcompile.backends import provenance
+
+    past = torch.randn(*shape)
+    block = torch.randn(*shape[:dim], 2, *shape[dim + 1:])
+    joined = torch.cat([past, block], dim)
+    provenance.record(joined, past, dim)
+    for order in ([0, 1, 2, 3], [0, 2, 1, 3], [2, 0, 3, 1]):
+        view = joined.permute(order)
+        at = order.index(dim)
+        assert provenance.split_hint(view) == (at, 2), order
+        assert provenance.content(view, (at, shape[dim])) == provenance.content(past)._replace(inherited=True)
+        assert provenance.content(view, (at, shape[dim] + 1)).token is not provenance.content(past).token
+    other = next(d for d in range(4) if d != dim and joined.shape[d] > 1)
+    assert provenance.split_hint(joined.narrow(other, 0, 1).transpose(1, 2)) is None
+    joined.add_(1.0)
+    assert provenance.split_hint(joined.transpose(1, 2)) is None
+
+
 def test_sdar_deep_model_stays_within_its_compile_budget(flash_standin):
     """The layer's frames after the graph break compile per layer: the budget grows with the depth
     (Config.recompile_limit + 8 per layer), so every layer still reuses with a small base limit that a

@@ -132,13 +132,16 @@ def _record_of(tensor: torch.Tensor) -> tuple[_CatRecord, int] | None:
     size, stride = tuple(tensor.shape), tensor.stride()
     if len(size) != len(record.size):
         return None
-    if stride == record.stride:  # the usual case: the same order
-        same = all(a == b for d, (a, b) in enumerate(zip(size, record.size)) if d != record.dim)
-        return (record, record.dim) if same and size[record.dim] <= record.size[record.dim] else None
-    free, dim = set(range(len(size))), None  # each of tensor's dims is one of the record's, by size and stride
+    if stride == record.stride and size[record.dim] <= record.size[record.dim] and all(
+            a == b for d, (a, b) in enumerate(zip(size, record.size)) if d != record.dim):
+        return record, record.dim  # the usual case: the same order
+    # each of tensor's dims is one of the record's, of its stride and size (shorter along the joined dim only)
+    free, dim = set(range(len(size))), None
     for d in range(len(size)):
-        match = next((r for r in sorted(free, key=lambda r: r != record.dim) if record.stride[r] == stride[d]
-                      and (record.size[r] == size[d] or (r == record.dim and size[d] <= record.size[r]))), None)
+        same = [r for r in sorted(free) if record.stride[r] == stride[d]]
+        match = next((r for r in same if record.size[r] == size[d]), None)
+        if match is None and record.dim in same and size[d] <= record.size[record.dim]:
+            match = record.dim
         if match is None:
             return None
         free.discard(match)
