@@ -19,6 +19,7 @@ from fbcompile.backends.session import Session
 
 flash_attn_standin.register()
 flash_attn_standin.register_fa3()
+flash_attn_standin.register_hub()
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class ZooSpec:
     graph_break: bool = False    # torch._dynamo.graph_break() right after the cat (the attention's graph reads
                                  # the concatenation as an input: split by its provenance)
     flash_version: int = 2       # flash: flash-attn 2's flash_attn_func or flash-attn 3's (its one op)
+    flash_hub: bool = False      # flash: the op in a Hugging Face kernel hub build's namespace
 
     @property
     def key_len(self) -> int:
@@ -218,7 +220,8 @@ class ZooAttention(nn.Module):
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
             flash_attn_func = (flash_attn_standin.flash_attn_3_func if s.flash_version == 3
                                else flash_attn_standin.flash_attn_func)
-            out = flash_attn_func(q.transpose(1, 2), k, v, softmax_scale=scale, causal=s.mask == "causal")
+            hub = {"namespace": flash_attn_standin.HUB_NAMESPACES[s.flash_version]} if s.flash_hub else {}
+            out = flash_attn_func(q.transpose(1, 2), k, v, softmax_scale=scale, causal=s.mask == "causal", **hub)
             return out.transpose(1, 2)
         if layout == "bshd":
             k, v = k.transpose(1, 2), v.transpose(1, 2)

@@ -121,6 +121,7 @@ def zoo_specs(draw, near_miss_repeat: bool = False, forms=("sdpa", "eager", "fle
         roll=buffer == "window" and cache >= 2 and draw(st.booleans()),
         graph_break=graph_break,
         flash_version=draw(st.sampled_from([2, 3])) if form == "flash" else 2,
+        flash_hub=draw(st.booleans()) if form == "flash" else False,
     )
 
 
