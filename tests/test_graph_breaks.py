@@ -5,7 +5,9 @@
   is split where the earlier graph joined it (its provenance);
 * transformers' ``Qwen2ForCausalLM`` as a block-diffusion denoiser over a ``DynamicCache``: every step
   appends the block and ``crop``s it off again, so the cached prefix is a view of the previous step's
-  concatenation - one content across the block's steps;
+  concatenation - one content across the block's steps; also through transformers' own flash-attn 3
+  integration, whose packed-sequence check breaks the graph after the cat, the next graph reading the
+  keys transposed (tokens first);
 * what must not reuse: a cache written outside the block's range, a new request, a crop to another
   length, a joined input without (valid) provenance.
 """
