@@ -1,5 +1,16 @@
+import os
+
 import pytest
 import torch
+
+MAX_WORKERS = 8
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core, at most :data:`MAX_WORKERS` (each imports torch, transformers and
+    diffusers; the suite is compile-bound, one thread per test, so two cores run it in about half the time)."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 @pytest.fixture(autouse=True)
