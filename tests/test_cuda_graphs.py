@@ -487,17 +487,21 @@ def test_key_count_follows_views_to_the_key_axis():
 def test_attention_on_cudnn_keeps_its_cache_unpadded(device, monkeypatch):
     """cuDNN reads no key count (as a bias it loses its lead over the Triton kernel): a graph whose cached
     keys reach an attention part on cuDNN runs uncaptured over each new cache instead, and explain says
-    why. The parts are declared on cuDNN here (on a GPU it takes video chunks of >= 1024 tokens)."""
+    why. The parts are declared on cuDNN here (on a GPU it takes video chunks of >= 1024 tokens). The
+    merge of the internal part goes to Inductor (``split_cudnn_merges``), with the same results."""
     from fbcompile.backends import compiler
     from fbcompile.passes.attention_kernels import attention_parts
 
     monkeypatch.setattr(compiler, "_on_cudnn", lambda gm, inputs: frozenset(n.name for n in attention_parts(gm)))
+    split, merges = compiler.split_cudnn_merges, []
+    monkeypatch.setattr(compiler, "split_cudnn_merges", lambda gm, names: merges.extend(split(gm, names)) or merges)
     reference, inputs = bshd_attention(device)
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always"))
     run_growing(device, graphed, reference, inputs)
     counts = fbcompile.stats(graphed).cuda_graphs
     assert "switched to spare capacity" not in counts and counts.get("uncaptured (new cached keys/values)"), counts
     assert "runs on cuDNN, which reads no key count" in str(fbcompile.explain(graphed))
+    assert merges and all(name.startswith("attention_merge_lse") for name in merges), merges
 
 
 @pytest.mark.parametrize("refresh", ["always", "block"])
