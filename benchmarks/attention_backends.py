@@ -7,7 +7,11 @@ attention is compute-bound and the Triton split-KV kernels, tuned for a text blo
 lose. Per shape (bf16, 12 heads, one KV head per query head, head dim 128): µs of each, medians of
 CUDA-graph replays, the FLOP rate, and each backend's output / LSE difference from the Triton kernel's.
 The ``*_count`` rows take the keys' count as a device tensor, as a graph over buffers with spare capacity
-does (the Triton kernel reads it; fbcompile's cuDNN path turns it into a ``-inf`` bias over the padding).
+does (the Triton kernel reads it; ``cudnn_count`` turns it into a ``-inf`` bias over the padding,
+``cudnn_ragged_count`` into the one sequence's length of cuDNN's ragged (nested-tensor) path, batch 1 and
+tokens-first memory only; on torch 2.11 its CUDA graph capture fails: ``attention_backends_ragged_h100_s27.json``).
+``--spare N`` leaves the last N keys past the count (filled with large values,
+so that reading them shows); the counted rows are then compared with the Triton kernel over the count.
 
     PYTHONPATH=. python benchmarks/attention_backends.py --out benchmarks/results/attention_backends_h200.json
     PYTHONPATH=. python benchmarks/attention_backends.py --layout bshd --rows 256,1024,4096,4680 --out ...
@@ -29,7 +33,17 @@ ROWS = (64, 256, 512, 1024, 2048, 4680)
 KEYS = (4680, 32768)
 
 
-def backends(scale):
+def cudnn_ragged(q, k, v, key_count, scale):
+    """Batch 1 through cuDNN's ragged (nested-tensor) path: one sequence of ``key_count`` keys."""
+    tokens = lambda t: t[0].transpose(0, 1)  # [S, H, D], packed only for tokens-first memory
+    cum_q = torch.arange(2, dtype=torch.int32, device=q.device) * q.shape[2]  # no host copy: capturable
+    cum_k = torch.cat([key_count.new_zeros(1), key_count]).to(torch.int32)
+    out, lse = torch.ops.aten._cudnn_attention_forward(tokens(q), tokens(k), tokens(v), None, cum_q, cum_k,
+                                                       q.shape[2], k.shape[2], True, scale=scale)[:2]
+    return out.transpose(0, 1)[None], lse.reshape(q.shape[2], q.shape[1]).t()[None]
+
+
+def backends(scale, spare=0):
     """``name -> fn(q, k, v) -> (out, lse [B, H, M] fp32)``."""
     def flash(q, k, v):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
@@ -46,13 +60,34 @@ def backends(scale):
         return cudnn(q, k, v, bias)
 
     def counted(fn):  # the form of a graph over buffers with spare capacity: a key count on the device
-        return lambda q, k, v: fn(q, k, v, torch.full((1,), k.shape[2], dtype=torch.int32, device=k.device))
+        return lambda q, k, v: fn(q, k, v, torch.full((1,), k.shape[2] - spare, dtype=torch.int32, device=k.device))
 
     return {"triton": lambda q, k, v: triton_attention.attention_lse(q, k, v, None, scale),
             "triton_count": counted(lambda q, k, v, n: triton_attention.attention_lse(q, k, v, None, scale, n)),
             "flash": flash, "cudnn": cudnn,
-            "cudnn_count": counted(cudnn_bias),
+            "cudnn_count": counted(cudnn_bias), "cudnn_ragged_count": counted(lambda q, k, v, n: cudnn_ragged(q, k, v, n, scale)),
             "sdpa (no LSE)": lambda q, k, v: (torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None)}
+
+
+def ragged_replay_error(q, k, v, scale) -> str:
+    """cuDNN's ragged path captured in a CUDA graph at one key count and replayed at others: the output's
+    relative difference from the Triton kernel's at each count (a replay must read the count it finds)."""
+    count = torch.full((1,), k.shape[2], dtype=torch.int32, device=k.device)
+    fn = lambda: cudnn_ragged(q, k, v, count, scale)
+    try:
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, _ = fn()
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:80]}"
+    errors = []
+    for n in (k.shape[2], k.shape[2] // 2, 1000, 17):
+        count.fill_(n)
+        graph.replay()
+        ref, _ = triton_attention.attention_lse(q, k, v, None, scale, count)
+        errors.append(f"{n}: {((out.float() - ref.float()).norm() / ref.float().norm()).item():.2g}")
+    return ", ".join(errors)
 
 
 def main():
@@ -60,6 +95,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--rows", default=",".join(map(str, ROWS)), help="queries per head, comma-separated")
     p.add_argument("--keys", default=",".join(map(str, KEYS)), help="keys per head, comma-separated")
+    p.add_argument("--spare", type=int, default=0, help="keys past the count in the *_count rows")
     p.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd",
                    help="memory order of q/k/v: bshd is a [B, S, H, D] tensor seen as [B, H, S, D] (the video DiT's)")
     a = p.parse_args()
@@ -77,11 +113,19 @@ def main():
             q = randn(m)
             flops = 4 * HEADS * m * n * HEAD_DIM
             row = dict(rows=m, keys=n)
-            ref_out, ref_lse = triton_attention.attention_lse(q, k, v, None, scale)
-            for name, fn in backends(scale).items():
+            if a.spare:
+                k[:, :, n - a.spare:] = 30.0
+                v[:, :, n - a.spare:] = 30.0
+            count = torch.full((1,), n - a.spare, dtype=torch.int32, device="cuda")
+            kept = (q, k[:, :, :n - a.spare], v[:, :, :n - a.spare])  # the counted keys alone
+            ref = {False: triton_attention.attention_lse(*kept, None, scale),
+                   True: triton_attention.attention_lse(q, k, v, None, scale, count)}
+            for name, fn in backends(scale, a.spare).items():
+                ref_out, ref_lse = ref[name.endswith("_count")]
+                args = (q, k, v) if name.endswith("_count") else kept
                 try:
-                    out, lse = fn(q, k, v)
-                    us = do_bench_cudagraph(lambda: fn(q, k, v), rep=30, return_mode="median") * 1e3
+                    out, lse = fn(*args)
+                    us = do_bench_cudagraph(lambda: fn(*args), rep=30, return_mode="median") * 1e3
                 except Exception as e:  # a backend this build or shape does not have
                     row[f"{name}_us"] = f"{type(e).__name__}: {str(e)[:60]}"
                     continue
@@ -91,8 +135,12 @@ def main():
                     row[f"{name}_lse_diff"] = float(f"{(lse.float() - ref_lse).abs().max().item():.2g}")
             print(row, flush=True)
             rows.append(row)
+        if a.layout == "bshd":
+            rows.append(dict(keys=n, ragged_replay=ragged_replay_error(randn(1024), k, v, scale)))
+            print(rows[-1], flush=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), heads=HEADS, head_dim=HEAD_DIM, dtype="bfloat16", layout=a.layout)
+                python=platform.python_version(), heads=HEADS, head_dim=HEAD_DIM, dtype="bfloat16", layout=a.layout,
+                spare=a.spare)
     with open(a.out, "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
