@@ -27,7 +27,7 @@ from fbcompile.backends.session import GraphRecord, Session, SiteCounters
 from fbcompile.config import Config
 from fbcompile.passes.attention_kernels import attention_parts, fake_inputs, kernels_of
 from fbcompile.passes.cat_outputs import cat_outputs, kv_outputs
-from fbcompile.passes.cudnn_merges import split_cudnn_merges
+from fbcompile.passes.cudnn_merges import merge_calls, split_cudnn_merges
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.flash_varlen import unpack_flash_varlen
 from fbcompile.passes.graph_utils import copy_module, is_module_state
@@ -165,7 +165,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             gm = captured
         if notes is not None:
             notes[role] = _capture_note(key_count, why_not, joins)
-    if session.cuda_graphs and config.compiler != "eager" and (on_cudnn := _on_cudnn(gm, example_inputs)):
+    if (session.cuda_graphs and config.compiler != "eager" and merge_calls(gm)
+            and (on_cudnn := _on_cudnn(gm, example_inputs))):
         rewritten = copy_module(gm)
         if merges := split_cudnn_merges(rewritten, on_cudnn):
             gm = rewritten

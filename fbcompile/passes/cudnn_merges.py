@@ -29,13 +29,17 @@ import torch.fx as fx
 _MERGED = torch.ops.fbcompile.attention_merge_lse.default
 
 
+def merge_calls(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ``attention_merge_lse`` calls of ``gm`` (a graph without any needs no kernel analysis)."""
+    return [node for node in gm.graph.nodes if node.op == "call_function" and node.target is _MERGED]
+
+
 def split_cudnn_merges(gm: fx.GraphModule, on_cudnn: frozenset[str]) -> list[str]:
     """Rewrite the ``attention_merge_lse`` calls of ``gm`` named in ``on_cudnn`` in place; returns the
     names of those rewritten."""
     rewritten = []
-    for node in list(gm.graph.nodes):
-        if not (node.op == "call_function" and node.target is _MERGED and node.name in on_cudnn
-                and len(node.args) == 7 and not node.kwargs):
+    for node in merge_calls(gm):
+        if not (node.name in on_cudnn and len(node.args) == 7 and not node.kwargs):
             continue
         items = list(node.users)
         if not all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1) for u in items):
