@@ -494,7 +494,12 @@ def test_attention_on_cudnn_keeps_its_cache_unpadded(device, monkeypatch):
 
     monkeypatch.setattr(compiler, "_on_cudnn", lambda gm, inputs: frozenset(n.name for n in attention_parts(gm)))
     split, merges = compiler.split_cudnn_merges, []
-    monkeypatch.setattr(compiler, "split_cudnn_merges", lambda gm, names: merges.extend(split(gm, names)) or merges)
+
+    def split_and_note(gm, names):
+        merges.extend(rewritten := split(gm, names))
+        return rewritten
+
+    monkeypatch.setattr(compiler, "split_cudnn_merges", split_and_note)
     reference, inputs = bshd_attention(device)
     graphed = fbcompile.optimize(copy.deepcopy(reference), fbcompile.Config(cuda_graphs=True, refresh="always"))
     run_growing(device, graphed, reference, inputs)
