@@ -40,8 +40,9 @@
 #   wan         Wan-1.3B as LongLive runs it (rolling cache, CPU grid_sizes) at 32K: eager, torch.compile,
 #               fbcompile exact and block with CUDA graphs                                          (<= 560 s)
 #   wan_profile where one chunk of that Wan-1.3B run goes: torch.compile, fbcompile exact and block with CUDA
-#               graphs, top 30 kernels each (benchmarks/profile_block.py; exact mode ran slower than
-#               torch.compile in the twenty-sixth session's run)                                        (<= 420 s)
+#               graphs, top 30 kernels each and the 16 host ops with the most GPU time by input shapes
+#               (benchmarks/profile_block.py; the twenty-seventh session's run left ~45 ms per chunk of
+#               foreach input copies unexplained)                                                      (<= 420 s)
 #   backends    fbcompile's external-attention kernel against PyTorch's flash and cuDNN attention (with LSE) and
 #               SDPA, over 64-4680 queries per head (benchmarks/attention_backends.py), then at the video's
 #               [B, S, H, D] layout                                                                   (<= 220 s)
@@ -173,7 +174,7 @@ for name in "${steps[@]}"; do
     wan) step e2e_wan "${WAN_LIMIT:-560}" python -m fbcompile bench --workloads benchmarks.e2e:workloads --model wan \
         --contexts 32k --batches 1 --variants "${WAN_VARIANTS:-eager,compile,exact-ro,block-ro}" --repeats 3 --out "$OUT/e2e_wan" ;;
     wan_profile) step profile_wan_32k 420 python benchmarks/profile_block.py --model wan --context 32k --batch 1 \
-        --variants compile,exact-ro,block-ro --warmup 2 --top 30 --out "$OUT/profile_wan_32k" ;;
+        --variants compile,exact-ro,block-ro --warmup 2 --top 30 --ops 16 --out "$OUT/profile_wan_32k" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;

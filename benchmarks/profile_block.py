@@ -52,7 +52,7 @@ def busy_ms(intervals: list[tuple[float, float]]) -> float:
 
 
 def profile_variant(workload, built, variant: str, context: int, batch: int, warmup: int, top: int,
-                    sequence: int = 0, gaps: int = 0) -> dict:
+                    sequence: int = 0, gaps: int = 0, ops: int = 0) -> dict:
     model = make_variant(variant, copy.deepcopy(built), "inductor")
     fb = variant in FBCOMPILE_VARIANTS
     block = workload.prepare(model, context, batch)
@@ -75,7 +75,7 @@ def profile_variant(workload, built, variant: str, context: int, batch: int, war
     if fb:
         new_request(model)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+                                            torch.profiler.ProfilerActivity.CUDA], record_shapes=ops > 0) as prof:
         block.run()
         _sync()
     gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -106,6 +106,11 @@ def profile_variant(workload, built, variant: str, context: int, batch: int, war
                gaps=[dict(idle_us=round(g, 1), after=a, before=b) for g, a, b in idle],
                host_lead_ms=round((by_start[0].time_range.start - cpu_start) / 1e3, 3)
                if by_start and cpu_start is not None else None)
+    if ops:  # the host ops launched outside the CUDA graphs' replays, with their GPU time and input shapes
+        ranked_ops = sorted((e for e in prof.key_averages(group_by_input_shape=True) if e.device_time_total > 0),
+                            key=lambda e: -e.device_time_total)[:ops]
+        row["ops"] = [dict(op=e.key, count=e.count, device_ms=round(e.device_time_total / 1e3, 3),
+                           shapes=str(e.input_shapes)[:240]) for e in ranked_ops]
     if fb:
         s = stats(model)
         row.update(refreshes=s.refreshes, reuses=s.reuses, cuda_graphs=dict(s.cuda_graphs or {}))
@@ -218,6 +223,9 @@ def main(argv=None):
                    help="also list the block's last N GPU events in order, with the idle gap before each")
     p.add_argument("--gaps", type=int, default=0,
                    help="also list the block's N longest idle gaps on the GPU (and the host's lead before its first kernel)")
+    p.add_argument("--ops", type=int, default=0,
+                   help="also list the N host ops with the most GPU time, by input shapes (those outside the CUDA "
+                        "graphs' replays: input copies, uncaptured graphs)")
     p.add_argument("--host", type=int, default=0, metavar="BLOCKS",
                    help="instead: host time per forward (a block's first apart) over BLOCKS blocks, then cProfile")
     p.add_argument("--tiny", action="store_true", help="small shapes, on the CPU (a check of the script)")
@@ -238,12 +246,12 @@ def main(argv=None):
                                          args.host, args.top))
             else:
                 rows.append(profile_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup,
-                                            args.top, args.sequence, args.gaps))
+                                            args.top, args.sequence, args.gaps, args.ops))
             write(args.out, env, args, rows)
             print(json.dumps(summary(rows[-1])), flush=True)
 
 
-SUMMARY_SKIPS = ("top", "sequence", "gaps", "sections_us", "profile_first", "profile_other")  # long fields
+SUMMARY_SKIPS = ("top", "sequence", "gaps", "ops", "sections_us", "profile_first", "profile_other")  # long fields
 
 
 def summary(row: dict) -> dict:
@@ -259,6 +267,10 @@ def block_lines(r: dict) -> list[str]:
         lines += [f"The block's last {len(r['sequence'])} GPU events in order:", "",
                   "| kernel | µs | idle before, µs |", "|---|---|---|"]
         lines += [f"| `{t['kernel']}` | {t['us']} | {t['gap_us']} |" for t in r["sequence"]] + [""]
+    if r.get("ops"):
+        lines += ["Host ops with the most GPU time (outside the replays), by input shapes:", "",
+                  "| op | count | GPU ms | input shapes |", "|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['count']} | {o['device_ms']} | `{o['shapes']}` |" for o in r["ops"]] + [""]
     if r.get("gaps"):
         lines += [f"The block's {len(r['gaps'])} longest idle gaps on the GPU (the host's lead before its first "
                   f"kernel: {r['host_lead_ms']} ms):", "", "| idle µs | after | before |", "|---|---|---|"]
