@@ -149,11 +149,12 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             gm = rewritten
             if notes is not None:
                 notes[role] = f"{len(island.outputs)} output(s) computed from host inputs before the replay"
-    joins, key_count = [], None
+    joins, key_count, on_cudnn = [], None, None
     if session.cuda_graphs and kv:  # a copy: dynamo reads gm's placeholders after the backend returns
         captured = copy_module(gm)
         joins = hoist_cache_cats(captured, kv)
-        key_count, why_not = add_key_count(captured, kv, _on_cudnn(captured, example_inputs))
+        on_cudnn = _on_cudnn(captured, example_inputs)  # copies keep node names: the merges below read it too
+        key_count, why_not = add_key_count(captured, kv, on_cudnn)
         if key_count is not None:
             cached = next(p for p in key_count.padded if isinstance(p.extra, int))  # (not a dynamic block's)
             first = example_inputs[cached.index]
@@ -165,10 +166,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             gm = captured
         if notes is not None:
             notes[role] = _capture_note(key_count, why_not, joins)
-    if (session.cuda_graphs and config.compiler != "eager" and merge_calls(gm)
-            and (on_cudnn := _on_cudnn(gm, example_inputs))):
-        rewritten = copy_module(gm)
-        if merges := split_cudnn_merges(rewritten, on_cudnn):
+    if session.cuda_graphs and config.compiler != "eager" and merge_calls(gm):
+        on_cudnn = _on_cudnn(gm, example_inputs) if on_cudnn is None else on_cudnn
+        if on_cudnn and (merges := split_cudnn_merges(rewritten := copy_module(gm), on_cudnn)):
             gm = rewritten
             log.info("%s: %d merge(s) of cuDNN's internal parts left to Inductor", role, len(merges))
     if record is not None and attention_parts(gm):
