@@ -1202,6 +1202,50 @@ def test_ops_on_host_inputs_run_before_the_replay(device, monkeypatch):
     assert any("computed from host inputs before the replay" in note for note in notes), notes
 
 
+def frame_sizes(grid) -> tuple[int, int]:
+    f, h, w = grid[0].tolist()
+    return f, h
+
+
+class IntsBetweenBreaks(torch.nn.Module):
+    """Wan's self-attention between its breaks: ``.item()`` on the host grid, ``start // frame``, then a call
+    that breaks on ``.tolist()``: dynamo's graph between the two computes an int only."""
+
+    def forward(self, x, grid, start: int):
+        frame = math.prod(grid[0][1:]).item()
+        first = start // frame
+        f, h = frame_sizes(grid)
+        return torch.tanh(x[:, first * frame:(first + f) * frame]) * h
+
+
+@torch.no_grad()
+def test_graphs_without_tensor_ops_run_as_they_are(device):
+    """A graph none of whose ops takes or makes a tensor is not wrapped for capture (a replay of an empty CUDA
+    graph only costs host time); every graph with a tensor op is; the results equal the model's."""
+    from fbcompile.passes.graph_utils import recorded, tensor_free
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    inputs = [(torch.randn(2, 64, 8, device=device), torch.tensor([[4, 2, 4]]), start) for start in (0, 8, 16, 24)]
+    traced = torch.compile(IntsBetweenBreaks(), backend=recording)
+    for args in inputs:
+        traced(*args)
+    ints_only = [not any(isinstance(recorded(p), torch.Tensor) for p in gm.graph.find_nodes(op="placeholder"))
+                 for gm in graphs]
+    assert any(ints_only) and [tensor_free(gm) for gm in graphs] == ints_only, [gm.code for gm in graphs]
+    model = fbcompile.optimize(IntsBetweenBreaks(), fbcompile.Config(compiler="eager", cuda_graphs=True))
+    for args in inputs * 3:  # (a key is captured the second time it is seen)
+        assert torch.equal(model(*args), IntsBetweenBreaks()(*args))
+    notes = [note for graph in fbcompile.explain(model).graphs for note in graph.cuda_graphs.values()]
+    # (the CPU stand-in also moves the grid's graphs' ops out as host ops: nothing is left of those either)
+    assert sum(note.startswith("no tensor ops") for note in notes) >= sum(ints_only), notes
+    assert fbcompile.stats(model).cuda_graphs.get("replays", 0) > 0, fbcompile.stats(model).cuda_graphs
+
+
 @torch.no_grad()
 def test_fast_dllm_dual_cache_replays_across_blocks(monkeypatch, shared_compile_budget):
     """Fast-dLLM's dual cache (``examples/llada_dual_buffer.py``): each block's full pass makes new K/V

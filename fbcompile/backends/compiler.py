@@ -30,7 +30,7 @@ from fbcompile.passes.cat_outputs import cat_outputs, kv_outputs
 from fbcompile.passes.cudnn_merges import merge_calls, split_cudnn_merges
 from fbcompile.passes.find_attention import find_attention_sites
 from fbcompile.passes.flash_varlen import unpack_flash_varlen
-from fbcompile.passes.graph_utils import copy_module, is_module_state
+from fbcompile.passes.graph_utils import copy_module, is_module_state, tensor_free
 from fbcompile.passes.gated_linears import gated_linears
 from fbcompile.passes.group_linears import group_linears
 from fbcompile.passes.linear_partials import linear_partials
@@ -189,6 +189,10 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
             run = gm.forward
     if not session.cuda_graphs:
         return run
+    if tensor_free(gm):  # nothing to capture: a replay of an empty CUDA graph would only cost host time
+        if notes is not None:
+            notes[role] = "no tensor ops (ints from sizes, or all moved out): runs as it is, not captured"
+        return run if island is None else WithHostIsland(island, run)
     captured = CapturedGraph(run, gm, session, kv, key_count, joins, kept_inputs=set(kept[0]),
                              kept_outputs=set(kept[1]))
     return captured if island is None else WithHostIsland(island, captured)

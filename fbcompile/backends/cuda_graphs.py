@@ -85,6 +85,10 @@ refresh across calls. Here, per graph:
   them moved out when they only feed graph outputs (:mod:`fbcompile.passes.host_island`): they run
   eagerly, the rest is captured (:class:`WithHostIsland`). A graph that reads CPU tensors only, in a model
   whose other graphs read CUDA ones, runs as it is ("host tensors only": nothing to capture).
+* **No tensor ops**: a graph none of whose ops takes or makes a tensor (dynamo's graph between two breaks
+  computing ints from its int inputs, ``current_start // frame_seqlen`` in Wan; the rest of a graph whose
+  ops all read host inputs) is not wrapped: it runs as it is, where a replay of an empty CUDA graph would
+  only cost host time.
 * **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
   device otherwise (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host
   sync inside the graph: a warning with the error).
@@ -175,9 +179,10 @@ class SpareBuffers:
 
 class WithHostIsland:
     """A captured graph whose ops on host inputs were moved out (:mod:`fbcompile.passes.host_island`): they
-    run eagerly, then the replay, and the outputs are put back in order."""
+    run eagerly, then the replay (or the rest as it is, where no tensor op is left), and the outputs are
+    put back in order."""
 
-    def __init__(self, island: HostIsland, captured: CapturedGraph):
+    def __init__(self, island: HostIsland, captured: CapturedGraph | Callable):
         self.island, self.captured = island, captured
 
     def __call__(self, *args):

@@ -321,6 +321,23 @@ def reads_data(node: fx.Node) -> bool:
                for user in node.users)
 
 
+def tensor_free(gm: fx.GraphModule) -> bool:
+    """Whether no op of ``gm`` takes or makes a tensor: an empty graph (all its ops moved out, or dynamo's
+    graph between two breaks with nothing in it) or one computing ints from its int inputs and sizes
+    (``current_start // frame_seqlen`` after Wan's ``.item()``). An op whose value was not recorded counts
+    as one that does."""
+    def holds_tensor(value) -> bool:
+        return value is None or any(isinstance(leaf, torch.Tensor) for leaf in torch.utils._pytree.tree_leaves(value))
+
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "get_attr" or holds_tensor(recorded(node)) or any(
+                holds_tensor(recorded(n)) for n in node.all_input_nodes if n.op != "get_attr"):
+            return False
+    return True
+
+
 def copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` to rewrite (its nodes' metadata shared), ``gm`` left as it is."""
     graph = fx.Graph()
