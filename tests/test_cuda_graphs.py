@@ -1312,17 +1312,20 @@ def test_replays_bump_the_versions_of_written_inputs(device):
 
 
 def test_copies_are_grouped_by_dtype(monkeypatch):
-    """Each destination gets its own source's values, in one foreach copy per dtype (the foreach kernel
-    takes one launch for a list of one dtype; a mixed list falls back to a copy per tensor)."""
-    sources = [torch.randn(3, dtype=torch.bfloat16), torch.randn(2, 4), torch.randn(5, dtype=torch.bfloat16),
-               torch.arange(4)]
+    """Each destination gets its own source's values: the small tensors of a dtype with at least
+    ``FOREACH_MIN_TENSORS`` of them in one foreach copy (one launch for a list of one dtype), the others
+    (fewer of their dtype, or large) by a ``copy_`` each."""
+    small = [torch.randn(3, dtype=torch.bfloat16), torch.randn(2, 4), torch.randn(5, dtype=torch.bfloat16),
+             torch.arange(4), torch.randn(7, dtype=torch.bfloat16), torch.randn(6)]
+    large = torch.randn(cuda_graphs.OWN_COPY_BYTES // 2 + 1, dtype=torch.bfloat16)  # just over the bound
+    sources = [*small[:3], large, *small[3:]]
     destinations = [torch.empty_like(t) for t in sources]
     calls = []
     foreach = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (calls.append({t.dtype for t in d}), foreach(d, s)))
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (calls.append([t.numel() for t in d]), foreach(d, s)))
     cuda_graphs._copy_all(destinations, sources)
     assert all(torch.equal(d, s) for d, s in zip(destinations, sources))
-    assert sorted(map(str, calls)) == sorted(map(str, [{torch.bfloat16}, {torch.float32}, {torch.int64}]))
+    assert calls == [[3, 5, 7]], calls  # the bf16 ones below the bound; two fp32, one int64, the large one alone
 
 
 def test_recycled_buffer_is_free_only_when_nothing_holds_it():

@@ -121,6 +121,8 @@ MAX_SPARE_LAYOUTS = 8  # layouts (capacities) of spare buffers a graph keeps, on
 MAX_RECYCLED = 8       # recycled buffers per kept or pooled output
 MAX_KEPT_ADDRESSES = 2  # addresses of a reuse graph's kept parts before it copies them in instead
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
+FOREACH_MIN_TENSORS = 3  # tensors of a dtype copied by one foreach launch from this many (fewer: a copy_ each)
+OWN_COPY_BYTES = 1 << 20  # tensors from this size copied by a copy_ of their own
 DEVICE_TYPE = "cuda"   # inputs on other devices run uncaptured
 NEW_KV = "new cached keys/values"
 NEW_LENGTH = "cached keys/values of a new length"
@@ -619,18 +621,28 @@ def _picker(indices: list[int]) -> Callable[[tuple], tuple]:
 
 
 def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    """``d.copy_(s)`` for each pair, one ``torch._foreach_copy_`` per dtype: the foreach kernel takes all
-    tensors in one launch only if they share a dtype; a mixed list (a refresh's kept ``O_e`` in bf16 and
-    ``L_e`` in fp32) falls back to one copy per tensor, each a driver call (a 28-layer model's refresh on
-    the H200: 56 copies, ~400 µs of host time, against ~100 µs for two foreach launches;
-    ``benchmarks/results/host_lm_32k_b1_h200.md``)."""
+    """``d.copy_(s)`` for each pair: one ``torch._foreach_copy_`` per dtype with at least
+    :data:`FOREACH_MIN_TENSORS` tensors below :data:`OWN_COPY_BYTES`, one ``copy_`` for each other.
+    The foreach kernel takes a list in one launch only if it shares a dtype; a mixed list falls back to
+    one copy per tensor, each a driver call (a 28-layer model's refresh on the H200, its kept ``O_e`` in
+    bf16 and ``L_e`` in fp32: 56 copies, ~400 µs of host time, against ~100 µs for two foreach launches;
+    ``benchmarks/results/host_lm_32k_b1_h200.md``). But one foreach launch costs more host time than a
+    ``copy_`` or two (~17 µs a launch against ~7 µs a copy, Wan's replays on the H100:
+    ``benchmarks/results/host_wan_32k_h100_s28.md``), and a large tensor copies faster alone."""
     groups: dict[torch.dtype, tuple[list, list]] = {}
     for destination, source in zip(destinations, sources):
+        if source.nbytes >= OWN_COPY_BYTES:
+            destination.copy_(source)
+            continue
         group = groups.setdefault(source.dtype, ([], []))
         group[0].append(destination)
         group[1].append(source)
     for group in groups.values():
-        torch._foreach_copy_(*group)
+        if len(group[0]) >= FOREACH_MIN_TENSORS:
+            torch._foreach_copy_(*group)
+        else:
+            for destination, source in zip(*group):
+                destination.copy_(source)
 
 
 def _stored(tensor: torch.Tensor) -> torch.Tensor:
