@@ -17,7 +17,7 @@ refresh across calls. Here, per graph:
   place (seen at its first call from ``_version``; an inference tensor, whose writes cannot be seen,
   counts as one). Every other tensor the graph reads (the block's
   tokens, positions, the cached ``(O_e, L_e)`` of a reuse graph) is *copied* into the capture's own
-  buffers before each replay, in one ``torch._foreach_copy_`` per dtype: its address may change at every
+  buffers before each replay (:func:`_copy_all`: foreach launches, or a ``copy_`` each): its address may change at every
   call. Inputs the graph does not read, or reads only the sizes of (a reuse graph's cached keys/values)
   are neither. A graph that returns ``cat(cached input, block)`` (an HF ``DynamicCache`` updated in
   the model) is captured returning the block, and the concatenation is made after each run, from the
@@ -65,8 +65,8 @@ refresh across calls. Here, per graph:
   otherwise than as ``arange``, a mask read elsewhere, a RoPE table read otherwise than by rows)
   run uncaptured over new caches, counted in ``Stats.cuda_graphs`` as
   ``"uncaptured (new cached keys/values)"``.
-* **Outputs.** Every tensor a replay returns is copied out of the capture's memory (one
-  ``torch._foreach_copy_`` per dtype), so neither the caller nor the dispatcher's cache holds memory a later
+* **Outputs.** Every tensor a replay returns is copied out of the capture's memory
+  (:func:`_copy_all`), so neither the caller nor the dispatcher's cache holds memory a later
   replay overwrites. A graph that returns a view of one of its inputs is not captured. The user's
   outputs go to fresh tensors, except one that another graph then meets as its cache and takes by
   address (Fast-dLLM's dual cache: the full pass's K/V, written in place by the block's later steps):
@@ -551,7 +551,7 @@ class CapturedGraph:
         return self._copy_out(capture.outputs)
 
     def _copy_out(self, outputs):
-        """``outputs`` copied (one foreach copy per dtype): the kept and pooled ones into recycled buffers, the
+        """``outputs`` copied (:func:`_copy_all`): the kept and pooled ones into recycled buffers, the
         rest into fresh tensors, whose addresses are noted for :meth:`_pool_sources`."""
         recycled = self.kept_outputs | self.pooled_outputs
         destinations = [(self._recycled_buffer(i, t) if i in recycled else torch.empty_like(t))
