@@ -43,6 +43,9 @@
 #               graphs, top 30 kernels each and the 16 host ops with the most GPU time by input shapes
 #               (benchmarks/profile_block.py; the twenty-seventh session's run left ~45 ms per chunk of
 #               foreach input copies unexplained)                                                      (<= 420 s)
+#   wan_host    host time per forward of that Wan-1.3B run, block and exact mode with CUDA graphs: sections and
+#               cProfile (benchmarks/profile_block.py --host; the twenty-eighth session's run found the host
+#               waiting on two .item() syncs per layer and ~59 µs per replay)                      (<= 300 s)
 #   backends    fbcompile's external-attention kernel against PyTorch's flash and cuDNN attention (with LSE) and
 #               SDPA, over 64-4680 queries per head (benchmarks/attention_backends.py), then at the video's
 #               [B, S, H, D] layout                                                                   (<= 220 s)
@@ -175,6 +178,8 @@ for name in "${steps[@]}"; do
         --contexts 32k --batches 1 --variants "${WAN_VARIANTS:-eager,compile,exact-ro,block-ro}" --repeats 3 --out "$OUT/e2e_wan" ;;
     wan_profile) step profile_wan_32k 420 python benchmarks/profile_block.py --model wan --context 32k --batch 1 \
         --variants compile,exact-ro,block-ro --warmup 2 --top 30 --ops 16 --out "$OUT/profile_wan_32k" ;;
+    wan_host) step host_wan_32k 300 python benchmarks/profile_block.py --model wan --context 32k --batch 1 \
+        --variants block-ro,exact-ro --warmup 2 --host 2 --top 45 --out "$OUT/host_wan_32k" ;;
     sparse)
         step sparse_64 150 env PYTHONPATH=. python benchmarks/sparse_attention.py --out "$OUT" --tile 64 --sweep ;;
     *) echo "unknown step $name" ;;
