@@ -14,6 +14,7 @@ import inspect
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -1244,6 +1245,35 @@ def test_graphs_without_tensor_ops_run_as_they_are(device):
     # (the CPU stand-in also moves the grid's graphs' ops out as host ops: nothing is left of those either)
     assert sum(note.startswith("no tensor ops") for note in notes) >= sum(ints_only), notes
     assert fbcompile.stats(model).cuda_graphs.get("replays", 0) > 0, fbcompile.stats(model).cuda_graphs
+
+
+class HostGraphFirst(torch.nn.Module):
+    """A graph reading a host tensor only, then one reading device tensors (a graph break between)."""
+
+    def forward(self, x, note):
+        note = note + 1
+        torch._dynamo.graph_break()
+        return torch.tanh(x), note
+
+
+@torch.no_grad()
+def test_a_host_graph_ahead_of_device_ones_does_not_warn(monkeypatch):
+    """A graph reading host tensors only that runs before any graph read device ones is host work, not a model
+    on the wrong device: no warning that CUDA graphs are off, and the device graph replays. Here the CPU
+    stands in for the device and meta tensors for the host's."""
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    monkeypatch.setattr(compiler, "_host_inputs", lambda inputs: set())  # (the CPU's tensors are the device's here)
+    model = fbcompile.optimize(HostGraphFirst(), fbcompile.Config(compiler="eager", cuda_graphs=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(4):
+            x = torch.randn(3, 5, generator=torch.Generator().manual_seed(seed))
+            out, note = model(x, torch.zeros(2, device="meta"))
+            assert torch.equal(out, torch.tanh(x)) and note.device.type == "meta"
+    assert not [w for w in caught if "CUDA graphs" in str(w.message)], [str(w.message) for w in caught]
+    counts = fbcompile.stats(model).cuda_graphs
+    assert counts.get("uncaptured (host tensors only)") == 3 and counts.get("replays", 0) >= 2, counts
 
 
 @torch.no_grad()

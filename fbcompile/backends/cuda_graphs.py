@@ -90,7 +90,8 @@ refresh across calls. Here, per graph:
   ops all read host inputs) is not wrapped: it runs as it is, where a replay of an empty CUDA graph would
   only cost host time.
 * **Fallbacks** (the graph runs uncaptured, counted in ``Stats.cuda_graphs``): inputs not on a CUDA
-  device otherwise (the CPU: a warning, once per session), grad mode, a capture that fails (e.g. a host
+  device otherwise (the CPU: a warning, once per session, at a graph's second call if its first came
+  before any graph read CUDA tensors), grad mode, a capture that fails (e.g. a host
   sync inside the graph: a warning with the error).
 
 A replay bumps the version counters of the inputs the graph writes (``increment_version``), as the
@@ -244,6 +245,7 @@ class CapturedGraph:
         self._dropped: OrderedDict = OrderedDict()  # keys whose capture was dropped to keep the bound
         self._seen: OrderedDict = OrderedDict()
         self.uncapturable: str | None = None
+        self._host_first_call = False  # a first call read host tensors only, before any graph read device ones
 
     def __call__(self, *raw):
         outputs = self._call(raw)
@@ -457,6 +459,11 @@ class CapturedGraph:
         if devices and DEVICE_TYPE not in devices and self.session.device_inputs_seen:
             self.uncapturable = "host tensors only"  # nothing to capture
             return self._uncaptured(args, self.uncapturable)
+        if devices and DEVICE_TYPE not in devices and not self._host_first_call:
+            # before any graph read device tensors: a host graph ahead of the model's device ones, or a model
+            # on the host; told apart at its next call, when the model's other graphs have run once
+            self._host_first_call = True
+            return self._uncaptured(args, "first call")
         if devices - {DEVICE_TYPE}:
             self.uncapturable = f"inputs on {', '.join(sorted(devices - {DEVICE_TYPE}))}"
             if "cuda graphs" not in self.session.warned:
