@@ -633,9 +633,10 @@ def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> 
     The foreach kernel takes a list in one launch only if it shares a dtype; a mixed list falls back to
     one copy per tensor, each a driver call (a 28-layer model's refresh on the H200, its kept ``O_e`` in
     bf16 and ``L_e`` in fp32: 56 copies, ~400 µs of host time, against ~100 µs for two foreach launches;
-    ``benchmarks/results/host_lm_32k_b1_h200.md``). But one foreach launch costs more host time than a
-    ``copy_`` or two (~17 µs a launch against ~7 µs a copy, Wan's replays on the H100:
-    ``benchmarks/results/host_wan_32k_h100_s28.md``), and a large tensor copies faster alone."""
+    ``benchmarks/results/host_lm_32k_b1_h200.md``: ~7 µs a copy). But one foreach launch costs more host
+    time than a ``copy_`` or two (~17 µs a launch in Wan's replays on the H100,
+    ``benchmarks/results/host_wan_32k_h100_s28.md``), and a large tensor copies faster alone
+    (``session28_h100.md``: Wan's chunk 3.5-4.5% faster in exact mode)."""
     groups: dict[torch.dtype, tuple[list, list]] = {}
     for destination, source in zip(destinations, sources):
         if source.nbytes >= OWN_COPY_BYTES:
