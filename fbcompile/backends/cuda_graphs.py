@@ -635,8 +635,9 @@ def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> 
     bf16 and ``L_e`` in fp32: 56 copies, ~400 µs of host time, against ~100 µs for two foreach launches;
     ``benchmarks/results/host_lm_32k_b1_h200.md``: ~7 µs a copy). But one foreach launch costs more host
     time than a ``copy_`` or two (~17 µs a launch in Wan's replays on the H100,
-    ``benchmarks/results/host_wan_32k_h100_s28.md``), and a large tensor copies faster alone
-    (``session28_h100.md``: Wan's chunk 3.5-4.5% faster in exact mode)."""
+    ``benchmarks/results/host_wan_32k_h100_s28.md``), and a large tensor copies faster alone (into spare
+    buffers on the H200, ``spare_copy_h200.md``); both rules together made Wan's chunk 3.5-4.5% faster in
+    exact mode (``session28_h100.md``)."""
     groups: dict[torch.dtype, tuple[list, list]] = {}
     for destination, source in zip(destinations, sources):
         if source.nbytes >= OWN_COPY_BYTES:
