@@ -127,3 +127,42 @@ def test_inductor_compiles_the_split_graph():
         got = compiled(*inputs)
     assert session.graphs[0].rewritten == 1
     assert rel_error(got, expected) < 1e-5
+
+
+class SlicedCacheFlex(torch.nn.Module):
+    """flex_attention without a BlockMask over ``cat(cache[:, :, :n], block)``, ``n`` an int input (diffusers'
+    AnyFlow FAR slices its caches by ``kv_cache_flag["num_cached_full_tokens"]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, x, cache_k, cache_v, n: int):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = self.proj(x).unflatten(-1, (3, 16)).unbind(-2)
+        return flex_attention(q, torch.cat([cache_k[:, :, :n], k], dim=2), torch.cat([cache_v[:, :, :n], v], dim=2))
+
+
+def test_inductor_compiles_a_flex_split_over_a_cache_cut_by_an_int():
+    """Once ``n`` turns symbolic, the external part's mask is made over keys that may number fewer than a
+    block: Inductor failed on it ("Invalid ranges [0:-1]") and the graph ran without Inductor. Every length
+    matches the model, and no graph falls back."""
+    import warnings
+
+    import fbcompile
+
+    torch.manual_seed(0)
+    reference = SlicedCacheFlex()
+    model = fbcompile.optimize(SlicedCacheFlex(), fbcompile.Config(refresh="always", compiler="inductor"))
+    model.load_state_dict(reference.state_dict())
+    cache_k, cache_v = torch.randn(1, 2, 64, 16), torch.randn(1, 2, 64, 16)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (16, 24, 5, 40):
+            x = torch.randn(1, 2, 8, 16)
+            assert rel_error(model(x, cache_k, cache_v, n), reference(x, cache_k, cache_v, n)) < 1e-5, n
+    assert not [str(w.message) for w in caught if "could not compile" in str(w.message)]
+    report = fbcompile.explain(model)
+    assert [s["decision"] for s in report.sites] == ["rewritten"] * len(report.sites) and len(report.graphs) == 2
+    assert fbcompile.stats(model).uncompiled == 0

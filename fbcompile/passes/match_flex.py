@@ -40,6 +40,8 @@ from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
 from fbcompile.passes.graph_utils import shape, traced_value
 
+_NO_BLOCKS = 1 << 30  # the block size of torch's mask-free BlockMask (flex_attention's _LARGE_SPARSE_BLOCK_SIZE)
+
 
 def is_flex_attention(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention
@@ -75,14 +77,22 @@ def flex_key_mask(q: torch.Tensor, start, length, kv_num_blocks: torch.Tensor, k
                   q_block: int, kv_block: int, mask_mod, mask_mod_buffers: tuple, score_mod, score_mod_buffers: tuple,
                   per_batch: bool, per_head: bool) -> torch.Tensor:
     """The mask ``[B | 1, H | 1, M, length]`` with which flex attends keys ``[start, start + length)``:
-    bool, or with an additive ``score_mod`` its bias where flex attends and ``-inf`` elsewhere."""
+    bool, or with an additive ``score_mod`` its bias where flex attends and ``-inf`` elsewhere.
+
+    Under the block size of torch's mask-free BlockMask (2^30: more keys than any cache holds) every key
+    is in block 0, and the keys' blocks are not computed: Inductor splits a loop over keys whose index it
+    divides by a block size into ``length // size`` blocks, a range it cannot handle where that may be 0
+    ("Invalid ranges [0:-1]": a cache sliced by an int input, diffusers' AnyFlow FAR). (A real BlockMask
+    over a cache that may be shorter than one of its blocks still meets it: the graph then runs without
+    Inductor, with a warning.)"""
     torch._check(kv_num_blocks.shape[-1] * q_block >= q.shape[-2],
                  lambda: "fbcompile: the BlockMask has fewer query blocks than the query has rows")
     if isinstance(length, int) and length == 0:  # vmap over no key fails where a score_mod indexes a tensor
         return q.new_zeros(q.shape[0] if per_batch else 1, q.shape[1] if per_head else 1, q.shape[-2], 0,
                            dtype=torch.bool if score_mod is None else torch.float32)
     rows = torch.arange(q.shape[-2], device=q.device) // q_block
-    cols = (torch.arange(length, device=q.device) + start) // kv_block
+    positions = torch.arange(length, device=q.device) + start
+    cols = torch.zeros_like(positions) if kv_block >= _NO_BLOCKS else positions // kv_block
     evaluated = _evaluate(lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx, *mask_mod_buffers),
                           q, start, length, per_batch, per_head)
     mask = _listed(kv_num_blocks, kv_indices, rows, cols) & evaluated
