@@ -169,8 +169,9 @@ class Config:
         (SDAR-style remote code): dynamo counts per code object, and the layer's frames after the
         break are compiled per layer (about 7 graphs per layer there).
     group_linears: run the linears that read one input (q/k/v, gate/up) in one launch of fbcompile's
-        skinny-GEMM kernel, where that was measured faster (CUDA on Hopper, at most 32 rows:
-        :mod:`fbcompile.passes.group_linears`); ``False`` leaves every linear to Inductor (cuBLAS).
+        skinny-GEMM kernel, where that was measured faster (CUDA on Hopper, at most 32 rows, or beyond
+        for a launch over several weights whose GEMM is small: :mod:`fbcompile.passes.group_linears`);
+        ``False`` leaves every linear to Inductor (cuBLAS).
     gated_linears: run a gated MLP's input projections and gate, ``act(gate(h)) * up(h)`` (SiLU or
         tanh-GELU), as one launch of that kernel that applies the gate as it stores, where
         ``group_linears`` applies (:mod:`fbcompile.passes.gated_linears`); ``False`` leaves the gate to

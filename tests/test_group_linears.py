@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples.block_diffusion_lm import BlockDiffusionConfig, BlockDiffusionLM, init_random_weights  # noqa: E402
 
 BF16 = torch.bfloat16
-ALWAYS = lambda x: True  # noqa: E731
+ALWAYS = lambda x, weights=None: True  # noqa: E731
 
 
 class Layer(nn.Module):
@@ -89,12 +89,41 @@ def test_bias_and_no_bias_grouped_apart():
 def test_left_alone_where_it_does_not_pay_or_apply():
     x = torch.randn(8, 64, dtype=BF16)
     assert gl.group_linears(_traced(Layer().to(BF16), x)[0]) == []  # default rule: CPU tensors
-    assert gl.group_linears(_traced(Layer().to(BF16), x)[0], lambda x: False) == []
+    assert gl.group_linears(_traced(Layer().to(BF16), x)[0], lambda x, weights: False) == []
     assert gl.group_linears(_traced(Layer(), x.float())[0], ALWAYS) == []  # fp32: the kernel takes half only
     # an inner weight of 40 rows cannot end on a 16-row tile: only gate/up group
     gm, groups, before, after = _grouped(Layer(q=40).to(BF16), x)
     assert len(groups) == 1 and "gate" in groups[0], groups
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_the_rule_sees_each_group_with_its_weights():
+    """The rule is asked per group, with the group's weights: one that takes stacks of three only
+    groups q/k/v and leaves gate/up as they are."""
+    asked = []
+
+    def three_only(x, weights):
+        asked.append([tuple(w.shape) for w in weights])
+        return len(weights) == 3
+
+    gm, groups, before, after = _grouped(Layer().to(BF16), torch.randn(8, 64, dtype=BF16), three_only)
+    assert sorted(asked) == [[(64, 64), (32, 64), (32, 64)], [(96, 64), (96, 64)]], asked
+    assert len(groups) == 1 and groups[0].startswith("3 linears"), groups
+    assert _count(gm, LINEARS) == 4  # o, gate, up, down
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows, outputs, k, expected", [
+    (256, [1536, 256, 256], 1536, True),    # Qwen2-1.5B q/k/v at batch 8: 8.7 against 17.6 us (H100)
+    (512, [1536, 256, 256], 1536, True),    # 10.5 against 18.8
+    (128, [8960, 8960], 1536, True),        # its gated gate/up at batch 4: 25.7 against 31.7
+    (256, [8960, 8960], 1536, False),       # at batch 8: 50.4 against 37.4
+    (64, [1536], 8960, False),              # one weight (down): 16.1 against 15.4
+    (4096, [1536], 1536, False),
+])
+def test_stacked_launches_pay_beyond_32_rows_while_their_gemm_is_small(rows, outputs, k, expected):
+    """The measured rule beyond :data:`MAX_ROWS` (``benchmarks/results/linear_rows_h100.md``)."""
+    assert gl.stacked_pays(rows, outputs, k) is expected
 
 
 class LateWeight(nn.Module):
@@ -179,6 +208,9 @@ def test_gpu_rule_and_triton_path():
     x = torch.randn(32, 64, device="cuda", dtype=BF16)
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert gl.pays(x) == hopper and not gl.pays(torch.randn(33, 64, device="cuda", dtype=BF16))
+    x256 = torch.randn(8, 32, 1536, device="cuda", dtype=BF16)
+    qkv = [torch.empty(n, 1536, device="cuda", dtype=BF16) for n in (1536, 256, 256)]
+    assert gl.pays(x256, qkv) == hopper and not gl.pays(x256, qkv[:1]) and not gl.pays(x256)
     model = Layer().to("cuda", BF16)
     gm, groups, before, after = _grouped(model, torch.randn(2, 16, 64, device="cuda", dtype=BF16))
     assert len(groups) == 2

@@ -132,8 +132,8 @@ def _operand(gm: fx.GraphModule, node, rows: slice | None):
 
 
 def gated_linears(gm: fx.GraphModule, where=None) -> list[str]:
-    """Rewrite ``gm`` in place where ``where(input)`` (default :func:`fbcompile.passes.group_linears.pays`)
-    holds; returns one line per gated pair rewritten."""
+    """Rewrite ``gm`` in place where ``where(input, [gate_weight, up_weight])`` (default
+    :func:`fbcompile.passes.group_linears.pays`) holds; returns one line per gated pair rewritten."""
     where = where or group_linears.pays
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     made = []
@@ -149,7 +149,7 @@ def gated_linears(gm: fx.GraphModule, where=None) -> list[str]:
                 or any(b is not None and (v is None or not static_layout(v)) for b, v in zip((b_gate, b_up), bv))
                 or not static_layout(xv)
                 or getattr(example(product), "requires_grad", True)  # traced with autograd on: keep the ops
-                or not where(xv) or not gated_linear_supported(xv, *wv, *bv, pair.act)):
+                or not where(xv, wv) or not gated_linear_supported(xv, *wv, *bv, pair.act)):
             continue
         # operands defined after the first projection (a weight read late) would be used before defined
         first = min(pair.replaced, key=order.__getitem__)

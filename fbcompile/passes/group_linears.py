@@ -12,11 +12,15 @@ which becomes::
 
 At a block step's few rows each of those GEMMs is a few microseconds of launch latency and a small
 weight read; one launch over all three weights (the kernel reads them where they are: no
-concatenated copy) saved 11% of a Qwen2-1.5B layer's GEMM time at 32 rows on an H200, and cost 74%
-at 256 rows (``benchmarks/results/skinny_linear_h200.md``). Hence :func:`pays`: CUDA, Hopper (the
-only architecture measured), at most :data:`MAX_ROWS` rows. Linears with some other input, a
-dynamic shape, operands the kernel does not take, or outputs that autograd records (the grouped op
-has no backward) are left as they are.
+concatenated copy) saved 11% of a Qwen2-1.5B layer's GEMM time at 32 rows on an H200
+(``benchmarks/results/skinny_linear_h200.md``). Beyond 32 rows (a batch of blocks) one weight's launch
+loses to cuBLAS, but a stacked one still wins while its GEMM is small: Qwen2-1.5B's q/k/v took 6-10 us
+against 16-19 for the three cuBLAS calls at 32-512 rows on the H100, its gated gate/up 24-26 against
+29-32 at 64-128 rows and 50 against 37 at 256 (``benchmarks/results/linear_rows_h100.md``). Hence
+:func:`pays`: CUDA, Hopper (the only architecture measured), at most :data:`MAX_ROWS` rows, or a launch
+over several weights of at most :data:`MAX_STACKED_FLOPS`. Linears with some other input, a dynamic
+shape, operands the kernel does not take, or outputs that autograd records (the grouped op has no
+backward) are left as they are.
 """
 from __future__ import annotations
 
@@ -28,18 +32,29 @@ import torch.fx as fx
 from fbcompile.ops import MAX_LINEAR_GROUP, linear_group_supported
 from fbcompile.passes.graph_utils import LINEARS, example, linear_operands, static_layout
 
-MAX_ROWS = 32  # measured faster at 32 rows, slower at 256: skinny_linear_h200.md
+MAX_ROWS = 32  # any launch: faster at 32 rows; one weight's slower from 64 (linear_rows_h100.md)
+MAX_STACKED_FLOPS = 8e9  # a launch over several weights: faster up to 7.0 GFLOP, slower at 14.1 (same file)
 
 
-def pays(x: torch.Tensor) -> bool:
-    """Where one grouped launch was measured faster than the separate cuBLAS calls (for input ``x``)."""
+def pays(x: torch.Tensor, weights: list[torch.Tensor] | None = None) -> bool:
+    """Where one launch over ``weights`` (the passes that make a launch of one weight leave them out)
+    was measured faster than the separate cuBLAS calls, for input ``x``."""
     rows = x.shape.numel() // max(1, x.shape[-1])
-    return x.device.type == "cuda" and 0 < rows <= MAX_ROWS and torch.cuda.get_device_capability(x.device)[0] == 9
+    if x.device.type != "cuda" or rows <= 0 or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return False
+    return rows <= MAX_ROWS or stacked_pays(rows, [w.shape[0] for w in weights or []], x.shape[-1])
+
+
+def stacked_pays(rows: int, outputs: list[int], k: int) -> bool:
+    """Whether a launch over several weights (``outputs`` rows each, over ``k`` inputs) pays at more than
+    :data:`MAX_ROWS` rows: while its GEMM is small enough that cuBLAS's calls, one per weight, cost more
+    in latency than the skinny-GEMM kernel loses to cuBLAS in throughput."""
+    return len(outputs) > 1 and 2 * rows * sum(outputs) * k <= MAX_STACKED_FLOPS
 
 
 def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
-    """Rewrite ``gm`` in place where ``where(input)`` (default :func:`pays`) holds; returns one line
-    per group made (its weights' node names)."""
+    """Rewrite ``gm`` in place where ``where(input, weights)`` (default :func:`pays`) holds; returns one
+    line per group made (its weights' node names)."""
     where = where or pays
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     by_input: dict[fx.Node, list[fx.Node]] = {}
@@ -49,15 +64,17 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
     made = []
     for x, linears in by_input.items():
         xv = example(x)
-        if xv is None or not static_layout(xv) or not where(xv):
+        if xv is None or not static_layout(xv):
             continue
         for with_bias in (False, True):
             same = [n for n in linears if (linear_operands(n)[2] is not None) == with_bias]
             for start in range(0, len(same) - 1, MAX_LINEAR_GROUP):
                 group = same[start:start + MAX_LINEAR_GROUP]
+                wv = [example(linear_operands(n)[1]) for n in group]
                 line = (f"{len(group)} linears over {x.name} in one launch: "
                         + ", ".join(str(linear_operands(n)[1]) for n in group))
-                if len(group) > 1 and _rewrite(gm, x, xv, group, order):
+                if (len(group) > 1 and all(isinstance(v, torch.Tensor) for v in wv) and where(xv, wv)
+                        and _rewrite(gm, x, xv, group, order)):
                     made.append(line)
     if made:
         gm.graph.lint()

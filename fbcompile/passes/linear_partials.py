@@ -18,9 +18,10 @@ and o_proj in 4.14 instead of 5.42 (H200, ``benchmarks/results/split_linears_h20
 partials need a sum, which as a launch of its own (~1.9 us in a graph) ate the gain. Inductor unrolls
 a sum of fewer than 8 terms into the kernel that reads the result anyway (RoPE; the residual add and
 RMSNorm), so here it costs no launch: with that consumer o_proj took 6.6 instead of 7.6 us and down
-12.2 instead of 13.5. Where it applies is :func:`fbcompile.passes.group_linears.pays` and a reduction
-long enough to split (:func:`fbcompile.ops.linear_partials_splits`); a gated launch (its gate needs the
-whole sum) is left as it is.
+12.2 instead of 13.5. Where it applies is :func:`fbcompile.passes.group_linears.pays` for any launch (at
+most 32 rows, the size measured) and a reduction long enough to split
+(:func:`fbcompile.ops.linear_partials_splits`); a gated launch (its gate needs the whole sum) is left as
+it is.
 """
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ own; what this buys is the projection itself: at a block step's 32 rows fbcompil
 read the down projection in 11.7 us with the add against cuBLAS's 12.6 without, and o_proj in 5.6
 against 5.3 (H200, ``benchmarks/results/norm_linears_h200.md``). (Moving the RMSNorm too, into the
 next GEMM's load, was measured slower: same file.) Where it applies is
-:func:`fbcompile.passes.group_linears.pays`, the rule measured for that kernel; a residual of another
-shape or dtype (a broadcast), a linear used elsewhere, dynamic shapes, unsupported operands and
+:func:`fbcompile.passes.group_linears.pays` for a launch of one weight (at most 32 rows); a residual of
+another shape or dtype (a broadcast), a linear used elsewhere, dynamic shapes, unsupported operands and
 autograd-recorded outputs are left as they are.
 """
 from __future__ import annotations
