@@ -176,13 +176,16 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
                   batches: Sequence[int], *, device: torch.device, repeats: int, bandwidth: float,
                   compiler: str, options: dict | None = None, progress=None,
                   peak_flops: float | None = None) -> list[dict]:
-    """Rows for one variant of one workload: a copy of the ``built`` model, all contexts and batches
-    (largest last, so that running out of memory skips only what does not fit)."""
+    """Rows for one variant of one workload: all contexts and batches (largest last, so that running out
+    of memory skips only what does not fit), each batch on a copy of the ``built`` model compiled afresh,
+    as a server at that batch runs it: through one compiled model a second batch size would be
+    recompiled with the batch dynamic (dynamo's automatic dynamic shapes), which fbcompile's linear
+    passes leave to cuBLAS."""
     weights = (workload.weight_bytes or weight_bytes)(built)
-    model = make_variant(variant, copy.deepcopy(built), compiler, options)
-    before = (lambda: new_request(model)) if variant in FBCOMPILE_VARIANTS else (lambda: None)
     rows = []
     for batch in batches:
+        model = make_variant(variant, copy.deepcopy(built), compiler, options)
+        before = (lambda: new_request(model)) if variant in FBCOMPILE_VARIANTS else (lambda: None)
         for context in contexts:
             row = dict(variant=VARIANT_NAMES[variant], context=context, batch=batch)
             try:
@@ -229,8 +232,8 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
             if progress is not None:  # each row as it ends, so that a run cut off keeps what it measured
                 progress.write(json.dumps(row), file=sys.stderr)
                 progress.update(1)
-    del model
-    torch._dynamo.reset()
+        del model
+        torch._dynamo.reset()
     return rows
 
 

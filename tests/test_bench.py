@@ -48,6 +48,30 @@ def test_a_row_that_does_not_fit_is_recorded_as_skipped():
     assert rows[1]["skipped"].startswith("out of memory") and "ms_per_block" not in rows[1]
 
 
+def test_each_batch_is_compiled_with_its_batch_static(monkeypatch):
+    """A server at a fixed batch compiles for that batch: through one compiled model the second batch
+    would be recompiled with the batch dynamic, which fbcompile's linear passes leave to cuBLAS."""
+    dynamic = []
+
+    def recording(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+        dynamic.append(any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor)
+                                                            and any(isinstance(d, torch.SymInt) for d in v.shape))
+                           for v in values))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile_(fn, backend=recording))
+    workload = bench.Workload(lambda device, dtype: torch.nn.Linear(4, 4),
+                              lambda model, context, batch: bench.Block(lambda: model(torch.ones(batch, 4)), 0),
+                              steps=2, block_size=4)
+    torch._dynamo.reset()
+    rows = bench.bench_variant(workload, torch.nn.Linear(4, 4), "compile", [16], [2, 3], device=torch.device("cpu"),
+                               repeats=1, bandwidth=1e12, compiler="eager")
+    assert [r["batch"] for r in rows] == [2, 3] and all("ms_per_block" in r for r in rows)
+    assert dynamic == [False, False]
+
+
 def test_cli_runs_the_tiny_lm_in_two_variants_and_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "e2e"
     assert cli(["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", "lm", "--contexts", "64",
