@@ -232,7 +232,7 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
             if progress is not None:  # each row as it ends, so that a run cut off keeps what it measured
                 progress.write(json.dumps(row), file=sys.stderr)
                 progress.update(1)
-        del model
+        model = before = None  # freed before the next batch's copy
         torch._dynamo.reset()
     return rows
 
