@@ -35,8 +35,11 @@ BLOCKS = [32, 64, 256]
 SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at 32K keys (M >= 64; every M for wide heads)
     128: [{"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
           {"num_warps": 8}],
-    256: [{"num_warps": 8}, {"BLOCK_N": 64}, {"BLOCK_R": 32}, {"num_stages": 3}, {"BLOCK_N": 16}],
-    512: [{"BLOCK_N": 16, "num_warps": 8}, {"num_warps": 4}, {"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 4}],
+    256: [{"num_warps": 8}, {"BLOCK_N": 64}, {"BLOCK_R": 32}, {"num_stages": 3}, {"BLOCK_N": 16},
+          {"BLOCK_N": 64, "num_stages": 3}, {"BLOCK_N": 64, "num_stages": 3, "num_warps": 8}],
+    512: [{"BLOCK_N": 16, "num_warps": 8}, {"num_warps": 4}, {"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 4},
+          {"BLOCK_R": 32, "num_warps": 4, "num_stages": 3}, {"BLOCK_R": 32, "num_warps": 4, "BLOCK_N": 64},
+          {"BLOCK_N": 16, "num_stages": 3}],
 }
 
 

@@ -106,6 +106,7 @@ LSE_CASES = [
     (torch.bfloat16, 1, 16, 2, 8, 129, 64, 64, "float", None, "contiguous"),
     (torch.bfloat16, 1, 8, 4, 16, 90, 256, 256, "sliding", None, "contiguous"),
     (torch.bfloat16, 1, 4, 2, 8, 70, 512, 512, "none", 2, "bshd"),
+    (torch.bfloat16, 1, 8, 4, 64, 300, 256, 256, "none", None, "contiguous"),  # 128 rows: 64-key tiles, 3 stages
     (torch.float16, 1, 8, 2, 12, 257, 128, 128, "bool", None, "contiguous"),
     (torch.float16, 1, 4, 4, 32, 64, 64, 64, "bcast_row", None, "bshd"),
     (torch.float16, 1, 8, 1, 8, 33, 64, 32, "float_inf_rows", None, "contiguous"),
@@ -177,6 +178,19 @@ def test_merge_of_split_equals_full():
     out_e, lse_e = ta.attention_lse(q, k[:, :, :184], v[:, :, :184], None, scale)
     out, lse = ta.attention_merge_lse(q, k[:, :, 184:], v[:, :, 184:], None, scale, out_e, lse_e)
     _check(out, lse, *reference.attention_lse(q, k, v, None, scale), torch.float32)
+
+
+def test_wide_heads_take_deeper_key_tiles_only_without_a_mask_over_many_rows():
+    """256-wide 16-bit heads over long keys with >= 128 packed rows and no mask tile to load take 64-key
+    tiles in 3 stages (the H100 sweep's faster setting, 224 KB of shared memory); with a mask, fewer rows,
+    fp32 or the block's own keys they keep 32-key tiles in 2."""
+    def tiles(R=128, itemsize=2, split_keys=True, plain=True, N=32768):
+        cfg = ta._config(1, 4, R, 256, N, 256, itemsize, 132, split_keys, plain)
+        return cfg["BLOCK_N"], cfg["num_stages"]
+
+    assert tiles() == tiles(R=512) == tiles(N=None) == (64, 3)
+    assert tiles(plain=False) == tiles(R=64) == tiles(split_keys=False) == (32, 2)
+    assert tiles(itemsize=4)[0] < 64
 
 
 @in_process

@@ -444,9 +444,9 @@ def _bucketed(size, least: int = 16) -> int:
     return bucket
 
 
-def _config(B, Hkv, R, D, N, DV, itemsize, sms, split_keys) -> dict:
+def _config(B, Hkv, R, D, N, DV, itemsize, sms, split_keys, plain=False) -> dict:
     """Tile sizes, warps and stages from the shapes alone (``B`` and ``R``, the packed rows, from
-    :func:`_bucketed`; ``N`` is None when it is symbolic).
+    :func:`_bucketed`; ``N`` is None when it is symbolic; ``plain``: the key loop loads no mask tile).
 
     Long keys (``split_keys``) pack up to 64 rows (a second row tile of the same KV head runs next to
     the first and finds the KV tile in L2); short keys (the block-internal part) use smaller row
@@ -466,10 +466,16 @@ def _config(B, Hkv, R, D, N, DV, itemsize, sms, split_keys) -> dict:
     # H200 sweep (attention_h200_notes.md): 256-wide heads ran 2.0-2.4x faster on 4 warps than on 8,
     # 512-wide 16-bit ones 1.4-1.6x faster with 32-key tiles than with 16 (fp32 ones do not fit)
     big_tile = block_r * wide >= 128 * 128 and wide != 256
+    stages = 3 if (small and wide <= 128) else 2
+    # H100 sweep (attention_h100_wide.md): 256-wide 16-bit heads with >= 128 packed rows over long keys ran
+    # 9-14% faster on 64-key tiles in 3 stages (224 KB of shared memory: no room for a mask tile), 11%
+    # slower at 64 rows
+    if plain and split_keys and small and wide == 256 and R >= 128 and (N is None or N >= 64):
+        block_n, stages = 64, 3
     return dict(
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=8 if big_tile else 4,
-        num_stages=3 if (small and wide <= 128) else 2,
+        num_stages=stages,
     )
 
 
@@ -496,12 +502,12 @@ def _split_keys(B, Hkv, R, N, cfg, sms, num_splits=None):
 
 
 @functools.lru_cache(maxsize=4096)
-def _config_cached(B, Hkv, R, D, N, DV, itemsize, device, split_keys):
+def _config_cached(B, Hkv, R, D, N, DV, itemsize, device, split_keys, plain=False):
     """Cached so that an eager launch costs a dictionary lookup."""
-    return _config(B, Hkv, R, D, N, DV, itemsize, _num_sms(device), split_keys)
+    return _config(B, Hkv, R, D, N, DV, itemsize, _num_sms(device), split_keys, plain)
 
 
-def _plan(q, k, v, split_keys, overrides):
+def _plan(q, k, v, split_keys, overrides, plain=False):
     """``(config, splits, keys_per_split)`` for these inputs. The head counts and head dims are made
     static ints (under tracing this specialises on them); the key count may stay symbolic, so one
     compiled graph serves a growing cache, and the batch and query counts symbolic within power-of-two
@@ -511,7 +517,7 @@ def _plan(q, k, v, split_keys, overrides):
     rows = _bucketed((Hq // Hkv) * q.shape[2])
     N = k.shape[2]
     static_n = N if isinstance(N, int) else None
-    cfg = _config_cached(B, Hkv, rows, D, static_n, DV, q.element_size(), q.device, split_keys)
+    cfg = _config_cached(B, Hkv, rows, D, static_n, DV, q.element_size(), q.device, split_keys, plain)
     cfg = dict(cfg, **{name: val for name, val in overrides.items() if name != "num_splits"})
     if not split_keys and "num_splits" not in overrides:
         return cfg, 1, N
@@ -636,7 +642,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
 
     chunk_store_ptx = overrides.pop("CHUNK_STORE_PTX", ptx_asm(q))
     reduce_rows = overrides.pop("REDUCE_ROWS", 4)
-    cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides)
+    cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides, plain=mask is None)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     unused = _unused(q)  # one placeholder for every pointer argument this launch leaves unused
     mask_t, mstr, mask_bool = _mask_args(mask, q, N, unused)
@@ -686,7 +692,7 @@ def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
     The block's own keys are few, so one program covers all of them and merges in registers (one
     launch); if they are many (> 16 tiles) the split path is used and the reduction does the merge.
     """
-    long_keys = bool(k.shape[2] > 16 * _plan(q, k, v, False, {})[0]["BLOCK_N"])  # a symbolic count: a guard
+    long_keys = bool(k.shape[2] > 16 * _plan(q, k, v, False, {}, plain=mask is None)[0]["BLOCK_N"])  # a guard
     return _attention(q, k, v, mask, scale, out_ext, lse_ext, split_keys=long_keys)
 
 
