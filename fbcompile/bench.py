@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import gc
 import json
 import os
 import platform
@@ -232,8 +233,11 @@ def bench_variant(workload: Workload, built: torch.nn.Module, variant: str, cont
             if progress is not None:  # each row as it ends, so that a run cut off keeps what it measured
                 progress.write(json.dumps(row), file=sys.stderr)
                 progress.update(1)
-        model = before = None  # freed before the next batch's copy
+        model = before = None  # freed before the next batch's copy (its CUDA graphs' memory too: cycles)
         torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
