@@ -33,7 +33,7 @@ from fbcompile.ops import MAX_LINEAR_GROUP, linear_group_supported
 from fbcompile.passes.graph_utils import LINEARS, example, linear_operands, static_layout
 
 MAX_ROWS = 32  # any launch: faster at 32 rows; one weight's slower from 64 (linear_rows_h100.md)
-MAX_STACKED_FLOPS = 8e9  # a launch over several weights: faster up to 7.0 GFLOP, slower at 14.1 (same file)
+MAX_STACKED_FLOPS = 8e9  # several weights: faster in every case to 7.0 GFLOP, slower at 12.9 and 14.1 (same file)
 
 
 def pays(x: torch.Tensor, weights: list[torch.Tensor] | None = None) -> bool:
