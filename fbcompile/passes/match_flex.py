@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 
+from fbcompile.ops import listed_blocks
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
 from fbcompile.passes.graph_utils import shape, traced_value
 
@@ -45,18 +46,6 @@ _NO_BLOCKS = 1 << 30  # the block size of torch's mask-free BlockMask (flex_atte
 
 def is_flex_attention(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention
-
-
-def _listed(num_blocks: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``[B, H, len(rows), len(cols)]``: is block ``(rows[i], cols[j])`` among a row's first ``num_blocks``
-    ``indices``? Columns past the mask's width are not."""
-    width = indices.shape[-1]
-    valid = torch.arange(width, device=indices.device) < num_blocks.unsqueeze(-1)
-    target = torch.where(valid, indices.long(), width)   # unused slots go to a spare column
-    dense = torch.zeros(*indices.shape[:-1], width + 1, dtype=torch.bool, device=indices.device)
-    dense = dense.scatter(-1, target, True)
-    dense = torch.cat([dense[..., :width], torch.zeros_like(dense[..., :1])], dim=-1)
-    return dense[..., rows, :][..., cols.clamp(max=width)]
 
 
 def _evaluate(fn, q: torch.Tensor, start, length, per_batch: bool, per_head: bool) -> torch.Tensor:
@@ -80,24 +69,27 @@ def flex_key_mask(q: torch.Tensor, start, length, kv_num_blocks: torch.Tensor, k
     bool, or with an additive ``score_mod`` its bias where flex attends and ``-inf`` elsewhere.
 
     Under the block size of torch's mask-free BlockMask (2^30: more keys than any cache holds) every key
-    is in block 0, and the keys' blocks are not computed: Inductor splits a loop over keys whose index it
-    divides by a block size into ``length // size`` blocks, a range it cannot handle where that may be 0
-    ("Invalid ranges [0:-1]": a cache sliced by an int input, diffusers' AnyFlow FAR). (A real BlockMask
-    over a cache that may be shorter than one of its blocks still meets it: the graph then runs without
-    Inductor, with a warning.)"""
+    is in block 0: the listed blocks are computed in the graph, with no key arithmetic (Inductor split a
+    loop over keys whose index it divides by a block size into ``length // size`` blocks, a range it
+    cannot handle where that may be 0: "Invalid ranges [0:-1]", diffusers' AnyFlow FAR). Under a real
+    BlockMask's blocks they are :func:`fbcompile.ops.listed_key_blocks`, which Inductor leaves as it is."""
     torch._check(kv_num_blocks.shape[-1] * q_block >= q.shape[-2],
                  lambda: "fbcompile: the BlockMask has fewer query blocks than the query has rows")
     if isinstance(length, int) and length == 0:  # vmap over no key fails where a score_mod indexes a tensor
         return q.new_zeros(q.shape[0] if per_batch else 1, q.shape[1] if per_head else 1, q.shape[-2], 0,
                            dtype=torch.bool if score_mod is None else torch.float32)
-    rows = torch.arange(q.shape[-2], device=q.device) // q_block
-    positions = torch.arange(length, device=q.device) + start
-    cols = torch.zeros_like(positions) if kv_block >= _NO_BLOCKS else positions // kv_block
+    if kv_block >= _NO_BLOCKS:
+        rows = torch.arange(q.shape[-2], device=q.device) // q_block
+        cols = torch.zeros(length, dtype=torch.long, device=q.device)
+        listed = lambda num_blocks, indices: listed_blocks(num_blocks, indices, rows, cols)  # noqa: E731
+    else:
+        listed = lambda num_blocks, indices: torch.ops.fbcompile.listed_key_blocks(  # noqa: E731
+            num_blocks, indices, q.shape[-2], q_block, start, length, kv_block)
     evaluated = _evaluate(lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx, *mask_mod_buffers),
                           q, start, length, per_batch, per_head)
-    mask = _listed(kv_num_blocks, kv_indices, rows, cols) & evaluated
+    mask = listed(kv_num_blocks, kv_indices) & evaluated
     if full_kv_num_blocks is not None:
-        mask = mask | _listed(full_kv_num_blocks, full_kv_indices, rows, cols)
+        mask = mask | listed(full_kv_num_blocks, full_kv_indices)
     if score_mod is None:
         return mask
     zero = torch.zeros((), dtype=torch.float32, device=q.device)
