@@ -224,9 +224,17 @@ merge_lse.register_fake(_merge_outputs)
 # --------------------------------------------------------------------------- flex_attention's listed blocks
 
 
-def listed_blocks(num_blocks: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``[B, H, len(rows), len(cols)]``: is block ``(rows[i], cols[j])`` among a row's first ``num_blocks``
-    ``indices`` (a ``BlockMask``'s)? Columns past the mask's width are not."""
+@torch.library.custom_op("fbcompile::listed_key_blocks", mutates_args=())
+def listed_key_blocks(num_blocks: torch.Tensor, indices: torch.Tensor, queries: int, q_block: int, start: int,
+                      length: int, kv_block: int) -> torch.Tensor:
+    """``[B, H, queries, length]``: is the block of query ``i`` and key ``start + j`` (blocks of ``q_block``
+    and ``kv_block``) among the first ``num_blocks`` of its row's ``indices`` (a ``BlockMask``'s)? Keys
+    past the mask's width are not. An op Inductor does not compile: over a key count that is symbolic,
+    torch 2.13's Inductor computed this gather by key block wrongly on the CPU (keys of the last, partial
+    block dropped; ``tests/test_split_exact.py``), or failed where the keys may number fewer than a block
+    ("Invalid ranges [0:-1]": diffusers' AnyFlow FAR, whose mask-free BlockMask has blocks of 2^30)."""
+    rows = torch.arange(queries, device=indices.device) // q_block
+    cols = (torch.arange(length, device=indices.device) + start) // kv_block
     width = indices.shape[-1]
     valid = torch.arange(width, device=indices.device) < num_blocks.unsqueeze(-1)
     target = torch.where(valid, indices.long(), width)   # unused slots go to a spare column
@@ -234,19 +242,6 @@ def listed_blocks(num_blocks: torch.Tensor, indices: torch.Tensor, rows: torch.T
     dense = dense.scatter(-1, target, True)
     dense = torch.cat([dense[..., :width], torch.zeros_like(dense[..., :1])], dim=-1)
     return dense[..., rows, :][..., cols.clamp(max=width)]
-
-
-@torch.library.custom_op("fbcompile::listed_key_blocks", mutates_args=())
-def listed_key_blocks(num_blocks: torch.Tensor, indices: torch.Tensor, queries: int, q_block: int, start: int,
-                      length: int, kv_block: int) -> torch.Tensor:
-    """:func:`listed_blocks` for queries ``[0, queries)`` and keys ``[start, start + length)`` in blocks of
-    ``q_block`` and ``kv_block``, as an op Inductor does not compile: over a key count that is symbolic,
-    torch 2.13's Inductor computed the gather by key block wrongly on the CPU (keys of the last, partial
-    block dropped; ``tests/test_split_exact.py``), or failed where the keys may number fewer than a block
-    ("Invalid ranges [0:-1]")."""
-    rows = torch.arange(queries, device=indices.device) // q_block
-    cols = (torch.arange(length, device=indices.device) + start) // kv_block
-    return listed_blocks(num_blocks, indices, rows, cols)
 
 
 @listed_key_blocks.register_fake

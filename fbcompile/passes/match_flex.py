@@ -37,11 +37,10 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 
-from fbcompile.ops import listed_blocks
+from fbcompile.ops import listed_key_blocks
 from fbcompile.passes.find_attention import AttentionSite, KeyMask
 from fbcompile.passes.graph_utils import shape, traced_value
 
-_NO_BLOCKS = 1 << 30  # the block size of torch's mask-free BlockMask (flex_attention's _LARGE_SPARSE_BLOCK_SIZE)
 
 
 def is_flex_attention(node: fx.Node) -> bool:
@@ -68,23 +67,18 @@ def flex_key_mask(q: torch.Tensor, start, length, kv_num_blocks: torch.Tensor, k
     """The mask ``[B | 1, H | 1, M, length]`` with which flex attends keys ``[start, start + length)``:
     bool, or with an additive ``score_mod`` its bias where flex attends and ``-inf`` elsewhere.
 
-    Under the block size of torch's mask-free BlockMask (2^30: more keys than any cache holds) every key
-    is in block 0: the listed blocks are computed in the graph, with no key arithmetic (Inductor split a
-    loop over keys whose index it divides by a block size into ``length // size`` blocks, a range it
-    cannot handle where that may be 0: "Invalid ranges [0:-1]", diffusers' AnyFlow FAR). Under a real
-    BlockMask's blocks they are :func:`fbcompile.ops.listed_key_blocks`, which Inductor leaves as it is."""
+    The blocks a BlockMask lists are looked up by key in :func:`fbcompile.ops.listed_key_blocks`, an op
+    Inductor leaves as it is: over a symbolic key count it got that lookup wrong on the CPU, or could not
+    compile it (that op's docstring)."""
     torch._check(kv_num_blocks.shape[-1] * q_block >= q.shape[-2],
                  lambda: "fbcompile: the BlockMask has fewer query blocks than the query has rows")
     if isinstance(length, int) and length == 0:  # vmap over no key fails where a score_mod indexes a tensor
         return q.new_zeros(q.shape[0] if per_batch else 1, q.shape[1] if per_head else 1, q.shape[-2], 0,
                            dtype=torch.bool if score_mod is None else torch.float32)
-    if kv_block >= _NO_BLOCKS:
-        rows = torch.arange(q.shape[-2], device=q.device) // q_block
-        cols = torch.zeros(length, dtype=torch.long, device=q.device)
-        listed = lambda num_blocks, indices: listed_blocks(num_blocks, indices, rows, cols)  # noqa: E731
-    else:
-        listed = lambda num_blocks, indices: torch.ops.fbcompile.listed_key_blocks(  # noqa: E731
-            num_blocks, indices, q.shape[-2], q_block, start, length, kv_block)
+
+    def listed(num_blocks, indices):
+        return listed_key_blocks(num_blocks, indices, q.shape[-2], q_block, start, length, kv_block)
+
     evaluated = _evaluate(lambda b, h, q_idx, kv_idx: mask_mod(b, h, q_idx, kv_idx, *mask_mod_buffers),
                           q, start, length, per_batch, per_head)
     mask = listed(kv_num_blocks, kv_indices) & evaluated
