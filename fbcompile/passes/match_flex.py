@@ -42,7 +42,6 @@ from fbcompile.passes.find_attention import AttentionSite, KeyMask
 from fbcompile.passes.graph_utils import shape, traced_value
 
 
-
 def is_flex_attention(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.higher_order.flex_attention
 
