@@ -363,6 +363,11 @@ def test_growing_cache_runs_from_spare_capacity(device):
     fbcompile.reset(graphed)  # counts from here
     blocks = 12
     got = graphed.generate(prompt, num_blocks=blocks, steps=4)
+    # dynamo compiles the plain model's forward, the same code, afresh as it did the graphed one's: after
+    # the graphed model's prompt and blocks it would take the prompt's rows as dynamic, which the linear
+    # passes leave to cuBLAS, while the graphed model's prompt ran fbcompile's stacked launches (40 rows):
+    # two bf16 roundings, 0.88 of the tokens alike on the H100
+    torch._dynamo.reset()
     expected = plain.generate(prompt, num_blocks=blocks, steps=4)
     assert (got == expected).float().mean().item() > 0.98
     stats = fbcompile.stats(graphed)
