@@ -34,6 +34,7 @@ CASES = [
     (torch.float16, 70, 48, 160, False, tlin.LinearConfig(16, 64, 32, 2), "strided_x"),
     (torch.bfloat16, 16, 16, 64, True, tlin.LinearConfig(16, 16, 64, 1), "contiguous"),
     (torch.bfloat16, 33, 80, 384, True, tlin.LinearConfig(64, 16, 128, 2), "contiguous"),
+    (torch.bfloat16, 40, [256, 128, 128], 256, True, None, "contiguous"),  # stacked beyond 32 rows: 64-row tiles
 ]
 
 
@@ -78,6 +79,7 @@ GATED_CASES = [
     (torch.float16, 20, 48, 192, True, tlin.LinearConfig(16, 32, 64, 2), "gelu_tanh", "contiguous"),  # + split
     (torch.bfloat16, 9, 40, 200, True, tlin.LinearConfig(16, 16, 64, 3), "silu", "strided_x"),  # ragged, split
     (torch.bfloat16, 48, 32, 256, False, tlin.LinearConfig(32, 32, 64, 1), "gelu_tanh", "transposed_weight"),
+    (torch.bfloat16, 100, 512, 256, False, None, "silu", "contiguous"),  # beyond 32 rows: 64-row tiles, ragged
 ]
 
 
