@@ -1,6 +1,6 @@
 """GPU benchmark of the split-attention kernels against their two floors (bytes and FLOPs).
 
-For each shape (bf16, B=1: query heads / KV heads / head dim, M block queries, L cached keys) it checks
+For each shape (bf16, B=1 unless ``--batch``: query heads / KV heads / head dim, M block queries, L cached keys) it checks
 the external op ``torch.ops.fbcompile.attention_lse`` against a float64 reference (and fp32 inputs at
 8K keys) and times it as medians of CUDA-graph replays over rotating input sets (several times the L2,
 so every replay reads the KV from HBM). Optionally (``--old-tree``) the same for the kernel of another
@@ -34,7 +34,8 @@ KEYS = [8192, 32768, 131072]
 BLOCKS = [32, 64, 256]
 SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at 32K keys (M >= 64; every M for wide heads)
     128: [{"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
-          {"num_warps": 8}],
+          {"num_warps": 8}, {"BLOCK_N": 128, "num_stages": 2}, {"num_stages": 2}, {"num_stages": 4},
+          {"BLOCK_R": 128, "num_warps": 8, "num_stages": 2}],
     256: [{"num_warps": 8}, {"BLOCK_N": 64}, {"BLOCK_R": 32}, {"num_stages": 3}, {"BLOCK_N": 16},
           {"BLOCK_N": 64, "num_stages": 3}, {"BLOCK_N": 64, "num_stages": 3, "num_warps": 8}],
     512: [{"BLOCK_N": 16, "num_warps": 8}, {"num_warps": 4}, {"BLOCK_R": 32}, {"BLOCK_R": 32, "num_warps": 4},
@@ -95,9 +96,9 @@ def rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-def inputs(hq, hkv, d, m, n, sets, dtype=torch.bfloat16):
+def inputs(hq, hkv, d, m, n, sets, dtype=torch.bfloat16, batch=1):
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=dtype)  # noqa: E731
-    return [(mk(1, hq, m, d), mk(1, hkv, n, d), mk(1, hkv, n, d)) for _ in range(sets)]
+    return [(mk(batch, hq, m, d), mk(batch, hkv, n, d), mk(batch, hkv, n, d)) for _ in range(sets)]
 
 
 def graph_us(fn, sets) -> float:
@@ -105,14 +106,14 @@ def graph_us(fn, sets) -> float:
     return do_bench_cudagraph(lambda: [fn(*s) for s in sets], rep=40, return_mode="median") * 1e3 / len(sets)
 
 
-def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep):
-    kv_bytes = 2 * hkv * n * d * 2
-    sets = inputs(hq, hkv, d, m, n, max(1, -(-240 * 2**20 // kv_bytes)))  # >= 4x the 60 MB L2
+def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep, batch=1):
+    kv_bytes = 2 * batch * hkv * n * d * 2
+    sets = inputs(hq, hkv, d, m, n, max(1, -(-240 * 2**20 // kv_bytes)), batch=batch)  # >= 4x the 60 MB L2
     scale = d**-0.5
     q, k, v = sets[0]
     o, lse = torch.ops.fbcompile.attention_lse(q, k, v, None, scale)
     ro, rl = ref64(q, k, v, scale)
-    row = dict(hq=hq, hkv=hkv, d=d, M=m, L=n, err_out=rel_err(o, ro), err_lse=rel_err(lse, rl))
+    row = dict(hq=hq, hkv=hkv, d=d, M=m, L=n, B=batch, err_out=rel_err(o, ro), err_lse=rel_err(lse, rl))
     del ro, rl
     new = lambda q, k, v: torch.ops.fbcompile.attention_lse(q, k, v, None, scale)  # noqa: E731
     row["us"] = graph_us(new, sets)
@@ -120,7 +121,7 @@ def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep):
         oo, ol = old[1](q, k, v, scale)
         row["old_err_out"] = rel_err(oo, o)
         row["old_us"] = graph_us(lambda q, k, v: old[1](q, k, v, scale), sets)
-    flops = 4 * hq * m * n * d
+    flops = 4 * batch * hq * m * n * d
     floor_us = max(kv_bytes / ceil["copy_bw"], flops / ceil["mm_flops"]) * 1e6
     row.update(intensity=flops / kv_bytes, pct_hbm=100 * kv_bytes / (row["us"] * 1e-6) / ceil["peak_hbm"],
                tflops=flops / (row["us"] * 1e-6) / 1e12, floor_us=floor_us, pct_floor=100 * floor_us / row["us"],
@@ -132,7 +133,8 @@ def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep):
             from torch._library.triton import set_wrap_triton_enabled
         except ImportError:
             from contextlib import nullcontext as set_wrap_triton_enabled
-        for ov in SWEEP[d] + [{"num_splits": max(1, splits // 2)}, {"num_splits": splits * 2}]:
+        split_counts = sorted({max(1, splits * f // 4) for f in (2, 3, 6, 8)})
+        for ov in SWEEP[d] + [{"num_splits": s} for s in split_counts]:
             err = None
             try:
                 with set_wrap_triton_enabled(False):
@@ -140,7 +142,7 @@ def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep):
                     us = graph_us(lambda q, k, v: ta._attention(q, k, v, None, scale, **ov), sets)
             except Exception as e:  # noqa: BLE001 - a variant may exceed shared memory or registers
                 us = f"{type(e).__name__}"
-            sweep_rows.append(dict(hq=hq, hkv=hkv, d=d, M=m, L=n, override=ov, us=us, default_us=row["us"],
+            sweep_rows.append(dict(hq=hq, hkv=hkv, d=d, M=m, L=n, B=batch, override=ov, us=us, default_us=row["us"],
                                    err_vs_default=err))
             print("sweep", sweep_rows[-1], flush=True)
     del sets
@@ -203,8 +205,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--old-tree", default=None, help="another checkout whose kernels to compare")
-    ap.add_argument("--sweep", action="store_true", help="time tile variants at 32K keys (M >= 64, or head dims > 128)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time tile variants at 32K keys (M >= 64, >= 128 packed rows, or head dims > 128)")
     ap.add_argument("--heads", default=None, help="subset, e.g. 32/8/128,8/4/512")
+    ap.add_argument("--blocks", default=None, help="subset of block query counts M, e.g. 32")
+    ap.add_argument("--keys", default=None, help="subset of key counts, e.g. 32768,131072")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sweep-keys", default="32768", help="key counts the sweep runs at")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
@@ -219,11 +226,15 @@ def main():
     rows, sweep_rows, fp32_rows = [], [], []
     t0 = time.time()
     meta["host"] = host_costs(old)
+    blocks = BLOCKS if args.blocks is None else [int(x) for x in args.blocks.split(",")]
+    keys = KEYS if args.keys is None else [int(x) for x in args.keys.split(",")]
+    sweep_keys = [int(x) for x in args.sweep_keys.split(",")]
+    meta["batch"] = args.batch
     for hq, hkv, d in heads:
-        for m in BLOCKS:
-            for n in KEYS:
-                rows.append(run_shape(hq, hkv, d, m, n, meta, old, sweep_rows,
-                                      args.sweep and (m >= 64 or d > 128) and n == 32768))
+        for m in blocks:
+            for n in keys:
+                sweep = args.sweep and (m >= 64 or d > 128 or hq // hkv * m >= 128) and n in sweep_keys
+                rows.append(run_shape(hq, hkv, d, m, n, meta, old, sweep_rows, sweep, args.batch))
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     fp32_checks(fp32_rows)
     meta["bench_seconds"] = round(time.time() - t0, 1)
@@ -251,7 +262,7 @@ def write(out_dir, meta, rows, sweep_rows, fp32_rows):
                 f"Command: `{meta['command']}` ({meta['bench_seconds']} s).\n\n"
                 f"Measured ceilings: copy {meta['copy_bw'] / 1e12:.2f} TB/s (datasheet "
                 f"{meta['peak_hbm'] / 1e12:.2f}), bf16 matmul {meta['mm_flops'] / 1e12:.0f} TFLOP/s (8192³, "
-                "random data). bf16, B=1, `torch.ops.fbcompile.attention_lse` (split-KV kernel + split "
+                f"random data). bf16, B={meta.get('batch', 1)}, `torch.ops.fbcompile.attention_lse` (split-KV kernel + split "
                 "reduction), medians of CUDA-graph replays rotating over input sets of >= 240 MB. "
                 "floor = max(KV bytes / copy bandwidth, 4·Hq·M·L·D / matmul rate); FLOP/B = GQA·M. "
                 "% HBM peak = KV bytes / time over the datasheet bandwidth. `old` = the kernel before this "

@@ -10,6 +10,8 @@
 #   grow        a cache grown by torch.cat per block vs the same tensors, block mode, 32K (<= 300 s)
 #   grow_more   the grown cache in exact mode at 32K and in block mode at 128K            (<= 330 s)
 #   wide        kernel table and tile sweep for head dims 256 and 512                   (<= 240 s)
+#   lm_attention  kernel table and tile/split sweep for the LM's heads (12/2, D128) at 32 queries, 32K and 128K keys,
+#               batch 1 and 8 (exact mode's external attention)                                        (<= 240 s)
 #   gemma       DiffusionGemma end to end at 8K and 32K                                 (<= 480 s)
 #   copy        ways to copy a new cache into spare capacity (benchmarks/spare_copy.py)  (<= 120 s)
 #   masks       bool masks on the Triton kernels natively (passed as they are since f2f9ff6), then the two
@@ -30,6 +32,8 @@
 #   partials    the LM's block mode at 32K, batch 1, with and without Config.linear_partials; the profile (<= 520 s)
 #   tests_partials  the GPU tests of the linear passes, CUDA graphs and the attention kernels            (<= 360 s)
 #   table       the LM's block and exact mode with CUDA graphs at 32K and 128K, batch 1 and 8 (the README's table) (<= 480 s)
+#   vs_compile  the LM at 32K, batch 1: torch.compile default and reduce-overhead against fbcompile exact and block
+#               mode with CUDA graphs, compile times included                                        (<= 450 s)
 #   profile     where one block's time goes: block mode at 32K, batch 1, top 40 kernels (benchmarks/profile_block.py) (<= 240 s)
 #   host        host time per forward, a block's refresh apart, with cProfile (block mode, 32K, batch 1); then
 #               where one block's time goes at batch 8                                              (<= 480 s)
@@ -100,6 +104,10 @@ for name in "${steps[@]}"; do
         step grow_128k 160 python benchmarks/grow_cache.py --context 128k --variants block-ro --settings grown \
             --warmup 4 --blocks 3 --out "$OUT/grow_128k.json" ;;
     wide) step wide 240 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT" --heads 8/4/256,8/4/512 --sweep ;;
+    lm_attention) for b in 1 8; do
+            step "lm_attention_b$b" 120 env PYTHONPATH=. python benchmarks/attention.py --out "$OUT/lm_b$b" \
+                --heads 12/2/128 --blocks 32 --keys 32768,131072 --batch "$b" --sweep --sweep-keys 32768,131072
+        done ;;
     gemma) step e2e_gemma 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model gemma \
         --contexts 8k,32k --batches 1 --variants compile,exact-ro,block-ro --repeats 3 --out "$OUT/e2e_gemma" ;;
     backends) step attention_backends 120 env PYTHONPATH=. python benchmarks/attention_backends.py \
@@ -163,6 +171,9 @@ for name in "${steps[@]}"; do
         tests/test_triton_kernels.py tests/test_sparse_kernels.py ;;
     table) step e2e_lm_table 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
         --contexts 32k,128k --batches 1,8 --variants block-ro,exact-ro --repeats 3 --out "$OUT/e2e_lm_table" ;;
+    vs_compile) step e2e_lm_vs_compile 450 python -m fbcompile bench --workloads benchmarks.e2e:workloads \
+        --model lm --contexts 32k --batches 1 --variants compile,compile-ro,exact-ro,block-ro --repeats 3 \
+        --out "$OUT/e2e_lm_vs_compile" ;;
     profile) profile 240 ;;
     host)
         step host_32k_b1 240 python benchmarks/profile_block.py --model lm --context 32k --batch 1 --variants block-ro \
