@@ -1,7 +1,7 @@
 """GPU benchmark of the split-attention kernels against their two floors (bytes and FLOPs).
 
-For each shape (bf16, B=1 unless ``--batch``: query heads / KV heads / head dim, M block queries, L cached keys) it checks
-the external op ``torch.ops.fbcompile.attention_lse`` against a float64 reference (and fp32 inputs at
+For each shape (bf16, batch 1 or ``--batch``: query heads / KV heads / head dim, M block queries, L cached
+keys) it checks the external op ``torch.ops.fbcompile.attention_lse`` against a float64 reference (and fp32 inputs at
 8K keys) and times it as medians of CUDA-graph replays over rotating input sets (several times the L2,
 so every replay reads the KV from HBM). Optionally (``--old-tree``) the same for the kernel of another
 checkout, for a before/after table, and the host cost of the op in eager and Inductor-compiled graphs.
@@ -32,7 +32,8 @@ PEAK_HBM = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet HBM bandwidth, bytes/s
 HEADS = [(32, 8, 128), (12, 2, 128), (8, 4, 256), (8, 4, 512)]  # (query heads, KV heads, head dim)
 KEYS = [8192, 32768, 131072]
 BLOCKS = [32, 64, 256]
-SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at 32K keys (M >= 64; every M for wide heads)
+SWEEP = {  # head dim -> overrides of the heuristic's choice, timed at --sweep-keys (M >= 64, >= 128 packed rows,
+    #          every M for wide heads), with four split counts around the heuristic's
     128: [{"BLOCK_R": 128, "num_warps": 8}, {"BLOCK_R": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2},
           {"num_warps": 8}, {"BLOCK_N": 128, "num_stages": 2}, {"num_stages": 2}, {"num_stages": 4},
           {"BLOCK_R": 128, "num_warps": 8, "num_stages": 2}],
@@ -206,7 +207,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--old-tree", default=None, help="another checkout whose kernels to compare")
     ap.add_argument("--sweep", action="store_true",
-                    help="time tile variants at 32K keys (M >= 64, >= 128 packed rows, or head dims > 128)")
+                    help="time tile variants (M >= 64, >= 128 packed rows, or head dims > 128)")
     ap.add_argument("--heads", default=None, help="subset, e.g. 32/8/128,8/4/512")
     ap.add_argument("--blocks", default=None, help="subset of block query counts M, e.g. 32")
     ap.add_argument("--keys", default=None, help="subset of key counts, e.g. 32768,131072")
@@ -262,8 +263,8 @@ def write(out_dir, meta, rows, sweep_rows, fp32_rows):
                 f"Command: `{meta['command']}` ({meta['bench_seconds']} s).\n\n"
                 f"Measured ceilings: copy {meta['copy_bw'] / 1e12:.2f} TB/s (datasheet "
                 f"{meta['peak_hbm'] / 1e12:.2f}), bf16 matmul {meta['mm_flops'] / 1e12:.0f} TFLOP/s (8192³, "
-                f"random data). bf16, B={meta.get('batch', 1)}, `torch.ops.fbcompile.attention_lse` (split-KV kernel + split "
-                "reduction), medians of CUDA-graph replays rotating over input sets of >= 240 MB. "
+                f"random data). bf16, B={meta.get('batch', 1)}, `torch.ops.fbcompile.attention_lse` (split-KV "
+                "kernel + split reduction), medians of CUDA-graph replays rotating over input sets of >= 240 MB. "
                 "floor = max(KV bytes / copy bandwidth, 4·Hq·M·L·D / matmul rate); FLOP/B = GQA·M. "
                 "% HBM peak = KV bytes / time over the datasheet bandwidth. `old` = the kernel before this "
                 "change (D <= 256 only). Errors: relative L2 vs float64.\n\n")
