@@ -16,9 +16,10 @@ Profiles (hypothesis settings profiles, picked with the env var ``FBCOMPILE_FUZZ
   results in ``benchmarks/results/fuzz_long_cpu.md``.
 
 ``FBCOMPILE_FUZZ_COMPILER=inductor`` hands the zoo's split graphs to Inductor instead of running them as
-they are: the kernels users get (Inductor has computed a split graph wrongly before: a flex BlockMask over a
-cache cut by an int, ``test_split_exact.py``); results in ``benchmarks/results/fuzz_inductor_cpu.md``. The near misses keep
-the eager compiler: their bound (1e-6) is for the same ops run again, not fused.
+they are: the kernels users get (Inductor has computed a split graph wrongly before: a flex BlockMask over
+a cache cut by an int, ``test_split_exact.py``); a graph Inductor cannot compile fails the case instead of
+running without it. Results in ``benchmarks/results/fuzz_inductor_cpu.md``. The near misses keep the
+eager compiler: their bound (1e-6) is for the same ops run again, not fused.
 
 Hypothesis runs every example inside one test function, so each example resets dynamo itself
 (conftest's reset is per test function; dynamo would hit its recompile limit of 8 otherwise).
@@ -31,6 +32,7 @@ import copy
 import dataclasses
 import os
 import re
+import warnings
 
 import pytest
 import torch
@@ -170,7 +172,9 @@ def check_exact(spec: ZooSpec, seed: int, dtype: torch.dtype) -> None:
             expected = copy.deepcopy(model).float()(*_upcast(inputs))
             eager_err = rel_error(model(*_fresh(inputs)), expected)
         compiled, session = compile_exact(model, fbcompile.Config(refresh="always", compiler=COMPILER))
-        got = compiled(*_fresh(inputs))
+        with warnings.catch_warnings():  # Inductor's kernels or none: no fallback to the graph as it is
+            warnings.filterwarnings("error", message="fbcompile: Inductor could not compile")
+            got = compiled(*_fresh(inputs))
     assert _decisions(session) == ["rewritten"], (spec, [g.sites for g in session.graphs])
     attention = [graph for graph in session.graphs if graph.sites]  # a graph break: the cat's graph first
     assert len(session.graphs) == 1 + spec.graph_break and "fbcompile.attention_lse" in attention[0].code_refresh
