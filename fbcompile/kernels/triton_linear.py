@@ -215,9 +215,12 @@ def gated_config_for(M: int, N: int, K: int, sms: int) -> LinearConfig:
     reading its rows of both weights over half the reduction tile (the same shared memory per stage,
     half as many programs). At Qwen2-1.5B's gate/up (32 rows) that took 17.6 us against 21.7 for the
     rows split between the weights at the full tile, and 23.8 for cuBLAS and the gate's own kernel
-    (``benchmarks/results/gated_linears_h200.md``)."""
+    (``benchmarks/results/gated_linears_h200.md``). Four pipeline stages rather than five at up to 32
+    rows: at that gate/up 22.97 against 23.60 us on the H100 (the fastest of 24 configs; a read of the
+    same bytes alone takes 20.22), 17.26 against 17.35 on the H200 (``linear_tune_gated_h100.json``,
+    ``linear_tune_gated_h200.json``)."""
     cfg = config_for(M, 2 * N, K, sms, (N,))
-    return cfg._replace(block_k=max(16, cfg.block_k // 2))
+    return cfg._replace(block_k=max(16, cfg.block_k // 2), num_stages=min(cfg.num_stages, 4))
 
 
 def supports(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> bool:
