@@ -8,7 +8,8 @@ cut into ``S`` slices that become ``S`` heads (a view of ``k`` / ``v``: ``[B, Hk
 ``[B * Hkv, S, L / S, D]``: batch and KV head as one batch dim, the slices as heads), the packed queries are given once per slice (copied, or a view of stride 0), and the ``S`` partial results are
 combined by their LSEs. Timed (bf16, medians of CUDA-graph replays, each replay over 8 distinct caches so that
 the KV comes from HBM): the Triton op as fbcompile runs it today, cuDNN's call alone, the query copy, and the
-whole (copy, cuDNN, combine compiled by Inductor), with the whole's error against the Triton op.
+whole (copy, cuDNN, combine compiled by Inductor), with the whole's error against the Triton op, and the
+Triton kernel over one slice's keys less one in one split (what a key count's partial last slice would cost).
 
     PYTHONPATH=. python benchmarks/cudnn_key_splits.py --out benchmarks/results/cudnn_key_splits_h100.json
 """
@@ -24,6 +25,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import fbcompile  # noqa: F401  (registers torch.ops.fbcompile.*)
+from fbcompile.kernels import triton_attention
 
 CACHES = 8
 CASES = [  # (batch, query heads, KV heads, head dim, block queries, keys)
@@ -78,6 +80,8 @@ def main():
     torch._dynamo.config.recompile_limit = 1024  # one compiled combine per shape
     combined = torch.compile(combine, dynamic=True)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cudnn=torch.backends.cudnn.version(), python=platform.python_version(), caches=CACHES)
     rows = []
     for B, hq, hkv, D, M, L in CASES:
         scale = D ** -0.5
@@ -106,11 +110,15 @@ def main():
                         return combined(*cudnn_slices(packed_queries(q, hkv, S, copied), k, v, S, scale), hq, hkv, S)
                     out, lse = whole(*caches[0])
                     total = median_us(whole, caches)
+                    n = L // S  # a count's tail: the keys of its last, partial slice (at most n - 1), one split
+                    tail = median_us(lambda q, k, v: triton_attention.attention_lse(
+                        q, k[:, :, :n - 1], v[:, :, :n - 1], None, scale, num_splits=1), caches)
                 except Exception as e:  # a shape or layout this cuDNN build does not take
                     row[name] = f"{type(e).__name__}: {str(e)[:80]}"
                     continue
                 err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
                 row[name] = dict(cudnn_us=round(core, 2), copy_us=round(copy, 2), whole_us=round(total, 2),
+                                 tail_us=round(tail, 2),
                                  whole_tflops=round(flops / total / 1e6), out_err=float(f"{err:.2g}"),
                                  lse_err=float(f"{(lse - ref_lse).abs().max().item():.2g}"),
                                  out_strides=list(cudnn_slices(qs, *caches[0][1:], S, scale)[0].stride()))
@@ -118,10 +126,8 @@ def main():
         rows.append(row)
         del caches
         torch.cuda.empty_cache()
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                cudnn=torch.backends.cudnn.version(), python=platform.python_version(), caches=CACHES)
-    with open(a.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        with open(a.out, "w") as f:  # after each case: a run cut short keeps what it measured
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
