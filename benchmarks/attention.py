@@ -213,7 +213,11 @@ def main():
     ap.add_argument("--keys", default=None, help="subset of key counts, e.g. 32768,131072")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--sweep-keys", default="32768", help="key counts the sweep runs at")
+    ap.add_argument("--sweep-overrides", default=None,
+                    help='JSON list of overrides the sweep times instead of SWEEP\'s, e.g. \'[{"BLOCK_N": 128}]\'')
     args = ap.parse_args()
+    if args.sweep_overrides:
+        SWEEP.update({d: json.loads(args.sweep_overrides) for d in SWEEP})
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name()
