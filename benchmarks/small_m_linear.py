@@ -109,7 +109,9 @@ def with_linear(linear):
 CASES = {"q/o": ((Q_OUT,), HIDDEN, None), "k/v": ((KV_OUT,), HIDDEN, None), "gate/up": ((INTER,), HIDDEN, None),
          "down": ((HIDDEN,), INTER, None), "qkv": ((Q_OUT, KV_OUT, KV_OUT), HIDDEN, None),
          "gate+up": ((INTER, INTER), HIDDEN, None), "gate+up-gated": ((INTER, INTER), HIDDEN, "silu")}
-SWEEP = dict(block_n=(16, 32, 64), block_k=(64, 128, 256), split_k=(1, 2, 4, 8), num_warps=(4,), num_stages=(3, 5))
+# block_m 0: the default config's rows per program
+SWEEP = dict(block_n=(16, 32, 64), block_m=(0,), block_k=(64, 128, 256), split_k=(1, 2, 4, 8), num_warps=(4,),
+             num_stages=(3, 5))
 SWEEP_BYTES = 150_000_000  # weights per timed case: copies enough that they come from HBM, not L2
 
 
@@ -140,8 +142,8 @@ def sweep(m, device, dtype, rows, cases, grid):
             return do_bench_cudagraph(lambda: [fn(x, w) for w in ws], rep=10, return_mode="median") * 1e3 / copies
 
         block_m = tlin.config_for(m, n, k, 132).block_m
-        configs = [tlin.LinearConfig(bn, block_m, bk, sk, nw, st)
-                   for bn, bk, sk, nw, st in itertools.product(*grid.values())
+        configs = [tlin.LinearConfig(bn, bm or block_m, bk, sk, nw, st)
+                   for bn, bm, bk, sk, nw, st in itertools.product(*grid.values())
                    if k // sk >= bk and all(b % bn == 0 for b in bounds)]
         read, programs = read_us(n * k, copies, device, dtype)
         rows.append(dict(rows=m, shape=name, N=n, K=k, config="read only (ceiling)", programs=programs,
