@@ -5,8 +5,8 @@ Qwen2-1.5B's 12 / 2 heads and a block of 32), too few for cuDNN's fused attentio
 a head one program that walks all the keys (``attention_backends_h200.md``: 0.16-0.49x the Triton kernel at
 64-256 rows). Here the rows of a KV head's query heads are packed into one head (a view of ``q``), the keys are
 cut into ``S`` slices that become ``S`` heads (a view of ``k`` / ``v``: ``[B, Hkv, L, D]`` read as
-``[B * Hkv, S, L / S, D]``: batch and KV head as one batch dim, the slices as heads), the packed queries are given once per slice (copied, or a view of stride 0), and the ``S`` partial results are
-combined by their LSEs. Timed (bf16, medians of CUDA-graph replays, each replay over 8 distinct caches so that
+``[B * Hkv, S, L / S, D]``: batch and KV head as one batch dim, the slices as heads), the packed queries are
+given once per slice (copied, or a view of stride 0), and the ``S`` partial results are combined by their LSEs. Timed (bf16, medians of CUDA-graph replays, each replay over 8 distinct caches so that
 the KV comes from HBM): the Triton op as fbcompile runs it today, cuDNN's call alone, the query copy, and the
 whole (copy, cuDNN, combine compiled by Inductor), with the whole's error against the Triton op, and the
 Triton kernel over one slice's keys less one in one split (what a key count's partial last slice would cost).
@@ -76,7 +76,7 @@ def main():
                    "about 1/2, 1, 2 and 4 programs of 128 rows per SM)")
     a = p.parse_args()
     gen = torch.Generator("cuda").manual_seed(0)
-    torch._dynamo.config.recompile_limit = 1024  # one compiled combine per shape
+    torch._dynamo.config.recompile_limit = 1024  # a recompile (another slice count) must not fall back to eager
     combined = torch.compile(combine, dynamic=True)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
