@@ -4,12 +4,13 @@ The external part of a block of ``M`` queries over ``L`` cached keys has ``GQA *
 Qwen2-1.5B's 12 / 2 heads and a block of 32), too few for cuDNN's fused attention, which gives each 128 rows of
 a head one program that walks all the keys (``attention_backends_h200.md``: 0.16-0.49x the Triton kernel at
 64-256 rows). Here the rows of a KV head's query heads are packed into one head (a view of ``q``), the keys are
-cut into ``S`` slices that become ``S`` heads (a view of ``k`` / ``v``: ``[B, Hkv, L, D]`` read as
-``[B * Hkv, S, L / S, D]``: batch and KV head as one batch dim, the slices as heads), the packed queries are
-given once per slice (copied, or a view of stride 0), and the ``S`` partial results are combined by their LSEs.
-Timed (bf16, medians of CUDA-graph replays, each replay over 8 distinct caches so that the KV comes from HBM): the Triton op as fbcompile runs it today, cuDNN's call alone, the query copy, and the
-whole (copy, cuDNN, combine compiled by Inductor), with the whole's error against the Triton op, and the
-Triton kernel over one slice's keys less one in one split (what a key count's partial last slice would cost).
+cut into ``S`` slices that become ``S`` heads (a view of ``k`` / ``v``: ``[B, Hkv, L, D]`` read as ``[B * Hkv,
+S, L / S, D]``: batch and KV head as one batch dim, the slices as heads), the packed queries are given once per
+slice (copied, or a view of stride 0), and the ``S`` partial results are combined by their LSEs. Timed (bf16,
+medians of CUDA-graph replays, each replay over 8 distinct caches so that the KV comes from HBM): the Triton op
+as fbcompile runs it today, cuDNN's call alone, the query copy, and the whole (copy, cuDNN, combine compiled by
+Inductor), with the whole's error against the Triton op, and the Triton kernel over one slice's keys less one in
+one split (what a key count's partial last slice would cost).
 
     PYTHONPATH=. python benchmarks/cudnn_key_splits.py --out benchmarks/results/cudnn_key_splits_h100.json
 """
