@@ -23,9 +23,9 @@ import platform
 
 import torch
 import triton
-from triton.testing import do_bench_cudagraph
 
 import fbcompile  # noqa: F401  (registers torch.ops.fbcompile.*)
+from benchmarks.attention import graph_us  # median µs of one call, CUDA-graph replays of one call per cache
 from fbcompile.kernels import triton_attention
 
 CACHES = 8
@@ -65,11 +65,6 @@ def combine(out: torch.Tensor, lse: torch.Tensor, hq: int, hkv: int, splits: int
     return o.to(out.dtype).reshape(B, hq, M, D), (top.squeeze(1) + torch.log(total)).reshape(B, hq, M)
 
 
-def median_us(fn, caches) -> float:
-    """Median µs of one call, replays of a CUDA graph calling ``fn`` once per cache."""
-    return do_bench_cudagraph(lambda: [fn(*c) for c in caches], rep=50, return_mode="median") * 1e3 / len(caches)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -90,7 +85,7 @@ def main():
                   for _ in range(CACHES)]
         flops = 4 * B * hq * M * L * D
         kv_bytes = 2 * B * hkv * L * D * 2
-        triton_us = median_us(lambda q, k, v: torch.ops.fbcompile.attention_lse(q, k, v, None, scale), caches)
+        triton_us = graph_us(lambda q, k, v: torch.ops.fbcompile.attention_lse(q, k, v, None, scale), caches)
         ref_out, ref_lse = torch.ops.fbcompile.attention_lse(*caches[0], None, scale)
         row = dict(batch=B, heads=f"{hq}/{hkv}", head_dim=D, queries=M, keys=L, triton_us=round(triton_us, 2),
                    triton_tflops=round(flops / triton_us / 1e6), triton_hbm_tbps=round(kv_bytes / triton_us / 1e6, 2))
@@ -103,15 +98,15 @@ def main():
                 name = f"S{S}" + ("" if copied else "_view")
                 try:
                     qs = packed_queries(q, hkv, S, copied)
-                    core = median_us(lambda q, k, v: cudnn_slices(qs, k, v, S, scale), caches)
-                    copy = median_us(lambda q, k, v: packed_queries(q, hkv, S, copied), caches)
+                    core = graph_us(lambda q, k, v: cudnn_slices(qs, k, v, S, scale), caches)
+                    copy = graph_us(lambda q, k, v: packed_queries(q, hkv, S, copied), caches)
 
                     def whole(q, k, v):
                         return combined(*cudnn_slices(packed_queries(q, hkv, S, copied), k, v, S, scale), hq, hkv, S)
                     out, lse = whole(*caches[0])
-                    total = median_us(whole, caches)
+                    total = graph_us(whole, caches)
                     n = L // S  # a count's tail: the keys of its last, partial slice (at most n - 1), one split
-                    tail = median_us(lambda q, k, v: triton_attention.attention_lse(
+                    tail = graph_us(lambda q, k, v: triton_attention.attention_lse(
                         q, k[:, :, :n - 1], v[:, :, :n - 1], None, scale, num_splits=1), caches)
                 except Exception as e:  # a shape or layout this cuDNN build does not take
                     row[name] = f"{type(e).__name__}: {str(e)[:80]}"
