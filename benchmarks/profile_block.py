@@ -9,6 +9,24 @@ the kernels listed). One block of a workload of ``benchmarks/e2e.py`` after warm
         --out benchmarks/results/profile_lm
 
 ``--host BLOCKS`` measures the host instead: time per forward (a block's first apart) and cProfile.
+
+``--exposure BLOCKS`` splits a CUDA-graphed block (``block-ro``, ``exact-ro``) unprofiled instead, with CUDA
+events only: the profiler slows the host and shows idle gaps the unprofiled block does not have (0.46 ms
+before the refresh graph's first kernel, where the replay call itself takes 11-17 µs:
+``benchmarks/results/session33_h100.md``). Per variant:
+
+* ``block_ms``: the block as ``fbcompile.bench`` times it (median of BLOCKS), before the forward pre-hook
+  the per-step host times below need is registered;
+* ``block_hooked_ms``, ``first_replay_lead_ms``: with that hook, the block, and the time from its start to
+  its first graph replay (an event recorded just before it, on a GPU with nothing queued: the host's
+  time to get there);
+* ``graphs_ms``: the block's graph replays issued back to back, with no host work between (the GPU time
+  the block cannot go below), and ``per_graph_ms``, each replay alone;
+* ``host_to_replay_us``: per forward, the host from the model's forward pre-hook to its first replay
+  call; ``replay_call_us``, per replay, the call itself.
+
+    python benchmarks/profile_block.py --model lm --context 32k --variants block-ro --exposure 12 \
+        --out benchmarks/results/exposure_lm
 """
 from __future__ import annotations
 
@@ -29,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from benchmarks.e2e import workloads  # noqa: E402
 from fbcompile import new_request, reset, stats  # noqa: E402
+from fbcompile.backends import cuda_graphs  # noqa: E402
 from fbcompile.bench import FBCOMPILE_VARIANTS, environment, make_variant, parser as bench_parser, \
     resolve_bandwidth, _ints  # noqa: E402
 
@@ -211,6 +230,92 @@ def host_variant(workload, built, variant: str, context: int, batch: int, warmup
     return row
 
 
+_log: list | None = None  # while a block is measured: (replay, event before it, host time before, after)
+
+
+def _recording_replays(record):
+    """``cuda_graphs.record`` whose replays note an event and the host time around each call into
+    ``_log`` while it is a list."""
+    def wrapped_record(run, args, session):
+        replay, outputs = record(run, args, session)
+
+        def logged(call_args):
+            if _log is None:
+                return replay(call_args)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            t0 = time.perf_counter()
+            replay(call_args)
+            _log.append((replay, event, t0, time.perf_counter()))
+        return logged, outputs
+    return wrapped_record
+
+
+def _median(values) -> float:
+    return round(statistics.median(values), 4)
+
+
+def _timed(fn, before=None) -> float:
+    """ms of ``fn()`` between CUDA events (``before()`` runs first, untimed)."""
+    if before is not None:
+        before()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def exposure(workload, built, variant: str, context: int, batch: int, warmup: int, blocks: int) -> dict:
+    """``--exposure``'s row for one variant (see the module docstring); ``built`` becomes the variant."""
+    global _log
+    model = make_variant(variant, built, "inductor")
+    block = workload.prepare(model, context, batch)
+    reset(model)
+    for _ in range(warmup):
+        new_request(model)
+        block.run()
+    torch.cuda.synchronize()
+    plain = [_timed(block.run, lambda: new_request(model)) for _ in range(blocks)]
+    forwards: list[float] = []  # after the plain blocks: a hook costs host time
+    model.register_forward_pre_hook(lambda module, inputs: forwards.append(time.perf_counter()))
+    steps = []
+    for _ in range(blocks):
+        new_request(model)
+        forwards.clear()
+        _log = []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        block.run()
+        end.record()
+        end.synchronize()
+        log, _log = _log, None
+        steps.append(dict(lead=start.elapsed_time(log[0][1]), total=start.elapsed_time(end),
+                          replays=[r for r, *_ in log],
+                          host=[(min(t0 for _, _, t0, _ in log if t0 >= f) - f) * 1e6 for f in forwards
+                                if any(t0 >= f for _, _, t0, _ in log)],
+                          call=[(t1 - t0) * 1e6 for _, _, t0, t1 in log]))
+    sequence = steps[-1]["replays"]
+
+    def replay_all():
+        for replay in sequence:
+            replay(None)
+    graphs = [_timed(replay_all) for _ in range(blocks)]
+    per_graph = [_median(_timed(lambda: replay(None)) for _ in range(5)) for replay in sequence]
+    n = len(sequence)
+    row = dict(variant=variant, context=context, batch=batch, blocks=blocks, block_ms=_median(plain),
+               block_hooked_ms=_median(s["total"] for s in steps),
+               first_replay_lead_ms=_median(s["lead"] for s in steps), graphs_ms=_median(graphs), graphs_per_block=n,
+               per_graph_ms=per_graph,
+               host_to_replay_us=[round(statistics.median(s["host"][j] for s in steps))
+                                  for j in range(min(len(s["host"]) for s in steps))],
+               replay_call_us=[round(statistics.median(s["call"][j] for s in steps)) for j in range(n)],
+               cuda_graphs=dict(stats(model).cuda_graphs or {}))
+    torch._dynamo.reset()
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="lm")
@@ -228,9 +333,14 @@ def main(argv=None):
                         "graphs' replays: input copies, uncaptured graphs)")
     p.add_argument("--host", type=int, default=0, metavar="BLOCKS",
                    help="instead: host time per forward (a block's first apart) over BLOCKS blocks, then cProfile")
+    p.add_argument("--exposure", type=int, default=0, metavar="BLOCKS",
+                   help="instead: a CUDA-graphed block's GPU work against the host's lead before it, unprofiled, "
+                        "over BLOCKS blocks")
     p.add_argument("--tiny", action="store_true", help="small shapes, on the CPU (a check of the script)")
     p.add_argument("--out", default="benchmarks/results/profile")
     args = p.parse_args(argv)
+    if args.exposure and args.tiny:
+        p.error("--exposure times CUDA graphs: it needs a GPU")
     device = torch.device("cpu" if args.tiny else "cuda")
     w = workloads(args.tiny)[args.model]
     env = environment(device, resolve_bandwidth("auto", device)[1],
@@ -239,9 +349,14 @@ def main(argv=None):
     env["dtype"] = str(dtype)
     rows = []
     with torch.no_grad():
-        built = w.build(device, dtype)
+        built = None if args.exposure else w.build(device, dtype)
+        if args.exposure:  # its replays note events: before any graph is captured
+            cuda_graphs.record = _recording_replays(cuda_graphs.record)
         for variant in args.variants.split(","):
-            if args.host:
+            if args.exposure:  # a model of its own per variant: the hook it adds stays
+                rows.append(exposure(w, w.build(device, dtype), variant, _ints(args.context)[0], args.batch,
+                                     args.warmup, args.exposure))
+            elif args.host:
                 rows.append(host_variant(w, built, variant, _ints(args.context)[0], args.batch, args.warmup,
                                          args.host, args.top))
             else:
@@ -295,11 +410,15 @@ def write(out: str, env: dict, args, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out + ".json", "w") as f:
         json.dump(dict(env=env, model=args.model, rows=rows), f, indent=1)
-    title = "Host time per forward" if args.host else "Where one block's time goes"
+    title = ("A block's GPU work and the host's lead" if args.exposure else "Host time per forward" if args.host
+             else "Where one block's time goes")
     lines = [f"# {title}: {args.model}, context {args.context}, batch {args.batch}", ""]
     lines += [f"- {k}: {v}" for k, v in env.items()] + [""]
     for r in rows:
-        lines += host_lines(r) if args.host else block_lines(r)
+        if args.exposure:
+            lines += [f"## {r['variant']}", "", "    " + json.dumps(r), ""]
+        else:
+            lines += host_lines(r) if args.host else block_lines(r)
     with open(out + ".md", "w") as f:
         f.write("\n".join(lines))
 
