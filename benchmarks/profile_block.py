@@ -15,8 +15,8 @@ events only: the profiler slows the host and shows idle gaps the unprofiled bloc
 before the refresh graph's first kernel, where the replay call itself takes 11-17 µs:
 ``benchmarks/results/session33_h100.md``). Per variant:
 
-* ``block_ms``: the block as ``fbcompile.bench`` times it (median of BLOCKS), before the forward pre-hook
-  the per-step host times below need is registered;
+* ``block_ms``: the block as ``fbcompile.bench`` times it (``time_block``, median of BLOCKS), before the
+  forward pre-hook the per-step host times below need is registered;
 * ``block_hooked_ms``, ``first_replay_lead_ms``: with that hook, the block, and the time from its start to
   its first graph replay (an event recorded just before it, on a GPU with nothing queued: the host's
   time to get there);
@@ -49,7 +49,7 @@ from benchmarks.e2e import workloads  # noqa: E402
 from fbcompile import new_request, reset, stats  # noqa: E402
 from fbcompile.backends import cuda_graphs  # noqa: E402
 from fbcompile.bench import FBCOMPILE_VARIANTS, environment, make_variant, parser as bench_parser, \
-    resolve_bandwidth, _ints  # noqa: E402
+    resolve_bandwidth, time_block, _ints  # noqa: E402
 
 
 def _sync() -> None:
@@ -255,10 +255,8 @@ def _median(values) -> float:
     return round(statistics.median(values), 4)
 
 
-def _timed(fn, before=None) -> float:
-    """ms of ``fn()`` between CUDA events (``before()`` runs first, untimed)."""
-    if before is not None:
-        before()
+def _timed(fn) -> float:
+    """ms of ``fn()`` between CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
@@ -276,9 +274,8 @@ def exposure(workload, built, variant: str, context: int, batch: int, warmup: in
     for _ in range(warmup):
         new_request(model)
         block.run()
-    torch.cuda.synchronize()
-    plain = [_timed(block.run, lambda: new_request(model)) for _ in range(blocks)]
-    forwards: list[float] = []  # after the plain blocks: a hook costs host time
+    _, block_ms = time_block(block.run, lambda: new_request(model), blocks, torch.device("cuda"))
+    forwards: list[float] = []  # registered after block_ms: a hook costs host time
     model.register_forward_pre_hook(lambda module, inputs: forwards.append(time.perf_counter()))
     steps = []
     for _ in range(blocks):
@@ -304,7 +301,7 @@ def exposure(workload, built, variant: str, context: int, batch: int, warmup: in
     graphs = [_timed(replay_all) for _ in range(blocks)]
     per_graph = [_median(_timed(lambda: replay(None)) for _ in range(5)) for replay in sequence]
     n = len(sequence)
-    row = dict(variant=variant, context=context, batch=batch, blocks=blocks, block_ms=_median(plain),
+    row = dict(variant=variant, context=context, batch=batch, blocks=blocks, block_ms=round(block_ms, 4),
                block_hooked_ms=_median(s["total"] for s in steps),
                first_replay_lead_ms=_median(s["lead"] for s in steps), graphs_ms=_median(graphs), graphs_per_block=n,
                per_graph_ms=per_graph,
