@@ -67,16 +67,21 @@ def test_config_rejects_bad_combo_kernels(combo):
 
 def test_inductor_gets_combo_kernels_for_graphs_on_cuda_only():
     """``Config.combo_kernels`` reaches Inductor, beside the mode's options, for a graph on CUDA (a fake
-    CUDA tensor stands for one here); a CPU graph, or the option off, patches nothing."""
+    CUDA tensor stands for one here), and so do fbcompile's heuristics where Inductor's config takes them
+    (:mod:`fbcompile.backends.inductor_choices`); a CPU graph, or the option off, patches nothing else."""
+    from torch._inductor import config as inductor_config
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fbcompile.backends.compiler import inductor_options
+    from fbcompile.backends.inductor_choices import block_step_choices
     from fbcompile.backends.session import Session
 
     with FakeTensorMode():
         on_cuda = [3, torch.empty(2, device="cuda")]
-    assert inductor_options(Session(fbcompile.Config()), on_cuda) == {"combo_kernels": True}
-    assert inductor_options(Session(fbcompile.Config(combo_kernels=False)), on_cuda) is None
+    choices = ({"inductor_choices_class": block_step_choices} if hasattr(inductor_config, "inductor_choices_class")
+               else {})
+    assert inductor_options(Session(fbcompile.Config()), on_cuda) == {"combo_kernels": True, **choices}
+    assert inductor_options(Session(fbcompile.Config(combo_kernels=False)), on_cuda) == (choices or None)
     assert inductor_options(Session(fbcompile.Config()), [torch.ones(2)]) is None
     options = inductor_options(Session(fbcompile.Config(), mode="max-autotune-no-cudagraphs"), on_cuda)
     assert options["combo_kernels"] and options["max_autotune"] and "triton.cudagraphs" not in options

@@ -21,6 +21,7 @@ from fbcompile.backends import cuda_graphs
 from fbcompile.backends.cuda_graphs import CapturedGraph, WithHostIsland
 from fbcompile.backends.dispatcher import (CompiledGraph, CompiledStep, ExactDispatcher, ProbeDispatcher,
                                            SplitGraphDispatcher)
+from fbcompile.backends.inductor_choices import block_step_choices
 from fbcompile.backends import kernel_analysis, provenance
 from fbcompile.backends.policies import policies_for
 from fbcompile.backends.session import GraphRecord, Session, SiteCounters
@@ -61,12 +62,22 @@ def check_mode(mode: str | None) -> dict:
     return options
 
 
+def _on_cuda(example_inputs: list) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs)
+
+
 def inductor_options(session: Session, example_inputs: list) -> dict | None:
     """Inductor's config patches for a graph fbcompile compiles: the mode's (:func:`check_mode`) and,
-    for a graph on CUDA, combo kernels (:attr:`Config.combo_kernels`)."""
+    for a graph on CUDA, combo kernels (:attr:`Config.combo_kernels`) and, where Inductor's config has
+    the key (its cache key then tells them apart), the heuristics of :mod:`.inductor_choices`."""
+    from torch._inductor import config as inductor_config
+
     options = check_mode(session.mode)
-    if session.config.combo_kernels and any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
-        options["combo_kernels"] = True
+    if _on_cuda(example_inputs):
+        if session.config.combo_kernels:
+            options["combo_kernels"] = True
+        if hasattr(inductor_config, "inductor_choices_class"):
+            options["inductor_choices_class"] = block_step_choices
     return options or None
 
 
@@ -80,9 +91,13 @@ def _inductor(compile_fx, gm: fx.GraphModule, example_inputs: list, session: Ses
     (Dream's prefix cache compiled 5 graphs on the H100, each twice in block mode: refresh and reuse).
     An opaque op plans at each call, so one graph serves every length, and its host code runs only
     when a CUDA graph is captured, not at the replays. Graphs that run uncaptured pay that host code
-    at every call."""
+    at every call. On CUDA, Inductor's heuristics are those of :mod:`.inductor_choices`."""
+    from torch._inductor.virtualized import V
+
     options = inductor_options(session, example_inputs)
-    with torch._functorch.config.patch(decompose_custom_triton_ops=not session.cuda_graphs):
+    choices = block_step_choices() if _on_cuda(example_inputs) else V.choices
+    with torch._functorch.config.patch(decompose_custom_triton_ops=not session.cuda_graphs), \
+            V.set_choices_handler(choices):
         try:
             return compile_fx(gm, example_inputs, config_patches=options)
         except Exception as error:
