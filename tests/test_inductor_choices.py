@@ -7,7 +7,6 @@ import sympy
 import torch
 
 import fbcompile
-from fbcompile.backends import inductor_choices
 from fbcompile.backends.inductor_choices import FEW_ROWS, PERSISTENT_NUMEL, block_step_choices, persistent_row_reduction
 from torch._inductor.runtime.hints import ReductionHint
 
@@ -30,28 +29,26 @@ def _features(hint, rows, numel):
     return SimpleNamespace(get_reduction_hint=lambda: hint, numel=rows, reduction_numel=numel)
 
 
-def test_block_step_choices_make_few_row_reductions_persistent():
+def test_block_step_choices_make_few_row_reductions_persistent(monkeypatch):
     """Sizes come as sympy expressions: numbers count, symbols do not (those go to Inductor's rule)."""
+    from torch._inductor.choices import InductorChoices
+
     choices = block_step_choices()
     assert choices is block_step_choices()  # one instance: Inductor's cache key reads its uuid
+    assert "fbcompile" in choices.uuid()
     assert choices.should_use_persistent_reduction(_features(ReductionHint.INNER, sympy.Integer(32),
                                                              sympy.Integer(1536)), False)
     calls = []
-    plain = torch._inductor.choices.InductorChoices.should_use_persistent_reduction
 
     def inductor_rule(features, cooperative_reduction):
         calls.append((features.numel, cooperative_reduction))
         return "inductor's"
-    try:
-        torch._inductor.choices.InductorChoices.should_use_persistent_reduction = staticmethod(inductor_rule)
-        s = sympy.Symbol("s0", positive=True, integer=True)
-        assert choices.should_use_persistent_reduction(_features(ReductionHint.INNER, s, 1536), False) == "inductor's"
-        assert choices.should_use_persistent_reduction(_features(ReductionHint.OUTER, 32, 1536), False) == "inductor's"
-        assert choices.should_use_persistent_reduction(_features(ReductionHint.INNER, 32, 1536), True) == "inductor's"
-    finally:
-        torch._inductor.choices.InductorChoices.should_use_persistent_reduction = plain
-    assert len(calls) == 3
-    assert "fbcompile" in choices.uuid()
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction", staticmethod(inductor_rule))
+    s = sympy.Symbol("s0", positive=True, integer=True)
+    assert choices.should_use_persistent_reduction(_features(ReductionHint.INNER, s, 1536), False) == "inductor's"
+    assert choices.should_use_persistent_reduction(_features(ReductionHint.OUTER, 32, 1536), False) == "inductor's"
+    assert choices.should_use_persistent_reduction(_features(ReductionHint.INNER, 32, 1536), True) == "inductor's"
+    assert calls == [(s, False), (32, False), (32, True)]
 
 
 def test_the_choices_are_installed_while_inductor_compiles_a_cuda_graph_only(monkeypatch):
@@ -77,4 +74,3 @@ def test_the_choices_are_installed_while_inductor_compiles_a_cuda_graph_only(mon
     compiler._inductor(compile_fx, gm, [torch.ones(2)], Session(fbcompile.Config()))
     assert seen[0] is block_step_choices() and seen[1] is before
     assert V.choices is before
-    assert inductor_choices.FEW_ROWS >= 32 * 8  # a batch of 8 blocks of 32 counts as few rows
