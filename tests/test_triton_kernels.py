@@ -251,6 +251,76 @@ def test_attention_lse_key_count(case):
         _check(out, lse, ref_out, ref_lse, dtype)
 
 
+# (dtype, B, Hq, Hkv, M, N, NB, D, external mask, block mask, num_splits, key count)
+REFRESH_CASES = [
+    (torch.float32, 1, 8, 2, 16, 200, 16, 64, "none", "none", None, None),
+    (torch.float32, 2, 8, 2, 8, 300, 32, 64, "bool", "float", 3, None),
+    (torch.float32, 1, 4, 1, 5, 0, 7, 64, "none", "bool", None, None),  # nothing cached yet
+    (torch.float32, 1, 8, 2, 8, 300, 20, 64, "none", "none", None, 150),
+    (torch.float32, 1, 8, 2, 8, 300, 20, 64, "float", "none", 1, None),  # the block is a second split
+    (torch.float32, 2, 4, 2, 6, 130, 70, 96, "empty_rows", "empty_rows", 2, None),  # rows with neither part
+    (torch.float32, 1, 4, 2, 8, 100, 8, 512, "none", "bool", None, None),
+    (torch.bfloat16, 1, 12, 2, 32, 260, 32, 128, "none", "none", None, None),  # the 1.5B LM's heads
+    (torch.bfloat16, 1, 8, 4, 64, 300, 64, 256, "none", "none", None, 257),  # 64-key tiles in 3 stages
+    (torch.float16, 2, 8, 2, 12, 257, 12, 128, "bool", "bool", None, None),
+]
+
+
+def _block_mask(kind: str, B: int, Hq: int, M: int, NB: int, seed: int) -> torch.Tensor | None:
+    mask = _mask(kind, B, Hq, M, NB, torch.Generator().manual_seed(seed))
+    return None if mask is None else mask.to(DEVICE)
+
+
+def _additive(mask: torch.Tensor | None, shape) -> torch.Tensor:
+    if mask is None:
+        return torch.zeros(shape, device=DEVICE)
+    mask = mask.expand(shape)
+    return torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.float()
+
+
+@in_process
+@pytest.mark.parametrize("case", REFRESH_CASES, ids=lambda c: "-".join(str(x).replace("torch.", "") for x in c))
+def test_attention_refresh_lse(case):
+    """Both parts in one launch pair: the merged result equals attention over the cached keys (the first
+    ``key count`` of them) and the block's joined, the external part returned equals attention over the
+    cached keys alone; the padding past the key count holds NaN."""
+    dtype, B, Hq, Hkv, M, N, NB, D, ext_mask, blk_mask, num_splits, count = case
+    q, k, v, mask = _inputs(dtype, B, Hq, Hkv, M, N, D, D, ext_mask, seed=N + NB)
+    _, k_blk, v_blk, _ = _inputs(dtype, B, Hq, Hkv, M, NB, D, D, "none", seed=N + NB + 1)
+    mask_blk = _block_mask(blk_mask, B, Hq, M, NB, seed=NB)
+    key_count, n = None, N
+    if count is not None:
+        key_count, n = torch.tensor([count], device=DEVICE, dtype=torch.int32), count
+        k, v = k.clone(), v.clone()
+        k[:, :, n:], v[:, :, n:] = float("nan"), float("nan")
+    assert ta.supports_refresh(q, k, v, mask, k_blk, v_blk, mask_blk)
+    scale = D**-0.5
+    out, lse, out_ext, lse_ext = ta.attention_refresh_lse(q, k, v, mask, scale, k_blk, v_blk, mask_blk, key_count,
+                                                          num_splits=num_splits)
+    head = None if mask is None else mask[..., :n]
+    ref_ext = reference.attention_lse(q, k[:, :, :n], v[:, :, :n], head, scale)
+    joined = torch.cat([_additive(head, (B, Hq, M, n)), _additive(mask_blk, (B, Hq, M, NB))], -1)
+    ref = reference.attention_lse(q, torch.cat([k[:, :, :n], k_blk], 2), torch.cat([v[:, :, :n], v_blk], 2),
+                                  joined, scale)
+    _check(out, lse, *ref, dtype)
+    if n == 0:
+        assert (out_ext == 0).all() and torch.isneginf(lse_ext).all()
+    else:
+        _check(out_ext, lse_ext, *ref_ext, dtype)
+    # the merged result block-major (as attention_merge_lse's), the external part head-major (as attention_lse's)
+    assert out.transpose(1, 2).is_contiguous() and out_ext.is_contiguous() and lse_ext.is_contiguous()
+
+
+def test_refresh_takes_a_block_of_at_most_sixteen_key_tiles():
+    q, k, v = torch.randn(1, 4, 8, 64), torch.randn(1, 2, 4096, 64), torch.randn(1, 2, 4096, 64)
+    block_n = ta._plan(q, k, v, True, {}, plain=True)[0]["BLOCK_N"]
+    for keys, taken in [(8, True), (16 * block_n, True), (16 * block_n + 1, False)]:
+        k_blk, v_blk = torch.randn(1, 2, keys, 64), torch.randn(1, 2, keys, 64)
+        assert ta.supports_refresh(q, k, v, None, k_blk, v_blk, None) is taken
+    assert not ta.supports_refresh(q, k, v, None, torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), None)
+    assert not ta.supports_refresh(q, k, v, None, torch.randn(1, 4, 8, 64), torch.randn(1, 4, 8, 64), None)
+
+
 @in_process
 def test_empty_keys():
     q, k, v, _ = _inputs(torch.float32, 1, 4, 2, 4, 0, 64, 64, "none", seed=1)

@@ -132,6 +132,26 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
 
 
 @triton.jit
+def _attend_block(q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, svbh, svbn, svbd,
+                  smbb, smbh, smbm, smbn, NB, row_ok, offs_n, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK_B: tl.constexpr,
+                  MASK_B_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The online-softmax state ``(m, l, acc)`` after all ``NB`` keys of the block's own ``(KB, VB)``
+    (with ``MaskB`` when ``HAS_MASK_B``): the block-internal part, taken by one split program."""
+    kb_ptrs = KB + b * skbb + hkv * skbh + offs_n[:, None] * skbn + offs_d[None, :] * skbd
+    vb_ptrs = VB + b * svbb + hkv * svbh + offs_n[:, None] * svbn + offs_dv[None, :] * svbd
+    maskb_ptrs = MaskB + b * smbb + h[:, None] * smbh + m[:, None] * smbm + offs_n[None, :] * smbn
+    for n0 in range(0, NB, BLOCK_N):
+        m_i, l_i, acc, p, m_safe = _attend_tile(
+            q, kb_ptrs, vb_ptrs, maskb_ptrs, (n0 + offs_n) < NB, row_ok, offs_d, offs_dv, m_i, l_i, acc,
+            qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
+        kb_ptrs += BLOCK_N * skbn
+        vb_ptrs += BLOCK_N * svbn
+        maskb_ptrs += BLOCK_N * smbn
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _log2_sum(p_sum, m):
     """``m + log2(p_sum)`` for probabilities relative to ``2^m``; ``-inf`` where they sum to 0."""
     return tl.where(p_sum > 0.0, m + tl.log2(tl.maximum(p_sum, 1e-30)), float("-inf"))  # 1e-38 would be fp64
@@ -161,18 +181,22 @@ def _store_in_register_layout(ptrs, values, mask):
 
 @triton.jit
 def _attn_kernel(
-    Q, K, V, Mask, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse, KeyCount,
+    Q, K, V, Mask, KB, VB, MaskB, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse, KeyCount,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     smb, smh, smm, smn,
+    skbb, skbh, skbn, skbd,
+    svbb, svbh, svbn, svbd,
+    smbb, smbh, smbm, smbn,
     seb, seh, sem, sed,
     slb, slh, slm,
     sob, soh, som,
-    Hkv, GROUP, M, N, R, keys_per_split, qk_scale, NC,
+    Hkv, GROUP, M, N, NB, R, keys_per_split, qk_scale, NC,
     D: tl.constexpr, DV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_BLOCK: tl.constexpr, HAS_MASK_B: tl.constexpr,
+    MASK_B_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr, CHUNK_STORE_PTX: tl.constexpr,
     HAS_COUNT: tl.constexpr,
 ):
@@ -183,7 +207,10 @@ def _attn_kernel(
     from the probabilities the softmax computes anyway: the tile scores cost no second KV read;
     ``CHUNK_STORE_PTX`` stores them by :func:`_store_in_register_layout`, else by ``tl.store``.
     ``HAS_COUNT``: only the first ``KeyCount[0]`` of the ``N`` keys count (the rest is padding of a
-    buffer with spare capacity), and the splits divide those keys, read on the device, among them."""
+    buffer with spare capacity), and the splits divide those keys, read on the device, among them.
+    ``HAS_BLOCK``: one more split program, the last, attends to the ``NB`` keys of ``(KB, VB)`` instead
+    (the block's own, with ``MaskB``), so that :func:`_reduce_kernel` sees both parts of a split
+    attention; its key range lies past ``N`` and so is empty."""
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2).to(tl.int64)
@@ -201,7 +228,7 @@ def _attn_kernel(
 
     if HAS_COUNT:
         N = tl.minimum(tl.load(KeyCount).to(tl.int32), N)
-        keys_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1)) * BLOCK_N
+        keys_per_split = tl.cdiv(tl.cdiv(N, BLOCK_N), tl.num_programs(1) - (1 if HAS_BLOCK else 0)) * BLOCK_N
     n_start = pid_s * keys_per_split
     n_end = tl.maximum(tl.minimum(n_start + keys_per_split, N), n_start)  # empty past the end
     k_ptrs += n_start.to(tl.int64) * skn
@@ -238,6 +265,12 @@ def _attn_kernel(
             mask_ptrs += BLOCK_N * smn
         k_ptrs += BLOCK_N * skn
         v_ptrs += BLOCK_N * svn
+    if HAS_BLOCK:
+        if pid_s == tl.num_programs(1) - 1:
+            m_i, l_i, acc = _attend_block(
+                q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, svbh, svbn, svbd,
+                smbb, smbh, smbm, smbn, NB, row_ok, offs_n, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                D, DV, BLOCK_N, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
 
     _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
@@ -245,15 +278,18 @@ def _attn_kernel(
 
 @triton.jit
 def _reduce_rows(
-    OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
-    Hkv, GROUP, M, R, num_splits, pid_r, pid_bh,
+    OPart, LPart, OutExt, LseExt, Out, Lse, SaveOut, SaveLse, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
+    ssb, ssh, ssm, Hkv, GROUP, M, R, num_splits, pid_r, pid_bh,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_EXT: tl.constexpr,
+    HAS_EXT: tl.constexpr, HAS_BLOCK: tl.constexpr,
 ):
     """Combine the per-split partials of ``BLOCK_R`` packed rows (and optionally an external result).
 
     ``BLOCK_S`` splits are loaded as one [rows, splits, Dv] tile, so the reads are issued together
-    rather than one dependent round trip per split (which made this kernel latency bound)."""
+    rather than one dependent round trip per split (which made this kernel latency bound).
+    ``HAS_BLOCK``: partial ``num_splits`` (one past the splits) is the block-internal part; the splits
+    before it, combined, are the external part, also written to ``SaveOut``/``SaveLse`` for reuse."""
+    parts = num_splits + (1 if HAS_BLOCK else 0)  # partials per (batch, KV head)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     offs_s = tl.arange(0, BLOCK_S)
@@ -265,7 +301,7 @@ def _reduce_rows(
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         split_ok = (s0 + offs_s) < num_splits
-        part = (pid_bh * num_splits + s0 + offs_s[None, :]) * R + rows[:, None]  # [rows, splits]
+        part = (pid_bh * parts + s0 + offs_s[None, :]) * R + rows[:, None]  # [rows, splits]
         ok = row_ok[:, None] & split_ok[None, :]
         lse2 = tl.load(LPart + part, mask=ok, other=float("-inf"))
         o = tl.load(OPart + part[:, :, None] * DV + offs_dv[None, None, :],
@@ -285,6 +321,14 @@ def _reduce_rows(
                       mask=row_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
         lse_e = tl.load(LseExt + b * slb + h * slh + m * slm, mask=row_ok, other=float("-inf"))
         m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_e.to(tl.float32) * 1.4426950408889634, o_e)
+    if HAS_BLOCK:
+        _store_final(SaveOut, SaveLse, b * ssb + h * ssh + m * ssm, pid_bh * R + rows, row_ok, offs_dv,
+                     m_i, l_i, acc, DV)
+        part = (pid_bh * parts + num_splits) * R + rows
+        lse_i = tl.load(LPart + part, mask=row_ok, other=float("-inf"))
+        o_i = tl.load(OPart + part[:, None] * DV + offs_dv[None, :], mask=row_ok[:, None] & dv_ok[None, :],
+                      other=0.0)
+        m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lse_i, o_i)
     _store_final(Out, Lse, b * sob + h * soh + m * som, pid_bh * R + rows, row_ok, offs_dv, m_i, l_i, acc, DV)
 
 
@@ -327,14 +371,15 @@ def _tile_mass(
 
 @triton.jit
 def _reduce_kernel(
-    OPart, LPart, OutExt, LseExt, Out, Lse, ChunkLse, TileMass,
+    OPart, LPart, OutExt, LseExt, Out, Lse, SaveOut, SaveLse, ChunkLse, TileMass,
     seb, seh, sem, sed,
     slb, slh, slm,
     sob, soh, som,
+    ssb, ssh, ssm,
     Hkv, GROUP, M, R, num_splits, row_programs, NC, T, CPT,
     DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_EXT: tl.constexpr, MASS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_RR: tl.constexpr,
-    MASS_BLOCK_S: tl.constexpr,
+    HAS_EXT: tl.constexpr, HAS_BLOCK: tl.constexpr, MASS: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_RR: tl.constexpr, MASS_BLOCK_S: tl.constexpr,
 ):
     """The split reduction: programs ``< row_programs`` combine rows (:func:`_reduce_rows`); with
     ``MASS`` the others compute tile masses (:func:`_tile_mass`) in the same launch."""
@@ -342,14 +387,16 @@ def _reduce_kernel(
     pid_bh = tl.program_id(1).to(tl.int64)
     if MASS:
         if pid_r < row_programs:
-            _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
-                         Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
+            _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, SaveOut, SaveLse, seb, seh, sem, sed, slb, slh, slm,
+                         sob, soh, som, ssb, ssh, ssm, Hkv, GROUP, M, R, num_splits, pid_r, pid_bh,
+                         DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT, HAS_BLOCK)
         else:
             _tile_mass(LPart, ChunkLse, TileMass, R, num_splits, NC, T, CPT, pid_r - row_programs, pid_bh,
                        BLOCK_T, BLOCK_RR, MASS_BLOCK_S)
     else:
-        _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
-                     Hkv, GROUP, M, R, num_splits, pid_r, pid_bh, DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT)
+        _reduce_rows(OPart, LPart, OutExt, LseExt, Out, Lse, SaveOut, SaveLse, seb, seh, sem, sed, slb, slh, slm,
+                     sob, soh, som, ssb, ssh, ssm, Hkv, GROUP, M, R, num_splits, pid_r, pid_bh,
+                     DV, BLOCK_R, BLOCK_S, BLOCK_DV, HAS_EXT, HAS_BLOCK)
 
 
 @triton.jit
@@ -410,16 +457,10 @@ def _sparse_attn_kernel(
 
     if HAS_BLOCK:
         if pid_s == tl.num_programs(1) - 1:
-            kb_ptrs = KB + b * skbb + hkv * skbh + offs_n[:, None] * skbn + offs_d[None, :] * skbd
-            vb_ptrs = VB + b * svbb + hkv * svbh + offs_n[:, None] * svbn + offs_dv[None, :] * svbd
-            maskb_ptrs = MaskB + b * smbb + h[:, None] * smbh + m[:, None] * smbm + offs_n[None, :] * smbn
-            for n0 in range(0, NB, BLOCK_N):
-                m_i, l_i, acc, p, m_safe = _attend_tile(
-                    q, kb_ptrs, vb_ptrs, maskb_ptrs, (n0 + offs_n) < NB, row_ok, offs_d, offs_dv, m_i, l_i, acc,
-                    qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
-                kb_ptrs += BLOCK_N * skbn
-                vb_ptrs += BLOCK_N * svbn
-                maskb_ptrs += BLOCK_N * smbn
+            m_i, l_i, acc = _attend_block(
+                q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, svbh, svbn, svbd,
+                smbb, smbh, smbm, smbn, NB, row_ok, offs_n, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                D, DV, BLOCK_N, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
 
     _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
@@ -593,10 +634,12 @@ def _partials(q, B, Hkv, num_splits, R, DV):
             torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32))
 
 
-def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None, rows=4):
+def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None, rows=4, save=None):
     """Launch :func:`_reduce_kernel` over ``rows`` packed rows per program; ``mass = (chunk_lse,
-    tile_mass, chunks per tile)`` adds the tile-mass programs."""
+    tile_mass, chunks per tile)`` adds the tile-mass programs; ``save = (out_ext, lse_ext)``: the
+    partials hold one more, the block-internal part, and the external part is written there too."""
     ext_o, ext_l, estr, lstr, has_ext = ext
+    save_o, save_l = (ext_o, ext_l) if save is None else save
     R, DV = group * M, out.shape[-1]
     # 4 rows per program (fewer measured slower, 8 at most 3% faster: reduce_rows_h100.md); a [4, BLOCK_S, Dv]
     # fp32 tile <= 64 KB.
@@ -608,16 +651,18 @@ def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_d
     # [rows, splits] tile of <= 16K values) and few tiles, so that there are many such programs.
     block_rr = min(_pow2(_bucketed(R)), 256)
     wrap_triton(_reduce_kernel)[(row_programs + _cdiv(num_tiles, _MASS_BLOCK_T), B * Hkv)](
-        o_part, l_part, ext_o, ext_l, out, lse, chunk_lse, tile_mass, *estr, *lstr, *out.stride()[:3],
+        o_part, l_part, ext_o, ext_l, out, lse, save_o, save_l, chunk_lse, tile_mass, *estr, *lstr,
+        *out.stride()[:3], *(save_o.stride()[:3] if save is not None else (0, 0, 0)),
         Hkv, group, M, R, num_splits, row_programs, chunk_lse.shape[1], num_tiles, cpt,
-        DV=DV, BLOCK_R=rows, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, MASS=mass is not None,
+        DV=DV, BLOCK_R=rows, BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_EXT=has_ext, HAS_BLOCK=save is not None,
+        MASS=mass is not None,
         BLOCK_T=_MASS_BLOCK_T, BLOCK_RR=block_rr, MASS_BLOCK_S=min(_pow2(num_splits, 2), max(2, 16384 // block_rr)),
         num_warps=8,
     )
 
 
 def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True, tiles=None, key_count=None,
-               **overrides):
+               block=None, **overrides):
     """Shared launcher; ``overrides`` (``num_splits``, any of the tile/warp settings, ``CHUNK_STORE_PTX``
     and ``REDUCE_ROWS``, the packed rows per program of the split reduction) exist for the tests and the
     benchmark's tuning sweep. ``tiles = (tile, tile_mass)`` also fills ``tile_mass``
@@ -625,6 +670,9 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     of key chunks of ``gcd(tile, BLOCK_N)`` (always taking the split path, whose reduction launch
     computes the masses), through inline PTX where the device runs it (see :func:`_attn_kernel`).
     ``key_count`` (an int tensor of one element, on the device): only the first that many keys count.
+    ``block = (k_blk, v_blk, mask_blk, out_ext, lse_ext)``: an extra split program also attends to the
+    block's own keys, and the reduction writes the merged result and, into ``out_ext``/``lse_ext``, the
+    external part alone.
 
     Traceable host code: kernels are launched through ``torch.library.wrap_triton`` (a plain launch
     in eager, a graph node under ``torch.library.triton_op`` tracing) and every Python decision reads
@@ -635,36 +683,47 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
     Hkv, N, DV = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
     R = group * M
-    out = result_buffer(q, DV, merged=out_ext is not None)
+    out = result_buffer(q, DV, merged=out_ext is not None or block is not None)
     lse = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
     if B * Hq * M == 0:
         return out, lse
 
     chunk_store_ptx = overrides.pop("CHUNK_STORE_PTX", ptx_asm(q))
     reduce_rows = overrides.pop("REDUCE_ROWS", 4)
-    cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides, plain=mask is None)
+    plain = mask is None and (block is None or block[2] is None)
+    cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides, plain=plain)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     unused = _unused(q)  # one placeholder for every pointer argument this launch leaves unused
     mask_t, mstr, mask_bool = _mask_args(mask, q, N, unused)
+    k_blk, v_blk, mask_blk, *save = (unused, unused, None) if block is None else block
+    NB = 0 if block is None else k_blk.shape[2]
+    maskb_t, mbstr, maskb_bool = _mask_args(mask_blk, q, NB, unused)
     ext = _ext_args(out_ext, lse_ext, unused)
-    split = num_splits > 1 or tiles is not None
-    o_part, l_part = _partials(q, B, Hkv, num_splits, R, DV) if split else (unused, unused)
+    split = num_splits > 1 or tiles is not None or block is not None
+    programs = num_splits + (block is not None)  # the block's own keys: one program more
+    o_part, l_part = _partials(q, B, Hkv, programs, R, DV) if split else (unused, unused)
     chunk, chunk_lse, mass = 0, unused, None
     if tiles is not None:
         chunk = math.gcd(tiles[0], cfg["BLOCK_N"])
         chunk_lse = torch.empty(B * Hkv, _cdiv(N, chunk), R, device=q.device, dtype=torch.float32)
         mass = (chunk_lse, tiles[1], tiles[0] // chunk)
-    grid = (_cdiv(R, cfg["BLOCK_R"]), num_splits, B * Hkv)
+    grid = (_cdiv(R, cfg["BLOCK_R"]), programs, B * Hkv)
     wrap_triton(_attn_kernel)[grid](
-        q, k, v, mask_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse, unused if key_count is None else key_count,
-        *q.stride(), *k.stride(), *v.stride(), *mstr, *ext[2], *ext[3], *out.stride()[:3],
-        Hkv, group, M, N, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
-        D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_EXT=ext[4],
+        q, k, v, mask_t, k_blk, v_blk, maskb_t, ext[0], ext[1], out, lse, o_part, l_part, chunk_lse,
+        unused if key_count is None else key_count,
+        *q.stride(), *k.stride(), *v.stride(), *mstr,
+        *(k_blk.stride() if block is not None else (0,) * 4),
+        *(v_blk.stride() if block is not None else (0,) * 4), *mbstr,
+        *ext[2], *ext[3], *out.stride()[:3],
+        Hkv, group, M, N, NB, R, keys_per_split, scale * _LOG2E, 0 if tiles is None else chunk_lse.shape[1],
+        D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_BLOCK=block is not None,
+        HAS_MASK_B=mask_blk is not None, MASK_B_BOOL=maskb_bool, HAS_EXT=ext[4],
         SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), CHUNK=chunk,
         CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None, **cfg, **launch,
     )
     if split:
-        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass, reduce_rows)
+        _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass, reduce_rows,
+                save or None)
     return out, lse
 
 
@@ -694,6 +753,34 @@ def attention_merge_lse(q, k, v, mask, scale, out_ext, lse_ext):
     """
     long_keys = bool(k.shape[2] > 16 * _plan(q, k, v, False, {}, plain=mask is None)[0]["BLOCK_N"])  # a guard
     return _attention(q, k, v, mask, scale, out_ext, lse_ext, split_keys=long_keys)
+
+
+def supports_refresh(q, k, v, mask, k_blk, v_blk, mask_blk) -> bool:
+    """Whether :func:`attention_refresh_lse` handles these inputs: both parts supported, and the block's
+    own keys few enough for the one program that takes them (at most 16 key tiles: the bound at which
+    :func:`attention_merge_lse` also stops doing them in one program)."""
+    if not (supports(q, k, v, mask) and supports(q, k_blk, v_blk, mask_blk)):
+        return False
+    if k_blk.shape[-1] != k.shape[-1] or v_blk.shape[-1] != v.shape[-1] or k_blk.shape[1] != k.shape[1]:
+        return False
+    block_n = _plan(q, k, v, True, {}, plain=mask is None and mask_blk is None)[0]["BLOCK_N"]
+    return bool(k_blk.shape[2] <= 16 * block_n)  # a guard on a symbolic block length
+
+
+def attention_refresh_lse(q, k, v, mask, scale, k_blk, v_blk, mask_blk, key_count=None, *,
+                          num_splits: int | None = None):
+    """Both parts of a split attention, ``(out, lse, out_ext, lse_ext)``: ``q`` over the long
+    ``(k, v)`` (the external part, split-KV as :func:`attention_lse`; ``key_count`` as there) and over
+    the block's own ``(k_blk, v_blk)`` (``mask_blk``), merged. One more split program takes the block's
+    keys and the split reduction merges, so a refresh step costs the external part's two launches and
+    no merge launch; the external part is returned too, for the steps that reuse it."""
+    B, Hq, M = q.shape[:3]
+    out_ext = result_buffer(q, v.shape[-1], merged=False)
+    lse_ext = torch.empty(B, Hq, M, device=q.device, dtype=torch.float32)
+    overrides = {} if num_splits is None else {"num_splits": num_splits}
+    out, lse = _attention(q, k, v, mask, scale, key_count=key_count,
+                          block=(k_blk, v_blk, mask_blk, out_ext, lse_ext), **overrides)
+    return out, lse, out_ext, lse_ext
 
 
 def supports_tile(tile: int) -> bool:
