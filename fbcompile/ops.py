@@ -187,6 +187,38 @@ def _(q, k, v, mask, scale, out_ext, lse_ext):
     return _merged_outputs(q, k, v, attention_kernel(q, k, v, mask) == "Triton")
 
 
+def _refresh_on_triton(q, k, v, mask, key_count, k_blk, v_blk, mask_blk) -> bool:
+    """Whether ``attention_refresh_lse`` runs both parts in the Triton kernels' one launch pair: where
+    each part alone would run on them (neither on cuDNN nor on the reference)."""
+    return (attention_kernel(q, k, v, mask, key_count) == "Triton"
+            and attention_kernel(q, k_blk, v_blk, mask_blk) == "Triton"
+            and triton_attention.supports_refresh(q, k, v, mask, k_blk, v_blk, mask_blk))
+
+
+@torch.library.triton_op("fbcompile::attention_refresh_lse", mutates_args=())
+def attention_refresh_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    k_blk: torch.Tensor, v_blk: torch.Tensor, mask_blk: torch.Tensor | None, key_count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both parts of a split attention, ``(out, lse, out_ext, lse_ext)``: ``attention_lse`` over
+    ``(k, v)`` (with ``key_count``) and ``attention_merge_lse`` over the block's ``(k_blk, v_blk)``, in
+    one op, so that on the Triton kernels the block's keys take one more split program of the external
+    part and the merge costs no launch of its own (:func:`fbcompile.kernels.triton_attention.attention_refresh_lse`).
+    Elsewhere it is the two ops."""
+    _check_shapes(q, k, v)
+    _check_shapes(q, k_blk, v_blk)
+    if _refresh_on_triton(q, k, v, mask, key_count, k_blk, v_blk, mask_blk):
+        return triton_attention.attention_refresh_lse(q, k, v, mask, scale, k_blk, v_blk, mask_blk, key_count)
+    out_ext, lse_ext = attention_lse(q, k, v, mask, scale, key_count)
+    return (*attention_merge_lse(q, k_blk, v_blk, mask_blk, scale, out_ext, lse_ext), out_ext, lse_ext)
+
+
+@attention_refresh_lse.register_fake
+def _(q, k, v, mask, scale, k_blk, v_blk, mask_blk, key_count=None):
+    return (*_merged_outputs(q, k_blk, v_blk, attention_kernel(q, k_blk, v_blk, mask_blk) == "Triton"),
+            *_attention_outputs(q, k, v))
+
+
 def _traced_by_aot(op, body):
     """Make AOT trace ``op`` into ``body``'s ops, as it does a ``triton_op`` by default, but also where
     fbcompile keeps the ``triton_op``s opaque (under CUDA graphs: ``compiler._inductor``): ``body`` is

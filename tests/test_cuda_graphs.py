@@ -399,7 +399,7 @@ def test_video_chunks_of_4096_tokens_run_on_cudnn(monkeypatch, shared_compile_bu
     on_cudnn, on_triton = [], []  # the parts as Inductor traces the ops' bodies
     cudnn = ops.cudnn_attention_lse
     monkeypatch.setattr(ops, "cudnn_attention_lse", lambda *a: on_cudnn.append(a) or cudnn(*a))
-    for name in ("attention_lse", "attention_merge_lse"):
+    for name in ("attention_lse", "attention_merge_lse", "attention_refresh_lse"):
         kernel = getattr(ops.triton_attention, name)
         monkeypatch.setattr(ops.triton_attention, name, lambda *a, kernel=kernel: on_triton.append(a) or kernel(*a))
     reference = make_tiny_model(seed=0, height=64, width=64, patch_size=1, chunk_frames=1, hidden_size=128,

@@ -39,6 +39,7 @@ from fbcompile.passes.residual_linears import residual_linears
 from fbcompile.passes.hoist_cache_cats import hoist_cache_cats
 from fbcompile.passes.host_island import split_host_island
 from fbcompile.passes.key_count import add_key_count
+from fbcompile.passes.refresh_attention import fuse_refresh_attention
 from fbcompile.passes.reuse_external import SpecializedGraph
 from fbcompile.passes.slice_writes import slice_writes
 from fbcompile.passes.specialize import specialize
@@ -186,6 +187,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         if on_cudnn and (merges := split_cudnn_merges(rewritten := copy_module(gm), on_cudnn)):
             gm = rewritten
             log.info("%s: %d merge(s) of cuDNN's internal parts left to Inductor", role, len(merges))
+    if merge_calls(gm) and (fused := fuse_refresh_attention(refreshed := copy_module(gm))):
+        gm = refreshed
+        log.info("%s: %d split attention(s) with both parts in one op", role, len(fused))
     if record is not None and attention_parts(gm):
         record.attention_graphs[role] = (gm, *fake_inputs(example_inputs))
     if session.config.compiler == "eager":

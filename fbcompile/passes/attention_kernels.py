@@ -8,6 +8,9 @@ cuDNN takes no key count).
 
     out_e, lse_e = torch.ops.fbcompile.attention_lse(q, past_k, past_v, None, 0.088)          # -> "Triton"
     out, lse = torch.ops.fbcompile.attention_merge_lse(q, k, v, None, 0.088, out_e, lse_e)    # -> "Triton"
+
+An ``attention_refresh_lse`` call (:mod:`.refresh_attention`) holds both parts: ``"<name>.external"`` and
+``"<name>.internal"``, each as the op it stands for would run it.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from fbcompile.ops import attention_kernel
 from fbcompile.passes.graph_utils import copy_module, traced_value
 
-# Both ops start (q, k, v, mask, scale); attention_lse may end with the key count (fbcompile.passes.key_count).
-_OPS = (torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.attention_merge_lse.default)
+# All start (q, k, v, mask, scale); attention_lse may end with the key count (fbcompile.passes.key_count),
+# attention_refresh_lse goes on with the block's (k, v, mask) and the key count.
+_OPS = (torch.ops.fbcompile.attention_lse.default, torch.ops.fbcompile.attention_merge_lse.default,
+        torch.ops.fbcompile.attention_refresh_lse.default)
 
 
 def fake_inputs(example_inputs: list) -> tuple[FakeTensorMode, list]:
@@ -45,7 +50,7 @@ def _own_symbol(shapes: ShapeEnv, value: int, index: int) -> torch.SymInt:
 
 
 def attention_parts(gm: fx.GraphModule) -> list[fx.Node]:
-    """The ``attention_lse`` / ``attention_merge_lse`` calls of ``gm``."""
+    """The ``attention_lse`` / ``attention_merge_lse`` / ``attention_refresh_lse`` calls of ``gm``."""
     return [node for node in gm.graph.nodes if node.op == "call_function" and node.target in _OPS]
 
 
@@ -62,6 +67,11 @@ def kernels_of(gm: fx.GraphModule, mode: FakeTensorMode, inputs: list) -> dict[s
     kernels = {}
     for node in attention_parts(copy):
         q, k, v, mask = map(value, node.args[:4])
+        if node.target is _OPS[2]:
+            k_blk, v_blk, mask_blk, key_count = map(value, node.args[5:9])
+            kernels[f"{node.name}.external"] = attention_kernel(q, k, v, mask, key_count)
+            kernels[f"{node.name}.internal"] = attention_kernel(q, k_blk, v_blk, mask_blk)
+            continue
         key_count = value(node.args[5]) if node.target is _OPS[0] and len(node.args) > 5 else None
         kernels[node.name] = attention_kernel(q, k, v, mask, key_count)
     return kernels
