@@ -129,6 +129,7 @@ def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep, batch=1):
                bound="FLOPs" if flops / ceil["mm_flops"] > kv_bytes / ceil["copy_bw"] else "bytes")
     cfg, splits, _ = ta._plan(q, k, v, True, {})
     row["config"] = dict(cfg, num_splits=splits)
+    row.update(refresh_times(sets, scale))
     if do_sweep:
         try:  # plain launches outside a triton_op, as the op body does
             from torch._library.triton import set_wrap_triton_enabled
@@ -149,6 +150,25 @@ def run_shape(hq, hkv, d, m, n, ceil, old, sweep_rows, do_sweep, batch=1):
     del sets
     torch.cuda.empty_cache()
     return row
+
+
+def refresh_times(sets, scale) -> dict:
+    """A refresh step's attention, µs: the external part and the merge of the block's own keys (as many
+    as its queries) as two ops, and as one (``attention_refresh_lse``), with the relative difference of
+    their results."""
+    blocks = [(torch.randn_like(k[:, :, :q.shape[2]]), torch.randn_like(v[:, :, :q.shape[2]])) for q, k, v in sets]
+    joined = [(*s, *b) for s, b in zip(sets, blocks)]
+    ops = torch.ops.fbcompile
+
+    def two(q, k, v, kb, vb):
+        o, lse = ops.attention_lse(q, k, v, None, scale)
+        return ops.attention_merge_lse(q, kb, vb, None, scale, o, lse)
+
+    def one(q, k, v, kb, vb):
+        return ops.attention_refresh_lse(q, k, v, None, scale, kb, vb, None)
+
+    return dict(two_ops_us=graph_us(two, joined), refresh_us=graph_us(one, joined),
+                refresh_vs_two=rel_err(one(*joined[0])[0], two(*joined[0])[0]))
 
 
 def fp32_checks(ceil_rows):
@@ -254,11 +274,11 @@ def write(out_dir, meta, rows, sweep_rows, fp32_rows):
     with open(stem + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows, sweep=sweep_rows, fp32=fp32_rows), f, indent=1)
     headers = ["Hq/Hkv", "D", "M", "keys", "FLOP/B", "bound", "old µs", "µs", "floor µs", "% floor",
-               "% HBM peak", "TFLOP/s", "err out", "err lse", "config"]
+               "% HBM peak", "TFLOP/s", "err out", "err lse", "refresh: 2 ops µs", "1 op µs", "config"]
     table = [[f"{r['hq']}/{r['hkv']}", r["d"], r["M"], f"{r['L'] // 1024}K", round(r["intensity"]), r["bound"],
               f"{r['old_us']:.1f}" if "old_us" in r else "-", f"{r['us']:.1f}", f"{r['floor_us']:.1f}",
               f"{r['pct_floor']:.0f}%", f"{r['pct_hbm']:.0f}%", f"{r['tflops']:.0f}",
-              f"{r['err_out']:.1e}", f"{r['err_lse']:.1e}",
+              f"{r['err_out']:.1e}", f"{r['err_lse']:.1e}", f"{r['two_ops_us']:.1f}", f"{r['refresh_us']:.1f}",
               " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in r["config"].items() if k not in ("BLOCK_D", "BLOCK_DV"))]
              for r in rows]
     with open(stem + ".md", "w") as f:
@@ -271,7 +291,9 @@ def write(out_dir, meta, rows, sweep_rows, fp32_rows):
                 "kernel + split reduction), medians of CUDA-graph replays rotating over input sets of >= 240 MB. "
                 "floor = max(KV bytes / copy bandwidth, 4·Hq·M·L·D / matmul rate); FLOP/B = GQA·M. "
                 "% HBM peak = KV bytes / time over the datasheet bandwidth. `old` = the kernel before this "
-                "change (D <= 256 only). Errors: relative L2 vs float64.\n\n")
+                "change (D <= 256 only). Errors: relative L2 vs float64. `refresh`: the external part and the "
+                "merge of the block's own keys (M of them) as `attention_lse` + `attention_merge_lse`, and as one "
+                "`attention_refresh_lse`.\n\n")
         f.write(tabulate(table, headers, tablefmt="github") + "\n\n")
         f.write("Host cost per split attention (external + fused merge, 32/8 D128 M32 2K keys, no CUDA "
                 f"graphs): {json.dumps(meta['host'])}\n\n")
