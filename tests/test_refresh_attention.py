@@ -56,6 +56,15 @@ def keys_from_the_external_part(q, k_ext, v_ext, k, v, mask):
     return OPS.attention_merge_lse.default(q, k, v, mask, 0.3, external[0], external[1])
 
 
+def written_between(q, k_ext, v_ext, k, v, mask):
+    """Fast-dLLM v2: the block cache is written in place after the external part (here the cached keys
+    themselves: the pass cannot tell which tensors share memory), so the external part cannot move to
+    the merge."""
+    external = OPS.attention_lse.default(q, k_ext, v_ext, None, 0.3)
+    k_ext.narrow(2, 0, 2).copy_(k.narrow(2, 0, 2))
+    return OPS.attention_merge_lse.default(q, k, v, mask, 0.3, external[0], external[1])
+
+
 def merged_externals(q, k_ext, v_ext, k, v, mask):
     """A dual cache: the merge takes a merge of two external parts."""
     head = OPS.attention_lse.default(q, k_ext, v_ext, None, 0.3)
@@ -103,7 +112,8 @@ def test_a_split_attention_becomes_one_op_with_the_same_results(graph, case):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("graph", [other_scale, other_query, keys_from_the_external_part, merged_externals])
+@pytest.mark.parametrize("graph", [other_scale, other_query, keys_from_the_external_part, written_between,
+                                   merged_externals])
 def test_pairs_it_cannot_join_stay(graph):
     gm = fx.symbolic_trace(graph)
     before = targets(gm)

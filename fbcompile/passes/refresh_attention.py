@@ -14,8 +14,11 @@ and this pass makes it::
 
 On the Triton kernels the block's keys then take one more split program of the external launch and
 its split reduction merges: one launch fewer per site and step (exact mode refreshes at every step).
-Elsewhere the op is the two ops it replaces. Reuse graphs take ``(O_e, L_e)`` as inputs and have no
-such pair. Run last: the passes before it match the two ops.
+Elsewhere the op is the two ops it replaces. The joint call stands where the merge stood, so the
+external part is computed later than it was: a pair with an in-place write between the two calls (Fast-dLLM
+v2 writes its block cache after the external part, and a cache may share memory with the block) stays
+as it is. Reuse graphs take ``(O_e, L_e)`` as inputs and have no such pair. Run last: the passes before
+it match the two ops.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ import operator
 
 import torch
 import torch.fx as fx
+
+from fbcompile.passes.graph_utils import may_write_unseen, mutated_tensor
 
 _EXTERNAL = torch.ops.fbcompile.attention_lse.default
 _MERGE = torch.ops.fbcompile.attention_merge_lse.default
@@ -48,16 +53,20 @@ def _external_of(merge: fx.Node) -> fx.Node | None:
     return ext
 
 
-def _place(ext: fx.Node, merge: fx.Node, order: dict) -> fx.Node | None:
-    """The node after which the joint call can go: after everything it reads, before everything that
-    reads either call's outputs (``None`` if there is no such place)."""
-    placeholders = [n for n in order if n.op == "placeholder"]
-    inputs = [a for a in (*ext.args, *merge.args[1:4]) if isinstance(a, fx.Node)] + placeholders[-1:]
-    readers = [u for item in ext.users for u in item.users if u is not merge] + list(merge.users)
-    after = max(inputs, key=order.__getitem__)
-    if readers and order[after] >= min(order[u] for u in readers):
-        return None
-    return after
+def _joinable(ext: fx.Node, merge: fx.Node) -> bool:
+    """Whether the joint call can stand where ``merge`` is: no node between the two calls writes in place
+    (the external part would read its keys after a write it came before; the pass cannot tell which
+    tensors share memory) or reads the external part (it would then come before it)."""
+    parts = set(ext.users)
+    node = ext.next
+    while node is not merge:
+        if node.op == "output":  # merge before ext: not this pattern
+            return False
+        if (node not in parts and (mutated_tensor(node) is not None or may_write_unseen(node)
+                                   or node.op == "call_module" or any(a in parts for a in node.all_input_nodes))):
+            return False
+        node = node.next
+    return True
 
 
 def fuse_refresh_attention(gm: fx.GraphModule) -> list[str]:
@@ -69,16 +78,13 @@ def fuse_refresh_attention(gm: fx.GraphModule) -> list[str]:
         ext = _external_of(merge)
         if ext is None:
             continue
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        after = _place(ext, merge, order)
-        if after is None:
+        if not _joinable(ext, merge):
             continue
         q, k, v, mask, scale = ext.args[:5]
         key_count = ext.args[5] if len(ext.args) > 5 else None
-        with graph.inserting_after(after):
+        with graph.inserting_before(merge):
             both = graph.call_function(REFRESH, (q, k, v, mask, scale, *merge.args[1:4], key_count))
-        with graph.inserting_after(both):
-            parts = {index: graph.call_function(operator.getitem, (both, 2 + index)) for index in (1, 0)}
+            parts = {index: graph.call_function(operator.getitem, (both, 2 + index)) for index in (0, 1)}
         merge.replace_all_uses_with(both)  # its getitems 0 and 1 are both's 0 and 1
         graph.erase_node(merge)
         for item in list(ext.users):
