@@ -61,6 +61,9 @@ class Report:
             for role, partials in g.linear_partials.items():
                 lines.append(f"graph {g.index} {role}: {len(partials)} GEMMs split, their partial sums added by "
                              f"the kernels that read them (first: {partials[0]})")
+            for role, merges in g.joint_attention.items():
+                lines.append(f"graph {g.index} {role}: {len(merges)} split attentions with both parts and their "
+                             f"merge in one op (first: {merges[0]})")
         for g in self.graphs:
             if not g.rewritten:
                 continue

@@ -141,4 +141,7 @@ def test_compiled_graphs_computing_the_external_part_take_the_joint_op(refresh_p
     assert OPS.attention_lse.default not in graphs[computes] and OPS.attention_merge_lse.default not in graphs[computes]
     if refresh_policy == "block":
         assert OPS.attention_merge_lse.default in graphs["reuse"], graphs
-    assert "attention parts: 2 on reference" in str(fbcompile.explain(model))  # both parts of the joint op
+    report = str(fbcompile.explain(model))
+    assert "attention parts: 2 on reference" in report  # both parts of the joint op
+    assert f"{computes}: 1 split attentions with both parts and their merge in one op" in report, report
+    assert "reuse: 1 split attentions" not in report

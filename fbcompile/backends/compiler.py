@@ -190,6 +190,8 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
     if merge_calls(gm) and (fused := fuse_refresh_attention(refreshed := copy_module(gm))):
         gm = refreshed
         log.info("%s: %d split attention(s) with both parts in one op", role, len(fused))
+        if record is not None:
+            record.joint_attention[role] = fused
     if record is not None and attention_parts(gm):
         record.attention_graphs[role] = (gm, *fake_inputs(example_inputs))
     if session.config.compiler == "eager":

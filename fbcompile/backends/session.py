@@ -80,6 +80,7 @@ class GraphRecord:
     gated_linears: dict = field(default_factory=dict)  # role -> the gated MLPs whose GEMM applies their gate
     residual_linears: dict = field(default_factory=dict)  # role -> the residual adds moved into GEMM stores
     linear_partials: dict = field(default_factory=dict)  # role -> the GEMMs whose split sum their consumer takes
+    joint_attention: dict = field(default_factory=dict)  # role -> the merges now one op with their external part
     uncompiled: dict = field(default_factory=dict)  # role -> why Inductor could not compile it (runs as FX)
     # role -> (the graph as compiled, a fake mode, fake example inputs): what explain's kernel counts run on
     attention_graphs: dict = field(default_factory=dict)
