@@ -184,6 +184,12 @@ class Config:
         gated one) over more programs and leave the sum of their fp32 partials to the kernel that reads
         the result (Inductor fuses it into the RoPE or the add + RMSNorm after it:
         :mod:`fbcompile.passes.linear_partials`); ``False`` keeps one launch per GEMM with the sum in it.
+    joint_attention: compute a step's two attention parts and their merge, where the step computes the
+        external part (refresh and exact steps), as one op, ``attention_refresh_lse``: one launch pair
+        of the Triton kernels instead of three launches (:mod:`fbcompile.passes.refresh_attention`;
+        exact mode at 32K on the H100: 18.91 against 19.77 ms per block,
+        ``benchmarks/results/session36_h100.md``). ``False`` keeps ``attention_lse`` and
+        ``attention_merge_lse`` apart.
     combo_kernels: on CUDA, have Inductor launch independent kernels of a compiled graph as one (its
         ``combo_kernels`` option): the RoPE of a layer's queries and that of its keys, which differ in
         shape, become one launch (measured on the H200: ``benchmarks/results/combo_kernels_h200.md``);
@@ -212,6 +218,7 @@ class Config:
     gated_linears: bool = True
     residual_linears: bool = True
     linear_partials: bool = True
+    joint_attention: bool = True
     combo_kernels: bool = True
 
     def __post_init__(self):
@@ -239,7 +246,7 @@ class Config:
         if not isinstance(self.max_cache_entries, int) or self.max_cache_entries < 1:
             raise ValueError(f"Config.max_cache_entries must be an int >= 1, got {self.max_cache_entries!r}")
         for flag in ("cuda_graphs", "group_linears", "gated_linears", "residual_linears", "linear_partials",
-                     "combo_kernels"):
+                     "joint_attention", "combo_kernels"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"Config.{flag} must be a bool, got {getattr(self, flag)!r}")
         if isinstance(self.recompile_limit, bool) or not isinstance(self.recompile_limit, int) or self.recompile_limit < 1:

@@ -59,10 +59,11 @@ def test_config_rejects_bad_cuda_graphs(cuda_graphs):
         fbcompile.Config(cuda_graphs=cuda_graphs)
 
 
-@pytest.mark.parametrize("combo", [1, None, "yes"])
-def test_config_rejects_bad_combo_kernels(combo):
-    with pytest.raises(ValueError, match="combo_kernels"):
-        fbcompile.Config(combo_kernels=combo)
+@pytest.mark.parametrize("value", [1, None, "yes"])
+@pytest.mark.parametrize("flag", ["combo_kernels", "joint_attention"])
+def test_config_rejects_bad_pass_flags(flag, value):
+    with pytest.raises(ValueError, match=f"Config.{flag} must be a bool"):
+        fbcompile.Config(**{flag: value})
 
 
 def test_inductor_gets_combo_kernels_for_graphs_on_cuda_only():

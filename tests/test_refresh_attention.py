@@ -145,3 +145,20 @@ def test_compiled_graphs_computing_the_external_part_take_the_joint_op(refresh_p
     assert "attention parts: 2 on reference" in report  # both parts of the joint op
     assert f"{computes}: 1 split attentions with both parts and their merge in one op" in report, report
     assert "reuse: 1 split attentions" not in report
+
+
+@torch.no_grad()
+def test_config_joint_attention_false_keeps_the_two_ops():
+    """``Config(joint_attention=False)``: the exact graph keeps ``attention_lse`` and the merge, and
+    explain says nothing of a joint op."""
+    spec = ZooSpec(mask="window", gqa="expand")
+    model = build(spec).eval()
+    args = make_inputs(spec, seed=7)
+    expected = model(*args)
+    fbcompile.optimize(model, fbcompile.Config(compiler="eager", refresh="always", joint_attention=False))
+    torch.testing.assert_close(model(*args), expected, rtol=1e-5, atol=1e-6)
+    report = fbcompile.explain(model)
+    (ops,) = [targets(gm) for g in report.graphs for gm, _, _ in g.attention_graphs.values()]
+    assert OPS.attention_lse.default in ops and OPS.attention_merge_lse.default in ops, ops
+    assert OPS.attention_refresh_lse.default not in ops
+    assert "in one op" not in str(report)

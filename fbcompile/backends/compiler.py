@@ -187,7 +187,7 @@ def _compile(gm: fx.GraphModule, example_inputs: list, session: Session, kv: set
         if on_cudnn and (merges := split_cudnn_merges(rewritten := copy_module(gm), on_cudnn)):
             gm = rewritten
             log.info("%s: %d merge(s) of cuDNN's internal parts left to Inductor", role, len(merges))
-    if merge_calls(gm) and (fused := fuse_refresh_attention(refreshed := copy_module(gm))):
+    if config.joint_attention and merge_calls(gm) and (fused := fuse_refresh_attention(refreshed := copy_module(gm))):
         gm = refreshed
         log.info("%s: %d split attention(s) with both parts in one op", role, len(fused))
         if record is not None:
