@@ -185,8 +185,8 @@ class Config:
         the result (Inductor fuses it into the RoPE or the add + RMSNorm after it:
         :mod:`fbcompile.passes.linear_partials`); ``False`` keeps one launch per GEMM with the sum in it.
     joint_attention: compute a step's two attention parts and their merge, where the step computes the
-        external part (refresh and exact steps), as one op, ``attention_refresh_lse``: one launch pair
-        of the Triton kernels instead of three launches (:mod:`fbcompile.passes.refresh_attention`;
+        external part (refresh and exact steps), as one op, ``attention_refresh_lse``: where both parts
+        run on the Triton kernels, one launch pair instead of three (:mod:`fbcompile.passes.refresh_attention`;
         exact mode at 32K on the H100: 18.91 against 19.77 ms per block,
         ``benchmarks/results/session36_h100.md``). ``False`` keeps ``attention_lse`` and
         ``attention_merge_lse`` apart.
