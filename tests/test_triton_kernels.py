@@ -263,6 +263,8 @@ REFRESH_CASES = [
     (torch.bfloat16, 1, 12, 2, 32, 260, 32, 128, "none", "none", None, None),  # the 1.5B LM's heads
     (torch.bfloat16, 1, 8, 4, 64, 300, 64, 256, "none", "none", None, 257),  # 64-key tiles in 3 stages
     (torch.float16, 2, 8, 2, 12, 257, 12, 128, "bool", "bool", None, None),
+    # 3 row tiles x 3 splits + the block x 6 (batch, KV head): the block's programs reordered last
+    (torch.float32, 3, 12, 2, 24, 260, 16, 64, "none", "bool", 3, None),
 ]
 
 

@@ -180,6 +180,28 @@ def _store_in_register_layout(ptrs, values, mask):
 
 
 @triton.jit
+def _split_program(HAS_BLOCK: tl.constexpr):
+    """``(row tile, split, batch x KV head)`` of this program. With ``HAS_BLOCK`` the programs of the
+    last split (the block's few keys: short) launch after every key split's: in grid order they sit
+    among the key splits, which at batch 8 nearly fill the GPU on their own (240 programs for 264
+    slots on an H100), so some long key splits waited for a second wave. Measured: -1.2 ms per exact
+    block at batch 8 (``benchmarks/results/session37_h100.md``)."""
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    if HAS_BLOCK:
+        nr = tl.num_programs(0)
+        keyed = tl.num_programs(1) - 1
+        linear = pid_r + nr * (pid_s + tl.num_programs(1) * pid_bh)
+        tile = linear // nr
+        in_keys = linear < nr * keyed * tl.num_programs(2)
+        pid_r = linear % nr
+        pid_s = tl.where(in_keys, tile % keyed, keyed)
+        pid_bh = tl.where(in_keys, tile // keyed, tile - keyed * tl.num_programs(2))
+    return pid_r, pid_s, pid_bh
+
+
+@triton.jit
 def _attn_kernel(
     Q, K, V, Mask, KB, VB, MaskB, OutExt, LseExt, Out, Lse, OPart, LPart, ChunkLse, KeyCount,
     sqb, sqh, sqm, sqd,
@@ -211,9 +233,8 @@ def _attn_kernel(
     ``HAS_BLOCK``: one more split program, the last, attends to the ``NB`` keys of ``(KB, VB)`` instead
     (the block's own, with ``MaskB``), so that :func:`_reduce_kernel` sees both parts of a split
     attention; its key range lies past ``N`` and so is empty."""
-    pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_bh = tl.program_id(2).to(tl.int64)
+    pid_r, pid_s, pid_bh = _split_program(HAS_BLOCK)
+    pid_bh = pid_bh.to(tl.int64)
     qk_scale = tl.full([], qk_scale, tl.float32)  # Inductor passes Python floats as fp64
     b, hkv, rows, row_ok, h, m = _packed_rows(pid_r, pid_bh, Hkv, GROUP, M, R, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
