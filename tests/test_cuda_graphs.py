@@ -693,7 +693,8 @@ def test_zoo_masks_over_a_growing_cache_match_the_original(mask, form, layout):
             args = make_inputs(dataclasses.replace(spec, cache=cache), seed=cache)
             assert rel_error(graphed(*args), reference(*args)) < 1e-5, cache
     counts = fbcompile.stats(graphed).cuda_graphs
-    assert "switched to spare capacity" in counts and counts.get("replays", 0) >= 2, counts
+    # (the counts as a string: pytest cuts a dict's repr, and this failed once in CI, not reproduced since)
+    assert "switched to spare capacity" in counts and counts.get("replays", 0) >= 2, str(dict(counts))
 
 
 class MaskedCacheAttention(torch.nn.Module):
