@@ -92,16 +92,17 @@ def rope(t, cos, sin):
 
 def qkv_chain(partials: int, per_weight: bool = False):
     """q/k/v (one launch, biases), RoPE from position ids, the block's attention over itself.
-    ``per_weight``: each projection's partials summed on their own (``p[..., a:b].sum(0) + b_i``) instead
-    of the whole group's sum split afterwards, so no consumer reads a slice of one summed buffer."""
+    ``per_weight``: each projection's partials summed on their own (``p[..., a:b].sum(0)``) instead of
+    the whole group's sum split afterwards, so no consumer reads a slice of one summed buffer (the
+    biases are in the first partial)."""
     def run(x, ws, bs, pos, inv_freq):
         if partials and per_weight:
-            p = torch.ops.fbcompile.linear_partials(x, ws, partials)
+            p = torch.ops.fbcompile.linear_partials(x, ws, partials, bs)
             bounds = [0, Q_OUT, Q_OUT + KV_OUT, Q_OUT + 2 * KV_OUT]
-            q, k, v = ((p[..., a:e].sum(0) + b).to(x.dtype) for a, e, b in zip(bounds, bounds[1:], bs))
+            q, k, v = (p[..., a:e].sum(0).to(x.dtype) for a, e in zip(bounds, bounds[1:]))
         else:
             if partials:
-                y = (torch.ops.fbcompile.linear_partials(x, ws, partials).sum(0) + torch.cat(bs)).to(x.dtype)
+                y = torch.ops.fbcompile.linear_partials(x, ws, partials, bs).sum(0).to(x.dtype)
             else:
                 y = torch.ops.fbcompile.linear_group(x, ws, bs)
             q, k, v = y.split([Q_OUT, KV_OUT, KV_OUT], -1)
@@ -120,7 +121,7 @@ def norm_chain(partials: int):
     """A projection, the residual add and the next RMSNorm (both outputs kept, as the layer keeps them)."""
     def run(x, ws, h, norm_w):
         if partials:
-            h = h + torch.ops.fbcompile.linear_partials(x, ws, partials).sum(0).to(x.dtype)
+            h = h + torch.ops.fbcompile.linear_partials(x, ws, partials, [None] * len(ws)).sum(0).to(x.dtype)
         else:
             h = torch.ops.fbcompile.linear_group(x, ws, [None], h)
         hf = h.float()

@@ -494,9 +494,10 @@ def _(x, weights, biases, residual=None):
     return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
 
-def linear_partials_supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+def linear_partials_supported(x: torch.Tensor, weights: list[torch.Tensor],
+                              biases: list[torch.Tensor | None] | None = None) -> bool:
     """Whether :func:`linear_partials` runs these operands in one launch (on CUDA)."""
-    return triton_linear is not None and triton_linear.supports(x, weights, [None] * len(weights))
+    return triton_linear is not None and triton_linear.supports(x, weights, biases or [None] * len(weights))
 
 
 def linear_partials_splits(x: torch.Tensor, weights: list[torch.Tensor]) -> int:
@@ -508,22 +509,24 @@ def linear_partials_splits(x: torch.Tensor, weights: list[torch.Tensor]) -> int:
 
 
 @torch.library.triton_op("fbcompile::linear_partials", mutates_args=())
-def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int) -> torch.Tensor:
-    """``cat([F.linear(x, w) for w in weights], -1)`` as fp32 partial sums over ``splits`` slices of
-    the reduction, ``[splits, *x.shape[:-1], N]``, for the graph to sum where it reads the result:
-    on CUDA one launch of the skinny-GEMM kernel and no launch for the sum; elsewhere the slices'
-    linears in fp32."""
-    if x.is_cuda and linear_partials_supported(x, weights):
-        return triton_linear.linear_partials(x, weights, splits)
+def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int,
+                    biases: list[torch.Tensor | None]) -> torch.Tensor:
+    """``cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as fp32 partial sums over
+    ``splits`` slices of the reduction, the biases in the first, ``[splits, *x.shape[:-1], N]``, for the
+    graph to sum where it reads the result: on CUDA one launch of the skinny-GEMM kernel and no launch
+    for the sum; elsewhere the slices' linears in fp32."""
+    if x.is_cuda and linear_partials_supported(x, weights, biases):
+        return triton_linear.linear_partials(x, weights, splits, biases)
     K = x.shape[-1]
     w = torch.cat(weights, 0)
+    b = torch.cat(biases).float() if biases[0] is not None else None
     step = -(-K // splits)
-    return torch.stack([F.linear(x[..., i * step:(i + 1) * step].float(), w[:, i * step:(i + 1) * step].float())
-                        for i in range(splits)])
+    return torch.stack([F.linear(x[..., i * step:(i + 1) * step].float(), w[:, i * step:(i + 1) * step].float(),
+                                 b if i == 0 else None) for i in range(splits)])
 
 
 @linear_partials.register_fake
-def _(x, weights, splits):
+def _(x, weights, splits, biases):
     return x.new_empty(splits, *x.shape[:-1], sum(w.shape[0] for w in weights), dtype=torch.float32)
 
 

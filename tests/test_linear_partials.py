@@ -79,8 +79,41 @@ def test_new_nodes_carry_example_values():
         if node.op == "call_function" and node.target in PARTIALS:
             assert node.meta["example_value"].shape == (4, 2, 8, node.meta["example_value"].shape[-1])
             assert node.meta["example_value"].dtype == torch.float32
-            total = next(iter(node.users))
-            assert total.meta["example_value"].shape == node.meta["example_value"].shape[1:]
+        if node.op == "call_function" and node.target is torch.sum:
+            parts = node.args[0].meta["example_value"]
+            assert node.meta["example_value"].shape == parts.shape[1:]
+
+
+def test_split_launch_sums_each_piece_and_keeps_its_biases_in_the_first_partial():
+    """q and k grouped with their biases: no split of a whole sum is left, each piece sums its own
+    columns of the partials (Inductor inlines such a sum into each of the piece's readers), and the op
+    takes the biases (none is added in the graph)."""
+    gm, lines, before, after, _ = _rewritten(Layer(bias=True).to(BF16), torch.randn(2, 8, 64, dtype=BF16))
+    assert not gm.graph.find_nodes(op="call_function", target=torch.split)
+    assert not gm.graph.find_nodes(op="call_function", target=torch.cat)
+    grouped = [n for n in gm.graph.find_nodes(op="call_function", target=PARTIALS[0]) if len(n.args[1]) == 2]
+    assert len(grouped) == 1 and all(b is not None for b in grouped[0].args[3])
+    narrows = sorted((u.args[2], u.args[3]) for u in grouped[0].users)
+    assert all(u.target is torch.narrow for u in grouped[0].users) and narrows == [(0, 64), (64, 64)], narrows
+    for u in grouped[0].users:
+        assert [s.target for s in u.users] == [torch.sum]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("splits", [1, 3, 5])
+def test_op_partials_sum_to_the_linears(bias, splits):
+    """The op's own path off CUDA: the slices' fp32 products, the biases in the first only, sum to
+    ``cat(linear(x, w, b))``; past ``K`` a slice holds zeros."""
+    torch.manual_seed(splits)
+    x = torch.randn(3, 5, 8)
+    ws = [torch.randn(6, 8), torch.randn(4, 8)]
+    bs = [torch.randn(6), torch.randn(4)] if bias else [None, None]
+    parts = torch.ops.fbcompile.linear_partials(x, ws, splits, bs)
+    ref = torch.cat([torch.nn.functional.linear(x, w, b) for w, b in zip(ws, bs)], -1)
+    assert parts.shape == (splits, 3, 5, 10) and parts.dtype == torch.float32
+    assert _rel(parts.sum(0), ref) < 1e-6
+    if splits == 5:
+        assert not parts[4].any()  # ceil(8 / 5) = 2 columns a slice: the fifth is past K
 
 
 def test_left_alone_where_it_does_not_split_or_pay():

@@ -135,35 +135,36 @@ def test_triton_linear_residual_matches_fp64(case):
     assert out_err < 0.1, out_err
 
 
-# (dtype, M, N (a list: stacked weights), K, splits, config or None for the default)
+# (dtype, M, N (a list: stacked weights), K, splits, bias, config or None for the default)
 PARTIALS_CASES = [
-    (torch.bfloat16, 32, [64, 32, 32], 512, 4, None),  # q/k/v: four slices of 128
-    (torch.float16, 20, [48], 384, 3, tlin.LinearConfig(16, 32, 64, 3)),  # ragged: slices of 128
-    (torch.bfloat16, 9, [32, 16], 200, 2, tlin.LinearConfig(16, 16, 64, 2)),  # ragged rows and reduction
-    (torch.bfloat16, 16, [32], 128, 4, tlin.LinearConfig(32, 16, 64, 4)),  # slices past K: zeros
+    (torch.bfloat16, 32, [64, 32, 32], 512, 4, True, None),  # q/k/v: four slices of 128
+    (torch.float16, 20, [48], 384, 3, False, tlin.LinearConfig(16, 32, 64, 3)),  # ragged: slices of 128
+    (torch.bfloat16, 9, [32, 16], 200, 2, True, tlin.LinearConfig(16, 16, 64, 2)),  # ragged rows and reduction
+    (torch.bfloat16, 16, [32], 128, 4, True, tlin.LinearConfig(32, 16, 64, 4)),  # slices past K: zeros
 ]
 
 
 @in_process
-@pytest.mark.parametrize("case", PARTIALS_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c[:5]))
+@pytest.mark.parametrize("case", PARTIALS_CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c[:6]))
 def test_triton_linear_partials_match_fp64(case):
-    """fp32 partial sums over slices of whole reduction tiles, each slice against fp64, and their sum
-    against the whole product."""
-    dtype, M, N, K, splits, config = case
-    x, ws, _ = _operands(dtype, M, N, K, False, "contiguous", seed=M + K)
-    p = tlin.linear_partials(x.reshape(1, M, K), ws, splits, config=config)
+    """fp32 partial sums over slices of whole reduction tiles, each slice against fp64 (the first with
+    the biases), and their sum against the whole product."""
+    dtype, M, N, K, splits, bias, config = case
+    x, ws, bs = _operands(dtype, M, N, K, bias, "contiguous", seed=M + K)
+    p = tlin.linear_partials(x.reshape(1, M, K), ws, splits, bs, config=config)
     assert p.dtype == torch.float32 and p.shape == (splits, 1, M, sum(N))
     w = torch.cat(ws).double()
+    b = torch.cat(bs).double() if bias else torch.zeros(sum(N), dtype=torch.float64, device=x.device)
     block_k = (config or tlin.partials_config_for(M, sum(N), K, splits, 132)).block_k
     step = tlin.cdiv(tlin.cdiv(K, splits), block_k) * block_k  # the kernel's slice: whole tiles
     for i in range(splits):
-        ref = x[:, i * step:(i + 1) * step].double() @ w[:, i * step:(i + 1) * step].T
+        ref = x[:, i * step:(i + 1) * step].double() @ w[:, i * step:(i + 1) * step].T + (b if i == 0 else 0)
         got = p[i, 0].double()
         if ref.numel() == 0 or i * step >= K:
             assert not got.any()
             continue
         assert ((got - ref).norm() / ref.norm()).item() < 5e-3, i
-    ref = x.double() @ w.T
+    ref = x.double() @ w.T + b
     assert ((p.sum(0)[0].double() - ref).norm() / ref.norm()).item() < 5e-3
 
 

@@ -6,7 +6,7 @@ GEMMs are bound by reading the weights once from HBM. cuBLAS reaches 27-39% of t
 projection becomes a dozen programs that cannot keep the memory system busy. This kernel tiles the
 *weight rows* instead (the operands swapped: ``y.T = w @ x.T``), in narrow tiles so that even small
 projections spread over all SMs, and splits long reductions (``K``) over programs whose fp32
-partials a second small kernel sums (with the bias and the cast), or (:func:`linear_partials`) the
+partials a second small kernel sums (with the cast; the first partial holds the bias), or (:func:`linear_partials`) the
 caller's graph sums where it reads the result.
 
 Configs are a function of ``(M, N, K)`` and the SM count only: no autotuning, no host syncs, so the
@@ -61,8 +61,9 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn
     boundaries are multiples of ``BLOCK_N``, so each program reads one). ``ACT > 0``: a gated MLP's
     ``act(X W0^T + B0) * (X W1^T + B1)`` instead (``N1 = N2 = N``), each program reading the same rows of
     both weights, the gate applied in the epilogue (:func:`_gate`). With ``PARTIAL`` it stores the
-    fp32 partials at ``Y[pid_k]`` instead (no bias, no gate; with ``ACT`` the up projection's after the
-    gate's, ``2 N`` per row). ``RESIDUAL``: ``R`` added to the result, rounded as the model's
+    fp32 partials at ``Y[pid_k]`` instead (no gate; with ``ACT`` the up projection's after the gate's,
+    ``2 N`` per row), the bias in the first slice's only, so that a sum of the slices is the result and
+    reads no bias of its own. ``RESIDUAL``: ``R`` added to the result, rounded as the model's
     ``residual + linear(...)`` rounds."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -103,6 +104,11 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn
         w_ptrs += BLOCK_K * swk
         x_ptrs += BLOCK_K * sxk
     y_mask = n_ok[:, None] & m_ok[None, :]
+    if HAS_BIAS:
+        b_ok = n_ok & (pid_k + 0 * offs_n == 0)  # the first slice's (the only one without PARTIAL)
+        acc += tl.load(B + offs_n - n_lo, mask=b_ok, other=0.0).to(tl.float32)[:, None]
+        if ACT != 0:
+            acc_up += tl.load(B1 + offs_n, mask=b_ok, other=0.0).to(tl.float32)[:, None]
     if PARTIAL:
         row = 2 * N if ACT != 0 else N
         y_ptrs = Y + pid_k * M * row + offs_m[None, :] * row + offs_n[:, None]
@@ -110,10 +116,6 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn
         if ACT != 0:
             tl.store(y_ptrs + N, acc_up, mask=y_mask)
     else:
-        if HAS_BIAS:
-            acc += tl.load(B + offs_n - n_lo, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            if ACT != 0:
-                acc_up += tl.load(B1 + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         y = acc.to(Y.dtype.element_ty)
         if ACT != 0:
             y = _gate(y, acc_up.to(Y.dtype.element_ty), ACT)
@@ -124,12 +126,11 @@ def _linear_kernel(X, W0, W1, W2, B0, B1, B2, R, Y, sxm, sxk, swn, swk, srm, srn
 
 
 @triton.jit
-def _sum_splits_kernel(P, B0, B1, B2, R, Y, M, N, N1, N2, srm, srn, sym, syn, SPLIT_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    """``Y = sum_s P[s] (+ B)``: the fp32 partials of a split reduction, cast to ``Y``'s dtype; ``B``
-    stacks up to three biases as in :func:`_linear_kernel`. ``ACT > 0``: ``P`` holds the gate's and the
-    up projection's partials side by side, and ``Y`` is the gated product. ``RESIDUAL``: ``R`` added
-    after the cast."""
+def _sum_splits_kernel(P, R, Y, M, N, srm, srn, sym, syn, SPLIT_K: tl.constexpr, ACT: tl.constexpr,
+                       RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """``Y = sum_s P[s]``: the fp32 partials of a split reduction (the first holds the bias), cast to
+    ``Y``'s dtype. ``ACT > 0``: ``P`` holds the gate's and the up projection's partials side by side,
+    and ``Y`` is the gated product. ``RESIDUAL``: ``R`` added after the cast."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < M * N
     m = offs // N
@@ -142,14 +143,6 @@ def _sum_splits_kernel(P, B0, B1, B2, R, Y, M, N, N1, N2, srm, srn, sym, syn, SP
         acc += tl.load(p + s * M * row, mask=ok, other=0.0)
         if ACT != 0:
             acc_up += tl.load(p + s * M * row + N, mask=ok, other=0.0)
-    if HAS_BIAS:
-        if ACT != 0:
-            acc += tl.load(B0 + n, mask=ok, other=0.0).to(tl.float32)
-            acc_up += tl.load(B1 + n, mask=ok, other=0.0).to(tl.float32)
-        else:
-            acc += tl.load(B0 + n, mask=ok & (n < N1), other=0.0).to(tl.float32)
-            acc += tl.load(B1 + n - N1, mask=ok & (n >= N1) & (n < N2), other=0.0).to(tl.float32)
-            acc += tl.load(B2 + n - N2, mask=ok & (n >= N2), other=0.0).to(tl.float32)
     y = acc.to(Y.dtype.element_ty)
     if ACT != 0:
         y = _gate(y, acc_up.to(Y.dtype.element_ty), ACT)
@@ -157,7 +150,6 @@ def _sum_splits_kernel(P, B0, B1, B2, R, Y, M, N, N1, N2, srm, srn, sym, syn, SP
         r = tl.load(R + m * srm + n * srn, mask=ok, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(Y.dtype.element_ty)
     tl.store(Y + m * sym + n * syn, y, mask=ok)
-
 
 
 MAX_GROUP = 3  # weights one launch can stack: a q/k/v projection
@@ -261,14 +253,13 @@ def _launch(x2, weights, biases, out, y, residual, cfg, gate, split_k, N, N1, N2
     bs = (list(biases) + [biases[-1]] * MAX_GROUP)[:MAX_GROUP] if has_bias else ws
     k_per_split = cdiv(cdiv(K, split_k), cfg.block_k) * cfg.block_k
     r2 = residual if residual is not None else y
-    flags = dict(HAS_BIAS=has_bias, ACT=gate, RESIDUAL=residual is not None)
     wrap_triton(_linear_kernel)[(cdiv(N, cfg.block_n), split_k, cdiv(M, cfg.block_m))](
         x2, *ws, *bs, r2, out, x2.stride(0), x2.stride(1), ws[0].stride(0), ws[0].stride(1),
         r2.stride(0), r2.stride(1), y.stride(0), y.stride(1), M, N, N1, N2, K, k_per_split,
-        PARTIAL=partial, UPCAST_DOT=upcast_dot(x2), EVEN_K=K % k_per_split == 0, **flags,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return bs, r2, flags
+        HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x2), EVEN_K=K % k_per_split == 0,
+        ACT=gate, RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+        BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return r2
 
 
 def _stack_bounds(sizes: list[int]) -> tuple[int, int, int]:
@@ -306,22 +297,25 @@ def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tens
     partial = split_k > 1
     out = x.new_empty(split_k, M, 2 * N if gate else N, dtype=torch.float32) if partial else y
     r2 = residual.reshape(M, N) if residual is not None else None
-    bs, r2, flags = _launch(x2, weights, biases, out, y, r2, cfg, gate, split_k, N, N1, N2, partial)
+    has_residual = r2 is not None
+    r2 = _launch(x2, weights, biases, out, y, r2, cfg, gate, split_k, N, N1, N2, partial)
     if partial:
         block = 1024
         wrap_triton(_sum_splits_kernel)[(cdiv(M * N, block),)](
-            out, *bs, r2, y, M, N, N1, N2, r2.stride(0), r2.stride(1), y.stride(0), y.stride(1),
-            SPLIT_K=split_k, **flags, BLOCK=block, num_warps=4)
+            out, r2, y, M, N, r2.stride(0), r2.stride(1), y.stride(0), y.stride(1),
+            SPLIT_K=split_k, ACT=gate, RESIDUAL=has_residual, BLOCK=block, num_warps=4)
     return y.reshape(*x.shape[:-1], N)
 
 
-def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int, *,
+def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int,
+                    biases: list[torch.Tensor | None] | None = None, *,
                     config: LinearConfig | None = None) -> torch.Tensor:
-    """``torch.cat([F.linear(x, w) for w in weights], -1)`` as fp32 partial sums over ``splits`` slices
-    of the reduction (of whole ``block_k`` tiles), ``[splits, *x.shape[:-1], N]``, in one launch and
-    without the kernel that sums them: the caller's compiler sums them where it reads the result
-    (Inductor fuses a sum of up to 8 terms into the consumer's kernel), so a split reduction costs no
-    launch of its own. Slices past ``K`` hold zeros."""
+    """``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)`` as fp32 partial sums
+    over ``splits`` slices of the reduction (of whole ``block_k`` tiles), ``[splits, *x.shape[:-1], N]``,
+    the biases in the first, in one launch and without the kernel that sums them: the caller's compiler
+    sums them where it reads the result (Inductor fuses a sum of up to 8 terms into the consumer's
+    kernel), so a split reduction costs no launch of its own. Slices past ``K`` hold zeros (the
+    first, the biases)."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
@@ -331,5 +325,6 @@ def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int, *
     torch._check(N1 % cfg.block_n == 0 and N2 % cfg.block_n == 0 or len(sizes) == 1,
                  lambda: f"stacked weights {sizes} must split at multiples of {cfg.block_n} rows")
     out = x.new_empty(splits, M, N, dtype=torch.float32)
-    _launch(x2, weights, [None], out, out[0], None, cfg._replace(split_k=splits), 0, splits, N, N1, N2, True)
+    _launch(x2, weights, biases or [None], out, out[0], None, cfg._replace(split_k=splits), 0, splits, N, N1, N2,
+            True)
     return out.reshape(splits, *x.shape[:-1], N)

@@ -4,13 +4,16 @@ After :mod:`~fbcompile.passes.group_linears` and :mod:`~fbcompile.passes.residua
 layer's projections read::
 
     qkv = torch.ops.fbcompile.linear_group(h, [wq, wk, wv], [bq, bk, bv])
+    q, k, v = torch.split(qkv, [Nq, Nk, Nv], -1)
     h2 = torch.ops.fbcompile.linear_group(a, [wo], [None], h)          # h + o_proj(a)
 
 which become::
 
-    qkv = (torch.sum(torch.ops.fbcompile.linear_partials(h, [wq, wk, wv], 4), 0)
-           + torch.cat([bq, bk, bv])).to(h.dtype)
-    h2 = h + torch.sum(torch.ops.fbcompile.linear_partials(a, [wo], 4), 0).to(a.dtype)
+    parts = torch.ops.fbcompile.linear_partials(h, [wq, wk, wv], 4, [bq, bk, bv])  # biases in parts[0]
+    q = torch.sum(torch.narrow(parts, -1, 0, Nq), 0).to(h.dtype)
+    k = torch.sum(torch.narrow(parts, -1, Nq, Nk), 0).to(h.dtype)
+    v = torch.sum(torch.narrow(parts, -1, Nq + Nk, Nv), 0).to(h.dtype)
+    h2 = h + torch.sum(torch.ops.fbcompile.linear_partials(a, [wo], 4, [None]), 0).to(a.dtype)
 
 At a block step's 32 rows each program of the GEMM streams its weight rows through a long serial
 reduction; four programs per tile, each over a quarter of it, read q/k/v in 4.35 instead of 5.65 us
@@ -22,8 +25,15 @@ RMSNorm), so here it costs no launch: with that consumer o_proj took 6.6 instead
 most 32 rows, the size measured) and a reduction long enough to split
 (:func:`fbcompile.ops.linear_partials_splits`); a gated launch (its gate needs the whole sum) is left as
 it is.
+
+Each piece of a split launch gets a sum of its own, and the biases ride in the first partial: a sum
+read by several consumers (RoPE reads q twice), or one that loads more than Inductor's
+``realize_reads_threshold`` (4) terms, is realized as a kernel of its own instead of inlined into
+its readers (``benchmarks/results/session37_h100.md``).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -55,6 +65,20 @@ def _call(graph: fx.Graph, target, *args) -> fx.Node:
     return node
 
 
+def _pieces(node: fx.Node, weights: list[torch.Tensor]) -> list[tuple[fx.Node, int, int]] | None:
+    """Where ``node``'s only reader is :mod:`~fbcompile.passes.group_linears`' split into its weights'
+    outputs, read only by indexing: each piece's ``getitem`` with its first column and width."""
+    sizes = [w.shape[0] for w in weights]
+    if len(node.users) != 1:
+        return None
+    split = next(iter(node.users))
+    if (split.target is not torch.split or split.args[1:] != (sizes, -1) or split.kwargs
+            or any(u.target is not operator.getitem or not isinstance(u.args[1], int) for u in split.users)):
+        return None
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(u, starts[u.args[1]], sizes[u.args[1]]) for u in split.users]
+
+
 def linear_partials(gm: fx.GraphModule, where=None, splits_for=None) -> list[str]:
     """Rewrite ``gm``'s ``linear_group`` calls in place where ``where(input)`` (default
     :func:`fbcompile.passes.group_linears.pays`) holds and ``splits_for(input, weights)`` (default
@@ -69,22 +93,29 @@ def linear_partials(gm: fx.GraphModule, where=None, splits_for=None) -> list[str
         xv, wv = example(x), [example(w) for w in weights]
         # (the passes that made the launch left alone the linears that autograd records)
         if (xv is None or any(v is None or not static_layout(v) for v in wv) or not static_layout(xv)
-                or not where(xv) or not linear_partials_supported(xv, wv)):
+                or not where(xv) or not linear_partials_supported(xv, wv, [example(b) for b in biases])):
             continue
         splits = splits_for(xv, wv)
         if splits < 2:
             continue
         graph = gm.graph
+        pieces = _pieces(node, wv) if residual is None else None
         with graph.inserting_before(node):
-            parts = _call(graph, torch.ops.fbcompile.linear_partials.default, x, weights, splits)
-            y = _call(graph, torch.sum, parts, 0)
-            if biases[0] is not None:
-                y = _call(graph, torch.add, y, _call(graph, torch.cat, biases))
-            y = _call(graph, torch.Tensor.to, y, xv.dtype)
-            if residual is not None:
-                y = _call(graph, torch.add, residual, y)
-        y.meta.update(node.meta)
-        node.replace_all_uses_with(y)
+            parts = _call(graph, torch.ops.fbcompile.linear_partials.default, x, weights, splits, biases)
+            if pieces is None:
+                y = _call(graph, torch.Tensor.to, _call(graph, torch.sum, parts, 0), xv.dtype)
+                if residual is not None:
+                    y = _call(graph, torch.add, residual, y)
+                y.meta.update(node.meta)
+                node.replace_all_uses_with(y)
+            else:
+                for piece, start, rows in pieces:
+                    narrow = _call(graph, torch.narrow, parts, -1, start, rows)
+                    y = _call(graph, torch.Tensor.to, _call(graph, torch.sum, narrow, 0), xv.dtype)
+                    y.meta.update(piece.meta)
+                    piece.replace_all_uses_with(y)
+                    graph.erase_node(piece)
+                graph.erase_node(next(iter(node.users)))
         graph.erase_node(node)
         made.append(f"linear({', '.join(str(w) for w in weights)}) over {splits} partial sums")
     if made:
