@@ -259,7 +259,6 @@ def _launch(x2, weights, biases, out, y, residual, cfg, gate, split_k, N, N1, N2
         HAS_BIAS=has_bias, PARTIAL=partial, UPCAST_DOT=upcast_dot(x2), EVEN_K=K % k_per_split == 0,
         ACT=gate, RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
         BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return r2
 
 
 def _stack_bounds(sizes: list[int]) -> tuple[int, int, int]:
@@ -297,13 +296,13 @@ def linear(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tens
     partial = split_k > 1
     out = x.new_empty(split_k, M, 2 * N if gate else N, dtype=torch.float32) if partial else y
     r2 = residual.reshape(M, N) if residual is not None else None
-    has_residual = r2 is not None
-    r2 = _launch(x2, weights, biases, out, y, r2, cfg, gate, split_k, N, N1, N2, partial)
+    _launch(x2, weights, biases, out, y, r2, cfg, gate, split_k, N, N1, N2, partial)
     if partial:
         block = 1024
+        res = y if r2 is None else r2  # (a pointer the kernel does not read without RESIDUAL)
         wrap_triton(_sum_splits_kernel)[(cdiv(M * N, block),)](
-            out, r2, y, M, N, r2.stride(0), r2.stride(1), y.stride(0), y.stride(1),
-            SPLIT_K=split_k, ACT=gate, RESIDUAL=has_residual, BLOCK=block, num_warps=4)
+            out, res, y, M, N, res.stride(0), res.stride(1), y.stride(0), y.stride(1),
+            SPLIT_K=split_k, ACT=gate, RESIDUAL=r2 is not None, BLOCK=block, num_warps=4)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -314,8 +313,7 @@ def linear_partials(x: torch.Tensor, weights: list[torch.Tensor], splits: int,
     over ``splits`` slices of the reduction (of whole ``block_k`` tiles), ``[splits, *x.shape[:-1], N]``,
     the biases in the first, in one launch and without the kernel that sums them: the caller's compiler
     sums them where it reads the result (Inductor fuses a sum of up to 8 terms into the consumer's
-    kernel), so a split reduction costs no launch of its own. Slices past ``K`` hold zeros (the
-    first, the biases)."""
+    kernel), so a split reduction costs no launch of its own. Slices past ``K`` hold zeros."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
