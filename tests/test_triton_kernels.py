@@ -205,6 +205,32 @@ def test_split_count_does_not_change_result(D, N, splits):
 
 
 @in_process
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_whole_key_tiles_run_unmasked_and_read_no_key_past_the_end(dtype):
+    """Without a mask the kernel skips the key mask on whole key tiles and masks only a partial last
+    tile: key counts at each boundary (no whole tile, exactly whole tiles, whole tiles and a partial
+    one) in one split or several, external part and refresh, over buffers whose entries past the keys
+    are NaN, so that a tile read past the end shows in the result."""
+    D = 64
+    probe = torch.empty(1, 4, 3, D, dtype=dtype)
+    tile = ta._plan(probe, torch.empty(1, 2, 4096, D, dtype=dtype), torch.empty(1, 2, 4096, D, dtype=dtype), True,
+                    {}, plain=True)[0]["BLOCK_N"]
+    for n in (1, tile - 1, tile, tile + 1, 2 * tile, 3 * tile + 5):
+        q, k, v, _ = _inputs(dtype, 1, 4, 2, 3, n + 9, D, D, "none", seed=n)
+        k[:, :, n:], v[:, :, n:] = float("nan"), float("nan")
+        k, v = k[:, :, :n], v[:, :, :n]
+        _, k_blk, v_blk, _ = _inputs(dtype, 1, 4, 2, 3, 3, D, D, "none", seed=n + 1)
+        ref_ext = reference.attention_lse(q, k, v, None, 0.125)
+        ref = reference.attention_lse(q, torch.cat([k, k_blk], 2), torch.cat([v, v_blk], 2), None, 0.125)
+        for splits in (1, 3):
+            _check(*ta.attention_lse(q, k, v, None, 0.125, num_splits=splits), *ref_ext, dtype)
+            out, lse, out_ext, lse_ext = ta.attention_refresh_lse(q, k, v, None, 0.125, k_blk, v_blk, None,
+                                                                  num_splits=splits)
+            _check(out, lse, *ref, dtype)
+            _check(out_ext, lse_ext, *ref_ext, dtype)
+
+
+@in_process
 @pytest.mark.parametrize("rows", [1, 2, 8])
 def test_rows_per_reduction_program_do_not_change_result(rows):
     """The split reduction's rows per program (``REDUCE_ROWS``, 4 by default) over ragged rows (3 query

@@ -108,10 +108,12 @@ def _packed_rows(pid_r, pid_bh, Hkv, GROUP, M, R, BLOCK_R: tl.constexpr):
 @triton.jit
 def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
                  D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """One online-softmax step over a tile of keys (``key_ok`` marks the real ones): returns the new
-    ``(m, l, acc)`` state, the tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``."""
-    k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KEY_MASKED: tl.constexpr):
+    """One online-softmax step over a tile of keys (``key_ok`` marks the real ones; without
+    ``KEY_MASKED`` all are, and no key mask is applied): returns the new ``(m, l, acc)`` state, the
+    tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``."""
+    k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D) if KEY_MASKED else offs_d[None, :] < D,
+                other=0.0)
     s = dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
     if HAS_MASK:
         if MASK_BOOL:
@@ -120,13 +122,15 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
         else:
             bias = tl.load(mask_ptrs, mask=row_ok[:, None] & key_ok[None, :], other=0.0)
             s += bias.to(tl.float32) * 1.4426950408889634
-    s = tl.where(key_ok[None, :], s, float("-inf"))
+    if KEY_MASKED:
+        s = tl.where(key_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV) if KEY_MASKED else offs_dv[None, :] < DV,
+                other=0.0)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     return m_new, l_i, acc, p, m_safe
 
@@ -144,7 +148,7 @@ def _attend_block(q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, 
     for n0 in range(0, NB, BLOCK_N):
         m_i, l_i, acc, p, m_safe = _attend_tile(
             q, kb_ptrs, vb_ptrs, maskb_ptrs, (n0 + offs_n) < NB, row_ok, offs_d, offs_dv, m_i, l_i, acc,
-            qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
+            qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT, True)
         kb_ptrs += BLOCK_N * skbn
         vb_ptrs += BLOCK_N * svbn
         maskb_ptrs += BLOCK_N * smbn
@@ -259,14 +263,29 @@ def _attn_kernel(
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_DV], tl.float32)
-    # Every tile masks the keys past ``n_end``. Unmasked whole tiles plus one masked last tile ran
-    # 5-10% faster on the H200 but failed one fp16 case natively (33 keys: no whole tile before the
-    # partial one), cause not found: see benchmarks/results/attention_h200_notes.md.
+    # Without a mask tile or chunk scores, the whole key tiles skip the key mask and the partial last
+    # tile (if any) takes it: 4-12% faster at each of four shapes measured (H100, session39_h100.md).
+    # With a mask the same split once gave wrong values natively in one fp16 case (33 masked keys, no
+    # whole tile before the partial one; cause not found, attention_h200_notes.md), so every tile of
+    # the loop below masks the keys past ``n_end``.
+    if CHUNK == 0 and not HAS_MASK:
+        n_whole = n_start + (n_end - n_start) // BLOCK_N * BLOCK_N
+        for n0 in range(n_start, n_whole, BLOCK_N):
+            m_i, l_i, acc, p, m_safe = _attend_tile(
+                q, k_ptrs, v_ptrs, mask_ptrs, offs_n < BLOCK_N, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
+                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, False)
+            k_ptrs += BLOCK_N * skn
+            v_ptrs += BLOCK_N * svn
+        if n_whole < n_end:
+            m_i, l_i, acc, p, m_safe = _attend_tile(
+                q, k_ptrs, v_ptrs, mask_ptrs, (n_whole + offs_n) < n_end, row_ok, offs_d, offs_dv, m_i, l_i, acc,
+                qk_scale, D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True)
+        n_end = n_start  # the loop below runs no tile
     for n0 in range(n_start, n_end, BLOCK_N):
         key_ok = (n0 + offs_n) < n_end
         m_i, l_i, acc, p, m_safe = _attend_tile(
             q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
-            D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
+            D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True)
         # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass. Masked row sums rather
         # than a reshape, which would move ``p`` out of the dot's register layout.
         if CHUNK > 0:
@@ -474,7 +493,7 @@ def _sparse_attn_kernel(
             m_i, l_i, acc, p, m_safe = _attend_tile(
                 q, k_base + n[:, None] * skn, v_base + n[:, None] * svn, mask_base + n[None, :] * smn,
                 key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
-                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT)
+                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True)
 
     if HAS_BLOCK:
         if pid_s == tl.num_programs(1) - 1:
