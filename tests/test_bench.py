@@ -166,3 +166,24 @@ def test_config_options_parsed_and_checked():
     for bad in (["group_linears"], ["group_linears=maybe"], ["no_such_field=1"]):
         with pytest.raises(SystemExit):
             bench._config_options(bad)
+
+
+def test_merge_keeps_only_the_variants_a_run_is_given_with(tmp_path):
+    """``benchmarks/merge_e2e.py``: ``PATH:VARIANTS`` takes those variants' rows of that run, a bare path all."""
+    from benchmarks.merge_e2e import merge
+
+    def run(name, variants):
+        rows = [dict(variant=bench.VARIANT_NAMES[v], context=32768, batch=1, ms_per_block=float(i))
+                for i, v in enumerate(variants)]
+        path = tmp_path / name
+        path.write_text(json.dumps(dict(env=dict(device="D", command=name), models=dict(lm=dict(rows=rows)))))
+        return str(path)
+
+    new = run("new.json", ["exact-ro", "block-ro"])
+    old = run("old.json", ["compile", "compile-ro", "exact-ro", "block-ro"])
+    models, env = merge([new, old + ":compile,compile-ro"])
+    assert [r["variant"] for r in models["lm"]["rows"]] == [
+        "torch.compile", "torch.compile reduce-overhead", "fbcompile exact, CUDA graphs",
+        "fbcompile block, CUDA graphs"]
+    assert env["command"] == "new.json ; old.json"
+    assert len(merge([new, old])[0]["lm"]["rows"]) == 6
