@@ -21,15 +21,10 @@ import sys
 import torch
 import triton
 import triton.language as tl
-from triton.testing import do_bench_cudagraph
 
 from fbcompile.kernels import triton_attention as ta
+from benchmarks.attention import graph_us
 from benchmarks.gemm_sweep import read_us
-
-
-def graph_us(fn, sets):
-    """Median µs of one call, from CUDA-graph replays of one call per input set."""
-    return do_bench_cudagraph(lambda: [fn(*s) for s in sets], rep=40, return_mode="median") * 1e3 / len(sets)
 
 
 @triton.jit
@@ -169,7 +164,7 @@ def main(out):
         res["rows"].append(row)
         del lib_sets, sets, ref
         torch.cuda.empty_cache()
-    with open(f"{out}/rows_probe.json", "w") as f:
+    with open(f"{out}/row_tiles.json", "w") as f:
         json.dump(res, f, indent=1)
 
 
