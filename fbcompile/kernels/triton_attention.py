@@ -42,6 +42,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 512
 _MIN_TILES_PER_SPLIT = 4  # below ~256 keys per program the split overhead outweighs the parallelism
 _MASS_BLOCK_T = 32  # KV tiles per tile-mass program of the split reduction (H200: the fastest of 8-64 in two sweeps)
+_REDUCE_ROWS = 8  # packed rows per program of the split reduction (see :func:`_reduce`)
 
 
 @triton.jit
@@ -81,7 +82,7 @@ def _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, sl
         l_safe = tl.where(has, l_i, 1.0)
         part = (pid_bh * tl.num_programs(1) + pid_s) * R + rows
         tl.store(OPart + part[:, None] * DV + offs_dv[None, :], acc / l_safe[:, None],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), eviction_policy="evict_last")  # read next
         tl.store(LPart + part, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=row_ok)
     else:
         if HAS_EXT:
@@ -108,12 +109,14 @@ def _packed_rows(pid_r, pid_bh, Hkv, GROUP, M, R, BLOCK_R: tl.constexpr):
 @triton.jit
 def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
                  D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KEY_MASKED: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, KEY_MASKED: tl.constexpr,
+                 KV_EVICT: tl.constexpr):
     """One online-softmax step over a tile of keys (``key_ok`` marks the real ones; without
     ``KEY_MASKED`` all are, and no key mask is applied): returns the new ``(m, l, acc)`` state, the
-    tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``."""
+    tile's probabilities ``p`` relative to ``m_safe`` and ``m_safe``. ``KV_EVICT``: the K and V loads'
+    L2 eviction policy (see :func:`_attn_kernel`)."""
     k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D) if KEY_MASKED else offs_d[None, :] < D,
-                other=0.0)
+                other=0.0, eviction_policy=KV_EVICT)
     s = dot(q, tl.trans(k), DOT_PRECISION, UPCAST_DOT) * qk_scale
     if HAS_MASK:
         if MASK_BOOL:
@@ -130,7 +133,7 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV) if KEY_MASKED else offs_dv[None, :] < DV,
-                other=0.0)
+                other=0.0, eviction_policy=KV_EVICT)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
     return m_new, l_i, acc, p, m_safe
 
@@ -139,7 +142,8 @@ def _attend_tile(q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, 
 def _attend_block(q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, svbh, svbn, svbd,
                   smbb, smbh, smbm, smbn, NB, row_ok, offs_n, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK_B: tl.constexpr,
-                  MASK_B_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                  MASK_B_BOOL: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                  KV_EVICT: tl.constexpr):
     """The online-softmax state ``(m, l, acc)`` after all ``NB`` keys of the block's own ``(KB, VB)``
     (with ``MaskB`` when ``HAS_MASK_B``): the block-internal part, taken by one split program."""
     kb_ptrs = KB + b * skbb + hkv * skbh + offs_n[:, None] * skbn + offs_d[None, :] * skbd
@@ -148,7 +152,7 @@ def _attend_block(q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, 
     for n0 in range(0, NB, BLOCK_N):
         m_i, l_i, acc, p, m_safe = _attend_tile(
             q, kb_ptrs, vb_ptrs, maskb_ptrs, (n0 + offs_n) < NB, row_ok, offs_d, offs_dv, m_i, l_i, acc,
-            qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT, True)
+            qk_scale, D, DV, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT, True, KV_EVICT)
         kb_ptrs += BLOCK_N * skbn
         vb_ptrs += BLOCK_N * svbn
         maskb_ptrs += BLOCK_N * smbn
@@ -224,7 +228,7 @@ def _attn_kernel(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_BLOCK: tl.constexpr, HAS_MASK_B: tl.constexpr,
     MASK_B_BOOL: tl.constexpr, HAS_EXT: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, CHUNK: tl.constexpr, CHUNK_STORE_PTX: tl.constexpr,
-    HAS_COUNT: tl.constexpr,
+    HAS_COUNT: tl.constexpr, KV_EVICT: tl.constexpr,
 ):
     """One program: ``BLOCK_R`` packed rows (query head, block query) of one (batch, KV head) over one
     key split. ``SPLIT`` writes normalised partials for :func:`_reduce_kernel`; otherwise the result
@@ -236,7 +240,10 @@ def _attn_kernel(
     buffer with spare capacity), and the splits divide those keys, read on the device, among them.
     ``HAS_BLOCK``: one more split program, the last, attends to the ``NB`` keys of ``(KB, VB)`` instead
     (the block's own, with ``MaskB``), so that :func:`_reduce_kernel` sees both parts of a split
-    attention; its key range lies past ``N`` and so is empty."""
+    attention; its key range lies past ``N`` and so is empty. ``KV_EVICT``: the K/V loads' L2 policy;
+    a split launch marks them ``evict_first``: each KV tile is read once (by the row tiles of its split,
+    which run side by side), and the fp32 partials, stored ``evict_last``, then stay in L2 for the
+    reduction rather than being pushed out by the streamed KV."""
     pid_r, pid_s, pid_bh = _split_program(HAS_BLOCK)
     pid_bh = pid_bh.to(tl.int64)
     qk_scale = tl.full([], qk_scale, tl.float32)  # Inductor passes Python floats as fp64
@@ -273,19 +280,19 @@ def _attn_kernel(
         for n0 in range(n_start, n_whole, BLOCK_N):
             m_i, l_i, acc, p, m_safe = _attend_tile(
                 q, k_ptrs, v_ptrs, mask_ptrs, offs_n < BLOCK_N, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
-                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, False)
+                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, False, KV_EVICT)
             k_ptrs += BLOCK_N * skn
             v_ptrs += BLOCK_N * svn
         if n_whole < n_end:
             m_i, l_i, acc, p, m_safe = _attend_tile(
                 q, k_ptrs, v_ptrs, mask_ptrs, (n_whole + offs_n) < n_end, row_ok, offs_d, offs_dv, m_i, l_i, acc,
-                qk_scale, D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True)
+                qk_scale, D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True, KV_EVICT)
         n_end = n_start  # the loop below runs no tile
     for n0 in range(n_start, n_end, BLOCK_N):
         key_ok = (n0 + offs_n) < n_end
         m_i, l_i, acc, p, m_safe = _attend_tile(
             q, k_ptrs, v_ptrs, mask_ptrs, key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
-            D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True)
+            D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True, KV_EVICT)
         # The log2-LSE of each chunk of CHUNK keys, per row, for _tile_mass. Masked row sums rather
         # than a reshape, which would move ``p`` out of the dot's register layout.
         if CHUNK > 0:
@@ -310,7 +317,7 @@ def _attn_kernel(
             m_i, l_i, acc = _attend_block(
                 q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, svbh, svbn, svbd,
                 smbb, smbh, smbm, smbn, NB, row_ok, offs_n, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
-                D, DV, BLOCK_N, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
+                D, DV, BLOCK_N, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT, KV_EVICT)
 
     _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
@@ -345,7 +352,7 @@ def _reduce_rows(
         ok = row_ok[:, None] & split_ok[None, :]
         lse2 = tl.load(LPart + part, mask=ok, other=float("-inf"))
         o = tl.load(OPart + part[:, :, None] * DV + offs_dv[None, None, :],
-                    mask=ok[:, :, None] & dv_ok[None, None, :], other=0.0)
+                    mask=ok[:, :, None] & dv_ok[None, None, :], other=0.0, eviction_policy="evict_first")
         m_new = tl.maximum(m_i, tl.max(lse2, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -493,14 +500,14 @@ def _sparse_attn_kernel(
             m_i, l_i, acc, p, m_safe = _attend_tile(
                 q, k_base + n[:, None] * skn, v_base + n[:, None] * svn, mask_base + n[None, :] * smn,
                 key_ok, row_ok, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
-                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True)
+                D, DV, HAS_MASK, MASK_BOOL, DOT_PRECISION, UPCAST_DOT, True, "")
 
     if HAS_BLOCK:
         if pid_s == tl.num_programs(1) - 1:
             m_i, l_i, acc = _attend_block(
                 q, KB, VB, MaskB, b, hkv, h, m, skbb, skbh, skbn, skbd, svbb, svbh, svbn, svbd,
                 smbb, smbh, smbm, smbn, NB, row_ok, offs_n, offs_d, offs_dv, m_i, l_i, acc, qk_scale,
-                D, DV, BLOCK_N, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT)
+                D, DV, BLOCK_N, HAS_MASK_B, MASK_B_BOOL, DOT_PRECISION, UPCAST_DOT, "")
 
     _write_result(OutExt, LseExt, Out, Lse, OPart, LPart, seb, seh, sem, sed, slb, slh, slm, sob, soh, som,
                   b, h, m, rows, row_ok, offs_dv, pid_bh, pid_s, R, m_i, l_i, acc, DV, HAS_EXT, SPLIT)
@@ -674,15 +681,18 @@ def _partials(q, B, Hkv, num_splits, R, DV):
             torch.empty(B * Hkv, num_splits, R, device=q.device, dtype=torch.float32))
 
 
-def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None, rows=4, save=None):
+def _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, block_dv, mass=None, rows=_REDUCE_ROWS,
+            save=None):
     """Launch :func:`_reduce_kernel` over ``rows`` packed rows per program; ``mass = (chunk_lse,
     tile_mass, chunks per tile)`` adds the tile-mass programs; ``save = (out_ext, lse_ext)``: the
     partials hold one more, the block-internal part, and the external part is written there too."""
     ext_o, ext_l, estr, lstr, has_ext = ext
     save_o, save_l = (ext_o, ext_l) if save is None else save
     R, DV = group * M, out.shape[-1]
-    # 4 rows per program (fewer measured slower, 8 at most 3% faster: reduce_rows_h100.md); a [4, BLOCK_S, Dv]
-    # fp32 tile <= 64 KB.
+    # 8 rows per program, a [8, BLOCK_S, Dv] fp32 tile <= 128 KB. With the partials kept in L2 (see
+    # _attn_kernel) the LM's exact-step attention took 24.7 against 26.1-26.4 us at 32K keys / batch 1 and
+    # 127.7 against 139.7-139.8 at batch 8 (H100, attention_edits_h100.json); 4 rows with the policies 25.1
+    # and 141.6. Without them 8 rows had gained 1-3% (reduce_rows_h100.md).
     block_s = min(_pow2(num_splits, 2), max(2, 4096 // block_dv))
     row_programs = _cdiv(R, rows)
     chunk_lse, tile_mass, cpt = (o_part, o_part, 1) if mass is None else mass
@@ -729,7 +739,7 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         return out, lse
 
     chunk_store_ptx = overrides.pop("CHUNK_STORE_PTX", ptx_asm(q))
-    reduce_rows = overrides.pop("REDUCE_ROWS", 4)
+    reduce_rows = overrides.pop("REDUCE_ROWS", _REDUCE_ROWS)
     plain = mask is None and (block is None or block[2] is None)
     cfg, num_splits, keys_per_split = _plan(q, k, v, split_keys, overrides, plain=plain)
     launch = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
@@ -759,7 +769,8 @@ def _attention(q, k, v, mask, scale, out_ext=None, lse_ext=None, split_keys=True
         D=D, DV=DV, HAS_MASK=mask is not None, MASK_BOOL=mask_bool, HAS_BLOCK=block is not None,
         HAS_MASK_B=mask_blk is not None, MASK_B_BOOL=maskb_bool, HAS_EXT=ext[4],
         SPLIT=split, DOT_PRECISION=_dot_precision(q), UPCAST_DOT=upcast_dot(q), CHUNK=chunk,
-        CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None, **cfg, **launch,
+        CHUNK_STORE_PTX=chunk > 0 and chunk_store_ptx, HAS_COUNT=key_count is not None,
+        KV_EVICT="evict_first" if split else "", **cfg, **launch,
     )
     if split:
         _reduce(o_part, l_part, ext, out, lse, B, Hkv, group, M, num_splits, cfg["BLOCK_DV"], mass, reduce_rows,
