@@ -48,12 +48,15 @@ def test_joint_refresh_launch_compiles(launch):
     kernel = compile_sm90(ta._attn_kernel, dict(
         D=D, DV=D, BLOCK_R=64, BLOCK_N=block_n, BLOCK_D=D, BLOCK_DV=D, HAS_MASK=mask, MASK_BOOL=True,
         HAS_BLOCK=True, HAS_MASK_B=mask_blk, MASK_B_BOOL=False, HAS_EXT=False, SPLIT=True,
-        DOT_PRECISION="tf32", UPCAST_DOT=False, CHUNK=0, CHUNK_STORE_PTX=False, HAS_COUNT=count), warps, stages)
+        DOT_PRECISION="tf32", UPCAST_DOT=False, CHUNK=0, CHUNK_STORE_PTX=False, HAS_COUNT=count,
+        KV_EVICT="evict_first"), warps, stages)
     assert "cubin" in kernel.asm and kernel.metadata.shared <= H100_SHARED
+    # a split launch streams the KV out of L2 first and keeps its partials there for the reduction
+    assert "L2::evict_first" in kernel.asm["ptx"] and "L2::evict_last" in kernel.asm["ptx"]
 
 
 def test_reduction_that_merges_the_block_compiles():
     kernel = compile_sm90(ta._reduce_kernel, dict(
-        DV=128, BLOCK_R=4, BLOCK_S=32, BLOCK_DV=128, HAS_EXT=False, HAS_BLOCK=True, MASS=False, BLOCK_T=32,
+        DV=128, BLOCK_R=ta._REDUCE_ROWS, BLOCK_S=32, BLOCK_DV=128, HAS_EXT=False, HAS_BLOCK=True, MASS=False, BLOCK_T=32,
         BLOCK_RR=256, MASS_BLOCK_S=64), 8, 1)
     assert "cubin" in kernel.asm and kernel.metadata.shared <= H100_SHARED
