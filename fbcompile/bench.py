@@ -23,6 +23,7 @@ may recompile) and a warm-up; ``<unit>_per_s``; ``peak_mem_gb`` (GPU); the roofl
 measured/roofline; ``rel_err_vs_eager`` of the first step's output (where the workload gives one); for
 fbcompile, refreshes and reuses per timed block. A row that runs out of device
 memory is recorded as skipped. Results are rewritten after each variant, so a cut-off run keeps its rows.
+``--isolate`` runs each row in a process of its own with empty compiler caches (:func:`run_isolated`).
 """
 from __future__ import annotations
 
@@ -407,6 +408,10 @@ def parser(prog: str | None = None, add_help: bool = True) -> argparse.ArgumentP
     p.add_argument("--config", action="append", default=[], metavar="FIELD=VALUE",
                    help="a further fbcompile.Config field for the fbcompile variants, e.g. group_linears=False")
     p.add_argument("--tiny", action="store_true", help="the workloads' small shapes (CPU, tests)")
+    p.add_argument("--isolate", action="store_true",
+                   help="each row in a process of its own with fresh Inductor and Triton caches (needs "
+                        "--workloads): nothing compiled, captured or allocated carries over between rows, and "
+                        "every first call compiles cold")
     p.add_argument("--out", default="benchmarks/results/e2e")
     return p
 
@@ -437,6 +442,8 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
     bandwidth, note = resolve_bandwidth(args.bandwidth, device)
     peak_flops, peak_note = resolve_peak_flops(args.peak_flops, device, dtype)
     env = environment(device, note, args, peak_note)
+    if getattr(args, "isolate", False):
+        return run_isolated(workloads, args, names, variants, contexts, batches, env)
     results = {}
     total = len(names) * len(variants) * len(contexts) * len(batches)
     progress = _progress(total)
@@ -455,6 +462,55 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
                                      unit=w.unit, rows=rows)
                 paths = write_results(args.out, results, env)  # after each variant: a cut-off run keeps its rows
             del built
+    progress.close()
+    print("\n".join(f"written {p}" for p in paths))
+    return results
+
+
+def run_isolated(workloads: Mapping[str, Workload], args: argparse.Namespace, names: Sequence[str],
+                 variants: Sequence[str], contexts: Sequence[int], batches: Sequence[int], env: dict) -> dict:
+    """:func:`run`'s rows, each from a ``python -m fbcompile bench`` process of its own with empty Inductor
+    and Triton cache directories (in the order :func:`run` takes them). In one process a row inherits the
+    rows before it: their compiled code (a warm first call), the allocator's cached blocks and
+    fragmentation, dynamo's state. A row whose process fails is recorded with the end of its error output."""
+    import subprocess
+    import tempfile
+    if not getattr(args, "workloads", None):
+        raise SystemExit("--isolate runs each row as `python -m fbcompile bench --workloads MODULE:CALLABLE`; "
+                         "give --workloads")
+    shared = ["--workloads", args.workloads, "--repeats", str(args.repeats), "--bandwidth", args.bandwidth,
+              "--peak-flops", args.peak_flops, "--device", args.device, "--dtype", args.dtype,
+              "--compiler", args.compiler] + [f"--config={item}" for item in args.config] + ["--tiny"] * args.tiny
+    env = dict(env, isolated="each row its own process, with empty Inductor and Triton caches")
+    results: dict = {}
+    progress = _progress(len(names) * len(variants) * len(contexts) * len(batches))
+    for name in names:
+        w = workloads[name]
+        results[name] = dict(description=w.description, steps=w.steps, block_size=w.block_size, unit=w.unit, rows=[])
+        for variant in variants:
+            for batch in batches:
+                for context in contexts:
+                    progress.set_description(f"{name} {variant} batch {batch} context {context}")
+                    with tempfile.TemporaryDirectory(prefix="fbcompile_bench_") as tmp:
+                        cmd = [sys.executable, "-m", "fbcompile", "bench", *shared, "--model", name, "--variants",
+                               variant, "--contexts", str(context), "--batches", str(batch),
+                               "--out", os.path.join(tmp, "out")]
+                        child_env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"),
+                                         TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
+                        done = subprocess.run(cmd, env=child_env, capture_output=True, text=True)
+                        result = os.path.join(tmp, "out", "e2e.json")
+                        if done.returncode == 0 and os.path.exists(result):
+                            with open(result) as f:
+                                rows = json.load(f)["models"][name]["rows"]
+                        else:
+                            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                            rows = [dict(variant=VARIANT_NAMES[variant], context=context, batch=batch,
+                                         error=f"exit {done.returncode}: {tail[0][:200]}")]
+                    results[name]["rows"] += rows
+                    paths = write_results(args.out, results, env)
+                    for row in rows:
+                        progress.write(json.dumps(row), file=sys.stderr)
+                    progress.update(1)
     progress.close()
     print("\n".join(f"written {p}" for p in paths))
     return results

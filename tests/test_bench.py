@@ -187,3 +187,59 @@ def test_merge_keeps_only_the_variants_a_run_is_given_with(tmp_path):
         "fbcompile block, CUDA graphs"]
     assert env["command"] == "new.json ; old.json"
     assert len(merge([new, old])[0]["lm"]["rows"]) == 6
+
+
+TINY_ARGS = ["bench", "--workloads", "benchmarks.e2e:workloads", "--tiny", "--model", "lm", "--contexts", "64",
+             "--compiler", "eager", "--device", "cpu", "--repeats", "1", "--bandwidth", "1e9", "--isolate"]
+
+
+def test_isolate_runs_each_row_in_a_process_of_its_own_and_merges_their_rows(tmp_path, monkeypatch):
+    """Two rows, two real child processes: the rows are those an in-process run writes, in its order."""
+    out = tmp_path / "isolated"
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))  # the children import benchmarks.e2e from here
+    assert cli(TINY_ARGS + ["--batches", "1", "--variants", "eager,block", "--out", str(out)]) == 0
+    result = json.loads((out / "e2e.json").read_text())
+    assert result["env"]["isolated"].startswith("each row its own process")
+    rows = result["models"]["lm"]["rows"]
+    assert [(r["variant"], r["context"], r["batch"]) for r in rows] == [("eager", 64, 1), ("fbcompile block", 64, 1)]
+    assert all(r["ms_per_block"] > 0 and "error" not in r for r in rows)
+    steps = workloads(tiny=True)["lm"].steps
+    assert (rows[1]["refreshes_per_block"], rows[1]["reuses_per_block"]) == (1, steps - 1)
+    assert rows[1]["rel_err_vs_eager"] < 1e-5
+
+
+def test_isolate_gives_each_row_empty_caches_and_records_a_failed_row(tmp_path, monkeypatch):
+    """Each child gets the row's options and cache directories of its own; a child that fails is a row with
+    its exit status and last error line, and the rows after it still run."""
+    import subprocess
+    calls = []
+
+    def fake_run(cmd, env, capture_output, text):
+        calls.append((cmd, env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"]))
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: boom")
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out)
+        row = dict(variant="fbcompile exact", context=64, batch=int(cmd[cmd.index("--batches") + 1]), ms_per_block=1.0,
+                   roofline_ms=0.5, roofline_ratio=2.0)
+        with open(os.path.join(out, "e2e.json"), "w") as f:
+            json.dump(dict(env={}, models=dict(lm=dict(rows=[row]))), f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "isolated"
+    assert cli(TINY_ARGS + ["--batches", "1,2", "--variants", "exact", "--config", "group_linears=False",
+                            "--out", str(out)]) == 0
+    rows = json.loads((out / "e2e.json").read_text())["models"]["lm"]["rows"]
+    assert rows[0] == dict(variant="fbcompile exact", context=64, batch=1, error="exit 1: RuntimeError: boom")
+    assert rows[1]["batch"] == 2 and rows[1]["ms_per_block"] == 1.0
+    assert len({c[1] for c in calls}) == len({c[2] for c in calls}) == 2  # fresh caches per row
+    for cmd, _, _ in calls:
+        assert cmd[1:4] == ["-m", "fbcompile", "bench"] and "--isolate" not in cmd and "--tiny" in cmd
+        assert "--config=group_linears=False" in cmd and cmd[cmd.index("--variants") + 1] == "exact"
+
+
+def test_isolate_needs_a_workloads_spec(tmp_path):
+    with pytest.raises(SystemExit, match="--workloads"):
+        bench.main(workloads, ["--tiny", "--model", "lm", "--contexts", "64", "--batches", "1", "--variants",
+                               "eager", "--device", "cpu", "--isolate", "--out", str(tmp_path)])
