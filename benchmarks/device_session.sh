@@ -33,7 +33,8 @@
 #               Config.residual_linears; the profile (<= 820 s)
 #   partials    the LM's block mode at 32K, batch 1, with and without Config.linear_partials; the profile (<= 520 s)
 #   tests_partials  the GPU tests of the linear passes, CUDA graphs and the attention kernels            (<= 360 s)
-#   table       the LM's block and exact mode with CUDA graphs at 32K and 128K, batch 1 and 8 (the README's table) (<= 480 s)
+#   table_32k, table_128k  the README's H100 table at that context: torch.compile, exact and block mode with CUDA
+#               graphs at batch 1 and 8, each row its own process (--isolate; 50-90 s a row on the H100) (<= 590 s)
 #   vs_compile  the LM at 32K, batch 1: torch.compile default and reduce-overhead against fbcompile exact and block
 #               mode with CUDA graphs, compile times included                                        (<= 450 s)
 #   profile     where one block's time goes: block mode at 32K, batch 1, top 40 kernels (benchmarks/profile_block.py) (<= 240 s)
@@ -171,8 +172,9 @@ for name in "${steps[@]}"; do
     tests_partials) step tests_partials 360 python -m pytest -q -p no:cacheprovider -p no:logging \
         tests/test_linear_partials.py tests/test_triton_linear.py tests/test_residual_linears.py tests/test_cuda_graphs.py \
         tests/test_triton_kernels.py tests/test_sparse_kernels.py ;;
-    table) step e2e_lm_table 480 python -m fbcompile bench --workloads benchmarks.e2e:workloads --model lm \
-        --contexts 32k,128k --batches 1,8 --variants block-ro,exact-ro --repeats 3 --out "$OUT/e2e_lm_table" ;;
+    table_32k|table_128k) step "e2e_lm_$name" 590 python -m fbcompile bench --workloads benchmarks.e2e:workloads \
+        --model lm --contexts "${name#table_}" --batches 1,8 --variants compile,exact-ro,block-ro --repeats 5 \
+        --isolate --out "$OUT/e2e_lm_$name" ;;
     vs_compile) step e2e_lm_vs_compile 450 python -m fbcompile bench --workloads benchmarks.e2e:workloads \
         --model lm --contexts 32k --batches 1 --variants compile,compile-ro,exact-ro,block-ro --repeats 3 \
         --out "$OUT/e2e_lm_vs_compile" ;;
