@@ -346,7 +346,7 @@ def write_results(out: str, results: Mapping[str, dict], env: dict) -> list[str]
         return paths
     matplotlib.use("Agg")
     for name, result in results.items():
-        paths.append(_plot(os.path.join(out, f"e2e_{name}.png"), name, result["rows"], env["device"]))
+        paths.append(_plot(os.path.join(out, f"e2e_{name}.png"), name, result["rows"], env.get("device", "device unknown")))
     return paths
 
 
@@ -439,11 +439,15 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
             raise SystemExit(f"unknown variant {v!r}; choose from {VARIANTS}")
     contexts, batches = sorted(_ints(args.contexts)), sorted(_ints(args.batches))
     options = _config_options(args.config)
+    if getattr(args, "isolate", False):
+        # Checked here, resolved by the children: this process never initializes the GPU, so no context of
+        # its own sits beside theirs.
+        resolve_bandwidth(args.bandwidth, torch.device("cpu"))
+        resolve_peak_flops(args.peak_flops, torch.device("cpu"), dtype)
+        return run_isolated(workloads, args, names, variants, contexts, batches)
     bandwidth, note = resolve_bandwidth(args.bandwidth, device)
     peak_flops, peak_note = resolve_peak_flops(args.peak_flops, device, dtype)
     env = environment(device, note, args, peak_note)
-    if getattr(args, "isolate", False):
-        return run_isolated(workloads, args, names, variants, contexts, batches, env)
     results = {}
     total = len(names) * len(variants) * len(contexts) * len(batches)
     progress = _progress(total)
@@ -468,11 +472,13 @@ def run(workloads: Mapping[str, Workload], args: argparse.Namespace) -> dict:
 
 
 def run_isolated(workloads: Mapping[str, Workload], args: argparse.Namespace, names: Sequence[str],
-                 variants: Sequence[str], contexts: Sequence[int], batches: Sequence[int], env: dict) -> dict:
+                 variants: Sequence[str], contexts: Sequence[int], batches: Sequence[int]) -> dict:
     """:func:`run`'s rows, each from a ``python -m fbcompile bench`` process of its own with empty Inductor
     and Triton cache directories (in the order :func:`run` takes them). In one process a row inherits the
     rows before it: their compiled code (a warm first call), the allocator's cached blocks and
-    fragmentation, dynamo's state. A row whose process fails is recorded with the end of its error output."""
+    fragmentation, dynamo's state. A row whose process fails is recorded with the end of its error output.
+    The device, versions and rates in the results are those the first child that succeeds resolved; the
+    command is this one."""
     import subprocess
     import tempfile
     if not getattr(args, "workloads", None):
@@ -481,7 +487,9 @@ def run_isolated(workloads: Mapping[str, Workload], args: argparse.Namespace, na
     shared = ["--workloads", args.workloads, "--repeats", str(args.repeats), "--bandwidth", args.bandwidth,
               "--peak-flops", args.peak_flops, "--device", args.device, "--dtype", args.dtype,
               "--compiler", args.compiler] + [f"--config={item}" for item in args.config] + ["--tiny"] * args.tiny
-    env = dict(env, isolated="each row its own process, with empty Inductor and Triton caches")
+    isolated = dict(command="python " + " ".join(sys.argv),
+                    isolated="each row its own process, with empty Inductor and Triton caches")
+    env = dict(isolated)
     results: dict = {}
     progress = _progress(len(names) * len(variants) * len(contexts) * len(batches))
     for name in names:
@@ -501,7 +509,10 @@ def run_isolated(workloads: Mapping[str, Workload], args: argparse.Namespace, na
                         result = os.path.join(tmp, "out", "e2e.json")
                         if done.returncode == 0 and os.path.exists(result):
                             with open(result) as f:
-                                rows = json.load(f)["models"][name]["rows"]
+                                child = json.load(f)
+                            rows = child["models"][name]["rows"]
+                            if "device" not in env:
+                                env = dict(child["env"], **isolated)
                         else:
                             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                             rows = [dict(variant=VARIANT_NAMES[variant], context=context, batch=batch,

@@ -239,6 +239,48 @@ def test_isolate_gives_each_row_empty_caches_and_records_a_failed_row(tmp_path, 
         assert "--config=group_linears=False" in cmd and cmd[cmd.index("--variants") + 1] == "exact"
 
 
+def test_isolate_leaves_the_gpu_to_the_children_and_takes_their_environment(tmp_path, monkeypatch):
+    """With ``--device cuda`` the parent process never initializes CUDA (no context of its own beside each
+    child's): the device, versions and rates in the results are the first successful child's, the command
+    the parent's; before any child succeeds the results name no device."""
+    import subprocess
+    written = []
+
+    def fake_run(cmd, env, capture_output, text):
+        if not written:
+            written.append("failed")
+            return subprocess.CompletedProcess(cmd, 1, "", "RuntimeError: no GPU")
+        out = cmd[cmd.index("--out") + 1]
+        os.makedirs(out)
+        row = dict(variant="fbcompile block", context=64, batch=int(cmd[cmd.index("--batches") + 1]), ms_per_block=1.0,
+                   roofline_ms=0.5, roofline_ratio=2.0)
+        child_env = dict(device=f"GPU of child {len(written)}", torch="x", bandwidth="H100 datasheet",
+                         command="python -m fbcompile bench (child)")
+        written.append(child_env["device"])
+        with open(os.path.join(out, "e2e.json"), "w") as f:
+            json.dump(dict(env=child_env, models=dict(lm=dict(rows=[row]))), f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("the parent initialized CUDA")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", no_cuda)
+    out = tmp_path / "isolated"
+    args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
+    assert cli(args + ["--batches", "1,2,4", "--variants", "block", "--out", str(out)]) == 0
+    env = json.loads((out / "e2e.json").read_text())["env"]
+    assert env["device"] == "GPU of child 1" and env["bandwidth"] == "H100 datasheet"
+    assert env["isolated"].startswith("each row its own process") and "(child)" not in env["command"]
+    assert written == ["failed", "GPU of child 1", "GPU of child 2"]
+
+
+def test_isolate_checks_its_options_before_any_child(tmp_path):
+    with pytest.raises((SystemExit, ValueError)):
+        cli(TINY_ARGS + ["--batches", "1", "--variants", "block", "--bandwidth", "fast", "--out", str(tmp_path)])
+
+
 def test_isolate_needs_a_workloads_spec(tmp_path):
     with pytest.raises(SystemExit, match="--workloads"):
         bench.main(workloads, ["--tiny", "--model", "lm", "--contexts", "64", "--batches", "1", "--variants",
