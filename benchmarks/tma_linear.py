@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fbcompile.kernels.triton_common import cdiv, num_sms
+from fbcompile.kernels.triton_linear import _gate
 
 
 @triton.jit
@@ -74,8 +75,7 @@ def _tma_linear_kernel(x_desc, w_desc, u_desc, Y, M, N, K, k_per_split, tiles_m,
         else:
             y = acc.to(Y.dtype.element_ty)
             if ACT != 0:
-                gf = y.to(tl.float32)
-                y = (gf * tl.sigmoid(gf) * acc_up.to(Y.dtype.element_ty).to(tl.float32)).to(Y.dtype.element_ty)
+                y = _gate(y, acc_up.to(Y.dtype.element_ty), ACT)  # the library kernel's epilogue (SiLU)
             tl.store(Y + offs_m[:, None] * N + offs_n[None, :], y, mask=mask)
 
 
