@@ -261,7 +261,14 @@ def resolve_bandwidth(value: str, device: torch.device) -> tuple[float, str]:
         return BANDWIDTHS[key], f"{key.upper()} datasheet, {BANDWIDTHS[key] / 1e12:.2f} TB/s{note}"
     if value.lower() in BANDWIDTHS:
         return BANDWIDTHS[value.lower()], f"{value.upper()} datasheet, {BANDWIDTHS[value.lower()] / 1e12:.2f} TB/s"
-    return float(value), f"{float(value) / 1e12:.3g} TB/s (given)"
+    return _rate(value, "--bandwidth", "auto, h100, h200 or bytes/s"), f"{float(value) / 1e12:.3g} TB/s (given)"
+
+
+def _rate(value: str, option: str, choices: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"{option} takes {choices}; got {value!r}") from None
 
 
 def resolve_peak_flops(value: str, device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
@@ -270,7 +277,7 @@ def resolve_peak_flops(value: str, device: torch.device, dtype: torch.dtype) -> 
     if value == "none":
         return None, "none"
     if value != "auto":
-        return float(value), f"{float(value) / 1e12:.4g} TFLOP/s (given)"
+        return _rate(value, "--peak-flops", "auto, none or FLOP/s"), f"{float(value) / 1e12:.4g} TFLOP/s (given)"
     name = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
     key = next((k for k in PEAK_FLOPS if k in name), None)
     if key is None or dtype not in (torch.bfloat16, torch.float16):

@@ -245,19 +245,22 @@ def test_isolate_leaves_the_gpu_to_the_children_and_takes_their_environment(tmp_
     the parent's; before any child succeeds the results name no device."""
     import subprocess
     written = []
+    out = tmp_path / "isolated"
 
     def fake_run(cmd, env, capture_output, text):
         if not written:
             written.append("failed")
             return subprocess.CompletedProcess(cmd, 1, "", "RuntimeError: no GPU")
-        out = cmd[cmd.index("--out") + 1]
-        os.makedirs(out)
+        if len(written) == 1:  # the parent's results after the failed row
+            written.append(sorted(json.loads((out / "e2e.json").read_text())["env"]))
+        out_child = cmd[cmd.index("--out") + 1]
+        os.makedirs(out_child)
         row = dict(variant="fbcompile block", context=64, batch=int(cmd[cmd.index("--batches") + 1]), ms_per_block=1.0,
                    roofline_ms=0.5, roofline_ratio=2.0)
-        child_env = dict(device=f"GPU of child {len(written)}", torch="x", bandwidth="H100 datasheet",
+        child_env = dict(device=f"GPU of child {len(written) - 1}", torch="x", bandwidth="H100 datasheet",
                          command="python -m fbcompile bench (child)")
         written.append(child_env["device"])
-        with open(os.path.join(out, "e2e.json"), "w") as f:
+        with open(os.path.join(out_child, "e2e.json"), "w") as f:
             json.dump(dict(env=child_env, models=dict(lm=dict(rows=[row]))), f)
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
@@ -267,17 +270,16 @@ def test_isolate_leaves_the_gpu_to_the_children_and_takes_their_environment(tmp_
     monkeypatch.setattr(subprocess, "run", fake_run)
     monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
     monkeypatch.setattr(torch.cuda, "get_device_name", no_cuda)
-    out = tmp_path / "isolated"
     args = [a if a != "cpu" else "cuda" for a in TINY_ARGS]
     assert cli(args + ["--batches", "1,2,4", "--variants", "block", "--out", str(out)]) == 0
     env = json.loads((out / "e2e.json").read_text())["env"]
     assert env["device"] == "GPU of child 1" and env["bandwidth"] == "H100 datasheet"
     assert env["isolated"].startswith("each row its own process") and "(child)" not in env["command"]
-    assert written == ["failed", "GPU of child 1", "GPU of child 2"]
+    assert written == ["failed", ["command", "isolated"], "GPU of child 1", "GPU of child 2"]
 
 
 def test_isolate_checks_its_options_before_any_child(tmp_path):
-    with pytest.raises((SystemExit, ValueError)):
+    with pytest.raises(SystemExit, match="--bandwidth takes auto, h100, h200 or bytes/s; got 'fast'"):
         cli(TINY_ARGS + ["--batches", "1", "--variants", "block", "--bandwidth", "fast", "--out", str(tmp_path)])
 
 
