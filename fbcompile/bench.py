@@ -261,10 +261,12 @@ def resolve_bandwidth(value: str, device: torch.device) -> tuple[float, str]:
         return BANDWIDTHS[key], f"{key.upper()} datasheet, {BANDWIDTHS[key] / 1e12:.2f} TB/s{note}"
     if value.lower() in BANDWIDTHS:
         return BANDWIDTHS[value.lower()], f"{value.upper()} datasheet, {BANDWIDTHS[value.lower()] / 1e12:.2f} TB/s"
-    return _rate(value, "--bandwidth", "auto, h100, h200 or bytes/s"), f"{float(value) / 1e12:.3g} TB/s (given)"
+    rate = _rate(value, "--bandwidth", "auto, h100, h200 or bytes/s")
+    return rate, f"{rate / 1e12:.3g} TB/s (given)"
 
 
 def _rate(value: str, option: str, choices: str) -> float:
+    """A rate given as a number on the command line; anything else stops with the option's choices."""
     try:
         return float(value)
     except ValueError:
@@ -277,7 +279,8 @@ def resolve_peak_flops(value: str, device: torch.device, dtype: torch.dtype) -> 
     if value == "none":
         return None, "none"
     if value != "auto":
-        return _rate(value, "--peak-flops", "auto, none or FLOP/s"), f"{float(value) / 1e12:.4g} TFLOP/s (given)"
+        rate = _rate(value, "--peak-flops", "auto, none or FLOP/s")
+        return rate, f"{rate / 1e12:.4g} TFLOP/s (given)"
     name = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
     key = next((k for k in PEAK_FLOPS if k in name), None)
     if key is None or dtype not in (torch.bfloat16, torch.float16):
