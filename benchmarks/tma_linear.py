@@ -37,7 +37,7 @@ from fbcompile.kernels.triton_linear import _gate
 
 
 @triton.jit
-def _tma_linear_kernel(x_desc, w_desc, u_desc, Y, M, N, K, k_per_split, tiles_m, tiles_n, tiles,
+def _tma_linear_kernel(x_desc, w_desc, u_desc, Y, M, N, K, k_per_split, tiles_m, tiles,
                        ACT: tl.constexpr, PARTIAL: tl.constexpr, PERSISTENT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``Y = x @ w.T`` over the ``k`` slice ``pid_k`` owns; ``ACT == 1``: ``silu(x @ w.T) * (x @ u.T)``.
@@ -47,13 +47,8 @@ def _tma_linear_kernel(x_desc, w_desc, u_desc, Y, M, N, K, k_per_split, tiles_m,
     pid_k = tl.program_id(1)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    if PERSISTENT:
-        start = tl.program_id(0)
-        step = tl.num_programs(0)
-    else:
-        start = tl.program_id(0)
-        step = tiles
-    for tile in range(start, tiles, step):
+    step = tl.num_programs(0) if PERSISTENT else tiles
+    for tile in range(tl.program_id(0), tiles, step):
         off_m = (tile % tiles_m) * BLOCK_M
         off_n = (tile // tiles_m) * BLOCK_N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -92,11 +87,11 @@ def tma_linear(x, w, u=None, *, block_m, block_n, block_k, split_k, persistent, 
     partial = splits > 1
     width = 2 * N if (u is not None and partial) else N
     y = (x.new_empty(splits, M, width, dtype=torch.float32) if partial else x.new_empty(M, N))
-    tiles_m, tiles_n = cdiv(M, block_m), cdiv(N, block_n)
-    tiles = tiles_m * tiles_n
+    tiles_m = cdiv(M, block_m)
+    tiles = tiles_m * cdiv(N, block_n)
     programs = min(tiles, max(1, num_sms(x.device) // splits)) if persistent else tiles
     _tma_linear_kernel[(programs, splits)](
-        x_desc, w_desc, u_desc, y, M, N, K, k_per_split, tiles_m, tiles_n, tiles,
+        x_desc, w_desc, u_desc, y, M, N, K, k_per_split, tiles_m, tiles,
         ACT=1 if u is not None else 0, PARTIAL=partial, PERSISTENT=persistent,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     return y
