@@ -122,11 +122,25 @@ class OtherChunks(nn.Module):
         return F.silu(gate) * up
 
 
+class WrittenBetween(nn.Module):
+    """The projections' input written in place between them: the up projection reads the written value."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = MLP()
+
+    def forward(self, x):
+        h = x * 2
+        gate = F.silu(self.mlp.gate(h))
+        h.mul_(3)
+        return self.mlp.down(gate * self.mlp.up(h))
+
+
 @pytest.mark.parametrize("model", [MLP("relu"), MLP("gelu"), Shared("activation"), Shared("gate"), Shared("up"),
                                    Shared("inputs"), OtherChunks("rows"), OtherChunks("three"),
-                                   OtherChunks("swapped")],
+                                   OtherChunks("swapped"), WrittenBetween()],
                          ids=["relu", "gelu_erf", "activation_shared", "gate_shared", "up_shared", "two_inputs",
-                              "chunked_rows", "chunked_in_three", "halves_swapped"])
+                              "chunked_rows", "chunked_in_three", "halves_swapped", "input_written_between"])
 def test_left_alone_where_it_does_not_apply(model):
     gm, lines, before, after = _rewritten(model.to(BF16), torch.randn(4, 64, dtype=BF16))
     assert lines == [] and _count(gm, GATED) == 0

@@ -144,6 +144,27 @@ def test_operand_computed_after_first_linear_not_grouped():
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
+class WrittenBetween(nn.Module):
+    """The input of two linears is written in place between them: the second reads the written value."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 32, bias=False), nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        h = x * 2
+        first = self.a(h)
+        h.mul_(3)
+        return first, self.b(h)
+
+
+def test_a_write_between_the_linears_keeps_them_apart():
+    """One launch before the first linear would read the input before the write."""
+    gm, groups, before, after = _grouped(WrittenBetween().to(BF16), torch.randn(8, 64, dtype=BF16))
+    assert groups == []
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_dynamic_rows_not_grouped():
     model = Layer().to(BF16)
     seen = []

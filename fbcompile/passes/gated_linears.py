@@ -41,7 +41,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fbcompile.ops import gated_linear_supported
-from fbcompile.passes.graph_utils import LINEARS, arg, example, linear_operands, op_name, static_layout
+from fbcompile.passes.graph_utils import (LINEARS, arg, example, linear_operands, op_name, static_layout,
+                                         writes_between)
 from fbcompile.passes import group_linears
 
 _PRODUCTS = (operator.mul, torch.mul)
@@ -151,9 +152,11 @@ def gated_linears(gm: fx.GraphModule, where=None) -> list[str]:
                 or getattr(example(product), "requires_grad", True)  # traced with autograd on: keep the ops
                 or not where(xv, wv) or not gated_linear_supported(xv, *wv, *bv, pair.act)):
             continue
-        # operands defined after the first projection (a weight read late) would be used before defined
-        first = min(pair.replaced, key=order.__getitem__)
-        if any(isinstance(n, fx.Node) and order[n] > order[first] for n in (w_gate, w_up, b_gate, b_up)):
+        # operands defined after the first projection (a weight read late) would be used before defined;
+        # a write in place between the projections might change what the second reads
+        first, last = min(pair.replaced, key=order.__getitem__), max(pair.replaced, key=order.__getitem__)
+        if (any(isinstance(n, fx.Node) and order[n] > order[first] for n in (w_gate, w_up, b_gate, b_up))
+                or writes_between(first, last)):
             continue
         with gm.graph.inserting_before(first):
             operands = [_operand(gm, n, rows) for n, rows in

@@ -250,6 +250,17 @@ def may_write_unseen(node: fx.Node) -> bool:
     return any(a.alias_info is not None and a.alias_info.is_write for op in overloads for a in op._schema.arguments)
 
 
+def writes_between(first: fx.Node, last: fx.Node) -> bool:
+    """Whether a node after ``first`` and before ``last`` (same graph, in that order) may write a tensor in
+    place: work of ``last`` moved before ``first`` could then read a value the write changes."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if mutated_tensor(node) is not None or may_write_unseen(node):
+            return True
+        node = node.next
+    return False
+
+
 METADATA_OPS = {"size", "dim", "numel", "stride", "sym_size", "sym_numel", "sym_stride", "storage_offset"}
 
 

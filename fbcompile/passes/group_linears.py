@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from fbcompile.ops import MAX_LINEAR_GROUP, linear_group_supported
-from fbcompile.passes.graph_utils import LINEARS, example, linear_operands, static_layout
+from fbcompile.passes.graph_utils import LINEARS, example, linear_operands, static_layout, writes_between
 
 MAX_ROWS = 32  # any launch: faster at 32 rows; one weight's slower from 64 (linear_rows_h100.md)
 MAX_STACKED_FLOPS = 8e9  # several weights: faster in every case to 7.0 GFLOP, slower at 12.9 and 14.1 (same file)
@@ -57,15 +57,8 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
     line per group made (its weights' node names)."""
     where = where or pays
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    by_input: dict[fx.Node, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in LINEARS and isinstance(linear_operands(node)[0], fx.Node):
-            by_input.setdefault(linear_operands(node)[0], []).append(node)
     made = []
-    for x, linears in by_input.items():
-        xv = example(x)
-        if xv is None or not static_layout(xv):
-            continue
+    for x, xv, linears in linears_by_input(gm):
         for with_bias in (False, True):
             same = [n for n in linears if (linear_operands(n)[2] is not None) == with_bias]
             for start in range(0, len(same) - 1, MAX_LINEAR_GROUP):
@@ -82,20 +75,44 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
     return made
 
 
-def _rewrite(gm: fx.GraphModule, x: fx.Node, xv: torch.Tensor, group: list[fx.Node], order: dict) -> bool:
+def linears_by_input(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.Tensor, list[fx.Node]]]:
+    """``(input, its example, the linears over it in graph order)`` for each input of static layout that
+    some linear reads."""
+    by_input: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in LINEARS and isinstance(linear_operands(node)[0], fx.Node):
+            by_input.setdefault(linear_operands(node)[0], []).append(node)
+    return [(x, example(x), linears) for x, linears in by_input.items()
+            if example(x) is not None and static_layout(example(x))]
+
+
+def replaceable(group: list[fx.Node], order: dict) -> tuple[list, list] | None:
+    """The examples ``(weights, biases)`` of ``group``'s linears, if one op before the first of them may
+    take them all: outputs autograd does not record, weights and biases of static layout, none computed
+    after the first linear (the op would read it before it is defined), no write in place between the
+    first and the last (it might change what a later one reads); else None."""
     weights = [linear_operands(n)[1] for n in group]
     biases = [linear_operands(n)[2] for n in group]
     if any(getattr(example(n), "requires_grad", True) for n in group):
-        return False  # traced with autograd on: keep the linears' backward
+        return None  # traced with autograd on: keep the linears' backward
     wv, bv = [example(w) for w in weights], [example(b) if b is not None else None for b in biases]
     if any(v is None or not static_layout(v) for v in wv) or any(b is not None and (v is None or not static_layout(v))
                                                           for b, v in zip(biases, bv)):
-        return False
-    if not linear_group_supported(xv, wv, bv):
-        return False
-    first = min(group, key=order.__getitem__)
+        return None
+    first, last = min(group, key=order.__getitem__), max(group, key=order.__getitem__)
     if any(isinstance(n, fx.Node) and order[n] > order[first] for n in weights + biases):
-        return False  # an operand computed after the first linear: keep the graph's order
+        return None
+    return None if writes_between(first, last) else (wv, bv)
+
+
+def _rewrite(gm: fx.GraphModule, x: fx.Node, xv: torch.Tensor, group: list[fx.Node], order: dict) -> bool:
+    weights = [linear_operands(n)[1] for n in group]
+    biases = [linear_operands(n)[2] for n in group]
+    examples = replaceable(group, order)
+    if examples is None or not linear_group_supported(xv, *examples):
+        return False
+    wv = examples[0]
+    first = min(group, key=order.__getitem__)
     with gm.graph.inserting_before(first):
         stacked = gm.graph.call_function(torch.ops.fbcompile.linear_group.default, (x, weights, biases))
         parts = gm.graph.call_function(torch.split, (stacked, [v.shape[0] for v in wv], -1))
