@@ -81,13 +81,19 @@ def test_residual_sums_move_into_the_gemms(order, bias, shape):
 
 class Unfit(nn.Module):
     """Sums the pass must leave: a residual of another shape (broadcast) or dtype, a linear read twice,
-    a scaled add (``torch.add(h, y, alpha=2)``)."""
+    a scaled add (``torch.add(h, y, alpha=2)``), a linear whose input is written in place before the sum
+    (the GEMM at the sum would read the written value)."""
 
     def __init__(self, how):
         super().__init__()
         self.o, self.how = nn.Linear(64, 64, bias=False), how
 
     def forward(self, h):
+        if self.how == "input_written_before_the_sum":
+            x = h * 2
+            y = self.o(x)
+            x.mul_(3)
+            return h + y
         y = self.o(h)
         if self.how == "broadcast":
             return h[:1] + y
@@ -98,7 +104,7 @@ class Unfit(nn.Module):
         return h + y, y
 
 
-@pytest.mark.parametrize("how", ["broadcast", "fp32", "read_twice", "alpha"])
+@pytest.mark.parametrize("how", ["broadcast", "fp32", "read_twice", "alpha", "input_written_before_the_sum"])
 def test_sums_that_do_not_fit_left_alone(how):
     gm, lines, before, after = _rewritten(Unfit(how).to(BF16), torch.randn(2, 8, 64, dtype=BF16))
     assert lines == [] and _count(gm, GROUPED) == 0

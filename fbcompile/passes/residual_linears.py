@@ -15,8 +15,8 @@ read the down projection in 11.7 us with the add against cuBLAS's 12.6 without, 
 against 5.3 (H200, ``benchmarks/results/norm_linears_h200.md``). (Moving the RMSNorm too, into the
 next GEMM's load, was measured slower: same file.) Where it applies is
 :func:`fbcompile.passes.group_linears.pays` for a launch of one weight (at most 32 rows); a residual of
-another shape or dtype (a broadcast), a linear used elsewhere, dynamic shapes, unsupported operands and
-autograd-recorded outputs are left as they are.
+another shape or dtype (a broadcast), a linear used elsewhere or whose operands are written in place
+before the sum, dynamic shapes, unsupported operands and autograd-recorded outputs are left as they are.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from fbcompile.ops import linear_group_supported
 from fbcompile.passes import group_linears
-from fbcompile.passes.graph_utils import LINEARS, example, linear_operands, static_layout
+from fbcompile.passes.graph_utils import LINEARS, example, linear_operands, static_layout, writes_between
 
 _ADDS = (operator.add, torch.add)
 
@@ -60,7 +60,8 @@ def residual_linears(gm: fx.GraphModule, where=None) -> list[str]:
                 or not all(static_layout(v) for v in (xv, wv, bv, rv))
                 or getattr(example(node), "requires_grad", True)  # traced with autograd on: keep the ops
                 or example(node).dtype != xv.dtype
-                or not where(xv) or not linear_group_supported(xv, [wv], [bv], residual=rv)):
+                or not where(xv) or not linear_group_supported(xv, [wv], [bv], residual=rv)
+                or writes_between(linear, node)):  # the GEMM, at the sum, would read what is written there
             continue
         with gm.graph.inserting_before(node):  # every operand is defined before the sum
             fused = gm.graph.call_function(torch.ops.fbcompile.linear_group.default, (x, [w], [b], residual))
