@@ -86,6 +86,8 @@ class Program(nn.Module):
 @example(steps=[("linear", 0, 0, False), ("act", 1, "silu"), ("write", 0), ("linear", 0, 1, False),
                 ("mul", 2, 3)])                                                                        # gated
 @example(steps=[("linear", 0, 0, True), ("write", 0), ("add", 0, 1)])                                # residual
+# a group over another group's output: the pass built the second over the replaced node (a lint error)
+@example(steps=[("linear", 0, 0, False), ("linear", 0, 1, False), ("linear", 1, 2, False), ("linear", 1, 3, False)])
 def test_linear_passes_keep_what_the_program_computes(steps):
     note(repr(steps))
     torch._dynamo.reset()

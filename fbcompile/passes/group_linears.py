@@ -58,7 +58,10 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
     where = where or pays
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     made = []
-    for x, xv, linears in linears_by_input(gm):
+    for linears in linears_by_input(gm):
+        if (found := group_input(linears)) is None:
+            continue
+        x, xv = found
         for with_bias in (False, True):
             same = [n for n in linears if (linear_operands(n)[2] is not None) == with_bias]
             for start in range(0, len(same) - 1, MAX_LINEAR_GROUP):
@@ -75,15 +78,23 @@ def group_linears(gm: fx.GraphModule, where=None) -> list[str]:
     return made
 
 
-def linears_by_input(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.Tensor, list[fx.Node]]]:
-    """``(input, its example, the linears over it in graph order)`` for each input of static layout that
-    some linear reads."""
+def linears_by_input(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """The linears of ``gm`` grouped by the node they read, each group in graph order, the groups in the
+    order of their first linear (so a group over a linear's output comes after that linear's group).
+    Rewriting a group replaces its linears' outputs, which a later group may read: take a group's input
+    from its linears when its turn comes (:func:`group_input`), not from before."""
     by_input: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in LINEARS and isinstance(linear_operands(node)[0], fx.Node):
             by_input.setdefault(linear_operands(node)[0], []).append(node)
-    return [(x, example(x), linears) for x, linears in by_input.items()
-            if example(x) is not None and static_layout(example(x))]
+    return list(by_input.values())
+
+
+def group_input(linears: list[fx.Node]) -> tuple[fx.Node, torch.Tensor] | None:
+    """The node ``linears`` read now and its example, if its layout is static; else None."""
+    x = linear_operands(linears[0])[0]
+    value = example(x)
+    return (x, value) if value is not None and static_layout(value) else None
 
 
 def replaceable(group: list[fx.Node], order: dict) -> tuple[list, list] | None:
@@ -100,8 +111,8 @@ def replaceable(group: list[fx.Node], order: dict) -> tuple[list, list] | None:
                                                           for b, v in zip(biases, bv)):
         return None
     first, last = min(group, key=order.__getitem__), max(group, key=order.__getitem__)
-    if any(isinstance(n, fx.Node) and order[n] > order[first] for n in weights + biases):
-        return None
+    if any(isinstance(n, fx.Node) and order.get(n, len(order)) > order[first] for n in weights + biases):
+        return None  # (a node an earlier rewrite made counts as late)
     return None if writes_between(first, last) else (wv, bv)
 
 
