@@ -8,7 +8,8 @@ linear), so an input written in place in between would be read at the wrong time
 tensor by 1.5, and a value read before or after it is off by a third. On the CPU the ops run the
 model's own linears, but a grouped linear's output becomes a column slice of one tensor, which a linear
 reading it may round otherwise (another bf16 kernel for a strided input), and partial sums in fp32 are
-rounded once more: every output must agree to bf16 rounding, 2e-2. Profiles as ``test_fuzz.py`` (``FBCOMPILE_FUZZ=long`` for 500 random examples).
+rounded once more: every output must agree to bf16 rounding, 2e-2. Profiles as ``test_fuzz.py``
+(``FBCOMPILE_FUZZ=long`` for 500 random examples).
 """
 from __future__ import annotations
 
