@@ -1,13 +1,15 @@
 """Reuse is never stale (hypothesis, stateful): random sequences of calls and cache changes against an
 optimized attention layer in block mode, each call checked against a plain-PyTorch oracle.
 
-A machine draws one zoo layer (SDPA or eager softmax; a cat, a dual cache or a full-length buffer the
-graph writes at the block's positions; heads first or tokens first) and a refresh policy, then runs
-steps: denoising calls with fresh block inputs, and between them what a loop or a careless caller does
-to the cache - new tensors, clones, a grown or a cut cache, writes in place of every kind (through
-views, ``index_put_``, ``copy_``, ones that leave the values as they were), keys and values swapped, a
-batch cut to one row, a shorter block, moved buffer positions, ``model.double()`` - or to the session
-(``new_request``, ``reset``, grad and training mode, ``commit``). Two steps follow each change.
+A machine draws one zoo layer (SDPA or eager softmax; a cat - also with a graph break between it and the
+attention -, a dual cache, a full-length buffer the graph writes at the block's positions or a static
+cache it writes at the block's rows and reads in a window; heads first or tokens first) and a refresh
+policy, then runs steps: denoising calls with fresh block inputs, and between them what a loop or a
+careless caller does to the cache - new tensors, clones, a grown or a cut cache, writes in place of
+every kind (through views, ``index_put_``, ``copy_``, ones that leave the values as they were), keys
+and values swapped, a batch cut to one row, a shorter block, moved buffer positions, ``model.double()``
+- or to the session (``new_request``, ``reset``, grad and training mode, ``commit``). Two steps follow
+each change.
 
 The oracle does not follow fbcompile's policy; it checks what any policy must give. A call fbcompile
 does not count as a reuse must equal the plain layer (fp32, 1e-5). A call it counts as a reuse must
@@ -46,25 +48,26 @@ class ReuseMachine(RuleBasedStateMachine):
     ``self.seen`` holds the external part of every earlier call that did not reuse."""
 
     @initialize(form=st.sampled_from(["sdpa", "eager"]), layout=st.sampled_from(["bhsd", "bshd"]),
-                cache=st.sampled_from(["cat", "dual", "index_copy", "setitem", "slice"]),
+                cache=st.sampled_from(["cat", "cat_break", "dual", "index_copy", "setitem", "slice", "window"]),
                 policy=st.sampled_from(POLICIES), seed=st.integers(0, 2**16))
     def build(self, form, layout, cache, policy, seed):
         torch._dynamo.reset()  # every machine compiles the zoo's forward anew: dynamo's recompile limit
-        buffer = cache if cache in ("index_copy", "setitem", "slice") else "none"
-        self.spec = ZooSpec(form=form, layout=layout, mask="none", buffer=buffer, cache=12, block=6,
-                            suffix=3 if cache == "dual" else 0, heads=4, kv_heads=2, head_dim=8)
-        self.plain = build(self.spec, seed=seed)
+        buffer = cache if cache in ("index_copy", "setitem", "slice", "window") else "none"
+        self.spec = s = ZooSpec(form=form, layout=layout, mask="none", buffer=buffer, cache=12, block=6,
+                                suffix=3 if cache == "dual" else 0, graph_break=cache == "cat_break",
+                                read_start=3 if cache == "window" else 0, tail=2, heads=4, kv_heads=2, head_dim=8)
+        self.plain = build(s, seed=seed)
         config = fbcompile.Config(refresh=policy, drift=0.05, compiler=COMPILER)
-        self.model = fbcompile.optimize(build(self.spec, seed=seed), config)
+        self.model = fbcompile.optimize(build(s, seed=seed), config)
         self.gen = torch.Generator().manual_seed(seed)
-        self.batch, self.block = 2, self.spec.block
-        rows = self.spec.cache + (self.spec.block if buffer != "none" else 0)
+        self.batch, self.block = 2, s.block
+        rows = s.cache + {"none": 0, "window": s.block + s.tail}.get(buffer, s.block)
         self.k, self.v = self._random_cache(rows), self._random_cache(rows)
-        start = self.spec.cache - self.spec.suffix
+        start = s.cache - s.suffix
         self.positions = start + torch.randperm(self.block, generator=self.gen) if buffer != "none" else None
         self.seen = []
         self.calls = self.reuses = 0
-        note(f"{self.spec} policy={policy}")
+        note(f"{s} policy={policy}")
         self._call()
 
     # --- the cache ----------------------------------------------------------------------------------
@@ -86,8 +89,11 @@ class ReuseMachine(RuleBasedStateMachine):
         return self.spec.buffer != "none"
 
     def _external(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows of cache ``t`` the layer reads as cached (a buffer's rows but the block's), heads first."""
+        """The rows of cache ``t`` the layer reads as cached, heads first: a buffer's rows but the block's, a
+        static cache's window up to the block's rows."""
         t = t if self.spec.layout == "bhsd" else t.transpose(1, 2)
+        if self.spec.buffer == "window":
+            return t[:, :, self.spec.read_start:self.spec.cache]
         if not self._buffer():
             return t
         keep = torch.ones(t.shape[2], dtype=torch.bool)
@@ -206,7 +212,7 @@ class ReuseMachine(RuleBasedStateMachine):
     def _inputs(self):
         x = torch.randn(self.k.shape[0], self.block, self.spec.heads * self.spec.head_dim, generator=self.gen)
         x = x.to(self.k.dtype)
-        return x, self.k, self.v, None, self.positions
+        return x, self.k, self.v, None, self.positions if self.spec.buffer != "window" else None
 
     def _parts(self, x, k, v):
         """The keys/values this call reads as cached (heads first; read before the call: a buffer's rows but
@@ -274,8 +280,9 @@ class ReuseMachine(RuleBasedStateMachine):
         self._call(context=lambda: fbcompile.commit(self.model))
 
     def teardown(self):
-        event(f"reuse calls: {'none' if not self.reuses else 'some'}")
-        event(f"cache: {self.spec.buffer if self._buffer() else 'dual' if self.spec.suffix else 'cat'}")
+        s = self.spec
+        cache = s.buffer if self._buffer() else "dual" if s.suffix else "cat_break" if s.graph_break else "cat"
+        event(f"{cache}, reuse calls: {'some' if self.reuses else 'none'}")
 
 
 SETTINGS = settings(max_examples=200 if LONG else 25, stateful_step_count=40 if LONG else 15, derandomize=not LONG,
