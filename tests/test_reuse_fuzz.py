@@ -3,13 +3,13 @@ optimized attention layer in block mode, each call checked against a plain-PyTor
 
 A machine draws one zoo layer (SDPA or eager softmax; a cat - also with a graph break between it and the
 attention -, a dual cache, a full-length buffer the graph writes at the block's positions or a static
-cache it writes at the block's rows and reads in a window; heads first or tokens first) and a refresh
-policy, then runs steps: denoising calls with fresh block inputs, and between them what a loop or a
-careless caller does to the cache - new tensors, clones, a grown or a cut cache, writes in place of
-every kind (through views, ``index_put_``, ``copy_``, ones that leave the values as they were), keys
-and values swapped, a batch cut to one row, a shorter block, moved buffer positions, ``model.double()``
-- or to the session (``new_request``, ``reset``, grad and training mode, ``commit``). Two steps follow
-each change.
+cache it writes at the block's rows and reads in a window; heads first or tokens first), a refresh
+policy, and whether it runs with CUDA graphs (``test_cuda_graphs``' stand-in for the capture), then
+runs steps: denoising calls with fresh block inputs, and between them what a loop or a careless caller
+does to the cache - new tensors, clones, a grown or a cut cache, writes in place of every kind (through
+views, ``index_put_``, ``copy_``, ones that leave the values as they were), keys and values swapped, a
+batch cut to one row, a shorter block, moved buffer positions, ``model.double()`` - or to the session
+(``new_request``, ``reset``, grad and training mode, ``commit``). Two steps follow each change.
 
 The oracle does not follow fbcompile's policy; it checks what any policy must give. A call fbcompile
 does not count as a reuse must equal the plain layer (fp32, 1e-5). A call it counts as a reuse must
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -32,8 +33,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 import fbcompile
 from attention_zoo import ZooSpec, build, rel_error
-from fbcompile.backends import dispatcher, provenance
+from fbcompile.backends import cuda_graphs, dispatcher, provenance
 from fbcompile.kernels import reference
+from test_cuda_graphs import stand_in_record
 
 LONG = os.environ.get("FBCOMPILE_FUZZ") == "long"
 COMPILER = os.environ.get("FBCOMPILE_FUZZ_COMPILER", "eager")
@@ -49,15 +51,20 @@ class ReuseMachine(RuleBasedStateMachine):
 
     @initialize(form=st.sampled_from(["sdpa", "eager"]), layout=st.sampled_from(["bhsd", "bshd"]),
                 cache=st.sampled_from(["cat", "cat_break", "dual", "index_copy", "setitem", "slice", "window"]),
-                policy=st.sampled_from(POLICIES), seed=st.integers(0, 2**16))
-    def build(self, form, layout, cache, policy, seed):
+                policy=st.sampled_from(POLICIES), graphs=st.booleans(), seed=st.integers(0, 2**16))
+    def build(self, form, layout, cache, policy, graphs, seed):
         torch._dynamo.reset()  # every machine compiles the zoo's forward anew: dynamo's recompile limit
+        # CUDA graphs' bookkeeping with test_cuda_graphs' stand-in for the capture (a replay re-runs the graph)
+        self.patches = [mock.patch.object(cuda_graphs, "DEVICE_TYPE", "cpu"),
+                        mock.patch.object(cuda_graphs, "record", stand_in_record)] if graphs else []
+        for patch in self.patches:
+            patch.start()
         buffer = cache if cache in ("index_copy", "setitem", "slice", "window") else "none"
         self.spec = s = ZooSpec(form=form, layout=layout, mask="none", buffer=buffer, cache=12, block=6,
                                 suffix=3 if cache == "dual" else 0, graph_break=cache == "cat_break",
                                 read_start=3 if cache == "window" else 0, tail=2, heads=4, kv_heads=2, head_dim=8)
         self.plain = build(s, seed=seed)
-        config = fbcompile.Config(refresh=policy, drift=0.05, compiler=COMPILER)
+        config = fbcompile.Config(refresh=policy, drift=0.05, compiler=COMPILER, cuda_graphs=graphs)
         self.model = fbcompile.optimize(build(s, seed=seed), config)
         self.gen = torch.Generator().manual_seed(seed)
         self.batch, self.block = 2, s.block
@@ -67,7 +74,7 @@ class ReuseMachine(RuleBasedStateMachine):
         self.positions = start + torch.randperm(self.block, generator=self.gen) if buffer != "none" else None
         self.seen = []
         self.calls = self.reuses = 0
-        note(f"{s} policy={policy}")
+        note(f"{s} policy={policy} graphs={graphs}")
         self._call()
 
     # --- the cache ----------------------------------------------------------------------------------
@@ -280,9 +287,14 @@ class ReuseMachine(RuleBasedStateMachine):
         self._call(context=lambda: fbcompile.commit(self.model))
 
     def teardown(self):
+        for patch in getattr(self, "patches", []):
+            patch.stop()
+        if not hasattr(self, "spec"):
+            return
         s = self.spec
         cache = s.buffer if self._buffer() else "dual" if s.suffix else "cat_break" if s.graph_break else "cat"
         event(f"{cache}, reuse calls: {'some' if self.reuses else 'none'}")
+        event(f"CUDA graphs (stand-in): {bool(self.patches)}")
 
 
 SETTINGS = settings(max_examples=200 if LONG else 25, stateful_step_count=40 if LONG else 15, derandomize=not LONG,
