@@ -15,8 +15,8 @@ The oracle does not follow fbcompile's policy; it checks what any policy must gi
 does not count as a reuse must equal the plain layer (fp32, 1e-5). A call it counts as a reuse must
 equal, by hand, the FlashBlock merge of this call's block part with the external part ``(O_e, L_e)``
 of an earlier non-reuse call whose external keys/values held the same values as now (and whose block
-had the same shape and dtype): a reuse over a cache that changed since, of any kind, matches no such call. With
-the guards blind to writes in place, the machine fails (the last test).
+had the same shape and dtype): a reuse over a cache that changed since, of any kind, matches no such
+call. With the guards blind to writes in place, the machine fails (the last test).
 Profiles as ``test_fuzz.py`` (``FBCOMPILE_FUZZ=long``: 200 machines of up to 40 steps).
 """
 from __future__ import annotations
@@ -144,8 +144,8 @@ class ReuseMachine(RuleBasedStateMachine):
     def write(self, kind, keys, row):
         """A write in place into the keys or the values, at a cached row where it can be."""
         t = self.k if keys else self.v
-        seq, rows = self._seq(), self._rows()
-        cached = [r for r in range(rows) if not self._buffer() or r not in set(self.positions.tolist())]
+        seq, block_rows = self._seq(), set(self.positions.tolist()) if self._buffer() else set()
+        cached = [r for r in range(self._rows()) if r not in block_rows]
         r = cached[row % len(cached)]
         index = (slice(None),) * seq + (r,)
         if kind == "mul":
