@@ -27,7 +27,10 @@ reason.
 
 A piece is external when it reads graph inputs (a constant piece has no tensor whose identity could
 guard a reused result, so it goes with the block), the cat operand itself depends on no graph input
-that the query depends on (module parameters aside), and every input of the position-wise ops applied
+that the query depends on (module parameters aside, and the inputs an earlier site of the graph reads
+as its cached part: a later layer's query reads those through that site's output only, as every
+layer after the first reads the attention sink's RoPE table that diffusers' SANA-WM refiner applies
+to each layer's cached sink keys), and every input of the position-wise ops applied
 to it (RoPE tables, ``inv_freq``, norm weights, position ids) is either not read by the query, or
 module state (a parameter, buffer or tensor attribute reached from ``self``): those do not change
 between a block's steps. All of them are listed in ``external_inputs`` and guarded at run time
@@ -255,9 +258,10 @@ def _match_eager(softmax: fx.Node) -> AttentionSite | None:
     return site
 
 
-def _classify(site: AttentionSite, deps: DependencyGraph) -> None:
-    """Split cat operands into external (cache) and internal (block) ones, or raise NotSplittable."""
-    query_inputs = _cache_inputs(deps, site.q)
+def _classify(site: AttentionSite, deps: DependencyGraph, cached: set[fx.Node]) -> None:
+    """Split cat operands into external (cache) and internal (block) ones, or raise NotSplittable.
+    ``cached``: the inputs earlier sites of the graph read as their cached parts."""
+    query_inputs = _cache_inputs(deps, site.q) - cached
     k_layout, v_layout = site.k_layout, site.v_layout
     if len(k_layout.pieces) != len(v_layout.pieces):
         raise NotSplittable("keys and values are concatenated from different numbers of parts")
@@ -408,6 +412,7 @@ def match_attention(gm: fx.GraphModule) -> list[AttentionSite]:
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     """All attention sites in ``gm`` with their split decision (``site.reason``)."""
     deps: DependencyGraph | None = None
+    cached: set[fx.Node] = set()  # the external inputs of the sites split so far (graph order)
     sites = match_attention(gm)
     for site in sites:
         if site.reason is not None:
@@ -425,9 +430,10 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
             _check_mask(site)
             deps = deps or DependencyGraph(gm.graph)
             _check_buffer_writes(site, deps)
-            _classify(site, deps)
+            _classify(site, deps, cached)
             if site.query_heads() % site.kv_heads():
                 raise NotSplittable("query heads are not a multiple of the KV heads")
+            cached |= set(site.external_inputs)
         except NotSplittable as e:
             site.reason = str(e)
     return sites

@@ -170,11 +170,15 @@ def _graph_outputs(gm: fx.GraphModule) -> tuple:
 
 
 def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
-    """Does the graph return (a view of) a split site's block keys/values, or the whole ``cat`` of
-    cache and block, i.e. commit the block? The second is how an HF ``DynamicCache`` updated inside
-    the graph looks to dynamo::
+    """Does the graph return (a view or a copy of) a split site's block keys/values, or the whole
+    ``cat`` of cache and block, i.e. commit the block? The second is how an HF ``DynamicCache`` updated
+    inside the graph looks to dynamo::
 
         self.layers[i].keys = torch.cat([self.layers[i].keys, key_states], dim=-2)   # a graph output
+
+    and a copy is how diffusers' SANA-WM refiner captures a finished block for its history::
+
+        kv_cache.store_captured_post_rope(key.detach().clone(), value.detach().clone())
 
     A denoising step whose block the loop crops off again (``cache.crop``) looks the same; the
     runtime tells them apart per call (``SplitGraphDispatcher._cropped``).
@@ -184,7 +188,7 @@ def commits_block_kv(gm: fx.GraphModule, sites) -> bool:
         node = value
         while isinstance(node, fx.Node):
             outputs.add(node)
-            node = node.args[0] if op_name(node) in VIEW_OPS and node.args else None
+            node = node.args[0] if op_name(node) in VIEW_OPS | {"clone"} and node.args else None
     for site in sites:
         if not site.splittable:
             continue
