@@ -109,3 +109,24 @@ def test_sana_wm_refiner_exact_with_inductor():
     assert rel_error(got, expected) < 1e-5
     assert fbcompile.stats(model).uncompiled == 0
     assert all(s["decision"] == "rewritten" for s in _window_sites(model))
+
+
+def test_sana_wm_refiner_under_cuda_graphs_matches_the_uncaptured_runs(monkeypatch):
+    """With ``cuda_graphs=True`` (CPU stand-in for the capture, see test_cuda_graphs): exact mode equals the
+    pipeline and block mode equals block mode without CUDA graphs, replays included."""
+    from fbcompile.backends import cuda_graphs
+    from test_cuda_graphs import stand_in_record
+
+    monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
+    frames = 10
+    with torch.no_grad():
+        expected = _refine(_tiny(), frames=frames)
+        block = _refine(fbcompile.optimize(_tiny(), fbcompile.Config(refresh="block", compiler="eager")), frames=frames)
+        runs = {}
+        for refresh in ("always", "block"):
+            model = fbcompile.optimize(_tiny(), fbcompile.Config(refresh=refresh, compiler="eager", cuda_graphs=True))
+            runs[refresh] = _refine(model, frames=frames), fbcompile.stats(model)
+    assert rel_error(runs["always"][0], expected) < 1e-5
+    assert rel_error(runs["block"][0], block) < 1e-6
+    assert all(stats.cuda_graphs.get("replays", 0) > 0 for _, stats in runs.values()), runs
