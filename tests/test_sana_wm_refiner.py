@@ -41,10 +41,11 @@ def _refine(model, frames=10, kv_max_frames=7, seed=0, on_block=None):
         set_timesteps = pipe.scheduler.set_timesteps
         pipe.scheduler.set_timesteps = lambda *args, **kwargs: (on_block(), set_timesteps(*args, **kwargs))
     gen = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    text, mask = torch.randn(1, 5, TEXT_DIM, generator=gen, dtype=dtype), torch.ones(1, 5)
+    weight = next(model.parameters())
+    text = torch.randn(1, 5, TEXT_DIM, generator=gen, dtype=weight.dtype).to(weight.device)
+    mask = torch.ones(1, 5, device=weight.device)
     pipe._encode_prompt = lambda prompt, device, dtype: (text, mask)
-    latent = torch.randn(1, CHANNELS, frames, 4, 4, generator=gen, dtype=dtype)
+    latent = torch.randn(1, CHANNELS, frames, 4, 4, generator=gen, dtype=weight.dtype).to(weight.device)
     return pipe(latent, "a prompt", fps=24.0, output_type="latent", kv_max_frames=kv_max_frames)
 
 
