@@ -337,3 +337,47 @@ def test_graphs_that_slice_the_cache_differently_do_not_share_entries():
             got, expected = optimized(x, past_k, past_v), reference(x, past_k, past_v)
             assert ((got - expected).norm() / expected.norm()).item() < 1e-5, keep
     assert fbcompile.stats(optimized).refresh_reasons == {"new kv": 2}
+
+
+class _SharedTable(torch.nn.Module):
+    """Two attention layers whose cached keys are scaled by one table ``t`` before the cat (as the SANA-WM
+    refiner rotates every layer's sink keys by one RoPE table); with ``direct``, the second layer's query
+    reads ``t`` as well, not only through the first layer's attention."""
+
+    def __init__(self, direct: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.direct = direct
+        self.wq = torch.nn.ModuleList(torch.nn.Linear(8, 8, bias=False) for _ in range(2))
+
+    def forward(self, x, t, caches):
+        F = torch.nn.functional
+        for layer, (past_k, past_v) in enumerate(caches):
+            q = self.wq[layer](x + t.mean() if self.direct and layer == 1 else x)
+            k, v = torch.cat([past_k * t, q * 0.5], -2), torch.cat([past_v, q * 0.25], -2)
+            x = x + F.scaled_dot_product_attention(q, k, v)
+        return x
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@torch.no_grad()
+def test_an_input_an_earlier_site_caches_is_cached_for_later_sites_and_guarded(direct):
+    """The second layer's query reads ``t`` through the first layer's attention: ``t`` stays a cached input of
+    its cached part (both layers split). Reuse holds while ``t`` is the same tensor; a new ``t`` refreshes,
+    also where the query reads it directly (a per-call table: every call then refreshes, never stale)."""
+    plain = _SharedTable(direct).eval()
+    model = fbcompile.optimize(_SharedTable(direct).eval(), EAGER_BLOCK)
+    caches = [(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)) for _ in range(2)]
+    t = torch.rand(1, 1, 6, 1) + 0.5
+    x = torch.randn(1, 2, 4, 8)
+    model(x, t, caches)
+    model(torch.randn_like(x), t, caches)
+    stats = fbcompile.stats(model)
+    assert [s["decision"] for s in fbcompile.explain(model).sites] == ["rewritten"] * 2
+    assert (stats.refreshes, stats.reuses) == (1, 1), stats
+    for _ in range(2):
+        t = torch.rand(1, 1, 6, 1) + 0.5
+        x = torch.randn(1, 2, 4, 8)
+        assert rel_error(model(x, t, caches), plain(x, t, caches)) < 1e-5
+    stats = fbcompile.stats(model)
+    assert (stats.refreshes, stats.reuses) == (3, 1) and stats.refresh_reasons == {"new kv": 3}, stats
