@@ -1608,3 +1608,51 @@ def test_views_of_a_preallocated_buffer_run_from_spare_capacity(monkeypatch):
     assert counts.get("switched to spare capacity", 0) == 1, counts
     # less a first sighting and a capture per address of the reuse graph's kept parts
     assert counts.get("replays", 0) >= (blocks - 3) * steps - cuda_graphs.MAX_KEPT_ADDRESSES, counts
+
+
+def _fixed_size_layer(device):
+    from attention_zoo import ZooSpec, build, make_inputs
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    spec = ZooSpec(mask="none")
+    inputs = lambda seed: tuple(t.to(device) for t in make_inputs(spec, seed=seed, dtype=dtype)[:3])  # noqa: E731
+    config = fbcompile.Config(cuda_graphs=True, compiler="eager", refresh="always")
+    return build(spec, dtype=dtype).to(device), fbcompile.optimize(build(spec, dtype=dtype).to(device), config), inputs
+
+
+@torch.no_grad()
+def test_a_cache_of_one_size_new_at_every_block_is_copied_in(device):
+    """Caches of one size that come as new tensors at every block (two calls each): by address each block
+    would be captured again; after NEW_ADDRESSES_BEFORE_COPY new addresses in a row they are copied into
+    the graph's own buffers - once per new cache, again after a write in place - and the calls replay.
+    Each call equals the original layer."""
+    reference, graphed, inputs = _fixed_size_layer(device)
+    for block in range(8):
+        x, past_k, past_v = inputs(block)
+        for step in range(2):
+            if block == 6 and step == 1:
+                past_v.mul_(-1.0)  # the same tensor, written: copied in again
+            got, expected = graphed(x + step, past_k, past_v), reference(x + step, past_k, past_v)
+            assert rel_error(got, expected) < tolerance(device), (block, step, rel_error(got, expected))
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert counts.get("cached inputs copied in from then on (new at every block)") == 1, counts
+    # keys and values, at blocks 3-7 and after the write
+    assert counts.get("cached inputs copied in") == 2 * 5 + 1, counts
+    # blocks 0-2 by address, each captured at its second call; block 3 copied in from its first call,
+    # captured at its second; the later blocks replay
+    assert (counts.get("captures"), counts.get("replays")) == (4, 8), counts
+
+
+@torch.no_grad()
+def test_caches_that_come_back_in_turn_stay_by_address(device):
+    """Two caches in turn (classifier-free guidance's conditional and unconditional ones): their addresses
+    come back, so the graph keeps taking them by address and replays each one's capture."""
+    reference, graphed, inputs = _fixed_size_layer(device)
+    caches = [inputs(seed)[1:] for seed in (1, 2)]
+    for call in range(12):
+        x = inputs(10 + call)[0]
+        got, expected = graphed(x, *caches[call % 2]), reference(x, *caches[call % 2])
+        assert rel_error(got, expected) < tolerance(device), (call, rel_error(got, expected))
+    counts = fbcompile.stats(graphed).cuda_graphs
+    assert "cached inputs copied in" not in counts, counts
+    assert counts.get("captures") == 2 and counts.get("replays") == 8, counts

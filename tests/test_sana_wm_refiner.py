@@ -112,22 +112,31 @@ def test_sana_wm_refiner_exact_with_inductor():
     assert all(s["decision"] == "rewritten" for s in _window_sites(model))
 
 
-def test_sana_wm_refiner_under_cuda_graphs_matches_the_uncaptured_runs(monkeypatch):
+def test_sana_wm_refiner_under_cuda_graphs_matches_the_uncaptured_runs_and_stops_capturing(monkeypatch):
     """With ``cuda_graphs=True`` (CPU stand-in for the capture, see test_cuda_graphs): exact mode equals the
-    pipeline and block mode equals block mode without CUDA graphs, replays included."""
+    pipeline and block mode equals block mode without CUDA graphs, replays included. The sink's RoPE table
+    is a new tensor at every block: its graphs copy it in after a few blocks (a capture per block before),
+    so past the ninth block every call replays and none captures."""
     from fbcompile.backends import cuda_graphs
     from test_cuda_graphs import stand_in_record
 
     monkeypatch.setattr(cuda_graphs, "DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_graphs, "record", stand_in_record)
-    frames = 10
+    frames = 31
     with torch.no_grad():
         expected = _refine(_tiny(), frames=frames)
         block = _refine(fbcompile.optimize(_tiny(), fbcompile.Config(refresh="block", compiler="eager")), frames=frames)
         runs = {}
         for refresh in ("always", "block"):
             model = fbcompile.optimize(_tiny(), fbcompile.Config(refresh=refresh, compiler="eager", cuda_graphs=True))
-            runs[refresh] = _refine(model, frames=frames), fbcompile.stats(model)
+            counts = []  # before each block, and once at the start
+            got = _refine(model, frames=frames, on_block=lambda: counts.append(dict(fbcompile.stats(model).cuda_graphs)))
+            runs[refresh] = got, counts + [fbcompile.stats(model).cuda_graphs]
     assert rel_error(runs["always"][0], expected) < 1e-5
     assert rel_error(runs["block"][0], block) < 1e-6
-    assert all(stats.cuda_graphs.get("replays", 0) > 0 for _, stats in runs.values()), runs
+    for refresh, (_, counts) in runs.items():
+        last = counts[-1]
+        assert last.get("cached inputs copied in from then on (new at every block)") == 2, (refresh, last)
+        assert counts[9].get("captures") == last.get("captures"), (refresh, counts[9], last)
+        calls = 4  # per block: 3 steps and the capture forward
+        assert last["replays"] - counts[9]["replays"] == calls * (len(counts) - 10), (refresh, counts[9], last)

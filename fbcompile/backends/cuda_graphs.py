@@ -19,7 +19,13 @@ refresh across calls. Here, per graph:
   tokens, positions, the cached ``(O_e, L_e)`` of a reuse graph) is *copied* into the capture's own
   buffers before each replay (:func:`_copy_all`: foreach launches, or a ``copy_`` each): its address may change at every
   call. Inputs the graph does not read, or reads only the sizes of (a reuse graph's cached keys/values)
-  are neither. A graph that returns ``cat(cached input, block)`` (an HF ``DynamicCache`` updated in
+  are neither. A cached input of fixed size that comes as a new tensor at every block while the graph's
+  other inputs by address stay (the SANA-WM refiner's sink RoPE table, rebuilt per block) is copied
+  from then on into a buffer of the graph's own, once per new tensor or write, after
+  :data:`NEW_ADDRESSES_BEFORE_COPY` new addresses in a row: by address, each block would cost a capture
+  (or an uncaptured run). Caches that come back in turn (classifier-free guidance's two, a graph called
+  for each layer) stay by address, and so does one the graph writes or may return a view of.
+  A graph that returns ``cat(cached input, block)`` (an HF ``DynamicCache`` updated in
   the model) is captured returning the block, and the concatenation is made after each run, from the
   caller's cached input (:mod:`fbcompile.passes.hoist_cache_cats`): so a reuse graph in a loop that
   crops the cache after each step does not read the cache, whose tensors are new at every step.
@@ -102,6 +108,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Callable
 
@@ -110,7 +117,7 @@ import torch.fx as fx
 
 from fbcompile.backends import provenance
 from fbcompile.backends.session import Session
-from fbcompile.passes.graph_utils import reads_data
+from fbcompile.passes.graph_utils import VIEW_OPS, op_name, reads_data
 from fbcompile.passes.hoist_cache_cats import Join
 from fbcompile.passes.host_island import HostIsland
 from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
@@ -121,6 +128,8 @@ MAX_SPARE_SETS = 64    # sets of spare-capacity buffers per layout, for caches r
 MAX_SPARE_LAYOUTS = 8  # layouts (capacities) of spare buffers a graph keeps, once dropped ones come back
 MAX_RECYCLED = 8       # recycled buffers per kept or pooled output
 MAX_KEPT_ADDRESSES = 2  # addresses of a reuse graph's kept parts before it copies them in instead
+NEW_ADDRESSES_BEFORE_COPY = 3  # new addresses in a row of a cached input of fixed size before it is copied in
+_RECENT_ADDRESSES = 8  # addresses remembered per cached input: one among them is not new (caches in turn)
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 FOREACH_MIN_TENSORS = 3  # tensors of a dtype copied by one foreach launch from this many (fewer: a copy_ each)
 OWN_COPY_BYTES = 1 << 20  # tensors from this size copied by a copy_ of their own
@@ -233,6 +242,10 @@ class CapturedGraph:
         self._static = set(by_address) | self._kept_inputs | {
             i for i, node in enumerate(placeholders) if _marked_static(node)}
         self._kv = set(by_address)
+        self._returned = _returned_inputs(gm)  # inputs an output may be a view of
+        self._kv_copies: dict[int, InputCopy] = {}  # cached inputs new at every block, copied in
+        self._kv_addresses: dict[int, OrderedDict] = {}  # per cached input, its recent addresses
+        self._kv_new_in_a_row: dict[int, int] = {}
         self._by_address: list[int] | None = None  # decided at the first call
         self._kv_slots: list[int] = []  # positions of the cached keys/values among the key's addresses
         self._kept_slots: list[int] = []  # positions of the kept parts among them
@@ -264,12 +277,16 @@ class CapturedGraph:
             return self._uncaptured(args, "grad mode")
         if self._by_address is None:
             return self._recycle(self._first_call(args))
+        if self._kv_copies:
+            args = self._copied_in(args)
         key = self._key(args)
         last, self._last_key = self._last_key, key
         capture = self.captures.get(key)
         if capture is not None:
             self.captures.move_to_end(key)
             return self._replay(capture, args)
+        if last is not None and self._new_at_every_block(key, last, args):
+            return self._call(raw)
         if self._kept_slots and self._kept_moved(key, args):
             key = self._last_key
         if key not in self._seen and not padded:  # spare-capacity keys recur by design: captured at once
@@ -496,6 +513,57 @@ class CapturedGraph:
         self._last_key = self._key(args)
         self._seen[self._last_key] = None
 
+    def _new_at_every_block(self, key: tuple, last: tuple, args) -> bool:
+        """Note the addresses of the cached inputs that moved since the last call; copy in from now on
+        those that came at :data:`NEW_ADDRESSES_BEFORE_COPY` new addresses in a row while every other
+        input by address stayed (the captures keyed on them are dropped). Whether any is copied now."""
+        changed = {j for j, (a, b) in enumerate(zip(key[0], last[0])) if a != b}
+        if not changed:
+            return False
+        movable = {j for j in changed if self._may_copy(self._by_address[j], args)}
+        alone = movable == changed
+        copied = False
+        for j in movable:
+            i, address = self._by_address[j], key[0][j]
+            recent = self._kv_addresses.setdefault(i, OrderedDict())
+            new = address not in recent
+            recent[address] = None
+            recent.move_to_end(address)
+            if len(recent) > _RECENT_ADDRESSES:
+                recent.popitem(last=False)
+            self._kv_new_in_a_row[i] = self._kv_new_in_a_row.get(i, 0) + 1 if new and alone else 0
+            if self._kv_new_in_a_row[i] >= NEW_ADDRESSES_BEFORE_COPY:
+                self._kv_copies[i] = InputCopy()
+                copied = True
+        if copied:
+            self.captures.clear()
+            self._seen.clear()
+            self._dropped.clear()
+            self._last_key = None
+            self.session.cuda_graph_counts["cached inputs copied in from then on (new at every block)"] += 1
+        return copied
+
+    def _may_copy(self, i: int, args) -> bool:
+        """Whether cached input ``i`` may be read from a copy: of fixed size (spare capacity takes the
+        others), not written by the graph nor sharing memory with an input it writes, not returned as a
+        view, not broadcast."""
+        if i not in self._kv or i in self._kept_inputs or i in self._returned or i in self._written_inputs:
+            return False
+        if self.key_count is not None and i in {p.index for p in self.key_count.padded}:
+            return False
+        tensor = args[i]
+        if isinstance(tensor, torch.nn.Parameter) or 0 in tensor.stride():
+            return False
+        memory = tensor.untyped_storage().data_ptr()
+        return not any(args[w].untyped_storage().data_ptr() == memory for w in self._writes)
+
+    def _copied_in(self, args) -> tuple:
+        """``args`` with the cached inputs new at every block replaced by their buffers."""
+        args = list(args)
+        for i, copy in self._kv_copies.items():
+            args[i] = copy.holding(args[i], self.session)
+        return tuple(args)
+
     def _kept_moved(self, key: tuple, args) -> bool:
         """Count the addresses of the kept parts in ``key``; past :data:`MAX_KEPT_ADDRESSES`, take them by
         copy from now on (the captures, keyed on them, are dropped): whatever holds their buffers, a reuse
@@ -600,6 +668,32 @@ class CapturedGraph:
         return buffer.detach()
 
 
+class InputCopy:
+    """A graph's buffer for one input, and which tensor (at which version) it holds a copy of."""
+
+    __slots__ = ("buffer", "_source", "_version")
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self._source, self._version = None, None
+
+    def holding(self, source: torch.Tensor, session: Session) -> torch.Tensor:
+        """The buffer, holding ``source``'s values: copied unless it holds them already (the same tensor,
+        unwritten since; an inference tensor, without versions: always copied)."""
+        version = provenance.version(source)
+        layout = (source.shape, source.stride(), source.dtype, source.device)
+        if self.buffer is None or (self.buffer.shape, self.buffer.stride(), self.buffer.dtype,
+                                   self.buffer.device) != layout:
+            self.buffer = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device=source.device)
+            self._source = None
+        held = self._source() if self._source is not None else None
+        if held is not source or version is None or version != self._version:
+            self.buffer.copy_(source)
+            self._source, self._version = weakref.ref(source), version
+            session.cuda_graph_counts["cached inputs copied in"] += 1
+        return self.buffer
+
+
 class RecycledBuffer:
     """A buffer for a kept output, handed out as aliases (``detach()``) while nothing else holds it."""
 
@@ -667,6 +761,21 @@ def _buffer_like(tensor: torch.Tensor) -> torch.Tensor:
     sizes and strides the graph was compiled for."""
     stored = _stored(tensor)
     return torch.empty_strided(stored.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+
+
+def _returned_inputs(gm: fx.GraphModule) -> set[int]:
+    """Indices of the inputs an output of ``gm`` is, or may be a view of (through views and casts, which
+    return their input when there is nothing to cast)."""
+    through = VIEW_OPS | {"to", "type", "type_as", "float", "half", "bfloat16", "expand_as"}
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    found = set()
+    for node in output.all_input_nodes:
+        while node.op != "placeholder" and op_name(node) in through and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        if node.op == "placeholder":
+            found.add(placeholders.index(node))
+    return found
 
 
 def _marked_static(node: fx.Node) -> bool:
