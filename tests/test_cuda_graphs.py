@@ -1627,8 +1627,10 @@ def test_a_cache_of_one_size_new_at_every_block_is_copied_in(device):
     the graph's own buffers - once per new cache, again after a write in place - and the calls replay.
     Each call equals the original layer."""
     reference, graphed, inputs = _fixed_size_layer(device)
+    held = []  # every block's cache stays alive, so that its memory is new (the allocator would hand it back)
     for block in range(8):
         x, past_k, past_v = inputs(block)
+        held.append((past_k, past_v))
         for step in range(2):
             if block == 6 and step == 1:
                 past_v.mul_(-1.0)  # the same tensor, written: copied in again
