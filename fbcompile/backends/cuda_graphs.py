@@ -544,12 +544,11 @@ class CapturedGraph:
         return copied
 
     def _may_copy(self, i: int, args) -> bool:
-        """Whether cached input ``i`` may be read from a copy: of fixed size (spare capacity takes the
-        others), not written by the graph nor sharing memory with an input it writes, not returned as a
-        view, not broadcast."""
-        if i not in self._kv or i in self._kept_inputs or i in self._returned or i in self._written_inputs:
-            return False
-        if self.key_count is not None and i in {p.index for p in self.key_count.padded}:
+        """Whether cached input ``i`` may be read from a copy (and is not yet): of sizes dynamo guards (a
+        cache of changing length has spare capacity, or runs uncaptured over each new one), not written by
+        the graph nor sharing memory with an input it writes, not returned as a view, not broadcast."""
+        if (i not in self._kv or i in self._kv_copies or i in self._unguarded or i in self._kept_inputs
+                or i in self._returned or i in self._written_inputs):
             return False
         tensor = args[i]
         if isinstance(tensor, torch.nn.Parameter) or 0 in tensor.stride():
