@@ -678,13 +678,11 @@ class InputCopy:
 
     def holding(self, source: torch.Tensor, session: Session) -> torch.Tensor:
         """The buffer, holding ``source``'s values: copied unless it holds them already (the same tensor,
-        unwritten since; an inference tensor, without versions: always copied)."""
+        unwritten since; an inference tensor, without versions: always copied). Its sizes, strides, dtype
+        and device are the first source's: dynamo's guards keep them (only such inputs are copied in)."""
         version = provenance.version(source)
-        layout = (source.shape, source.stride(), source.dtype, source.device)
-        if self.buffer is None or (self.buffer.shape, self.buffer.stride(), self.buffer.dtype,
-                                   self.buffer.device) != layout:
+        if self.buffer is None:
             self.buffer = torch.empty_strided(source.shape, source.stride(), dtype=source.dtype, device=source.device)
-            self._source = None
         held = self._source() if self._source is not None else None
         if held is not source or version is None or version != self._version:
             self.buffer.copy_(source)
