@@ -24,12 +24,14 @@ def prompt(batch=2, seed=0, length=P):
 
 
 def record_past_lengths(model, key="past_key_values", dim=-2):
-    """Forward pre-hook logging (past length, id of layer-0 past K) for every model call."""
-    log = []
+    """Forward pre-hook logging (past length, id of layer-0 past K) for every model call; the tensors are
+    kept alive while the hook is, so that a freed one's id is not handed to a later one."""
+    log, held = [], []
 
     def hook(_mod, args, kwargs):
         past = kwargs.get(key, args[1] if len(args) > 1 else None)
         log.append((None, None) if past is None else (past[0][0].shape[dim], id(past[0][0])))
+        held.append(None if past is None else past[0][0])
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     return log, handle
