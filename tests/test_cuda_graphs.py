@@ -1624,7 +1624,7 @@ def _fixed_size_layer(device):
 @torch.no_grad()
 def test_a_cache_of_one_size_new_at_every_block_is_copied_in(device):
     """Caches of one size that come as new tensors at every block (two calls each): by address each block
-    would be captured again; after NEW_ADDRESSES_BEFORE_COPY new addresses in a row they are copied into
+    would be captured again; after NEW_TENSORS_BEFORE_COPY new tensors in a row they are copied into
     the graph's own buffers - once per new cache, again after a write in place - and the calls replay.
     Each call equals the original layer."""
     reference, graphed, inputs = _fixed_size_layer(device)

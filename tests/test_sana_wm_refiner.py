@@ -116,7 +116,9 @@ def test_sana_wm_refiner_under_cuda_graphs_matches_the_uncaptured_runs_and_stops
     """With ``cuda_graphs=True`` (CPU stand-in for the capture, see test_cuda_graphs): exact mode equals the
     pipeline and block mode equals block mode without CUDA graphs, replays included. The sink's RoPE table
     is a new tensor at every block: its graphs copy it in after a few blocks (a capture per block before),
-    so past the ninth block every call replays and none captures."""
+    so past the ninth block every call replays and none captures. Every block's table is kept alive, so
+    that each comes at new memory (else the allocator may hand an earlier one's back, where the capture
+    over it replays as it is)."""
     from fbcompile.backends import cuda_graphs
     from test_cuda_graphs import stand_in_record
 
@@ -129,6 +131,9 @@ def test_sana_wm_refiner_under_cuda_graphs_matches_the_uncaptured_runs_and_stops
         runs = {}
         for refresh in ("always", "block"):
             model = fbcompile.optimize(_tiny(), fbcompile.Config(refresh=refresh, compiler="eager", cuda_graphs=True))
+            build, tables = model.build_rotary_emb_for_absolute_positions, []
+            monkeypatch.setattr(model, "build_rotary_emb_for_absolute_positions",
+                                lambda *args, **kwargs: tables.append(build(*args, **kwargs)) or tables[-1])
             counts = []  # before each block, and once at the start
             got = _refine(model, frames=frames, on_block=lambda: counts.append(dict(fbcompile.stats(model).cuda_graphs)))
             runs[refresh] = got, counts + [fbcompile.stats(model).cuda_graphs]

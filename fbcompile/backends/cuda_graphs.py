@@ -22,9 +22,11 @@ refresh across calls. Here, per graph:
   are neither. A cached input of fixed size that comes as a new tensor at every block while the graph's
   other inputs by address stay (the SANA-WM refiner's sink RoPE table, rebuilt per block) is copied
   from then on into a buffer of the graph's own, once per new tensor or write, after
-  :data:`NEW_ADDRESSES_BEFORE_COPY` new addresses in a row: by address, each block would cost a capture
-  (or an uncaptured run). Caches that come back in turn (classifier-free guidance's two, a graph called
-  for each layer) stay by address, and so does one the graph writes or may return a view of.
+  :data:`NEW_TENSORS_BEFORE_COPY` calls in a row that found no capture for it and a new tensor: by
+  address, each block would cost a capture (or an uncaptured run) wherever the allocator does not hand
+  back an earlier block's memory. Caches that come back in turn (the same tensors: classifier-free
+  guidance's two, a graph called for each layer) stay by address, and so does one the graph writes or
+  may return a view of.
   A graph that returns ``cat(cached input, block)`` (an HF ``DynamicCache`` updated in
   the model) is captured returning the block, and the concatenation is made after each run, from the
   caller's cached input (:mod:`fbcompile.passes.hoist_cache_cats`): so a reuse graph in a loop that
@@ -128,8 +130,8 @@ MAX_SPARE_SETS = 64    # sets of spare-capacity buffers per layout, for caches r
 MAX_SPARE_LAYOUTS = 8  # layouts (capacities) of spare buffers a graph keeps, once dropped ones come back
 MAX_RECYCLED = 8       # recycled buffers per kept or pooled output
 MAX_KEPT_ADDRESSES = 2  # addresses of a reuse graph's kept parts before it copies them in instead
-NEW_ADDRESSES_BEFORE_COPY = 3  # new addresses in a row of a cached input of fixed size before it is copied in
-_RECENT_ADDRESSES = 8  # addresses remembered per cached input: one among them is not new (caches in turn)
+NEW_TENSORS_BEFORE_COPY = 3  # calls in a row without a capture for a new tensor of a cached input before it is copied in
+_RECENT_TENSORS = 8  # tensors remembered per cached input (weakly): one of them is not new (caches in turn)
 _SEEN_KEYS = 64        # keys remembered as seen once, per graph
 FOREACH_MIN_TENSORS = 3  # tensors of a dtype copied by one foreach launch from this many (fewer: a copy_ each)
 OWN_COPY_BYTES = 1 << 20  # tensors from this size copied by a copy_ of their own
@@ -244,7 +246,7 @@ class CapturedGraph:
         self._kv = set(by_address)
         self._returned = _returned_inputs(gm)  # inputs an output may be a view of
         self._kv_copies: dict[int, InputCopy] = {}  # cached inputs new at every block, copied in
-        self._kv_addresses: dict[int, OrderedDict] = {}  # per cached input, its recent addresses
+        self._kv_recent: dict[int, list[weakref.ref]] = {}  # per cached input, its last tensors
         self._kv_new_in_a_row: dict[int, int] = {}
         self._by_address: list[int] | None = None  # decided at the first call
         self._kv_slots: list[int] = []  # positions of the cached keys/values among the key's addresses
@@ -514,9 +516,10 @@ class CapturedGraph:
         self._seen[self._last_key] = None
 
     def _new_at_every_block(self, key: tuple, last: tuple, args) -> bool:
-        """Note the addresses of the cached inputs that moved since the last call; copy in from now on
-        those that came at :data:`NEW_ADDRESSES_BEFORE_COPY` new addresses in a row while every other
-        input by address stayed (the captures keyed on them are dropped). Whether any is copied now."""
+        """At a call that found no capture, note which cached inputs moved since the last call and
+        whether each is a new tensor (none of its last :data:`_RECENT_TENSORS`); copy in from now on those
+        new at :data:`NEW_TENSORS_BEFORE_COPY` such calls in a row while every other input by address
+        stayed (the captures keyed on them are dropped). Whether any is copied now."""
         changed = {j for j, (a, b) in enumerate(zip(key[0], last[0])) if a != b}
         if not changed:
             return False
@@ -524,15 +527,14 @@ class CapturedGraph:
         alone = movable == changed
         copied = False
         for j in movable:
-            i, address = self._by_address[j], key[0][j]
-            recent = self._kv_addresses.setdefault(i, OrderedDict())
-            new = address not in recent
-            recent[address] = None
-            recent.move_to_end(address)
-            if len(recent) > _RECENT_ADDRESSES:
-                recent.popitem(last=False)
+            i, tensor = self._by_address[j], args[self._by_address[j]]
+            recent = self._kv_recent.setdefault(i, [])
+            new = not any(ref() is tensor for ref in recent)
+            if new:
+                recent.append(weakref.ref(tensor))
+                del recent[:-_RECENT_TENSORS]
             self._kv_new_in_a_row[i] = self._kv_new_in_a_row.get(i, 0) + 1 if new and alone else 0
-            if self._kv_new_in_a_row[i] >= NEW_ADDRESSES_BEFORE_COPY:
+            if self._kv_new_in_a_row[i] >= NEW_TENSORS_BEFORE_COPY:
                 self._kv_copies[i] = InputCopy()
                 copied = True
         if copied:
