@@ -119,7 +119,7 @@ import torch.fx as fx
 
 from fbcompile.backends import provenance
 from fbcompile.backends.session import Session
-from fbcompile.passes.graph_utils import VIEW_OPS, op_name, reads_data
+from fbcompile.passes.graph_utils import op_name, reads_data, view_base
 from fbcompile.passes.hoist_cache_cats import Join
 from fbcompile.passes.host_island import HostIsland
 from fbcompile.passes.key_count import KeyCountInputs, PaddedInput
@@ -763,15 +763,15 @@ def _buffer_like(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _returned_inputs(gm: fx.GraphModule) -> set[int]:
-    """Indices of the inputs an output of ``gm`` is, or may be a view of (through views and casts, which
+    """Indices of the inputs an output of ``gm`` is, or may be a view of (through views, and casts, which
     return their input when there is nothing to cast)."""
-    through = VIEW_OPS | {"to", "type", "type_as", "float", "half", "bfloat16", "expand_as"}
+    casts = {"to", "type", "type_as", "float", "half", "bfloat16", "expand_as"}  # and a view VIEW_OPS lacks
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     found = set()
-    for node in output.all_input_nodes:
-        while node.op != "placeholder" and op_name(node) in through and node.args and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
+    for node in gm.graph.output_node().all_input_nodes:
+        node = view_base(node)
+        while op_name(node) in casts and node.args and isinstance(node.args[0], fx.Node):
+            node = view_base(node.args[0])
         if node.op == "placeholder":
             found.add(placeholders.index(node))
     return found
